@@ -1,0 +1,336 @@
+"""The Textual app: controls, the Cell / Run / Image tabs, key bindings (STYLE.md #9).
+
+It calls the library (selection, the Runner) and renders the events they emit; it never
+touches the kernel. Heavy imports (the Runner pulls in torch) happen only when a run
+starts, so the first screen appears fast.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import importlib
+from pathlib import Path
+from typing import Any
+
+from rich.text import Text
+from textual import on, work
+from textual.app import App, ComposeResult
+from textual.binding import Binding
+from textual.containers import Horizontal, Vertical
+from textual.widgets import DataTable, Footer, Input, Label, Select, Static, TabbedContent, TabPane
+
+from testbed.errors import TestbedError
+from testbed.selection import STRATEGIES
+from testbed.topology import Topology
+from tui.attach import DEFAULT_STATE_ROOT, follow_events, read_observer
+from tui.cellmap import CellMap
+from tui.devices import DeviceDetails, DevicesTable
+from tui.help import HelpScreen
+from tui.imageview import ImageView
+from tui.results import load_images
+from tui.runpanel import RunPanel
+from tui.state import CellModel, RunView
+
+__all__ = ["TestbedApp", "METHODS"]
+
+METHODS = ("multistage", "split")
+_LOG_STYLE = {"device_offline": "bold red", "recovered": "bold yellow", "run_finished": "bold green",
+              "run_failed": "bold red", "deadline_missed": "red", "error": "bold red"}
+
+
+class TestbedApp(App[None]):
+    CSS_PATH = "app.tcss"
+    TITLE = "testbed"
+    BINDINGS = [
+        Binding("s", "select", "Select", priority=True),
+        Binding("r", "run", "Run", priority=True),
+        Binding("k", "kill", "Kill", priority=True),
+        Binding("question_mark", "help", "Help"),
+        Binding("q", "quit", "Quit", priority=True),
+        Binding("1", "tab('cell')", "Cell", show=False),
+        Binding("2", "tab('run')", "Run", show=False),
+        Binding("3", "tab('image')", "Image", show=False),
+    ]
+
+    def __init__(self, topo: Topology, *, source: str | None = None, attach: str | None = None,
+                 backend: str = "netns", state_root: Path = DEFAULT_STATE_ROOT) -> None:
+        super().__init__()
+        self.topo = topo
+        self.source = source
+        self.attach = attach
+        self.backend = backend
+        self.state_root = Path(state_root)
+        self.cell = CellModel(topo)
+        self.run_view = RunView(t_max_s=topo.budgets.t_max_s, e_max_j=topo.budgets.e_max_j)
+        self.runner: Any = None
+        self.result: dict[str, Any] | None = None
+        self.running = False
+        self._loop: asyncio.AbstractEventLoop | None = None
+
+    # ---- layout ------------------------------------------------------------------------
+    def compose(self) -> ComposeResult:
+        b = self.topo.budgets
+        with Horizontal(id="controls"):
+            yield Label("T_max s")
+            yield Input(f"{b.t_max_s:g}", id="tmax", compact=True, restrict=r"[0-9.]*", max_length=8)
+            yield Label("E_max J")
+            yield Input(f"{b.e_max_j:g}", id="emax", compact=True, restrict=r"[0-9.]*", max_length=8)
+            yield Select([(s, s) for s in STRATEGIES], value="dp", id="strategy", compact=True, allow_blank=False)
+            yield Select([(m, m) for m in METHODS], value="multistage", id="method", compact=True, allow_blank=False)
+            yield Label("seed")
+            yield Input(str(self.topo.seed), id="seed", compact=True, restrict=r"[0-9]*", max_length=10)
+        yield Static(id="summary")
+        with TabbedContent(id="tabs", initial="cell"):
+            with TabPane("Cell", id="cell"):
+                yield DevicesTable(id="devices")
+                with Horizontal(id="cellrow"):
+                    yield CellMap(self.cell, id="map")
+                    yield DeviceDetails(id="details")
+            with TabPane("Run", id="run"):
+                yield RunPanel(id="runpanel")
+            with TabPane("Image", id="image"):
+                yield Static("no image yet: the final image of a run appears here", id="imgcaption")
+                with Horizontal(id="images"):
+                    with Vertical():
+                        yield Static("generated", classes="imgtitle")
+                        yield ImageView(id="generated")
+                    with Vertical():
+                        yield Static("reference", classes="imgtitle")
+                        yield ImageView(id="reference")
+        yield Footer()
+
+    def on_mount(self) -> None:
+        self._loop = asyncio.get_running_loop()
+        name = f"{self.topo.name} ({self.source})" if self.source else self.topo.name
+        self.sub_title = f"{name}, {len(self.cell.devices)} devices" + (f", attached to {self.attach}" if self.attach else "")
+        self.query_one("#map", CellMap).border_title = f"cell {self.topo.area.width_m:g} x {self.topo.area.height_m:g} m"
+        try:
+            self.cell.compute_costs()
+        except TestbedError as e:
+            self.notify(str(e), severity="error", timeout=10)
+        self._refresh_cell()
+        self._show_summary()
+        self.query_one("#devices", DevicesTable).focus()
+        if self.attach:
+            self._follow(self.attach)
+
+    # ---- reading the controls ----------------------------------------------------------
+    def params(self) -> dict[str, Any]:
+        """The control values; ValueError naming the field when one is not a number."""
+        out: dict[str, Any] = {}
+        for wid, key, conv in (("tmax", "t_max_s", float), ("emax", "e_max_j", float), ("seed", "seed", int)):
+            raw = self.query_one(f"#{wid}", Input).value.strip()
+            try:
+                val = conv(raw)
+            except ValueError:
+                raise ValueError(f"{key.replace('_s', '').replace('_j', '')}: {raw!r} is not a number") from None
+            if key != "seed" and not val > 0:
+                raise ValueError(f"{key}: must be positive, got {raw!r}")
+            out[key] = val
+        out["strategy"] = self.query_one("#strategy", Select).value
+        out["method"] = self.query_one("#method", Select).value
+        return out
+
+    def _show_summary(self, note: str | None = None) -> None:
+        t = Text()
+        sel = self.cell.selection
+        try:
+            p = self.params()
+        except ValueError as e:
+            self.query_one("#summary", Static).update(Text(str(e), style="bold red"))
+            return
+        if note:
+            t.append(note, style="bold red")
+        elif sel is None:
+            t.append(f"{len(self.cell.devices)} devices; s selects under T_max {p['t_max_s']:g} s, "
+                     f"E_max {p['e_max_j']:g} J ({p['strategy']}); r runs")
+        else:
+            t.append("chain ", style="bold")
+            t.append(" → ".join(sel.selected) or "(empty)", style="bold blue")
+            t.append(f"  T {sel.latency_s:.2f}/{sel.t_max_s:g} s", style="red" if sel.latency_s > sel.t_max_s else "")
+            t.append(f"  E {sel.energy_j:.1f}/{sel.e_max_j:g} J", style="red" if sel.energy_j > sel.e_max_j else "")
+            t.append(f"  {sel.objective_mb / 1000:.2f} GB ({sel.strategy})")
+        self.query_one("#summary", Static).update(t)
+
+    def _refresh_cell(self) -> None:
+        table = self.query_one("#devices", DevicesTable)
+        table.show(self.cell, self.run_view.offline)
+        cmap = self.query_one("#map", CellMap)
+        cmap.offline = set(self.run_view.offline)
+        cur = self.run_view.stages[-1] if self.running and self.run_view.stages else None
+        cmap.active = cur.device if cur else None
+        cmap.refresh()
+        self.query_one("#details", DeviceDetails).show(self.cell, table.highlighted_id)
+
+    @on(DataTable.RowHighlighted, "#devices")
+    def _highlighted(self, event: DataTable.RowHighlighted) -> None:
+        self.query_one("#details", DeviceDetails).show(self.cell, event.row_key.value)
+
+    @on(Input.Changed)
+    @on(Select.Changed)
+    def _control_changed(self) -> None:
+        self._show_summary()
+
+    @on(Input.Submitted)
+    def _submitted(self) -> None:
+        self.action_select()
+
+    # ---- actions -----------------------------------------------------------------------
+    def action_tab(self, tab: str) -> None:
+        self.query_one("#tabs", TabbedContent).active = tab
+
+    def action_help(self) -> None:
+        self.push_screen(HelpScreen())
+
+    def action_select(self) -> None:
+        if self.attach:
+            self.notify("attached to a run: selection is the run's", severity="warning")
+            return
+        try:
+            p = self.params()
+            self.cell.select(p["t_max_s"], p["e_max_j"], p["strategy"], p["seed"])
+        except ValueError as e:
+            self._show_summary(str(e))
+            return
+        except TestbedError as e:
+            self._refresh_cell()
+            self._show_summary(f"infeasible: {e}")
+            self.notify(str(e), title="no selection", severity="error", timeout=8)
+            return
+        self._refresh_cell()
+        self._show_summary()
+
+    def action_run(self) -> None:
+        if self.attach:
+            self.notify("attached to a run: it was started elsewhere", severity="warning")
+            return
+        if self.running:
+            self.notify("a run is in progress; k kills the highlighted device", severity="warning")
+            return
+        try:
+            p = self.params()
+        except ValueError as e:
+            self._show_summary(str(e))
+            return
+        self.running = True
+        self._new_run(p["t_max_s"], p["e_max_j"])
+        self.action_tab("run")
+        self._run(p)
+
+    async def action_kill(self) -> None:
+        dev = self.query_one("#devices", DevicesTable).highlighted_id
+        if not self.running or self.runner is None or dev is None:
+            self.notify("no run in progress: k kills the highlighted device during a run", severity="warning")
+            return
+        self.query_one("#runpanel", RunPanel).log_line(f"kill {dev} (from the TUI)", "bold red")
+        try:
+            await self.runner.kill(dev)
+        except TestbedError as e:
+            self.notify(str(e), severity="error")
+
+    # ---- runs and events ---------------------------------------------------------------
+    def _new_run(self, t_max_s: float | None, e_max_j: float | None) -> None:
+        self.run_view = RunView(t_max_s=t_max_s, e_max_j=e_max_j)
+        self.result = None
+        self.query_one("#runpanel", RunPanel).reset()
+
+    @work(exclusive=True, group="run")
+    async def _run(self, p: dict[str, Any]) -> None:
+        panel = self.query_one("#runpanel", RunPanel)
+        panel.log_line("loading the runner (model, relay, emulation)...", "dim")
+        try:
+            mod = await asyncio.to_thread(importlib.import_module, "testbed.runner")
+            async with mod.Runner(self.topo, backend=self.backend, method=p["method"], strategy=p["strategy"],
+                                  t_max_s=p["t_max_s"], e_max_j=p["e_max_j"], seed=p["seed"],
+                                  on_event=self.event_from_any_thread) as runner:
+                self.runner = runner
+                result = await runner.run()
+            self.show_result(result)
+        except TestbedError as e:
+            panel.log_line(f"error: {e}", "bold red")
+            self.run_view.failed = str(e)
+            panel.show(self.run_view, p["t_max_s"], p["e_max_j"])
+            self.notify(str(e), title="run failed", severity="error", timeout=10)
+        finally:
+            self.runner = None
+            self.running = False
+            self._refresh_cell()
+
+    @work(exclusive=True, group="attach")
+    async def _follow(self, run: str) -> None:
+        panel = self.query_one("#runpanel", RunPanel)
+        try:
+            info = await asyncio.to_thread(read_observer, run, self.state_root)
+            self.running = True
+            self._new_run(self.topo.budgets.t_max_s, self.topo.budgets.e_max_j)
+            self.action_tab("run")
+            panel.log_line(f"attached to {info['topic']} at {info['host']}:{info['port']}", "dim")
+            async for ev in follow_events(info):
+                self.feed_event(ev)
+                if ev.get("type") in ("run_finished", "run_failed"):
+                    break
+        except TestbedError as e:
+            panel.log_line(f"error: {e}", "bold red")
+            self.notify(str(e), title="attach failed", severity="error", timeout=10)
+        finally:
+            self.running = False
+            self._refresh_cell()
+
+    def event_from_any_thread(self, ev: dict[str, Any]) -> None:
+        """The Runner's on_event: safe from the event loop and from other threads."""
+        assert self._loop is not None
+        self._loop.call_soon_threadsafe(self.feed_event, ev)
+
+    def feed_event(self, ev: dict[str, Any]) -> None:
+        """Render one telemetry event (the JSON of tb/<run>/events)."""
+        kind = ev.get("type")
+        dev = ev.get("device")
+        if dev in self.cell.devices and isinstance(ev.get("x_m"), (int, float)) and isinstance(ev.get("y_m"), (int, float)):
+            self.cell.move(dev, float(ev["x_m"]), float(ev["y_m"]), ev.get("rate_up_mbps"), ev.get("rate_down_mbps"))
+            if kind in ("moved", "position", "mobility"):
+                self._refresh_cell()
+                return
+        chain = ev.get("selected") or ev.get("chain")
+        if isinstance(chain, list) and all(isinstance(c, str) for c in chain):
+            self.cell.set_chain(chain)
+        if kind == "recovered" and dev in self.cell.devices:
+            failed = ev.get("failed") or ev.get("replaces") or ev.get("from_device")
+            chain = self.cell.chain
+            if failed in chain:
+                chain[chain.index(failed)] = dev
+            elif dev not in chain:
+                chain.append(dev)
+            self.cell.set_chain(chain)
+        line = self.run_view.apply(ev)
+        panel = self.query_one("#runpanel", RunPanel)
+        panel.log_line(line, _LOG_STYLE.get(str(kind), ""))
+        panel.show(self.run_view, self.run_view.t_max_s, self.run_view.e_max_j)
+        if kind == "run_finished" and self.result is None:
+            self.show_result(ev.get("result") or ev)
+        self._refresh_cell()
+
+    def show_result(self, result: Any) -> None:
+        """The final result: latency/energy line, MS-SSIM and the two images."""
+        doc = result.to_json() if hasattr(result, "to_json") else dict(result)
+        self.result = doc
+        self.run_view.finished = True
+        self.run_view.result = doc
+        gen, ref = load_images(result, doc)
+        self.query_one("#generated", ImageView).set_image(gen)
+        self.query_one("#reference", ImageView).set_image(ref)
+        ms = doc.get("ms_ssim")
+        t = Text()
+        t.append(f"run {doc.get('run', '?')} ", style="bold")
+        t.append(f"{doc.get('method', '')}: ")
+        t.append(f"MS-SSIM {ms:.3f}" if isinstance(ms, (int, float)) else "MS-SSIM n/a", style="bold green")
+        lat, en = doc.get("latency_s"), doc.get("energy_j")
+        if isinstance(lat, (int, float)):
+            t.append(f"  latency {lat:.2f} s")
+        if isinstance(en, (int, float)):
+            t.append(f"  energy {en:.1f} J")
+        if doc.get("recovered"):
+            t.append(f"  recovered: {doc['recovered']}", style="yellow")
+        self.query_one("#imgcaption", Static).update(t)
+        panel = self.query_one("#runpanel", RunPanel)
+        panel.log_line(t.plain, "bold green")
+        panel.show(self.run_view, self.run_view.t_max_s, self.run_view.e_max_j)

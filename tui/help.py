@@ -1,0 +1,47 @@
+"""The help screen: screens, keys, attach mode. Esc or ? closes it."""
+
+from __future__ import annotations
+
+from textual.app import ComposeResult
+from textual.binding import Binding
+from textual.containers import VerticalScroll
+from textual.screen import ModalScreen
+from textual.widgets import Static
+
+__all__ = ["HelpScreen", "HELP_TEXT"]
+
+HELP_TEXT = """\
+[b]testbed TUI[/b] — device selection and live runs of multi-stage diffusion
+
+[b]Keys[/b]
+  s        select devices under T_max / E_max (chosen strategy)
+  r        run it in the emulation (netns backend, needs root)
+  k        kill the highlighted device during a run (recovery)
+  1 2 3    Cell / Run / Image tab      tab  next control
+  up/down  highlight a device          ?    this help      q  quit
+
+[b]Controls[/b] (top line): T_max s, E_max J, strategy (dp exact random
+greedy fair), method (multistage split), seed. Enter applies a value.
+
+[b]Cell[/b]: devices table (predicted T_j, E_j; sel = stage order), map of
+the cell to scale (◉ server, O orin, X xavier; colour = precision;
+numbered spokes = relay chain; ✗ offline), details of the highlighted device.
+[b]Run[/b]: stage progress, latency per stage (Np = predicted), cumulative
+energy vs E_max, event log.  [b]Image[/b]: generated image next to the
+reference, with MS-SSIM.
+
+[b]Attach[/b]: testbed tui [FILE] --attach RUN follows a run started from
+the CLI through its MQTT events topic (read-only; s/r/k are off).
+
+[dim]Esc or ? closes this screen; q quits.[/dim]"""
+
+
+class HelpScreen(ModalScreen[None]):
+    BINDINGS = [
+        Binding("escape", "dismiss", "Close"),
+        Binding("question_mark", "dismiss", "Close", show=False),
+    ]
+
+    def compose(self) -> ComposeResult:
+        with VerticalScroll(id="help"):
+            yield Static(HELP_TEXT, id="help-text")

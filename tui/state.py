@@ -1,0 +1,253 @@
+"""What the TUI shows, as plain data: the cell (devices, links, costs, selection) and a run
+(stages, energy, log) folded from the runner's telemetry events.
+
+Pure (STYLE.md #1, #9): no Textual, no kernel. The widgets render these objects; tests
+check them directly. Units are in the names.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+from testbed.radio import compute_links, link_for_position
+from testbed.topology import Topology, place
+
+__all__ = ["DeviceRow", "CellModel", "StageView", "RunView", "PHASES", "short_profile"]
+
+#: Phases of one stage, in order (the paper's T_down, T_cmp, T_up).
+PHASES = ("waiting", "download", "compute", "upload", "done")
+
+
+def short_profile(name: str) -> str:
+    """'jetson-agx-orin' -> 'orin' (the table and the map are narrow)."""
+    return name.removeprefix("jetson-agx-").removeprefix("jetson-")
+
+
+@dataclass
+class DeviceRow:
+    id: str
+    profile: str
+    precision: str
+    x_m: float
+    y_m: float
+    distance_m: float
+    los: bool
+    shadowing_db: float
+    rate_up_mbps: float
+    rate_down_mbps: float
+    t_j_s: float | None = None  # predicted stage latency (down + cmp + up)
+    e_j_j: float | None = None  # predicted stage energy
+    size_mb: float | None = None
+    order: int | None = None  # 1-based position in the selected relay chain
+    online: bool = True
+
+
+class CellModel:
+    """Devices of a topology with their links, predicted costs and the current selection."""
+
+    def __init__(self, topo: Topology):
+        self.topo = topo
+        self.placement = place(topo)
+        self.server_x_m = self.placement.server.x_m
+        self.server_y_m = self.placement.server.y_m
+        self.devices: dict[str, DeviceRow] = {}
+        for link in compute_links(topo, self.placement):
+            self.devices[link.id] = DeviceRow(
+                id=link.id, profile=link.profile, precision=link.precision, x_m=link.x_m, y_m=link.y_m,
+                distance_m=link.distance_m, los=link.los, shadowing_db=link.shadowing_db,
+                rate_up_mbps=link.rate_up_mbps,
+                rate_down_mbps=link.rate_down_mbps,
+            )
+        self.selection: Any = None  # testbed.selection.Selection
+        self.costs: list[Any] = []
+
+    @property
+    def chain(self) -> list[str]:
+        """Device ids of the relay chain in stage order (selection, then run updates)."""
+        return [d.id for d in sorted(self.devices.values(), key=lambda r: r.order or 0) if d.order]
+
+    def compute_costs(self) -> list[Any]:
+        """Predicted T_j, E_j and model size of every device (testbed.selection's cost model)."""
+        from testbed.selection import device_costs
+
+        links = compute_links(self.topo, self.placement)
+        by_id = {link.id: link for link in links}
+        for dev in self.devices.values():  # mobility may have moved devices: use current links
+            link = by_id[dev.id]
+            if (dev.x_m, dev.y_m) != (link.x_m, link.y_m):
+                by_id[dev.id] = link.model_copy(update={
+                    "x_m": dev.x_m, "y_m": dev.y_m, "distance_m": dev.distance_m,
+                    "rate_up_mbps": dev.rate_up_mbps, "rate_down_mbps": dev.rate_down_mbps,
+                })
+        self.costs = device_costs(self.topo, [by_id[d] for d in self.devices])
+        for c in self.costs:
+            row = self.devices[c.id]
+            row.t_j_s, row.e_j_j, row.size_mb = c.latency_s, c.energy_j, c.size_mb
+        return self.costs
+
+    def select(self, t_max_s: float, e_max_j: float, strategy: str, seed: int) -> Any:
+        """Run the selection; raises testbed.errors.InfeasibleError when nothing fits."""
+        from testbed.selection import select
+
+        costs = self.compute_costs()
+        online = [c for c in costs if self.devices[c.id].online]
+        try:
+            sel = select(online, t_max_s, e_max_j, strategy=strategy, seed=seed)
+        except Exception:
+            self.set_chain([])
+            self.selection = None
+            raise
+        self.selection = sel
+        self.set_chain(list(sel.selected))
+        return sel
+
+    def set_chain(self, chain: list[str]) -> None:
+        for row in self.devices.values():
+            row.order = None
+        for i, dev_id in enumerate(chain, 1):
+            if dev_id in self.devices:
+                self.devices[dev_id].order = i
+
+    def move(self, dev_id: str, x_m: float, y_m: float, rate_up_mbps: float | None = None,
+             rate_down_mbps: float | None = None) -> None:
+        """A mobility update: new position; rates from the event or from the radio model."""
+        row = self.devices[dev_id]
+        row.x_m, row.y_m = x_m, y_m
+        row.distance_m = math.hypot(x_m - self.server_x_m, y_m - self.server_y_m)
+        if rate_up_mbps is None or rate_down_mbps is None:
+            _pl, _up, _down, rate_up_mbps, rate_down_mbps = link_for_position(
+                self.topo.radio, row.distance_m, row.los, row.shadowing_db)
+        row.rate_up_mbps, row.rate_down_mbps = rate_up_mbps, rate_down_mbps
+
+
+@dataclass
+class StageView:
+    index: int  # 1-based
+    device: str
+    steps: tuple[int, int]
+    phase: str = "download"
+    t_down_s: float | None = None
+    t_cmp_s: float | None = None
+    t_up_s: float | None = None
+    energy_j: float | None = None
+    overrun_s: float | None = None
+    predicted: dict[str, float] = field(default_factory=dict)
+    recovered: bool = False
+
+
+@dataclass
+class RunView:
+    """Folds telemetry events (dicts, the JSON of `tb/<run>/events`) into what is shown."""
+
+    run_id: str | None = None
+    e_max_j: float | None = None
+    t_max_s: float | None = None
+    stages: list[StageView] = field(default_factory=list)
+    log: list[str] = field(default_factory=list)
+    energy_points: list[tuple[float, float]] = field(default_factory=list)  # (t_s, cumulative J)
+    offline: set[str] = field(default_factory=set)
+    finished: bool = False
+    failed: str | None = None
+    result: dict[str, Any] | None = None
+    t0: float | None = None
+    events: int = 0
+
+    @property
+    def energy_j(self) -> float:
+        return sum(s.energy_j or 0.0 for s in self.stages)
+
+    @property
+    def predicted_energy_j(self) -> float:
+        return sum(s.predicted.get("energy_j", 0.0) for s in self.stages)
+
+    @property
+    def latency_s(self) -> float:
+        return sum((s.t_down_s or 0) + (s.t_cmp_s or 0) + (s.t_up_s or 0) for s in self.stages)
+
+    def current(self, device: str | None) -> StageView | None:
+        for s in reversed(self.stages):
+            if device is None or s.device == device:
+                return s
+        return None
+
+    def apply(self, ev: dict[str, Any]) -> str:
+        """Fold one event in; returns the log line it produced (also appended to `log`)."""
+        self.events += 1
+        kind = str(ev.get("type", "?"))
+        ts = ev.get("ts")
+        if isinstance(ts, (int, float)):
+            if self.t0 is None:
+                self.t0 = float(ts)
+            rel = float(ts) - self.t0
+        else:
+            rel = None
+        self.run_id = ev.get("run") or self.run_id
+        dev = ev.get("device")
+        steps = ev.get("steps")
+        stage = self.current(dev) if dev else None
+        if kind == "stage_started" and dev:
+            a, b = (steps or (0, 0))[:2]
+            stage = StageView(index=len(self.stages) + 1, device=dev, steps=(int(a), int(b)),
+                              predicted=dict(ev.get("predicted") or {}))
+            stage.recovered = bool(ev.get("recovery") or ev.get("recovered"))
+            self.stages.append(stage)
+        elif kind == "downloaded" and stage:
+            stage.t_down_s = _num(ev, "t_down_s", "time_s", "elapsed_s")
+            stage.phase = "compute"
+        elif kind == "computed" and stage:
+            stage.t_cmp_s = _num(ev, "t_cmp_s", "time_s", "elapsed_s")
+            stage.overrun_s = _num(ev, "overrun_s") or stage.overrun_s
+            stage.phase = "upload"
+        elif kind in ("uploaded", "stage_finished") and stage:
+            stage.t_up_s = _num(ev, "t_up_s", "time_s", "elapsed_s") if kind == "uploaded" else stage.t_up_s
+            for key in ("t_down_s", "t_cmp_s", "t_up_s", "overrun_s"):
+                if ev.get(key) is not None:
+                    setattr(stage, key, float(ev[key]))
+            if ev.get("energy_j") is not None:
+                stage.energy_j = float(ev["energy_j"])
+            if ev.get("predicted"):
+                stage.predicted.update(ev["predicted"])
+            stage.phase = "done"
+            self.energy_points.append((rel if rel is not None else float(len(self.energy_points)), self.energy_j))
+        elif kind in ("device_offline", "deadline_missed") and dev:
+            self.offline.add(dev)
+            if stage and stage.phase != "done":
+                stage.phase = "failed"
+        elif kind == "device_online" and dev:
+            self.offline.discard(dev)
+        elif kind == "run_finished":
+            self.finished = True
+            self.result = dict(ev.get("result") or ev)
+        elif kind in ("run_failed", "error"):
+            self.finished = True
+            self.failed = str(ev.get("error") or ev.get("message") or kind)
+        line = _log_line(rel, kind, ev)
+        self.log.append(line)
+        return line
+
+
+def _num(ev: dict[str, Any], *keys: str) -> float | None:
+    for k in keys:
+        v = ev.get(k)
+        if isinstance(v, (int, float)):
+            return float(v)
+    return None
+
+
+_SKIP = {"type", "ts", "run", "device", "steps", "predicted", "result"}
+
+
+def _log_line(rel: float | None, kind: str, ev: dict[str, Any]) -> str:
+    parts = [f"{rel:7.2f}s" if rel is not None else "       -", kind]
+    if ev.get("device"):
+        parts.append(str(ev["device"]))
+    steps = ev.get("steps")
+    if isinstance(steps, (list, tuple)) and len(steps) >= 2:
+        parts.append(f"steps {steps[0]}-{steps[1]}")
+    for k, v in ev.items():
+        if k in _SKIP or isinstance(v, (dict, list)):
+            continue
+        parts.append(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}")
+    return " ".join(parts)
