@@ -1,0 +1,10 @@
+"""The relay protocol: wire format, topics, credentials/ACLs, device agent, edge-server orchestrator.
+
+Sockets only (DESIGN.md layers): nothing here touches the kernel or imports `emulation/`;
+`testbed/runner.py` composes the two.
+"""
+
+from testbed.relay import topics
+from testbed.relay.wire import Message, TensorSpec, decode, encode
+
+__all__ = ["topics", "Message", "TensorSpec", "decode", "encode"]

@@ -1,0 +1,388 @@
+"""The edge-server orchestrator: relays the latent through the selected devices, recovers from failures.
+
+It connects to the broker as `server`, waits (bounded) for the devices' retained
+"online" status, sends each stage's task in relay order, keeps the newest latent (plus
+scheduler state) as the checkpoint, and measures every stage from timestamps around the
+real transfers:
+
+    t_down = agent's receive time - server's publish time
+    t_cmp  = agent's send time - agent's receive time   (compute + profile padding)
+    t_up   = server's receive time - agent's send time
+
+Energy: rx power x t_down + compute power x t_cmp + tx power x t_up (the device's profile).
+A device whose last will says "offline", or that misses its deadline, has the stage's
+steps reassigned from the checkpoint to the best remaining device (largest model) whose
+stage cost fits the remaining budget. Telemetry goes to `tb/<run>/events` and `emit`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from testbed.errors import RelayError, RunFailedError
+from testbed.relay import topics
+from testbed.relay.stage import pack_task_tensors, unpack_task_tensors
+from testbed.relay.wire import Message, decode, encode
+
+__all__ = ["DevicePower", "StageRecord", "Recovery", "RelayOutcome", "Orchestrator"]
+
+
+@dataclass(frozen=True)
+class DevicePower:
+    compute_w: float
+    tx_w: float
+    rx_w: float
+
+
+@dataclass
+class StageRecord:
+    device: str
+    steps: tuple[int, int]
+    stage: int
+    attempt: int
+    t_down_s: float
+    t_cmp_s: float
+    t_up_s: float
+    energy_j: float
+    overrun_s: float
+    cmp_real_s: float
+    predicted: dict[str, float]
+    wire_bytes_down: int
+    wire_bytes_up: int
+    precision: str = ""
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "device": self.device,
+            "steps": list(self.steps),
+            "t_down_s": self.t_down_s,
+            "t_cmp_s": self.t_cmp_s,
+            "t_up_s": self.t_up_s,
+            "energy_j": self.energy_j,
+            "overrun_s": self.overrun_s,
+            "cmp_real_s": self.cmp_real_s,
+            "precision": self.precision,
+            "bytes_down": self.wire_bytes_down,
+            "bytes_up": self.wire_bytes_up,
+            "predicted": self.predicted,
+        }
+
+
+@dataclass
+class Recovery:
+    device: str
+    steps: tuple[int, int]
+    stage: int
+    reason: str  # "offline" | "deadline"
+    took_over: str
+    detected_after_s: float
+    energy_j: float
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "device": self.device,
+            "steps": list(self.steps),
+            "stage": self.stage,
+            "reason": self.reason,
+            "took_over": self.took_over,
+            "detected_after_s": self.detected_after_s,
+            "energy_j": self.energy_j,
+        }
+
+
+@dataclass
+class RelayOutcome:
+    stages: list[StageRecord]
+    recovered: list[Recovery]
+    latent: Any
+    latency_s: float
+    energy_j: float
+    total_steps: int
+    events: int = 0
+    rejected_results: int = 0
+    meta: dict[str, Any] = field(default_factory=dict)
+
+
+class Orchestrator:
+    """One multi-stage generation over MQTT.
+
+    `costs` are the selection's DeviceCost records of every device (the candidates for
+    recovery), `relay_order` the selected ids, `model` a `stage.StageModel` used for the
+    initial latent and the conditioning, `emit(event)` receives every telemetry event.
+    """
+
+    def __init__(
+        self,
+        *,
+        run: str,
+        broker_host: str,
+        broker_port: int,
+        username: str,
+        password: str,
+        costs: list[Any],
+        relay_order: list[str],
+        power: dict[str, DevicePower],
+        model: Any,
+        steps_per_stage: int,
+        prompt: str,
+        seed: int,
+        scheduler: str,
+        payload_bytes: int,
+        t_max_s: float,
+        e_max_j: float,
+        emit: Callable[[dict[str, Any]], None] | None = None,
+        online_timeout_s: float = 120.0,
+        deadline_factor: float = 2.0,
+        deadline_slack_s: float = 2.0,
+        max_message_bytes: int | None = None,
+    ):
+        self.run_id = run
+        self.host, self.port = broker_host, broker_port
+        self.username, self.password = username, password
+        self.costs = {c.id: c for c in costs}
+        self.order = list(relay_order)
+        self.power = power
+        self.model = model
+        self.k = steps_per_stage
+        self.prompt, self.seed, self.scheduler = prompt, seed, scheduler
+        self.payload_bytes = payload_bytes
+        self.t_max_s, self.e_max_j = t_max_s, e_max_j
+        self._emit_cb = emit
+        self.online_timeout_s = online_timeout_s
+        self.deadline_factor, self.deadline_slack_s = deadline_factor, deadline_slack_s
+        self.max_message_bytes = max_message_bytes or payload_bytes + 4 * 2**20
+        self.online: set[str] = set()
+        self.failed: set[str] = set()
+        self._inbox: asyncio.Queue[tuple[str, str, bytes, float]] = asyncio.Queue()
+        self._client: Any = None
+        self._seq = 0
+        self.rejected_results = 0
+        self.current: dict[str, Any] | None = None  # the stage in flight (for fault injection)
+
+    # -- telemetry -------------------------------------------------------------------------
+    async def emit(self, etype: str, device: str | None = None, steps: tuple[int, int] | None = None, **data: Any) -> None:
+        self._seq += 1
+        ev = {"seq": self._seq, "type": etype, "ts": time.time(), "run": self.run_id, "device": device,
+              "steps": list(steps) if steps is not None else None, **data}
+        if self._client is not None:
+            await self._client.publish(topics.events(self.run_id), json.dumps(ev).encode(), qos=1)
+        if self._emit_cb is not None:
+            self._emit_cb(ev)
+
+    # -- transport -------------------------------------------------------------------------
+    async def _reader(self) -> None:
+        async for msg in self._client.messages:
+            parsed = topics.parse_device_topic(self.run_id, str(msg.topic))
+            if parsed is None:
+                continue
+            dev, leaf = parsed
+            payload = bytes(msg.payload) if msg.payload is not None else b""
+            if leaf == "status":
+                self._on_status(dev, payload)
+            await self._inbox.put((leaf, dev, payload, time.time()))
+
+    def _on_status(self, dev: str, payload: bytes) -> None:
+        try:
+            state = json.loads(payload).get("state")
+        except (ValueError, AttributeError):
+            return
+        if state in ("online", "computing"):
+            self.online.add(dev)
+        elif state == "offline":
+            self.online.discard(dev)
+
+    async def run(self) -> RelayOutcome:
+        import aiomqtt
+
+        try:
+            async with aiomqtt.Client(
+                self.host, self.port, username=self.username, password=self.password,
+                identifier=f"tb-{self.run_id}-server", keepalive=10, timeout=10, clean_session=True,
+            ) as client:
+                self._client = client
+                await client.subscribe(f"tb/{self.run_id}/dev/+/status", qos=1)
+                await client.subscribe(f"tb/{self.run_id}/dev/+/result", qos=1)
+                reader = asyncio.create_task(self._reader())
+                try:
+                    return await self._relay()
+                finally:
+                    reader.cancel()
+                    await asyncio.gather(reader, return_exceptions=True)
+                    self._client = None
+        except aiomqtt.MqttError as e:
+            raise RelayError(f"orchestrator: MQTT connection to {self.host}:{self.port} failed ({e}); "
+                             "is the broker up (testbed status)?") from None
+
+    async def wait_online(self, devices: list[str]) -> None:
+        deadline = time.monotonic() + self.online_timeout_s
+        want = set(devices)
+        while not want <= self.online:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                missing = sorted(want - self.online)
+                raise RelayError(f"devices {missing} did not come online within {self.online_timeout_s:g} s; "
+                                 "see their agent logs")
+            try:
+                await asyncio.wait_for(self._inbox.get(), timeout=min(left, 0.5))
+            except TimeoutError:
+                pass
+
+    # -- the relay -------------------------------------------------------------------------
+    async def _relay(self) -> RelayOutcome:
+        await self.wait_online(self.order)
+        n_total = self.k * len(self.order)
+        latent = await asyncio.to_thread(self.model.initial, self.seed)
+        cond = await asyncio.to_thread(self.model.encode, self.prompt)
+        state: dict[str, Any] | None = None
+        spec = self.model.latent_spec
+        stages: list[StageRecord] = []
+        recovered: list[Recovery] = []
+        t_start = time.time()
+        energy = 0.0
+        await self.emit("run_started", relay_order=self.order, total_steps=n_total, steps_per_stage=self.k)
+        for i, dev in enumerate(self.order):
+            steps = (i * self.k, (i + 1) * self.k)
+            attempt = 0
+            while True:
+                attempt += 1
+                rec, why, wasted_j = await self._stage(i, attempt, dev, steps, n_total, latent, cond, state, spec)
+                energy += wasted_j if rec is None else rec.energy_j
+                if rec is not None:
+                    break
+                self.failed.add(dev)
+                detected = time.time() - t_start
+                later = self.order[i + 1:]
+                new = self._replacement(t_start, energy, later)
+                recovered.append(Recovery(device=dev, steps=steps, stage=i, reason=why, took_over=new,
+                                          detected_after_s=detected, energy_j=wasted_j))
+                await self.emit("recovered", device=new, steps=steps, failed=dev, reason=why, stage=i,
+                                checkpoint_step=steps[0])
+                self.order[i] = new
+                dev = new
+            stages.append(rec)
+            latent, state = rec_latent_state(self._last_result)
+        latency = time.time() - t_start
+        await self.emit("relay_finished", latency_s=latency, energy_j=energy)
+        return RelayOutcome(stages=stages, recovered=recovered, latent=latent, latency_s=latency, energy_j=energy,
+                            total_steps=n_total, events=self._seq, rejected_results=self.rejected_results)
+
+    def _replacement(self, t_start: float, energy_j: float, later: list[str]) -> str:
+        """The remaining device with the largest model whose stage fits the remaining budget."""
+        t_left = self.t_max_s - (time.time() - t_start) - sum(self.costs[d].latency_s for d in later)
+        e_left = self.e_max_j - energy_j - sum(self.costs[d].energy_j for d in later)
+        busy = set(self.order) | self.failed
+        cands = [c for d, c in self.costs.items() if d not in busy and d in self.online]
+        fit = [c for c in cands if c.latency_s <= t_left and c.energy_j <= e_left]
+        if not fit:
+            raise RunFailedError(
+                f"recovery impossible: none of the {len(cands)} remaining online devices fits the remaining "
+                f"budget ({max(t_left, 0):.3f} s, {max(e_left, 0):.1f} J); raise --tmax/--emax"
+            )
+        best = max(fit, key=lambda c: (c.size_mb, -c.latency_s, c.id))
+        return best.id
+
+    def _deadline_s(self, dev: str) -> float:
+        c = self.costs[dev]
+        return self.deadline_factor * c.latency_s + self.deadline_slack_s
+
+    async def _stage(self, i: int, attempt: int, dev: str, steps: tuple[int, int], n_total: int,
+                     latent: Any, cond: dict, state: dict | None, spec: Any) -> tuple[StageRecord | None, str, float]:
+        """One attempt: (record, "", 0) on success, (None, reason, wasted energy) on failure."""
+        cost = self.costs[dev]
+        pw = self.power[dev]
+        predicted = {"t_down_s": cost.t_down_s, "t_cmp_s": cost.t_cmp_s, "t_up_s": cost.t_up_s,
+                     "energy_j": cost.energy_j}
+        if dev not in self.online:
+            await self.emit("device_offline", device=dev, steps=steps, stage=i, before_start=True)
+            return None, "offline", 0.0
+        while not self._inbox.empty():  # stale statuses/results of earlier stages: the reader tracked them
+            self._inbox.get_nowait()
+        tensors, scalars = pack_task_tensors(latent, cond, state)
+        msg = Message(kind="task", run=self.run_id, device=dev, stage=i, attempt=attempt, steps=steps,
+                      total_steps=n_total, tensors=tensors, meta={"scheduler": self.scheduler, "sched": scalars})
+        data = encode(msg, pad_to_bytes=self.payload_bytes)
+        self.current = {"device": dev, "stage": i, "attempt": attempt, "steps": steps, "phase": "download"}
+        await self.emit("stage_started", device=dev, steps=steps, stage=i, attempt=attempt, bytes=len(data),
+                        predicted=predicted)
+        t_pub = time.time()
+        await self._client.publish(topics.task(self.run_id, dev), data, qos=1)
+        deadline = time.monotonic() + self._deadline_s(dev)
+        t_recv_dev: float | None = None
+        while True:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                await self.emit("deadline_missed", device=dev, steps=steps, stage=i,
+                                deadline_s=self._deadline_s(dev))
+                return None, "deadline", self._wasted(pw, t_pub, t_recv_dev)
+            try:
+                leaf, who, payload, t_in = await asyncio.wait_for(self._inbox.get(), timeout=left)
+            except TimeoutError:
+                continue
+            if who != dev:
+                continue
+            if leaf == "status":
+                st = _json(payload)
+                if st.get("state") == "offline":
+                    await self.emit("device_offline", device=dev, steps=steps, stage=i)
+                    return None, "offline", self._wasted(pw, t_pub, t_recv_dev)
+                if st.get("state") == "computing" and st.get("stage") == i and st.get("attempt") == attempt:
+                    t_recv_dev = float(st.get("t_recv", t_in))
+                    self.current = {**self.current, "phase": "compute"}
+                    await self.emit("downloaded", device=dev, steps=steps, stage=i, t_down_s=t_recv_dev - t_pub,
+                                    predicted_t_down_s=cost.t_down_s)
+                continue
+            if leaf != "result":
+                continue
+            try:
+                res = decode(payload, max_bytes=self.max_message_bytes, run=self.run_id, kind="result", device=dev,
+                             total_steps=n_total, expect={"latent": spec})
+                if (res.stage, res.attempt, res.steps) != (i, attempt, steps):
+                    raise RelayError(f"result for stage {res.stage} attempt {res.attempt} steps {list(res.steps)}, "
+                                     f"expected stage {i} attempt {attempt} steps {list(steps)}")
+                m = res.meta
+                t_recv, t_send = float(m["t_recv"]), float(m["t_send"])
+                overrun, real = float(m.get("overrun_s") or 0.0), float(m.get("cmp_real_s") or 0.0)
+            except (RelayError, KeyError, TypeError, ValueError) as e:
+                self.rejected_results += 1
+                await self.emit("result_rejected", device=dev, steps=steps, stage=i, error=str(e))
+                continue
+            t_down, t_cmp, t_up = t_recv - t_pub, t_send - t_recv, t_in - t_send
+            await self.emit("computed", device=dev, steps=steps, stage=i, t_cmp_s=t_cmp, overrun_s=overrun,
+                            cmp_real_s=real, predicted_t_cmp_s=cost.t_cmp_s)
+            e_j = pw.rx_w * t_down + pw.compute_w * t_cmp + pw.tx_w * t_up
+            rec = StageRecord(device=dev, steps=steps, stage=i, attempt=attempt, t_down_s=t_down, t_cmp_s=t_cmp,
+                              t_up_s=t_up, energy_j=e_j, overrun_s=overrun, cmp_real_s=real, predicted=predicted,
+                              wire_bytes_down=len(data), wire_bytes_up=len(payload),
+                              precision=str(m.get("precision", "")))
+            await self.emit("uploaded", device=dev, steps=steps, stage=i, t_up_s=t_up, energy_j=e_j,
+                            predicted_t_up_s=cost.t_up_s)
+            self._last_result = res
+            self.current = None
+            return rec, "", 0.0
+
+    @staticmethod
+    def _wasted(pw: DevicePower, t_pub: float, t_recv_dev: float | None) -> float:
+        """Energy a failed attempt burnt: receiving, then computing until the failure."""
+        now = time.time()
+        if t_recv_dev is None:
+            return pw.rx_w * (now - t_pub)
+        return pw.rx_w * (t_recv_dev - t_pub) + pw.compute_w * (now - t_recv_dev)
+
+
+def rec_latent_state(res: Message) -> tuple[Any, dict[str, Any]]:
+    sched = res.meta.get("sched", {}) if isinstance(res.meta.get("sched"), dict) else {}
+    latent, _cond, state = unpack_task_tensors(res.tensors, sched)
+    return latent, state
+
+
+def _json(payload: bytes) -> dict[str, Any]:
+    try:
+        v = json.loads(payload)
+    except ValueError:
+        return {}
+    return v if isinstance(v, dict) else {}
