@@ -19,7 +19,9 @@ __all__ = ["app", "main"]
 
 _COMMAND_MODULES = (
     "testbed.commands.topology_cmds",
+    "testbed.commands.emulation_cmds",
     "testbed.commands.tui_cmd",
+    "testbed.commands.diffusion_cmds",
 )
 
 app = typer.Typer(

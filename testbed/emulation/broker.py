@@ -1,0 +1,156 @@
+"""Start the MQTT broker inside the edge server's namespace and wait until it accepts.
+
+mosquitto when installed (listening only on the server address; the host reaches it over
+the host link), else the embedded amqtt broker. The relay layer passes a password file
+and a mosquitto-format ACL file when it wants per-device credentials; config and log live
+in the run's state directory.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import shutil
+import socket
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import yaml
+
+from testbed.emulation.nsutil import in_netns
+from testbed.emulation.procs import pid_alive, spawn_in, stop_pid
+from testbed.errors import ResourceError
+
+__all__ = ["BrokerHandle", "start_broker", "parse_mosquitto_acl", "MQTT_PORT"]
+
+MQTT_PORT = 1883
+
+
+@dataclass
+class BrokerHandle:
+    kind: str  # "mosquitto" | "amqtt"
+    pid: int
+    host: str
+    port: int
+    config_path: Path
+    log_path: Path
+
+    async def stop(self) -> None:
+        await stop_pid(self.pid)
+
+
+def parse_mosquitto_acl(text: str) -> dict[str, dict[str, list[str]]]:
+    """mosquitto ACL (`user NAME` then `topic [read|write|readwrite] TOPIC` lines) ->
+    {user: {"publish": [...], "subscribe": [...]}} for amqtt's topic ACL plugin."""
+    acl: dict[str, dict[str, list[str]]] = {}
+    user: str | None = None
+    for n, raw in enumerate(text.splitlines(), 1):
+        line = raw.strip()
+        if not line or line.startswith("#"):
+            continue
+        parts = line.split(None, 2)
+        if parts[0] == "user" and len(parts) == 2:
+            user = parts[1]
+            acl.setdefault(user, {"publish": [], "subscribe": []})
+        elif parts[0] == "topic" and user is not None:
+            access, topic = (parts[1], parts[2]) if len(parts) == 3 else ("readwrite", parts[1])
+            if access in ("read", "readwrite"):
+                acl[user]["subscribe"].append(topic)
+            if access in ("write", "readwrite"):
+                acl[user]["publish"].append(topic)
+        else:
+            raise ResourceError(f"ACL line {n}: {line!r} is not supported by the amqtt fallback "
+                                "(only `user NAME` and `topic [read|write|readwrite] TOPIC`); install mosquitto")
+    return acl
+
+
+def _mosquitto_conf(host: str, port: int, state_dir: Path, password_file: Path | None,
+                    acl_file: Path | None, max_message_bytes: int | None) -> str:
+    lines = [
+        f"listener {port} {host}",
+        "persistence false",
+        f"log_dest file {state_dir / 'mosquitto.log'}",
+        "log_type error", "log_type warning", "log_type notice",
+        "connection_messages true",
+    ]
+    if password_file is not None:
+        lines += ["allow_anonymous false", f"password_file {password_file}"]
+    else:
+        lines.append("allow_anonymous true")
+    if acl_file is not None:
+        lines.append(f"acl_file {acl_file}")
+    if max_message_bytes is not None:
+        lines.append(f"message_size_limit {max_message_bytes}")
+    return "\n".join(lines) + "\n"
+
+
+def _amqtt_conf(host: str, port: int, password_file: Path | None, acl_file: Path | None,
+                max_message_bytes: int | None) -> dict:
+    plugins: dict = {}
+    if password_file is not None:
+        plugins["amqtt.plugins.authentication.FileAuthPlugin"] = {"password_file": str(password_file)}
+    else:
+        plugins["amqtt.plugins.authentication.AnonymousAuthPlugin"] = {"allow_anonymous": True}
+    if acl_file is not None:
+        acl = parse_mosquitto_acl(acl_file.read_text())
+        plugins["amqtt.plugins.topic_checking.TopicAccessControlListPlugin"] = {
+            "publish-acl": {u: a["publish"] for u, a in acl.items()},
+            "subscribe-acl": {u: a["subscribe"] for u, a in acl.items()},
+        }
+    conf: dict = {"listeners": {"default": {"type": "tcp", "bind": f"{host}:{port}"}}, "plugins": plugins}
+    # amqtt has no message size limit option: the relay's decoder checks sizes itself.
+    return conf
+
+
+def _can_connect(host: str, port: int) -> bool:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.settimeout(0.5)
+        return s.connect_ex((host, port)) == 0
+
+
+async def start_broker(
+    netns: str,
+    host: str,
+    state_dir: Path,
+    *,
+    port: int = MQTT_PORT,
+    password_file: Path | None = None,
+    acl_file: Path | None = None,
+    max_message_bytes: int | None = None,
+    prefer: str = "mosquitto",
+    cgroup_procs: tuple[Path, ...] = (),
+    ready_timeout_s: float = 15.0,
+) -> BrokerHandle:
+    """Start the broker in `netns`, listening on host:port; return once it accepts TCP."""
+    state_dir.mkdir(parents=True, exist_ok=True)
+    mosquitto = shutil.which("mosquitto") if prefer == "mosquitto" else None
+    if mosquitto:
+        kind = "mosquitto"
+        conf_path = state_dir / "mosquitto.conf"
+        conf_path.write_text(_mosquitto_conf(host, port, state_dir, password_file, acl_file, max_message_bytes))
+        argv = [mosquitto, "-c", str(conf_path)]
+        log_path = state_dir / "mosquitto.log"
+    else:
+        kind = "amqtt"
+        conf_path = state_dir / "amqtt.yaml"
+        conf_path.write_text(yaml.safe_dump(_amqtt_conf(host, port, password_file, acl_file, max_message_bytes)))
+        argv = [sys.executable, "-m", "amqtt.scripts.broker_script", "-c", str(conf_path)]
+        log_path = state_dir / "amqtt.log"
+    stdout_log = state_dir / f"{kind}.stdout.log"
+    proc = await asyncio.to_thread(spawn_in, netns, argv, None, stdout_log, cgroup_procs)
+    handle = BrokerHandle(kind, proc.pid, host, port, conf_path, log_path if kind == "mosquitto" else stdout_log)
+    deadline = time.monotonic() + ready_timeout_s
+    while True:
+        if proc.poll() is not None:
+            tail = stdout_log.read_text(errors="replace")[-400:] if stdout_log.exists() else ""
+            if kind == "mosquitto" and log_path.exists():
+                tail += log_path.read_text(errors="replace")[-400:]
+            raise ResourceError(f"{kind} exited with code {proc.returncode} at start; see {stdout_log}: {tail.strip()}")
+        if await asyncio.to_thread(in_netns, netns, lambda: _can_connect(host, port)):
+            return handle
+        if time.monotonic() > deadline:
+            await handle.stop()
+            raise ResourceError(f"{kind} did not accept connections on {host}:{port} within {ready_timeout_s:g} s; see {stdout_log}")
+        await asyncio.sleep(0.05)
+
