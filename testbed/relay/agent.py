@@ -91,6 +91,7 @@ class Agent:
         self.model = model
         self.served = 0
         self.rejected = 0
+        self.client: Any = None  # the connected aiomqtt client, while connected
         self._task = topics.task(cfg.run, cfg.device)
         self._result = topics.result(cfg.run, cfg.device)
         self._status = topics.status(cfg.run, cfg.device)
@@ -118,6 +119,7 @@ class Agent:
                     clean_session=True,
                     timeout=10,
                 ) as client:
+                    self.client = client
                     await client.subscribe(self._task, qos=1)
                     await client.publish(self._status, self._status_doc("online"), qos=1, retain=True)
                     log.info("online: serving %s", self._task)

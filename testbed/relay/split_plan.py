@@ -100,6 +100,7 @@ class SplitPlan:
     e_max_j: float
     step: SplitStepCost
     pairs_considered: int
+    head_flop_share: float
 
     @property
     def predicted_latency_s(self) -> float:
@@ -116,7 +117,7 @@ class SplitPlan:
             "head": self.head, "tail": self.tail, "steps": self.steps, "t_max_s": self.t_max_s,
             "e_max_j": self.e_max_j, "predicted_latency_s": self.predicted_latency_s,
             "predicted_energy_j": self.predicted_energy_j, "step": step,
-            "pairs_considered": self.pairs_considered, "head_flop_share": None,
+            "pairs_considered": self.pairs_considered, "head_flop_share": self.head_flop_share,
         }
 
 
@@ -209,4 +210,4 @@ def plan_split(
             "raise --tmax / --emax"
         )
     return SplitPlan(head=cost.head, tail=cost.tail, steps=n, t_max_s=float(t_max_s), e_max_j=float(e_max_j),
-                     step=cost, pairs_considered=n_pairs)
+                     step=cost, pairs_considered=n_pairs, head_flop_share=_head_share(topo.workload.resolution_px))

@@ -1,0 +1,181 @@
+"""The split-diffusion device agent: `python -m testbed.relay.split_agent <run> <device> [--role head|tail]`.
+
+Started inside the device's node like the multi-stage agent (same config file, same
+credentials, same topics: it reads only its own task topic and writes only its own result
+and status topics). Each task asks for one segment of one denoising step:
+
+    role head: tensors x_in, t, cond.* -> conv_in + time embedding + down blocks -> features
+    role tail: the features (relayed by the server) -> mid + up blocks + conv_out -> noise
+
+The segment's real computation is padded to its share of the profile's step time
+(`meta.share` x `step_time_s`, `compute: profile`), overruns recorded, never hidden. The
+result goes up zero-padded to `meta.pad_to` bytes: SD1.5's cut tensors for the head, the
+relayed latent size for the tail. `--role` restricts which segment this agent accepts
+(default: both — one agent per device serves whichever role the server's plan gives it).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from testbed.errors import RelayError, TestbedError
+from testbed.relay.agent import Agent, AgentConfig, agent_config_path, set_threads
+from testbed.relay.wire import Message, TensorSpec, decode, encode
+
+__all__ = ["ROLES", "SplitModel", "SplitAgent", "main"]
+
+log = logging.getLogger("testbed.split_agent")
+ROLES = ("head", "tail")
+
+
+class SplitModel:
+    """A device's local model variant cut in two (diffusion.split.SplitRunner)."""
+
+    def __init__(self, name: str, precision: str):
+        from testbed.diffusion import load_model
+        from testbed.diffusion.split import SplitRunner
+
+        self.model = load_model(name, precision=precision, device="cpu")
+        self.runner = SplitRunner(self.model.unet)
+
+    @property
+    def latent_spec(self) -> TensorSpec:  # what Agent's interface expects; split tasks check their own
+        return TensorSpec("float32", tuple(int(d) for d in self.model.latent_shape))
+
+    def head(self, tensors: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        import torch
+
+        dtype = self.model.compute_dtype
+        x = torch.from_numpy(np.array(tensors["x_in"], copy=True)).to(dtype)
+        t = torch.from_numpy(np.array(tensors["t"], copy=True)).reshape(())
+        cond = {}
+        for k, v in tensors.items():
+            if k.startswith("cond."):
+                c = torch.from_numpy(np.array(v, copy=True))
+                cond[k[5:]] = c.to(dtype) if c.is_floating_point() else c
+        with torch.inference_mode():
+            feats = self.runner.head(x, t, cond)
+        return {k: _np(v) for k, v in feats.items()}
+
+    def tail(self, tensors: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        import torch
+
+        dtype = self.model.compute_dtype
+        feats = {}
+        for k, v in tensors.items():
+            f = torch.from_numpy(np.array(v, copy=True))
+            feats[k] = f.to(dtype) if f.is_floating_point() else f
+        with torch.inference_mode():
+            noise = self.runner.tail(feats)
+        return {"noise": _np(noise.float())}
+
+
+def _np(t: Any) -> np.ndarray:
+    import torch
+
+    t = t.detach().cpu().contiguous()
+    if t.dtype == torch.bfloat16:
+        t = t.float()  # numpy has no bfloat16; exact widening
+    return t.numpy()
+
+
+class SplitAgent(Agent):
+    """The multi-stage agent's transport (connect, will, status, reconnect) with split tasks."""
+
+    def __init__(self, cfg: AgentConfig, model: SplitModel, roles: tuple[str, ...] = ROLES):
+        super().__init__(cfg, model)
+        self.roles = roles
+
+    async def _handle(self, client: Any, payload: bytes) -> None:
+        t_recv = time.time()
+        try:
+            task = decode(payload, max_bytes=self.cfg.max_message_bytes, run=self.cfg.run, kind="task",
+                          device=self.cfg.device, max_tensor_bytes=self.cfg.max_message_bytes)
+            role = task.meta.get("role")
+            if role not in self.roles:
+                raise RelayError(f"rejected relay message: role {role!r} (this agent serves {list(self.roles)})")
+            share = task.meta.get("share")
+            pad_to = task.meta.get("pad_to", 0)
+            if not isinstance(share, (int, float)) or not 0 < share <= 1:
+                raise RelayError(f"rejected relay message: meta.share {share!r} must be in (0, 1]")
+            if type(pad_to) is not int or not 0 <= pad_to <= self.cfg.max_message_bytes:
+                raise RelayError(f"rejected relay message: meta.pad_to {pad_to!r} out of range")
+            if role == "head" and not {"x_in", "t"} <= set(task.tensors):
+                raise RelayError("rejected relay message: a head task needs tensors 'x_in' and 't'")
+            if role == "tail" and not {"sample", "emb"} <= set(task.tensors):
+                raise RelayError("rejected relay message: a tail task needs tensors 'sample' and 'emb'")
+        except RelayError as e:
+            self.rejected += 1
+            log.error("%s (%d bytes on %s); dropped, still serving", e, len(payload), self._task)
+            return
+        try:
+            fn = self.model.head if role == "head" else self.model.tail
+            t0 = time.time()
+            out = await asyncio.to_thread(fn, task.tensors)
+            real_s = time.time() - t0
+        except Exception as e:  # noqa: BLE001 - a model failure must not kill the agent
+            log.exception("step %d %s failed: %s", task.stage, role, e)
+            return
+        profile_s = self.cfg.step_time_s * float(share) if self.cfg.compute == "profile" else None
+        overrun_s = 0.0
+        if profile_s is not None:
+            if real_s < profile_s:
+                await asyncio.sleep(profile_s - (time.time() - t0))
+            else:
+                overrun_s = real_s - profile_s
+        meta = {"role": role, "t_recv": t_recv, "t_cmp_start": t0, "cmp_real_s": real_s,
+                "cmp_profile_s": profile_s, "overrun_s": overrun_s, "precision": self.cfg.precision,
+                "t_send": time.time()}
+        msg = Message(kind="result", run=task.run, device=self.cfg.device, stage=task.stage, attempt=task.attempt,
+                      steps=task.steps, total_steps=task.total_steps, tensors=out, meta=meta)
+        data = encode(msg, pad_to_bytes=pad_to)
+        await client.publish(self._result, data, qos=1)
+        self.served += 1
+        log.info("step %d %s: real %.3f s, padded to %s, sent %d bytes", task.stage, role, real_s,
+                 f"{profile_s:.3f} s" if profile_s is not None else "-", len(data))
+
+
+def run_split_agent(cfg: AgentConfig, roles: tuple[str, ...]) -> None:
+    n = set_threads(cfg.cpu_cores)
+    t0 = time.time()
+    model = SplitModel(cfg.model, cfg.precision)
+    log.info("%s: split model %s/%s loaded in %.2f s, %d torch threads, roles %s", cfg.device, cfg.model,
+             cfg.precision, time.time() - t0, n, ",".join(roles))
+    asyncio.run(SplitAgent(cfg, model, roles).serve())
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(prog="python -m testbed.relay.split_agent",
+                                description="testbed split-diffusion device agent (started by the split runner)")
+    p.add_argument("run")
+    p.add_argument("device")
+    p.add_argument("--role", choices=[*ROLES, "both"], default="both")
+    p.add_argument("--config", type=Path, default=None)
+    args = p.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, stream=sys.stderr,
+                        format=f"%(asctime)s {args.device} split %(levelname)s %(message)s")
+    path = args.config or Path(os.environ.get("TESTBED_AGENT_CONFIG") or agent_config_path(args.run, args.device))
+    roles = ROLES if args.role == "both" else (args.role,)
+    try:
+        cfg = AgentConfig.from_file(path)
+        if (cfg.run, cfg.device) != (args.run, args.device):
+            raise RelayError(f"agent config {path} is for {cfg.run}/{cfg.device}, not {args.run}/{args.device}")
+        run_split_agent(cfg, roles)
+    except TestbedError as e:
+        log.error("%s", e)
+        sys.exit(e.exit_code)
+    except KeyboardInterrupt:
+        sys.exit(130)
+
+
+if __name__ == "__main__":
+    main()
