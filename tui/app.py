@@ -39,6 +39,7 @@ _LOG_STYLE = {"device_offline": "bold red", "recovered": "bold yellow", "run_fin
 
 
 class TestbedApp(App[None]):
+    __test__ = False  # not a pytest class despite the name
     CSS_PATH = "app.tcss"
     TITLE = "testbed"
     BINDINGS = [
@@ -290,7 +291,14 @@ class TestbedApp(App[None]):
             if kind in ("moved", "position", "mobility"):
                 self._refresh_cell()
                 return
-        chain = ev.get("selected") or ev.get("chain")
+        if isinstance(ev.get("positions"), dict):  # a batch mobility update {id: [x_m, y_m]}
+            for dev_id, pos in ev["positions"].items():
+                if dev_id in self.cell.devices and isinstance(pos, (list, tuple)) and len(pos) >= 2:
+                    self.cell.move(dev_id, float(pos[0]), float(pos[1]))
+            if kind in ("moved", "positions", "mobility"):
+                self._refresh_cell()
+                return
+        chain = ev.get("relay_order") or ev.get("selected")
         if isinstance(chain, list) and all(isinstance(c, str) for c in chain):
             self.cell.set_chain(chain)
         if kind == "recovered" and dev in self.cell.devices:

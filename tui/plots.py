@@ -25,6 +25,8 @@ class LatencyPlot(PlotextPlot):
     def update_from(self, run: RunView, t_max_s: float | None) -> None:
         bars = []
         for s in run.stages:
+            if s.phase == "failed":
+                continue
             bars.append((f"{s.index}", s.t_down_s or 0.0, s.t_cmp_s or 0.0, s.t_up_s or 0.0))
             p = s.predicted
             if p:
@@ -59,6 +61,8 @@ class EnergyPlot(PlotextPlot):
     def update_from(self, run: RunView, e_max_j: float | None) -> None:
         meas, pred, m, p = [], [], 0.0, 0.0
         for s in run.stages:
+            if s.phase == "failed":
+                continue
             if s.energy_j is not None:
                 m += s.energy_j
                 meas.append(m)

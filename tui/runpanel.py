@@ -50,9 +50,9 @@ class RunPanel(Vertical):
     def show(self, run: RunView, t_max_s: float | None, e_max_j: float | None) -> None:
         table = self.query_one("#stages", DataTable)
         for s in run.stages:
-            key = str(s.index)
-            p = s.predicted
-            pred = f"{p['latency_s']:.2f}/{p['energy_j']:.0f}" if "latency_s" in p and "energy_j" in p else ""
+            key = f"{s.index}.{s.attempt}"
+            pl, pe = s.predicted_latency_s, s.predicted.get("energy_j")
+            pred = f"{pl:.2f}/{pe:.0f}" if pl is not None and pe is not None else ""
             phase = s.phase + (" (recovery)" if s.recovered else "")
             row = {
                 "n": str(s.index), "device": s.device, "steps": f"{s.steps[0]}-{s.steps[1]}",
@@ -87,6 +87,6 @@ class RunPanel(Vertical):
         e = run.energy_j
         t.append(f"│ E {e:.1f}", style="red" if e_max_j and e > e_max_j else "")
         t.append(f"/{e_max_j:g} J" if e_max_j else " J")
-        if run.offline:
-            t.append(f" │ offline: {', '.join(sorted(run.offline))}", style="red")
+        if run.failed_devices:
+            t.append(f" │ failed: {', '.join(sorted(run.failed_devices))}", style="red")
         return t

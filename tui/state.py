@@ -134,7 +134,15 @@ class StageView:
     energy_j: float | None = None
     overrun_s: float | None = None
     predicted: dict[str, float] = field(default_factory=dict)
+    attempt: int = 1
     recovered: bool = False
+
+    @property
+    def predicted_latency_s(self) -> float | None:
+        p = self.predicted
+        if not all(k in p for k in ("t_down_s", "t_cmp_s", "t_up_s")):
+            return None
+        return p["t_down_s"] + p["t_cmp_s"] + p["t_up_s"]
 
 
 @dataclass
@@ -148,6 +156,7 @@ class RunView:
     log: list[str] = field(default_factory=list)
     energy_points: list[tuple[float, float]] = field(default_factory=list)  # (t_s, cumulative J)
     offline: set[str] = field(default_factory=set)
+    failed_devices: set[str] = field(default_factory=set)  # offline or missed a deadline
     finished: bool = False
     failed: str | None = None
     result: dict[str, Any] | None = None
@@ -160,7 +169,8 @@ class RunView:
 
     @property
     def predicted_energy_j(self) -> float:
-        return sum(s.predicted.get("energy_j", 0.0) for s in self.stages)
+        """Predicted energy of the stages that did not fail."""
+        return sum(s.predicted.get("energy_j", 0.0) for s in self.stages if s.phase != "failed")
 
     @property
     def latency_s(self) -> float:
@@ -173,7 +183,12 @@ class RunView:
         return None
 
     def apply(self, ev: dict[str, Any]) -> str:
-        """Fold one event in; returns the log line it produced (also appended to `log`)."""
+        """Fold one event in; returns the log line it produced (also appended to `log`).
+
+        Event types are the orchestrator's (testbed/relay/server.py): run_started,
+        stage_started (with `predicted`), downloaded, computed, uploaded, device_offline,
+        deadline_missed, recovered, relay_finished, run_finished / run_failed.
+        """
         self.events += 1
         kind = str(ev.get("type", "?"))
         ts = ev.get("ts")
@@ -189,30 +204,27 @@ class RunView:
         stage = self.current(dev) if dev else None
         if kind == "stage_started" and dev:
             a, b = (steps or (0, 0))[:2]
-            stage = StageView(index=len(self.stages) + 1, device=dev, steps=(int(a), int(b)),
-                              predicted=dict(ev.get("predicted") or {}))
-            stage.recovered = bool(ev.get("recovery") or ev.get("recovered"))
+            idx = int(ev["stage"]) + 1 if isinstance(ev.get("stage"), int) else len(self.stages) + 1
+            stage = StageView(index=idx, device=dev, steps=(int(a), int(b)),
+                              predicted=dict(ev.get("predicted") or {}), attempt=int(ev.get("attempt") or 1))
+            stage.recovered = stage.attempt > 1 or bool(ev.get("recovery"))
             self.stages.append(stage)
         elif kind == "downloaded" and stage:
-            stage.t_down_s = _num(ev, "t_down_s", "time_s", "elapsed_s")
+            stage.t_down_s = _num(ev, "t_down_s")
             stage.phase = "compute"
         elif kind == "computed" and stage:
-            stage.t_cmp_s = _num(ev, "t_cmp_s", "time_s", "elapsed_s")
-            stage.overrun_s = _num(ev, "overrun_s") or stage.overrun_s
+            stage.t_cmp_s = _num(ev, "t_cmp_s")
+            stage.overrun_s = _num(ev, "overrun_s")
             stage.phase = "upload"
-        elif kind in ("uploaded", "stage_finished") and stage:
-            stage.t_up_s = _num(ev, "t_up_s", "time_s", "elapsed_s") if kind == "uploaded" else stage.t_up_s
-            for key in ("t_down_s", "t_cmp_s", "t_up_s", "overrun_s"):
-                if ev.get(key) is not None:
-                    setattr(stage, key, float(ev[key]))
-            if ev.get("energy_j") is not None:
-                stage.energy_j = float(ev["energy_j"])
-            if ev.get("predicted"):
-                stage.predicted.update(ev["predicted"])
+        elif kind == "uploaded" and stage:
+            stage.t_up_s = _num(ev, "t_up_s")
+            stage.energy_j = _num(ev, "energy_j")
             stage.phase = "done"
             self.energy_points.append((rel if rel is not None else float(len(self.energy_points)), self.energy_j))
         elif kind in ("device_offline", "deadline_missed") and dev:
-            self.offline.add(dev)
+            if kind == "device_offline":
+                self.offline.add(dev)
+            self.failed_devices.add(dev)
             if stage and stage.phase != "done":
                 stage.phase = "failed"
         elif kind == "device_online" and dev:
@@ -236,7 +248,7 @@ def _num(ev: dict[str, Any], *keys: str) -> float | None:
     return None
 
 
-_SKIP = {"type", "ts", "run", "device", "steps", "predicted", "result"}
+_SKIP = {"type", "ts", "run", "device", "steps", "predicted", "result", "seq"}
 
 
 def _log_line(rel: float | None, kind: str, ev: dict[str, Any]) -> str:
@@ -247,7 +259,7 @@ def _log_line(rel: float | None, kind: str, ev: dict[str, Any]) -> str:
     if isinstance(steps, (list, tuple)) and len(steps) >= 2:
         parts.append(f"steps {steps[0]}-{steps[1]}")
     for k, v in ev.items():
-        if k in _SKIP or isinstance(v, (dict, list)):
+        if k in _SKIP or k.startswith("predicted_") or isinstance(v, (dict, list)):
             continue
         parts.append(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}")
     return " ".join(parts)

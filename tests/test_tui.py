@@ -1,0 +1,350 @@
+"""The TUI headless (Pilot): first screen, budgets, selection, event rendering, help,
+attach, images. Runs without root; the end-to-end run is in test_tui_run.py."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from textual.widgets import Input, Static
+
+from testbed.radio import compute_links
+from testbed.selection import device_costs, select
+from testbed.topology import load_topology, place
+from tui.app import TestbedApp
+from tui.cellmap import CellMap
+from tui.devices import DevicesTable
+from tui.help import HelpScreen
+from tui.imageview import fit_image, halfblock_text
+from tui.plots import EnergyPlot, LatencyPlot
+from tui.state import RunView
+
+SIZE = (80, 24)
+
+
+@pytest.fixture
+def small(topologies: Path):
+    return load_topology(topologies / "small.yaml")
+
+
+def _costs(topo):
+    return {c.id: c for c in device_costs(topo, compute_links(topo, place(topo)))}
+
+
+def relay_events(topo, chain: list[str], run: str = "tdemo", slow: float = 1.1, kill: str | None = None,
+                 spare: str | None = None) -> list[dict]:
+    """The orchestrator's event sequence (testbed/relay/server.py) for `chain`, with measured
+    times `slow` x the predicted ones; `kill` goes offline mid-stage and `spare` takes over."""
+    costs = _costs(topo)
+    k = topo.workload.steps_per_stage
+    ts = 1000.0
+    evs = [{"type": "run_started", "ts": ts, "run": run, "device": None, "steps": None, "relay_order": list(chain),
+            "total_steps": k * len(chain), "steps_per_stage": k}]
+    for i, dev in enumerate(list(chain)):
+        steps = [i * k, (i + 1) * k]
+        attempt = 1
+        while True:
+            c = costs[dev]
+            pred = {"t_down_s": c.t_down_s, "t_cmp_s": c.t_cmp_s, "t_up_s": c.t_up_s, "energy_j": c.energy_j}
+            base = {"run": run, "device": dev, "steps": steps, "stage": i}
+            evs.append({**base, "type": "stage_started", "ts": ts, "attempt": attempt, "predicted": pred})
+            ts += c.t_down_s * slow
+            evs.append({**base, "type": "downloaded", "ts": ts, "t_down_s": c.t_down_s * slow})
+            if dev == kill:
+                evs.append({**base, "type": "device_offline", "ts": ts + 0.1})
+                evs.append({**base, "type": "recovered", "ts": ts + 0.1, "device": spare, "failed": dev,
+                            "reason": "offline"})
+                dev, attempt, kill = spare, attempt + 1, None
+                continue
+            ts += c.t_cmp_s * slow
+            evs.append({**base, "type": "computed", "ts": ts, "t_cmp_s": c.t_cmp_s * slow, "overrun_s": 0.0})
+            ts += c.t_up_s * slow
+            evs.append({**base, "type": "uploaded", "ts": ts, "t_up_s": c.t_up_s * slow, "energy_j": c.energy_j * slow})
+            break
+    return evs
+
+
+async def test_first_screen_shows_every_device_and_budgets(small):
+    app = TestbedApp(small, source="small.yaml")
+    async with app.run_test(size=SIZE) as pilot:
+        await pilot.pause()
+        table = app.query_one("#devices", DevicesTable)
+        ids = [table.text_of(k.value, "id") for k in table.rows]
+        assert ids == [d.id for d in place(small).devices]
+        assert float(app.query_one("#tmax", Input).value) == small.budgets.t_max_s
+        assert float(app.query_one("#emax", Input).value) == small.budgets.e_max_j
+        costs = _costs(small)
+        for dev_id, c in costs.items():  # predicted T_j, E_j from the library's cost model
+            assert table.text_of(dev_id, "t_j") == f"{c.latency_s:.2f}"
+            assert table.text_of(dev_id, "e_j") == f"{c.energy_j:.1f}"
+            assert table.text_of(dev_id, "on") == "yes"
+            assert table.text_of(dev_id, "sel") == ""
+        # every region is inside the 80 x 24 screen
+        for wid in ("#controls", "#summary", "#devices", "#map"):
+            r = app.query_one(wid).region
+            assert r.right <= SIZE[0] and r.bottom <= SIZE[1] and r.height > 0, wid
+
+
+async def test_change_budgets_and_select_from_the_keyboard(small):
+    app = TestbedApp(small)
+    async with app.run_test(size=SIZE) as pilot:
+        await pilot.press("s")
+        await pilot.pause()
+        want = select(list(_costs(small).values()), small.budgets.t_max_s, small.budgets.e_max_j, "dp", small.seed)
+        table = app.query_one("#devices", DevicesTable)
+        assert app.cell.chain == want.selected
+        for i, dev in enumerate(want.selected, 1):
+            assert table.text_of(dev, "sel") == str(i)
+        summary = str(app.query_one("#summary", Static).render())
+        assert " → ".join(want.selected) in summary
+        assert f"E {want.energy_j:.1f}/{small.budgets.e_max_j:g} J" in summary
+
+        # a tighter energy budget, typed into the E_max field, Enter selects again
+        app.query_one("#emax", Input).focus()
+        await pilot.press(*["backspace"] * 8, "3", "0", "enter")
+        await pilot.pause()
+        tight = select(list(_costs(small).values()), small.budgets.t_max_s, 30.0, "dp", small.seed)
+        assert tight.selected != want.selected
+        assert app.cell.chain == tight.selected
+        assert tight.energy_j <= 30.0
+        assert f"/30 J" in str(app.query_one("#summary", Static).render())
+        for dev in set(want.selected) - set(tight.selected):
+            assert table.text_of(dev, "sel") == ""
+
+        # infeasible: no device fits 0.1 s; the screen says so and nothing stays selected
+        app.query_one("#tmax", Input).focus()
+        await pilot.press(*["backspace"] * 8, "0", ".", "1", "enter")
+        await pilot.pause()
+        assert "infeasible" in str(app.query_one("#summary", Static).render())
+        assert app.cell.chain == []
+        assert all(table.text_of(d, "sel") == "" for d in app.cell.devices)
+
+
+async def test_strategy_control_changes_selection(small):
+    app = TestbedApp(small)
+    async with app.run_test(size=SIZE) as pilot:
+        app.query_one("#strategy").value = "greedy"
+        await pilot.press("s")
+        await pilot.pause()
+        want = select(list(_costs(small).values()), small.budgets.t_max_s, small.budgets.e_max_j, "greedy", small.seed)
+        assert app.cell.selection.strategy == "greedy"
+        assert app.cell.chain == want.selected
+
+
+async def test_map_draws_devices_to_scale_and_the_chain(small):
+    app = TestbedApp(small)
+    async with app.run_test(size=(100, 40)) as pilot:
+        await pilot.press("s")
+        await pilot.pause()
+        cmap = app.query_one("#map", CellMap)
+        w, h = cmap.content_size.width, cmap.content_size.height
+        lines = str(cmap.render()).split("\n")
+        for row in app.cell.devices.values():
+            c, r = cmap.cell_of(row.x_m, row.y_m, w, h)
+            assert lines[r][c] in "OX", row.id
+            if row.order:
+                assert lines[r][c + 1] == str(row.order)
+        sc, sr = cmap.cell_of(250, 250, w, h)
+        assert lines[sr][sc] == "◉"
+        # to scale: 500 m across is twice as many columns as 500 m down is rows (cells are 1:2)
+        c0, r0 = cmap.cell_of(0, 500, w, h)
+        c1, r1 = cmap.cell_of(499.9, 0.1, w, h)
+        assert abs((c1 - c0 + 1) - 2 * (r1 - r0 + 1)) <= 2
+        # mobility: a position event moves the glyph
+        app.feed_event({"type": "moved", "device": "dev04", "x_m": 20.0, "y_m": 20.0})
+        await pilot.pause()
+        lines = str(cmap.render()).split("\n")
+        c, r = cmap.cell_of(20.0, 20.0, w, h)
+        assert lines[r][c] == "X"
+        table = app.query_one("#devices", DevicesTable)
+        assert table.text_of("dev04", "dist") == f"{np.hypot(230, 230):.0f}"
+
+
+async def test_events_render_stages_plots_and_recovery(small):
+    app = TestbedApp(small)
+    async with app.run_test(size=SIZE) as pilot:
+        await pilot.press("s")
+        chain = app.cell.chain
+        app.running = True
+        evs = relay_events(small, chain, kill=chain[1], spare="dev03")
+        for ev in evs:
+            app.feed_event(ev)
+        await pilot.press("2")
+        await pilot.pause()
+        rv = app.run_view
+        assert [s.device for s in rv.stages] == [chain[0], chain[1], "dev03"]
+        assert [s.phase for s in rv.stages] == ["done", "failed", "done"]
+        assert rv.stages[2].recovered and rv.stages[2].steps == rv.stages[1].steps
+        costs = _costs(small)
+        lat = app.query_one("#latency", LatencyPlot)
+        assert [b[0] for b in lat.bars] == ["1", "1p", "2", "2p"]
+        assert lat.bars[0][2] == pytest.approx(costs[chain[0]].t_cmp_s * 1.1)
+        assert lat.bars[1][2] == pytest.approx(costs[chain[0]].t_cmp_s)
+        en = app.query_one("#energy", EnergyPlot)
+        assert en.measured == pytest.approx([costs[chain[0]].energy_j * 1.1,
+                                             (costs[chain[0]].energy_j + costs["dev03"].energy_j) * 1.1])
+        assert en.predicted == pytest.approx([costs[chain[0]].energy_j, costs[chain[0]].energy_j + costs["dev03"].energy_j])
+        assert en.e_max_j == small.budgets.e_max_j
+        # the chain now runs through the spare; the failed device is offline in the table
+        assert app.cell.chain == [chain[0], "dev03"]
+        table = app.query_one("#devices", DevicesTable)
+        assert table.text_of(chain[1], "on") == "no"
+        assert table.text_of("dev03", "sel") == "2"
+        rec = [line for line in rv.log if " recovered dev03 steps 5-10 " in line]
+        assert len(rec) == 1 and f"failed={chain[1]}" in rec[0]
+        status = str(app.query_one("#runstatus", Static).render())
+        assert f"failed: {chain[1]}" in status
+
+
+async def test_kill_without_a_run_only_warns(small):
+    app = TestbedApp(small)
+    async with app.run_test(size=SIZE) as pilot:
+        await pilot.press("k")
+        await pilot.pause()
+        assert any("no run in progress" in n.message for n in app._notifications)
+        assert all(r.online for r in app.cell.devices.values())
+
+
+async def test_help_screen_opens_and_closes(small):
+    app = TestbedApp(small)
+    async with app.run_test(size=SIZE) as pilot:
+        await pilot.press("question_mark")
+        await pilot.pause()
+        assert isinstance(app.screen, HelpScreen)
+        text = str(app.screen.query_one("#help-text", Static).render())
+        for key in ("s ", "r ", "k ", "q  quit", "--attach RUN"):
+            assert key in text
+        await pilot.press("escape")
+        await pilot.pause()
+        assert not isinstance(app.screen, HelpScreen)
+
+
+async def test_final_result_shows_images_and_ms_ssim(small, tmp_path):
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    ref = rng.integers(0, 255, (64, 64, 3), dtype=np.uint8)
+    gen = np.clip(ref.astype(int) + 10, 0, 255).astype(np.uint8)
+    Image.fromarray(gen).save(tmp_path / "gen.png")
+    Image.fromarray(ref).save(tmp_path / "ref.png")
+    app = TestbedApp(small)
+    async with app.run_test(size=SIZE) as pilot:
+        app.show_result({"run": "tdemo", "method": "multistage", "ms_ssim": 0.8731, "latency_s": 1.62,
+                         "energy_j": 63.2, "image": str(tmp_path / "gen.png"),
+                         "meta": {"reference_image": str(tmp_path / "ref.png")}})
+        await pilot.press("3")
+        await pilot.pause()
+        caption = str(app.query_one("#imgcaption", Static).render())
+        assert "MS-SSIM 0.873" in caption and "latency 1.62 s" in caption
+        assert np.array_equal(app.query_one("#generated").image, gen)
+        assert np.array_equal(app.query_one("#reference").image, ref)
+
+
+def test_halfblock_image_keeps_colours_and_aspect():
+    img = np.zeros((40, 20, 3), dtype=np.uint8)
+    img[:20] = (255, 0, 0)
+    img[20:] = (0, 0, 255)
+    px = fit_image(img, 10, 10)
+    assert px.shape == (20, 10, 3)  # 2 px per row, aspect kept
+    text = halfblock_text(px)
+    lines = text.plain.split("\n")
+    assert len(lines) == 10 and all(line == "▀" * 10 for line in lines)
+    from rich.console import Console
+
+    con = Console()
+    top, bottom = text.get_style_at_offset(con, 0), text.get_style_at_offset(con, len(text.plain) - 1)
+    assert top.color.triplet == (255, 0, 0) and bottom.bgcolor.triplet == (0, 0, 255)
+
+
+def test_runview_ignores_events_of_unknown_devices_and_logs_them():
+    rv = RunView()
+    line = rv.apply({"type": "downloaded", "ts": 5.0, "run": "x", "device": "ghost", "steps": [0, 5], "t_down_s": 0.1})
+    assert rv.stages == [] and "downloaded ghost steps 0-5" in line
+
+
+def test_no_torch_at_startup():
+    code = "import sys, testbed.cli, tui.app; print('torch' in sys.modules, 'diffusers' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert out.stdout.split() == ["False", "False"], out.stderr
+
+
+def test_cli_needs_a_file_or_attach():
+    exe = Path(sys.executable).with_name("testbed")
+    out = subprocess.run([str(exe), "tui"], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 2
+    assert "topology FILE" in out.stderr
+
+
+async def test_attach_without_observer_file_says_so(small, tmp_path):
+    app = TestbedApp(small, attach="tnone", state_root=tmp_path)
+    async with app.run_test(size=SIZE) as pilot:
+        await app.workers.wait_for_complete()
+        await pilot.pause()
+        assert any("observer.json" in n.message for n in app._notifications)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.skipif(shutil.which("mosquitto") is None, reason="needs mosquitto")
+async def test_attach_follows_events_published_on_the_run_topic(small, tmp_path, unique_run_id):
+    import aiomqtt
+
+    port = _free_port()
+    conf = tmp_path / "m.conf"
+    conf.write_text(f"listener {port} 127.0.0.1\nallow_anonymous true\n")
+    broker = subprocess.Popen(["mosquitto", "-c", str(conf)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        for _ in range(50):
+            try:
+                socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
+                break
+            except OSError:
+                time.sleep(0.1)
+        run_dir = tmp_path / unique_run_id
+        run_dir.mkdir()
+        (run_dir / "observer.json").write_text(json.dumps({
+            "run": unique_run_id, "host": "127.0.0.1", "port": port, "username": "observer", "password": "x",
+            "topic": f"tb/{unique_run_id}/events"}))
+        app = TestbedApp(small, attach=unique_run_id, state_root=tmp_path)
+        chain = ["dev01", "dev02"]
+        evs = relay_events(small, chain, run=unique_run_id)
+        evs.append({"type": "run_finished", "ts": evs[-1]["ts"] + 0.01, "run": unique_run_id, "device": None,
+                    "steps": None, "latency_s": 1.7, "energy_j": 66.0, "ms_ssim": 0.91})
+        async with app.run_test(size=SIZE) as pilot:
+            for _ in range(50):  # the TUI subscribes; wait for it
+                await pilot.pause(0.1)
+                if any("attached to" in line for line in _log_text(app)):
+                    break
+            await pilot.pause(0.3)
+            async with aiomqtt.Client("127.0.0.1", port) as pub:
+                for ev in evs:
+                    await pub.publish(f"tb/{unique_run_id}/events", json.dumps(ev).encode(), qos=1)
+            for _ in range(50):
+                await pilot.pause(0.1)
+                if app.run_view.finished:
+                    break
+            assert app.run_view.finished
+            assert [s.device for s in app.run_view.stages] == chain
+            assert app.cell.chain == chain
+            assert "MS-SSIM 0.910" in str(app.query_one("#imgcaption", Static).render())
+            await pilot.press("r")  # runs are not started from an attached TUI
+            assert app.runner is None
+    finally:
+        broker.terminate()
+        broker.wait(timeout=10)
+
+
+def _log_text(app) -> list[str]:
+    log = app.query_one("#log")
+    return [strip.text for strip in log.lines]
