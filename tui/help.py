@@ -21,7 +21,7 @@ HELP_TEXT = """\
   up/down  highlight a device          ?    this help      q  quit
 
 [b]Controls[/b] (top line): T_max s, E_max J, strategy (dp exact random
-greedy fair), method (multistage split), seed. Enter applies a value.
+greedy fair), method (multistage split), seed. Enter selects again.
 
 [b]Cell[/b]: devices table (predicted T_j, E_j; sel = stage order), map of
 the cell to scale (◉ server, O orin, X xavier; colour = precision;
@@ -30,7 +30,7 @@ numbered spokes = relay chain; ✗ offline), details of the highlighted device.
 energy vs E_max, event log.  [b]Image[/b]: generated image next to the
 reference, with MS-SSIM.
 
-[b]Attach[/b]: testbed tui [FILE] --attach RUN follows a run started from
+[b]Attach[/b]: testbed tui \\[FILE] --attach RUN follows a run started from
 the CLI through its MQTT events topic (read-only; s/r/k are off).
 
 [dim]Esc or ? closes this screen; q quits.[/dim]"""

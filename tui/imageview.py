@@ -6,6 +6,7 @@ or H x W); box-averages them down to the widget's size, keeping the aspect ratio
 from __future__ import annotations
 
 import numpy as np
+from rich.align import Align
 from rich.color import Color
 from rich.style import Style
 from rich.text import Text
@@ -58,10 +59,10 @@ class ImageView(Widget):
         self.image = img
         self.refresh()
 
-    def render(self) -> Text:
+    def render(self) -> Text | Align:
         if self.image is None:
             return Text(self.placeholder, style="dim")
         w, h = self.content_size.width, self.content_size.height
         if w < 2 or h < 1:
             return Text("")
-        return halfblock_text(fit_image(self.image, w, h))
+        return Align.center(halfblock_text(fit_image(self.image, w, h)))

@@ -45,7 +45,7 @@ class LatencyPlot(PlotextPlot):
         if self.bars:
             labels = [b[0] for b in self.bars]
             plt.stacked_bar(labels, [[b[1] for b in self.bars], [b[2] for b in self.bars], [b[3] for b in self.bars]],
-                            labels=["down", "cmp", "up"], width=0.6)
+                            labels=["down", "cmp", "up"], orientation="horizontal", width=0.6)
         self.refresh()
 
 
@@ -89,5 +89,6 @@ class EnergyPlot(PlotextPlot):
         if self.e_max_j:
             plt.hline(self.e_max_j, "red")
             plt.ylim(0, self.e_max_j * 1.1)
-        plt.xlabel("stage")
+        plt.xticks(xs)
+        plt.xlabel("after stage")
         self.refresh()

@@ -1,0 +1,65 @@
+"""Snapshot tests of the TUI's main screens at 80 x 24 (pytest-textual-snapshot).
+
+Update with `pytest tests/test_tui_snapshots.py --snapshot-update` only after looking at
+the pictures (the report: snapshot_report.html)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from testbed.topology import load_topology
+from test_tui import relay_events
+from tui.app import TestbedApp
+
+SIZE = (80, 24)
+
+
+def _app(topologies: Path) -> TestbedApp:
+    return TestbedApp(load_topology(topologies / "small.yaml"), source="topologies/small.yaml")
+
+
+def test_first_screen(snap_compare, topologies):
+    assert snap_compare(_app(topologies), terminal_size=SIZE)
+
+
+def test_after_select(snap_compare, topologies):
+    assert snap_compare(_app(topologies), press=["s", "down"], terminal_size=SIZE)
+
+
+def test_help(snap_compare, topologies):
+    assert snap_compare(_app(topologies), press=["question_mark"], terminal_size=SIZE)
+
+
+def test_run_with_recovery(snap_compare, topologies):
+    app = _app(topologies)
+
+    async def feed(pilot):
+        await pilot.press("s")
+        app.running = True
+        chain = app.cell.chain
+        for ev in relay_events(app.topo, chain, kill=chain[1], spare="dev03"):
+            app.feed_event(ev)
+        await pilot.press("2")
+        await pilot.pause()
+
+    assert snap_compare(app, run_before=feed, terminal_size=SIZE)
+
+
+def test_final_image(snap_compare, topologies):
+    app = _app(topologies)
+    yy, xx = np.mgrid[0:64, 0:64]
+    ref = np.stack([xx * 4, yy * 4, np.full_like(xx, 128)], axis=-1).astype(np.uint8)
+    gen = ref.copy()
+    gen[24:40, 24:40] = 255  # a visible difference
+
+    async def show(pilot):
+        result = {"run": "tdemo", "method": "multistage", "ms_ssim": 0.8731, "latency_s": 1.62, "energy_j": 63.2}
+        app.show_result(result)
+        app.query_one("#generated").set_image(gen)
+        app.query_one("#reference").set_image(ref)
+        await pilot.press("3")
+        await pilot.pause()
+
+    assert snap_compare(app, run_before=show, terminal_size=SIZE)
