@@ -34,7 +34,7 @@ __all__ = [
 DERIVED: dict[str, str] = {
     "selected_count": "number of selected devices",
     "stages_count": "number of stage records (split: one per denoising step)",
-    "steps_total": "denoising steps done in total (sum of stages[].steps)",
+    "steps_total": "denoising steps done in total (stages[].steps: a count or a [start, end) range)",
     "t_tran_s": "time on the air: sum of stages[].t_down_s + t_up_s",
     "t_cmp_s": "compute time: sum of stages[].t_cmp_s",
     "t_tran_share": "t_tran_s / (t_tran_s + t_cmp_s)",
@@ -83,13 +83,20 @@ def derived_metrics(result: Mapping[str, Any]) -> dict[str, float]:
     return {
         "selected_count": float(len(selected)),
         "stages_count": float(len(stages)),
-        "steps_total": float(sum(int(s.get("steps") or 0) for s in stages)),
+        "steps_total": float(sum(_steps(s.get("steps")) for s in stages)),
         "t_tran_s": t_tran,
         "t_cmp_s": t_cmp,
         "t_tran_share": t_tran / (t_tran + t_cmp) if (t_tran + t_cmp) > 0 else 0.0,
         "overrun_s": sum(_num(s.get("overrun_s")) or 0.0 for s in stages),
         "devices_used": float(len(devices)),
     }
+
+
+def _steps(v: Any) -> int:
+    """A stage's step count: an int, or a [start, end) range as the relay records it."""
+    if isinstance(v, (list, tuple)) and len(v) == 2:
+        return max(0, int(v[1]) - int(v[0]))
+    return int(v or 0)
 
 
 _MISSING = object()

@@ -103,3 +103,8 @@ def test_expect_block_parsed_from_yaml_is_checked():
     topo = parse_topology("devices: {count: 2}\nexpect:\n  latency_s: {max: 2.5}\n  recovered: {min: 1}\n")
     assert check_expectations(topo.expect, RESULT) == []
     assert check_expectations(topo.expect, {**RESULT, "recovered": False})[0].key == "recovered"
+
+
+def test_relay_step_ranges_count_as_steps():
+    doc = {"stages": [{"device": "a", "steps": [0, 5]}, {"device": "b", "steps": [5, 10]}]}
+    assert derived_metrics(doc)["steps_total"] == 10

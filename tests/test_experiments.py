@@ -1,0 +1,165 @@
+"""Sweep plumbing (pure): option parsing, CSV rows from result documents, figures, claims logic."""
+
+from __future__ import annotations
+
+import csv
+
+import pytest
+
+from testbed.errors import InfeasibleError, TopologyError
+from testbed.experiments import (
+    CSV_COLUMNS,
+    RunSpec,
+    SweepConfig,
+    parse_floats,
+    parse_runs,
+    read_rows,
+    result_row,
+    run_sweep,
+)
+from testbed.experiments_claims import claims_markdown, evaluate_claims
+from testbed.experiments_plots import FIGURES, aggregate, write_figures
+
+
+def test_parse_runs_and_labels():
+    specs = parse_runs("multistage:dp, multistage:random,split")
+    assert [s.key for s in specs] == ["multistage:dp", "multistage:random", "split"]
+    assert [s.label for s in specs] == ["multi-stage w/ DS", "multi-stage w/o DS", "split"]
+    for bad in ("multistage", "multistage:bogus", "relay:dp", "split:dp", "split,split", ""):
+        with pytest.raises(TopologyError):
+            parse_runs(bad)
+
+
+def test_parse_floats_sorted_unique_positive():
+    assert parse_floats("4,1,2,2", "--tmax") == [1.0, 2.0, 4.0]
+    for bad in ("1,x", "0", "-1", "nan", ""):
+        with pytest.raises(TopologyError) as e:
+            parse_floats(bad, "--tmax")
+        assert "--tmax" in str(e.value)
+
+
+DOC = {
+    "run": "r1", "method": "multistage", "strategy": "dp", "selected": ["dev02", "dev07"],
+    "stages": [
+        {"device": "dev02", "steps": [0, 5], "t_down_s": 0.05, "t_cmp_s": 0.5, "t_up_s": 0.04, "overrun_s": 0.0},
+        {"device": "dev07", "steps": [5, 10], "t_down_s": 0.06, "t_cmp_s": 0.45, "t_up_s": 0.05, "overrun_s": 0.1},
+    ],
+    "latency_s": 1.2, "energy_j": 41.0, "predicted_latency_s": 1.15, "ms_ssim": 0.81, "image": None,
+}
+
+
+def test_result_row_takes_measured_times_from_stages():
+    row = result_row(DOC, RunSpec("multistage", "dp"), 2.0, 200.0, 3, "images/x.png")
+    assert set(row) == set(CSV_COLUMNS)
+    assert row["selected_count"] == 2 and row["total_steps"] == 10
+    assert row["t_tran_s"] == pytest.approx(0.20) and row["t_cmp_s"] == pytest.approx(0.95)
+    assert row["overrun_s"] == pytest.approx(0.1) and row["ms_ssim"] == 0.81 and row["feasible"] == 1
+
+
+def _rows(points, q):
+    """Rows for methods x points; q(key, t, e, seed) -> (ms_ssim or None, t_tran, t_cmp)."""
+    rows = []
+    for key, (method, strategy) in {"multistage:dp": ("multistage", "dp"),
+                                     "multistage:random": ("multistage", "random"),
+                                     "split": ("split", "best-pair")}.items():
+        for t, e in points:
+            for seed in (1, 2):
+                quality, tt, tc = q(key, t, e, seed)
+                rows.append({"method": method, "strategy": strategy, "t_max_s": t, "e_max_j": e, "seed": seed,
+                             "ms_ssim": quality, "feasible": 0 if quality is None else 1, "t_tran_s": tt,
+                             "t_cmp_s": tc, "total_steps": 5, "image": None})
+    return rows
+
+
+POINTS = [(t, e) for t in (1.0, 2.0, 4.0) for e in (100.0, 200.0)]
+
+
+def _paper_like(key, t, e, seed):
+    if key == "split":
+        return 0.1 * t / 4, 0.8 * t, 0.2 * t
+    base = 0.5 + 0.1 * t if key == "multistage:dp" else 0.45 + 0.08 * t
+    return min(base, 0.99), 0.3 / t, 0.7
+
+
+def test_claims_hold_on_paper_like_rows_and_fail_when_reversed():
+    res = evaluate_claims(_rows(POINTS, _paper_like))
+    assert [c.holds for c in res] == [True, True, True]
+    assert "6 of 6 points" in res[0].measured
+
+    def reversed_(key, t, e, seed):
+        q, tt, tc = _paper_like(key, t, e, seed)
+        if key == "split":
+            return 0.99, 0.1, 0.9  # split better and compute-bound
+        if key == "multistage:dp":
+            return q - 0.2, tt, tc
+        return q, tt, tc
+
+    res = evaluate_claims(_rows(POINTS, reversed_))
+    assert [c.holds for c in res] == [False, False, False]
+    assert "| 1 |" in claims_markdown(res) and "**no**" in claims_markdown(res)
+
+
+def test_infeasible_runs_count_as_zero_quality():
+    def q(key, t, e, seed):
+        if key == "split" and t == 1.0:
+            return None, 0, 0
+        return _paper_like(key, t, e, seed)
+
+    agg = aggregate(_rows(POINTS, q), "t_max_s", "e_max_j", 200.0)
+    first = agg["split"][0]
+    assert first["x"] == 1.0 and first["mean"] == 0.0 and first["infeasible"] == 2
+
+
+def test_claims_without_the_needed_runs_are_not_judged():
+    rows = [r for r in _rows(POINTS, _paper_like) if r["method"] == "split"]
+    assert [c.holds for c in evaluate_claims(rows)] == [None, None, None]
+
+
+async def test_sweep_writes_csv_rows_and_figures(tmp_path):
+    """run_sweep with a stand-in runner factory: checks the loop, CSV/JSONL writing and figures
+    (the real runners are exercised by the root tests)."""
+    import numpy as np
+
+    class Res:
+        def __init__(self, t, e, seed, key):
+            self.doc = {**DOC, "ms_ssim": min(1.0, 0.2 * t), "run": f"{key}-{seed}"}
+            self.image_array = np.full((8, 8), int(30 * t), dtype=np.uint8)
+
+        def to_json(self):
+            return self.doc
+
+    class FakeRunner:
+        opened = 0
+
+        def __init__(self, topo, spec, run_id):
+            self.topo, self.spec = topo, spec
+
+        async def __aenter__(self):
+            FakeRunner.opened += 1
+            return self
+
+        async def __aexit__(self, *exc):
+            return None
+
+        async def run(self, *, t_max_s, e_max_j):
+            if t_max_s < 1:
+                raise InfeasibleError("T_max too small")
+            return Res(t_max_s, e_max_j, self.topo.seed, self.spec.key)
+
+    topo_file = tmp_path / "t.yaml"
+    topo_file.write_text("devices: {count: 3}\n")
+    cfg = SweepConfig(file=topo_file, t_max_s=[0.5, 2.0], e_max_j=[200.0], seeds=[1, 2],
+                      runs=parse_runs("multistage:dp,split"), out_dir=tmp_path / "out")
+    outcome = await run_sweep(cfg, factory=FakeRunner)
+    assert FakeRunner.opened == 4  # one emulation per (seed, method), reused across points
+    rows = read_rows(outcome.csv_path)
+    assert len(rows) == cfg.total == 8
+    assert [r["feasible"] for r in rows[:2]] == [0, 1] and rows[0]["ms_ssim"] is None
+    assert rows[1]["ms_ssim"] == pytest.approx(0.4) and rows[1]["image"].endswith("_t2_e200_s1.png")
+    assert len(outcome.jsonl_path.read_text().splitlines()) == 8
+    with open(outcome.csv_path) as f:
+        assert next(csv.reader(f)) == CSV_COLUMNS
+    paths = write_figures(outcome.csv_path)
+    assert [p.name for p in paths] == list(FIGURES)
+    for p in paths:
+        assert p.stat().st_size > 5000 and p.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
