@@ -88,6 +88,13 @@ async def detect_netem(netns: str) -> bool:
         return True
 
 
+def _key(op: object) -> tuple:
+    """Identity of a shaping op across rate changes (interface + handle)."""
+    if isinstance(op, HtbClass):
+        return ("class", op.ifname, op.classid)
+    return (type(op).__name__, getattr(op, "ifname", None), getattr(op, "handle", None), id(op) if not hasattr(op, "handle") else 0)
+
+
 class Emulation:
     def __init__(
         self,
@@ -102,11 +109,16 @@ class Emulation:
         state_dir: Path | None = None,
         cgroup_impl: Cgroups | None = None,
     ):
-        if backend != "netns":
-            raise ResourceError(f"backend {backend!r} is not available here; use --backend netns")
+        if backend not in ("netns", "docker"):
+            raise ResourceError(f"backend {backend!r} is not available here; use --backend netns or docker")
         self.topology = topology
         self.run_id = check_run_id(run_id)
-        self.backend = NetnsBackend(run_id, gso_off=gso_off)
+        if backend == "docker":  # containers; docker applies the CPU/memory limits itself
+            from testbed.emulation.docker_backend import DockerBackend
+
+            self.backend = DockerBackend(run_id, state_dir=state_dir)
+        else:
+            self.backend = NetnsBackend(run_id, gso_off=gso_off)
         self.shaping_enabled = shaping
         self.cgroups_enabled = cgroups
         self.mobility_enabled = mobility
@@ -152,6 +164,10 @@ class Emulation:
             NodeSpec(link.id, "device", device_address(i), i) for i, link in enumerate(self.links)
         ]
         t0 = time.perf_counter()
+        if hasattr(self.backend, "set_limits") and self.cgroups_enabled:
+            self.backend.set_limits({SERVER_ID: dict(cpu_cores=server_prof.cpu_cores, memory_mb=server_prof.memory_mb)} | {
+                link.id: dict(cpu_cores=profiles[link.profile].cpu_cores, memory_mb=profiles[link.profile].memory_mb,
+                              gpu_share_pct=profiles[link.profile].gpu_share_pct) for link in self.links})
         await self.backend.create(self._specs)
         self.timings_s["links_s"] = time.perf_counter() - t0
         self.nodes[SERVER_ID] = NodeState(
@@ -177,7 +193,7 @@ class Emulation:
             async with open_iproute(ns) as ipr:
                 await apply_plan(ipr, self.plan.ops)
             self.timings_s["shaping_s"] = time.perf_counter() - t0
-        if self.cgroups_enabled:
+        if self.cgroups_enabled and not hasattr(self.backend, "set_limits"):
             t0 = time.perf_counter()
             self.cg = self._cg_impl or detect_cgroups()
             for n in self.nodes.values():
@@ -254,14 +270,13 @@ class Emulation:
                 self.nodes[dev].rate_up_mbps, self.nodes[dev].rate_down_mbps = up, down
             ns, down_if, up_if = self.backend.shaping_target()
             new = plan_rates(down_if, up_if, self._link_rates(), self.plan.classes, *self._capacities())
-            old = {(c.ifname, c.classid): c for c in self.plan.ops if isinstance(c, HtbClass)}
-            changed = [c for c in new if old.get((c.ifname, c.classid)) != c]
+            old = set(self.plan.ops)
+            changed = [c for c in new if c not in old]
             async with open_iproute(ns) as ipr:
                 await change_rates(ipr, changed)
+            keyed = {_key(c): c for c in new}
             self.plan = ShapingPlan(self.plan.down_ifname, self.plan.up_ifname,
-                                    tuple(c if not isinstance(c, HtbClass) else next(
-                                        (n for n in new if (n.ifname, n.classid) == (c.ifname, c.classid)), c)
-                                        for c in self.plan.ops), self.plan.classes)
+                                    tuple(keyed.get(_key(op), op) for op in self.plan.ops), self.plan.classes)
 
     async def set_link(self, device_id: str, up_mbps: float, down_mbps: float) -> None:
         await self.set_links({device_id: (up_mbps, down_mbps)})
@@ -345,7 +360,10 @@ class Emulation:
         """Start argv inside the node's namespace and cgroup; returns its pid."""
         node = self._device(node_id)
         procs = self.cg.procs_files(self.run_id, node.id) if self.cg is not None else []
-        proc = await asyncio.to_thread(spawn_in, node.netns, list(argv), env, log_path, procs)
+        if hasattr(self.backend, "spawn"):  # docker: `docker exec` inside the node's container
+            proc = await self.backend.spawn(node.id, list(argv), env, log_path)
+        else:
+            proc = await asyncio.to_thread(spawn_in, node.netns, list(argv), env, log_path, procs)
         self._pids.setdefault(node_id, []).append(proc.pid)
         return proc.pid
 
@@ -368,6 +386,7 @@ class Emulation:
         self.broker = await start_broker(
             self.backend.netns(SERVER_ID), SERVER_ADDRESS, state / "broker", password_file=password_file,
             acl_file=acl_file, max_message_bytes=max_message_bytes, prefer=prefer, cgroup_procs=procs,
+            spawn=(lambda argv, log: self.backend.spawn(SERVER_ID, argv, None, log)) if hasattr(self.backend, "spawn") else None,
         )
         return self.broker
 

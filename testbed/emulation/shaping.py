@@ -20,6 +20,7 @@ capped), else the sum of the device rates (never the bottleneck). Unclassified t
 from __future__ import annotations
 
 import ipaddress
+import math
 import struct
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
@@ -64,6 +65,18 @@ _ETH_P_ALL = 0x0003
 _OFF_SRC = 12
 _OFF_DST = 16
 _MTU_BYTES = 1600
+QUEUE_S = 0.1  # each device's queue holds 100 ms at its rate (a cell buffers, but not seconds)
+MIN_QUEUE_PACKETS = 16
+
+
+def queue_packets(rate_bps: int) -> int:
+    """Leaf queue depth: QUEUE_S of traffic at the class rate in 1514-byte frames."""
+    return max(MIN_QUEUE_PACKETS, math.ceil(rate_bps / 8 * QUEUE_S / 1514))
+
+
+def leaf_handle(classid: int) -> int:
+    """The leaf pfifo under device class 1:<minor> gets handle <minor>:0."""
+    return (classid & 0xFFFF) << 16
 
 
 def handle_str(h: int) -> str:
@@ -79,13 +92,15 @@ def mbps_to_bps(mbps: float) -> int:
 @dataclass(frozen=True)
 class Qdisc:
     ifname: str
-    kind: Literal["htb", "ingress"]
+    kind: Literal["htb", "ingress", "pfifo"]
     handle: int
     parent: int
     default_minor: int = 0
+    limit_packets: int = 0  # pfifo only
 
     def describe(self) -> str:
-        return f"qdisc {self.kind} {handle_str(self.handle)} on {self.ifname}"
+        extra = f" limit {self.limit_packets}p" if self.kind == "pfifo" else ""
+        return f"qdisc {self.kind} {handle_str(self.handle)} parent {handle_str(self.parent)} on {self.ifname}{extra}"
 
 
 @dataclass(frozen=True)
@@ -150,16 +165,19 @@ def plan_rates(
     classes: dict[str, int],
     capacity_up_mbps: float | None,
     capacity_down_mbps: float | None,
-) -> list[HtbClass]:
-    """The HTB classes (cell parent + one per device) for both directions."""
-    ops: list[HtbClass] = []
+) -> list[HtbClass | Qdisc]:
+    """The HTB classes (cell parent + one per device, each with its leaf pfifo) for both
+    directions."""
+    ops: list[HtbClass | Qdisc] = []
     for ifname, attr, cap in ((down_ifname, "down_mbps", capacity_down_mbps), (up_ifname, "up_mbps", capacity_up_mbps)):
         rates = {link.device_id: mbps_to_bps(getattr(link, attr)) for link in links}
         parent = _parent_rate_bps(rates.values(), cap)
         ops.append(HtbClass(ifname, CELL_CLASS, HTB_HANDLE, parent, parent))
         for link in links:
             r = rates[link.device_id]
-            ops.append(HtbClass(ifname, classes[link.device_id], CELL_CLASS, r, r))
+            cid = classes[link.device_id]
+            ops.append(HtbClass(ifname, cid, CELL_CLASS, r, r))
+            ops.append(Qdisc(ifname, "pfifo", leaf_handle(cid), cid, limit_packets=queue_packets(r)))
     return ops
 
 
@@ -230,7 +248,10 @@ async def _index(ipr: AsyncIPRoute, ifname: str, cache: dict[str, int]) -> int:
 async def _apply_op(ipr: AsyncIPRoute, op: Op, idx: dict[str, int], class_cmd: str = "add-class") -> None:
     index = await _index(ipr, op.ifname, idx)
     if isinstance(op, Qdisc):
-        if op.kind == "htb":
+        if op.kind == "pfifo":
+            cmd = "add" if class_cmd == "add-class" else "replace"
+            await ipr.tc(cmd, "pfifo", index, op.handle, parent=op.parent, limit=op.limit_packets)
+        elif op.kind == "htb":
             await ipr.tc("add", "htb", index, op.handle, parent=op.parent, default=op.default_minor)
         else:
             await ipr.tc("add", "ingress", index, op.handle)
@@ -257,8 +278,9 @@ async def apply_plan(ipr: AsyncIPRoute, ops: Iterable[Op]) -> None:
             raise ShapingError(f"{op.describe()}: {e.args[-1] if e.args else e} (errno {e.code})") from None
 
 
-async def change_rates(ipr: AsyncIPRoute, classes: Iterable[HtbClass]) -> None:
-    """Change existing HTB classes in place (`tc class change`): TCP connections survive."""
+async def change_rates(ipr: AsyncIPRoute, classes: Iterable[HtbClass | Qdisc]) -> None:
+    """Change existing HTB classes in place (`tc class change`) and replace their leaf
+    queues: TCP connections survive."""
     idx: dict[str, int] = {}
     for op in classes:
         try:
@@ -296,6 +318,8 @@ async def read_back(ipr: AsyncIPRoute, ifnames: Sequence[str]) -> list[Op]:
                 ops.append(Qdisc(name, "htb", q["handle"], q["parent"], defcls))
             elif kind == "ingress":
                 ops.append(Qdisc(name, "ingress", q["handle"], q["parent"]))
+            elif kind == "pfifo":
+                ops.append(Qdisc(name, "pfifo", q["handle"], q["parent"], limit_packets=q.get("TCA_OPTIONS")["limit"]))
         async for c in await ipr.get_classes(index):
             if c.get("TCA_KIND") != "htb":
                 continue

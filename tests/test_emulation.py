@@ -1,0 +1,165 @@
+"""Root tests of the netns emulation: bring small.yaml up, read the shaping back, measure
+shaped transfers, change a rate live, spawn in a node, start the broker, tear down to zero
+leftovers. Every test uses its own run id and removes what it made, also on failure."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from testbed.emulation import SERVER_ADDRESS, Emulation
+from testbed.emulation.cgroups import detect_cgroups
+from testbed.emulation.runs import cleanup_run
+from testbed.emulation.shaping import HtbClass
+from testbed.topology import load_topology
+
+pytestmark = pytest.mark.root
+
+
+def _leftovers(run: str) -> list[str]:
+    found = []
+    ns = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout
+    found += [line.split()[0] for line in ns.splitlines() if line.startswith(f"tb-{run}-")]
+    found += [n for n in os.listdir("/sys/class/net") if n.startswith(f"tb{run}")]
+    for h in ("cpu", "memory"):
+        if Path(f"/sys/fs/cgroup/{h}/testbed/{run}").exists():
+            found.append(f"cgroup {h}/testbed/{run}")
+    return found
+
+
+@pytest.fixture
+def run_id(unique_run_id: str):
+    yield unique_run_id
+    cleanup_run(unique_run_id)  # whatever a failing test left
+    assert _leftovers(unique_run_id) == []
+
+
+def _iperf_mbps(server_ns: str, client_ns: str, port: int, seconds: float, reverse: bool) -> tuple[float, int]:
+    """Goodput (receiver side) and exit code of an iperf3 run from client_ns to the server."""
+    srv = subprocess.Popen(["nsenter", f"--net={server_ns}", "iperf3", "-s", "-1", "-B", SERVER_ADDRESS, "-p", str(port)],
+                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        for _ in range(50):
+            r = subprocess.run(["nsenter", f"--net={server_ns}", "ss", "-ltnH", f"sport = :{port}"],
+                               capture_output=True, text=True)
+            if r.stdout.strip():
+                break
+            time.sleep(0.05)
+        cmd = ["nsenter", f"--net={client_ns}", "iperf3", "-c", SERVER_ADDRESS, "-p", str(port), "-t", str(seconds),
+               "-J", "-O", "0.5"] + (["-R"] if reverse else [])
+        r = subprocess.run(cmd, capture_output=True, text=True, timeout=seconds + 20)
+        doc = json.loads(r.stdout)
+        return doc["end"]["sum_received"]["bits_per_second"] / 1e6, r.returncode
+    finally:
+        srv.kill()
+        srv.wait()
+
+
+async def test_small_topology_up_read_back_and_teardown(topologies: Path, run_id: str) -> None:
+    topo = load_topology(topologies / "small.yaml")
+    async with Emulation(topo, run_id) as emu:
+        assert sorted(emu.device_ids()) == ["dev01", "dev02", "dev03", "dev04"]
+        assert await emu.verify_shaping() == []  # the kernel holds exactly the plan
+        # the plan carries the radio model's rates
+        dev04 = emu.nodes["dev04"]
+        assert dev04.rate_up_mbps == pytest.approx(177.9, abs=0.1)
+        ns = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout
+        for node in ("server", "dev01", "dev02", "dev03", "dev04"):
+            assert f"tb-{run_id}-{node}" in ns
+        cg = detect_cgroups()
+        lim = cg.read_limits(run_id, "dev04")
+        assert lim.cpu_cores == 0.5  # jetson-agx-xavier profile
+        assert lim.memory_mb == 1536
+        st = emu.status()
+        assert st["netem"] is False and st["backend"] == "netns"
+        assert {n["id"]: n["address"] for n in st["nodes"]}["dev01"] == "198.18.0.10"
+        # a rate change is visible in the kernel, and only there where asked
+        await emu.set_link("dev02", 3.0, 7.0)
+        assert await emu.verify_shaping() == []
+        classes = [op for op in await emu.read_back()
+                   if isinstance(op, HtbClass) and op.classid == emu.plan.classes["dev02"]]
+        assert sorted(c.rate_bps for c in classes) == [3_000_000, 7_000_000]
+    assert _leftovers(run_id) == []
+
+
+async def test_shaped_transfer_matches_configured_rate_and_changes_live(topologies: Path, run_id: str) -> None:
+    topo = load_topology(topologies / "small.yaml")
+    async with Emulation(topo, run_id) as emu:
+        await emu.set_link("dev01", 10.0, 20.0)
+        server, dev = emu.nodes["server"].netns, emu.nodes["dev01"].netns
+        up, rc = await asyncio.to_thread(_iperf_mbps, server, dev, 5301, 2, False)
+        down, rc2 = await asyncio.to_thread(_iperf_mbps, server, dev, 5302, 2, True)
+        assert rc == rc2 == 0
+        assert 0.90 <= up / 10.0 <= 1.02, up
+        assert 0.90 <= down / 20.0 <= 1.02, down
+        # live change during one TCP connection: it survives and the rate follows (downlink, so
+        # that the client's intervals are the receiver's measurements)
+        srv = subprocess.Popen(["nsenter", f"--net={server}", "iperf3", "-s", "-1", "-B", SERVER_ADDRESS, "-p", "5303"],
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        try:
+            await asyncio.sleep(0.3)
+            cli = await asyncio.create_subprocess_exec(
+                "nsenter", f"--net={dev}", "iperf3", "-c", SERVER_ADDRESS, "-p", "5303", "-t", "4", "-O", "1", "-J", "-R",
+                stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
+            await asyncio.sleep(3.0)  # 1 s omitted (slow start), then 2 s at 20 Mbit/s
+            await emu.set_link("dev01", 10.0, 8.0)
+            stdout, _ = await asyncio.wait_for(cli.communicate(), 30)
+        finally:
+            srv.kill()
+            srv.wait()
+        assert cli.returncode == 0  # the connection survived the change
+        intervals = [i["sum"]["bits_per_second"] / 1e6 for i in json.loads(stdout)["intervals"]]
+        assert intervals[0] == pytest.approx(19.1, rel=0.1)
+        assert intervals[-1] == pytest.approx(7.65, rel=0.1)
+
+
+async def test_spawn_runs_inside_namespace_and_cgroup_and_kill_stops_it(topologies: Path, run_id: str, tmp_path: Path) -> None:
+    topo = load_topology(topologies / "small.yaml")
+    async with Emulation(topo, run_id) as emu:
+        log = tmp_path / "child.log"
+        code = ("import os,socket,time;print(os.stat('/proc/self/ns/net').st_ino);"
+                "print(open('/proc/self/cgroup').read());print(os.environ['TB_NODE'],flush=True);time.sleep(60)")
+        pid = await emu.spawn("dev03", [sys.executable, "-c", code], {"TB_NODE": "dev03"}, log)
+        for _ in range(100):
+            if log.exists() and "dev03\n" in log.read_text():
+                break
+            await asyncio.sleep(0.05)
+        text = log.read_text().splitlines()
+        assert int(text[0]) == os.stat(emu.nodes["dev03"].netns).st_ino
+        assert f"cpu:/testbed/{run_id}/dev03" in "\n".join(text)
+        assert pid in detect_cgroups().pids(run_id, "dev03")
+        await emu.kill("dev03")
+        assert not Path(f"/proc/{pid}").exists() or "Z" in Path(f"/proc/{pid}/stat").read_text().split()[2]
+
+
+async def test_broker_reachable_from_a_device_and_the_host(topologies: Path, run_id: str) -> None:
+    topo = load_topology(topologies / "small.yaml")
+    async with Emulation(topo, run_id) as emu:
+        b = await emu.start_broker()
+        assert b.kind == "mosquitto" and b.host == SERVER_ADDRESS
+        r = subprocess.run(["nsenter", f"--net={emu.nodes['dev02'].netns}", "mosquitto_pub", "-h", SERVER_ADDRESS,
+                            "-t", f"tb/{run_id}/probe", "-m", "x"], capture_output=True, timeout=10)
+        assert r.returncode == 0, r.stderr
+        if emu.backend.host_route:  # another concurrent run may own the host route
+            r = subprocess.run(["mosquitto_pub", "-h", SERVER_ADDRESS, "-t", f"tb/{run_id}/probe", "-m", "x"],
+                               capture_output=True, timeout=10)
+            assert r.returncode == 0, r.stderr
+        # it listens on the server address only
+        ss = subprocess.run(["nsenter", f"--net={emu.nodes['server'].netns}", "ss", "-ltnH"], capture_output=True, text=True)
+        assert f"{SERVER_ADDRESS}:1883" in ss.stdout and "0.0.0.0:1883" not in ss.stdout
+
+
+async def test_failure_inside_the_context_still_removes_everything(topologies: Path, run_id: str) -> None:
+    topo = load_topology(topologies / "small.yaml")
+    with pytest.raises(RuntimeError, match="boom"):
+        async with Emulation(topo, run_id) as emu:
+            await emu.spawn("dev01", ["sleep", "60"])
+            raise RuntimeError("boom")
+    assert _leftovers(run_id) == []

@@ -1,0 +1,78 @@
+"""Pure parts of the emulation layer: mobility, broker configuration, ACL translation,
+run ids and addresses (no root)."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import pytest
+
+from testbed.emulation.backend import check_run_id, device_address
+from testbed.emulation.broker import _amqtt_conf, _mosquitto_conf, parse_mosquitto_acl
+from testbed.emulation.mobility import RandomWaypoint
+from testbed.errors import ResourceError
+from testbed.topology import Area, MobilityConfig
+
+
+def test_random_waypoint_moves_at_speed_and_stays_inside() -> None:
+    cfg = MobilityConfig(speed_mps=10.0, pause_s=0.0, interval_s=0.5)
+    area = Area(width_m=500, height_m=500)
+    rw = RandomWaypoint(cfg, area, seed=3, start={"a": (250.0, 250.0), "b": (0.0, 0.0)})
+    prev = rw.positions()
+    for _ in range(200):
+        pos = rw.step(0.5)
+        for dev, (x, y) in pos.items():
+            assert 0 <= x <= 500 and 0 <= y <= 500
+            moved = math.dist(prev[dev], (x, y))
+            assert moved <= 10.0 * 0.5 + 1e-9  # never faster than the speed (turns shorten it)
+        prev = pos
+    assert prev["a"] != (250.0, 250.0)
+
+
+def test_random_waypoint_is_seeded_and_pauses() -> None:
+    cfg = MobilityConfig(speed_mps=1000.0, pause_s=10.0)
+    area = Area()
+    a = RandomWaypoint(cfg, area, 5, {"d": (1.0, 1.0)})
+    b = RandomWaypoint(cfg, area, 5, {"d": (1.0, 1.0)})
+    assert a.step(1.0) == b.step(1.0)
+    # at 1000 m/s it reaches the waypoint within 1 s, then holds still for the pause
+    p1 = a.step(1.0)
+    assert a.step(5.0) == p1
+
+
+def test_mosquitto_conf_listens_on_server_only_with_credentials(tmp_path: Path) -> None:
+    conf = _mosquitto_conf("198.18.0.1", 1883, tmp_path, tmp_path / "pw", tmp_path / "acl", 1 << 20)
+    lines = conf.splitlines()
+    assert "listener 1883 198.18.0.1" in lines
+    assert "allow_anonymous false" in lines and f"password_file {tmp_path / 'pw'}" in lines
+    assert f"acl_file {tmp_path / 'acl'}" in lines and "message_size_limit 1048576" in lines
+    assert "allow_anonymous true" in _mosquitto_conf("198.18.0.1", 1883, tmp_path, None, None, None)
+
+
+def test_mosquitto_acl_becomes_amqtt_topic_acl(tmp_path: Path) -> None:
+    acl = tmp_path / "acl"
+    acl.write_text("# per-device\nuser dev01\ntopic read tb/r1/dev/dev01/task\ntopic write tb/r1/dev/dev01/result\n"
+                   "user server\ntopic readwrite tb/r1/#\n")
+    conf = _amqtt_conf("198.18.0.1", 1883, None, acl, None)
+    plug = conf["plugins"]["amqtt.plugins.topic_checking.TopicAccessControlListPlugin"]
+    assert plug["subscribe-acl"] == {"dev01": ["tb/r1/dev/dev01/task"], "server": ["tb/r1/#"]}
+    assert plug["publish-acl"] == {"dev01": ["tb/r1/dev/dev01/result"], "server": ["tb/r1/#"]}
+    assert conf["listeners"]["default"]["bind"] == "198.18.0.1:1883"
+
+
+def test_unsupported_acl_lines_are_refused() -> None:
+    with pytest.raises(ResourceError, match="line 1"):
+        parse_mosquitto_acl("pattern read tb/%u/#\n")
+
+
+def test_run_ids_and_addresses() -> None:
+    assert check_run_id("t3f9a2") == "t3f9a2"
+    for bad in ("", "UPPER", "has-dash", "toolong12"):
+        with pytest.raises(ResourceError, match="run id"):
+            check_run_id(bad)
+    assert device_address(0) == "198.18.0.10"
+    assert device_address(246) == "198.18.1.0"
+    with pytest.raises(ResourceError, match="no address left"):
+        device_address(70000)
+    assert len(f"tb{'a' * 7}d{4999}") <= 15  # longest interface name the backend makes
