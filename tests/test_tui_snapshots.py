@@ -20,22 +20,28 @@ def _app(topologies: Path) -> TestbedApp:
     return TestbedApp(load_topology(topologies / "small.yaml"), source="topologies/small.yaml")
 
 
+async def _costs(pilot) -> None:
+    await pilot.app.costs_ready.wait()
+    await pilot.pause()
+
+
 def test_first_screen(snap_compare, topologies):
-    assert snap_compare(_app(topologies), terminal_size=SIZE)
+    assert snap_compare(_app(topologies), run_before=_costs, terminal_size=SIZE)
 
 
 def test_after_select(snap_compare, topologies):
-    assert snap_compare(_app(topologies), press=["s", "down"], terminal_size=SIZE)
+    assert snap_compare(_app(topologies), run_before=_costs, press=["s", "down"], terminal_size=SIZE)
 
 
 def test_help(snap_compare, topologies):
-    assert snap_compare(_app(topologies), press=["question_mark"], terminal_size=SIZE)
+    assert snap_compare(_app(topologies), run_before=_costs, press=["question_mark"], terminal_size=SIZE)
 
 
 def test_run_with_recovery(snap_compare, topologies):
     app = _app(topologies)
 
     async def feed(pilot):
+        await _costs(pilot)
         await pilot.press("s")
         app.running = True
         chain = app.cell.chain
@@ -55,6 +61,7 @@ def test_final_image(snap_compare, topologies):
     gen[24:40, 24:40] = 255  # a visible difference
 
     async def show(pilot):
+        await _costs(pilot)
         result = {"run": "tdemo", "method": "multistage", "ms_ssim": 0.8731, "latency_s": 1.62, "energy_j": 63.2}
         app.show_result(result)
         app.query_one("#generated").set_image(gen)

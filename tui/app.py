@@ -20,7 +20,6 @@ from textual.containers import Horizontal, Vertical
 from textual.widgets import DataTable, Footer, Input, Label, Select, Static, TabbedContent, TabPane
 
 from testbed.errors import TestbedError
-from testbed.selection import STRATEGIES
 from testbed.topology import Topology
 from tui.attach import DEFAULT_STATE_ROOT, follow_events, read_observer
 from tui.cellmap import CellMap
@@ -67,6 +66,7 @@ class TestbedApp(App[None]):
         self.result: dict[str, Any] | None = None
         self.running = False
         self._loop: asyncio.AbstractEventLoop | None = None
+        self.costs_ready = asyncio.Event()  # set once predicted T_j / E_j are in the table
 
     # ---- layout ------------------------------------------------------------------------
     def compose(self) -> ComposeResult:
@@ -76,7 +76,8 @@ class TestbedApp(App[None]):
             yield Input(f"{b.t_max_s:g}", id="tmax", compact=True, restrict=r"[0-9.]*", max_length=8)
             yield Label("E_max J")
             yield Input(f"{b.e_max_j:g}", id="emax", compact=True, restrict=r"[0-9.]*", max_length=8)
-            yield Select([(s, s) for s in STRATEGIES], value="dp", id="strategy", compact=True, allow_blank=False)
+            # the full list arrives with testbed.selection (scipy), imported after the first screen
+            yield Select([("dp", "dp")], value="dp", id="strategy", compact=True, allow_blank=False)
             yield Select([(m, m) for m in METHODS], value="multistage", id="method", compact=True, allow_blank=False)
             yield Label("seed")
             yield Input(str(self.topo.seed), id="seed", compact=True, restrict=r"[0-9]*", max_length=10)
@@ -105,15 +106,28 @@ class TestbedApp(App[None]):
         name = f"{self.topo.name} ({self.source})" if self.source else self.topo.name
         self.sub_title = f"{name}, {len(self.cell.devices)} devices" + (f", attached to {self.attach}" if self.attach else "")
         self.query_one("#map", CellMap).border_title = f"cell {self.topo.area.width_m:g} x {self.topo.area.height_m:g} m"
+        self._refresh_cell()
+        self._show_summary()
+        self.query_one("#devices", DevicesTable).focus()
+        self._load_costs()
+        if self.attach:
+            self._follow(self.attach)
+
+    @work(exclusive=True, group="costs")
+    async def _load_costs(self) -> None:
+        """Import the selection library off the event loop (scipy takes ~1 s), then fill in
+        the predicted costs and the strategy list: the first screen does not wait for it."""
+        mod = await asyncio.to_thread(importlib.import_module, "testbed.selection")
+        strategy = self.query_one("#strategy", Select)
+        current = strategy.value
+        strategy.set_options([(s, s) for s in mod.STRATEGIES])
+        strategy.value = current if current in mod.STRATEGIES else mod.STRATEGIES[0]
         try:
             self.cell.compute_costs()
         except TestbedError as e:
             self.notify(str(e), severity="error", timeout=10)
         self._refresh_cell()
-        self._show_summary()
-        self.query_one("#devices", DevicesTable).focus()
-        if self.attach:
-            self._follow(self.attach)
+        self.costs_ready.set()
 
     # ---- reading the controls ----------------------------------------------------------
     def params(self) -> dict[str, Any]:
