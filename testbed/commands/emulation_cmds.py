@@ -12,7 +12,7 @@ import typer
 from rich.table import Table
 
 from testbed.console import err, out, print_json
-from testbed.errors import ResourceError, RunFailedError, TestbedError
+from testbed.errors import ResourceError, RunFailedError, TestbedError, TopologyError
 from testbed.topology import load_topology
 
 
@@ -23,7 +23,7 @@ def _require_root() -> None:
 
 def up(
     file: Path = typer.Argument(..., help="topology YAML file"),
-    backend: str = typer.Option("netns", "--backend", help="how nodes are isolated: netns"),
+    backend: str = typer.Option("netns", "--backend", help="how nodes are isolated: netns or docker"),
     run: str | None = typer.Option(None, "--run", help="run id (1-7 lowercase letters/digits); made up when omitted"),
     seed: int | None = typer.Option(None, "--seed", help="override the file's seed"),
     broker: bool = typer.Option(True, "--broker/--no-broker", help="start the MQTT broker on the edge server"),
@@ -34,11 +34,14 @@ def up(
     from testbed.emulation.backend import check_run_id
     from testbed.emulation.runs import cleanup_run, make_run_dir, new_run_id, read_state, run_dir
 
-    if backend != "netns":
-        raise ResourceError(f"backend {backend!r} is not available; use --backend netns")
+    if backend not in ("netns", "docker"):
+        raise ResourceError(f"backend {backend!r} is not available; use --backend netns or docker")
     load_topology(file, seed=seed)  # bad input fails here, before anything is made
+    try:
+        run_id = check_run_id(run) if run else new_run_id()
+    except ResourceError as e:
+        raise TopologyError(f"--run: {e}") from None
     _require_root()
-    run_id = check_run_id(run) if run else new_run_id()
     d = make_run_dir(run_id)
     argv = [sys.executable, "-m", "testbed.emulation.supervisor", run_id, str(file.resolve()), "--backend", backend]
     if seed is not None:
