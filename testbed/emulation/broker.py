@@ -121,6 +121,7 @@ async def start_broker(
     prefer: str = "mosquitto",
     cgroup_procs: tuple[Path, ...] = (),
     ready_timeout_s: float = 15.0,
+    spawn=None,
 ) -> BrokerHandle:
     """Start the broker in `netns`, listening on host:port; return once it accepts TCP."""
     state_dir.mkdir(parents=True, exist_ok=True)
@@ -138,7 +139,10 @@ async def start_broker(
         argv = [sys.executable, "-m", "amqtt.scripts.broker_script", "-c", str(conf_path)]
         log_path = state_dir / "amqtt.log"
     stdout_log = state_dir / f"{kind}.stdout.log"
-    proc = await asyncio.to_thread(spawn_in, netns, argv, None, stdout_log, cgroup_procs)
+    if spawn is None:
+        proc = await asyncio.to_thread(spawn_in, netns, argv, None, stdout_log, cgroup_procs)
+    else:  # a backend that starts processes its own way (docker exec): async (argv, log_path) -> Popen-like
+        proc = await spawn(argv, stdout_log)
     handle = BrokerHandle(kind, proc.pid, host, port, conf_path, log_path if kind == "mosquitto" else stdout_log)
     deadline = time.monotonic() + ready_timeout_s
     while True:

@@ -107,6 +107,7 @@ def known_runs(cg: Cgroups | None = None) -> list[str]:
         runs |= set(cg.runs())
     except ResourceError:
         pass
+    runs |= set(_docker_runs())
     return sorted(r for r in runs if re.fullmatch(r"[a-z0-9]{1,7}", r))
 
 
@@ -144,6 +145,25 @@ def _pids_in_netns(ns_files: list[Path]) -> set[int]:
     return pids
 
 
+def _docker_runs() -> list[str]:
+    """Runs that have containers or networks labelled testbed.run (none without docker)."""
+    try:
+        from testbed.emulation.docker_backend import docker_runs
+        from testbed.emulation.docker_image import docker_client
+
+        return list(docker_runs(docker_client(timeout_s=10)))
+    except (ImportError, ResourceError):
+        return []
+
+
+async def _remove_docker(run_id: str) -> list[str]:
+    try:
+        from testbed.emulation.docker_backend import remove_docker_run
+    except ImportError:
+        return []
+    return await remove_docker_run(run_id)
+
+
 def _run_sync(coro):
     """Run a coroutine to completion from sync code, even inside a running event loop."""
     box: list = []
@@ -177,6 +197,7 @@ def cleanup_run(run_id: str, supervisor_timeout_s: float = 30.0) -> list[str]:
         stop_pid_sync(p, timeout_s=2.0)
         removed.append(f"process {p}")
     removed += _run_sync(remove_host_links(run_id))
+    removed += _run_sync(_remove_docker(run_id))
     for name in list_netns(f"tb-{run_id}-"):
         if remove_netns(name):
             removed.append(f"netns {name}")
