@@ -9,7 +9,8 @@ A key is a metric of the result: a top-level field (`latency_s`, `energy_j`, `ms
 `recovered`, ...), a derived metric (`DERIVED`: `selected_count`, `steps_total`,
 `t_tran_s`, `t_cmp_s`, `t_tran_share`, `overrun_s`, `stages_count`, `devices_used`), or a
 dotted path into the document (`meta.emulation.setup_s`, `stages.0.t_cmp_s`). Booleans
-count as 0/1; a list is measured by its length.
+count as 0/1; a list is measured by its length; an empty bound `{}` only asks that the
+field be present (any value, e.g. `recovered.0.took_over: {}`).
 """
 
 from __future__ import annotations
@@ -150,6 +151,11 @@ def _bound_of(b: Any) -> tuple[float | None, float | None]:
 
 def _check_one(key: str, bound: Any, result: Mapping[str, Any]) -> tuple[bool, str, float | None]:
     lo, hi = _bound_of(bound)
+    if lo is None and hi is None:  # `{}`: the field must be present (any value)
+        raw = result[key] if key in result else _lookup(result, key)
+        if raw is _MISSING or raw is None:
+            return False, f"{key}: absent in the result; expected present", None
+        return True, f"{key} = {raw!r}, ok present", None
     value, note = metric_value(result, key)
     want = f"in [{_fmt(lo)}, {_fmt(hi)}]"
     if value is None:

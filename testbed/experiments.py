@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import csv
 import inspect
+import itertools
 import json
 import math
 import time
@@ -191,29 +192,35 @@ def read_rows(path: Path) -> list[dict[str, Any]]:
 
 # -- running -------------------------------------------------------------------------------
 
-RunnerFactory = Callable[[Topology, RunSpec, str], AbstractAsyncContextManager[Any]]
+RunnerFactory = Callable[[Topology, str, str, Path], AbstractAsyncContextManager[Any]]
 
 
-def default_factory(out_dir: Path, backend: str = "netns") -> RunnerFactory:
-    def make(topo: Topology, spec: RunSpec, run_id: str) -> AbstractAsyncContextManager[Any]:
-        if spec.method == "split":
+def default_factory(backend: str = "netns") -> RunnerFactory:
+    """(topology, method, run id, output folder) -> a Runner (multistage) or a SplitRun (split)."""
+
+    def make(topo: Topology, method: str, run_id: str, out_dir: Path) -> AbstractAsyncContextManager[Any]:
+        if method == "split":
             from testbed.split_runner import SplitRun
 
-            return SplitRun(topo, run_id=run_id, backend=backend)
+            return SplitRun(topo, run_id=run_id, backend=backend, out_dir=out_dir)
         from testbed.runner import Runner
 
-        return Runner(topo, run_id=run_id, backend=backend, method=spec.method, strategy=spec.strategy)
+        return Runner(topo, run_id=run_id, backend=backend, method=method, out_dir=out_dir)
 
     return make
 
 
-async def _run_point(runner: Any, t_max_s: float, e_max_j: float) -> Any:
-    """`runner.run()` under these budgets (keyword arguments where run() takes them)."""
+async def _run_point(runner: Any, spec: RunSpec, t_max_s: float, e_max_j: float) -> Any:
+    """`runner.run()` for this strategy and these budgets: as keyword arguments where run()
+    takes them, else set on the runner (Runner reads them at each run())."""
     params = inspect.signature(runner.run).parameters
-    if "t_max_s" in params and "e_max_j" in params:
-        return await runner.run(t_max_s=t_max_s, e_max_j=e_max_j)
-    runner.t_max_s, runner.e_max_j = t_max_s, e_max_j
-    return await runner.run()
+    kw: dict[str, Any] = {}
+    for name, value in (("strategy", spec.strategy), ("t_max_s", t_max_s), ("e_max_j", e_max_j)):
+        if name in params:
+            kw[name] = value
+        elif name != "strategy" or spec.method != "split":
+            setattr(runner, name, value)
+    return await runner.run(**kw)
 
 
 def _image_array(res: Any, doc: dict[str, Any]) -> np.ndarray | None:
@@ -248,10 +255,13 @@ def _run_id(spec_index: int) -> str:
     return f"s{uuid.uuid4().hex[:4]}{spec_index}"
 
 
-def _iter_jobs(cfg: SweepConfig) -> Iterator[tuple[int, int, RunSpec]]:
+def _iter_jobs(cfg: SweepConfig) -> Iterator[tuple[int, str, list[RunSpec]]]:
+    """(seed, method, its specs): one emulation per seed and method, shared by its strategies."""
     for seed in cfg.seeds:
-        for i, spec in enumerate(cfg.runs):
-            yield seed, i, spec
+        for method in METHODS:
+            specs = [s for s in cfg.runs if s.method == method]
+            if specs:
+                yield seed, method, specs
 
 
 async def run_sweep(
@@ -262,9 +272,7 @@ async def run_sweep(
     on_status: Callable[[str], None] | None = None,
 ) -> SweepOutcome:
     """Run every point; rows are appended to results.csv as they come (a crash keeps them)."""
-    from PIL import Image
-
-    factory = factory or default_factory(cfg.out_dir, cfg.backend)
+    factory = factory or default_factory(cfg.backend)
     cfg.out_dir.mkdir(parents=True, exist_ok=True)
     (cfg.out_dir / "images").mkdir(exist_ok=True)
     csv_path, jsonl_path = cfg.out_dir / "results.csv", cfg.out_dir / "results.jsonl"
@@ -274,31 +282,18 @@ async def run_sweep(
     with open(csv_path, "w", newline="") as fc, open(jsonl_path, "w") as fj:
         writer = csv.DictWriter(fc, fieldnames=CSV_COLUMNS)
         writer.writeheader()
-        for seed, i, spec in _iter_jobs(cfg):
+        for seed, method, specs in _iter_jobs(cfg):
             topo = load_topology(cfg.file, seed=seed)
             if on_status:
-                on_status(f"seed {seed}: bringing up the emulation for {spec.label}")
+                on_status(f"seed {seed}: bringing up the emulation for {method}")
             ts = time.perf_counter()
-            async with factory(topo, spec, _run_id(i)) as runner:
+            run_id = _run_id(METHODS.index(method))
+            async with factory(topo, method, run_id, cfg.out_dir / "runs" / f"seed{seed}-{method}") as runner:
                 setup_s += time.perf_counter() - ts
-                for t_max, e_max in cfg.points():
+                for (t_max, e_max), spec in itertools.product(cfg.points(), specs):
                     if on_status:
                         on_status(f"seed {seed} {spec.label}: T_max {t_max:g} s, E_max {e_max:g} J")
-                    try:
-                        res = await _run_point(runner, t_max, e_max)
-                    except InfeasibleError as e:
-                        row = _infeasible_row(spec, t_max, e_max, seed, str(e))
-                        doc = {"method": spec.method, "strategy": spec.strategy, "t_max_s": t_max, "e_max_j": e_max,
-                               "seed": seed, "infeasible": str(e)}
-                    else:
-                        doc = res.to_json()
-                        img = _image_array(res, doc)
-                        name = ""
-                        if img is not None:
-                            name = f"images/{spec.key.replace(':', '-')}_t{t_max:g}_e{e_max:g}_s{seed}.png"
-                            Image.fromarray(img).save(cfg.out_dir / name)
-                        row = result_row(doc, spec, t_max, e_max, seed, name)
-                        doc = {**doc, "seed": seed, "t_max_s": t_max, "e_max_j": e_max}
+                    row, doc = await _one(runner, spec, t_max, e_max, seed, cfg.out_dir)
                     writer.writerow({k: _fmt_num(v) for k, v in row.items()})
                     fc.flush()
                     fj.write(json.dumps(doc, default=_json_default) + "\n")
@@ -308,6 +303,26 @@ async def run_sweep(
                         on_row(row)
     return SweepOutcome(rows=rows, csv_path=csv_path, jsonl_path=jsonl_path,
                         elapsed_s=time.perf_counter() - t0, setup_s=setup_s)
+
+
+async def _one(runner: Any, spec: RunSpec, t_max: float, e_max: float, seed: int,
+               out_dir: Path) -> tuple[dict[str, Any], dict[str, Any]]:
+    """One point: (CSV row, JSONL document); the image saved under images/."""
+    from PIL import Image
+
+    try:
+        res = await _run_point(runner, spec, t_max, e_max)
+    except InfeasibleError as e:
+        return (_infeasible_row(spec, t_max, e_max, seed, str(e)),
+                {"method": spec.method, "strategy": spec.strategy, "t_max_s": t_max, "e_max_j": e_max,
+                 "seed": seed, "infeasible": str(e)})
+    doc = res.to_json()
+    img = _image_array(res, doc)
+    name = ""
+    if img is not None:
+        name = f"images/{spec.key.replace(':', '-')}_t{t_max:g}_e{e_max:g}_s{seed}.png"
+        Image.fromarray(img).save(out_dir / name)
+    return result_row(doc, spec, t_max, e_max, seed, name), {**doc, "seed": seed, "t_max_s": t_max, "e_max_j": e_max}
 
 
 def _json_default(o: Any) -> Any:

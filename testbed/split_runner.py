@@ -27,7 +27,7 @@ from typing import Any
 
 import numpy as np
 
-from testbed.errors import ResourceError
+from testbed.errors import ResourceError, TopologyError
 from testbed.topology import Topology
 
 __all__ = ["SplitRun", "SplitResult", "feature_bytes_fn"]
@@ -64,7 +64,8 @@ class SplitResult:
     def to_json(self) -> dict[str, Any]:
         return {
             "run": self.run, "method": "split", "strategy": SPLIT_STRATEGY, "t_max_s": self.t_max_s,
-            "e_max_j": self.e_max_j, "seed": self.seed, "selected": list(self.selected), "stages": self.stages,
+            "e_max_j": self.e_max_j, "seed": self.seed, "selected": list(self.selected),
+            "relay_order": list(self.selected), "stages": self.stages,
             "latency_s": self.latency_s, "energy_j": self.energy_j, "predicted_latency_s": self.predicted_latency_s,
             "predicted_energy_j": self.predicted_energy_j, "total_steps": self.total_steps,
             "ms_ssim": self.ms_ssim, "image": self.image, "recovered": [], "meta": self.meta,
@@ -80,13 +81,21 @@ class SplitRun:
         *,
         run_id: str | None = None,
         backend: str = "netns",
+        method: str = "split",
+        strategy: str = SPLIT_STRATEGY,
         t_max_s: float | None = None,
         e_max_j: float | None = None,
         out_dir: Path | str | None = None,
         seed: int | None = None,
         on_event: Callable[[dict[str, Any]], None] | None = None,
+        attach: bool = False,
         agent_ready_timeout_s: float = 180.0,
     ):
+        if method != "split" or strategy not in (SPLIT_STRATEGY, "dp"):
+            raise TopologyError(f"SplitRun runs method 'split' (pair choice {SPLIT_STRATEGY!r}), "
+                                f"not {method!r}/{strategy!r}")
+        if attach:
+            raise ResourceError("split runs bring up their own emulation; run without --run")
         self.topo = topo
         self.run_id = run_id
         self.backend = backend
@@ -97,6 +106,7 @@ class SplitRun:
         self.on_event = on_event
         self.agent_ready_timeout_s = agent_ready_timeout_s
         self.emu: Any = None
+        self.broker: Any = None
         self._creds: Any = None
         self._state: Path | None = None
         self._agents: dict[str, int] = {}
@@ -120,7 +130,7 @@ class SplitRun:
             files = write_security_files(self._state / "secrets", self._creds, SERVER_ADDRESS, 1883)
             self._fbytes = feature_bytes_fn(self.topo.workload.resolution_px)
             self._max_msg = max(self._fbytes("fp32"), self.topo.workload.payload_bytes) + 4 * 2**20
-            await self.emu.start_broker(password_file=files["password_file"], acl_file=files["acl_file"],
+            self.broker = await self.emu.start_broker(password_file=files["password_file"], acl_file=files["acl_file"],
                                         max_message_bytes=self._max_msg)
             self._model, self._reference = await asyncio.to_thread(self._load_server_side)
         except BaseException:

@@ -129,10 +129,13 @@ async def test_sweep_writes_csv_rows_and_figures(tmp_path):
             return self.doc
 
     class FakeRunner:
+        """Like Runner: budgets and strategy are attributes read at each run()."""
+
         opened = 0
 
-        def __init__(self, topo, spec, run_id):
-            self.topo, self.spec = topo, spec
+        def __init__(self, topo, method, run_id, out_dir):
+            self.topo, self.method = topo, method
+            self.strategy, self.t_max_s, self.e_max_j = "dp", None, None
 
         async def __aenter__(self):
             FakeRunner.opened += 1
@@ -141,22 +144,26 @@ async def test_sweep_writes_csv_rows_and_figures(tmp_path):
         async def __aexit__(self, *exc):
             return None
 
-        async def run(self, *, t_max_s, e_max_j):
-            if t_max_s < 1:
+        async def run(self, fail=None):
+            if self.t_max_s < 1:
                 raise InfeasibleError("T_max too small")
-            return Res(t_max_s, e_max_j, self.topo.seed, self.spec.key)
+            key = "split" if self.method == "split" else f"{self.method}:{self.strategy}"
+            return Res(self.t_max_s, self.e_max_j, self.topo.seed, key)
 
     topo_file = tmp_path / "t.yaml"
     topo_file.write_text("devices: {count: 3}\n")
     cfg = SweepConfig(file=topo_file, t_max_s=[0.5, 2.0], e_max_j=[200.0], seeds=[1, 2],
-                      runs=parse_runs("multistage:dp,split"), out_dir=tmp_path / "out")
+                      runs=parse_runs("multistage:dp,multistage:random,split"), out_dir=tmp_path / "out")
     outcome = await run_sweep(cfg, factory=FakeRunner)
-    assert FakeRunner.opened == 4  # one emulation per (seed, method), reused across points
+    assert FakeRunner.opened == 4  # one emulation per (seed, method): dp and random share theirs
     rows = read_rows(outcome.csv_path)
-    assert len(rows) == cfg.total == 8
-    assert [r["feasible"] for r in rows[:2]] == [0, 1] and rows[0]["ms_ssim"] is None
-    assert rows[1]["ms_ssim"] == pytest.approx(0.4) and rows[1]["image"].endswith("_t2_e200_s1.png")
-    assert len(outcome.jsonl_path.read_text().splitlines()) == 8
+    assert len(rows) == cfg.total == 12
+    assert [(r["strategy"], r["t_max_s"], r["feasible"]) for r in rows[:4]] == [
+        ("dp", 0.5, 0), ("random", 0.5, 0), ("dp", 2.0, 1), ("random", 2.0, 1)]
+    assert rows[0]["ms_ssim"] is None and rows[2]["ms_ssim"] == pytest.approx(0.4)
+    assert rows[3]["run"] == "multistage:random-1"  # the strategy reached the shared runner
+    assert rows[2]["image"] == "images/multistage-dp_t2_e200_s1.png"
+    assert len(outcome.jsonl_path.read_text().splitlines()) == 12
     with open(outcome.csv_path) as f:
         assert next(csv.reader(f)) == CSV_COLUMNS
     paths = write_figures(outcome.csv_path)

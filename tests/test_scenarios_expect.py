@@ -108,3 +108,10 @@ def test_expect_block_parsed_from_yaml_is_checked():
 def test_relay_step_ranges_count_as_steps():
     doc = {"stages": [{"device": "a", "steps": [0, 5]}, {"device": "b", "steps": [5, 10]}]}
     assert derived_metrics(doc)["steps_total"] == 10
+
+
+def test_empty_bound_checks_presence_of_any_value():
+    doc = {**RESULT, "recovered": [{"device": "dev01", "took_over": "dev03"}]}
+    assert check_expectations({"recovered.0.took_over": Bound()}, doc) == []
+    fails = check_expectations({"recovered.0.took_over": Bound()}, {**RESULT, "recovered": []})
+    assert len(fails) == 1 and "expected present" in fails[0].message

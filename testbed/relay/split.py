@@ -274,7 +274,10 @@ class SplitOrchestrator:
                        "t_up_s": c.t_feat_up_s + c.t_noise_up_s, "energy_j": c.energy_j},
         )
         self._records.append(rec)
-        await self.emit("split_step", device=f"{plan.head}>{plan.tail}", steps=[i, i + 1], record=rec.to_json())
+        doc = rec.to_json()
+        await self.emit("split_step", device=doc["device"], steps=doc["steps"], stage=i, t_down_s=doc["t_down_s"],
+                        t_cmp_s=doc["t_cmp_s"], t_up_s=doc["t_up_s"], energy_j=doc["energy_j"],
+                        predicted=doc["predicted"], record=doc)
         return torch.from_numpy(np.array(tail.msg.tensors["noise"], copy=True))
 
     async def _hop(self, i: int, dev: str, role: str, tensors: dict[str, np.ndarray], *, pad_task: int,
