@@ -34,7 +34,6 @@ from testbed.emulation.backend import CELL_NET, HOST_ADDRESS, NodeSpec, check_ru
 from testbed.emulation.docker_exec import ExecProcess, exec_start
 from testbed.emulation.docker_image import IMAGE, IMAGE_LABEL, build_image, docker_client, host_mounts, image_info
 from testbed.emulation.docker_spec import (
-    NODE_LABEL,
     RUN_LABEL,
     GpuHost,
     NodeSpec as DockerNodeSpec,
