@@ -1,0 +1,87 @@
+"""Split diffusion under a budget (pure): pair choice, step count, per-step cost components."""
+
+from __future__ import annotations
+
+import importlib.util
+import math
+from pathlib import Path
+
+import pytest
+
+from testbed.errors import InfeasibleError
+from testbed.profiles import load_profiles, step_time_s
+from testbed.radio import compute_links
+from testbed.relay.split_plan import HEAD_FLOP_SHARE, activation_bytes, pair_cost, plan_split
+from testbed.topology import load_topology, place
+
+REPO = Path(__file__).resolve().parent.parent
+FEATS = {"fp32": 13_000_000, "fp16": 6_500_000, "int8": 6_500_000, "int4": 6_500_000}
+
+
+def fbytes(precision: str) -> int:
+    return FEATS[precision]
+
+
+@pytest.fixture(scope="module")
+def paper():
+    topo = load_topology(REPO / "topologies" / "paper.yaml")
+    return topo, compute_links(topo, place(topo))
+
+
+def test_pair_cost_components_follow_links_and_profiles(paper):
+    topo, links = paper
+    h, t = links[0], links[1]
+    c = pair_cost(topo, h, t, fbytes)
+    eta = 0.95
+    assert c.t_feat_up_s == pytest.approx(FEATS[h.precision] * 8 / (h.rate_up_mbps * 1e6 * eta))
+    assert c.t_feat_down_s == pytest.approx(FEATS[h.precision] * 8 / (t.rate_down_mbps * 1e6 * eta))
+    assert c.t_lat_down_s == pytest.approx(262144 * 8 / (h.rate_down_mbps * 1e6 * eta))
+    prof = load_profiles()
+    assert c.t_head_cmp_s == pytest.approx(HEAD_FLOP_SHARE[256] * step_time_s(prof[h.profile], 256, h.precision))
+    assert c.t_tail_cmp_s == pytest.approx((1 - HEAD_FLOP_SHARE[256]) * step_time_s(prof[t.profile], 256, t.precision))
+    assert c.latency_s == pytest.approx(c.t_tran_s + c.t_head_cmp_s + c.t_tail_cmp_s)
+    assert c.energy_j == pytest.approx(c.e_head_j + c.e_tail_j) and c.energy_j > 0
+
+
+def test_plan_does_the_most_steps_of_any_pair_and_fits_both_budgets(paper):
+    topo, links = paper
+    plan = plan_split(topo, links, 4.0, 200.0, fbytes)
+    best = max(pair_cost(topo, a, b, fbytes).steps_within(4.0, 200.0)
+               for a in links for b in links if a.id != b.id)
+    assert plan.steps == best >= 1
+    assert plan.pairs_considered == 20 * 19
+    assert plan.predicted_latency_s <= 4.0 + 1e-9 and plan.predicted_energy_j <= 200.0 + 1e-9
+    assert (plan.steps + 1) * plan.step.latency_s > 4.0 or (plan.steps + 1) * plan.step.energy_j > 200.0
+
+
+def test_steps_grow_with_tmax_and_split_is_transmission_bound(paper):
+    topo, links = paper
+    steps = [plan_split(topo, links, t, 1000.0, fbytes).steps for t in (1.0, 2.0, 4.0, 8.0)]
+    assert steps == sorted(steps) and steps[-1] > steps[0]
+    plan = plan_split(topo, links, 4.0, 1000.0, fbytes)
+    assert plan.step.t_tran_s / plan.step.latency_s > 0.5
+
+
+def test_energy_budget_limits_steps(paper):
+    topo, links = paper
+    plan = plan_split(topo, links, 100.0, 30.0, fbytes)
+    assert plan.steps == math.floor(30.0 / plan.step.energy_j + 1e-9)
+
+
+def test_infeasible_budget_names_the_cheapest_step(paper):
+    topo, links = paper
+    with pytest.raises(InfeasibleError) as e:
+        plan_split(topo, links, 0.05, 200.0, fbytes)
+    assert "not one step fits" in str(e.value) and "MB of features" in str(e.value)
+
+
+def test_activation_bytes():
+    assert activation_bytes("fp32") == 4 and {activation_bytes(p) for p in ("fp16", "int8", "int4")} == {2}
+
+
+def test_head_flop_share_matches_a_count_on_sd15():
+    spec = importlib.util.spec_from_file_location("sweep_split_flops", REPO / "bench" / "sweep_split_flops.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    _, _, share = mod.head_share(256)
+    assert share == pytest.approx(HEAD_FLOP_SHARE[256], abs=0.002)
