@@ -21,23 +21,21 @@ from textual.widgets import DataTable, Footer, Input, Label, Select, Static, Tab
 
 from testbed.errors import TestbedError
 from testbed.topology import Topology
-from tui.attach import DEFAULT_STATE_ROOT, follow_events, read_observer
+from tui.attach import DEFAULT_STATE_ROOT
 from tui.cellmap import CellMap
 from tui.devices import DeviceDetails, DevicesTable
 from tui.help import HelpScreen
 from tui.imageview import ImageView
-from tui.results import load_images
+from tui.live import LiveMixin
 from tui.runpanel import RunPanel
 from tui.state import CellModel, RunView
 
 __all__ = ["TestbedApp", "METHODS"]
 
 METHODS = ("multistage", "split")
-_LOG_STYLE = {"device_offline": "bold red", "recovered": "bold yellow", "run_finished": "bold green",
-              "run_failed": "bold red", "deadline_missed": "red", "error": "bold red"}
 
 
-class TestbedApp(App[None]):
+class TestbedApp(LiveMixin, App[None]):
     __test__ = False  # not a pytest class despite the name
     CSS_PATH = "app.tcss"
     TITLE = "testbed"
@@ -190,6 +188,18 @@ class TestbedApp(App[None]):
     def _submitted(self) -> None:
         self.action_select()
 
+    def apply_seed(self, seed: int) -> None:
+        """The seed control is the scenario seed (like `--seed`): a new one re-places drawn
+        devices and redraws LOS, exactly as the run will."""
+        if seed == self.topo.seed:
+            return
+        self.topo = self.topo.model_copy(update={"seed": seed})
+        self.cell = CellModel(self.topo)
+        self.query_one("#map", CellMap).cell = self.cell
+        if self.costs_ready.is_set():
+            self.cell.compute_costs()
+        self._refresh_cell()
+
     # ---- actions -----------------------------------------------------------------------
     def action_tab(self, tab: str) -> None:
         self.query_one("#tabs", TabbedContent).active = tab
@@ -203,6 +213,7 @@ class TestbedApp(App[None]):
             return
         try:
             p = self.params()
+            self.apply_seed(p["seed"])
             self.cell.select(p["t_max_s"], p["e_max_j"], p["strategy"], p["seed"])
         except ValueError as e:
             self._show_summary(str(e))
@@ -214,145 +225,3 @@ class TestbedApp(App[None]):
             return
         self._refresh_cell()
         self._show_summary()
-
-    def action_run(self) -> None:
-        if self.attach:
-            self.notify("attached to a run: it was started elsewhere", severity="warning")
-            return
-        if self.running:
-            self.notify("a run is in progress; k kills the highlighted device", severity="warning")
-            return
-        try:
-            p = self.params()
-        except ValueError as e:
-            self._show_summary(str(e))
-            return
-        self.running = True
-        self._new_run(p["t_max_s"], p["e_max_j"])
-        self.action_tab("run")
-        self._run(p)
-
-    async def action_kill(self) -> None:
-        dev = self.query_one("#devices", DevicesTable).highlighted_id
-        if not self.running or self.runner is None or dev is None:
-            self.notify("no run in progress: k kills the highlighted device during a run", severity="warning")
-            return
-        self.query_one("#runpanel", RunPanel).log_line(f"kill {dev} (from the TUI)", "bold red")
-        try:
-            await self.runner.kill(dev)
-        except TestbedError as e:
-            self.notify(str(e), severity="error")
-
-    # ---- runs and events ---------------------------------------------------------------
-    def _new_run(self, t_max_s: float | None, e_max_j: float | None) -> None:
-        self.run_view = RunView(t_max_s=t_max_s, e_max_j=e_max_j)
-        self.result = None
-        self.query_one("#runpanel", RunPanel).reset()
-
-    @work(exclusive=True, group="run")
-    async def _run(self, p: dict[str, Any]) -> None:
-        panel = self.query_one("#runpanel", RunPanel)
-        panel.log_line("loading the runner (model, relay, emulation)...", "dim")
-        try:
-            mod = await asyncio.to_thread(importlib.import_module, "testbed.runner")
-            async with mod.Runner(self.topo, backend=self.backend, method=p["method"], strategy=p["strategy"],
-                                  t_max_s=p["t_max_s"], e_max_j=p["e_max_j"], seed=p["seed"],
-                                  on_event=self.event_from_any_thread) as runner:
-                self.runner = runner
-                result = await runner.run()
-            self.show_result(result)
-        except TestbedError as e:
-            panel.log_line(f"error: {e}", "bold red")
-            self.run_view.failed = str(e)
-            panel.show(self.run_view, p["t_max_s"], p["e_max_j"])
-            self.notify(str(e), title="run failed", severity="error", timeout=10)
-        finally:
-            self.runner = None
-            self.running = False
-            self._refresh_cell()
-
-    @work(exclusive=True, group="attach")
-    async def _follow(self, run: str) -> None:
-        panel = self.query_one("#runpanel", RunPanel)
-        try:
-            info = await asyncio.to_thread(read_observer, run, self.state_root)
-            self.running = True
-            self._new_run(self.topo.budgets.t_max_s, self.topo.budgets.e_max_j)
-            self.action_tab("run")
-            panel.log_line(f"attached to {info['topic']} at {info['host']}:{info['port']}", "dim")
-            async for ev in follow_events(info):
-                self.feed_event(ev)
-                if ev.get("type") in ("run_finished", "run_failed"):
-                    break
-        except TestbedError as e:
-            panel.log_line(f"error: {e}", "bold red")
-            self.notify(str(e), title="attach failed", severity="error", timeout=10)
-        finally:
-            self.running = False
-            self._refresh_cell()
-
-    def event_from_any_thread(self, ev: dict[str, Any]) -> None:
-        """The Runner's on_event: safe from the event loop and from other threads."""
-        assert self._loop is not None
-        self._loop.call_soon_threadsafe(self.feed_event, ev)
-
-    def feed_event(self, ev: dict[str, Any]) -> None:
-        """Render one telemetry event (the JSON of tb/<run>/events)."""
-        kind = ev.get("type")
-        dev = ev.get("device")
-        if dev in self.cell.devices and isinstance(ev.get("x_m"), (int, float)) and isinstance(ev.get("y_m"), (int, float)):
-            self.cell.move(dev, float(ev["x_m"]), float(ev["y_m"]), ev.get("rate_up_mbps"), ev.get("rate_down_mbps"))
-            if kind in ("moved", "position", "mobility"):
-                self._refresh_cell()
-                return
-        if isinstance(ev.get("positions"), dict):  # a batch mobility update {id: [x_m, y_m]}
-            for dev_id, pos in ev["positions"].items():
-                if dev_id in self.cell.devices and isinstance(pos, (list, tuple)) and len(pos) >= 2:
-                    self.cell.move(dev_id, float(pos[0]), float(pos[1]))
-            if kind in ("moved", "positions", "mobility"):
-                self._refresh_cell()
-                return
-        chain = ev.get("relay_order") or ev.get("selected")
-        if isinstance(chain, list) and all(isinstance(c, str) for c in chain):
-            self.cell.set_chain(chain)
-        if kind == "recovered" and dev in self.cell.devices:
-            failed = ev.get("failed") or ev.get("replaces") or ev.get("from_device")
-            chain = self.cell.chain
-            if failed in chain:
-                chain[chain.index(failed)] = dev
-            elif dev not in chain:
-                chain.append(dev)
-            self.cell.set_chain(chain)
-        line = self.run_view.apply(ev)
-        panel = self.query_one("#runpanel", RunPanel)
-        panel.log_line(line, _LOG_STYLE.get(str(kind), ""))
-        panel.show(self.run_view, self.run_view.t_max_s, self.run_view.e_max_j)
-        if kind == "run_finished" and self.result is None:
-            self.show_result(ev.get("result") or ev)
-        self._refresh_cell()
-
-    def show_result(self, result: Any) -> None:
-        """The final result: latency/energy line, MS-SSIM and the two images."""
-        doc = result.to_json() if hasattr(result, "to_json") else dict(result)
-        self.result = doc
-        self.run_view.finished = True
-        self.run_view.result = doc
-        gen, ref = load_images(result, doc)
-        self.query_one("#generated", ImageView).set_image(gen)
-        self.query_one("#reference", ImageView).set_image(ref)
-        ms = doc.get("ms_ssim")
-        t = Text()
-        t.append(f"run {doc.get('run', '?')} ", style="bold")
-        t.append(f"{doc.get('method', '')}: ")
-        t.append(f"MS-SSIM {ms:.3f}" if isinstance(ms, (int, float)) else "MS-SSIM n/a", style="bold green")
-        lat, en = doc.get("latency_s"), doc.get("energy_j")
-        if isinstance(lat, (int, float)):
-            t.append(f"  latency {lat:.2f} s")
-        if isinstance(en, (int, float)):
-            t.append(f"  energy {en:.1f} J")
-        if doc.get("recovered"):
-            t.append(f"  recovered: {doc['recovered']}", style="yellow")
-        self.query_one("#imgcaption", Static).update(t)
-        panel = self.query_one("#runpanel", RunPanel)
-        panel.log_line(t.plain, "bold green")
-        panel.show(self.run_view, self.run_view.t_max_s, self.run_view.e_max_j)

@@ -9,6 +9,7 @@ Sockets only (aiomqtt); no kernel access. Each message is one JSON event (a dict
 from __future__ import annotations
 
 import json
+import os
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -17,7 +18,8 @@ from testbed.errors import RelayError, ResourceError
 
 __all__ = ["DEFAULT_STATE_ROOT", "read_observer", "follow_events"]
 
-DEFAULT_STATE_ROOT = Path("/run/testbed")
+#: Where runs keep their state (testbed/emulation/runs.py: RUN_ROOT, same variable).
+DEFAULT_STATE_ROOT = Path(os.environ.get("TESTBED_RUN_ROOT", "/run/testbed"))
 
 
 def read_observer(run: str, state_root: Path = DEFAULT_STATE_ROOT) -> dict[str, Any]:

@@ -16,10 +16,13 @@ def tui(
     attach: str | None = typer.Option(None, "--attach", metavar="RUN", help="follow a running run's events"),
     seed: int | None = typer.Option(None, "--seed", help="override the file's seed"),
     backend: str = typer.Option("netns", "--backend", help="emulation backend of runs started here"),
-    state_root: Path = typer.Option(Path("/run/testbed"), "--state-root", hidden=True),
+    state_root: Path | None = typer.Option(None, "--state-root", hidden=True),
 ) -> None:
     """Select devices, run multi-stage diffusion and watch it live (keys: s r k q ?)."""
     from testbed.topology import load_topology
+    from tui.attach import DEFAULT_STATE_ROOT
+
+    state_root = state_root or DEFAULT_STATE_ROOT
 
     if file is None:
         if attach is None:

@@ -1,0 +1,237 @@
+"""Runs and their events in the TUI: start a run (`Runner`, or `SplitRun` for split
+diffusion), follow one started elsewhere (attach), kill a device, render every telemetry
+event and the final result. Mixed into `TestbedApp`.
+
+The library does the work; this module only calls it and renders what it emits. The
+Runner (torch, relay, emulation) is imported when the first run starts, off the loop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import importlib
+from pathlib import Path
+from typing import Any
+
+from rich.text import Text
+from textual import work
+from textual.widgets import Static
+
+from testbed.errors import TestbedError
+from tui.attach import follow_events, read_observer
+from tui.imageview import ImageView
+from tui.results import load_images
+from tui.runpanel import RunPanel
+from tui.state import RunView
+
+__all__ = ["LiveMixin", "OUT_ROOT"]
+
+#: Where runs started from the TUI write result.json, events.jsonl, image.png (like `testbed run`).
+OUT_ROOT = Path("out")
+
+_LOG_STYLE = {"device_offline": "bold red", "recovered": "bold yellow", "run_finished": "bold green",
+              "run_failed": "bold red", "deadline_missed": "red", "error": "bold red", "fault_injected": "bold red",
+              "selection": "bold blue"}
+
+
+class LiveMixin:
+    """Run, attach, kill and event rendering (needs the TestbedApp's widgets and state)."""
+
+    # ---- actions -------------------------------------------------------------------------
+    def action_run(self) -> None:
+        if self.attach:
+            self.notify("attached to a run: it was started elsewhere", severity="warning")
+            return
+        if self.running:
+            self.notify("a run is in progress; k kills the highlighted device", severity="warning")
+            return
+        try:
+            p = self.params()
+        except ValueError as e:
+            self._show_summary(str(e))
+            return
+        self.apply_seed(p["seed"])
+        self.running = True
+        self._new_run(p["t_max_s"], p["e_max_j"])
+        self.action_tab("run")
+        self._run(p)
+
+    async def action_kill(self) -> None:
+        dev = self.query_one("#devices").highlighted_id
+        if not self.running or self.runner is None or dev is None:
+            self.notify("no run in progress: k kills the highlighted device during a run", severity="warning")
+            return
+        if not hasattr(self.runner, "kill"):
+            self.notify("split runs take no fault injection (split inference has no recovery)", severity="warning")
+            return
+        self.query_one("#runpanel", RunPanel).log_line(f"kill {dev} (from the TUI)", "bold red")
+        try:
+            await self.runner.kill(dev)
+        except TestbedError as e:
+            self.notify(str(e), severity="error")
+
+    # ---- a run started here ----------------------------------------------------------------
+    def _new_run(self, t_max_s: float | None, e_max_j: float | None) -> None:
+        self.run_view = RunView(t_max_s=t_max_s, e_max_j=e_max_j)
+        self.result = None
+        self.query_one("#runpanel", RunPanel).reset()
+
+    @work(exclusive=True, group="run")
+    async def _run(self, p: dict[str, Any]) -> None:
+        panel = self.query_one("#runpanel", RunPanel)
+        panel.log_line(f"starting a {p['method']} run: loading the runner (model, relay, emulation)...", "dim")
+        try:
+            runs = await asyncio.to_thread(importlib.import_module, "testbed.emulation.runs")
+            rid = runs.new_run_id()
+            kw = dict(run_id=rid, backend=self.backend, t_max_s=p["t_max_s"], e_max_j=p["e_max_j"],
+                      out_dir=OUT_ROOT / rid, on_event=self.event_from_any_thread)
+            if p["method"] == "split":
+                mod = await asyncio.to_thread(importlib.import_module, "testbed.split_runner")
+                factory = mod.SplitRun(self.topo, method="split", strategy=mod.SPLIT_STRATEGY, **kw)
+                panel.log_line(f"split: the pair is chosen by {mod.SPLIT_STRATEGY!r} (strategy applies to multistage)",
+                               "dim")
+            else:
+                mod = await asyncio.to_thread(importlib.import_module, "testbed.runner")
+                factory = mod.Runner(self.topo, method="multistage", strategy=p["strategy"], **kw)
+            panel.log_line(f"run {rid}: bringing up the emulation ({self.backend}), broker and agents...", "dim")
+            async with factory as runner:
+                self.runner = runner
+                emu = getattr(runner, "emu", None)
+                if emu is not None and hasattr(emu, "on_update"):  # mobility: positions and rates
+                    emu.on_update(lambda u: self.event_from_any_thread(
+                        {"type": "positions", "positions": {d["id"]: d for d in u.devices}}))
+                result = await runner.run()
+                self.show_result(result)
+        except TestbedError as e:
+            self._run_failed(str(e), p)
+        except Exception as e:  # noqa: BLE001 - keep the TUI up; the message says what broke
+            self._run_failed(f"{type(e).__name__}: {e}", p)
+        finally:
+            self.runner = None
+            self.running = False
+            self._refresh_cell()
+
+    def _run_failed(self, msg: str, p: dict[str, Any]) -> None:
+        panel = self.query_one("#runpanel", RunPanel)
+        panel.log_line(f"error: {msg}", "bold red")
+        self.run_view.failed = msg
+        panel.show(self.run_view, p["t_max_s"], p["e_max_j"])
+        self.notify(msg, title="run failed", severity="error", timeout=10)
+
+    # ---- a run started elsewhere -----------------------------------------------------------
+    @work(exclusive=True, group="attach")
+    async def _follow(self, run: str) -> None:
+        panel = self.query_one("#runpanel", RunPanel)
+        try:
+            info = await asyncio.to_thread(read_observer, run, self.state_root)
+            self.running = True
+            self._new_run(self.topo.budgets.t_max_s, self.topo.budgets.e_max_j)
+            self.action_tab("run")
+            panel.log_line(f"attached to {info['topic']} at {info['host']}:{info['port']}", "dim")
+            async for ev in follow_events(info):
+                self.feed_event(ev)
+                if ev.get("type") in ("run_finished", "run_failed"):
+                    break
+        except TestbedError as e:
+            panel.log_line(f"error: {e}", "bold red")
+            self.notify(str(e), title="attach failed", severity="error", timeout=10)
+        finally:
+            self.running = False
+            self._refresh_cell()
+
+    # ---- events ------------------------------------------------------------------------------
+    def event_from_any_thread(self, ev: dict[str, Any]) -> None:
+        """The runners' on_event: safe from the event loop and from other threads."""
+        assert self._loop is not None
+        self._loop.call_soon_threadsafe(self.feed_event, ev)
+
+    def feed_event(self, ev: dict[str, Any]) -> None:
+        """Render one telemetry event (the JSON of tb/<run>/events)."""
+        kind = ev.get("type")
+        dev = ev.get("device")
+        if self._moved(ev) and kind in ("moved", "positions", "mobility"):
+            self._refresh_cell()
+            return
+        chain = ev.get("relay_order") or ev.get("selected")
+        if isinstance(chain, list) and all(isinstance(c, str) for c in chain):
+            self.cell.set_chain(chain)
+        if kind == "recovered" and dev in self.cell.devices:
+            failed = ev.get("failed")
+            chain = self.cell.chain
+            if failed in chain:
+                chain[chain.index(failed)] = dev
+            elif dev not in chain:
+                chain.append(dev)
+            self.cell.set_chain(chain)
+        line = self.run_view.apply(ev)
+        panel = self.query_one("#runpanel", RunPanel)
+        panel.log_line(line, _LOG_STYLE.get(str(kind), ""))
+        panel.show(self.run_view, self.run_view.t_max_s, self.run_view.e_max_j)
+        if kind == "run_finished" and self.result is None:
+            self.show_result(ev)
+        self._refresh_cell()
+
+    def _moved(self, ev: dict[str, Any]) -> bool:
+        """Apply position updates: one device (device, x_m, y_m) or many ({id: [x, y] | {x_m, y_m, rates}})."""
+        moves: dict[str, Any] = {}
+        if ev.get("device") in self.cell.devices and "x_m" in ev and "y_m" in ev:
+            moves[ev["device"]] = ev
+        if isinstance(ev.get("positions"), dict):
+            moves.update(ev["positions"])
+        for dev_id, pos in moves.items():
+            if dev_id not in self.cell.devices:
+                continue
+            if isinstance(pos, dict):
+                x, y, up, down = pos.get("x_m"), pos.get("y_m"), pos.get("rate_up_mbps"), pos.get("rate_down_mbps")
+            elif isinstance(pos, (list, tuple)) and len(pos) >= 2:
+                x, y, up, down = pos[0], pos[1], None, None
+            else:
+                continue
+            if isinstance(x, (int, float)) and isinstance(y, (int, float)):
+                self.cell.move(dev_id, float(x), float(y), up, down)
+        return bool(moves)
+
+    # ---- the result ----------------------------------------------------------------------------
+    def show_result(self, result: Any) -> None:
+        """The final result: latency/energy line, MS-SSIM and the two images."""
+        doc = result.to_json() if hasattr(result, "to_json") else dict(result)
+        self.result = doc
+        self.run_view.finished = True
+        self.run_view.result = doc
+        gen, ref = load_images(result, doc)
+        self.query_one("#generated", ImageView).set_image(gen)
+        if ref is not None:
+            self.query_one("#reference", ImageView).set_image(ref)
+        elif gen is not None:
+            self._load_reference(doc)
+        ms = doc.get("ms_ssim")
+        t = Text()
+        t.append(f"run {doc.get('run', '?')} ", style="bold")
+        if doc.get("method"):
+            t.append(f"{doc['method']}: ")
+        t.append(f"MS-SSIM {ms:.3f}" if isinstance(ms, (int, float)) else "MS-SSIM n/a", style="bold green")
+        lat, en = doc.get("latency_s"), doc.get("energy_j")
+        if isinstance(lat, (int, float)):
+            t.append(f"  latency {lat:.2f} s")
+        if isinstance(en, (int, float)):
+            t.append(f"  energy {en:.1f} J")
+        if doc.get("recovered"):
+            t.append(f"  recovered: {len(doc['recovered'])}", style="yellow")
+        self.query_one("#imgcaption", Static).update(t)
+        panel = self.query_one("#runpanel", RunPanel)
+        panel.log_line(t.plain, "bold green")
+        panel.show(self.run_view, self.run_view.t_max_s, self.run_view.e_max_j)
+
+    @work(exclusive=True, group="reference")
+    async def _load_reference(self, doc: dict[str, Any]) -> None:
+        """The reference image (fp32, full steps, same seed and prompt; cached on disk by
+        testbed.diffusion) when the result does not carry it."""
+        wl = self.topo.workload
+        try:
+            q = await asyncio.to_thread(importlib.import_module, "testbed.diffusion.quality")
+            ref = await asyncio.to_thread(q.reference_image, wl.model, wl.prompt, int(doc.get("seed", self.topo.seed)),
+                                          wl.reference_steps, wl.scheduler)
+        except Exception as e:  # noqa: BLE001 - the generated image is still shown
+            self.query_one("#runpanel", RunPanel).log_line(f"reference image unavailable: {e}", "yellow")
+            return
+        self.query_one("#reference", ImageView).set_image(ref)
