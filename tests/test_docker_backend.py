@@ -1,0 +1,177 @@
+"""Docker backend, as root with a running daemon: containers per node with the profiles'
+limits in their cgroups, the cell shaped inside the server container (iperf3 between
+containers within 0.90-1.02 of the rate), broker and processes inside the containers,
+`testbed up/status/down --backend docker` on the paper scenario, and nothing left behind
+but the node image. Every test uses its own run id and removes what it made."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from testbed.emulation import Emulation
+from testbed.emulation.runs import cleanup_run
+from testbed.profiles import load_profiles
+from testbed.topology import load_topology
+
+pytestmark = [pytest.mark.root, pytest.mark.docker]
+
+SERVER = "198.18.0.1"
+
+
+def _docker(*args: str, timeout: float = 60) -> str:
+    return subprocess.run(["docker", *args], capture_output=True, text=True, timeout=timeout, check=True).stdout
+
+
+def _images() -> set[str]:
+    return set(_docker("images", "-aq", "--no-trunc").split())
+
+
+def _leftovers(run: str) -> list[str]:
+    found = _docker("ps", "-aq", "--filter", f"label=testbed.run={run}").split()
+    found += _docker("network", "ls", "-q", "--filter", f"label=testbed.run={run}").split()
+    found += [n for n in os.listdir("/sys/class/net") if n.startswith(f"tb{run}")]
+    if Path(f"/run/testbed/{run}").exists():
+        found.append(f"/run/testbed/{run}")
+    return found
+
+
+@pytest.fixture
+def run_id(unique_run_id: str):
+    before = _images()
+    yield unique_run_id
+    cleanup_run(unique_run_id)  # whatever a failing test left
+    assert _leftovers(unique_run_id) == []
+    node_image = _docker("images", "-q", "--no-trunc", "testbed-node:local").split()
+    assert _images() - before <= set(node_image)  # only the node image may have been (re)made
+
+
+def _container(run: str, node: str) -> dict:
+    return json.loads(_docker("inspect", f"tb-{run}-{node}"))[0]
+
+
+async def _exec_wait(emu: Emulation, node: str, argv: list[str], log: Path, timeout_s: float) -> str:
+    """Run argv in the node's container (docker exec) to its end; its output."""
+    pid = await emu.spawn(node, argv, None, log)
+    deadline = time.monotonic() + timeout_s
+    while Path(f"/proc/{pid}").exists() and time.monotonic() < deadline:
+        await asyncio.sleep(0.1)
+    await asyncio.sleep(0.2)  # the output pump catches up
+    return log.read_text() if log.exists() else ""
+
+
+async def _iperf(emu: Emulation, tmp: Path, port: int, reverse: bool) -> float:
+    srv = await emu.spawn("server", ["iperf3", "-s", "-1", "-B", SERVER, "-p", str(port)], None, tmp / f"s{port}.log")
+    try:
+        await asyncio.sleep(0.5)
+        argv = ["iperf3", "-c", SERVER, "-p", str(port), "-t", "2", "-O", "0.5", "-J"] + (["-R"] if reverse else [])
+        text = await _exec_wait(emu, "dev01", argv, tmp / f"c{port}.log", 30)
+    finally:
+        if Path(f"/proc/{srv}").exists():
+            os.kill(srv, 9)
+    return json.loads(text)["end"]["sum_received"]["bits_per_second"] / 1e6
+
+
+async def test_small_topology_in_containers(topologies: Path, run_id: str, tmp_path: Path) -> None:
+    topo = load_topology(topologies / "small.yaml")
+    profiles = load_profiles()
+    async with Emulation(topo, run_id, backend="docker") as emu:
+        names = set(_docker("ps", "--format", "{{.Names}}", "--filter", f"label=testbed.run={run_id}").split())
+        assert names == {f"tb-{run_id}-{n}" for n in ["server", "dev01", "dev02", "dev03", "dev04"]}
+        status = emu.status()
+        assert status["backend"] == "docker"
+        for node in status["nodes"]:
+            c = _container(run_id, node["id"])
+            # the status names each container's network namespace, and it is that container's
+            assert node["netns"] == f"/proc/{c['State']['Pid']}/ns/net"
+            assert os.stat(node["netns"]).st_ino == os.stat(f"/proc/{c['State']['Pid']}/ns/net").st_ino
+            assert c["NetworkSettings"]["Networks"][f"tb-{run_id}"]["IPAddress"] == node["address"]
+            # CPU and memory limits from the profile, visible in the container's own cgroup
+            prof = profiles[topo.server.profile if node["id"] == "server" else
+                            next(d.profile for d in topo.devices.list if d.id == node["id"])]
+            cg = emu.backend.cgroup_dir(node["id"], "cpu")
+            assert c["Id"] in str(cg)
+            assert int((cg / "cpu.cfs_quota_us").read_text()) == round(prof.cpu_cores * 100_000)
+            mem = emu.backend.cgroup_dir(node["id"], "memory")
+            assert int((mem / "memory.limit_in_bytes").read_text()) == prof.memory_mb * 2**20
+        assert await emu.verify_shaping() == []  # the shared plan, read back from the server container
+
+        # the broker runs inside the server container (its cgroup), reachable from a device
+        broker = await emu.start_broker()
+        server_id = _container(run_id, "server")["Id"]
+        assert server_id in Path(f"/proc/{broker.pid}/cgroup").read_text()
+        probe = [sys.executable, "-c", f"import socket; socket.create_connection(('{SERVER}', 1883), 2); print('ok')"]
+        assert "ok" in await _exec_wait(emu, "dev01", probe, tmp_path / "probe1.log", 15)
+        await emu.cut_link("dev01")
+        assert "ok" not in await _exec_wait(emu, "dev01", probe, tmp_path / "probe2.log", 15)
+        await emu.restore_link("dev01")
+        for i in range(10):  # a neighbour entry that failed while cut may answer EHOSTUNREACH once
+            if "ok" in await _exec_wait(emu, "dev01", probe, tmp_path / f"probe3-{i}.log", 15):
+                break
+            await asyncio.sleep(0.5)
+        else:
+            pytest.fail("dev01 did not reach the broker again after restore_link")
+
+        # shaping across a container link: uplink and downlink of dev01 at set rates
+        await emu.set_link("dev01", 10.0, 20.0)
+        up = await _iperf(emu, tmp_path, 5401, reverse=False)
+        down = await _iperf(emu, tmp_path, 5402, reverse=True)
+        assert 0.90 <= up / 10.0 <= 1.02, up
+        assert 0.90 <= down / 20.0 <= 1.02, down
+
+        # kill ends what was spawned in the container
+        pid = await emu.spawn("dev02", ["sleep", "60"], None, tmp_path / "sleep.log")
+        dev02 = _container(run_id, "dev02")["Id"]
+        assert dev02 in Path(f"/proc/{pid}/cgroup").read_text()
+        await emu.kill("dev02")
+        assert not Path(f"/proc/{pid}").exists() or "Z" in Path(f"/proc/{pid}/stat").read_text().split(")")[-1][:3]
+    assert _leftovers(run_id) == []
+
+
+def _testbed(*args: str, timeout: float = 180) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "testbed.cli", *args], capture_output=True, text=True, timeout=timeout)
+
+
+def test_cli_up_status_down_paper_scenario(topologies: Path, run_id: str) -> None:
+    r = _testbed("up", str(topologies / "paper.yaml"), "--backend", "docker", "--run", run_id, "--json")
+    assert r.returncode == 0, r.stderr
+    try:
+        st = _testbed("status", "--run", run_id, "--json")
+        assert st.returncode == 0, st.stderr
+        doc = json.loads(st.stdout)
+        assert doc["backend"] == "docker" and len(doc["nodes"]) == 21
+        for node in doc["nodes"]:
+            pid = _container(run_id, node["id"])["State"]["Pid"]
+            assert node["netns"] == f"/proc/{pid}/ns/net"
+    finally:
+        d = _testbed("down", "--run", run_id, "--json")
+    assert d.returncode == 0, d.stderr
+    removed = json.loads(d.stdout)["removed"][run_id]
+    assert any(x.startswith("supervisor ") for x in removed)  # it removed its containers on SIGTERM
+    assert _leftovers(run_id) == []
+    again = _testbed("down", "--run", run_id, "--json")  # idempotent
+    assert again.returncode == 0 and json.loads(again.stdout)["removed"][run_id] == []
+
+
+def test_down_removes_what_a_crashed_run_left(topologies: Path, run_id: str) -> None:
+    r = _testbed("up", str(topologies / "small.yaml"), "--backend", "docker", "--run", run_id, "--json")
+    assert r.returncode == 0, r.stderr
+    sup = json.loads(r.stdout)["supervisor_pid"]
+    os.kill(sup, 9)  # a crash: nobody tears the containers down
+    for _ in range(100):
+        if not Path(f"/proc/{sup}").exists():
+            break
+        time.sleep(0.05)
+    assert len(_docker("ps", "-q", "--filter", f"label=testbed.run={run_id}").split()) == 5
+    d = _testbed("down", "--run", run_id, "--json")
+    assert d.returncode == 0, d.stderr
+    removed = json.loads(d.stdout)["removed"][run_id]
+    assert f"network tb-{run_id}" in removed and sum(x.startswith("container ") for x in removed) == 5
+    assert _leftovers(run_id) == []

@@ -1,0 +1,144 @@
+"""Pure tests of the docker backend's plans: container and network arguments, the skeleton
+image, the compose/stack document and the self-shaping ops. No daemon needed."""
+
+from __future__ import annotations
+
+import io
+import tarfile
+from pathlib import Path
+
+import pytest
+import yaml
+
+from testbed.emulation.docker_compose import ComposeNode, compose_doc
+from testbed.emulation.docker_image import host_mounts, skeleton_tar
+from testbed.emulation.docker_selfshape import plan_self
+from testbed.emulation.docker_spec import (
+    GpuHost,
+    NodeSpec,
+    bridge_name,
+    container_plan,
+    detect_gpus,
+    nano_cpus,
+    network_plan,
+)
+from testbed.emulation.shaping import CELL_CLASS, HTB_HANDLE, INGRESS_HANDLE, HtbClass, Qdisc, U32Filter
+from testbed.errors import ResourceError, ShapingError
+
+
+def test_container_plan_carries_profile_limits_labels_and_address() -> None:
+    node = NodeSpec("dev03", "device", "198.18.0.12", cpu_cores=0.5, memory_mb=1536)
+    p = container_plan("r1", node, "img:x", [("/usr", "/usr", True)])
+    assert p.name == "tb-r1-dev03" and p.hostname == "dev03" and p.ipv4_address == "198.18.0.12"
+    assert p.labels == {"testbed.run": "r1", "testbed.node": "dev03", "testbed.role": "device"}
+    assert p.host_config["nano_cpus"] == 500_000_000  # --cpus 0.5
+    assert p.host_config["mem_limit"] == p.host_config["memswap_limit"] == "1536m"
+    assert p.host_config["network_mode"] == "tb-r1" and p.host_config["init"] is True
+    assert "device_requests" not in p.host_config  # no GPU on this host description
+    assert p.binds == [("/usr", "/usr", True)]
+
+
+def test_gpu_requests_only_where_the_host_has_gpus_and_the_toolkit() -> None:
+    node = NodeSpec("dev01", "device", "198.18.0.10", 1.0, 1024, gpu_share_pct=25)
+    assert "device_requests" not in container_plan("r1", node, "i", [], GpuHost(count=1, toolkit=False)).host_config
+    assert "device_requests" not in container_plan("r1", node, "i", [], GpuHost(count=0, toolkit=True)).host_config
+    p = container_plan("r1", node, "i", [], GpuHost(count=2, toolkit=True, mps_pipe_dir="/tmp/nvidia-mps"))
+    assert p.host_config["device_requests"] == [{"driver": "nvidia", "count": -1, "capabilities": [["gpu"]]}]
+    assert p.environment["CUDA_MPS_ACTIVE_THREAD_PERCENTAGE"] == "25"
+    assert p.environment["CUDA_MPS_PIPE_DIRECTORY"] == "/tmp/nvidia-mps" and p.host_config["ipc_mode"] == "host"
+    assert ("/tmp/nvidia-mps", "/tmp/nvidia-mps", False) in p.binds
+    # a node without a share gets no GPU even on a GPU host
+    plain = NodeSpec("dev02", "device", "198.18.0.11", 1.0, 1024)
+    assert "device_requests" not in container_plan("r1", plain, "i", [], GpuHost(1, True)).host_config
+
+
+def test_detect_gpus_reads_device_nodes(tmp_path: Path) -> None:
+    assert detect_gpus(tmp_path).count == 0
+    for n in ("nvidia0", "nvidia1", "nvidiactl", "nvidia-uvm"):
+        (tmp_path / n).touch()
+    assert detect_gpus(tmp_path).count == 2
+
+
+def test_addresses_outside_the_cell_and_long_run_ids_are_refused() -> None:
+    with pytest.raises(ResourceError, match="outside 198.18.0.0/16"):
+        container_plan("r1", NodeSpec("d", "device", "10.0.0.5"), "i", [])
+    with pytest.raises(ResourceError, match="too long"):
+        bridge_name("abcdefghijkl")
+
+
+def test_network_plan_is_internal_on_the_cell_subnet_with_the_host_at_255_254() -> None:
+    n = network_plan("r1")
+    assert n["internal"] is True and n["driver"] == "bridge"
+    assert n["subnet"] == "198.18.0.0/16" and n["gateway"] == "198.18.255.254"
+    assert n["options"]["com.docker.network.bridge.name"] == "tbr1br"
+    assert n["labels"] == {"testbed.run": "r1"}
+
+
+def test_nano_cpus_floor() -> None:
+    assert nano_cpus(1.0) == 1_000_000_000
+    assert nano_cpus(0.001) == 10_000_000
+
+
+def test_skeleton_has_merged_usr_links_and_a_real_sbin() -> None:
+    with tarfile.open(fileobj=io.BytesIO(skeleton_tar())) as tf:
+        members = {m.name: m for m in tf.getmembers()}
+    assert members["bin"].issym() and members["bin"].linkname == "usr/bin"
+    assert members["lib64"].issym() and members["lib64"].linkname == "usr/lib64"
+    assert members["sbin"].isdir()  # docker mounts its init at /sbin/docker-init
+    assert members["tmp"].mode == 0o1777
+    assert all(m.isdir() or m.issym() for m in members.values())  # no file content at all
+
+
+def test_host_mounts_are_unique_and_not_nested() -> None:
+    paths = [m.path for m in host_mounts()]
+    assert "/usr" in paths and "/etc" in paths
+    assert len(paths) == len(set(paths))
+    for a in paths:
+        for b in paths:
+            assert a == b or not b.startswith(a.rstrip("/") + "/"), (a, b)
+    assert all(m.read_only for m in host_mounts())
+
+
+def _doc(tmp_path: Path) -> dict:
+    nodes = [ComposeNode("server", "server", 1.0, 4096, ["srv"]),
+             ComposeNode("dev01", "device", 0.5, 1536, ["agent", "dev01"])]
+    return compose_doc("small", "small", nodes, "testbed-node:local", ["/usr", "/etc"], tmp_path / "small")
+
+
+def test_compose_doc_fits_compose_and_swarm(tmp_path: Path) -> None:
+    doc = yaml.safe_load(yaml.safe_dump(_doc(tmp_path)))
+    assert doc["version"] == "3.8"
+    net = doc["networks"]["cell"]
+    assert net["internal"] is True and net["ipam"] == {"config": [{"subnet": "198.18.0.0/16"}]}
+    assert "driver" not in net  # bridge under compose, overlay under Swarm
+    srv, dev = doc["services"]["server"], doc["services"]["dev01"]
+    for svc in (srv, dev):
+        assert svc["deploy"]["endpoint_mode"] == "dnsrr"  # no IPVS on this kernel
+        assert svc["cap_add"] == ["NET_ADMIN"] and svc["init"] is True
+        assert svc["labels"]["testbed.run"] == "small"
+    assert srv["deploy"]["placement"]["constraints"] == ["node.labels.testbed.server == true"]
+    assert dev["deploy"]["placement"]["constraints"] == ["node.labels.testbed.device == true"]
+    assert dev["deploy"]["resources"]["limits"] == {"cpus": "0.5", "memory": "1536M"}
+    state = str(tmp_path / "small")
+    assert {"type": "bind", "source": state, "target": state, "read_only": False} in srv["volumes"]
+    assert {"type": "bind", "source": state, "target": state, "read_only": True} in dev["volumes"]
+    assert dev["depends_on"] == ["server"]
+
+
+def test_compose_doc_needs_one_server(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="exactly one server"):
+        compose_doc("r", "n", [ComposeNode("dev01", "device", 1, 1, ["a"])], "i", [], tmp_path)
+
+
+def test_self_shaping_plan_uplink_on_eth0_downlink_through_the_ifb() -> None:
+    ops = plan_self("eth0", "ifb0", 20.0, 50.0)
+    assert Qdisc("eth0", "htb", HTB_HANDLE, 0xFFFFFFFF) in ops
+    assert HtbClass("eth0", CELL_CLASS, HTB_HANDLE, 20_000_000, 20_000_000) in ops
+    assert HtbClass("ifb0", CELL_CLASS, HTB_HANDLE, 50_000_000, 50_000_000) in ops
+    assert U32Filter("eth0", HTB_HANDLE, 1, None, None, classid=CELL_CLASS) in ops
+    assert U32Filter("eth0", INGRESS_HANDLE, 1, None, None, redirect_ifname="ifb0") in ops
+    # the IFB's qdisc exists before the redirect that feeds it
+    assert ops.index(Qdisc("ifb0", "htb", HTB_HANDLE, 0xFFFFFFFF)) < ops.index(
+        U32Filter("eth0", INGRESS_HANDLE, 1, None, None, redirect_ifname="ifb0"))
+    with pytest.raises(ShapingError):
+        plan_self("eth0", "ifb0", 0.0, 10.0)
