@@ -354,3 +354,46 @@ async def test_attach_follows_events_published_on_the_run_topic(small, tmp_path,
 def _log_text(app) -> list[str]:
     log = app.query_one("#log")
     return [strip.text for strip in log.lines]
+
+
+async def test_seed_control_replaces_drawn_devices_like_the_cli(topologies):
+    paper = load_topology(topologies / "paper.yaml")
+    app = TestbedApp(paper)
+    async with app.run_test(size=SIZE) as pilot:
+        await app.costs_ready.wait()
+        app.query_one("#seed", Input).focus()
+        await pilot.press(*["backspace"] * 10, "4", "2", "enter")
+        await pilot.pause()
+        want = place(load_topology(topologies / "paper.yaml", seed=42))
+        got = {d.id: (d.x_m, d.y_m) for d in app.cell.devices.values()}
+        assert got == {d.id: (d.x_m, d.y_m) for d in want.devices}
+        assert got != {d.id: (d.x_m, d.y_m) for d in place(paper).devices}
+        table = app.query_one("#devices", DevicesTable)
+        costs = _costs(load_topology(topologies / "paper.yaml", seed=42))
+        assert table.text_of("dev05", "e_j") == f"{costs['dev05'].energy_j:.1f}"
+        assert app.cell.selection is not None and app.cell.chain == app.cell.selection.selected
+
+
+async def test_mobility_batch_updates_move_devices_and_rates(small):
+    app = TestbedApp(small)
+    async with app.run_test(size=SIZE) as pilot:
+        await app.costs_ready.wait()
+        table = app.query_one("#devices", DevicesTable)
+        before = float(table.text_of("dev01", "up"))
+        # the shape of Emulation.on_update's LinkUpdate.devices, as the TUI forwards it
+        app.feed_event({"type": "positions", "positions": {
+            "dev01": {"id": "dev01", "x_m": 480.0, "y_m": 480.0, "rate_up_mbps": 12.5, "rate_down_mbps": 20.0},
+            "dev02": [100.0, 100.0]}})
+        await pilot.pause()
+        assert table.text_of("dev01", "up") == "12.5" and table.text_of("dev01", "down") == "20.0"
+        assert float(table.text_of("dev01", "up")) < before
+        assert table.text_of("dev01", "dist") == f"{np.hypot(230, 230):.0f}"
+        # dev02 moved without rates: the radio model gives them, farther means slower
+        assert app.cell.devices["dev02"].distance_m == pytest.approx(np.hypot(150, 150))
+        from testbed.radio import link_for_position
+
+        dev02 = app.cell.devices["dev02"]
+        orig = {lk.id: lk for lk in compute_links(small, place(small))}["dev02"]
+        assert dev02.rate_up_mbps == pytest.approx(link_for_position(small.radio, dev02.distance_m, orig.los)[3])
+        assert dev02.rate_up_mbps < orig.rate_up_mbps
+        assert app.run_view.events == 0  # position updates are not run events

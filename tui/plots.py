@@ -14,7 +14,17 @@ from tui.state import RunView
 __all__ = ["LatencyPlot", "EnergyPlot"]
 
 
-class LatencyPlot(PlotextPlot):
+class _DataPlot(PlotextPlot):
+    """A plot drawn from data kept on the widget: `replot()` after changing the data."""
+
+    def on_mount(self) -> None:
+        self.replot()
+
+    def replot(self) -> None:
+        raise NotImplementedError
+
+
+class LatencyPlot(_DataPlot):
     """Stacked bars per stage: 'N' measured, 'Np' predicted; segments down / cmp / up."""
 
     def __init__(self, **kw) -> None:
@@ -34,9 +44,6 @@ class LatencyPlot(PlotextPlot):
         self.bars, self.t_max_s = bars, t_max_s
         self.replot()
 
-    def on_mount(self) -> None:
-        self.replot()
-
     def replot(self) -> None:
         plt = self.plt
         plt.clear_data()
@@ -49,7 +56,7 @@ class LatencyPlot(PlotextPlot):
         self.refresh()
 
 
-class EnergyPlot(PlotextPlot):
+class EnergyPlot(_DataPlot):
     """Cumulative energy after each stage, measured and predicted, with the E_max line."""
 
     def __init__(self, **kw) -> None:
@@ -70,9 +77,6 @@ class EnergyPlot(PlotextPlot):
             pred.append(p)
         self.measured, self.e_max_j = meas, e_max_j
         self.predicted = pred if any(pred) else []
-        self.replot()
-
-    def on_mount(self) -> None:
         self.replot()
 
     def replot(self) -> None:
