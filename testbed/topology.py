@@ -199,6 +199,18 @@ class FaultSpec(_Model):
     duration_s: PositiveFloat | None = None
     value: PositiveFloat | None = None
 
+    @model_validator(mode="after")
+    def _consistent(self) -> FaultSpec:
+        if self.at_s is not None and self.at_stage is not None:
+            raise ValueError("give at_s (seconds after the relay starts) or at_stage (stage index), not both")
+        if self.kind == "broker-restart" and self.device is not None:
+            raise ValueError("broker-restart takes no device (the broker runs on the edge server)")
+        if self.kind == "kill" and self.duration_s is not None:
+            raise ValueError("kill takes no duration_s (a killed agent stays dead)")
+        if self.value is not None and self.kind not in ("rate-drop", "slow"):
+            raise ValueError(f"{self.kind} takes no value (only rate-drop: Mbit/s, slow: CPU cores)")
+        return self
+
 
 class Bound(_Model):
     min: float | None = None
@@ -241,6 +253,10 @@ class Topology(_Model):
                 )
             if d.position is not None:
                 _check_inside(self.area, d.position, ("devices", "list", i, "position"))
+        ids = _device_ids(self.devices) if self.faults else []
+        for i, f in enumerate(self.faults):
+            if f.device is not None and f.device not in ids:
+                raise _located(("faults", i, "device"), _unknown("device", f.device, dict.fromkeys(ids)))
         return self
 
     @property
@@ -263,6 +279,18 @@ def _located(loc: tuple[Any, ...], msg: str) -> _LocatedError:
 
 def _unknown(what: str, name: str, known: dict[str, Any]) -> str:
     return f"unknown {what} {name!r}; valid: {', '.join(sorted(known))}"
+
+
+def _device_ids(pool: DevicePool) -> list[str]:
+    """The ids `place()` gives: explicit ones, then dev01, dev02... for `count` (no draws)."""
+    ids = [d.id for d in pool.list]
+    taken = set(ids)
+    width, n = max(2, len(str(pool.count))), 0
+    while len(ids) < len(pool.list) + pool.count:
+        n += 1
+        if f"dev{n:0{width}d}" not in taken:
+            ids.append(f"dev{n:0{width}d}")
+    return ids
 
 
 def _check_inside(area: Area, pos: Position, loc: tuple[Any, ...]) -> None:

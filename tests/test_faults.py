@@ -1,0 +1,271 @@
+"""Faults without root: a real mosquitto on 127.0.0.1 (per-run credentials and ACL), agents
+and the orchestrator in this process, a counting model (each step adds 1 to the latent, so
+the final latent shows a lost or repeated step as a wrong count).
+
+- the broker stops mid-stage and comes back: agents and orchestrator reconnect with
+  backoff, the stage is re-sent from the checkpoint, the count is exact;
+- the broker never comes back: the run ends with a RelayError naming the broker, bounded;
+- fault specs: YAML syntax, validation (exit-2 errors), scheduling from telemetry.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import shutil
+import socket
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+
+from testbed.errors import RelayError, TopologyError
+from testbed.faults import FaultInjector, broker_start_args, parse_fault
+from testbed.relay.agent import Agent, AgentConfig
+from testbed.relay.security import make_credentials, write_security_files
+from testbed.relay.server import DevicePower, Orchestrator
+from testbed.topology import parse_topology
+from test_relay_protocol import CountingModel, Cost  # the counting model: each step adds 1
+
+needs_mosquitto = pytest.mark.skipif(shutil.which("mosquitto") is None, reason="needs mosquitto (apt install mosquitto)")
+
+DEVICES = ["dev01", "dev02", "dev03"]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class LocalBroker:
+    """mosquitto on 127.0.0.1:<free port> that can be stopped and started again."""
+
+    def __init__(self, tmp: Path, run: str):
+        self.port = _free_port()
+        self.creds = make_credentials(run, DEVICES)
+        paths = write_security_files(tmp / "state", self.creds, "127.0.0.1", self.port)
+        self.conf = tmp / "mosquitto.conf"
+        self.conf.write_text(
+            "user root\n" f"listener {self.port} 127.0.0.1\n" "allow_anonymous false\n"
+            f"password_file {paths['password_file']}\n" f"acl_file {paths['acl_file']}\n" "persistence false\n"
+            f"message_size_limit {2**20}\n")
+        self.log = tmp / "mosquitto.log"
+        self.proc: subprocess.Popen | None = None
+
+    def start(self) -> None:
+        with open(self.log, "ab") as log:
+            self.proc = subprocess.Popen(["mosquitto", "-c", str(self.conf)], stdout=log, stderr=subprocess.STDOUT)
+        deadline = time.monotonic() + 10
+        while True:
+            with socket.socket() as s:
+                if s.connect_ex(("127.0.0.1", self.port)) == 0:
+                    return
+            assert self.proc.poll() is None, self.log.read_text()
+            assert time.monotonic() < deadline, "mosquitto did not start"
+            time.sleep(0.02)
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(5)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        self.proc = None
+
+
+@pytest.fixture
+def broker(tmp_path, unique_run_id):
+    b = LocalBroker(tmp_path, unique_run_id)
+    b.start()
+    try:
+        yield unique_run_id, b
+    finally:
+        b.stop()
+
+
+def _agent(run: str, b: LocalBroker, dev: str, model) -> Agent:
+    c = b.creds.for_device(dev)
+    return Agent(AgentConfig(run=run, device=dev, broker_host="127.0.0.1", broker_port=b.port, username=c.username,
+                             password=c.password, step_time_s=0.0, payload_bytes=16384,
+                             max_message_bytes=2**20, keepalive_s=2), model)
+
+
+def _orchestrator(run, b, order, costs, events, **kw) -> Orchestrator:
+    args = dict(run=run, broker_host="127.0.0.1", broker_port=b.port, username=b.creds.server.username,
+                password=b.creds.server.password, costs=costs, relay_order=order,
+                power={c.id: DevicePower(10.0, 1.0, 0.5) for c in costs}, model=CountingModel(), steps_per_stage=4,
+                prompt="p", seed=1, scheduler="ddim", payload_bytes=16384, t_max_s=30.0, e_max_j=1000.0,
+                emit=events.append, online_timeout_s=10.0, deadline_factor=2.0, deadline_slack_s=3.0,
+                max_message_bytes=2**20)
+    args.update(kw)
+    return Orchestrator(**args)
+
+
+@needs_mosquitto
+async def test_broker_restart_mid_stage_resumes_from_the_checkpoint(broker):
+    run, b = broker
+    models = {d: CountingModel(step_s=0.1) for d in DEVICES}  # 0.4 s per stage
+    agents = {d: _agent(run, b, d, models[d]) for d in DEVICES}
+    tasks = [asyncio.create_task(a.serve()) for a in agents.values()]
+    costs = [Cost("dev01", 4, 0.5, 5), Cost("dev02", 3, 0.5, 5), Cost("dev03", 1, 0.5, 5)]
+    events: list[dict] = []
+    restarted = asyncio.Event()
+
+    async def restart() -> None:
+        await asyncio.to_thread(b.stop)
+        await asyncio.sleep(1.0)
+        await asyncio.to_thread(b.start)
+        restarted.set()
+
+    def on_event(ev):
+        events.append(ev)
+        if ev["type"] == "downloaded" and ev["stage"] == 1 and not restarted.is_set() and not hasattr(on_event, "t"):
+            on_event.t = asyncio.get_running_loop().create_task(restart())
+
+    orch = _orchestrator(run, b, ["dev01", "dev02"], costs, [], emit=on_event)
+    try:
+        async with asyncio.timeout(60):
+            out = await orch.run()
+    finally:
+        for t in tasks:
+            t.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+    assert restarted.is_set()
+    assert float(out.latent.min()) == float(out.latent.max()) == 8.0  # 8 steps, none lost, none repeated
+    assert [s.steps for s in out.stages] == [(0, 4), (4, 8)]
+    assert [s.device for s in out.stages] == ["dev01", "dev02"]  # the same device resumed: it did not fail
+    (rec,) = out.recovered
+    assert rec.reason == "broker" and rec.device == rec.took_over == "dev02" and rec.steps == (4, 8)
+    types = [e["type"] for e in events]
+    assert "broker_lost" in types and "broker_back" in types
+    assert types.index("broker_lost") < types.index("broker_back") < types.index("recovered")
+
+
+@needs_mosquitto
+async def test_broker_that_never_returns_ends_the_run_with_a_clear_error(broker):
+    run, b = broker
+    agents = {d: _agent(run, b, d, CountingModel(step_s=0.1)) for d in DEVICES}
+    tasks = [asyncio.create_task(a.serve()) for a in agents.values()]
+    costs = [Cost("dev01", 4, 0.5, 5), Cost("dev02", 3, 0.5, 5)]
+
+    def on_event(ev):
+        if ev["type"] == "downloaded" and not hasattr(on_event, "t"):
+            on_event.t = asyncio.get_running_loop().create_task(asyncio.to_thread(b.stop))
+
+    orch = _orchestrator(run, b, ["dev01", "dev02"], costs, [], emit=on_event, reconnect_timeout_s=2.0)
+    t0 = time.monotonic()
+    try:
+        with pytest.raises(RelayError, match="broker"):
+            async with asyncio.timeout(30):
+                await orch.run()
+    finally:
+        for t in tasks:
+            t.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+    assert time.monotonic() - t0 < 15  # bounded: the reconnect budget, not a hang
+
+
+def test_broker_start_args_are_read_back_from_the_config(tmp_path):
+    from testbed.emulation.broker import BrokerHandle, _mosquitto_conf
+
+    conf = tmp_path / "mosquitto.conf"
+    conf.write_text(_mosquitto_conf("198.18.0.1", 1883, tmp_path, tmp_path / "pw", tmp_path / "acl", 4242))
+    h = BrokerHandle("mosquitto", 1, "198.18.0.1", 1883, conf, tmp_path / "log")
+    assert broker_start_args(h) == {"prefer": "mosquitto", "password_file": tmp_path / "pw",
+                                    "acl_file": tmp_path / "acl", "max_message_bytes": 4242}
+
+
+# -- fault specs ---------------------------------------------------------------------------
+_BASE = "devices:\n  list:\n    - {id: dev01}\n    - {id: dev02}\n"
+
+
+def test_fault_yaml_syntax_loads():
+    topo = parse_topology(_BASE + """faults:
+  - {kind: kill, device: dev01, at_stage: 0}
+  - {kind: broker-restart, at_s: 1.5, duration_s: 2}
+  - {kind: link-flap, device: dev02, at_s: 0.5, duration_s: 1}
+  - {kind: rate-drop, device: dev02, at_stage: 1, value: 0.05}
+  - {kind: slow, at_stage: 1, value: 0.1, duration_s: 5}
+""")
+    assert [f.kind for f in topo.faults] == ["kill", "broker-restart", "link-flap", "rate-drop", "slow"]
+    assert topo.faults[3].value == 0.05 and topo.faults[4].device is None
+
+
+@pytest.mark.parametrize("fault, needle", [
+    ("{kind: explode}", "faults.0.kind"),
+    ("{kind: kill, device: dev09}", "unknown device 'dev09'"),
+    ("{kind: kill, at_s: 1, at_stage: 0}", "not both"),
+    ("{kind: broker-restart, device: dev01}", "takes no device"),
+    ("{kind: kill, device: dev01, duration_s: 3}", "kill takes no duration_s"),
+    ("{kind: link-flap, device: dev01, value: 3}", "link-flap takes no value"),
+    ("{kind: slow, device: dev01, value: -1}", "faults[0].value"),
+    ("{kind: kill, device: 'dev01; reboot'}", "faults[0].device"),
+])
+def test_bad_fault_is_a_clear_error(fault, needle):
+    with pytest.raises(TopologyError) as e:
+        parse_topology(_BASE + f"faults:\n  - {fault}\n", source="t.yaml")
+    msg = str(e.value).replace("faults[0]", "faults[0]")
+    assert needle in msg or needle.replace(".0.", "[0].") in msg, msg
+    assert "t.yaml:" in msg
+
+
+def test_parse_fault_from_cli_arguments():
+    assert parse_fault("slow", "dev01", value=0.2).value == 0.2
+    with pytest.raises(TopologyError, match="kinds: kill, broker-restart"):
+        parse_fault("melt", "dev01")
+
+
+class _FakeEmu:
+    def __init__(self):
+        self.calls: list[tuple] = []
+        self.nodes = {"dev01": type("N", (), {"rate_up_mbps": 5.0, "rate_down_mbps": 9.0})()}
+
+    def device_ids(self):
+        return ["dev01"]
+
+    async def cut_link(self, dev):
+        self.calls.append(("down", dev))
+
+    async def restore_link(self, dev):
+        self.calls.append(("up", dev))
+
+    async def set_link(self, dev, up, down):
+        self.calls.append(("rate", dev, up, down))
+
+
+class _FakeRunner:
+    def __init__(self):
+        self.emu = _FakeEmu()
+        self.events: list[tuple] = []
+        self._costs = {"dev01": Cost("dev01", 1, 1, 1, t_cmp_s=0.2)}
+
+    def _event_local(self, etype, device, **data):
+        self.events.append((etype, device, data))
+
+
+async def test_injector_schedules_from_telemetry_and_restores():
+    r = _FakeRunner()
+    topo = parse_topology(_BASE + "faults:\n  - {kind: link-flap, at_stage: 1, duration_s: 0.2}\n"
+                                  "  - {kind: rate-drop, device: dev01, at_s: 0.05, value: 0.5}\n")
+    inj = FaultInjector(r, topo.faults)
+    inj.feed({"type": "run_started"})
+    inj.feed({"type": "downloaded", "device": "dev01", "stage": 0})
+    await asyncio.sleep(0.2)
+    assert r.emu.calls == [("rate", "dev01", 0.5, 0.5)]  # at_s fired; the stage-1 flap did not
+    inj.feed({"type": "downloaded", "device": "dev01", "stage": 1})
+    await asyncio.sleep(0.05)
+    assert r.emu.calls[-1] == ("rate", "dev01", 0.5, 0.5)  # the flap waits half the predicted compute (0.1 s)
+    await asyncio.sleep(0.15)
+    assert r.emu.calls[-1] == ("down", "dev01")
+    await asyncio.sleep(0.3)
+    assert r.emu.calls[-1] == ("up", "dev01")
+    inj.feed({"type": "downloaded", "device": "dev01", "stage": 1})  # a retried stage fires nothing again
+    await inj.close()  # the rate-drop lasts the run: close() restores it
+    assert r.emu.calls[-1] == ("rate", "dev01", 5.0, 9.0)
+    kinds = [(e[0], e[2].get("kind")) for e in r.events]
+    assert kinds == [("fault_injected", "rate-drop"), ("fault_injected", "link-flap"), ("fault_restored", "link-flap"),
+                     ("fault_restored", "rate-drop")]
+    assert [i.kind for i in inj.injected] == ["rate-drop", "link-flap"] and inj.errors == []
