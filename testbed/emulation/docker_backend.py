@@ -78,8 +78,9 @@ class DockerBackend:
 
     def __init__(self, run_id: str, *, image: str | None = None, limits: dict[str, NodeLimits] | None = None,
                  state_dir: Path | None = None, client: docker.DockerClient | None = None,
-                 gpus: GpuHost | None = None):
+                 gpus: GpuHost | None = None, gso_off: bool = True):
         self.run = check_run_id(run_id)
+        self.gso_off = gso_off
         self.image = image or os.environ.get("TESTBED_DOCKER_IMAGE") or IMAGE
         self.limits: dict[str, NodeLimits] = dict(limits or {})
         self.state_dir = state_dir
@@ -137,6 +138,8 @@ class DockerBackend:
         await asyncio.to_thread(self._create_sync, list(nodes))
         await self._host_address()
         await self._server_ifb()
+        if self.gso_off:
+            await asyncio.gather(*(self._cap_gso(n.id) for n in nodes))
 
     def _create_sync(self, nodes: list[NodeSpec]) -> None:
         client = self.client
@@ -230,6 +233,12 @@ class DockerBackend:
                 raise ResourceError(f"ifb0 in the server container: {e} (the kernel needs the ifb module)") from None
             idx = (await ipr.link_lookup(ifname="ifb0"))[0]
             await ipr.link("set", index=idx, state="up")
+
+    async def _cap_gso(self, node_id: str) -> None:
+        """gso_max_segs=1 on the node's eth0, as the netns backend does: 64 KB GSO bursts
+        make the HTB classes' short-term rates uneven."""
+        async with open_iproute(self.netns(node_id)) as ipr:
+            await ipr.link("set", index=(await ipr.link_lookup(ifname="eth0"))[0], gso_max_segs=1)
 
     # run time ----------------------------------------------------------------------
     async def spawn(self, node_id: str, argv: Sequence[str], env: dict[str, str] | None = None,
