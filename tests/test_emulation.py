@@ -163,3 +163,32 @@ async def test_failure_inside_the_context_still_removes_everything(topologies: P
             await emu.spawn("dev01", ["sleep", "60"])
             raise RuntimeError("boom")
     assert _leftovers(run_id) == []
+
+
+def test_ctrl_c_removes_everything(topologies: Path, run_id: str) -> None:
+    """SIGINT (Ctrl-C) to a program inside `async with Emulation(...)` tears the run down."""
+    code = (
+        "import asyncio, sys\n"
+        "from testbed.emulation import Emulation\n"
+        "from testbed.topology import load_topology\n"
+        "async def main():\n"
+        f"    async with Emulation(load_topology({str(topologies / 'small.yaml')!r}), {run_id!r}) as emu:\n"
+        "        pid = await emu.spawn('dev01', ['sleep', '60'])\n"
+        "        print('ready', pid, flush=True)\n"
+        "        await asyncio.sleep(60)\n"
+        "asyncio.run(main())\n"
+    )
+    p = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        word, pid = p.stdout.readline().split()
+        assert word == "ready" and Path(f"/proc/{pid}").exists()
+        assert _leftovers(run_id) != []
+        p.send_signal(2)  # SIGINT
+        _, stderr = p.communicate(timeout=30)
+        assert "KeyboardInterrupt" in stderr or p.returncode != 0
+    finally:
+        if p.poll() is None:
+            p.kill()
+            p.wait()
+    assert _leftovers(run_id) == []
+    assert not Path(f"/proc/{pid}").exists()  # the process it spawned is gone too
