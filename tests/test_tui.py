@@ -212,9 +212,10 @@ async def test_events_render_stages_plots_and_recovery(small):
 async def test_kill_without_a_run_only_warns(small):
     app = TestbedApp(small)
     async with app.run_test(size=SIZE) as pilot:
-        await pilot.press("k")
+        await pilot.press("k", "c")
         await pilot.pause()
-        assert any("no run in progress" in n.message for n in app._notifications)
+        msgs = [n.message for n in app._notifications]
+        assert any("k kills" in m for m in msgs) and any("c cuts" in m for m in msgs)
         assert all(r.online for r in app.cell.devices.values())
 
 

@@ -43,6 +43,7 @@ class TestbedApp(LiveMixin, App[None]):
         Binding("s", "select", "Select", priority=True),
         Binding("r", "run", "Run", priority=True),
         Binding("k", "kill", "Kill", priority=True),
+        Binding("c", "cut", "Cut link", priority=True),
         Binding("question_mark", "help", "Help"),
         Binding("q", "quit", "Quit", priority=True),
         Binding("1", "tab('cell')", "Cell", show=False),
@@ -61,6 +62,7 @@ class TestbedApp(LiveMixin, App[None]):
         self.cell = CellModel(topo)
         self.run_view = RunView(t_max_s=topo.budgets.t_max_s, e_max_j=topo.budgets.e_max_j)
         self.runner: Any = None
+        self.cut_links: set[str] = set()
         self.result: dict[str, Any] | None = None
         self.running = False
         self._loop: asyncio.AbstractEventLoop | None = None

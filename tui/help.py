@@ -17,6 +17,7 @@ HELP_TEXT = """\
   s        select devices under T_max / E_max (chosen strategy)
   r        run it in the emulation (netns backend, needs root)
   k        kill the highlighted device during a run (recovery)
+  c        cut / restore the highlighted device's link during a run
   1 2 3    Cell / Run / Image tab      tab  next control
   up/down  highlight a device          ?    this help      q  quit
 

@@ -70,9 +70,31 @@ class LiveMixin:
         except TestbedError as e:
             self.notify(str(e), severity="error")
 
+    async def action_cut(self) -> None:
+        """Cut (or restore) the highlighted device's link: the device is up but unreachable,
+        so the orchestrator's deadline (or the broker's keepalive) triggers the recovery."""
+        dev = self.query_one("#devices").highlighted_id
+        emu = getattr(self.runner, "emu", None)
+        if not self.running or emu is None or dev is None or not hasattr(emu, "cut_link"):
+            self.notify("no run in progress: c cuts the highlighted device's link during a run", severity="warning")
+            return
+        panel = self.query_one("#runpanel", RunPanel)
+        try:
+            if dev in self.cut_links:
+                await emu.restore_link(dev)
+                self.cut_links.discard(dev)
+                panel.log_line(f"link of {dev} restored (from the TUI)", "bold yellow")
+            else:
+                await emu.cut_link(dev)
+                self.cut_links.add(dev)
+                panel.log_line(f"link of {dev} cut (from the TUI)", "bold red")
+        except TestbedError as e:
+            self.notify(str(e), severity="error")
+
     # ---- a run started here ----------------------------------------------------------------
     def _new_run(self, t_max_s: float | None, e_max_j: float | None) -> None:
         self.run_view = RunView(t_max_s=t_max_s, e_max_j=e_max_j)
+        self.cut_links: set[str] = set()
         self.result = None
         self.query_one("#runpanel", RunPanel).reset()
 

@@ -33,7 +33,7 @@ class RunPanel(Vertical):
         with Horizontal(id="plots"):
             yield LatencyPlot(id="latency")
             yield EnergyPlot(id="energy")
-        yield RichLog(id="log", max_lines=2000, wrap=False, markup=False)
+        yield RichLog(id="log", max_lines=2000, wrap=True, markup=False)
 
     def on_mount(self) -> None:
         table = self.query_one("#stages", DataTable)
