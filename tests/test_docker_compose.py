@@ -134,8 +134,8 @@ def test_single_node_swarm_runs_a_generation(scenario: dict) -> None:
     made_swarm = _swarm_state() != "active"
     had_gwbridge = _sh(DOCKER, "network", "ls", "-q", "--filter", "name=^docker_gwbridge$").stdout.strip() != ""
     if made_swarm:
-        addr = _sh("ip", "-4", "-o", "route", "get", "192.0.2.1", check=False).stdout.split("src ")[-1].split()[0] \
-            if "src " in _sh("ip", "-4", "-o", "route", "get", "192.0.2.1", check=False).stdout else "127.0.0.1"
+        route = _sh("ip", "-4", "-o", "route", "get", "192.0.2.1", check=False).stdout  # a lookup, sends nothing
+        addr = route.split("src ")[1].split()[0] if "src " in route else "127.0.0.1"
         _sh(DOCKER, "swarm", "init", "--advertise-addr", addr, "--default-addr-pool", "198.19.128.0/18", timeout=120)
     try:
         node = _sh(DOCKER, "info", "--format", "{{.Swarm.NodeID}}").stdout.strip()
