@@ -175,3 +175,19 @@ def test_down_removes_what_a_crashed_run_left(topologies: Path, run_id: str) -> 
     removed = json.loads(d.stdout)["removed"][run_id]
     assert f"network tb-{run_id}" in removed and sum(x.startswith("container ") for x in removed) == 5
     assert _leftovers(run_id) == []
+
+
+def test_image_build_is_local_tiny_and_idempotent() -> None:
+    first = _testbed("image", "build", "--json")
+    assert first.returncode == 0, first.stderr
+    a = json.loads(first.stdout)
+    b = json.loads(_testbed("image", "build", "--json").stdout)
+    assert b["built"] is False and b["id"] == a["id"]  # kept: same host layout
+    assert a["size_bytes"] < 4096  # a skeleton: the host's files are mounted, not copied
+    assert {"/usr", "/etc"} <= set(a["mounts"])
+    labels = _container_labels_of_image(a["image"])
+    assert labels["testbed.image"] == "node" and labels["testbed.mounts"].split(",") == a["mounts"]
+
+
+def _container_labels_of_image(image: str) -> dict:
+    return json.loads(_docker("image", "inspect", image))[0]["Config"]["Labels"]
