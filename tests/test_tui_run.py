@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -106,3 +107,22 @@ async def test_kill_from_the_keyboard_recovers(topologies, tmp_path, monkeypatch
         assert table.text_of(victim, "on") == "no"
         assert any(s.device == spare and s.recovered and s.phase == "done" for s in rv.stages)
         assert any(" recovered " in line and f"failed={victim}" in line for line in rv.log)
+
+
+async def test_quit_during_a_run_tears_the_emulation_down(topologies, tmp_path, monkeypatch):
+    monkeypatch.setattr(tui.live, "OUT_ROOT", tmp_path)
+    app = TestbedApp(load_topology(topologies / "small.yaml"))
+    async with app.run_test(size=SIZE) as pilot:
+        await _start(pilot, app)
+        await _wait(pilot, lambda: app.runner is not None and app.run_view.run_id is not None, RUN_TIMEOUT_S,
+                    "the emulation to be up")
+        rid = app.run_view.run_id
+        assert any(n.startswith(f"tb-{rid}-") for n in os.listdir("/run/netns"))
+        await pilot.press("q")
+        for _ in range(600):
+            if not app.is_running:
+                break
+            await asyncio.sleep(0.2)
+    assert not app.is_running
+    left = [n for n in os.listdir("/run/netns") if n.startswith(f"tb-{rid}-")] if os.path.isdir("/run/netns") else []
+    assert left == []

@@ -213,6 +213,9 @@ class TestbedApp(LiveMixin, App[None]):
         if self.attach:
             self.notify("attached to a run: selection is the run's", severity="warning")
             return
+        if self.running:
+            self.notify("a run is in progress: select again when it has ended", severity="warning")
+            return
         try:
             p = self.params()
             self.apply_seed(p["seed"])

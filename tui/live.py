@@ -9,6 +9,7 @@ Runner (torch, relay, emulation) is imported when the first run starts, off the 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import importlib
 from pathlib import Path
 from typing import Any
@@ -25,6 +26,9 @@ from tui.runpanel import RunPanel
 from tui.state import RunView
 
 __all__ = ["LiveMixin", "OUT_ROOT"]
+
+#: How long quitting waits for a cancelled run's teardown.
+QUIT_TEARDOWN_S = 90.0
 
 #: Where runs started from the TUI write result.json, events.jsonl, image.png (like `testbed run`).
 OUT_ROOT = Path("out")
@@ -54,7 +58,18 @@ class LiveMixin:
         self.running = True
         self._new_run(p["t_max_s"], p["e_max_j"])
         self.action_tab("run")
-        self._run(p)
+        self.run_worker_handle = self._run(p)
+
+    async def action_quit(self) -> None:
+        """Quit; a run in progress is cancelled first and its teardown (namespaces, links,
+        cgroups, broker, agents) awaited, bounded, so nothing is left behind."""
+        worker = getattr(self, "run_worker_handle", None)
+        if worker is not None and worker.is_running:
+            self.notify("stopping the run: tearing down the emulation...", timeout=30)
+            worker.cancel()
+            with contextlib.suppress(Exception, asyncio.CancelledError):
+                await asyncio.wait_for(worker.wait(), QUIT_TEARDOWN_S)
+        self.exit()
 
     async def action_kill(self) -> None:
         dev = self.query_one("#devices").highlighted_id
