@@ -134,6 +134,9 @@ class _Cell:
     netem: bool = False
     backend: Any = field(default_factory=lambda: SimpleNamespace(name="compose"))
 
+    def device_ids(self) -> list[str]:
+        return [link.id for link in self.links]
+
 
 def _load_credentials(path: Path) -> security.RunCredentials:
     d = json.loads(path.read_text())
@@ -185,8 +188,12 @@ async def serve(state: Path) -> dict[str, Any]:
     out = state / "out"
     (out / "logs").mkdir(parents=True, exist_ok=True)
     proc, log = await asyncio.to_thread(_start_mosquitto, state, topo.workload.payload_bytes + 4 * 2**20)
+    class ComposeRunner(Runner):
+        async def in_server_ns(self, factory: Any) -> Any:
+            return await factory()  # this process is the server container: already on the cell
+
     try:
-        r = Runner(topo, run_id=scen["run"], backend="compose", out_dir=out)
+        r = ComposeRunner(topo, run_id=scen["run"], backend="compose", out_dir=out)
         r.emu = _Cell(compute_links(topo, place(topo)), ["compose/Swarm deployment: every device shapes its own link"])
         r.broker = SimpleNamespace(host="127.0.0.1", port=MQTT_PORT, kind="mosquitto", log_path=log)
         r.creds = _load_credentials(state / "secrets" / "credentials.json")
