@@ -210,6 +210,7 @@ class Agent:
             "compute": self.cfg.compute,
             "model": self.cfg.model,
             "precision": self.cfg.precision,
+            "compute_dtype": getattr(self.model, "compute_dtype", None),
             "threads": _torch_threads(),
         }
         return Message(kind="result", run=task.run, device=self.cfg.device, stage=task.stage, attempt=task.attempt,

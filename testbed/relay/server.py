@@ -55,6 +55,7 @@ class StageRecord:
     wire_bytes_down: int
     wire_bytes_up: int
     precision: str = ""
+    compute_dtype: str | None = None
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -67,6 +68,7 @@ class StageRecord:
             "overrun_s": self.overrun_s,
             "cmp_real_s": self.cmp_real_s,
             "precision": self.precision,
+            "compute_dtype": self.compute_dtype,
             "bytes_down": self.wire_bytes_down,
             "bytes_up": self.wire_bytes_up,
             "predicted": self.predicted,
@@ -78,7 +80,7 @@ class Recovery:
     device: str
     steps: tuple[int, int]
     stage: int
-    reason: str  # "offline" | "deadline"
+    reason: str  # "offline" | "deadline" | "broker" (resumed on the same device)
     took_over: str
     detected_after_s: float
     energy_j: float
@@ -140,6 +142,8 @@ class Orchestrator:
         deadline_factor: float = 2.0,
         deadline_slack_s: float = 2.0,
         max_message_bytes: int | None = None,
+        reconnect_timeout_s: float = 30.0,
+        rejoin_timeout_s: float = 15.0,
     ):
         self.run_id = run
         self.host, self.port = broker_host, broker_port
@@ -163,20 +167,30 @@ class Orchestrator:
         self._seq = 0
         self.rejected_results = 0
         self.current: dict[str, Any] | None = None  # the stage in flight (for fault injection)
+        # broker loss: reconnect with backoff for up to reconnect_timeout_s, then wait up to
+        # rejoin_timeout_s for the stage's device to be back online before resuming it
+        self.reconnect_timeout_s, self.rejoin_timeout_s = reconnect_timeout_s, rejoin_timeout_s
+        self._connected = asyncio.Event()
+        self._conn_error: str | None = None
 
     # -- telemetry -------------------------------------------------------------------------
     async def emit(self, etype: str, device: str | None = None, steps: tuple[int, int] | None = None, **data: Any) -> None:
         self._seq += 1
         ev = {"seq": self._seq, "type": etype, "ts": time.time(), "run": self.run_id, "device": device,
               "steps": list(steps) if steps is not None else None, **data}
-        if self._client is not None:
-            await self._client.publish(topics.events(self.run_id), json.dumps(ev).encode(), qos=1)
+        if self._client is not None and self._connected.is_set():
+            import aiomqtt
+
+            try:
+                await self._client.publish(topics.events(self.run_id), json.dumps(ev).encode(), qos=1)
+            except aiomqtt.MqttError:
+                pass  # the broker went away: the connection task reports it; local emit still runs
         if self._emit_cb is not None:
             self._emit_cb(ev)
 
     # -- transport -------------------------------------------------------------------------
-    async def _reader(self) -> None:
-        async for msg in self._client.messages:
+    async def _reader(self, client: Any) -> None:
+        async for msg in client.messages:
             parsed = topics.parse_device_topic(self.run_id, str(msg.topic))
             if parsed is None:
                 continue
@@ -196,27 +210,97 @@ class Orchestrator:
         elif state == "offline":
             self.online.discard(dev)
 
-    async def run(self) -> RelayOutcome:
+    async def run(self, finalize: Callable[[RelayOutcome], Any] | None = None) -> RelayOutcome:
+        """Relay the whole generation. `finalize(outcome)` (async, optional) runs before the
+        connection closes; the dict it returns goes into the `run_finished` event."""
+        conn = asyncio.create_task(self._connection())
+        try:
+            await self._await_connection()
+            outcome = await self._relay()
+            extra = (await finalize(outcome)) if finalize is not None else {}
+            await self.emit("run_finished", latency_s=outcome.latency_s, energy_j=outcome.energy_j,
+                            recovered=len(outcome.recovered), **(extra or {}))
+            outcome.events = self._seq
+            return outcome
+        finally:
+            conn.cancel()
+            await asyncio.gather(conn, return_exceptions=True)
+            self._client = None
+
+    async def _connection(self) -> None:
+        """Hold the broker connection: subscribe and read; when it drops, report
+        `broker_lost`, reconnect with backoff (0.2 s .. 2 s) for up to reconnect_timeout_s."""
         import aiomqtt
 
-        try:
-            async with aiomqtt.Client(
-                self.host, self.port, username=self.username, password=self.password,
-                identifier=f"tb-{self.run_id}-server", keepalive=10, timeout=10, clean_session=True,
-            ) as client:
-                self._client = client
-                await client.subscribe(f"tb/{self.run_id}/dev/+/status", qos=1)
-                await client.subscribe(f"tb/{self.run_id}/dev/+/result", qos=1)
-                reader = asyncio.create_task(self._reader())
-                try:
-                    return await self._relay()
-                finally:
-                    reader.cancel()
-                    await asyncio.gather(reader, return_exceptions=True)
-                    self._client = None
-        except aiomqtt.MqttError as e:
-            raise RelayError(f"orchestrator: MQTT connection to {self.host}:{self.port} failed ({e}); "
-                             "is the broker up (testbed status)?") from None
+        backoff, lost_at, ever = 0.2, None, False
+        while True:
+            try:
+                async with aiomqtt.Client(
+                    self.host, self.port, username=self.username, password=self.password,
+                    identifier=f"tb-{self.run_id}-server", keepalive=10, timeout=10, clean_session=True,
+                ) as client:
+                    await client.subscribe(f"tb/{self.run_id}/dev/+/status", qos=1)
+                    await client.subscribe(f"tb/{self.run_id}/dev/+/result", qos=1)
+                    self._client = client
+                    self._connected.set()
+                    if lost_at is not None:
+                        await self.emit("broker_back", down_s=time.monotonic() - lost_at)
+                    lost_at, backoff, ever = None, 0.2, True
+                    await self._reader(client)
+            except aiomqtt.MqttError as e:
+                self._client = None
+                self._connected.clear()
+                if not ever:
+                    self._conn_error = (f"orchestrator: MQTT connection to {self.host}:{self.port} failed ({e}); "
+                                        "is the broker up (testbed status)?")
+                    return
+                if lost_at is None:
+                    lost_at = time.monotonic()
+                    self.online.clear()  # a restarted broker has no retained statuses: rebuilt as agents return
+                    await self.emit("broker_lost", error=str(e))
+                    await self._inbox.put(("broker", "", b"lost", time.time()))
+                if time.monotonic() - lost_at > self.reconnect_timeout_s:
+                    self._conn_error = (f"the broker at {self.host}:{self.port} stayed unreachable for "
+                                        f"{self.reconnect_timeout_s:g} s ({e}); the run cannot go on — see the "
+                                        "broker log (OUT/logs/broker.log)")
+                    await self._inbox.put(("broker", "", b"gone", time.time()))
+                    return
+                await asyncio.sleep(backoff)
+                backoff = min(backoff * 2, 2.0)
+
+    async def _await_connection(self) -> None:
+        """Until connected (bounded by the client's connect timeout plus reconnect_timeout_s)."""
+        deadline = time.monotonic() + self.reconnect_timeout_s + 15.0
+        while not self._connected.is_set():
+            if self._conn_error is not None:
+                raise RelayError(self._conn_error)
+            if time.monotonic() > deadline:
+                raise RelayError(f"orchestrator: no MQTT connection to {self.host}:{self.port} within "
+                                 f"{self.reconnect_timeout_s + 15.0:g} s; is the broker up (testbed status)?")
+            try:
+                await asyncio.wait_for(self._connected.wait(), timeout=0.1)
+            except TimeoutError:
+                pass
+
+    async def _broker_lost_within(self, seconds: float) -> bool:
+        deadline = time.monotonic() + seconds
+        while self._connected.is_set() and time.monotonic() < deadline:
+            await asyncio.sleep(0.02)
+        return not self._connected.is_set()
+
+    async def _rejoin(self, dev: str) -> bool:
+        """After a broker loss: wait for the connection (RelayError when it is gone for
+        good), then up to rejoin_timeout_s for `dev` to be online again."""
+        await self._await_connection()
+        deadline = time.monotonic() + self.rejoin_timeout_s
+        while dev not in self.online and time.monotonic() < deadline:
+            if self._conn_error is not None:
+                raise RelayError(self._conn_error)
+            try:
+                await asyncio.wait_for(self._inbox.get(), timeout=0.2)
+            except TimeoutError:
+                pass
+        return dev in self.online
 
     async def wait_online(self, devices: list[str]) -> None:
         deadline = time.monotonic() + self.online_timeout_s
@@ -254,10 +338,18 @@ class Orchestrator:
                 energy += wasted_j if rec is None else rec.energy_j
                 if rec is not None:
                     break
+                if why == "broker":  # nobody failed: resume the same device from the checkpoint
+                    if await self._rejoin(dev):
+                        recovered.append(Recovery(device=dev, steps=steps, stage=i, reason=why, took_over=dev,
+                                                  detected_after_s=time.time() - t_start, energy_j=wasted_j))
+                        await self.emit("recovered", device=dev, steps=steps, failed=dev, reason=why, stage=i,
+                                        checkpoint_step=steps[0])
+                        continue
+                    why = "offline"  # it did not come back: reassign below
                 self.failed.add(dev)
                 detected = time.time() - t_start
                 later = self.order[i + 1:]
-                new = self._replacement(t_start, energy, later)
+                new = self._replacement(stages, later)
                 recovered.append(Recovery(device=dev, steps=steps, stage=i, reason=why, took_over=new,
                                           detected_after_s=detected, energy_j=wasted_j))
                 await self.emit("recovered", device=new, steps=steps, failed=dev, reason=why, stage=i,
@@ -271,10 +363,18 @@ class Orchestrator:
         return RelayOutcome(stages=stages, recovered=recovered, latent=latent, latency_s=latency, energy_j=energy,
                             total_steps=n_total, events=self._seq, rejected_results=self.rejected_results)
 
-    def _replacement(self, t_start: float, energy_j: float, later: list[str]) -> str:
-        """The remaining device with the largest model whose stage fits the remaining budget."""
-        t_left = self.t_max_s - (time.time() - t_start) - sum(self.costs[d].latency_s for d in later)
-        e_left = self.e_max_j - energy_j - sum(self.costs[d].energy_j for d in later)
+    def _replacement(self, done: list[StageRecord], later: list[str]) -> str:
+        """The remaining device with the largest model whose stage fits the remaining budget.
+
+        Remaining budget = budget - measured cost of the completed stages - predicted cost of
+        the stages still planned after this one. The failed attempt's time and energy are
+        sunk: they are reported (`recovered[].energy_j`, the run's latency and energy), not
+        charged to the replacement's choice — charging them would make most failures
+        unrecoverable by construction.
+        """
+        t_left = (self.t_max_s - sum(r.t_down_s + r.t_cmp_s + r.t_up_s for r in done)
+                  - sum(self.costs[d].latency_s for d in later))
+        e_left = self.e_max_j - sum(r.energy_j for r in done) - sum(self.costs[d].energy_j for d in later)
         busy = set(self.order) | self.failed
         cands = [c for d, c in self.costs.items() if d not in busy and d in self.online]
         fit = [c for c in cands if c.latency_s <= t_left and c.energy_j <= e_left]
@@ -297,6 +397,8 @@ class Orchestrator:
         pw = self.power[dev]
         predicted = {"t_down_s": cost.t_down_s, "t_cmp_s": cost.t_cmp_s, "t_up_s": cost.t_up_s,
                      "energy_j": cost.energy_j}
+        if not self._connected.is_set():
+            return None, "broker", 0.0
         if dev not in self.online:
             await self.emit("device_offline", device=dev, steps=steps, stage=i, before_start=True)
             return None, "offline", 0.0
@@ -310,7 +412,12 @@ class Orchestrator:
         await self.emit("stage_started", device=dev, steps=steps, stage=i, attempt=attempt, bytes=len(data),
                         predicted=predicted)
         t_pub = time.time()
-        await self._client.publish(topics.task(self.run_id, dev), data, qos=1)
+        try:
+            await self._client.publish(topics.task(self.run_id, dev), data, qos=1)
+        except Exception as e:  # aiomqtt.MqttError (or a client torn down under us): the broker went away
+            if self._connected.is_set() and self._client is not None:
+                raise RelayError(f"publishing stage {i}'s task to {dev} failed: {e}") from None
+            return None, "broker", 0.0
         deadline = time.monotonic() + self._deadline_s(dev)
         t_recv_dev: float | None = None
         while True:
@@ -323,11 +430,17 @@ class Orchestrator:
                 leaf, who, payload, t_in = await asyncio.wait_for(self._inbox.get(), timeout=left)
             except TimeoutError:
                 continue
+            if leaf == "broker":
+                await self.emit("stage_interrupted", device=dev, steps=steps, stage=i, reason="broker")
+                return None, "broker", self._wasted(pw, t_pub, t_recv_dev)
             if who != dev:
                 continue
             if leaf == "status":
                 st = _json(payload)
                 if st.get("state") == "offline":
+                    if await self._broker_lost_within(0.3):  # a stopping broker publishes every client's will
+                        await self.emit("stage_interrupted", device=dev, steps=steps, stage=i, reason="broker")
+                        return None, "broker", self._wasted(pw, t_pub, t_recv_dev)
                     await self.emit("device_offline", device=dev, steps=steps, stage=i)
                     return None, "offline", self._wasted(pw, t_pub, t_recv_dev)
                 if st.get("state") == "computing" and st.get("stage") == i and st.get("attempt") == attempt:
@@ -358,7 +471,7 @@ class Orchestrator:
             rec = StageRecord(device=dev, steps=steps, stage=i, attempt=attempt, t_down_s=t_down, t_cmp_s=t_cmp,
                               t_up_s=t_up, energy_j=e_j, overrun_s=overrun, cmp_real_s=real, predicted=predicted,
                               wire_bytes_down=len(data), wire_bytes_up=len(payload),
-                              precision=str(m.get("precision", "")))
+                              precision=str(m.get("precision", "")), compute_dtype=m.get("compute_dtype"))
             await self.emit("uploaded", device=dev, steps=steps, stage=i, t_up_s=t_up, energy_j=e_j,
                             predicted_t_up_s=cost.t_up_s)
             self._last_result = res

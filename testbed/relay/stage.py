@@ -41,6 +41,11 @@ class StageModel:
         return TensorSpec("float32", (1, *(int(d) for d in self.model.latent_shape)))
 
     @property
+    def compute_dtype(self) -> str:
+        """What the UNet really computes in (fp16 is bfloat16 on a CPU)."""
+        return str(self.model.compute_dtype).removeprefix("torch.")
+
+    @property
     def size_bytes(self) -> int:
         return int(self.model.size_bytes)
 

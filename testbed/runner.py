@@ -1,0 +1,409 @@
+"""Composition layer: one multi-stage generation on an emulated cell (`testbed run`, TUI, sweeps).
+
+`Runner` brings up (or attaches to) the emulation, generates the run's MQTT credentials
+and ACL, starts the broker and one `testbed-agent` per device inside its node, runs the
+selection and the orchestrator (relay/server.py), writes the run's outputs, and tears
+down what it brought up — also on errors and Ctrl-C:
+
+    OUT/result.json    the `testbed run --json` document (RunResult.to_json())
+    OUT/events.jsonl   every telemetry event, flushed as it happens
+    OUT/image.png      the generated image
+    OUT/logs/          agent-<device>.log, broker.log
+
+This is the only module that uses both `emulation/` and `relay/`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import os
+import shutil
+import sys
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from testbed.errors import RunFailedError, TopologyError
+from testbed.profiles import load_profiles, step_time_s
+from testbed.relay import security
+from testbed.relay.agent import AgentConfig
+from testbed.relay.server import DevicePower, Orchestrator, RelayOutcome
+from testbed.run_meta import run_meta
+from testbed.topology import Topology
+
+__all__ = ["Runner", "RunResult", "METHODS"]
+
+METHODS = ("multistage",)
+_AGENT_STARTUP_S = 60.0  # per 2 CPU cores: importing torch + diffusers and loading a model
+
+
+@dataclass
+class RunResult:
+    doc: dict[str, Any]
+    out_dir: Path | None
+
+    def to_json(self) -> dict[str, Any]:
+        return self.doc
+
+
+class Runner:
+    """`async with Runner(topo, ...) as r: result = await r.run()` — one generation."""
+
+    def __init__(
+        self,
+        topo: Topology,
+        *,
+        run_id: str | None = None,
+        backend: str = "netns",
+        method: str = "multistage",
+        strategy: str = "dp",
+        t_max_s: float | None = None,
+        e_max_j: float | None = None,
+        out_dir: Path | str | None = None,
+        seed: int | None = None,
+        on_event: Callable[[dict[str, Any]], None] | None = None,
+        attach: bool = False,
+    ):
+        if method not in METHODS:
+            raise TopologyError(f"--method {method!r}: only {', '.join(METHODS)} runs over the relay "
+                                "(split diffusion is `testbed sweep --method split`)")
+        if seed is not None:
+            topo = topo.model_copy(update={"seed": seed})
+        self.topo = topo
+        self.backend, self.method, self.strategy = backend, method, strategy
+        self.t_max_s = t_max_s if t_max_s is not None else topo.budgets.t_max_s
+        self.e_max_j = e_max_j if e_max_j is not None else topo.budgets.e_max_j
+        self.out_dir = Path(out_dir) if out_dir is not None else None
+        self.on_event = on_event
+        self.attach = attach
+        self.run_id = run_id
+        self.emu: Any = None
+        self._owns_emu = False
+        self._events_file: Any = None
+        self._pids: dict[str, int] = {}
+        self._state_dir: Path | None = None
+        self._orch: Orchestrator | None = None
+        self._kill_tasks: list[asyncio.Task] = []
+        self.broker: Any = None
+        self.creds: security.RunCredentials | None = None
+
+    # -- lifecycle ---------------------------------------------------------------------
+    async def __aenter__(self) -> Runner:
+        from testbed.emulation import Emulation
+        from testbed.emulation.runs import make_run_dir, new_run_id, run_dir
+
+        if self.out_dir is not None:
+            (self.out_dir / "logs").mkdir(parents=True, exist_ok=True)
+            self._events_file = open(self.out_dir / "events.jsonl", "a", buffering=1)  # noqa: SIM115
+        try:
+            if self.attach:
+                raise RunFailedError("attaching to a running topology (--run) is not supported yet; "
+                                     "run without --run to bring one up")
+            self.run_id = self.run_id or new_run_id()
+            self._state_dir = make_run_dir(self.run_id)
+            self.emu = Emulation(self.topo, self.run_id, backend=self.backend, state_dir=self._state_dir)
+            await self.emu.__aenter__()
+            self._owns_emu = True
+            await self._start_relay()
+        except BaseException:
+            await asyncio.shield(self._teardown())
+            raise
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await asyncio.shield(self._teardown())
+
+    async def _start_relay(self) -> None:
+        from testbed.emulation.runs import write_state
+
+        devices = self.emu.device_ids()
+        self.creds = security.make_credentials(self.run_id, devices)
+        host = self.emu.nodes["server"].address
+        port = 1883
+        secrets = self._state_dir / "secrets"
+        paths = security.write_security_files(secrets, self.creds, host, port)
+        shutil.copy2(paths["observer"], self._state_dir / "observer.json")
+        wl = self.topo.workload
+        max_msg = wl.payload_bytes + 4 * 2**20
+        self.broker = await self._start_broker(paths["password_file"], paths["acl_file"], max_msg)
+        profiles = load_profiles()
+        agent_bin = Path(sys.executable).with_name("testbed-agent")
+        argv0 = [str(agent_bin)] if agent_bin.exists() else [sys.executable, "-m", "testbed.relay.agent"]
+        logs = (self.out_dir / "logs") if self.out_dir is not None else (self._state_dir / "logs")
+        logs.mkdir(parents=True, exist_ok=True)
+        for link in self.emu.links:
+            node = self.emu.nodes[link.id]
+            c = self.creds.for_device(link.id)
+            cfg = AgentConfig(
+                run=self.run_id, device=link.id, broker_host=self.broker.host, broker_port=self.broker.port,
+                username=c.username, password=c.password, model=wl.model, precision=link.precision,
+                compute=wl.compute, step_time_s=step_time_s(profiles[link.profile], wl.resolution_px, link.precision),
+                cpu_cores=node.cpu_quota_cores or float(os.cpu_count() or 1), payload_bytes=wl.payload_bytes,
+                max_message_bytes=max_msg,
+            )
+            path = self._state_dir / "agents" / f"{link.id}.json"
+            cfg.write(path)
+            env = {"TESTBED_AGENT_CONFIG": str(path), "OMP_NUM_THREADS": str(max(1, int(cfg.cpu_cores)))}
+            self._pids[link.id] = await self.emu.spawn(link.id, [*argv0, self.run_id, link.id, "--config", str(path)],
+                                                       env, logs / f"agent-{link.id}.log")
+        write_state(self.run_id, self.emu.status() | {"ready": True, "relay": True, "topology": self.topo.name,
+                                                       "observer": str(self._state_dir / "observer.json")})
+
+    async def in_server_ns(self, factory: Callable[[], Any]) -> Any:
+        """Await `factory()` (a coroutine) on an event loop in a thread inside the edge
+        server's namespace, so that its sockets reach the broker at 198.18.0.1 whether or
+        not this run owns the host's route to 198.18.0.0/16 (concurrent runs share it).
+        Cancelling the caller cancels the coroutine."""
+        from testbed.emulation.nsutil import netns_path, setns_fd
+
+        loop = asyncio.get_running_loop()
+        done: asyncio.Future = loop.create_future()
+        box: dict[str, Any] = {}
+        fd = os.open(netns_path(self.emu.nodes["server"].netns), os.O_RDONLY)
+
+        def settle(ok: bool, value: Any) -> None:
+            if not done.done():
+                (done.set_result if ok else done.set_exception)(value)
+
+        def body() -> None:
+            try:
+                setns_fd(fd)  # this thread only; the executor threads it creates inherit it
+            finally:
+                os.close(fd)
+            inner = asyncio.new_event_loop()
+            box["loop"] = inner
+            try:
+                task = inner.create_task(factory())
+                box["task"] = task
+                res = inner.run_until_complete(task)
+                loop.call_soon_threadsafe(settle, True, res)
+            except BaseException as e:  # noqa: BLE001 - handed to the awaiting caller
+                loop.call_soon_threadsafe(settle, False, e if not isinstance(e, asyncio.CancelledError)
+                                          else RunFailedError("the relay was cancelled"))
+            finally:
+                inner.run_until_complete(inner.shutdown_default_executor())
+                inner.close()
+
+        thread = threading.Thread(target=body, name=f"tb-{self.run_id}-server-ns", daemon=True)
+        thread.start()
+        try:
+            return await asyncio.shield(done)
+        except asyncio.CancelledError:
+            inner, task = box.get("loop"), box.get("task")
+            if inner is not None and task is not None and not inner.is_closed():
+                inner.call_soon_threadsafe(task.cancel)
+            await asyncio.to_thread(thread.join, 15)
+            raise
+
+    def _threadsafe_event(self, loop: asyncio.AbstractEventLoop) -> Callable[[dict[str, Any]], None]:
+        return lambda ev: loop.call_soon_threadsafe(self._event, ev)
+
+    async def _start_broker(self, password_file: Path, acl_file: Path, max_msg: int) -> Any:
+        """The emulation's broker launcher, with mosquitto kept as root: started as root,
+        mosquitto otherwise drops to the `mosquitto` user and cannot open the run's
+        root-only (0700) state directory, where its log, password and ACL files live."""
+        from testbed.emulation.broker import start_broker
+        from testbed.emulation.procs import spawn_in
+
+        emu = self.emu
+        netns = emu.nodes["server"].netns
+        procs = tuple(emu.cg.procs_files(self.run_id, "server")) if emu.cg is not None else ()
+
+        async def spawn(argv: list[str], log_path: Path) -> Any:
+            if Path(argv[0]).name == "mosquitto" and "-c" in argv:
+                conf = Path(argv[argv.index("-c") + 1])
+                text = conf.read_text()
+                if not text.startswith("user "):
+                    conf.write_text("user root\n" + text)
+            if hasattr(emu.backend, "spawn"):  # docker: inside the server container (docker exec)
+                return await emu.backend.spawn("server", argv, None, log_path)
+            return await asyncio.to_thread(spawn_in, netns, argv, None, log_path, procs)
+
+        emu.broker = await start_broker(netns, emu.nodes["server"].address, self._state_dir / "broker",
+                                        password_file=password_file, acl_file=acl_file,
+                                        max_message_bytes=max_msg, spawn=spawn)
+        return emu.broker
+
+    async def wait_online(self, timeout_s: float | None = None) -> float:
+        """Wait until every device's agent reported "online" (bounded); returns the seconds waited."""
+        t0 = time.monotonic()
+        await self.in_server_ns(lambda: self._wait_online(timeout_s))
+        waited = time.monotonic() - t0
+        self._event_local("agents_online", None, devices=len(self.emu.links), waited_s=waited)
+        return waited
+
+    async def _wait_online(self, timeout_s: float | None) -> None:
+        import aiomqtt
+
+        from testbed.relay import topics
+
+        timeout_s = timeout_s if timeout_s is not None else _AGENT_STARTUP_S + 4.0 * len(self.emu.links)
+        want, seen = set(self.emu.device_ids()), set()
+        async with aiomqtt.Client(self.broker.host, self.broker.port, username=self.creds.server.username,
+                                  password=self.creds.server.password, timeout=10,
+                                  identifier=f"tb-{self.run_id}-runner") as client:
+            await client.subscribe(f"tb/{self.run_id}/dev/+/status", qos=1)
+            try:
+                async with asyncio.timeout(timeout_s):
+                    async for m in client.messages:
+                        parsed = topics.parse_device_topic(self.run_id, str(m.topic))
+                        try:
+                            state = json.loads(bytes(m.payload)).get("state")
+                        except (ValueError, AttributeError, TypeError):
+                            continue
+                        if parsed is not None and state == "online":
+                            seen.add(parsed[0])
+                        if want <= seen:
+                            break
+            except TimeoutError:
+                raise RunFailedError(f"agents {sorted(want - seen)} did not come online within {timeout_s:g} s; "
+                                     "see their logs (OUT/logs/agent-<device>.log)") from None
+
+    async def _teardown(self) -> None:
+        for t in self._kill_tasks:
+            t.cancel()
+        if self.emu is not None and self._owns_emu:
+            broker_log = getattr(self.broker, "log_path", None)
+            if self.out_dir is not None and broker_log is not None and Path(broker_log).exists():
+                with contextlib.suppress(OSError):
+                    shutil.copy2(broker_log, self.out_dir / "logs" / "broker.log")
+            try:
+                await self.emu.__aexit__(None, None, None)
+            finally:
+                self.emu = None
+                if self._state_dir is not None:
+                    shutil.rmtree(self._state_dir, ignore_errors=True)
+        if self._events_file is not None:
+            self._events_file.close()
+            self._events_file = None
+
+    # -- events and faults -------------------------------------------------------------
+    def _event(self, ev: dict[str, Any]) -> None:
+        if self._events_file is not None:
+            self._events_file.write(json.dumps(ev) + "\n")
+            self._events_file.flush()
+        if self.on_event is not None:
+            self.on_event(ev)
+        if getattr(self, "faults", None) is not None:  # the topology's `faults:` (testbed/faults.py)
+            self.faults.feed(ev)
+        fail = getattr(self, "_fail", None)
+        if fail and ev["type"] == "downloaded" and ev["device"] == fail:
+            self._fail = None
+            # in the middle of its stage's computation: half the predicted compute time
+            delay = 0.5 * self._costs[fail].t_cmp_s
+            self._kill_tasks.append(asyncio.get_running_loop().create_task(self._kill_later(fail, delay)))
+
+    async def _kill_later(self, device_id: str, delay_s: float) -> None:
+        await asyncio.sleep(delay_s)
+        await self.kill(device_id)
+
+    async def kill(self, device_id: str) -> None:
+        """Fault injection: end the device's agent process (its last will reports it offline)."""
+        if self.emu is None:
+            raise RunFailedError("kill: no emulation is up")
+        self._event_local("fault_injected", device_id, kind="kill")
+        await self.emu.kill(device_id)
+
+    def _event_local(self, etype: str, device: str | None, **data: Any) -> None:
+        ev = {"seq": None, "type": etype, "ts": time.time(), "run": self.run_id, "device": device, "steps": None, **data}
+        if self._events_file is not None:
+            self._events_file.write(json.dumps(ev) + "\n")
+            self._events_file.flush()
+        if self.on_event is not None:
+            self.on_event(ev)
+
+    # -- the generation ----------------------------------------------------------------
+    async def run(self, fail: str | None = None, faults: list | None = None) -> RunResult:
+        from testbed.relay.stage import StageModel
+        from testbed.selection import device_costs, select
+
+        topo, wl = self.topo, self.topo.workload
+        costs = device_costs(topo, self.emu.links)
+        self._costs = {c.id: c for c in costs}
+        sel = select(costs, self.t_max_s, self.e_max_j, strategy=self.strategy, seed=topo.seed)
+        if fail is not None and fail not in sel.selected:
+            raise TopologyError(f"--fail {fail}: not a selected device (selected: {', '.join(sel.selected)}); "
+                                "pick one of those")
+        self._fail = fail
+        from testbed.faults import FaultInjector  # `faults` (default: the topology's); --fail's kill is not repeated
+
+        specs = topo.faults if faults is None else faults
+        self.faults = FaultInjector(self, [f for f in specs if not (f.kind == "kill" and f.device == fail)])
+        self._event_local("selection", None, strategy=self.strategy, selected=sel.selected,
+                          predicted_latency_s=sel.latency_s, predicted_energy_j=sel.energy_j,
+                          objective_mb=sel.objective_mb, solve_ms=sel.solve_ms)
+        profiles = load_profiles()
+        power = {link.id: DevicePower(profiles[link.profile].compute_power_w, profiles[link.profile].radio_tx_power_w,
+                                      profiles[link.profile].radio_rx_power_w) for link in self.emu.links}
+        model = await asyncio.to_thread(StageModel.load, wl.model, "fp32")
+        n_dev = len(self.emu.links)
+        orch = Orchestrator(
+            run=self.run_id, broker_host=self.broker.host, broker_port=self.broker.port,
+            username=self.creds.server.username, password=self.creds.server.password,
+            costs=costs, relay_order=sel.selected, power=power, model=model, steps_per_stage=wl.steps_per_stage,
+            prompt=wl.prompt, seed=topo.seed, scheduler=wl.scheduler, payload_bytes=wl.payload_bytes,
+            t_max_s=self.t_max_s, e_max_j=self.e_max_j, emit=self._threadsafe_event(asyncio.get_running_loop()),
+            online_timeout_s=_AGENT_STARTUP_S + 4.0 * n_dev,
+            deadline_factor=2.0 if wl.compute == "profile" else 20.0,
+            deadline_slack_s=2.0 if wl.compute == "profile" else 60.0,
+        )
+        self._orch = orch
+        image_info: dict[str, Any] = {}
+
+        async def finalize(outcome: RelayOutcome) -> dict[str, Any]:
+            image_info.update(await asyncio.to_thread(self._image, model, outcome.latent))
+            return {"ms_ssim": image_info.get("ms_ssim"), "image": image_info.get("image")}
+
+        try:
+            outcome = await self.in_server_ns(lambda: orch.run(finalize=finalize))
+        finally:
+            await self.faults.close()
+        doc = self._result_doc(sel, outcome, image_info, model)
+        doc["faults"] = [f.to_json() for f in self.faults.injected]
+        if self.out_dir is not None:
+            (self.out_dir / "result.json").write_text(json.dumps(doc, indent=2) + "\n")
+        return RunResult(doc, self.out_dir)
+
+    def _image(self, model: Any, latent: Any) -> dict[str, Any]:
+        from testbed.diffusion.quality import ms_ssim, reference_image
+
+        wl = self.topo.workload
+        img = model.decode(latent)
+        info: dict[str, Any] = {"image": None, "ms_ssim": None, "image_shape": list(img.shape)}
+        if self.out_dir is not None:
+            from PIL import Image
+
+            path = self.out_dir / "image.png"
+            Image.fromarray(img).save(path)
+            info["image"] = str(path)
+        ref = reference_image(wl.model, wl.prompt, self.topo.seed, steps=wl.reference_steps, scheduler_kind=wl.scheduler)
+        info["ms_ssim"] = ms_ssim(img, ref)
+        return info
+
+    def _result_doc(self, sel: Any, out: RelayOutcome, image: dict[str, Any], model: Any) -> dict[str, Any]:
+        return {
+            "run": self.run_id,
+            "method": self.method,
+            "strategy": self.strategy,
+            "selected": list(sel.selected),
+            "relay_order": [s.device for s in out.stages],
+            "stages": [s.to_json() for s in out.stages],
+            "latency_s": out.latency_s,
+            "energy_j": out.energy_j,
+            "predicted_latency_s": sel.latency_s,
+            "predicted_energy_j": sel.energy_j,
+            "t_max_s": self.t_max_s,
+            "e_max_j": self.e_max_j,
+            "within_budget": {"latency": out.latency_s <= self.t_max_s, "energy": out.energy_j <= self.e_max_j},
+            "objective_mb": sel.objective_mb,
+            "total_steps": out.total_steps,
+            "ms_ssim": image.get("ms_ssim"),
+            "image": image.get("image"),
+            "recovered": [r.to_json() for r in out.recovered],
+            "meta": run_meta(self.topo, self.emu, self.broker, out, model, image),
+        }

@@ -1,0 +1,117 @@
+"""End to end on topologies/small.yaml as root: namespaces, shaped links, mosquitto with
+per-run ACLs, one real `testbed-agent` process per device, the tiny model.
+
+- a run completes, its events arrive in order on tb/<run>/events, and `mosquitto_sub`
+  on the host (through the host link, with the observer account) sees the same events;
+- with a device killed mid-computation the run completes, lists the recovery, and the
+  stages cover every step exactly once;
+- a bad payload on a task topic is rejected and logged, and that agent keeps serving.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import shutil
+from pathlib import Path
+
+import aiomqtt
+import pytest
+
+from testbed.relay import topics
+from testbed.topology import load_topology
+
+pytestmark = [pytest.mark.root, pytest.mark.slow,
+              pytest.mark.skipif(shutil.which("mosquitto_sub") is None, reason="needs mosquitto-clients")]
+
+
+def _events(out: Path) -> list[dict]:
+    return [json.loads(line) for line in (out / "events.jsonl").read_text().splitlines() if line.strip()]
+
+
+def _check_steps(doc: dict) -> None:
+    k = load_topology(Path(__file__).parent.parent / "topologies/small.yaml").workload.steps_per_stage
+    n = doc["total_steps"]
+    assert n == k * len(doc["selected"])
+    assert [s["steps"] for s in doc["stages"]] == [[i, i + k] for i in range(0, n, k)]  # each step once, in order
+
+
+async def test_small_run_completes_and_an_outside_observer_sees_the_events(topologies, tmp_path, unique_run_id):
+    from testbed.runner import Runner
+
+    run = unique_run_id[:7]
+    topo = load_topology(topologies / "small.yaml")
+    seen: list[dict] = []
+    async with Runner(topo, run_id=run, out_dir=tmp_path, on_event=seen.append) as r:
+        obs = json.loads((Path("/run/testbed") / run / "observer.json").read_text())
+        assert (Path("/run/testbed") / run / "observer.json").stat().st_mode & 0o077 == 0
+        # from the host, through the host link (when another run holds the host's route to
+        # 198.18.0.0/16, from the server's namespace instead: still outside every device)
+        from testbed.emulation.procs import spawn_in
+
+        netns = None if r.emu.backend.host_route else r.emu.nodes["server"].netns
+        sub = spawn_in(
+            netns, ["mosquitto_sub", "-h", obs["host"], "-p", str(obs["port"]), "-u", obs["username"], "-P", obs["password"],
+             "-t", f"tb/{run}/#", "-W", "120", "-v"], None, tmp_path / "observer.txt")
+        try:
+            await asyncio.sleep(0.5)
+            res = await r.run()
+            await asyncio.sleep(0.5)
+        finally:
+            sub.terminate()
+            sub.wait(10)
+    stdout = stderr = (tmp_path / "observer.txt").read_text()
+    doc = res.to_json()
+    assert doc["selected"] == ["dev01", "dev02"] and doc["recovered"] == []
+    _check_steps(doc)
+    assert 0 < doc["ms_ssim"] <= 1 and (tmp_path / "image.png").stat().st_size > 0
+    assert json.loads((tmp_path / "result.json").read_text())["run"] == run
+    for s in doc["stages"]:
+        assert s["bytes_down"] == s["bytes_up"] == topo.workload.payload_bytes
+        assert s["t_down_s"] > 0 and s["t_up_s"] > 0 and s["energy_j"] > 0 and s["predicted"]["t_cmp_s"] > 0
+    meta = doc["meta"]
+    assert meta["compute"] == "profile" and meta["model"] == "tiny" and meta["seed"] == topo.seed
+    assert meta["precisions"]["dev02"]["computed_in"] == "bfloat16"  # fp16 on a CPU
+    # events: in order, the relay's own sequence, the same in the file and the callback
+    relay_events = [e for e in _events(tmp_path) if e["seq"] is not None]
+    assert [e["seq"] for e in relay_events] == list(range(1, len(relay_events) + 1))
+    assert relay_events[-1]["type"] == "run_finished"
+    assert [e["seq"] for e in seen if e["seq"] is not None] == [e["seq"] for e in relay_events]
+    # the observer outside the testbed saw exactly those events, and nothing but events
+    lines = [ln for ln in stdout.splitlines() if ln.strip()]
+    assert lines, f"mosquitto_sub saw nothing: {stderr}"
+    assert all(ln.startswith(f"tb/{run}/events ") for ln in lines)
+    observed = [json.loads(ln.split(" ", 1)[1]) for ln in lines]
+    assert [e["seq"] for e in observed] == [e["seq"] for e in relay_events]
+    assert [e["type"] for e in observed][:2] == ["run_started", "stage_started"]
+    # teardown removed the run's state
+    assert not (Path("/run/testbed") / run).exists()
+    assert (tmp_path / "logs" / "agent-dev01.log").exists()
+
+
+async def test_failure_mid_stage_is_recovered_and_bad_payloads_are_rejected(topologies, tmp_path, unique_run_id):
+    from testbed.runner import Runner
+
+    run = unique_run_id[:7]
+    topo = load_topology(topologies / "small.yaml")
+    async with Runner(topo, run_id=run, out_dir=tmp_path) as r:
+        await r.wait_online()
+        async def publish_junk() -> None:  # garbage on dev03's task topic, with the server's own credentials
+            async with aiomqtt.Client(r.broker.host, r.broker.port, username="server",
+                                      password=r.creds.server.password, timeout=10) as c:
+                for junk in (b"not a relay message", b"TBR1\x00\x00\x00\x02{}", b"\x00" * 300_000):
+                    await c.publish(topics.task(run, "dev03"), junk, qos=1)
+
+        await r.in_server_ns(publish_junk)
+        res = await r.run(fail="dev02")
+    doc = res.to_json()
+    _check_steps(doc)
+    assert [s["device"] for s in doc["stages"]] == ["dev01", "dev03"]
+    (rec,) = doc["recovered"]
+    assert rec["device"] == "dev02" and rec["took_over"] == "dev03" and rec["reason"] == "offline"
+    assert rec["steps"] == doc["stages"][1]["steps"]
+    types = [e["type"] for e in _events(tmp_path)]
+    assert types.index("fault_injected") < types.index("device_offline") < types.index("recovered")
+    log = (tmp_path / "logs" / "agent-dev03.log").read_text()
+    assert log.count("rejected relay message") == 3, log
+    assert "stage 1 uploaded" in log  # ... and dev03 kept serving: it ran the recovered stage
