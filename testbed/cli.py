@@ -19,9 +19,12 @@ __all__ = ["app", "main"]
 
 _COMMAND_MODULES = (
     "testbed.commands.topology_cmds",
+    "testbed.commands.run_cmd",
     "testbed.commands.emulation_cmds",
     "testbed.commands.tui_cmd",
     "testbed.commands.diffusion_cmds",
+    "testbed.commands.sweep_cmd",
+    "testbed.commands.docker_cmds",
 )
 
 app = typer.Typer(
