@@ -192,3 +192,70 @@ def test_ctrl_c_removes_everything(topologies: Path, run_id: str) -> None:
             p.wait()
     assert _leftovers(run_id) == []
     assert not Path(f"/proc/{pid}").exists()  # the process it spawned is gone too
+
+
+SHARED_CELL = """
+name: shared
+seed: 3
+devices:
+  list:
+    - {id: dev01, position: {x_m: 300, y_m: 250}}
+    - {id: dev02, position: {x_m: 200, y_m: 250}}
+radio: {los: los}
+cell: {shared_capacity: true, capacity_up_mbps: 50, capacity_down_mbps: 10}
+"""
+
+
+async def test_shared_cell_caps_the_sum_of_simultaneous_transfers(run_id: str) -> None:
+    from testbed.topology import parse_topology
+
+    async with Emulation(parse_topology(SHARED_CELL), run_id, cgroups=False) as emu:
+        await emu.set_links({"dev01": (8.0, 8.0), "dev02": (8.0, 8.0)})
+        assert await emu.verify_shaping() == []
+        server = emu.nodes["server"].netns
+        # both devices download at once: each may reach 8, together only the cell's 10
+        results = await asyncio.gather(
+            asyncio.to_thread(_iperf_mbps, server, emu.nodes["dev01"].netns, 5311, 3, True),
+            asyncio.to_thread(_iperf_mbps, server, emu.nodes["dev02"].netns, 5312, 3, True),
+        )
+        total = sum(mbps for mbps, _ in results)
+        assert all(rc == 0 for _, rc in results)
+        assert 0.90 <= total / 10.0 <= 1.02, results
+        # alone, one device gets its own 8 Mbit/s (the cell is not the bottleneck then)
+        alone, _ = await asyncio.to_thread(_iperf_mbps, server, emu.nodes["dev01"].netns, 5313, 2, True)
+        assert 0.90 <= alone / 8.0 <= 1.02, alone
+
+
+MOBILE = """
+name: mobile
+seed: 4
+devices:
+  list:
+    - {id: dev01, position: {x_m: 260, y_m: 250}}
+    - {id: dev02, position: {x_m: 450, y_m: 450}}
+radio: {los: nlos}
+mobility: {speed_mps: 200, interval_s: 0.2}
+"""
+
+
+async def test_mobility_updates_rates_live(run_id: str) -> None:
+    from testbed.topology import parse_topology
+
+    async with Emulation(parse_topology(MOBILE), run_id, cgroups=False) as emu:
+        before = {d: (emu.nodes[d].rate_up_mbps, emu.nodes[d].x_m) for d in emu.device_ids()}
+        seen = []
+        async with asyncio.timeout(5):
+            async for update in emu.updates():
+                seen.append(update)
+                if len(seen) == 3:
+                    break
+        assert [round(u.t_s, 1) for u in seen] == pytest.approx([0.2, 0.4, 0.6], abs=0.15)
+        last = {row["id"]: row for row in seen[-1].devices}
+        for dev, (rate, x) in before.items():
+            assert last[dev]["x_m"] != x  # it moved ...
+            assert last[dev]["rate_up_mbps"] != rate  # ... so its rate changed
+        # and the kernel holds the new rates (the status shows what is applied)
+        assert await emu.verify_shaping() == []
+        cls = emu.plan.classes["dev02"]
+        applied = [op for op in await emu.read_back() if isinstance(op, HtbClass) and op.classid == cls]
+        assert {op.rate_bps for op in applied} != {round(before["dev02"][0] * 1e6 / 8) * 8}

@@ -68,6 +68,18 @@ def test_shared_capacity_caps_the_parent() -> None:
     parents = {c.ifname: c for c in _by_type(plan, HtbClass) if c.classid == 0x10001}
     assert parents["br"].rate_bps == parents["br"].ceil_bps == 50_000_000
     assert parents["ifb"].rate_bps == 4_000_000
+    # HTB only enforces a parent on borrowed traffic: the children's assured rates must add
+    # up to at most the cap (proportional shares), their ceilings stay the radio rates
+    for ifname, cap in (("br", 50_000_000), ("ifb", 4_000_000)):
+        kids = [c for c in _by_type(plan, HtbClass) if c.ifname == ifname and c.classid != 0x10001]
+        assert sum(c.rate_bps for c in kids) <= cap
+        assert all(c.rate_bps < c.ceil_bps for c in kids)
+    kids = {c.classid: c for c in _by_type(plan, HtbClass) if c.ifname == "br" and c.classid != 0x10001}
+    assert kids[0x10100].ceil_bps == 20_000_000 and kids[0x10101].ceil_bps == 100_000_000
+    assert kids[0x10100].rate_bps == pytest.approx(50_000_000 * 20 / 120, rel=1e-4)
+    # a capacity above the sum changes nothing for the children
+    roomy = plan_cell("br", "ifb", LINKS, capacity_up_mbps=100.0, capacity_down_mbps=500.0)
+    assert all(c.rate_bps == c.ceil_bps for c in _by_type(roomy, HtbClass))
 
 
 def test_rates_are_whole_bytes_per_second() -> None:

@@ -10,9 +10,10 @@ Layout (server side, one place for every device, so a shared cell is possible):
               HTB on the IFB's egress         1: ─ 1:1 (cell up) ─ 1:<dev>
               u32 `ip src <device>` -> 1:<dev>
 
-Each device class has rate = ceil = its radio rate. The parent class per direction has the
-cell capacity when `cell.shared_capacity` is on (the sum of simultaneous transfers is
-capped), else the sum of the device rates (never the bottleneck). Unclassified traffic
+Each device class has ceil = its radio rate. The parent class per direction has the cell
+capacity when `cell.shared_capacity` is on (the sum of simultaneous transfers is capped;
+each device is then assured its proportional share as `rate` and borrows up to its ceil),
+else the sum of the device rates (never the bottleneck; rate = ceil). Unclassified traffic
 (ARP, the host link) passes unshaped (HTB default 0). Every function takes a namespace
 (name or /proc/<pid>/ns/net path) and interface names, so any backend can use it.
 """
@@ -167,16 +168,23 @@ def plan_rates(
     capacity_down_mbps: float | None,
 ) -> list[HtbClass | Qdisc]:
     """The HTB classes (cell parent + one per device, each with its leaf pfifo) for both
-    directions."""
+    directions.
+
+    HTB serves a class up to its own `rate` without asking the parent, so a cap on the
+    sum only holds when the children's rates add up to at most the parent's: with a
+    shared cell each device is assured its proportional share of the capacity (`rate`)
+    and may borrow from the cell up to its radio rate (`ceil`)."""
     ops: list[HtbClass | Qdisc] = []
     for ifname, attr, cap in ((down_ifname, "down_mbps", capacity_down_mbps), (up_ifname, "up_mbps", capacity_up_mbps)):
         rates = {link.device_id: mbps_to_bps(getattr(link, attr)) for link in links}
         parent = _parent_rate_bps(rates.values(), cap)
+        total = sum(rates.values())
         ops.append(HtbClass(ifname, CELL_CLASS, HTB_HANDLE, parent, parent))
         for link in links:
             r = rates[link.device_id]
             cid = classes[link.device_id]
-            ops.append(HtbClass(ifname, cid, CELL_CLASS, r, r))
+            assured = r if total <= parent else max(8000, (parent * r // total) // 8 * 8)
+            ops.append(HtbClass(ifname, cid, CELL_CLASS, assured, r))
             ops.append(Qdisc(ifname, "pfifo", leaf_handle(cid), cid, limit_packets=queue_packets(r)))
     return ops
 
