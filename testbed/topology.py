@@ -44,8 +44,9 @@ __all__ = [
 ]
 
 DEVICE_ID_RE = r"^[a-z][a-z0-9-]{0,23}$"
-PositiveFloat = Annotated[float, Field(gt=0)]
-NonNegativeFloat = Annotated[float, Field(ge=0)]
+PositiveFloat = Annotated[float, Field(gt=0, allow_inf_nan=False)]
+NonNegativeFloat = Annotated[float, Field(ge=0, allow_inf_nan=False)]
+RESERVED_IDS = ("server", "observer")  # the edge server's node and MQTT user names
 
 
 class _Model(BaseModel):
@@ -244,6 +245,9 @@ class Topology(_Model):
             if name not in profiles:
                 raise _located(("devices", "profiles", name), _unknown("profile", name, profiles))
         for i, d in enumerate(self.devices.list):
+            if d.id in RESERVED_IDS:
+                raise _located(("devices", "list", i, "id"), f"{d.id!r} is reserved ({', '.join(RESERVED_IDS)}); "
+                               "rename the device")
             if d.profile is not None and d.profile not in profiles:
                 raise _located(("devices", "list", i, "profile"), _unknown("profile", d.profile, profiles))
             if d.precision is not None and d.precision not in PRECISIONS:
@@ -345,6 +349,8 @@ def parse_topology(raw: bytes | str, source: str = "<topology>", seed: int | Non
         raise TopologyError(f"{source}{line}: YAML syntax error: {problem}{hint}") from None
     except yaml.YAMLError as e:
         raise TopologyError(f"{source}: YAML error: {e}") from None
+    except RecursionError:
+        raise TopologyError(f"{source}: YAML nesting is too deep; a topology is a few levels of mappings") from None
     if data is None:
         raise TopologyError(f"{source}: the file holds no YAML document; a topology needs a `devices:` block")
     if not isinstance(data, dict):
