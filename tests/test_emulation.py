@@ -259,3 +259,29 @@ async def test_mobility_updates_rates_live(run_id: str) -> None:
         cls = emu.plan.classes["dev02"]
         applied = [op for op in await emu.read_back() if isinstance(op, HtbClass) and op.classid == cls]
         assert {op.rate_bps for op in applied} != {round(before["dev02"][0] * 1e6 / 8) * 8}
+
+
+def _pub(ns: str, *extra: str) -> subprocess.CompletedProcess:
+    return subprocess.run(["nsenter", f"--net={ns}", "mosquitto_pub", "-h", SERVER_ADDRESS, "-t", "tb/x/dev/dev01/result",
+                           "-m", "x", "-q", "1", *extra], capture_output=True, text=True, timeout=15)
+
+
+async def test_mosquitto_with_password_and_acl_files(topologies: Path, run_id: str, tmp_path: Path) -> None:
+    pw = tmp_path / "passwd"
+    subprocess.run(["mosquitto_passwd", "-b", "-c", str(pw), "dev01", "s3cret"], check=True, capture_output=True)
+    acl = tmp_path / "acl"
+    acl.write_text("user dev01\ntopic write tb/x/dev/dev01/result\n")
+    async with Emulation(load_topology(topologies / "small.yaml"), run_id, cgroups=False) as emu:
+        b = await emu.start_broker(password_file=pw, acl_file=acl, max_message_bytes=1 << 20)
+        assert b.kind == "mosquitto"
+        ns = emu.nodes["dev01"].netns
+        assert _pub(ns, "-u", "dev01", "-P", "s3cret").returncode == 0
+        assert _pub(ns).returncode != 0  # anonymous is refused
+        assert _pub(ns, "-u", "dev01", "-P", "wrong").returncode != 0
+
+
+async def test_amqtt_fallback_broker(topologies: Path, run_id: str) -> None:
+    async with Emulation(load_topology(topologies / "small.yaml"), run_id, cgroups=False) as emu:
+        b = await emu.start_broker(prefer="amqtt")
+        assert b.kind == "amqtt"
+        assert _pub(emu.nodes["dev02"].netns).returncode == 0

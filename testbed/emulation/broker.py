@@ -9,6 +9,8 @@ in the run's state directory.
 from __future__ import annotations
 
 import asyncio
+import os
+import pwd
 import shutil
 import socket
 import sys
@@ -103,6 +105,36 @@ def _amqtt_conf(host: str, port: int, password_file: Path | None, acl_file: Path
     return conf
 
 
+def _hand_to_mosquitto_user(state_dir: Path, password_file: Path | None,
+                            acl_file: Path | None) -> tuple[Path | None, Path | None, str | None]:
+    """mosquitto started as root drops to the `mosquitto` user, which cannot read the run's
+    root-only secrets: copy the password and ACL files into the broker directory (0600,
+    owned by that user) and give it the directory. Without such a user it stays root."""
+    if os.geteuid() != 0:
+        return password_file, acl_file, None
+    try:
+        ent = pwd.getpwnam("mosquitto")
+    except KeyError:
+        return password_file, acl_file, "root"
+    out: list[Path | None] = []
+    for src, name in ((password_file, "passwd"), (acl_file, "acl")):
+        if src is None:
+            out.append(None)
+            continue
+        dst = state_dir / name
+        fd = os.open(dst, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "wb") as f:
+            f.write(Path(src).read_bytes())
+        os.chown(dst, ent.pw_uid, ent.pw_gid)
+        out.append(dst)
+    log = state_dir / "mosquitto.log"
+    log.touch(mode=0o600)
+    os.chown(log, ent.pw_uid, ent.pw_gid)
+    os.chown(state_dir, ent.pw_uid, ent.pw_gid)
+    state_dir.chmod(0o700)
+    return out[0], out[1], None
+
+
 def _can_connect(host: str, port: int) -> bool:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.settimeout(0.5)
@@ -129,7 +161,9 @@ async def start_broker(
     if mosquitto:
         kind = "mosquitto"
         conf_path = state_dir / "mosquitto.conf"
-        conf_path.write_text(_mosquitto_conf(host, port, state_dir, password_file, acl_file, max_message_bytes))
+        password_file, acl_file, run_as = _hand_to_mosquitto_user(state_dir, password_file, acl_file)
+        conf_path.write_text(_mosquitto_conf(host, port, state_dir, password_file, acl_file, max_message_bytes)
+                             + (f"user {run_as}\n" if run_as else ""))
         argv = [mosquitto, "-c", str(conf_path)]
         log_path = state_dir / "mosquitto.log"
     else:

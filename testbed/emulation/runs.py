@@ -57,7 +57,9 @@ def make_run_dir(run_id: str) -> Path:
     RUN_ROOT.mkdir(mode=0o755, parents=True, exist_ok=True)
     d = run_dir(run_id)
     try:
-        d.mkdir(mode=0o700)
+        # 0711: others may traverse (the broker, dropped to its own user, reaches its own
+        # directory) but not list; state.json, secrets/ and logs/ stay root-only
+        d.mkdir(mode=0o711)
     except FileExistsError:
         raise ResourceError(f"run {run_id!r} already exists ({d}); pick another --run or `testbed down --run {run_id}`") from None
     (d / "secrets").mkdir(mode=0o700)
