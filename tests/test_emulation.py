@@ -135,6 +135,9 @@ async def test_spawn_runs_inside_namespace_and_cgroup_and_kill_stops_it(topologi
         assert int(text[0]) == os.stat(emu.nodes["dev03"].netns).st_ino
         assert f"cpu:/testbed/{run_id}/dev03" in "\n".join(text)
         assert pid in detect_cgroups().pids(run_id, "dev03")
+        assert emu.returncode(pid) is None  # still running
+        short = await emu.spawn("dev02", ["sh", "-c", "exit 3"])
+        assert await emu.wait(short, timeout_s=10) == 3
         await emu.kill("dev03")
         assert not Path(f"/proc/{pid}").exists() or "Z" in Path(f"/proc/{pid}/stat").read_text().split()[2]
 

@@ -133,6 +133,7 @@ class Emulation:
         self.broker: BrokerHandle | None = None
         self._specs: list[NodeSpec] = []
         self._pids: dict[str, list[int]] = {}
+        self._procs: dict[int, Any] = {}  # pid -> Popen (or a backend's Popen-like handle)
         self._mobility_task: asyncio.Task | None = None
         self._subscribers: list[asyncio.Queue[LinkUpdate]] = []
         self._callbacks: list[Callable[[LinkUpdate], None]] = []
@@ -365,7 +366,22 @@ class Emulation:
         else:
             proc = await asyncio.to_thread(spawn_in, node.netns, list(argv), env, log_path, procs)
         self._pids.setdefault(node_id, []).append(proc.pid)
+        self._procs[proc.pid] = proc
         return proc.pid
+
+    def returncode(self, pid: int) -> int | None:
+        """Exit status of a process started by spawn(); None while it runs."""
+        proc = self._procs.get(pid)
+        if proc is None:
+            raise ResourceError(f"pid {pid} was not started by this emulation's spawn()")
+        return proc.poll()
+
+    async def wait(self, pid: int, timeout_s: float) -> int:
+        """Wait (bounded) for a spawned process to exit; returns its exit status."""
+        async with asyncio.timeout(timeout_s):
+            while (rc := self.returncode(pid)) is None:
+                await asyncio.sleep(0.05)
+        return rc
 
     async def kill(self, node_id: str) -> None:
         """Stop every process spawned on the node (SIGTERM, then SIGKILL) and any other
