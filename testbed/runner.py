@@ -86,6 +86,9 @@ class Runner:
         self._owns_emu = False
         self._events_file: Any = None
         self._pids: dict[str, int] = {}
+        self._pool: Any = None
+        self._model_task: asyncio.Future | None = None
+        self.template_start_s: float | None = None
         self._state_dir: Path | None = None
         self._orch: Orchestrator | None = None
         self._kill_tasks: list[asyncio.Task] = []
@@ -120,7 +123,12 @@ class Runner:
 
     async def _start_relay(self) -> None:
         from testbed.emulation.runs import write_state
+        from testbed.relay.stage import StageModel
 
+        wl = self.topo.workload
+        # the orchestrator's own fp32 model (initial latent, conditioning, decoding) loads
+        # while the agents start
+        self._model_task = asyncio.ensure_future(asyncio.to_thread(StageModel.load, wl.model, "fp32"))
         devices = self.emu.device_ids()
         self.creds = security.make_credentials(self.run_id, devices)
         host = self.emu.nodes["server"].address
@@ -128,7 +136,6 @@ class Runner:
         secrets = self._state_dir / "secrets"
         paths = security.write_security_files(secrets, self.creds, host, port)
         shutil.copy2(paths["observer"], self._state_dir / "observer.json")
-        wl = self.topo.workload
         max_msg = wl.payload_bytes + 4 * 2**20
         self.broker = await self._start_broker(paths["password_file"], paths["acl_file"], max_msg)
         profiles = load_profiles()
@@ -136,6 +143,11 @@ class Runner:
         argv0 = [str(agent_bin)] if agent_bin.exists() else [sys.executable, "-m", "testbed.relay.agent"]
         logs = (self.out_dir / "logs") if self.out_dir is not None else (self._state_dir / "logs")
         logs.mkdir(parents=True, exist_ok=True)
+        if os.environ.get("TESTBED_AGENT_POOL", "1") != "0":
+            from testbed.agent_pool import AgentPool
+
+            self._pool = AgentPool(self._state_dir / "agent-pool.sock", logs / "agent-template.log")
+            self.template_start_s = await self._pool.start()
         for link in self.emu.links:
             node = self.emu.nodes[link.id]
             c = self.creds.for_device(link.id)
@@ -149,8 +161,13 @@ class Runner:
             path = self._state_dir / "agents" / f"{link.id}.json"
             cfg.write(path)
             env = {"TESTBED_AGENT_CONFIG": str(path), "OMP_NUM_THREADS": str(max(1, int(cfg.cpu_cores)))}
-            self._pids[link.id] = await self.emu.spawn(link.id, [*argv0, self.run_id, link.id, "--config", str(path)],
-                                                       env, logs / f"agent-{link.id}.log")
+            args = [self.run_id, link.id, "--config", str(path)]
+            if self._pool is not None:
+                procs = list(self.emu.cg.procs_files(self.run_id, link.id)) if self.emu.cg is not None else []
+                self._pids[link.id] = await self._pool.spawn(node.netns, procs, ["testbed-agent", *args], env,
+                                                             logs / f"agent-{link.id}.log")
+            else:
+                self._pids[link.id] = await self.emu.spawn(link.id, [*argv0, *args], env, logs / f"agent-{link.id}.log")
         write_state(self.run_id, self.emu.status() | {"ready": True, "relay": True, "topology": self.topo.name,
                                                        "observer": str(self._state_dir / "observer.json")})
 
@@ -267,6 +284,16 @@ class Runner:
     async def _teardown(self) -> None:
         for t in self._kill_tasks:
             t.cancel()
+        if self._model_task is not None and not self._model_task.done():
+            with contextlib.suppress(BaseException):
+                await self._model_task
+        from testbed.emulation.procs import stop_pid
+
+        await asyncio.gather(*(stop_pid(pid, timeout_s=2.0) for pid in self._pids.values()), return_exceptions=True)
+        self._pids.clear()
+        if self._pool is not None:
+            await self._pool.close()
+            self._pool = None
         if self.emu is not None and self._owns_emu:
             broker_log = getattr(self.broker, "log_path", None)
             if self.out_dir is not None and broker_log is not None and Path(broker_log).exists():
@@ -306,8 +333,13 @@ class Runner:
         """Fault injection: end the device's agent process (its last will reports it offline)."""
         if self.emu is None:
             raise RunFailedError("kill: no emulation is up")
+        from testbed.emulation.procs import stop_pid
+
         self._event_local("fault_injected", device_id, kind="kill")
-        await self.emu.kill(device_id)
+        pid = self._pids.pop(device_id, None)
+        if pid is not None:
+            await stop_pid(pid, timeout_s=1.0)
+        await self.emu.kill(device_id)  # anything else left in the node's cgroup
 
     def _event_local(self, etype: str, device: str | None, **data: Any) -> None:
         ev = {"seq": None, "type": etype, "ts": time.time(), "run": self.run_id, "device": device, "steps": None, **data}
@@ -319,7 +351,6 @@ class Runner:
 
     # -- the generation ----------------------------------------------------------------
     async def run(self, fail: str | None = None, faults: list | None = None) -> RunResult:
-        from testbed.relay.stage import StageModel
         from testbed.selection import device_costs, select
 
         topo, wl = self.topo, self.topo.workload
@@ -340,7 +371,7 @@ class Runner:
         profiles = load_profiles()
         power = {link.id: DevicePower(profiles[link.profile].compute_power_w, profiles[link.profile].radio_tx_power_w,
                                       profiles[link.profile].radio_rx_power_w) for link in self.emu.links}
-        model = await asyncio.to_thread(StageModel.load, wl.model, "fp32")
+        model = await self._model_task
         n_dev = len(self.emu.links)
         orch = Orchestrator(
             run=self.run_id, broker_host=self.broker.host, broker_port=self.broker.port,
