@@ -255,7 +255,11 @@ class FaultInjector:
         emu.broker = None
 
         async def start() -> None:
-            new = await emu.start_broker(**kwargs)
+            starter = getattr(self.runner, "_start_broker", None)  # the runner's (keeps mosquitto as root)
+            if starter is not None and "password_file" in kwargs:
+                new = await starter(kwargs["password_file"], kwargs.get("acl_file"), kwargs.get("max_message_bytes"))
+            else:
+                new = await emu.start_broker(**kwargs)
             if getattr(self.runner, "broker", None) is old:
                 self.runner.broker = new
 
