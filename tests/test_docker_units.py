@@ -142,3 +142,12 @@ def test_self_shaping_plan_uplink_on_eth0_downlink_through_the_ifb() -> None:
         U32Filter("eth0", INGRESS_HANDLE, 1, None, None, redirect_ifname="ifb0"))
     with pytest.raises(ShapingError):
         plan_self("eth0", "ifb0", 0.0, 10.0)
+
+
+def test_no_daemon_is_a_resource_error_that_says_how_to_start_one(monkeypatch, tmp_path: Path) -> None:
+    from testbed.emulation.docker_image import docker_client
+
+    monkeypatch.setenv("DOCKER_HOST", f"unix://{tmp_path}/no-such.sock")
+    with pytest.raises(ResourceError, match="start-dockerd") as e:
+        docker_client(timeout_s=5)
+    assert e.value.exit_code == 4
