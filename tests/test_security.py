@@ -27,7 +27,7 @@ import pytest
 
 from testbed.relay import topics
 from testbed.relay.security import acl_text, make_credentials
-from test_faults import DEVICES, LocalBroker, needs_mosquitto
+from test_faults import DEVICES, LocalBroker, broker, needs_mosquitto  # noqa: F401 - broker is a fixture
 
 REPO = Path(__file__).resolve().parent.parent
 CODE_DIRS = [REPO / d for d in ("testbed", "tui", "bench", "experiments") if (REPO / d).is_dir()]
@@ -46,16 +46,6 @@ async def _drain(client, seconds) -> list:
     except TimeoutError:
         pass
     return got
-
-
-@pytest.fixture
-def broker(tmp_path, unique_run_id):
-    b = LocalBroker(tmp_path, unique_run_id)
-    b.start()
-    try:
-        yield unique_run_id, b
-    finally:
-        b.stop()
 
 
 @needs_mosquitto
