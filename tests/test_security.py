@@ -215,7 +215,25 @@ async def test_broker_listens_only_on_the_server_address_and_secrets_are_private
         creds = json.loads((secrets / "credentials.json").read_text())
         assert creds["run"] == run and creds["server"]["password"] == r.creds.server.password
         conf = Path(r.broker.config_path).read_text()
-        assert "allow_anonymous false" in conf and f"listener 1883 198.18.0.1" in conf
+        assert "allow_anonymous false" in conf and "listener 1883 198.18.0.1" in conf
+        assert f"message_size_limit {r.topo.workload.payload_bytes + 4 * 2**20}" in conf  # oversized: dropped
     assert not state.exists()  # secrets, agent configs (with passwords) and the broker's files: removed
     leaked = [p for p in tmp_path.rglob("*") if p.is_file() and r.creds.server.password in p.read_text(errors="ignore")]
     assert leaked == []  # the outputs (events, logs, result) never carry a password
+
+
+@needs_mosquitto
+async def test_oversized_payloads_are_dropped_by_the_broker_and_rejected_by_the_decoder(broker):
+    from testbed.errors import RelayError
+    from testbed.relay.wire import decode
+
+    run, b = broker  # message_size_limit 1 MiB, as the runner sets payload_bytes + 4 MiB
+    limit = 2**20
+    async with _client(b, b.creds.server) as server, _client(b, b.creds.for_device("dev01")) as dev01:
+        await dev01.subscribe(topics.task(run, "dev01"), qos=1)
+        await server.publish(topics.task(run, "dev01"), b"\x00" * (limit + 1), qos=1)
+        await server.publish(topics.task(run, "dev01"), b"small", qos=1)
+        got = await _drain(dev01, 1.5)
+    assert [p for _, p in got] == [b"small"]  # the oversized one never reached the device
+    with pytest.raises(RelayError, match="exceeds the size limit"):
+        decode(b"TBR1" + b"\x00" * limit, max_bytes=limit, run=run)
