@@ -17,7 +17,7 @@ from textual import on, work
 from textual.app import App, ComposeResult
 from textual.binding import Binding
 from textual.containers import Horizontal, Vertical
-from textual.widgets import DataTable, Footer, Input, Label, Select, Static, TabbedContent, TabPane
+from textual.widgets import DataTable, Footer, Input, Label, Select, Static, TabbedContent, TabPane, Tabs
 
 from testbed.errors import TestbedError
 from testbed.topology import Topology
@@ -46,6 +46,7 @@ class TestbedApp(LiveMixin, App[None]):
         Binding("c", "cut", "Cut link", priority=True),
         Binding("question_mark", "help", "Help"),
         Binding("q", "quit", "Quit", priority=True),
+        Binding("escape", "focus_devices", "Devices", show=False),
         Binding("1", "tab('cell')", "Cell", show=False),
         Binding("2", "tab('run')", "Run", show=False),
         Binding("3", "tab('image')", "Image", show=False),
@@ -109,6 +110,8 @@ class TestbedApp(LiveMixin, App[None]):
         self._refresh_cell()
         self._show_summary()
         self.query_one("#devices", DevicesTable).focus()
+        for tabs in self.query(Tabs):  # tabs switch with 1 2 3; Tab goes controls <-> table
+            tabs.can_focus = False
         self._load_costs()
         if self.attach:
             self._follow(self.attach)
@@ -189,6 +192,12 @@ class TestbedApp(LiveMixin, App[None]):
     @on(Input.Submitted)
     def _submitted(self) -> None:
         self.action_select()
+        self.action_focus_devices()
+
+    def action_focus_devices(self) -> None:
+        """Back to the devices table (whose highlighted row k and c act on)."""
+        self.action_tab("cell")
+        self.query_one("#devices", DevicesTable).focus()
 
     def apply_seed(self, seed: int) -> None:
         """The seed control is the scenario seed (like `--seed`): a new one re-places drawn

@@ -19,10 +19,12 @@ HELP_TEXT = """\
   k        kill the highlighted device during a run (recovery)
   c        cut / restore the highlighted device's link during a run
   1 2 3    Cell / Run / Image tab      tab  next control
-  up/down  highlight a device          ?    this help      q  quit
+  up/down  highlight a device          esc  back to the table
+  ?        this help                   q    quit
 
 [b]Controls[/b] (top line): T_max s, E_max J, strategy (dp exact random
-greedy fair), method (multistage split), seed. Enter selects again.
+greedy fair), method (multistage split), seed. Enter selects again
+and goes back to the devices table.
 
 [b]Cell[/b]: devices table (predicted T_j, E_j; sel = stage order), map of
 the cell to scale (◉ server, O orin, X xavier; colour = precision;
@@ -32,7 +34,7 @@ energy vs E_max, event log.  [b]Image[/b]: generated image next to the
 reference, with MS-SSIM.
 
 [b]Attach[/b]: testbed tui \\[FILE] --attach RUN follows a run started from
-the CLI through its MQTT events topic (read-only; s/r/k are off).
+the CLI through its MQTT events topic (read-only; s r k c are off).
 
 [dim]Esc or ? closes this screen; q quits.[/dim]"""
 
