@@ -165,10 +165,11 @@ class LiveMixin:
             self._new_run(self.topo.budgets.t_max_s, self.topo.budgets.e_max_j)
             self.action_tab("run")
             panel.log_line(f"attached to {info['topic']} at {info['host']}:{info['port']}", "dim")
-            async for ev in follow_events(info):
-                self.feed_event(ev)
-                if ev.get("type") in ("run_finished", "run_failed"):
-                    break
+            async with contextlib.aclosing(follow_events(info)) as events:
+                async for ev in events:
+                    self.feed_event(ev)
+                    if ev.get("type") in ("run_finished", "run_failed"):
+                        break
         except TestbedError as e:
             panel.log_line(f"error: {e}", "bold red")
             self.notify(str(e), title="attach failed", severity="error", timeout=10)
