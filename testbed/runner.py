@@ -51,6 +51,19 @@ class RunResult:
         return self.doc
 
 
+def _fixed_selection(costs: list[Any], order: list[str], t_max_s: float, e_max_j: float) -> Any:
+    from testbed.selection import Selection
+
+    by_id = {c.id: c for c in costs}
+    unknown = [d for d in order if d not in by_id]
+    if unknown:
+        raise TopologyError(f"relay order names unknown devices {unknown}; devices: {', '.join(by_id)}")
+    chosen = [by_id[d] for d in order]
+    return Selection(strategy="fixed", t_max_s=t_max_s, e_max_j=e_max_j, devices=list(costs), selected=list(order),
+                     objective_mb=sum(c.size_mb for c in chosen), latency_s=sum(c.latency_s for c in chosen),
+                     energy_j=sum(c.energy_j for c in chosen), solve_ms=0.0, chosen=chosen)
+
+
 class Runner:
     """`async with Runner(topo, ...) as r: result = await r.run()` — one generation."""
 
@@ -236,7 +249,8 @@ class Runner:
                 conf = Path(argv[argv.index("-c") + 1])
                 text = conf.read_text()
                 if not text.startswith("user "):
-                    conf.write_text("user root\n" + text)
+                    # set_tcp_nodelay: relay the tail of a latent without waiting for ACKs (Nagle)
+                    conf.write_text("user root\nset_tcp_nodelay true\n" + text)
             if hasattr(emu.backend, "spawn"):  # docker: inside the server container (docker exec)
                 return await emu.backend.spawn("server", argv, None, log_path)
             return await asyncio.to_thread(spawn_in, netns, argv, None, log_path, procs)
@@ -350,13 +364,38 @@ class Runner:
             self.on_event(ev)
 
     # -- the generation ----------------------------------------------------------------
-    async def run(self, fail: str | None = None, faults: list | None = None) -> RunResult:
+    @property
+    def agent_pids(self) -> dict[str, int]:
+        """pid of every device's agent (bench/relay.py measures their memory)."""
+        return dict(self._pids)
+
+    @property
+    def template_pid(self) -> int | None:
+        return self._pool.pid if self._pool is not None else None
+
+    def current_links(self) -> list[Any]:
+        """The devices' links with the rates the emulation applies now (mobility, set_link)."""
+        out = []
+        for link in self.emu.links:
+            node = self.emu.nodes[link.id]
+            out.append(link.model_copy(update={"rate_up_mbps": node.rate_up_mbps or link.rate_up_mbps,
+                                               "rate_down_mbps": node.rate_down_mbps or link.rate_down_mbps}))
+        return out
+
+    async def run(self, fail: str | None = None, faults: list | None = None,
+                  order: list[str] | None = None) -> RunResult:
+        """One generation. `order` skips the selection and relays through those devices
+        (benchmarks); otherwise the strategy chooses under the budgets. `faults` (default:
+        the topology's `faults:`) are injected by testbed/faults.py."""
         from testbed.selection import device_costs, select
 
         topo, wl = self.topo, self.topo.workload
-        costs = device_costs(topo, self.emu.links)
+        costs = device_costs(topo, self.current_links())
         self._costs = {c.id: c for c in costs}
-        sel = select(costs, self.t_max_s, self.e_max_j, strategy=self.strategy, seed=topo.seed)
+        if order is None:
+            sel = select(costs, self.t_max_s, self.e_max_j, strategy=self.strategy, seed=topo.seed)
+        else:
+            sel = _fixed_selection(costs, order, self.t_max_s, self.e_max_j)
         if fail is not None and fail not in sel.selected:
             raise TopologyError(f"--fail {fail}: not a selected device (selected: {', '.join(sel.selected)}); "
                                 "pick one of those")
