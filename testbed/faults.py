@@ -234,6 +234,17 @@ class FaultInjector:
 
         cg = getattr(emu, "cg", None)
         node = emu.nodes[dev]
+        if cg is None and hasattr(emu.backend, "set_cpu"):  # docker: `docker update --cpus`
+            old_cores = node.cpu_quota_cores
+            await emu.backend.set_cpu(dev, val)
+            node.cpu_quota_cores = val
+
+            async def undo_cpu() -> None:
+                if old_cores is not None:
+                    await emu.backend.set_cpu(dev, old_cores)
+                node.cpu_quota_cores = old_cores
+
+            return undo_cpu
         if cg is None:
             raise ResourceError(f"slow {dev}: this backend has no cgroups the testbed manages (use --backend netns)")
         old = CgroupLimits(node.cpu_quota_cores, node.memory_mb)

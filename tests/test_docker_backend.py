@@ -102,6 +102,8 @@ async def test_small_topology_in_containers(topologies: Path, run_id: str, tmp_p
             mem = emu.backend.cgroup_dir(node["id"], "memory")
             assert int((mem / "memory.limit_in_bytes").read_text()) == prof.memory_mb * 2**20
         assert await emu.verify_shaping() == []  # the shared plan, read back from the server container
+        await emu.backend.set_cpu("dev03", 0.05)  # a "slow" fault: docker update --cpus, live
+        assert int((emu.backend.cgroup_dir("dev03", "cpu") / "cpu.cfs_quota_us").read_text()) == 5000
 
         # the broker runs inside the server container (its cgroup), reachable from a device
         broker = await emu.start_broker()

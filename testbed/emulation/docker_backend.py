@@ -41,6 +41,7 @@ from testbed.emulation.docker_spec import (
     container_name,
     container_plan,
     detect_gpus,
+    nano_cpus,
     network_name,
     network_plan,
 )
@@ -269,6 +270,21 @@ class DockerBackend:
         peer = await self._host_peer_index(node_id)
         async with AsyncIPRoute() as root:
             await root.link("set", index=peer, state="up" if up else "down")
+
+    async def set_cpu(self, node_id: str, cpu_cores: float) -> None:
+        """Change a running container's CPU limit (`docker update --cpus`), e.g. a "slow" fault."""
+        api = self.client.api
+
+        def update() -> None:  # the SDK's update_container has no NanoCpus; the API has
+            r = api._post_json(api._url("/containers/{0}/update", self._ids[node_id]), data={"NanoCpus": nano_cpus(cpu_cores)})
+            api._raise_for_status(r)
+
+        try:
+            await asyncio.to_thread(update)
+        except docker.errors.APIError as e:
+            raise _api_error(f"docker update --cpus {cpu_cores:g} {self.container(node_id)}", e) from None
+        lim = self.limits.get(node_id, NodeLimits())
+        self.limits[node_id] = NodeLimits(cpu_cores, lim.memory_mb, lim.gpu_share_pct)
 
     def cgroup_dir(self, node_id: str, controller: str = "cpu") -> Path:
         """The container's cgroup directory of `controller` (v1), or its v2 directory."""
