@@ -156,7 +156,8 @@ class Runner:
         argv0 = [str(agent_bin)] if agent_bin.exists() else [sys.executable, "-m", "testbed.relay.agent"]
         logs = (self.out_dir / "logs") if self.out_dir is not None else (self._state_dir / "logs")
         logs.mkdir(parents=True, exist_ok=True)
-        if os.environ.get("TESTBED_AGENT_POOL", "1") != "0":
+        # docker: agents start inside their containers (docker exec), not forked on the host
+        if os.environ.get("TESTBED_AGENT_POOL", "1") != "0" and not hasattr(self.emu.backend, "spawn"):
             from testbed.agent_pool import AgentPool
 
             self._pool = AgentPool(self._state_dir / "agent-pool.sock", logs / "agent-template.log")
