@@ -403,3 +403,26 @@ async def test_mobility_batch_updates_move_devices_and_rates(small):
         assert dev02.rate_up_mbps == pytest.approx(link_for_position(small.radio, dev02.distance_m, orig.los)[3])
         assert dev02.rate_up_mbps < orig.rate_up_mbps
         assert app.run_view.events == 0  # position updates are not run events
+
+
+async def test_split_steps_render_as_stages_and_cap_the_bars(small):
+    app = TestbedApp(small)
+    async with app.run_test(size=SIZE) as pilot:
+        app.running = True
+        app.feed_event({"type": "run_started", "ts": 0.0, "run": "tsplit", "device": None, "steps": None,
+                        "relay_order": ["dev01", "dev02"], "total_steps": 20})
+        for i in range(20):
+            app.feed_event({"type": "split_step", "ts": 0.1 * (i + 1), "run": "tsplit", "device": "dev01>dev02",
+                            "steps": [i, i + 1], "stage": i, "t_down_s": 0.01, "t_cmp_s": 0.05 + i * 0.001,
+                            "t_up_s": 0.02, "energy_j": 1.5,
+                            "predicted": {"t_down_s": 0.01, "t_cmp_s": 0.05, "t_up_s": 0.02, "energy_j": 1.4}})
+        await pilot.pause()
+        rv = app.run_view
+        assert len(rv.stages) == 20 and all(s.phase == "done" for s in rv.stages)
+        assert rv.energy_j == pytest.approx(30.0)
+        assert app.cell.chain == ["dev01", "dev02"]
+        lat = app.query_one("#latency", LatencyPlot)
+        assert len(lat.bars) == LatencyPlot.MAX_BARS and lat.bars[-2][0] == "20"
+        assert lat.bars[-2][2] == pytest.approx(0.05 + 19 * 0.001)
+        en = app.query_one("#energy", EnergyPlot)
+        assert en.measured[-1] == pytest.approx(30.0) and en.predicted[-1] == pytest.approx(28.0)

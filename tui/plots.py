@@ -27,6 +27,8 @@ class _DataPlot(PlotextPlot):
 class LatencyPlot(_DataPlot):
     """Stacked bars per stage: 'N' measured, 'Np' predicted; segments down / cmp / up."""
 
+    MAX_BARS = 12  # the last 6 stages (a split run has one record per denoising step)
+
     def __init__(self, **kw) -> None:
         super().__init__(**kw)
         self.bars: list[tuple[str, float, float, float]] = []  # (label, down_s, cmp_s, up_s)
@@ -41,7 +43,7 @@ class LatencyPlot(_DataPlot):
             p = s.predicted
             if p:
                 bars.append((f"{s.index}p", p.get("t_down_s", 0.0), p.get("t_cmp_s", 0.0), p.get("t_up_s", 0.0)))
-        self.bars, self.t_max_s = bars, t_max_s
+        self.bars, self.t_max_s = bars[-self.MAX_BARS:], t_max_s  # split runs have a record per step
         self.replot()
 
     def replot(self) -> None:

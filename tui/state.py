@@ -209,6 +209,14 @@ class RunView:
                               predicted=dict(ev.get("predicted") or {}), attempt=int(ev.get("attempt") or 1))
             stage.recovered = stage.attempt > 1 or bool(ev.get("recovery"))
             self.stages.append(stage)
+        elif kind == "split_step" and dev:  # split diffusion: one finished record per denoising step
+            a, b = (steps or (0, 0))[:2]
+            idx = int(ev["stage"]) + 1 if isinstance(ev.get("stage"), int) else len(self.stages) + 1
+            stage = StageView(index=idx, device=str(dev), steps=(int(a), int(b)), phase="done",
+                              t_down_s=_num(ev, "t_down_s"), t_cmp_s=_num(ev, "t_cmp_s"), t_up_s=_num(ev, "t_up_s"),
+                              energy_j=_num(ev, "energy_j"), predicted=dict(ev.get("predicted") or {}))
+            self.stages.append(stage)
+            self.energy_points.append((rel if rel is not None else float(len(self.energy_points)), self.energy_j))
         elif kind == "downloaded" and stage:
             stage.t_down_s = _num(ev, "t_down_s")
             stage.phase = "compute"
@@ -248,7 +256,7 @@ def _num(ev: dict[str, Any], *keys: str) -> float | None:
     return None
 
 
-_SKIP = {"type", "ts", "run", "device", "steps", "predicted", "result", "seq"}
+_SKIP = {"type", "ts", "run", "device", "steps", "predicted", "result", "seq", "record", "plan"}
 
 
 def _log_line(rel: float | None, kind: str, ev: dict[str, Any]) -> str:
