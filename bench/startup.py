@@ -82,15 +82,57 @@ def mininet_once(n: int) -> dict[str, float] | None:
     return json.loads(r.stdout.strip().splitlines()[-1])
 
 
+async def agents_once(n: int, mode: str) -> float:
+    """Seconds from `up` done to n stand-in agents (bench/agent_probe.py: import torch, then
+    write a ready file) all ready, each in its device's namespace and cgroup; `mode` is
+    "exec" (a fresh interpreter per agent) or "fork" (forked from a template that imported
+    torch once; the template's own start is included)."""
+    import tempfile
+    from pathlib import Path
+
+    bench_dir = str(Path(__file__).resolve().parent)
+    os.environ["PYTHONPATH"] = bench_dir + os.pathsep + os.environ.get("PYTHONPATH", "")
+    run = "a" + uuid.uuid4().hex[:5]
+    topo = parse_topology(topo_text(n))
+    with tempfile.TemporaryDirectory() as tmp:
+        try:
+            async with Emulation(topo, run, mobility=False, state_dir=Path(tmp) / "state") as emu:
+                t0 = time.perf_counter()
+                ready = [Path(tmp) / f"ready-{d}" for d in emu.device_ids()]
+                if mode == "fork":
+                    await emu.start_forkserver(preload=("torch",))
+                for dev, flag in zip(emu.device_ids(), ready):
+                    if mode == "fork":
+                        await emu.spawn_python(dev, "agent_probe", [str(flag)])
+                    else:
+                        await emu.spawn(dev, [sys.executable, "-m", "agent_probe", str(flag)])
+                deadline = time.monotonic() + 600
+                while not all(f.exists() for f in ready):
+                    if time.monotonic() > deadline:
+                        raise RuntimeError("agents not ready within 600 s")
+                    await asyncio.sleep(0.02)
+                return time.perf_counter() - t0
+        finally:
+            cleanup_run(run)
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--sizes", type=int, nargs="+", default=[20, 100, 200])
     ap.add_argument("--repeat", type=int, default=1)
     ap.add_argument("--json", action="store_true")
+    ap.add_argument("--agents", type=int, default=0,
+                    help="instead: time N stand-in agents importing torch, exec vs forkserver")
     args = ap.parse_args()
     if os.geteuid() != 0:
         print("bench/startup.py needs root", file=sys.stderr)
         return 4
+    if args.agents:
+        fork_s = asyncio.run(agents_once(args.agents, "fork"))
+        exec_s = asyncio.run(agents_once(args.agents, "exec"))
+        print(f"{args.agents} agents importing torch, ready after up: exec {exec_s:.2f} s, "
+              f"forkserver {fork_s:.2f} s (ratio {fork_s / exec_s:.2f})")
+        return 0
     rows = []
     for n in args.sizes:
         tb, mn = [], []

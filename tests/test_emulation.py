@@ -135,7 +135,7 @@ async def test_spawn_runs_inside_namespace_and_cgroup_and_kill_stops_it(topologi
         assert int(text[0]) == os.stat(emu.nodes["dev03"].netns).st_ino
         assert f"cpu:/testbed/{run_id}/dev03" in "\n".join(text)
         assert pid in detect_cgroups().pids(run_id, "dev03")
-        assert emu.returncode(pid) is None  # still running
+        assert await emu.returncode(pid) is None  # still running
         short = await emu.spawn("dev02", ["sh", "-c", "exit 3"])
         assert await emu.wait(short, timeout_s=10) == 3
         await emu.kill("dev03")
@@ -288,3 +288,28 @@ async def test_amqtt_fallback_broker(topologies: Path, run_id: str) -> None:
         b = await emu.start_broker(prefer="amqtt")
         assert b.kind == "amqtt"
         assert _pub(emu.nodes["dev02"].netns).returncode == 0
+
+
+async def test_forkserver_spawns_python_inside_namespace_and_cgroup(topologies: Path, run_id: str, tmp_path: Path,
+                                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    mod = tmp_path / "tb_probe_mod.py"
+    mod.write_text(
+        "import os, sys, json\n"
+        "print(json.dumps({'ino': os.stat('/proc/self/ns/net').st_ino, 'argv': sys.argv[1:],\n"
+        "                  'env': os.environ.get('TB_X'), 'numpy': 'numpy' in sys.modules,\n"
+        "                  'cgroup': open('/proc/self/cgroup').read()}), flush=True)\n"
+        "sys.exit(int(sys.argv[1]))\n"
+    )
+    monkeypatch.setenv("PYTHONPATH", str(tmp_path))
+    async with Emulation(load_topology(topologies / "small.yaml"), run_id, state_dir=tmp_path / "state") as emu:
+        await emu.start_forkserver(preload=("numpy",))
+        log = tmp_path / "probe.log"
+        pid = await emu.spawn_python("dev04", "tb_probe_mod", ["7"], {"TB_X": "yes"}, log)
+        assert await emu.wait(pid, timeout_s=20) == 7
+        doc = json.loads(log.read_text().splitlines()[-1])
+        assert doc["ino"] == os.stat(emu.nodes["dev04"].netns).st_ino
+        assert doc["argv"] == ["7"] and doc["env"] == "yes"
+        assert doc["numpy"] is True  # inherited from the template, not imported again
+        assert f"cpu:/testbed/{run_id}/dev04" in doc["cgroup"]
+        fs_pid = emu.forkserver.pid
+    assert not Path(f"/proc/{fs_pid}").exists() or "Z" in Path(f"/proc/{fs_pid}/stat").read_text().split()[2]
