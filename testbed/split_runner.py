@@ -7,8 +7,9 @@
 Composes the layers: the emulation (namespaces, shaped links, cgroups, broker with the
 run's per-device credentials), the split plan (relay/split_plan.py: the pair and the step
 count from the budgets), split agents spawned in the two devices' namespaces (started on
-first use and kept for later runs of the same emulation), the split orchestrator on the
-host (relay/split.py), then decode + MS-SSIM against the fp32 reference.
+first use and kept for later runs of the same emulation), the split orchestrator
+(relay/split.py) in the edge server's namespace, then decode + MS-SSIM against the fp32
+reference.
 
 The result document has the multi-stage run's fields (run, method, strategy, selected,
 stages, latency_s, energy_j, predicted_latency_s, ms_ssim, image, recovered, meta); its
@@ -213,7 +214,12 @@ class SplitRun:
             seed=self.seed, scheduler=wl.scheduler, payload_bytes=wl.payload_bytes, emit=self.on_event,
             online_timeout_s=self.agent_ready_timeout_s,
         )
-        outcome = await orch.run()
+        # The orchestrator runs on the edge server: its event loop lives in a thread inside the
+        # server's namespace, so it reaches this run's broker even when another run on the
+        # host owns the host route to 198.18.0.0/16 (events reach on_event from that thread).
+        from testbed.emulation.nsutil import in_netns
+
+        outcome = await asyncio.to_thread(in_netns, self.emu.nodes["server"].netns, lambda: asyncio.run(orch.run()))
         image = await asyncio.to_thread(decode, self._model, outcome.latent)
         quality = float(await asyncio.to_thread(ms_ssim, image, self._reference))
         image_path = None
