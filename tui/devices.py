@@ -52,7 +52,7 @@ class DevicesTable(DataTable):
                 self.add_row(*values.values(), key=row.id)
             else:
                 for key, v in values.items():
-                    self.update_cell(row.id, key, v)
+                    self.update_cell(row.id, key, v, update_width=True)
 
     def text_of(self, dev_id: str, column: str) -> str:
         v = self.get_cell(dev_id, column)

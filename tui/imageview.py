@@ -16,12 +16,13 @@ __all__ = ["ImageView", "fit_image", "halfblock_text"]
 
 
 def fit_image(img: np.ndarray, max_cols: int, max_rows: int) -> np.ndarray:
-    """Box-average `img` to at most max_cols x (2 * max_rows) pixels, keeping the aspect."""
+    """Resize `img` to fit max_cols x (2 * max_rows) pixels, keeping the aspect: box average
+    when shrinking, nearest pixel when enlarging (the tiny model's images are 32 px)."""
     if img.ndim == 2:
         img = np.stack([img] * 3, axis=-1)
     img = np.asarray(img[..., :3], dtype=np.float32)
     h, w = img.shape[:2]
-    scale = min(max_cols / w, 2 * max_rows / h, 1.0)
+    scale = min(max_cols / w, 2 * max_rows / h)
     tw, th = max(1, int(w * scale)), max(2, int(h * scale) // 2 * 2)
     ys = np.linspace(0, h, th + 1).astype(int)
     xs = np.linspace(0, w, tw + 1).astype(int)

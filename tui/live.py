@@ -257,8 +257,12 @@ class LiveMixin:
             t.append(f"  recovered: {len(doc['recovered'])}", style="yellow")
         self.query_one("#imgcaption", Static).update(t)
         panel = self.query_one("#runpanel", RunPanel)
-        panel.log_line(t.plain, "bold green")
+        if doc.get("run") != self._last_result_run:  # run_finished, then the Runner's result: log once
+            panel.log_line(t.plain, "bold green")
+            self._last_result_run = doc.get("run")
         panel.show(self.run_view, self.run_view.t_max_s, self.run_view.e_max_j)
+
+    _last_result_run: str | None = None
 
     @work(exclusive=True, group="reference")
     async def _load_reference(self, doc: dict[str, Any]) -> None:

@@ -63,7 +63,7 @@ class RunPanel(Vertical):
                 table.add_row(*row.values(), key=key)
             else:
                 for col, v in row.items():
-                    table.update_cell(key, col, v)
+                    table.update_cell(key, col, v, update_width=True)
         self.query_one("#latency", LatencyPlot).update_from(run, t_max_s)
         self.query_one("#energy", EnergyPlot).update_from(run, e_max_j)
         self.query_one("#runstatus", Static).update(self.status_text(run, t_max_s, e_max_j))
@@ -80,6 +80,8 @@ class RunPanel(Vertical):
             t.append("finished ", style="bold green")
         elif cur is not None:
             t.append(f"stage {cur.index} {cur.device} {cur.phase} ")
+        else:
+            t.append("starting: emulation, broker, agents... ", style="dim")
         lat = run.result.get("latency_s") if run.finished and run.result else None
         lat = lat if isinstance(lat, (int, float)) else run.latency_s
         t.append(f"│ T {lat:.2f}", style="red" if t_max_s and lat > t_max_s else "")
