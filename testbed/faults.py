@@ -34,6 +34,7 @@ from testbed.errors import ResourceError, TopologyError
 from testbed.topology import FaultSpec
 
 __all__ = [
+    "revive_agent",
     "FAULT_KINDS",
     "DEFAULT_DURATION_S",
     "DEFAULT_VALUE",
@@ -97,7 +98,8 @@ class FaultInjector:
         self._t0: float | None = None
         self._fired: set[int] = set()
         self._tasks: set[asyncio.Task] = set()
-        self._current: tuple[str, int] | None = None  # (device, stage) computing now
+        self._current: tuple[str, int] | None = None  # (device, stage) in flight now
+        self._last: tuple[str, int] | None = None  # the last stage started (between stages)
 
     # -- scheduling from telemetry -------------------------------------------------------
     def feed(self, ev: dict[str, Any]) -> None:
@@ -110,7 +112,7 @@ class FaultInjector:
                     self._fired.add(n)
                     self._spawn(self._after(spec.at_s, spec, None))
         elif t in ("stage_started", "downloaded") and ev.get("device") is not None:
-            self._current = (ev["device"], ev.get("stage"))
+            self._current = self._last = (ev["device"], ev.get("stage"))
             if t != "downloaded":
                 return
             for n, spec in enumerate(self.specs):
@@ -163,7 +165,8 @@ class FaultInjector:
         dev = spec.device or device
         if kind in _DEVICE_KINDS:
             if dev is None:
-                dev = self._current[0] if self._current else None
+                now = self._current or self._last
+                dev = now[0] if now else None
             if dev is None:
                 raise TopologyError(f"fault {kind}: no device given and none is computing now; name one")
             if dev not in emu.device_ids():
@@ -302,3 +305,33 @@ def broker_start_args(handle: Any) -> dict[str, Any]:
             if "amqtt.plugins.topic_checking.TopicAccessControlListPlugin" in plugins and acl.exists():
                 args["acl_file"] = acl
     return args
+
+
+async def revive_agent(runner: Any, device: str) -> int:
+    """Start a killed device's agent again (same config and credentials) in its node;
+    returns its pid. For the TUI and bench/faults.py (a new generation after a kill)."""
+    emu, state = runner.emu, getattr(runner, "_state_dir", None)
+    if emu is None or state is None:
+        raise ResourceError(f"revive {device}: no run is up")
+    if device not in emu.device_ids():
+        raise TopologyError(f"revive: unknown device {device!r}; devices: {', '.join(emu.device_ids())}")
+    await emu.kill(device)  # whatever is left of the old one
+    cfg = state / "agents" / f"{device}.json"
+    node = emu.nodes[device]
+    cores = node.cpu_quota_cores or 1.0
+    env = {"TESTBED_AGENT_CONFIG": str(cfg), "OMP_NUM_THREADS": str(max(1, int(cores)))}
+    args = [runner.run_id, device, "--config", str(cfg)]
+    logs = (runner.out_dir / "logs") if getattr(runner, "out_dir", None) is not None else state / "logs"
+    log = logs / f"agent-{device}.log"
+    pool = getattr(runner, "_pool", None)
+    if pool is not None:
+        procs = list(emu.cg.procs_files(runner.run_id, device)) if emu.cg is not None else []
+        pid = await pool.spawn(node.netns, procs, ["testbed-agent", *args], env, log)
+    else:
+        import sys
+
+        pid = await emu.spawn(device, [sys.executable, "-m", "testbed.relay.agent", *args], env, log)
+    pids = getattr(runner, "_pids", None)
+    if isinstance(pids, dict):
+        pids[device] = pid
+    return pid

@@ -1,0 +1,102 @@
+"""`testbed fault` on a cell that `testbed up` keeps alive (root): each fault is read back from
+the kernel — the CPU quota, the HTB class rate, the link state, the process, the broker."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from testbed.emulation.runs import cleanup_run
+from test_security import _listening
+
+REPO = Path(__file__).resolve().parent.parent
+TESTBED = [sys.executable, "-m", "testbed.cli"]
+
+
+def _tb(*args: str, timeout: float = 120) -> subprocess.CompletedProcess:
+    return subprocess.run([*TESTBED, *args], capture_output=True, text=True, timeout=timeout, cwd=REPO)
+
+
+@pytest.fixture
+def up_run(unique_run_id, topologies):
+    run = unique_run_id
+    try:
+        r = _tb("up", str(topologies / "small.yaml"), "--run", run, "--json")
+        assert r.returncode == 0, r.stderr
+        yield run, json.loads(r.stdout)
+    finally:
+        cleanup_run(run)
+
+
+def _ip(run: str, *args: str) -> str:
+    return subprocess.run(["ip", "-n", f"tb-{run}-server", *args], capture_output=True, text=True, check=True).stdout
+
+
+@pytest.mark.root
+def test_fault_command_changes_the_kernel_and_undoes_it(up_run):
+    run, state = up_run
+    devices = [n["id"] for n in state["nodes"] if n["role"] == "device"]
+    assert devices[:3] == ["dev01", "dev02", "dev03"]
+
+    r = _tb("fault", "slow", "dev01", "--run", run, "--value", "0.1", "--json")
+    assert r.returncode == 0, r.stderr
+    assert json.loads(r.stdout)["fault"]["value"] == 0.1
+    assert Path(f"/sys/fs/cgroup/cpu/testbed/{run}/dev01/cpu.cfs_quota_us").read_text().strip() == "10000"
+
+    r = _tb("fault", "rate-drop", "dev02", "--run", run, "--value", "0.5")
+    assert r.returncode == 0, r.stderr
+    classes = subprocess.run(["ip", "netns", "exec", f"tb-{run}-server", "tc", "class", "show", "dev", f"tb{run}br"],
+                             capture_output=True, text=True, check=True).stdout
+    assert re.search(r"ceil 500Kbit", classes), classes  # dev02's downlink class
+
+    flap = subprocess.Popen([*TESTBED, "fault", "link-flap", "dev01", "--run", run, "--duration", "1.5"], cwd=REPO,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 30
+        while "state DOWN" not in _ip(run, "link", "show", f"tb{run}d0"):
+            assert time.monotonic() < deadline and flap.poll() is None, flap.communicate()
+            time.sleep(0.05)
+        assert flap.wait(60) == 0
+    finally:
+        if flap.poll() is None:
+            flap.kill()
+            flap.wait()
+    assert "state DOWN" not in _ip(run, "link", "show", f"tb{run}d0")  # up again
+
+    victim = subprocess.Popen(["ip", "netns", "exec", f"tb-{run}-dev03", "sleep", "300"], start_new_session=True)
+    try:
+        time.sleep(0.3)
+        r = _tb("fault", "kill", "dev03", "--run", run)
+        assert r.returncode == 0, r.stderr
+        assert victim.wait(10) is not None
+    finally:
+        if victim.poll() is None:
+            victim.kill()
+            victim.wait()
+
+    old = state["broker"]["pid"]
+    r = _tb("fault", "broker-restart", "--run", run, "--duration", "0.3", "--json")
+    assert r.returncode == 0, r.stderr
+    assert [e["type"] for e in json.loads(r.stdout)["events"]] == ["fault_injected", "fault_restored"]
+    new = json.loads(_tb("status", "--run", run, "--json").stdout)["broker"]["pid"]
+    assert new != old
+    assert not os.path.exists(f"/proc/{old}") or not Path(f"/proc/{old}/cmdline").read_bytes()  # gone (or a zombie)
+    assert _listening(new) == [("198.18.0.1", 1883)]
+
+
+@pytest.mark.root
+def test_fault_command_bad_input(up_run):
+    run, _ = up_run
+    for args, code, needle in ((["explode", "dev01"], 2, "kinds: kill"), (["kill", "dev99"], 2, "unknown device"),
+                               (["slow", "dev01", "--value", "-1"], 2, "greater than 0"),
+                               (["broker-restart", "dev01"], 2, "takes no device"),
+                               (["kill"], 2, "name the device")):
+        r = _tb("fault", *args, "--run", run)
+        assert r.returncode == code and needle in r.stderr and "Traceback" not in r.stderr, (args, r.stderr)
