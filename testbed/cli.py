@@ -25,6 +25,7 @@ _COMMAND_MODULES = (
     "testbed.commands.diffusion_cmds",
     "testbed.commands.sweep_cmd",
     "testbed.commands.docker_cmds",
+    "testbed.commands.fault_cmd",
 )
 
 app = typer.Typer(
