@@ -13,7 +13,7 @@ PYTHON ?= $(shell command -v python3.11 || command -v python3)
 .PHONY: run test install system venv clean-runs
 
 run: install
-	$(TESTBED) validate topologies/paper.yaml
+	$(TESTBED) run topologies/paper.yaml --out out/paper
 
 test: install
 	$(VENV)/bin/python -m pytest -q
