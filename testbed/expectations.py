@@ -194,9 +194,14 @@ def format_report(expect: Mapping[str, Any], result: Mapping[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def enforce_expectations(expect: Mapping[str, Any], result: Mapping[str, Any], scenario: str = "") -> None:
-    """Raise `ExpectationFailed` (exit 1) with the diff when a bound does not hold."""
+def enforce_expectations(expect: Mapping[str, Any], result: Mapping[str, Any], scenario: str = "",
+                         console: Any = None) -> None:
+    """Raise `ExpectationFailed` (exit 1) with the diff when a bound does not hold; with a
+    rich `console`, print the report there when all hold (nothing when `expect` is empty)."""
     failures = check_expectations(expect, result)
+    if expect and not failures and console is not None:
+        console.print(f"expectations: all {len(expect)} held\n{format_report(expect, result)}",
+                      highlight=False, markup=False)
     if failures:
         where = f"scenario {scenario!r}: " if scenario else ""
         raise ExpectationFailed(

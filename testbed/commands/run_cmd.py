@@ -11,6 +11,7 @@ from rich.live import Live
 from rich.table import Table
 
 from testbed.console import err, out, print_json
+from testbed.expectations import enforce_expectations
 from testbed.topology import load_topology
 
 _PHASE = {"stage_started": "downloading", "downloaded": "computing", "computed": "uploading", "uploaded": "done",
@@ -95,6 +96,7 @@ def run(
     doc = asyncio.run(go())
     if as_json:
         print_json(doc)
+        enforce_expectations(topo.expect, doc, topo.name, console=err)
         return
     rec = "; ".join(f"{x['device']} {x['steps']} -> {x['took_over']} ({x['reason']})" for x in doc["recovered"])
     out.print(
@@ -104,6 +106,7 @@ def run(
         + (f"; recovered: {rec}" if rec else "")
     )
     out.print(f"wrote {out_path}/result.json, events.jsonl, image.png, logs/")
+    enforce_expectations(topo.expect, doc, topo.name, console=out)
 
 
 def register(app: typer.Typer) -> None:
