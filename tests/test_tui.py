@@ -194,9 +194,10 @@ async def test_events_render_stages_plots_and_recovery(small):
         assert lat.bars[0][2] == pytest.approx(costs[chain[0]].t_cmp_s * 1.1)
         assert lat.bars[1][2] == pytest.approx(costs[chain[0]].t_cmp_s)
         en = app.query_one("#energy", EnergyPlot)
-        assert en.measured == pytest.approx([costs[chain[0]].energy_j * 1.1,
-                                             (costs[chain[0]].energy_j + costs["dev03"].energy_j) * 1.1])
-        assert en.predicted == pytest.approx([costs[chain[0]].energy_j, costs[chain[0]].energy_j + costs["dev03"].energy_j])
+        e0, e3 = costs[chain[0]].energy_j, costs["dev03"].energy_j
+        # one point per finished attempt; the failed one adds nothing until the result says what it wasted
+        assert en.measured == pytest.approx([e0 * 1.1, e0 * 1.1, (e0 + e3) * 1.1])
+        assert en.predicted == pytest.approx([e0, e0, e0 + e3])
         assert en.e_max_j == small.budgets.e_max_j
         # the chain now runs through the spare; the failed device is offline in the table
         assert app.cell.chain == [chain[0], "dev03"]
@@ -207,6 +208,14 @@ async def test_events_render_stages_plots_and_recovery(small):
         assert len(rec) == 1 and f"failed={chain[1]}" in rec[0]
         status = str(app.query_one("#runstatus", Static).render())
         assert f"failed: {chain[1]}" in status
+        # the result reports the failed attempt's energy: it joins the measured curve
+        app.show_result({"run": "tdemo", "method": "multistage", "ms_ssim": 0.9, "latency_s": 2.1,
+                         "energy_j": (e0 + e3) * 1.1 + 3.0, "recovered": [
+                             {"device": chain[1], "steps": [5, 10], "stage": 1, "reason": "offline",
+                              "took_over": "dev03", "detected_after_s": 1.0, "energy_j": 3.0}]})
+        await pilot.pause()
+        assert en.measured[-1] == pytest.approx((e0 + e3) * 1.1 + 3.0)
+        assert f"E {(e0 + e3) * 1.1 + 3.0:.1f}/70 J" in str(app.query_one("#runstatus", Static).render())
 
 
 async def test_kill_without_a_run_only_warns(small):

@@ -236,6 +236,10 @@ class LiveMixin:
         self.result = doc
         self.run_view.finished = True
         self.run_view.result = doc
+        for rec in doc.get("recovered") or []:  # the energy each failed attempt wasted
+            failed = [st for st in self.run_view.stages if st.device == rec.get("device") and st.phase == "failed"]
+            if failed and isinstance(rec.get("energy_j"), (int, float)):
+                failed[0].energy_j = float(rec["energy_j"])
         gen, ref = load_images(result, doc)
         self.query_one("#generated", ImageView).set_image(gen)
         if ref is not None:

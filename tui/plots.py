@@ -68,14 +68,16 @@ class EnergyPlot(_DataPlot):
         self.e_max_j: float | None = None
 
     def update_from(self, run: RunView, e_max_j: float | None) -> None:
+        """One point per finished attempt: a failed attempt adds the energy it wasted (once the
+        result says how much) to the measured curve and nothing to the predicted one."""
         meas, pred, m, p = [], [], 0.0, 0.0
         for s in run.stages:
-            if s.phase == "failed":
+            if s.phase not in ("done", "failed"):
                 continue
-            if s.energy_j is not None:
-                m += s.energy_j
-                meas.append(m)
-            p += s.predicted.get("energy_j", 0.0)
+            m += s.energy_j or 0.0
+            meas.append(m)
+            if s.phase == "done":
+                p += s.predicted.get("energy_j", 0.0)
             pred.append(p)
         self.measured, self.e_max_j = meas, e_max_j
         self.predicted = pred if any(pred) else []
@@ -96,5 +98,5 @@ class EnergyPlot(_DataPlot):
             plt.hline(self.e_max_j, "red")
             plt.ylim(0, self.e_max_j * 1.1)
         plt.xticks(xs)
-        plt.xlabel("after stage")
+        plt.xlabel("after attempt")
         self.refresh()

@@ -86,7 +86,8 @@ class RunPanel(Vertical):
         lat = lat if isinstance(lat, (int, float)) else run.latency_s
         t.append(f"│ T {lat:.2f}", style="red" if t_max_s and lat > t_max_s else "")
         t.append(f"/{t_max_s:g} s " if t_max_s else " s ")
-        e = run.energy_j
+        e = run.result.get("energy_j") if run.finished and run.result else None
+        e = e if isinstance(e, (int, float)) else run.energy_j
         t.append(f"│ E {e:.1f}", style="red" if e_max_j and e > e_max_j else "")
         t.append(f"/{e_max_j:g} J" if e_max_j else " J")
         if run.failed_devices:
