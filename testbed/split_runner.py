@@ -2,6 +2,7 @@
 
     async with SplitRun(topo, t_max_s=2, e_max_j=200) as r:
         result = await r.run()                  # SplitResult; .to_json() like RunResult's
+                                                # (OUT/result.json and OUT/image.png with out_dir)
         other = await r.run(t_max_s=4)          # same emulation, other budgets
 
 Composes the layers: the emulation (namespaces, shaped links, cgroups, broker with the
@@ -19,6 +20,7 @@ stages are one record per denoising step (`device` "head>tail", both hops inside
 from __future__ import annotations
 
 import asyncio
+import json
 import sys
 import time
 from collections.abc import Callable
@@ -227,17 +229,19 @@ class SplitRun:
             from PIL import Image
 
             self.out_dir.mkdir(parents=True, exist_ok=True)
-            p = self.out_dir / f"split_{self.run_id}_{self._runs}.png"
-            Image.fromarray(image).save(p)
-            image_path = str(p)
+            Image.fromarray(image).save(self.out_dir / "image.png")
+            image_path = str(self.out_dir / "image.png")
         status = self.emu.status()
-        return SplitResult(
+        result = SplitResult(
             run=self.run_id, t_max_s=float(t_max), e_max_j=float(e_max), seed=self.seed,
             selected=[plan.head, plan.tail], stages=[r.to_json() for r in outcome.steps],
             latency_s=outcome.latency_s, energy_j=outcome.energy_j, predicted_latency_s=plan.predicted_latency_s,
             predicted_energy_j=plan.predicted_energy_j, total_steps=outcome.total_steps, ms_ssim=quality,
             image=image_path, image_array=image,
-            meta={"plan": plan.to_json(), "backend": status["backend"], "netem": status["netem"],
+            meta={"plan": plan.to_json(), "run_index": self._runs, "backend": status["backend"], "netem": status["netem"],
                   "warnings": status["warnings"], "setup_s": self.setup_s, "model": wl.model,
                   "compute": wl.compute, "scheduler": wl.scheduler, "broker": status["broker"]},
         )
+        if self.out_dir is not None:
+            (self.out_dir / "result.json").write_text(json.dumps(result.to_json(), indent=2) + "\n")
+        return result
