@@ -238,8 +238,8 @@ class SplitRun:
             latency_s=outcome.latency_s, energy_j=outcome.energy_j, predicted_latency_s=plan.predicted_latency_s,
             predicted_energy_j=plan.predicted_energy_j, total_steps=outcome.total_steps, ms_ssim=quality,
             image=image_path, image_array=image,
-            meta={"plan": plan.to_json(), "run_index": self._runs, "backend": status["backend"], "netem": status["netem"],
-                  "warnings": status["warnings"], "setup_s": self.setup_s, "model": wl.model,
+            meta={"plan": plan.to_json(), "run_index": self._runs, "backend": status["backend"],
+                  "netem": status["netem"], "warnings": status["warnings"], "setup_s": self.setup_s, "model": wl.model,
                   "compute": wl.compute, "scheduler": wl.scheduler, "broker": status["broker"]},
         )
         if self.out_dir is not None:
