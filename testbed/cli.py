@@ -19,6 +19,7 @@ __all__ = ["app", "main"]
 
 _COMMAND_MODULES = (
     "testbed.commands.topology_cmds",
+    "testbed.commands.select_cmd",
     "testbed.commands.run_cmd",
     "testbed.commands.emulation_cmds",
     "testbed.commands.tui_cmd",

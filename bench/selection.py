@@ -1,0 +1,115 @@
+"""Benchmark of device selection: DP vs the exact MILP (HiGHS) on random device sets.
+
+Not a test: prints one table. For I = 20, 100 and 1000 devices drawn like the paper's
+(uniform in a 500 x 500 m UMi cell, Orin/Xavier, fp32/fp16/int8/int4, shadowing on), over
+many seeds and two budget regimes — the paper's (T_max 2 s, E_max 200 J: 2-4 devices fit)
+and a loose one (T_max 6 s, E_max 200 J: 6-10 fit) — it measures side by side in one run:
+DP solve time, exact solve time, their ratio, the DP's worst and mean optimality gap, the
+share of DP answers that are feasible, and the mean objective of the baselines relative to
+the optimum. Run: `.venv/bin/python bench/selection.py [--quick]` (about a minute on 2 cores).
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+import numpy as np
+
+from testbed.radio import compute_links
+from testbed.selection import DEFAULT_GRID, device_costs, select, solvers
+from testbed.topology import parse_topology, place
+
+REGIMES = {"paper": (2.0, 200.0), "loose": (6.0, 200.0), "loose+rs": (6.0, 200.0)}
+#: (I, regime, seeds). "+rs": every device gets its own random model size (300-3500 MB,
+#: as a `sizes_mb` override would), so few devices tie and dominance pruning bites less.
+#: The plain loose regime at I = 1000 takes HiGHS minutes per instance: left out.
+PLAN = [
+    (20, "paper", 40), (20, "loose", 40), (20, "loose+rs", 40),
+    (100, "paper", 25), (100, "loose", 25), (100, "loose+rs", 25),
+    (1000, "paper", 6), (1000, "loose+rs", 6),
+]
+EXACT_LIMIT_S = 20.0
+
+
+def instance(n_devices: int, seed: int, random_sizes: bool = False):
+    topo = parse_topology(f"seed: {seed}\ndevices: {{count: {n_devices}}}\nradio: {{shadowing: true}}\n")
+    links = compute_links(topo, place(topo))
+    sizes = None
+    if random_sizes:
+        rng = np.random.default_rng(seed)
+        sizes = {link.id: float(rng.uniform(300.0, 3500.0)) for link in links}
+    return device_costs(topo, links, sizes_mb=sizes)
+
+
+def run_row(n_devices: int, regime: str, seeds: int, grid: int) -> dict:
+    t_max, e_max = REGIMES[regime]
+    dp_ms, ex_ms, gaps, feasible, timeouts = [], [], [], 0, 0
+    rel = {"random": [], "greedy": []}
+    for seed in range(seeds):
+        costs = instance(n_devices, 1000 + seed, regime.endswith("+rs"))
+        t = np.array([c.latency_s for c in costs])
+        e = np.array([c.energy_j for c in costs])
+        v = np.array([c.size_mb for c in costs])
+        got = select(costs, t_max, e_max, "dp", grid=grid)
+        dp_ms.append(got.solve_ms)
+        feasible += solvers.fits(got.latency_s, got.energy_j, t_max, e_max)
+        start = time.perf_counter()
+        try:
+            opt_idx = solvers.exact(t, e, v, t_max, e_max, time_limit_s=EXACT_LIMIT_S)
+        except TimeoutError:
+            timeouts += 1
+            continue
+        ex_ms.append((time.perf_counter() - start) * 1e3)
+        opt = float(v[opt_idx].sum())
+        gaps.append(max(0.0, 1 - got.objective_mb / opt))
+        for name in rel:
+            rel[name].append(select(costs, t_max, e_max, name, seed=seed).objective_mb / opt)
+    dp_med, ex_med = statistics.median(dp_ms), statistics.median(ex_ms) if ex_ms else float("nan")
+    return {
+        "I": n_devices,
+        "regime": f"{regime} ({t_max:g} s, {e_max:g} J)",
+        "seeds": seeds,
+        "dp_ms": dp_med,
+        "dp_max_ms": max(dp_ms),
+        "exact_ms": ex_med,
+        "ratio": ex_med / dp_med,
+        "gap_max": max(gaps) * 100 if gaps else float("nan"),
+        "gap_mean": statistics.fmean(gaps) * 100 if gaps else float("nan"),
+        "feasible": feasible / seeds * 100,
+        "random": statistics.fmean(rel["random"]) * 100 if rel["random"] else float("nan"),
+        "greedy": statistics.fmean(rel["greedy"]) * 100 if rel["greedy"] else float("nan"),
+        "timeouts": timeouts,
+    }
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--grid", type=int, default=DEFAULT_GRID, help="DP cells per budget")
+    ap.add_argument("--quick", action="store_true", help="a quarter of the seeds")
+    args = ap.parse_args()
+    start = time.perf_counter()
+    head = (
+        f"{'I':>5} {'budgets':<25} {'seeds':>5} {'DP ms':>7} {'DP max':>7} {'exact ms':>9} {'exact/DP':>8} "
+        f"{'gap max %':>9} {'gap mean %':>10} {'feasible %':>10} {'random %':>8} {'greedy %':>8}"
+    )
+    print(f"device selection, grid {args.grid} cells per budget; times are medians; random/greedy: "
+          f"mean objective as % of the optimum")
+    print(head)
+    print("-" * len(head))
+    for n_devices, regime, seeds in PLAN:
+        seeds = max(2, seeds // 4) if args.quick else seeds
+        r = run_row(n_devices, regime, seeds, args.grid)
+        note = f"  ({r['timeouts']} exact runs over {EXACT_LIMIT_S:g} s left out)" if r["timeouts"] else ""
+        print(
+            f"{r['I']:>5} {r['regime']:<25} {r['seeds']:>5} {r['dp_ms']:>7.2f} {r['dp_max_ms']:>7.2f} "
+            f"{r['exact_ms']:>9.2f} {r['ratio']:>8.1f} {r['gap_max']:>9.3f} {r['gap_mean']:>10.4f} "
+            f"{r['feasible']:>10.0f} {r['random']:>8.1f} {r['greedy']:>8.1f}{note}",
+            flush=True,
+        )
+    print(f"total {time.perf_counter() - start:.0f} s")
+
+
+if __name__ == "__main__":
+    main()

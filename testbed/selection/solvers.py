@@ -1,0 +1,219 @@
+"""Solvers of the selection knapsack on plain arrays: max sum(v) s.t. sum(t) <= T, sum(e) <= E.
+
+Pure numpy/scipy; each returns the chosen indices. `dp` is the paper's constraint-
+discretized DP (devices x latency cells x energy cells), vectorized over the grid, with
+costs rounded UP onto the grid so every answer is feasible under the true costs. Before it
+runs, items that cannot be in some optimal answer are dropped (k-dominance, exact), and
+after it, an exact-cost local search (add / swap one item) takes back what rounding lost.
+`exact` is the MILP optimum (HiGHS); `first_fit` serves the random and greedy baselines.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import sys
+from collections.abc import Iterator
+
+import numpy as np
+from scipy.optimize import Bounds, LinearConstraint, milp
+
+__all__ = ["DEFAULT_GRID", "REL_TOL", "fits", "fits_each", "max_count", "prune_dominated", "dp", "improve", "exact", "first_fit"]
+
+#: Cells per budget: the DP table has (DEFAULT_GRID + 1)^2 cells per device.
+DEFAULT_GRID = 100
+#: Relative tolerance of every feasibility check (floating-point sums of exact costs).
+REL_TOL = 1e-9
+
+
+def fits(t_sum: float, e_sum: float, t_max: float, e_max: float) -> bool:
+    return t_sum <= t_max * (1 + REL_TOL) and e_sum <= e_max * (1 + REL_TOL)
+
+
+def max_count(t: np.ndarray, e: np.ndarray, t_max: float, e_max: float) -> int:
+    """An upper bound on how many items any feasible answer holds (cheapest-first counts)."""
+    n_t = int(np.searchsorted(np.cumsum(np.sort(t)), t_max * (1 + REL_TOL), side="right"))
+    n_e = int(np.searchsorted(np.cumsum(np.sort(e)), e_max * (1 + REL_TOL), side="right"))
+    return min(n_t, n_e)
+
+
+def prune_dominated(t: np.ndarray, e: np.ndarray, v: np.ndarray, t_max: float, e_max: float) -> np.ndarray:
+    """Indices of the items worth keeping; an optimal answer exists among them.
+
+    Item j is dropped when at least m other items dominate it (t <= t_j, e <= e_j,
+    v >= v_j, ties broken by index), m being `max_count`: any feasible answer holding j
+    has at most m - 1 other items, so one dominator is free and can replace j without
+    losing value or feasibility. Items that do not fit alone are dropped too.
+    """
+    alone = np.flatnonzero((t <= t_max * (1 + REL_TOL)) & (e <= e_max * (1 + REL_TOL)))
+    if alone.size <= 1:
+        return alone
+    m = max_count(t[alone], e[alone], t_max, e_max)
+    if m >= alone.size:
+        return alone
+    tt, ee, vv = t[alone], e[alone], v[alone]
+    idx = np.arange(alone.size)
+    kept: list[np.ndarray] = []
+    block = 512  # rows per block: bounded memory for large I
+    for lo in range(0, alone.size, block):
+        j = slice(lo, lo + block)
+        le = (tt[None, :] <= tt[j, None]) & (ee[None, :] <= ee[j, None]) & (vv[None, :] >= vv[j, None])
+        strict = (tt[None, :] < tt[j, None]) | (ee[None, :] < ee[j, None]) | (vv[None, :] > vv[j, None])
+        dom = le & (strict | (idx[None, :] < idx[j, None]))
+        kept.append(dom.sum(axis=1) < m)
+    return alone[np.concatenate(kept)]
+
+
+def dp(
+    t: np.ndarray, e: np.ndarray, v: np.ndarray, t_max: float, e_max: float, grid: int | tuple[int, int] = DEFAULT_GRID
+) -> np.ndarray:
+    """The paper's 3-D DP on rounded-up costs, with backtracking; every answer is feasible.
+
+    best[a, b] is the largest value of the items seen so far whose costs, rounded UP to
+    whole cells of T_max / G_t and E_max / G_e, fit a latency cells and b energy cells;
+    one vectorized max per item updates the whole table, and a bit per item and cell
+    records "taken" for the backtrack. Two refinements over the textbook table: each cell
+    also carries the exact latency and energy sums of the answer it holds (ties go to the
+    cheaper answer), and the table reaches m cells past each budget (m = `max_count`), so
+    an answer that rounding pushed over the grid's edge but that fits the true budgets
+    is still found. The answer is the best cell whose exact sums fit T_max and E_max —
+    inside the G_t x G_e corner that holds by construction, beyond it by the exact check.
+    """
+    g_t, g_e = (grid, grid) if isinstance(grid, int) else grid
+    if g_t < 1 or g_e < 1:
+        raise ValueError(f"grid={grid!r}: need at least one cell per budget")
+    m = max_count(t, e, t_max, e_max)
+    n_t, n_e = g_t + m + 1, g_e + m + 1
+    ct = np.ceil(t / (t_max / g_t)).astype(np.int64)
+    ce = np.ceil(e / (e_max / g_e)).astype(np.int64)
+    items = np.flatnonzero((ct < n_t) & (ce < n_e) & fits_each(t, e, t_max, e_max))
+    w_t, w_e = 1.0 / t_max, 1.0 / e_max
+    tol = 1e-9 * max(1.0, float(v.sum()))
+    best = np.zeros((n_t, n_e))
+    cost = np.zeros((n_t, n_e))  # normalized exact cost sum t/T_max + e/E_max of the held answer
+    sum_t = np.zeros((n_t, n_e))
+    sum_e = np.zeros((n_t, n_e))
+    taken = np.zeros((items.size, n_t, n_e), dtype=bool)
+    for k, i in enumerate(items):
+        a, b = ct[i], ce[i]
+        src = (slice(0, n_t - a), slice(0, n_e - b))
+        dst = (slice(a, None), slice(b, None))
+        cand_v = best[src] + v[i]
+        cand_c = cost[src] + (t[i] * w_t + e[i] * w_e)
+        cur_v, cur_c = best[dst], cost[dst]
+        take = (cand_v > cur_v + tol) | ((cand_v >= cur_v - tol) & (cand_c < cur_c))
+        taken[k][dst] = take
+        new_t = sum_t[src] + t[i]
+        new_e = sum_e[src] + e[i]
+        np.copyto(cur_v, cand_v, where=take)
+        np.copyto(cur_c, cand_c, where=take)
+        np.copyto(sum_t[dst], new_t, where=take)
+        np.copyto(sum_e[dst], new_e, where=take)
+    ok = (sum_t <= t_max * (1 + REL_TOL)) & (sum_e <= e_max * (1 + REL_TOL))
+    score = np.where(ok, best, -np.inf)
+    top = score.max()
+    tie = np.where(score >= top - tol, cost, np.inf)
+    a, b = np.unravel_index(int(tie.argmin()), tie.shape)
+    chosen = []
+    for k in range(items.size - 1, -1, -1):
+        if taken[k, a, b]:
+            i = items[k]
+            chosen.append(i)
+            a -= ct[i]
+            b -= ce[i]
+    return np.array(sorted(chosen), dtype=np.int64)
+
+
+def fits_each(t: np.ndarray, e: np.ndarray, t_max: float, e_max: float) -> np.ndarray:
+    """Which items fit the budgets on their own."""
+    return (t <= t_max * (1 + REL_TOL)) & (e <= e_max * (1 + REL_TOL))
+
+
+def improve(
+    chosen: np.ndarray, t: np.ndarray, e: np.ndarray, v: np.ndarray, t_max: float, e_max: float, rounds: int = 50
+) -> np.ndarray:
+    """Local search on the exact costs: add one item, or swap one in for one out, while it pays."""
+    sel = np.zeros(t.size, dtype=bool)
+    sel[chosen] = True
+    lim_t, lim_e = t_max * (1 + REL_TOL), e_max * (1 + REL_TOL)
+    for _ in range(rounds):
+        st, se, out = t[sel].sum(), e[sel].sum(), np.flatnonzero(~sel)
+        if out.size == 0:
+            break
+        ins = np.flatnonzero(sel)
+        # add: the most valuable outsider that fits the slack
+        ok = (st + t[out] <= lim_t) & (se + e[out] <= lim_e)
+        gain_add = np.where(ok, v[out], -np.inf)
+        # swap: outsider j for insider i
+        nt = st - t[ins][:, None] + t[out][None, :]
+        ne = se - e[ins][:, None] + e[out][None, :]
+        gain_sw = np.where((nt <= lim_t) & (ne <= lim_e), v[out][None, :] - v[ins][:, None], -np.inf)
+        best_add = float(gain_add.max())
+        best_sw = float(gain_sw.max()) if ins.size else -np.inf
+        if max(best_add, best_sw) <= 1e-12 * max(1.0, float(v[sel].sum())):
+            break
+        if best_add >= best_sw:
+            sel[out[int(gain_add.argmax())]] = True
+        else:
+            i, j = np.unravel_index(int(gain_sw.argmax()), gain_sw.shape)
+            sel[ins[i]] = False
+            sel[out[j]] = True
+    return np.flatnonzero(sel)
+
+
+def exact(
+    t: np.ndarray, e: np.ndarray, v: np.ndarray, t_max: float, e_max: float, time_limit_s: float | None = None
+) -> np.ndarray:
+    """The optimum as a 0/1 MILP solved by HiGHS (scipy.optimize.milp), gap tolerance 0.
+
+    With `time_limit_s`, raises TimeoutError when HiGHS has not proven optimality by then.
+    """
+    n = t.size
+    if n == 0:
+        return np.zeros(0, dtype=np.int64)
+    with _stdout_to_stderr():
+        res = milp(
+            c=-v,
+            constraints=LinearConstraint(np.vstack([t, e]), -np.inf, [t_max, e_max]),
+            integrality=np.ones(n),
+            bounds=Bounds(0, 1),
+            options={"mip_rel_gap": 0.0} | ({"time_limit": time_limit_s} if time_limit_s else {}),
+        )
+    if res.status == 1:
+        raise TimeoutError(f"HiGHS did not prove optimality within {time_limit_s:g} s")
+    if res.x is None:
+        raise RuntimeError(f"HiGHS found no answer: {res.message}")
+    chosen = np.flatnonzero(res.x > 0.5)
+    # HiGHS accepts a violation up to its feasibility tolerance (1e-6): repair on exact sums
+    while chosen.size and not fits(t[chosen].sum(), e[chosen].sum(), t_max, e_max):
+        chosen = np.delete(chosen, int(np.argmin(v[chosen])))
+    return chosen
+
+
+@contextlib.contextmanager
+def _stdout_to_stderr() -> Iterator[None]:
+    """HiGHS 1.x prints debug lines to file descriptor 1; keep `--json` stdout clean."""
+    try:
+        fd = sys.stdout.fileno()
+    except (AttributeError, OSError, ValueError):  # captured stdout (pytest): nothing to guard
+        yield
+        return
+    sys.stdout.flush()
+    saved = os.dup(fd)
+    try:
+        os.dup2(2, fd)
+        yield
+    finally:
+        os.dup2(saved, fd)
+        os.close(saved)
+
+
+def first_fit(order: np.ndarray, t: np.ndarray, e: np.ndarray, t_max: float, e_max: float) -> np.ndarray:
+    """Walk the items in `order`, taking each one that still fits the remaining budgets."""
+    chosen, st, se = [], 0.0, 0.0
+    for i in order:
+        if fits(st + t[i], se + e[i], t_max, e_max):
+            chosen.append(int(i))
+            st += t[i]
+            se += e[i]
+    return np.array(chosen, dtype=np.int64)
