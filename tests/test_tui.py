@@ -411,6 +411,12 @@ async def test_mobility_batch_updates_move_devices_and_rates(small):
         orig = {lk.id: lk for lk in compute_links(small, place(small))}["dev02"]
         assert dev02.rate_up_mbps == pytest.approx(link_for_position(small.radio, dev02.distance_m, orig.los)[3])
         assert dev02.rate_up_mbps < orig.rate_up_mbps
+        # predicted costs follow the new rates (the library's cost model on the moved links)
+        moved = [lk.model_copy(update={"rate_up_mbps": 12.5, "rate_down_mbps": 20.0}) if lk.id == "dev01" else lk
+                 for lk in compute_links(small, place(small)) if lk.id != "dev02"]
+        want = {c.id: c for c in device_costs(small, moved)}
+        assert table.text_of("dev01", "t_j") == f"{want['dev01'].latency_s:.2f}"
+        assert app.cell.devices["dev01"].t_j_s == pytest.approx(want["dev01"].latency_s)
         assert app.run_view.events == 0  # position updates are not run events
 
 

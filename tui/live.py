@@ -227,6 +227,11 @@ class LiveMixin:
                 continue
             if isinstance(x, (int, float)) and isinstance(y, (int, float)):
                 self.cell.move(dev_id, float(x), float(y), up, down)
+        if moves and self.costs_ready.is_set():  # predicted T_j / E_j follow the new rates
+            try:
+                self.cell.compute_costs()
+            except TestbedError:
+                pass  # a device out of range keeps its last prediction; the table shows its rate
         return bool(moves)
 
     # ---- the result ----------------------------------------------------------------------------
