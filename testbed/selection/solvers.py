@@ -21,7 +21,7 @@ from scipy.optimize import Bounds, LinearConstraint, milp
 __all__ = ["DEFAULT_GRID", "REL_TOL", "fits", "fits_each", "max_count", "prune_dominated", "dp", "improve", "exact", "first_fit"]
 
 #: Cells per budget: the DP table has (DEFAULT_GRID + 1)^2 cells per device.
-DEFAULT_GRID = 100
+DEFAULT_GRID = 150
 #: Relative tolerance of every feasibility check (floating-point sums of exact costs).
 REL_TOL = 1e-9
 
@@ -132,32 +132,43 @@ def fits_each(t: np.ndarray, e: np.ndarray, t_max: float, e_max: float) -> np.nd
 def improve(
     chosen: np.ndarray, t: np.ndarray, e: np.ndarray, v: np.ndarray, t_max: float, e_max: float, rounds: int = 50
 ) -> np.ndarray:
-    """Local search on the exact costs: add one item, or swap one in for one out, while it pays."""
+    """Local search on the exact costs while it pays: add one item, swap one for one, or
+    swap one for two (rounding most often hides an optimum one of these moves away)."""
     sel = np.zeros(t.size, dtype=bool)
     sel[chosen] = True
     lim_t, lim_e = t_max * (1 + REL_TOL), e_max * (1 + REL_TOL)
     for _ in range(rounds):
         st, se, out = t[sel].sum(), e[sel].sum(), np.flatnonzero(~sel)
+        ins = np.flatnonzero(sel)
         if out.size == 0:
             break
-        ins = np.flatnonzero(sel)
+        moves: list[tuple[float, list[int], list[int]]] = []
         # add: the most valuable outsider that fits the slack
-        ok = (st + t[out] <= lim_t) & (se + e[out] <= lim_e)
-        gain_add = np.where(ok, v[out], -np.inf)
-        # swap: outsider j for insider i
-        nt = st - t[ins][:, None] + t[out][None, :]
-        ne = se - e[ins][:, None] + e[out][None, :]
-        gain_sw = np.where((nt <= lim_t) & (ne <= lim_e), v[out][None, :] - v[ins][:, None], -np.inf)
-        best_add = float(gain_add.max())
-        best_sw = float(gain_sw.max()) if ins.size else -np.inf
-        if max(best_add, best_sw) <= 1e-12 * max(1.0, float(v[sel].sum())):
+        gain = np.where((st + t[out] <= lim_t) & (se + e[out] <= lim_e), v[out], -np.inf)
+        j = int(gain.argmax())
+        moves.append((float(gain[j]), [], [out[j]]))
+        if ins.size:
+            # swap one insider i for one outsider j
+            nt = st - t[ins][:, None] + t[out][None, :]
+            ne = se - e[ins][:, None] + e[out][None, :]
+            gain = np.where((nt <= lim_t) & (ne <= lim_e), v[out][None, :] - v[ins][:, None], -np.inf)
+            i, j = np.unravel_index(int(gain.argmax()), gain.shape)
+            moves.append((float(gain[i, j]), [ins[i]], [out[j]]))
+            if out.size >= 2 and ins.size * out.size**2 <= 4_000_000:
+                # swap one insider i for two outsiders j < k
+                pt = t[out][:, None] + t[out][None, :]
+                pe = e[out][:, None] + e[out][None, :]
+                pv = np.where(np.triu(np.ones((out.size, out.size), dtype=bool), 1), v[out][:, None] + v[out][None, :], -np.inf)
+                nt = (st - t[ins])[:, None, None] + pt[None]
+                ne = (se - e[ins])[:, None, None] + pe[None]
+                gain = np.where((nt <= lim_t) & (ne <= lim_e), pv[None] - v[ins][:, None, None], -np.inf)
+                i, j, k = np.unravel_index(int(gain.argmax()), gain.shape)
+                moves.append((float(gain[i, j, k]), [ins[i]], [out[j], out[k]]))
+        best_gain, drop, add = max(moves, key=lambda m: m[0])
+        if best_gain <= 1e-12 * max(1.0, float(v[sel].sum())):
             break
-        if best_add >= best_sw:
-            sel[out[int(gain_add.argmax())]] = True
-        else:
-            i, j = np.unravel_index(int(gain_sw.argmax()), gain_sw.shape)
-            sel[ins[i]] = False
-            sel[out[j]] = True
+        sel[drop] = False
+        sel[add] = True
     return np.flatnonzero(sel)
 
 
