@@ -101,6 +101,7 @@ class Runner:
         self._pids: dict[str, int] = {}
         self._pool: Any = None
         self._model_task: asyncio.Future | None = None
+        self._observer_path: Path | None = None
         self.template_start_s: float | None = None
         self._state_dir: Path | None = None
         self._orch: Orchestrator | None = None
@@ -115,11 +116,18 @@ class Runner:
 
         if self.out_dir is not None:
             (self.out_dir / "logs").mkdir(parents=True, exist_ok=True)
-            self._events_file = open(self.out_dir / "events.jsonl", "a", buffering=1)  # noqa: SIM115
+            self._events_file = open(self.out_dir / "events.jsonl", "w", buffering=1)  # noqa: SIM115 - one Runner, one file
         try:
             if self.attach:
-                raise RunFailedError("attaching to a running topology (--run) is not supported yet; "
-                                     "run without --run to bring one up")
+                from testbed.run_attach import AttachedCell
+
+                if self.run_id is None:
+                    raise RunFailedError("attach: give the run id of a cell that `testbed up` keeps alive (--run ID)")
+                self.emu = AttachedCell(self.run_id, self.topo)
+                self._state_dir = run_dir(self.run_id) / f"gen-{os.getpid()}-{int(time.time() * 1e3) % 10**6}"
+                self._state_dir.mkdir(mode=0o700)
+                await self._start_relay()
+                return self
             self.run_id = self.run_id or new_run_id()
             self._state_dir = make_run_dir(self.run_id)
             self.emu = Emulation(self.topo, self.run_id, backend=self.backend, state_dir=self._state_dir)
@@ -145,12 +153,18 @@ class Runner:
         devices = self.emu.device_ids()
         self.creds = security.make_credentials(self.run_id, devices)
         host = self.emu.nodes["server"].address
-        port = 1883
+        if self.attach:
+            from testbed.run_attach import ATTACH_BROKER_PORT
+
+            port = ATTACH_BROKER_PORT
+        else:
+            port = 1883
         secrets = self._state_dir / "secrets"
         paths = security.write_security_files(secrets, self.creds, host, port)
-        shutil.copy2(paths["observer"], self._state_dir / "observer.json")
+        self._observer_path = (self._state_dir.parent if self.attach else self._state_dir) / "observer.json"
+        shutil.copy2(paths["observer"], self._observer_path)
         max_msg = wl.payload_bytes + 4 * 2**20
-        self.broker = await self._start_broker(paths["password_file"], paths["acl_file"], max_msg)
+        self.broker = await self._start_broker(paths["password_file"], paths["acl_file"], max_msg, port)
         profiles = load_profiles()
         agent_bin = Path(sys.executable).with_name("testbed-agent")
         argv0 = [str(agent_bin)] if agent_bin.exists() else [sys.executable, "-m", "testbed.relay.agent"]
@@ -182,8 +196,9 @@ class Runner:
                                                              logs / f"agent-{link.id}.log")
             else:
                 self._pids[link.id] = await self.emu.spawn(link.id, [*argv0, *args], env, logs / f"agent-{link.id}.log")
-        write_state(self.run_id, self.emu.status() | {"ready": True, "relay": True, "topology": self.topo.name,
-                                                       "observer": str(self._state_dir / "observer.json")})
+        if not self.attach:  # an attached cell's state.json belongs to its supervisor
+            write_state(self.run_id, self.emu.status() | {"ready": True, "relay": True, "topology": self.topo.name,
+                                                           "observer": str(self._observer_path)})
 
     async def in_server_ns(self, factory: Callable[[], Any]) -> Any:
         """Await `factory()` (a coroutine) on an event loop in a thread inside the edge
@@ -234,7 +249,7 @@ class Runner:
     def _threadsafe_event(self, loop: asyncio.AbstractEventLoop) -> Callable[[dict[str, Any]], None]:
         return lambda ev: loop.call_soon_threadsafe(self._event, ev)
 
-    async def _start_broker(self, password_file: Path, acl_file: Path, max_msg: int) -> Any:
+    async def _start_broker(self, password_file: Path, acl_file: Path, max_msg: int, port: int = 1883) -> Any:
         """The emulation's broker launcher, with mosquitto kept as root: started as root,
         mosquitto otherwise drops to the `mosquitto` user and cannot open the run's
         root-only (0700) state directory, where its log, password and ACL files live."""
@@ -258,7 +273,7 @@ class Runner:
 
         emu.broker = await start_broker(netns, emu.nodes["server"].address, self._state_dir / "broker",
                                         password_file=password_file, acl_file=acl_file,
-                                        max_message_bytes=max_msg, spawn=spawn)
+                                        max_message_bytes=max_msg, spawn=spawn, port=port)
         return emu.broker
 
     async def wait_online(self, timeout_s: float | None = None) -> float:
@@ -309,11 +324,21 @@ class Runner:
         if self._pool is not None:
             await self._pool.close()
             self._pool = None
+        broker_log = getattr(self.broker, "log_path", None)
+        if self.out_dir is not None and broker_log is not None and Path(broker_log).exists():
+            with contextlib.suppress(OSError):
+                shutil.copy2(broker_log, self.out_dir / "logs" / "broker.log")
+        if self.emu is not None and self.attach:  # only what this generation started
+            if self.emu.broker is not None:
+                with contextlib.suppress(Exception):
+                    await self.emu.broker.stop()
+                self.emu.broker = None
+            self.emu = None
+            if self._state_dir is not None:
+                shutil.rmtree(self._state_dir, ignore_errors=True)
+            if self._observer_path is not None:
+                self._observer_path.unlink(missing_ok=True)
         if self.emu is not None and self._owns_emu:
-            broker_log = getattr(self.broker, "log_path", None)
-            if self.out_dir is not None and broker_log is not None and Path(broker_log).exists():
-                with contextlib.suppress(OSError):
-                    shutil.copy2(broker_log, self.out_dir / "logs" / "broker.log")
             try:
                 await self.emu.__aexit__(None, None, None)
             finally:

@@ -115,3 +115,31 @@ async def test_failure_mid_stage_is_recovered_and_bad_payloads_are_rejected(topo
     log = (tmp_path / "logs" / "agent-dev03.log").read_text()
     assert log.count("rejected relay message") == 3, log
     assert "stage 1 uploaded" in log  # ... and dev03 kept serving: it ran the recovered stage
+
+
+async def test_run_on_a_cell_that_testbed_up_keeps_alive(topologies, tmp_path, unique_run_id):
+    """`testbed run --run ID`: own broker, agents and credentials on the kept cell; the
+    cell survives the generation and only what the generation started is removed."""
+    import subprocess
+    import sys
+
+    from testbed.runner import Runner
+
+    run = unique_run_id[:7]
+    tb = [sys.executable, "-m", "testbed.cli"]
+    up = subprocess.run([*tb, "up", str(topologies / "small.yaml"), "--run", run], capture_output=True, text=True,
+                        timeout=120)
+    assert up.returncode == 0, up.stderr
+    try:
+        topo = load_topology(topologies / "small.yaml")
+        async with Runner(topo, run_id=run, out_dir=tmp_path, attach=True) as r:
+            assert r.broker.port == 1884
+            doc = (await r.run()).to_json()
+        _check_steps(doc)
+        assert doc["selected"] == ["dev01", "dev02"]
+        state = Path("/run/testbed") / run
+        assert (state / "state.json").exists() and not list(state.glob("gen-*"))
+        assert not (state / "observer.json").exists()
+    finally:
+        down = subprocess.run([*tb, "down", "--run", run], capture_output=True, text=True, timeout=120)
+    assert down.returncode == 0, down.stderr
