@@ -1,0 +1,46 @@
+"""`testbed run` argument handling and the progress display (no root needed)."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+from testbed.cli import main
+from testbed.commands.run_cmd import _Progress
+
+
+def _invoke(capsys, *args: str) -> tuple[int, str]:
+    with pytest.raises(SystemExit) as e:
+        main(["run", *args])
+    return e.value.code, capsys.readouterr().err
+
+
+def test_unknown_method_is_bad_input(topologies, capsys):
+    code, err = _invoke(capsys, str(topologies / "small.yaml"), "--method", "telepathy", "--out", "/nonexistent/x")
+    assert code == 2 and "multistage" in err
+
+
+def test_missing_topology_is_bad_input(tmp_path, capsys):
+    code, err = _invoke(capsys, str(tmp_path / "nope.yaml"))
+    assert code == 2 and "no such file" in err
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="checks the non-root error")
+def test_without_root_the_run_says_so(topologies, tmp_path, capsys):
+    code, err = _invoke(capsys, str(topologies / "small.yaml"), "--out", str(tmp_path / "o"))
+    assert code == 4 and "root" in err
+
+
+def test_progress_folds_events_into_stage_rows():
+    p = _Progress()
+    p.feed({"type": "selection", "device": None, "selected": ["dev01", "dev02"], "predicted_latency_s": 1.5,
+            "predicted_energy_j": 60.0})
+    p.feed({"type": "stage_started", "device": "dev01", "stage": 0, "steps": [0, 5],
+            "predicted": {"t_down_s": 0.01, "t_cmp_s": 1.0, "t_up_s": 0.01, "energy_j": 40.0}})
+    p.feed({"type": "downloaded", "device": "dev01", "stage": 0, "steps": [0, 5], "t_down_s": 0.012})
+    assert p.rows[(0, "dev01")]["phase"] == "computing" and p.rows[(0, "dev01")]["t_down_s"] == 0.012
+    p.feed({"type": "device_offline", "device": "dev01", "stage": 0, "steps": [0, 5]})
+    p.feed({"type": "recovered", "device": "dev03", "stage": 0, "steps": [0, 5], "failed": "dev01"})
+    assert p.rows[(0, "dev01")]["phase"] == "offline" and p.rows[(0, "dev03")]["phase"] == "took over"
+    assert any("recovered: dev03" in line for line in p.lines)
+    assert p.render().row_count == 2
