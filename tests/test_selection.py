@@ -261,6 +261,8 @@ def test_infeasible_budgets_name_the_budget_and_the_shortfall(small):
         select(costs, 0.1, 1.0)
     with pytest.raises(InfeasibleError, match="no candidate devices"):
         select([], 1.0, 1.0)
+    with pytest.raises(InfeasibleError, match="E_max -1 leaves no budget"):
+        select(costs, 2.0, -1.0)
     with pytest.raises(TopologyError, match="unknown strategy"):
         select(costs, 2.0, 70.0, "magic")
 

@@ -123,9 +123,11 @@ def select(
     """
     if strategy not in STRATEGIES:
         raise TopologyError(f"unknown strategy {strategy!r}; valid: {', '.join(STRATEGIES)}")
-    for name, val in (("t_max_s", t_max_s), ("e_max_j", e_max_j)):
-        if not val > 0:
-            raise TopologyError(f"{name}={val!r} must be positive")
+    for name, val in (("T_max", t_max_s), ("E_max", e_max_j)):
+        if not math.isfinite(val):
+            raise TopologyError(f"{name}={val!r} must be a finite number")
+        if val <= 0:  # e.g. a recovery whose remaining budget is spent
+            raise InfeasibleError(f"{name} {val:g} leaves no budget: no device can run a stage")
     ids = [c.id for c in costs]
     if len(set(ids)) != len(ids):
         raise TopologyError(f"duplicate device ids among the candidates: {sorted({i for i in ids if ids.count(i) > 1})}")

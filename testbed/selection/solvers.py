@@ -87,35 +87,36 @@ def dp(
     ct = np.ceil(t / (t_max / g_t)).astype(np.int64)
     ce = np.ceil(e / (e_max / g_e)).astype(np.int64)
     items = np.flatnonzero((ct < n_t) & (ce < n_e) & fits_each(t, e, t_max, e_max))
-    w_t, w_e = 1.0 / t_max, 1.0 / e_max
+    # small items first: the reached part of the table grows slowly (see below)
+    items = items[np.argsort(ct[items] / n_t + ce[items] / n_e, kind="stable")]
+    inc = np.stack([v, t / t_max + e / e_max, t, e])  # value, normalized cost, exact sums
     tol = 1e-9 * max(1.0, float(v.sum()))
-    best = np.zeros((n_t, n_e))
-    cost = np.zeros((n_t, n_e))  # normalized exact cost sum t/T_max + e/E_max of the held answer
-    sum_t = np.zeros((n_t, n_e))
-    sum_e = np.zeros((n_t, n_e))
+    state = np.zeros((4, n_t, n_e))  # per cell: the held answer's value, cost, sum_t, sum_e
     taken = np.zeros((items.size, n_t, n_e), dtype=bool)
+    # Cells past (r_t, r_e) — the sums of all rounded costs so far — hold the same answer
+    # as the clamped cell; they are filled only when an item first reaches them.
+    r_t = r_e = 0
+    reach = np.zeros((items.size, 2), dtype=np.int64)
     for k, i in enumerate(items):
         a, b = ct[i], ce[i]
-        src = (slice(0, n_t - a), slice(0, n_e - b))
-        dst = (slice(a, None), slice(b, None))
-        cand_v = best[src] + v[i]
-        cand_c = cost[src] + (t[i] * w_t + e[i] * w_e)
-        cur_v, cur_c = best[dst], cost[dst]
-        take = (cand_v > cur_v + tol) | ((cand_v >= cur_v - tol) & (cand_c < cur_c))
-        taken[k][dst] = take
-        new_t = sum_t[src] + t[i]
-        new_e = sum_e[src] + e[i]
-        np.copyto(cur_v, cand_v, where=take)
-        np.copyto(cur_c, cand_c, where=take)
-        np.copyto(sum_t[dst], new_t, where=take)
-        np.copyto(sum_e[dst], new_e, where=take)
-    ok = (sum_t <= t_max * (1 + REL_TOL)) & (sum_e <= e_max * (1 + REL_TOL))
-    score = np.where(ok, best, -np.inf)
-    top = score.max()
-    tie = np.where(score >= top - tol, cost, np.inf)
+        nr_t, nr_e = min(n_t - 1, r_t + a), min(n_e - 1, r_e + b)
+        state[:, r_t + 1 : nr_t + 1, : r_e + 1] = state[:, r_t : r_t + 1, : r_e + 1]
+        state[:, : nr_t + 1, r_e + 1 : nr_e + 1] = state[:, : nr_t + 1, r_e : r_e + 1]
+        r_t, r_e = nr_t, nr_e
+        reach[k] = r_t, r_e
+        cand = state[:, : r_t + 1 - a, : r_e + 1 - b] + inc[:, i, None, None]
+        cur = state[:, a : r_t + 1, b : r_e + 1]
+        take = (cand[0] > cur[0] + tol) | ((cand[0] >= cur[0] - tol) & (cand[1] < cur[1]))
+        taken[k, a : r_t + 1, b : r_e + 1] = take
+        np.copyto(cur, cand, where=take[None])
+    region = state[:, : r_t + 1, : r_e + 1]
+    ok = (region[2] <= t_max * (1 + REL_TOL)) & (region[3] <= e_max * (1 + REL_TOL))
+    score = np.where(ok, region[0], -np.inf)
+    tie = np.where(score >= score.max() - tol, region[1], np.inf)
     a, b = np.unravel_index(int(tie.argmin()), tie.shape)
     chosen = []
     for k in range(items.size - 1, -1, -1):
+        a, b = min(a, reach[k, 0]), min(b, reach[k, 1])
         if taken[k, a, b]:
             i = items[k]
             chosen.append(i)
