@@ -21,7 +21,6 @@ import json
 import os
 import shutil
 import sys
-import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -203,48 +202,10 @@ class Runner:
     async def in_server_ns(self, factory: Callable[[], Any]) -> Any:
         """Await `factory()` (a coroutine) on an event loop in a thread inside the edge
         server's namespace, so that its sockets reach the broker at 198.18.0.1 whether or
-        not this run owns the host's route to 198.18.0.0/16 (concurrent runs share it).
-        Cancelling the caller cancels the coroutine."""
-        from testbed.emulation.nsutil import netns_path, setns_fd
+        not this run owns the host's route to 198.18.0.0/16 (concurrent runs share it)."""
+        from testbed.ns_loop import run_in_netns
 
-        loop = asyncio.get_running_loop()
-        done: asyncio.Future = loop.create_future()
-        box: dict[str, Any] = {}
-        fd = os.open(netns_path(self.emu.nodes["server"].netns), os.O_RDONLY)
-
-        def settle(ok: bool, value: Any) -> None:
-            if not done.done():
-                (done.set_result if ok else done.set_exception)(value)
-
-        def body() -> None:
-            try:
-                setns_fd(fd)  # this thread only; the executor threads it creates inherit it
-            finally:
-                os.close(fd)
-            inner = asyncio.new_event_loop()
-            box["loop"] = inner
-            try:
-                task = inner.create_task(factory())
-                box["task"] = task
-                res = inner.run_until_complete(task)
-                loop.call_soon_threadsafe(settle, True, res)
-            except BaseException as e:  # noqa: BLE001 - handed to the awaiting caller
-                loop.call_soon_threadsafe(settle, False, e if not isinstance(e, asyncio.CancelledError)
-                                          else RunFailedError("the relay was cancelled"))
-            finally:
-                inner.run_until_complete(inner.shutdown_default_executor())
-                inner.close()
-
-        thread = threading.Thread(target=body, name=f"tb-{self.run_id}-server-ns", daemon=True)
-        thread.start()
-        try:
-            return await asyncio.shield(done)
-        except asyncio.CancelledError:
-            inner, task = box.get("loop"), box.get("task")
-            if inner is not None and task is not None and not inner.is_closed():
-                inner.call_soon_threadsafe(task.cancel)
-            await asyncio.to_thread(thread.join, 15)
-            raise
+        return await run_in_netns(self.emu.nodes["server"].netns, factory, name=f"tb-{self.run_id}-server-ns")
 
     def _threadsafe_event(self, loop: asyncio.AbstractEventLoop) -> Callable[[dict[str, Any]], None]:
         return lambda ev: loop.call_soon_threadsafe(self._event, ev)

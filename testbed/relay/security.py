@@ -101,7 +101,7 @@ def acl_text(creds: RunCredentials) -> str:
 
 def write_private(path: Path, text: str) -> None:
     """Write a file readable only by its owner (0600), never briefly world-readable."""
-    path.parent.mkdir(parents=True, exist_ok=True)
+    path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     try:
         os.fchmod(fd, 0o600)
