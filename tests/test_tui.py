@@ -3,6 +3,8 @@ attach, images. Runs without root; the end-to-end run is in test_tui_run.py."""
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import json
 import shutil
 import socket
@@ -441,3 +443,52 @@ async def test_split_steps_render_as_stages_and_cap_the_bars(small):
         assert lat.bars[-2][2] == pytest.approx(0.05 + 19 * 0.001)
         en = app.query_one("#energy", EnergyPlot)
         assert en.measured[-1] == pytest.approx(30.0) and en.predicted[-1] == pytest.approx(28.0)
+
+
+@pytest.mark.skipif(shutil.which("mosquitto") is None, reason="needs mosquitto")
+async def test_attach_through_mosquitto_sub_reads_events_line_by_line(tmp_path, unique_run_id):
+    """The path for runs that do not hold the host's route (netns None: this namespace)."""
+    import aiomqtt
+
+    from tui.attach import follow_events_in_netns, server_netns
+
+    (tmp_path / unique_run_id).mkdir()
+    (tmp_path / unique_run_id / "state.json").write_text(json.dumps(
+        {"host_route": False, "nodes": [{"id": "server", "netns": f"/run/netns/tb-{unique_run_id}-server"}]}))
+    assert server_netns(unique_run_id, tmp_path) == f"/run/netns/tb-{unique_run_id}-server"
+    port = _free_port()
+    conf = tmp_path / "m.conf"
+    conf.write_text(f"listener {port} 127.0.0.1\nallow_anonymous true\n")
+    broker = subprocess.Popen(["mosquitto", "-c", str(conf)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        for _ in range(50):
+            try:
+                socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
+                break
+            except OSError:
+                time.sleep(0.1)
+        info = {"run": unique_run_id, "host": "127.0.0.1", "port": port, "username": "observer", "password": "x",
+                "topic": f"tb/{unique_run_id}/events"}
+        sent = [{"type": "stage_started", "seq": i, "device": "dev01", "note": "x" * (3000 * i)} for i in range(3)]
+        got: list[dict] = []
+
+        async def publish() -> None:
+            await asyncio.sleep(1.0)  # mosquitto_sub subscribes first
+            async with aiomqtt.Client("127.0.0.1", port) as pub:
+                for ev in sent:
+                    await pub.publish(info["topic"], json.dumps(ev).encode(), qos=1)
+
+        task = asyncio.create_task(publish())
+        async with asyncio.timeout(20), contextlib.aclosing(follow_events_in_netns(info, None)) as events:
+            async for ev in events:
+                got.append(ev)
+                if len(got) == len(sent):
+                    break
+        await task
+        assert got == sent
+        # closing the stream ended its mosquitto_sub
+        out = subprocess.run(["pgrep", "-f", f"mosquitto_sub .*{info['topic']}"], capture_output=True, text=True)
+        assert out.stdout.strip() == ""
+    finally:
+        broker.terminate()
+        broker.wait(timeout=10)

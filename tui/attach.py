@@ -3,20 +3,27 @@ telemetry topic `tb/<run>/events` with the read-only observer credentials that t
 writes to `<state root>/<run>/observer.json` ({"run", "host", "port", "username",
 "password", "topic"}; testbed/relay/security.py).
 
-Sockets only (aiomqtt); no kernel access. Each message is one JSON event (a dict).
+Every run's server is 198.18.0.1, and only one run at a time holds the host's route to
+198.18.0.0/16 (its state.json says `host_route`). For that run, aiomqtt connects from the
+host. For another, `mosquitto_sub` is started inside the run's server namespace by the
+emulation library (`testbed.emulation.procs.spawn_in`) and its output is read line by
+line; the TUI itself never enters a namespace. Each message is one JSON event (a dict).
 """
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
+import shutil
+import tempfile
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
 from testbed.errors import RelayError, ResourceError
 
-__all__ = ["DEFAULT_STATE_ROOT", "read_observer", "follow_events"]
+__all__ = ["DEFAULT_STATE_ROOT", "read_observer", "server_netns", "follow_events", "follow_events_in_netns"]
 
 #: Where runs keep their state (testbed/emulation/runs.py: RUN_ROOT, same variable).
 DEFAULT_STATE_ROOT = Path(os.environ.get("TESTBED_RUN_ROOT", "/run/testbed"))
@@ -62,3 +69,60 @@ async def follow_events(info: dict[str, Any]) -> AsyncIterator[dict[str, Any]]:
         raise RelayError(
             f"run {info.get('run')!r}: MQTT broker {info['host']}:{info['port']}: {e}; has the run ended?"
         ) from None
+
+
+def server_netns(run: str, state_root: Path = DEFAULT_STATE_ROOT) -> str | None:
+    """The run's server namespace when the host cannot reach its broker (another run holds
+    the host's route), else None (connect from the host)."""
+    try:
+        state = json.loads((Path(state_root) / run / "state.json").read_text())
+    except (OSError, ValueError):
+        return None
+    if state.get("host_route", True):
+        return None
+    for node in state.get("nodes") or []:
+        if node.get("id") == "server" and node.get("netns"):
+            return str(node["netns"])
+    return None
+
+
+async def follow_events_in_netns(info: dict[str, Any], netns: str | None, *,
+                                 poll_s: float = 0.1) -> AsyncIterator[dict[str, Any]]:
+    """Like follow_events, through `mosquitto_sub` started in `netns` (None: this namespace)."""
+    from testbed.emulation.procs import spawn_in
+
+    if shutil.which("mosquitto_sub") is None:
+        raise ResourceError("attach: mosquitto_sub is missing (apt-get install mosquitto-clients)")
+    tmp = Path(tempfile.mkdtemp(prefix="tb-attach-"))
+    out = tmp / "events.jsonl"
+    argv = ["mosquitto_sub", "-h", str(info["host"]), "-p", str(info["port"]), "-u", info["username"],
+            "-P", info["password"], "-t", info["topic"], "-q", "1"]
+    proc = await asyncio.to_thread(spawn_in, netns, argv, None, out)
+    try:
+        with open(out, "rb") as f:
+            buf = b""
+            while True:
+                chunk = f.read()
+                if not chunk:
+                    if proc.poll() is not None:
+                        tail = (buf or out.read_bytes()[-300:]).decode(errors="replace").strip()
+                        raise RelayError(f"run {info.get('run')!r}: mosquitto_sub in {netns or 'this namespace'} "
+                                         f"exited ({proc.returncode}): {tail}; has the run ended?")
+                    await asyncio.sleep(poll_s)
+                    continue
+                buf += chunk
+                *lines, buf = buf.split(b"\n")
+                for line in lines:
+                    try:
+                        ev = json.loads(line)
+                    except ValueError:
+                        continue
+                    if isinstance(ev, dict):
+                        yield ev
+    finally:
+        proc.terminate()
+        try:
+            await asyncio.to_thread(proc.wait, 5)
+        except Exception:  # noqa: BLE001 - it is ours; end it for sure
+            proc.kill()
+        shutil.rmtree(tmp, ignore_errors=True)

@@ -19,7 +19,7 @@ from textual import work
 from textual.widgets import Static
 
 from testbed.errors import TestbedError
-from tui.attach import follow_events, read_observer
+from tui.attach import follow_events, follow_events_in_netns, read_observer, server_netns
 from tui.imageview import ImageView
 from tui.results import load_images
 from tui.runpanel import RunPanel
@@ -161,21 +161,39 @@ class LiveMixin:
         panel = self.query_one("#runpanel", RunPanel)
         try:
             info = await asyncio.to_thread(read_observer, run, self.state_root)
+            netns = await asyncio.to_thread(server_netns, run, self.state_root)
             self.running = True
             self._new_run(self.topo.budgets.t_max_s, self.topo.budgets.e_max_j)
             self.action_tab("run")
-            panel.log_line(f"attached to {info['topic']} at {info['host']}:{info['port']}", "dim")
-            async with contextlib.aclosing(follow_events(info)) as events:
-                async for ev in events:
-                    self.feed_event(ev)
-                    if ev.get("type") in ("run_finished", "run_failed"):
-                        break
+            for attempt in (1, 2):
+                where = f" (from {netns}: another run holds the host's route)" if netns else ""
+                panel.log_line(f"attached to {info['topic']} at {info['host']}:{info['port']}{where}", "dim")
+                try:
+                    await self._consume(follow_events_in_netns(info, netns) if netns else follow_events(info))
+                    break
+                except TestbedError:
+                    # the run may have written state.json (host_route) only after we looked
+                    for _ in range(150):  # written once the agents are spawned: wait up to 15 s
+                        if (self.state_root / run / "state.json").exists():
+                            break
+                        await asyncio.sleep(0.1)
+                    later = await asyncio.to_thread(server_netns, run, self.state_root)
+                    if attempt == 2 or later is None or later == netns or self.run_view.events:
+                        raise
+                    netns = later
         except TestbedError as e:
             panel.log_line(f"error: {e}", "bold red")
             self.notify(str(e), title="attach failed", severity="error", timeout=10)
         finally:
             self.running = False
             self._refresh_cell()
+
+    async def _consume(self, source: Any) -> None:
+        async with contextlib.aclosing(source) as events:
+            async for ev in events:
+                self.feed_event(ev)
+                if ev.get("type") in ("run_finished", "run_failed"):
+                    break
 
     # ---- events ------------------------------------------------------------------------------
     def event_from_any_thread(self, ev: dict[str, Any]) -> None:
