@@ -313,3 +313,19 @@ def test_cli_infeasible_exits_3(capsys, topologies):
     code, out, err = _cli(capsys, str(topologies / "small.yaml"), "--tmax", "0.3", "--json")
     assert code == 3 and out == ""
     assert "T_max 0.3 s is too small by 0.12 s" in err
+
+
+def test_many_small_devices_keep_the_dp_close_to_the_optimum():
+    """When dozens of devices fit, the grid refines itself (cells per item) and the
+    local search fills the slack: the DP stays near the optimum, and everyone fits when
+    the budgets allow it."""
+    rng = np.random.default_rng(3)
+    n = 120
+    t, e = rng.uniform(0.2, 1.0, n), rng.uniform(5.0, 30.0, n)
+    v = rng.choice([430.0, 860.0, 1719.0, 3438.0], n) * rng.uniform(0.9, 1.1, n)
+    costs = _costs_of(t, e, v)
+    dp, ex = select(costs, 20.0, 600.0, "dp", grid=50), select(costs, 20.0, 600.0, "exact")
+    assert len(ex.selected) > 25
+    assert solvers.fits(dp.latency_s, dp.energy_j, 20.0, 600.0)
+    assert dp.objective_mb >= 0.999 * ex.objective_mb  # 0.991 without the refinement
+    assert len(select(costs, float(t.sum()), float(e.sum())).selected) == n

@@ -164,6 +164,8 @@ def select(
 
 
 def _dp(t: np.ndarray, e: np.ndarray, v: np.ndarray, t_max: float, e_max: float, grid: int | tuple[int, int]) -> np.ndarray:
+    if solvers.fits(t.sum(), e.sum(), t_max, e_max):
+        return np.arange(t.size)  # everyone fits: nothing to choose
     keep = solvers.prune_dominated(t, e, v, t_max, e_max)
     local = solvers.dp(t[keep], e[keep], v[keep], t_max, e_max, grid)
     local = solvers.improve(local, t[keep], e[keep], v[keep], t_max, e_max)

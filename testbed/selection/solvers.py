@@ -22,6 +22,10 @@ __all__ = ["DEFAULT_GRID", "REL_TOL", "fits", "fits_each", "max_count", "prune_d
 
 #: Cells per budget: the DP table has (DEFAULT_GRID + 1)^2 cells per device.
 DEFAULT_GRID = 150
+#: The grid has at least this many cells per item that can fit (many small devices).
+AUTO_CELLS_PER_ITEM = 8
+#: The DP's backtrack bits (items x cells) stay below this; past it the grid coarsens.
+TAKEN_BYTES_MAX = 64 * 2**20
 #: Relative tolerance of every feasibility check (floating-point sums of exact costs).
 REL_TOL = 1e-9
 
@@ -78,11 +82,21 @@ def dp(
     an answer that rounding pushed over the grid's edge but that fits the true budgets
     is still found. The answer is the best cell whose exact sums fit T_max and E_max —
     inside the G_t x G_e corner that holds by construction, beyond it by the exact check.
+    When many devices fit, the grid grows to AUTO_CELLS_PER_ITEM cells per device that can
+    fit (rounding loses up to a cell per chosen device), and shrinks again where the
+    backtrack bits would pass TAKEN_BYTES_MAX.
     """
     g_t, g_e = (grid, grid) if isinstance(grid, int) else grid
     if g_t < 1 or g_e < 1:
         raise ValueError(f"grid={grid!r}: need at least one cell per budget")
     m = max_count(t, e, t_max, e_max)
+    # rounding loses up to a cell per chosen item: keep cells fine against m items
+    g_t, g_e = max(g_t, AUTO_CELLS_PER_ITEM * m), max(g_e, AUTO_CELLS_PER_ITEM * m)
+    m = min(m, max(g_t, g_e) // 4)  # slack cells past each budget
+    n_items = int(fits_each(t, e, t_max, e_max).sum())
+    shrink = (n_items * (g_t + m + 1) * (g_e + m + 1) / TAKEN_BYTES_MAX) ** 0.5
+    if shrink > 1:  # keep the backtrack bits within TAKEN_BYTES_MAX: coarser cells
+        g_t, g_e, m = max(1, int(g_t / shrink)), max(1, int(g_e / shrink)), int(m / shrink)
     n_t, n_e = g_t + m + 1, g_e + m + 1
     ct = np.ceil(t / (t_max / g_t)).astype(np.int64)
     ce = np.ceil(e / (e_max / g_e)).astype(np.int64)
@@ -138,6 +152,11 @@ def improve(
     sel = np.zeros(t.size, dtype=bool)
     sel[chosen] = True
     lim_t, lim_e = t_max * (1 + REL_TOL), e_max * (1 + REL_TOL)
+    st, se = t[sel].sum(), e[sel].sum()
+    for j in np.argsort(-v, kind="stable"):  # first fill the slack, most valuable first
+        if not sel[j] and st + t[j] <= lim_t and se + e[j] <= lim_e:
+            sel[j] = True
+            st, se = st + t[j], se + e[j]
     for _ in range(rounds):
         st, se, out = t[sel].sum(), e[sel].sum(), np.flatnonzero(~sel)
         ins = np.flatnonzero(sel)
