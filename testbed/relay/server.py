@@ -165,6 +165,7 @@ class Orchestrator:
         self._inbox: asyncio.Queue[tuple[str, str, bytes, float]] = asyncio.Queue()
         self._client: Any = None
         self._seq = 0
+        self._events_out: asyncio.Queue[dict[str, Any]] = asyncio.Queue()
         self.rejected_results = 0
         self.current: dict[str, Any] | None = None  # the stage in flight (for fault injection)
         # broker loss: reconnect with backoff for up to reconnect_timeout_s, then wait up to
@@ -175,18 +176,34 @@ class Orchestrator:
 
     # -- telemetry -------------------------------------------------------------------------
     async def emit(self, etype: str, device: str | None = None, steps: tuple[int, int] | None = None, **data: Any) -> None:
+        """Record one telemetry event: the callback now, MQTT (tb/<run>/events) in the
+        background, in order — a publish waits for the broker's PUBACK, the relay must not."""
         self._seq += 1
         ev = {"seq": self._seq, "type": etype, "ts": time.time(), "run": self.run_id, "device": device,
               "steps": list(steps) if steps is not None else None, **data}
-        if self._client is not None and self._connected.is_set():
-            import aiomqtt
-
-            try:
-                await self._client.publish(topics.events(self.run_id), json.dumps(ev).encode(), qos=1)
-            except aiomqtt.MqttError:
-                pass  # the broker went away: the connection task reports it; local emit still runs
+        self._events_out.put_nowait(ev)
         if self._emit_cb is not None:
             self._emit_cb(ev)
+
+    async def _publish_events(self) -> None:
+        import aiomqtt
+
+        while True:
+            ev = await self._events_out.get()
+            try:
+                if self._client is not None and self._connected.is_set():
+                    try:
+                        await self._client.publish(topics.events(self.run_id), json.dumps(ev).encode(), qos=1)
+                    except aiomqtt.MqttError:
+                        pass  # the broker went away: the connection task reports it; local emit still ran
+            finally:
+                self._events_out.task_done()
+
+    async def _flush_events(self, timeout_s: float = 5.0) -> None:
+        try:
+            await asyncio.wait_for(self._events_out.join(), timeout=timeout_s)
+        except TimeoutError:
+            pass
 
     # -- transport -------------------------------------------------------------------------
     async def _reader(self, client: Any) -> None:
@@ -214,6 +231,7 @@ class Orchestrator:
         """Relay the whole generation. `finalize(outcome)` (async, optional) runs before the
         connection closes; the dict it returns goes into the `run_finished` event."""
         conn = asyncio.create_task(self._connection())
+        publisher = asyncio.create_task(self._publish_events())
         try:
             await self._await_connection()
             outcome = await self._relay()
@@ -221,10 +239,12 @@ class Orchestrator:
             await self.emit("run_finished", latency_s=outcome.latency_s, energy_j=outcome.energy_j,
                             recovered=len(outcome.recovered), **(extra or {}))
             outcome.events = self._seq
+            await self._flush_events()
             return outcome
         finally:
+            publisher.cancel()
             conn.cancel()
-            await asyncio.gather(conn, return_exceptions=True)
+            await asyncio.gather(publisher, conn, return_exceptions=True)
             self._client = None
 
     async def _connection(self) -> None:
