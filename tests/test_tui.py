@@ -313,18 +313,13 @@ async def test_attach_without_observer_file_says_so(small, tmp_path):
         assert any("observer.json" in n.message for n in app._notifications)
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-@pytest.mark.skipif(shutil.which("mosquitto") is None, reason="needs mosquitto")
-async def test_attach_follows_events_published_on_the_run_topic(small, tmp_path, unique_run_id):
-    import aiomqtt
-
+@pytest.fixture
+def mosquitto_port(tmp_path):
+    """A mosquitto on a free loopback port (anonymous), ended after the test."""
+    if shutil.which("mosquitto") is None:
+        pytest.skip("needs mosquitto")
     port = _free_port()
-    conf = tmp_path / "m.conf"
+    conf = tmp_path / "mosquitto.conf"
     conf.write_text(f"listener {port} 127.0.0.1\nallow_anonymous true\n")
     broker = subprocess.Popen(["mosquitto", "-c", str(conf)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
@@ -334,38 +329,51 @@ async def test_attach_follows_events_published_on_the_run_topic(small, tmp_path,
                 break
             except OSError:
                 time.sleep(0.1)
-        run_dir = tmp_path / unique_run_id
-        run_dir.mkdir()
-        (run_dir / "observer.json").write_text(json.dumps({
-            "run": unique_run_id, "host": "127.0.0.1", "port": port, "username": "observer", "password": "x",
-            "topic": f"tb/{unique_run_id}/events"}))
-        app = TestbedApp(small, attach=unique_run_id, state_root=tmp_path)
-        chain = ["dev01", "dev02"]
-        evs = relay_events(small, chain, run=unique_run_id)
-        evs.append({"type": "run_finished", "ts": evs[-1]["ts"] + 0.01, "run": unique_run_id, "device": None,
-                    "steps": None, "latency_s": 1.7, "energy_j": 66.0, "ms_ssim": 0.91})
-        async with app.run_test(size=SIZE) as pilot:
-            for _ in range(50):  # the TUI subscribes; wait for it
-                await pilot.pause(0.1)
-                if any("attached to" in line for line in _log_text(app)):
-                    break
-            await pilot.pause(0.3)
-            async with aiomqtt.Client("127.0.0.1", port) as pub:
-                for ev in evs:
-                    await pub.publish(f"tb/{unique_run_id}/events", json.dumps(ev).encode(), qos=1)
-            for _ in range(50):
-                await pilot.pause(0.1)
-                if app.run_view.finished:
-                    break
-            assert app.run_view.finished
-            assert [s.device for s in app.run_view.stages] == chain
-            assert app.cell.chain == chain
-            assert "MS-SSIM 0.910" in str(app.query_one("#imgcaption", Static).render())
-            await pilot.press("r")  # runs are not started from an attached TUI
-            assert app.runner is None
+        yield port
     finally:
         broker.terminate()
         broker.wait(timeout=10)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+async def test_attach_follows_events_published_on_the_run_topic(small, tmp_path, unique_run_id, mosquitto_port):
+    import aiomqtt
+
+    port = mosquitto_port
+    run_dir = tmp_path / unique_run_id
+    run_dir.mkdir()
+    (run_dir / "observer.json").write_text(json.dumps({
+        "run": unique_run_id, "host": "127.0.0.1", "port": port, "username": "observer", "password": "x",
+        "topic": f"tb/{unique_run_id}/events"}))
+    app = TestbedApp(small, attach=unique_run_id, state_root=tmp_path)
+    chain = ["dev01", "dev02"]
+    evs = relay_events(small, chain, run=unique_run_id)
+    evs.append({"type": "run_finished", "ts": evs[-1]["ts"] + 0.01, "run": unique_run_id, "device": None,
+                "steps": None, "latency_s": 1.7, "energy_j": 66.0, "ms_ssim": 0.91})
+    async with app.run_test(size=SIZE) as pilot:
+        for _ in range(50):  # the TUI subscribes; wait for it
+            await pilot.pause(0.1)
+            if any("attached to" in line for line in _log_text(app)):
+                break
+        await pilot.pause(0.3)
+        async with aiomqtt.Client("127.0.0.1", port) as pub:
+            for ev in evs:
+                await pub.publish(f"tb/{unique_run_id}/events", json.dumps(ev).encode(), qos=1)
+        for _ in range(50):
+            await pilot.pause(0.1)
+            if app.run_view.finished:
+                break
+        assert app.run_view.finished
+        assert [s.device for s in app.run_view.stages] == chain
+        assert app.cell.chain == chain
+        assert "MS-SSIM 0.910" in str(app.query_one("#imgcaption", Static).render())
+        await pilot.press("r")  # runs are not started from an attached TUI
+        assert app.runner is None
 
 
 def _log_text(app) -> list[str]:
@@ -445,8 +453,7 @@ async def test_split_steps_render_as_stages_and_cap_the_bars(small):
         assert en.measured[-1] == pytest.approx(30.0) and en.predicted[-1] == pytest.approx(28.0)
 
 
-@pytest.mark.skipif(shutil.which("mosquitto") is None, reason="needs mosquitto")
-async def test_attach_through_mosquitto_sub_reads_events_line_by_line(tmp_path, unique_run_id):
+async def test_attach_through_mosquitto_sub_reads_events_line_by_line(tmp_path, unique_run_id, mosquitto_port):
     """The path for runs that do not hold the host's route (netns None: this namespace)."""
     import aiomqtt
 
@@ -456,39 +463,26 @@ async def test_attach_through_mosquitto_sub_reads_events_line_by_line(tmp_path, 
     (tmp_path / unique_run_id / "state.json").write_text(json.dumps(
         {"host_route": False, "nodes": [{"id": "server", "netns": f"/run/netns/tb-{unique_run_id}-server"}]}))
     assert server_netns(unique_run_id, tmp_path) == f"/run/netns/tb-{unique_run_id}-server"
-    port = _free_port()
-    conf = tmp_path / "m.conf"
-    conf.write_text(f"listener {port} 127.0.0.1\nallow_anonymous true\n")
-    broker = subprocess.Popen(["mosquitto", "-c", str(conf)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    try:
-        for _ in range(50):
-            try:
-                socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
+    port = mosquitto_port
+    info = {"run": unique_run_id, "host": "127.0.0.1", "port": port, "username": "observer", "password": "x",
+            "topic": f"tb/{unique_run_id}/events"}
+    sent = [{"type": "stage_started", "seq": i, "device": "dev01", "note": "x" * (3000 * i)} for i in range(3)]
+    got: list[dict] = []
+
+    async def publish() -> None:
+        await asyncio.sleep(1.0)  # mosquitto_sub subscribes first
+        async with aiomqtt.Client("127.0.0.1", port) as pub:
+            for ev in sent:
+                await pub.publish(info["topic"], json.dumps(ev).encode(), qos=1)
+
+    task = asyncio.create_task(publish())
+    async with asyncio.timeout(20), contextlib.aclosing(follow_events_in_netns(info, None)) as events:
+        async for ev in events:
+            got.append(ev)
+            if len(got) == len(sent):
                 break
-            except OSError:
-                time.sleep(0.1)
-        info = {"run": unique_run_id, "host": "127.0.0.1", "port": port, "username": "observer", "password": "x",
-                "topic": f"tb/{unique_run_id}/events"}
-        sent = [{"type": "stage_started", "seq": i, "device": "dev01", "note": "x" * (3000 * i)} for i in range(3)]
-        got: list[dict] = []
-
-        async def publish() -> None:
-            await asyncio.sleep(1.0)  # mosquitto_sub subscribes first
-            async with aiomqtt.Client("127.0.0.1", port) as pub:
-                for ev in sent:
-                    await pub.publish(info["topic"], json.dumps(ev).encode(), qos=1)
-
-        task = asyncio.create_task(publish())
-        async with asyncio.timeout(20), contextlib.aclosing(follow_events_in_netns(info, None)) as events:
-            async for ev in events:
-                got.append(ev)
-                if len(got) == len(sent):
-                    break
-        await task
-        assert got == sent
-        # closing the stream ended its mosquitto_sub
-        out = subprocess.run(["pgrep", "-f", f"mosquitto_sub .*{info['topic']}"], capture_output=True, text=True)
-        assert out.stdout.strip() == ""
-    finally:
-        broker.terminate()
-        broker.wait(timeout=10)
+    await task
+    assert got == sent
+    # closing the stream ended its mosquitto_sub
+    out = subprocess.run(["pgrep", "-f", f"mosquitto_sub .*{info['topic']}"], capture_output=True, text=True)
+    assert out.stdout.strip() == ""

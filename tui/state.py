@@ -11,7 +11,7 @@ import math
 from dataclasses import dataclass, field
 from typing import Any
 
-from testbed.radio import compute_links, link_for_position
+from testbed.radio import DeviceLink, compute_links, link_for_position
 from testbed.topology import Topology, place
 
 __all__ = ["DeviceRow", "CellModel", "StageView", "RunView", "PHASES", "short_profile"]
@@ -27,21 +27,19 @@ def short_profile(name: str) -> str:
 
 @dataclass
 class DeviceRow:
-    id: str
-    profile: str
-    precision: str
-    x_m: float
-    y_m: float
-    distance_m: float
-    los: bool
-    shadowing_db: float
-    rate_up_mbps: float
-    rate_down_mbps: float
+    """A device as shown: its current link (moved by mobility) and what the TUI adds."""
+
+    link: DeviceLink
     t_j_s: float | None = None  # predicted stage latency (down + cmp + up)
     e_j_j: float | None = None  # predicted stage energy
     size_mb: float | None = None
     order: int | None = None  # 1-based position in the selected relay chain
     online: bool = True
+
+    def __getattr__(self, name: str) -> Any:  # id, profile, precision, x_m, y_m, distance_m, rates...
+        if name == "link":
+            raise AttributeError(name)
+        return getattr(self.link, name)
 
 
 class CellModel:
@@ -52,14 +50,8 @@ class CellModel:
         self.placement = place(topo)
         self.server_x_m = self.placement.server.x_m
         self.server_y_m = self.placement.server.y_m
-        self.devices: dict[str, DeviceRow] = {}
-        for link in compute_links(topo, self.placement):
-            self.devices[link.id] = DeviceRow(
-                id=link.id, profile=link.profile, precision=link.precision, x_m=link.x_m, y_m=link.y_m,
-                distance_m=link.distance_m, los=link.los, shadowing_db=link.shadowing_db,
-                rate_up_mbps=link.rate_up_mbps,
-                rate_down_mbps=link.rate_down_mbps,
-            )
+        self.devices: dict[str, DeviceRow] = {
+            link.id: DeviceRow(link) for link in compute_links(topo, self.placement)}
         self.selection: Any = None  # testbed.selection.Selection
         self.costs: list[Any] = []
 
@@ -69,19 +61,11 @@ class CellModel:
         return [d.id for d in sorted(self.devices.values(), key=lambda r: r.order or 0) if d.order]
 
     def compute_costs(self) -> list[Any]:
-        """Predicted T_j, E_j and model size of every device (testbed.selection's cost model)."""
+        """Predicted T_j, E_j and model size of every device (testbed.selection's cost model)
+        on the devices' current links."""
         from testbed.selection import device_costs
 
-        links = compute_links(self.topo, self.placement)
-        by_id = {link.id: link for link in links}
-        for dev in self.devices.values():  # mobility may have moved devices: use current links
-            link = by_id[dev.id]
-            if (dev.x_m, dev.y_m) != (link.x_m, link.y_m):
-                by_id[dev.id] = link.model_copy(update={
-                    "x_m": dev.x_m, "y_m": dev.y_m, "distance_m": dev.distance_m,
-                    "rate_up_mbps": dev.rate_up_mbps, "rate_down_mbps": dev.rate_down_mbps,
-                })
-        self.costs = device_costs(self.topo, [by_id[d] for d in self.devices])
+        self.costs = device_costs(self.topo, [row.link for row in self.devices.values()])
         for c in self.costs:
             row = self.devices[c.id]
             row.t_j_s, row.e_j_j, row.size_mb = c.latency_s, c.energy_j, c.size_mb
@@ -114,12 +98,14 @@ class CellModel:
              rate_down_mbps: float | None = None) -> None:
         """A mobility update: new position; rates from the event or from the radio model."""
         row = self.devices[dev_id]
-        row.x_m, row.y_m = x_m, y_m
-        row.distance_m = math.hypot(x_m - self.server_x_m, y_m - self.server_y_m)
+        d = math.hypot(x_m - self.server_x_m, y_m - self.server_y_m)
+        update: dict[str, Any] = {"x_m": x_m, "y_m": y_m, "distance_m": d}
         if rate_up_mbps is None or rate_down_mbps is None:
-            _pl, _up, _down, rate_up_mbps, rate_down_mbps = link_for_position(
-                self.topo.radio, row.distance_m, row.los, row.shadowing_db)
-        row.rate_up_mbps, row.rate_down_mbps = rate_up_mbps, rate_down_mbps
+            pl, snr_up, snr_down, rate_up_mbps, rate_down_mbps = link_for_position(
+                self.topo.radio, d, row.los, row.shadowing_db)
+            update |= {"pathloss_db": pl, "snr_up_db": snr_up, "snr_down_db": snr_down}
+        update |= {"rate_up_mbps": float(rate_up_mbps), "rate_down_mbps": float(rate_down_mbps)}
+        row.link = row.link.model_copy(update=update)
 
 
 @dataclass
