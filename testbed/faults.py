@@ -24,6 +24,7 @@ Neither: stage 0. Device omitted: the device computing at that moment.
 from __future__ import annotations
 
 import asyncio
+import os
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
@@ -294,6 +295,14 @@ def broker_start_args(handle: Any) -> dict[str, Any]:
                 args["acl_file"] = Path(rest)
             elif key == "message_size_limit":
                 args["max_message_bytes"] = int(rest)
+        for key in ("password_file", "acl_file"):  # the broker's own copies are rewritten at start: snapshot them
+            src = args.get(key)
+            if src is not None and src.parent == conf.parent:
+                dst = src.with_name(src.name + ".restart")
+                fd = os.open(dst, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+                with os.fdopen(fd, "wb") as f:
+                    f.write(src.read_bytes())
+                args[key] = dst
     else:
         import yaml
 

@@ -390,7 +390,7 @@ class Runner:
         from testbed.faults import FaultInjector  # `faults` (default: the topology's); --fail's kill is not repeated
 
         specs = topo.faults if faults is None else faults
-        self.faults = FaultInjector(self, [f for f in specs if not (f.kind == "kill" and f.device == fail)])
+        self.faults = FaultInjector(self, [f for f in specs if not (fail and f.kind == "kill" and f.device == fail)])
         self._event_local("selection", None, strategy=self.strategy, selected=sel.selected,
                           predicted_latency_s=sel.latency_s, predicted_energy_j=sel.energy_j,
                           objective_mb=sel.objective_mb, solve_ms=sel.solve_ms)

@@ -171,11 +171,20 @@ async def test_broker_that_never_returns_ends_the_run_with_a_clear_error(broker)
 def test_broker_start_args_are_read_back_from_the_config(tmp_path):
     from testbed.emulation.broker import BrokerHandle, _mosquitto_conf
 
-    conf = tmp_path / "mosquitto.conf"
-    conf.write_text(_mosquitto_conf("198.18.0.1", 1883, tmp_path, tmp_path / "pw", tmp_path / "acl", 4242))
-    h = BrokerHandle("mosquitto", 1, "198.18.0.1", 1883, conf, tmp_path / "log")
-    assert broker_start_args(h) == {"prefer": "mosquitto", "password_file": tmp_path / "pw",
-                                    "acl_file": tmp_path / "acl", "max_message_bytes": 4242}
+    secrets, broker = tmp_path / "secrets", tmp_path / "broker"
+    secrets.mkdir()
+    broker.mkdir()
+    conf = broker / "mosquitto.conf"
+    conf.write_text(_mosquitto_conf("198.18.0.1", 1883, broker, secrets / "pw", secrets / "acl", 4242))
+    h = BrokerHandle("mosquitto", 1, "198.18.0.1", 1883, conf, broker / "log")
+    assert broker_start_args(h) == {"prefer": "mosquitto", "password_file": secrets / "pw",
+                                    "acl_file": secrets / "acl", "max_message_bytes": 4242}
+    # the broker's own copies (in its directory) are rewritten when it starts: restart from snapshots
+    (broker / "passwd").write_text("server:hash\n")
+    conf.write_text(_mosquitto_conf("198.18.0.1", 1883, broker, broker / "passwd", None, None))
+    args = broker_start_args(h)
+    assert args["password_file"] == broker / "passwd.restart"
+    assert args["password_file"].read_text() == "server:hash\n" and args["password_file"].stat().st_mode & 0o077 == 0
 
 
 # -- fault specs ---------------------------------------------------------------------------

@@ -147,6 +147,21 @@ def _pids_in_netns(ns_files: list[Path]) -> set[int]:
     return pids
 
 
+def _pids_naming(text: str) -> set[int]:
+    """Processes whose command line contains `text` (a run's state directory)."""
+    needle = text.encode()
+    pids: set[int] = set()
+    for p in os.listdir("/proc"):
+        if not p.isdigit() or int(p) == os.getpid():
+            continue
+        try:
+            if needle in Path(f"/proc/{p}/cmdline").read_bytes():
+                pids.add(int(p))
+        except OSError:
+            continue
+    return pids
+
+
 def _docker_runs() -> list[str]:
     """Runs that have containers or networks labelled testbed.run (none without docker)."""
     try:
@@ -195,6 +210,7 @@ def cleanup_run(run_id: str, supervisor_timeout_s: float = 30.0) -> list[str]:
         cg = None
     victims = set(cg.pids(run_id)) if cg is not None else set()
     victims |= _pids_in_netns([NETNS_DIR / n for n in list_netns(f"tb-{run_id}-")])
+    victims |= _pids_naming(f"{RUN_ROOT / run_id}/")  # host-side helpers (the agent template) of a crashed run
     for p in sorted(victims):
         stop_pid_sync(p, timeout_s=2.0)
         removed.append(f"process {p}")
