@@ -33,6 +33,11 @@ def test_after_select(snap_compare, topologies):
     assert snap_compare(_app(topologies), run_before=_costs, press=["s", "down"], terminal_size=SIZE)
 
 
+def test_paper_selected(snap_compare, topologies):
+    app = TestbedApp(load_topology(topologies / "paper.yaml"), source="topologies/paper.yaml")
+    assert snap_compare(app, run_before=_costs, press=["s"], terminal_size=SIZE)
+
+
 def test_help(snap_compare, topologies):
     assert snap_compare(_app(topologies), run_before=_costs, press=["question_mark"], terminal_size=SIZE)
 

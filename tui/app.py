@@ -168,6 +168,8 @@ class TestbedApp(LiveMixin, App[None]):
             t.append(f"  T {sel.latency_s:.2f}/{sel.t_max_s:g} s", style="red" if sel.latency_s > sel.t_max_s else "")
             t.append(f"  E {sel.energy_j:.1f}/{sel.e_max_j:g} J", style="red" if sel.energy_j > sel.e_max_j else "")
             t.append(f"  {sel.objective_mb / 1000:.2f} GB ({sel.strategy})")
+        if p["method"] == "split":
+            t.append("  split: the run picks its own pair", style="yellow")
         self.query_one("#summary", Static).update(t)
 
     def _refresh_cell(self) -> None:
@@ -237,5 +239,8 @@ class TestbedApp(LiveMixin, App[None]):
             self._show_summary(f"infeasible: {e}")
             self.notify(str(e), title="no selection", severity="error", timeout=8)
             return
+        table = self.query_one("#devices", DevicesTable)
+        if self.cell.chain:  # bring the chain's first device into view (and into the details)
+            table.move_cursor(row=table.get_row_index(self.cell.chain[0]))
         self._refresh_cell()
         self._show_summary()
