@@ -31,7 +31,7 @@ async def run_in_netns(netns: str, factory: Callable[[], Any], *, name: str = "t
     fd = os.open(netns_path(netns), os.O_RDONLY)
 
     def settle(ok: bool, value: Any) -> None:
-        if not done.done():
+        if not done.done() and not box.get("abandoned"):
             (done.set_result if ok else done.set_exception)(value)
 
     def body() -> None:
@@ -61,6 +61,7 @@ async def run_in_netns(netns: str, factory: Callable[[], Any], *, name: str = "t
     try:
         return await asyncio.shield(done)
     except asyncio.CancelledError:
+        box["abandoned"] = True  # the caller is gone: nobody will read the outcome
         inner, task = box.get("loop"), box.get("task")
         if inner is not None and task is not None and not inner.is_closed():
             inner.call_soon_threadsafe(task.cancel)

@@ -101,6 +101,8 @@ class Runner:
         self._pool: Any = None
         self._model_task: asyncio.Future | None = None
         self._observer_path: Path | None = None
+        self._online = False
+        self._logs_dir: Path = Path(".")
         self.template_start_s: float | None = None
         self._state_dir: Path | None = None
         self._orch: Orchestrator | None = None
@@ -168,6 +170,7 @@ class Runner:
         agent_bin = Path(sys.executable).with_name("testbed-agent")
         argv0 = [str(agent_bin)] if agent_bin.exists() else [sys.executable, "-m", "testbed.relay.agent"]
         logs = (self.out_dir / "logs") if self.out_dir is not None else (self._state_dir / "logs")
+        self._logs_dir = logs
         logs.mkdir(parents=True, exist_ok=True)
         # docker: agents start inside their containers (docker exec), not forked on the host
         if os.environ.get("TESTBED_AGENT_POOL", "1") != "0" and not hasattr(self.emu.backend, "spawn"):
@@ -240,10 +243,35 @@ class Runner:
     async def wait_online(self, timeout_s: float | None = None) -> float:
         """Wait until every device's agent reported "online" (bounded); returns the seconds waited."""
         t0 = time.monotonic()
-        await self.in_server_ns(lambda: self._wait_online(timeout_s))
+        waiting = asyncio.ensure_future(self.in_server_ns(lambda: self._wait_online(timeout_s)))
+        try:
+            while not waiting.done():  # an agent that died at start fails the wait at once
+                await asyncio.wait({waiting}, timeout=0.5)
+                if not waiting.done():
+                    self._check_agents_alive()
+            waiting.result()
+        finally:
+            if not waiting.done():
+                waiting.cancel()
+                with contextlib.suppress(BaseException):
+                    await waiting
         waited = time.monotonic() - t0
+        self._online = True
         self._event_local("agents_online", None, devices=len(self.emu.links), waited_s=waited)
         return waited
+
+    def _check_agents_alive(self) -> None:
+        from testbed.emulation.procs import pid_alive
+
+        for dev, pid in self._pids.items():
+            if not pid_alive(pid):
+                log = self._logs_dir / f"agent-{dev}.log"
+                tail = ""
+                if log.exists():
+                    lines = [ln for ln in log.read_text(errors="replace").splitlines() if ln.strip()]
+                    tail = lines[-1] if lines else ""
+                raise RunFailedError(f"the agent of {dev} exited before coming online: {tail or 'no output'} "
+                                     f"(log: {log})")
 
     async def _wait_online(self, timeout_s: float | None) -> None:
         import aiomqtt
@@ -275,7 +303,7 @@ class Runner:
     async def _teardown(self) -> None:
         for t in self._kill_tasks:
             t.cancel()
-        if self._model_task is not None and not self._model_task.done():
+        if self._model_task is not None:  # wait for it, and read its outcome (an error is reported elsewhere)
             with contextlib.suppress(BaseException):
                 await self._model_task
         from testbed.emulation.procs import stop_pid
@@ -377,6 +405,8 @@ class Runner:
         from testbed.selection import device_costs, select
 
         topo, wl = self.topo, self.topo.workload
+        if not self._online:
+            await self.wait_online()
         costs = device_costs(topo, self.current_links())
         self._costs = {c.id: c for c in costs}
         if order is None:
