@@ -80,38 +80,46 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-@pytest.fixture
-def broker(tmp_path, unique_run_id):
-    run = unique_run_id
-    port = _free_port()
-    creds = make_credentials(run, DEVICES)
-    paths = write_security_files(tmp_path / "state", creds, "127.0.0.1", port)
+def _start_mosquitto(tmp_path: Path, port: int, paths: dict) -> subprocess.Popen:
     conf = tmp_path / "mosquitto.conf"
     conf.write_text(
         "user root\n" f"listener {port} 127.0.0.1\n" "allow_anonymous false\n"
         f"password_file {paths['password_file']}\n" f"acl_file {paths['acl_file']}\n" "persistence false\n"
         f"message_size_limit {4 * 2**20}\n"
     )
-    log = open(tmp_path / "mosquitto.log", "wb")  # noqa: SIM115
-    proc = subprocess.Popen(["mosquitto", "-c", str(conf)], stdout=log, stderr=subprocess.STDOUT)
+    with open(tmp_path / "mosquitto.log", "ab") as log:
+        proc = subprocess.Popen(["mosquitto", "-c", str(conf)], stdout=log, stderr=subprocess.STDOUT)
+    deadline = time.monotonic() + 10
+    while True:
+        with socket.socket() as s:
+            if s.connect_ex(("127.0.0.1", port)) == 0:
+                return proc
+        if proc.poll() is not None or time.monotonic() > deadline:
+            _stop(proc)
+            raise AssertionError("mosquitto did not start: " + (tmp_path / "mosquitto.log").read_text()[-500:])
+        time.sleep(0.05)
+
+
+def _stop(proc: subprocess.Popen) -> None:
+    proc.terminate()
     try:
-        deadline = time.monotonic() + 10
-        while True:
-            with socket.socket() as s:
-                if s.connect_ex(("127.0.0.1", port)) == 0:
-                    break
-            assert proc.poll() is None, (tmp_path / "mosquitto.log").read_text()
-            assert time.monotonic() < deadline, "mosquitto did not start"
-            time.sleep(0.05)
-        yield run, port, creds, paths
+        proc.wait(5)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+
+
+@pytest.fixture
+def broker(tmp_path, unique_run_id):
+    run = unique_run_id
+    port = _free_port()
+    creds = make_credentials(run, DEVICES)
+    paths = write_security_files(tmp_path / "state", creds, "127.0.0.1", port)
+    box = {"proc": _start_mosquitto(tmp_path, port, paths)}
+    try:
+        yield run, port, creds, paths, box
     finally:
-        proc.terminate()
-        try:
-            proc.wait(5)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-        log.close()
+        _stop(box["proc"])
 
 
 def _agent_cfg(run, port, creds, dev, step_time_s=0.02, payload=65536) -> AgentConfig:
@@ -147,7 +155,7 @@ def test_password_lines_use_mosquitto_pbkdf2_format():
 
 
 def test_state_files_are_private(broker):
-    _run, _port, _creds, paths = broker
+    _run, _port, _creds, paths, _ = broker
     for p in paths.values():
         assert p.stat().st_mode & 0o077 == 0, p
     obs = json.loads(paths["observer"].read_text())
@@ -159,7 +167,7 @@ def test_threads_follow_cpu_quota():
 
 
 async def test_device_cannot_read_anothers_latent_or_forge_its_result(broker):
-    run, port, creds, _ = broker
+    run, port, creds, *_ = broker
     payload = encode(Message(kind="task", run=run, device="dev01", stage=0, attempt=1, steps=(0, 5), total_steps=10,
                              tensors={"latent": np.ones(SHAPE, np.float32)}), pad_to_bytes=4096)
     async with _client(port, creds.server) as server, _client(port, creds.for_device("dev02")) as spy, \
@@ -184,14 +192,14 @@ async def test_device_cannot_read_anothers_latent_or_forge_its_result(broker):
 
 
 async def test_wrong_password_is_refused(broker):
-    run, port, creds, _ = broker
+    run, port, creds, *_ = broker
     with pytest.raises(aiomqtt.MqttError):
         async with aiomqtt.Client("127.0.0.1", port, username="dev01", password="guess", timeout=5):
             pass
 
 
 async def test_agent_rejects_bad_payloads_logs_them_and_keeps_serving(broker, caplog):
-    run, port, creds, _ = broker
+    run, port, creds, *_ = broker
     model = CountingModel()
     agent = Agent(_agent_cfg(run, port, creds, "dev01"), model)
     task = asyncio.create_task(agent.serve())
@@ -243,7 +251,7 @@ async def _start_agents(run, port, creds, model, step_time_s):
 
 
 async def test_relay_runs_every_step_once_in_order(broker):
-    run, port, creds, _ = broker
+    run, port, creds, *_ = broker
     model = CountingModel()
     agents, tasks = await _start_agents(run, port, creds, model, 0.01)
     costs = [Cost("dev01", 4, 0.3, 3), Cost("dev02", 2, 0.3, 3), Cost("dev03", 1, 0.3, 3)]
@@ -270,7 +278,7 @@ async def test_relay_runs_every_step_once_in_order(broker):
 async def test_offline_device_is_replaced_from_the_checkpoint(broker):
     """dev01's agent dies mid-computation: its last will reports it offline and the
     remaining steps go to the best remaining device from the newest checkpoint."""
-    run, port, creds, _ = broker
+    run, port, creds, *_ = broker
     model = CountingModel(step_s=0.05)
     agents, tasks = await _start_agents(run, port, creds, model, 0.0)
     costs = [Cost("dev01", 4, 0.5, 3), Cost("dev02", 2, 0.5, 3), Cost("dev03", 1, 0.5, 3)]
@@ -302,7 +310,7 @@ async def test_offline_device_is_replaced_from_the_checkpoint(broker):
 
 
 async def test_deadline_miss_is_recovered_and_late_result_ignored(broker):
-    run, port, creds, _ = broker
+    run, port, creds, *_ = broker
     slow = CountingModel(step_s=0.3)  # 4 steps = 1.2 s, far past dev01's deadline
     fast = CountingModel()
     a1 = Agent(_agent_cfg(run, port, creds, "dev01", step_time_s=0.0), slow)
@@ -327,7 +335,7 @@ async def test_deadline_miss_is_recovered_and_late_result_ignored(broker):
 async def test_recovery_impossible_fails_loudly(broker):
     from testbed.errors import RunFailedError
 
-    run, port, creds, _ = broker
+    run, port, creds, *_ = broker
     model = CountingModel(step_s=0.05)
     agents, tasks = await _start_agents(run, port, creds, model, 0.0)
     costs = [Cost("dev01", 4, 0.5, 3), Cost("dev02", 2, 0.5, 300), Cost("dev03", 1, 5.0, 3)]  # neither fits
@@ -345,3 +353,38 @@ async def test_recovery_impossible_fails_loudly(broker):
         for t in tasks.values():
             t.cancel()
         await asyncio.gather(*tasks.values(), return_exceptions=True)
+
+
+async def test_agent_reconnects_after_the_broker_restarts(broker, tmp_path):
+    run, port, creds, paths, box = broker
+    agent = Agent(_agent_cfg(run, port, creds, "dev01", step_time_s=0.0), CountingModel())
+    task = asyncio.create_task(agent.serve())
+    try:
+        async def serve_one(stage: int) -> Message:
+            async with _client(port, creds.server) as server:
+                await server.subscribe(topics.result(run, "dev01"), qos=1)
+                await server.subscribe(topics.status(run, "dev01"), qos=1)
+                async with asyncio.timeout(20):
+                    async for m in server.messages:  # the agent's retained "online" (after a restart: again)
+                        if str(m.topic).endswith("/status") and json.loads(m.payload)["state"] == "online":
+                            break
+                    task_msg = Message(kind="task", run=run, device="dev01", stage=stage, attempt=1,
+                                       steps=(stage * 2, stage * 2 + 2), total_steps=4,
+                                       tensors={"latent": np.zeros(SHAPE, np.float32),
+                                                "cond.class_labels": np.array([7])},
+                                       meta={"sched": {"next_step": stage * 2}})
+                    await server.publish(topics.task(run, "dev01"), encode(task_msg), qos=1)
+                    async for m in server.messages:
+                        if str(m.topic).endswith("/result"):
+                            return decode(bytes(m.payload), max_bytes=2**21, run=run, kind="result")
+            raise AssertionError("no result")
+
+        assert (await serve_one(0)).steps == (0, 2)
+        _stop(box["proc"])  # the broker goes away (retained statuses with it: persistence is off)
+        await asyncio.sleep(0.5)
+        box["proc"] = _start_mosquitto(tmp_path, port, paths)
+        assert (await serve_one(1)).steps == (2, 4)  # the agent came back on its own and serves
+        assert agent.served == 2
+    finally:
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
