@@ -351,7 +351,7 @@ class Orchestrator:
         await self.emit("run_started", relay_order=self.order, total_steps=n_total, steps_per_stage=self.k)
         for i, dev in enumerate(self.order):
             steps = (i * self.k, (i + 1) * self.k)
-            attempt = 0
+            attempt, broker_retries = 0, 0
             while True:
                 attempt += 1
                 rec, why, wasted_j = await self._stage(i, attempt, dev, steps, n_total, latent, cond, state, spec)
@@ -359,6 +359,10 @@ class Orchestrator:
                 if rec is not None:
                     break
                 if why == "broker":  # nobody failed: resume the same device from the checkpoint
+                    broker_retries += 1
+                    if broker_retries > 5:
+                        raise RelayError(f"stage {i} on {dev}: the broker failed it {broker_retries} times; "
+                                         "see the broker log (OUT/logs/broker.log)")
                     if await self._rejoin(dev):
                         recovered.append(Recovery(device=dev, steps=steps, stage=i, reason=why, took_over=dev,
                                                   detected_after_s=time.time() - t_start, energy_j=wasted_j))
@@ -434,10 +438,9 @@ class Orchestrator:
         t_pub = time.time()
         try:
             await self._client.publish(topics.task(self.run_id, dev), data, qos=1)
-        except Exception as e:  # aiomqtt.MqttError (or a client torn down under us): the broker went away
-            if self._connected.is_set() and self._client is not None:
-                raise RelayError(f"publishing stage {i}'s task to {dev} failed: {e}") from None
-            return None, "broker", 0.0
+        except Exception as e:  # aiomqtt.MqttError, a timeout, a client torn down under us: the broker
+            await self.emit("stage_interrupted", device=dev, steps=steps, stage=i, reason="broker", error=str(e))
+            return None, "broker", 0.0  # resumed after a bounded wait for the broker (_rejoin)
         deadline = time.monotonic() + self._deadline_s(dev)
         t_recv_dev: float | None = None
         while True:
