@@ -298,7 +298,7 @@ class LiveMixin:
         wl = self.topo.workload
         try:
             q = await asyncio.to_thread(importlib.import_module, "testbed.diffusion.quality")
-            ref = await asyncio.to_thread(q.reference_image, wl.model, wl.prompt, int(doc.get("seed") or (doc.get("meta") or {}).get("seed") or self.topo.seed),
+            ref = await asyncio.to_thread(q.reference_image, wl.model, wl.prompt, int(next(v for v in (doc.get("seed"), (doc.get("meta") or {}).get("seed"), self.topo.seed) if v is not None)),
                                           wl.reference_steps, wl.scheduler)
         except Exception as e:  # noqa: BLE001 - the generated image is still shown
             self.query_one("#runpanel", RunPanel).log_line(f"reference image unavailable: {e}", "yellow")
