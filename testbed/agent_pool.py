@@ -30,7 +30,7 @@ from testbed.errors import ResourceError
 
 __all__ = ["AgentPool", "serve"]
 
-_MAX_FDS = 8
+_MAX_FDS = 32  # netns + one cgroup.procs per hierarchy + a container's other namespaces
 
 
 def _preload() -> None:
@@ -67,6 +67,8 @@ def _child(req: dict[str, Any], fds: list[int]) -> int:
         os.write(fd, b"0")
     if req.get("netns_fd", True):
         setns_fd(fds[0])
+    for fd in fds[1 + n_cg : 1 + n_cg + int(req.get("extra_ns_fds", 0))]:
+        _setns_any(fd)  # e.g. a container's mnt/uts/ipc (this child is single-threaded)
     for fd in fds:
         os.close(fd)
     os.environ.update(req.get("env") or {})
@@ -80,6 +82,15 @@ def _child(req: dict[str, Any], fds: list[int]) -> int:
     except SystemExit as e:
         return e.code if isinstance(e.code, int) else 0
     return 0
+
+
+def _setns_any(fd: int) -> None:
+    import ctypes
+
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.setns(fd, 0) != 0:
+        e = ctypes.get_errno()
+        raise OSError(e, f"setns: {os.strerror(e)}")
 
 
 def serve(sock_path: str) -> None:
@@ -151,14 +162,15 @@ class AgentPool:
             return s.connect_ex(str(self.sock_path)) == 0
 
     def _spawn_sync(self, netns: str | None, cgroup_procs: list[Path], argv: list[str], env: dict[str, str],
-                    log_path: Path) -> int:
+                    log_path: Path, extra_ns: list[str] = ()) -> int:
         from testbed.emulation.nsutil import netns_path
 
         fds = [os.open(netns_path(netns), os.O_RDONLY) if netns else os.open("/", os.O_RDONLY)]
         try:
             fds += [os.open(p, os.O_WRONLY) for p in cgroup_procs]
+            fds += [os.open(p, os.O_RDONLY) for p in extra_ns]
             req = {"argv": argv, "env": env, "log": str(log_path), "cgroup_fds": len(cgroup_procs),
-                   "netns_fd": bool(netns)}
+                   "netns_fd": bool(netns), "extra_ns_fds": len(extra_ns)}
             with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
                 s.settimeout(30)
                 s.connect(str(self.sock_path))
@@ -170,9 +182,9 @@ class AgentPool:
                 os.close(fd)
 
     async def spawn(self, netns: str | None, cgroup_procs: list[Path], argv: list[str], env: dict[str, str],
-                    log_path: Path) -> int:
+                    log_path: Path, extra_ns: list[str] = ()) -> int:
         try:
-            return await asyncio.to_thread(self._spawn_sync, netns, cgroup_procs, argv, env, log_path)
+            return await asyncio.to_thread(self._spawn_sync, netns, cgroup_procs, argv, env, log_path, list(extra_ns))
         except (OSError, ValueError, KeyError) as e:
             raise ResourceError(f"the agent template could not start {argv[1:3]}: {e}; see {self.log_path}") from None
 

@@ -172,8 +172,7 @@ class Runner:
         logs = (self.out_dir / "logs") if self.out_dir is not None else (self._state_dir / "logs")
         self._logs_dir = logs
         logs.mkdir(parents=True, exist_ok=True)
-        # docker: agents start inside their containers (docker exec), not forked on the host
-        if os.environ.get("TESTBED_AGENT_POOL", "1") != "0" and not hasattr(self.emu.backend, "spawn"):
+        if os.environ.get("TESTBED_AGENT_POOL", "1") != "0":
             from testbed.agent_pool import AgentPool
 
             self._pool = AgentPool(self._state_dir / "agent-pool.sock", logs / "agent-template.log")
@@ -194,8 +193,12 @@ class Runner:
             args = [self.run_id, link.id, "--config", str(path)]
             if self._pool is not None:
                 procs = list(self.emu.cg.procs_files(self.run_id, link.id)) if self.emu.cg is not None else []
+                extra_ns: list[str] = []
+                if hasattr(self.emu.backend, "cgroup_procs"):  # docker: into the container's cgroups,
+                    procs = self.emu.backend.cgroup_procs(link.id)  # network, mount, UTS and IPC namespaces
+                    extra_ns = self.emu.backend.namespaces(link.id)
                 self._pids[link.id] = await self._pool.spawn(node.netns, procs, ["testbed-agent", *args], env,
-                                                             logs / f"agent-{link.id}.log")
+                                                             logs / f"agent-{link.id}.log", extra_ns=extra_ns)
             else:
                 self._pids[link.id] = await self.emu.spawn(link.id, [*argv0, *args], env, logs / f"agent-{link.id}.log")
         if not self.attach:  # an attached cell's state.json belongs to its supervisor

@@ -19,6 +19,7 @@ from __future__ import annotations
 import asyncio
 import os
 import shutil
+import time
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -31,6 +32,7 @@ from pyroute2 import AsyncIPRoute
 from pyroute2.netlink.exceptions import NetlinkError
 
 from testbed.emulation.backend import CELL_NET, HOST_ADDRESS, NodeSpec, check_run_id
+from testbed.emulation.docker_cleanup import docker_runs, remove_docker_run
 from testbed.emulation.docker_exec import ExecProcess, exec_start
 from testbed.emulation.docker_image import IMAGE, IMAGE_LABEL, build_image, docker_client, host_mounts, image_info
 from testbed.emulation.docker_spec import (
@@ -46,6 +48,7 @@ from testbed.emulation.docker_spec import (
     network_plan,
 )
 from testbed.emulation.nsutil import open_iproute
+from testbed.emulation.procs import stop_pid
 from testbed.emulation.runs import RUN_ROOT
 from testbed.errors import ResourceError
 
@@ -93,6 +96,7 @@ class DockerBackend:
         self._pids: dict[str, int] = {}  # node id -> container init PID
         self._procs: dict[str, list[ExecProcess]] = {}
         self._made_dirs: list[Path] = []
+        self._keepers: dict[str, set[int]] = {}  # the container's own idle processes (init, sleep)
 
     # names -------------------------------------------------------------------------
     def set_limits(self, limits: dict[str, dict]) -> None:
@@ -175,6 +179,7 @@ class DockerBackend:
         for node_id, cid, pid in results:
             self._ids[node_id] = cid
             self._pids[node_id] = pid
+            self._keepers[node_id] = _process_tree(pid)
 
     def _make_network(self, client: docker.DockerClient) -> None:
         plan = network_plan(self.run)
@@ -252,9 +257,43 @@ class DockerBackend:
         return proc
 
     async def kill(self, node_id: str) -> None:
-        """Stop every process the testbed started in the node's container."""
+        """Stop every process the testbed started in the node's container: those started
+        by docker exec and any other in its cgroup (agents forked into it by the runner's
+        template), but not the container's own idle processes."""
         for proc in self._procs.pop(node_id, []):
             await proc.stop()
+        if node_id not in self._pids:
+            return
+        for pid in sorted(self._cgroup_pids(node_id) - self._keepers.get(node_id, set())):
+            await stop_pid(pid, timeout_s=1.0)
+
+    def _cgroup_pids(self, node_id: str) -> set[int]:
+        for controller in ("pids", "cpu", "memory"):
+            try:
+                return {int(x) for x in (self.cgroup_dir(node_id, controller) / "cgroup.procs").read_text().split()}
+            except (OSError, ResourceError):
+                continue
+        return set()
+
+    def cgroup_procs(self, node_id: str) -> list[Path]:
+        """The container's `cgroup.procs` files, one per hierarchy: writing a PID to each
+        moves that process into the container's cgroups (its limits and accounting)."""
+        root = Path("/sys/fs/cgroup")
+        out: list[Path] = []
+        for line in Path(f"/proc/{self._pids[node_id]}/cgroup").read_text().splitlines():
+            _, ctrls, rel = line.split(":", 2)
+            names = [c.removeprefix("name=") for c in ctrls.split(",")] if ctrls else []
+            for mount in ([root / ctrls, *(root / n for n in names)] if ctrls else [root, root / "unified"]):
+                f = mount / rel.lstrip("/") / "cgroup.procs"
+                if f.is_file():
+                    out.append(f)
+                    break
+        return out
+
+    def namespaces(self, node_id: str, kinds: Sequence[str] = ("mnt", "uts", "ipc")) -> list[str]:
+        """Paths of the container's other namespaces (besides `netns`), for a process that
+        joins the container from outside (setns), e.g. an agent forked by a template."""
+        return [f"/proc/{self._pids[node_id]}/ns/{k}" for k in kinds]
 
     async def _host_peer_index(self, node_id: str) -> int:
         async with open_iproute(self.netns(node_id)) as ipr:
@@ -327,50 +366,21 @@ class DockerBackend:
         return removed
 
 
-def docker_runs(client: docker.DockerClient | None = None) -> dict[str, list[str]]:
-    """Run id -> container names of every docker run on this host (labels)."""
-    client = client or docker_client()
-    out: dict[str, list[str]] = {}
-    for c in client.containers.list(all=True, filters={"label": RUN_LABEL}):
-        out.setdefault(c.labels.get(RUN_LABEL, "?"), []).append(c.name)
-    for n in client.networks.list(filters={"label": RUN_LABEL}):
-        out.setdefault(n.attrs.get("Labels", {}).get(RUN_LABEL, "?"), [])
+def _process_tree(pid: int) -> set[int]:
+    """`pid` and its descendants now (the container's init and its idle child)."""
+    out, todo = set(), [pid]
+    deadline = time.monotonic() + 2.0
+    while todo:
+        p = todo.pop()
+        out.add(p)
+        try:
+            kids = Path(f"/proc/{p}/task/{p}/children").read_text().split()
+        except OSError:
+            continue
+        if not kids and p == pid and time.monotonic() < deadline:
+            time.sleep(0.01)  # docker's init forks the idle command right after start
+            todo.append(p)
+            out.discard(p)
+            continue
+        todo += [int(k) for k in kids]
     return out
-
-
-def _remove_sync(client: docker.DockerClient, run_id: str | None) -> list[str]:
-    flt = {"label": f"{RUN_LABEL}={run_id}" if run_id else RUN_LABEL}
-    removed: list[str] = []
-    containers = client.containers.list(all=True, filters=flt)
-
-    def rm(c) -> str | None:
-        try:
-            c.remove(force=True)
-            return f"container {c.name}"
-        except docker.errors.NotFound:
-            return None
-
-    with ThreadPoolExecutor(_THREADS, thread_name_prefix="tb-docker-rm") as ex:
-        removed += [r for r in ex.map(rm, containers) if r]
-    for n in client.networks.list(filters=flt):
-        try:
-            n.remove()
-            removed.append(f"network {n.name}")
-        except docker.errors.NotFound:
-            pass
-        except docker.errors.APIError as e:
-            raise _api_error(f"docker network {n.name}", e) from None
-    return removed
-
-
-async def remove_docker_run(run_id: str | None, client: docker.DockerClient | None = None) -> list[str]:
-    """Remove the containers and networks labelled with `run_id` (every run's when None);
-    idempotent. The node image is kept: `testbed image rm` removes it."""
-    try:
-        client = client or await asyncio.to_thread(docker_client)
-    except ResourceError:
-        return []  # no daemon: nothing of ours can exist
-    try:
-        return await asyncio.wait_for(asyncio.to_thread(_remove_sync, client, run_id), timeout=120)
-    except TimeoutError:
-        raise ResourceError(f"docker did not remove run {run_id or '(all)'} within 120 s; retry `testbed down`") from None

@@ -425,6 +425,8 @@ class Emulation:
         if self.cg is not None:
             for pid in self.cg.pids(self.run_id, node_id):
                 await stop_pid(pid, timeout_s=1.0)
+        if hasattr(self.backend, "kill"):  # docker: what is left in the container's cgroup
+            await self.backend.kill(node_id)
 
     async def start_broker(self, *, password_file: Path | None = None, acl_file: Path | None = None,
                            max_message_bytes: int | None = None, prefer: str = "mosquitto") -> BrokerHandle:
