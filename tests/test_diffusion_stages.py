@@ -31,6 +31,15 @@ SD_SCHED = {"beta_end": 0.012, "beta_schedule": "scaled_linear", "beta_start": 0
             "set_alpha_to_one": False, "skip_prk_steps": True, "steps_offset": 1, "clip_sample": False}
 
 
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """One torch thread: on the shared 2-core machine two OpenMP threads spin (5-20x slower)."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 @pytest.fixture(scope="module")
 def mini_sd_dir(tmp_path_factory):
     from diffusers import AutoencoderKL, UNet2DConditionModel
@@ -154,7 +163,8 @@ def test_quantized_layers_replace_every_conv_and_linear(mini_sd_dir):
     assert m8.size_bytes == fp32.size_bytes - 4 * n_q + n_q + 4 * out_ch
     sizes = variant_sizes_bytes(str(mini_sd_dir))
     assert sizes["fp32"] == fp32.size_bytes and sizes["int8"] == m8.size_bytes
-    assert sizes["fp32"] == 2 * sizes["fp16"] > sizes["int8"] > sizes["int4"]
+    assert sizes["fp32"] > sizes["fp16"] > sizes["int8"] > sizes["int4"]
+    assert sizes["fp16"] < 0.51 * sizes["fp32"]  # norms stay float32
 
 
 @pytest.mark.parametrize("bits", [8, 4])

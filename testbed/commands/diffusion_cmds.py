@@ -59,10 +59,10 @@ def generate(
 
 def train_tiny(
     out_path: Path = typer.Option(None, "--out", help="weights file (default: the embedded testbed/data/tiny_unet.safetensors)"),
-    steps: int = typer.Option(1500, "--steps", help="optimizer steps"),
-    batch: int = typer.Option(128, "--batch", help="batch size"),
+    steps: int = typer.Option(1200, "--steps", help="optimizer steps"),
+    batch: int = typer.Option(96, "--batch", help="batch size"),
     seed: int = typer.Option(0, "--seed", help="seed (with --threads, fixes the result)"),
-    threads: int = typer.Option(2, "--threads", help="torch CPU threads"),
+    threads: int = typer.Option(1, "--threads", help="torch CPU threads (1: OpenMP threads spin when other work shares the cores)"),
     as_json: bool = typer.Option(False, "--json", help="print only a JSON document on stdout"),
 ) -> None:
     """Train the embedded tiny class-conditional model on scikit-learn's digits (deterministic, CPU)."""

@@ -1,0 +1,149 @@
+"""Acceptance tests of the embedded tiny model: recognisable, not memorised, quality vs precision/steps,
+split and multi-stage runs reproduce the reference, and the `generate` command.
+
+Tolerance for "quality falls with precision": neighbours may tie within 0.02 mean MS-SSIM over
+10 seeds. bf16 (8-bit significand on every conv/linear input and weight) and int8 (per-channel
+weights, float32 activations) perturb this 0.7 M-parameter model about equally (measured 0.913
+vs 0.913 at 20 steps, per-seed spread +-0.03), so their order is within noise; int4 must fall
+clearly (> 0.1) below fp32 and more steps must come closer, so the test can fail.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from testbed.diffusion import (
+    PRECISIONS,
+    decode,
+    encode_prompt,
+    initial_latent,
+    load_model,
+    ms_ssim,
+    parse_digit_prompt,
+    reference_image,
+    run_split,
+    run_stage,
+    variant_sizes_bytes,
+)
+from testbed.diffusion.tiny import TINY_WEIGHTS_PATH
+from testbed.errors import WorkloadError
+
+pytestmark = pytest.mark.skipif(not TINY_WEIGHTS_PATH.is_file(), reason="tiny weights missing: testbed train-tiny")
+SEEDS = list(range(10))
+STEPS = 20
+
+
+@pytest.fixture(autouse=True)
+def _cache(tmp_path_factory, monkeypatch):
+    monkeypatch.setenv("TESTBED_CACHE_DIR", str(tmp_path_factory.getbasetemp() / "tb-cache"))
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """One torch thread: on the shared 2-core machine two OpenMP threads spin (5-20x slower)."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="module")
+def fp32():
+    return load_model("tiny", "fp32")
+
+
+def _batch(model, prompt, seeds, steps, kind="ddim"):
+    lat = torch.cat([initial_latent(model, s) for s in seeds])
+    x, _ = run_stage(model, lat, encode_prompt(model, prompt), 0, steps, steps, kind)
+    return x, decode(model, x)
+
+
+def _to_digits_space(imgs: np.ndarray) -> np.ndarray:
+    """32x32 uint8 images -> 8x8 in the data set's 0..16 scale (area average)."""
+    x = imgs.astype(np.float64).reshape(len(imgs), 8, 4, 8, 4).mean(axis=(2, 4))
+    return (x / 255.0 * 16.0).reshape(len(imgs), 64)
+
+
+def test_samples_are_recognisable_and_not_copies(fp32):
+    from sklearn.datasets import load_digits
+    from sklearn.svm import SVC
+
+    d = load_digits()
+    clf = SVC(gamma=0.001).fit(d.data, d.target)
+    hits, samples = 0, []
+    for digit in range(10):
+        _, imgs = _batch(fp32, f"a handwritten {digit}", [100 + digit * 7 + i for i in range(5)], STEPS)
+        feats = _to_digits_space(imgs)
+        hits += int((clf.predict(feats) == digit).sum())
+        samples.append(feats)
+    assert hits / 50 >= 0.80, f"only {hits}/50 samples classified as the prompted digit"
+    s = np.concatenate(samples)
+    train = d.data.astype(np.float64)
+    nn_sample = np.sqrt(((s[:, None, :] - train[None]) ** 2).sum(-1)).min(1)
+    dist_tt = np.sqrt(((train[:300, None, :] - train[None]) ** 2).sum(-1))
+    dist_tt[np.arange(300), np.arange(300)] = np.inf
+    nn_train = dist_tt.min(1)
+    # no sample is a copy: each is farther from its nearest training image than a quarter of
+    # the typical training-to-training nearest-neighbour distance
+    assert nn_sample.min() > 0.25 * np.median(nn_train), (nn_sample.min(), np.median(nn_train))
+
+
+def test_quality_falls_with_precision_and_rises_with_steps(fp32):
+    prompt = "a handwritten 4"
+    refs = [reference_image("tiny", prompt, s) for s in SEEDS]
+    score = {}
+    for p in PRECISIONS:
+        m = fp32 if p == "fp32" else load_model("tiny", p)
+        _, imgs = _batch(m, prompt, SEEDS, STEPS)
+        score[p] = float(np.mean([ms_ssim(i, r) for i, r in zip(imgs, refs)]))
+    tol = 0.02
+    assert score["fp32"] + tol >= score["fp16"] and score["fp16"] + tol >= score["int8"], score
+    assert score["int8"] + tol >= score["int4"], score
+    assert score["fp32"] - score["int4"] > 0.1, score
+    few = float(np.mean([ms_ssim(i, r) for i, r in zip(_batch(fp32, prompt, SEEDS, 5)[1], refs)]))
+    assert few < score["fp32"] < 1.0, (few, score["fp32"])
+
+
+def test_split_and_multistage_reproduce_the_reference(fp32):
+    prompt, seed, n = "a handwritten 2", 11, fp32.reference_steps
+    ref = reference_image("tiny", prompt, seed)
+    lat, cond = initial_latent(fp32, seed), encode_prompt(fp32, prompt)
+    x, state = lat, None
+    for a in range(0, n, 10):
+        x, state = run_stage(fp32, x, cond, a, a + 10, n, "ddim", state)
+    split, info = run_split(fp32, lat, cond, n, "ddim")
+    assert (split - x).abs().max().item() < 1e-5
+    assert np.array_equal(decode(fp32, x), ref) and np.array_equal(decode(fp32, split), ref)
+    assert ms_ssim(decode(fp32, split), ref) == pytest.approx(1.0)
+    assert info["bytes_per_step"] > 0
+
+
+def test_variant_sizes_shrink_and_prompts_parse():
+    sizes = variant_sizes_bytes("tiny")
+    assert sizes["fp32"] > sizes["fp16"] > sizes["int8"] > sizes["int4"]
+    assert sizes["fp16"] < 0.51 * sizes["fp32"]
+    assert sizes["int8"] < 0.3 * sizes["fp32"]
+    assert parse_digit_prompt("a handwritten 7") == 7 and parse_digit_prompt("Seven!") == 7
+    for bad in ("a cat", "a 3 and a 5", "42"):
+        with pytest.raises(WorkloadError, match="prompt"):
+            parse_digit_prompt(bad)
+
+
+def test_generate_cli_writes_the_image_alone(tmp_path, fp32):
+    from PIL import Image
+    from typer.testing import CliRunner
+
+    from testbed.cli import app
+
+    out = tmp_path / "seven.png"
+    r = CliRunner().invoke(app, ["generate", "--prompt", "a handwritten 7", "--steps", "10", "--seed", "3",
+                                 "--out", str(out)])
+    assert r.exit_code == 0, r.output
+    img = np.asarray(Image.open(out))
+    assert img.shape == (32, 32) and img.dtype == np.uint8
+    lat, _ = run_stage(fp32, initial_latent(fp32, 3), encode_prompt(fp32, "a handwritten 7"), 0, 10, 10)
+    assert np.array_equal(img, decode(fp32, lat))
+    bad = CliRunner().invoke(app, ["generate", "--prompt", "a cat", "--out", str(tmp_path / "x.png")])
+    assert bad.exit_code != 0 and not (tmp_path / "x.png").exists()
