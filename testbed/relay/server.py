@@ -308,6 +308,17 @@ class Orchestrator:
             await asyncio.sleep(0.02)
         return not self._connected.is_set()
 
+    async def _broker_alive(self, timeout_s: float) -> bool:
+        """A QoS-1 probe (on a topic only the server may use) acknowledged within timeout_s."""
+        client = self._client
+        if client is None or not self._connected.is_set():
+            return False
+        try:
+            await asyncio.wait_for(client.publish(f"tb/{self.run_id}/server/probe", b"", qos=1), timeout_s)
+        except Exception:  # noqa: BLE001 - MqttError, a timeout: the broker is not answering
+            return False
+        return True
+
     async def _rejoin(self, dev: str) -> bool:
         """After a broker loss: wait for the connection (RelayError when it is gone for
         good), then up to rejoin_timeout_s for `dev` to be online again."""
@@ -461,7 +472,8 @@ class Orchestrator:
             if leaf == "status":
                 st = _json(payload)
                 if st.get("state") == "offline":
-                    if await self._broker_lost_within(0.3):  # a stopping broker publishes every client's will
+                    # a stopping broker publishes every client's will: tell that from a device's death
+                    if await self._broker_lost_within(0.3) or not await self._broker_alive(1.0):
                         await self.emit("stage_interrupted", device=dev, steps=steps, stage=i, reason="broker")
                         return None, "broker", self._wasted(pw, t_pub, t_recv_dev)
                     await self.emit("device_offline", device=dev, steps=steps, stage=i)
