@@ -20,6 +20,7 @@ import socket
 import subprocess
 import sys
 import time
+import traceback
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import SimpleNamespace
@@ -134,6 +135,16 @@ class _Cell:
     netem: bool = False
     backend: Any = field(default_factory=lambda: SimpleNamespace(name="compose"))
 
+    nodes: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        # the fields Runner.run reads of emulated nodes; rates are the devices' own shaping
+        self.nodes = {"server": SimpleNamespace(id="server", role="server", address="127.0.0.1", netns=None,
+                                                rate_up_mbps=None, rate_down_mbps=None)}
+        for link in self.links:
+            self.nodes[link.id] = SimpleNamespace(id=link.id, role="device", address=None, netns=None,
+                                                  rate_up_mbps=link.rate_up_mbps, rate_down_mbps=link.rate_down_mbps)
+
     def device_ids(self) -> list[str]:
         return [link.id for link in self.links]
 
@@ -197,7 +208,13 @@ async def serve(state: Path) -> dict[str, Any]:
         r.emu = _Cell(compute_links(topo, place(topo)), ["compose/Swarm deployment: every device shapes its own link"])
         r.broker = SimpleNamespace(host="127.0.0.1", port=MQTT_PORT, kind="mosquitto", log_path=log)
         r.creds = _load_credentials(state / "secrets" / "credentials.json")
-        result = await r.run()
+        from testbed.relay.stage import StageModel
+
+        r._model_task = asyncio.ensure_future(asyncio.to_thread(StageModel.load, topo.workload.model, "fp32"))
+        try:
+            result = await r.run()
+        finally:
+            await r._teardown()  # the cell is not the runner's: this waits for the model, copies logs
         return result.to_json()
     finally:
         proc.terminate()
@@ -216,6 +233,7 @@ def serve_main(state: Path) -> int:
     except Exception as e:  # noqa: BLE001 - reported in the state directory and the exit code
         (Path(state) / "out").mkdir(parents=True, exist_ok=True)
         (Path(state) / "out" / "error.json").write_text(json.dumps({"error": f"{type(e).__name__}: {e}"}) + "\n")
+        traceback.print_exc()
         print(f"compose-server: {type(e).__name__}: {e}", file=sys.stderr, flush=True)
         return getattr(e, "exit_code", RunFailedError.exit_code)
     return 0
