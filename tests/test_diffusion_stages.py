@@ -25,6 +25,7 @@ from testbed.diffusion import (
     variant_sizes_bytes,
 )
 from testbed.diffusion.quantize import QuantizedWeightLayer, dequantize_per_channel, quantize_per_channel
+from testbed.diffusion.models import torch_threads
 from testbed.errors import WorkloadError
 
 SD_SCHED = {"beta_end": 0.012, "beta_schedule": "scaled_linear", "beta_start": 0.00085, "num_train_timesteps": 1000,
@@ -33,11 +34,8 @@ SD_SCHED = {"beta_end": 0.012, "beta_schedule": "scaled_linear", "beta_start": 0
 
 @pytest.fixture(autouse=True, scope="module")
 def _one_thread():
-    """One torch thread: on the shared 2-core machine two OpenMP threads spin (5-20x slower)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+    with torch_threads(1):  # the machine's 2 cores are shared: more threads spin
+        yield
 
 
 @pytest.fixture(scope="module")

@@ -28,6 +28,7 @@ from testbed.diffusion import (
     variant_sizes_bytes,
 )
 from testbed.diffusion.tiny import TINY_WEIGHTS_PATH
+from testbed.diffusion.models import torch_threads
 from testbed.errors import WorkloadError
 
 pytestmark = pytest.mark.skipif(not TINY_WEIGHTS_PATH.is_file(), reason="tiny weights missing: testbed train-tiny")
@@ -42,11 +43,8 @@ def _cache(tmp_path_factory, monkeypatch):
 
 @pytest.fixture(autouse=True, scope="module")
 def _one_thread():
-    """One torch thread: on the shared 2-core machine two OpenMP threads spin (5-20x slower)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+    with torch_threads(1):  # the machine's 2 cores are shared: more threads spin
+        yield
 
 
 @pytest.fixture(scope="module")
@@ -147,3 +145,12 @@ def test_generate_cli_writes_the_image_alone(tmp_path, fp32):
     assert np.array_equal(img, decode(fp32, lat))
     bad = CliRunner().invoke(app, ["generate", "--prompt", "a cat", "--out", str(tmp_path / "x.png")])
     assert bad.exit_code != 0 and not (tmp_path / "x.png").exists()
+
+
+def test_training_is_deterministic(tmp_path):
+    from testbed.diffusion import train_tiny
+
+    a = train_tiny(tmp_path / "a.safetensors", steps=3, batch=8, log=None)
+    b = train_tiny(tmp_path / "b.safetensors", steps=3, batch=8, log=None)
+    assert (tmp_path / "a.safetensors").read_bytes() == (tmp_path / "b.safetensors").read_bytes()
+    assert a["loss"] == b["loss"] and a["params"] == 702753

@@ -7,6 +7,7 @@ encode a prompt, make the initial latent and decode). Tensors at the boundary ar
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import functools
 import hashlib
@@ -38,6 +39,7 @@ __all__ = [
     "load_base_unet",
     "load_model",
     "model_fingerprint",
+    "torch_threads",
     "variant_sizes_bytes",
 ]
 
@@ -263,3 +265,15 @@ def variant_sizes_bytes(model_name: str = "tiny") -> dict[str, int]:
             unet = UNet2DConditionModel.from_config(cfg)
         sizes[p] = model_size_bytes(make_variant(unet, p, "meta"))
     return sizes
+
+
+@contextlib.contextmanager
+def torch_threads(n: int):
+    """Run with `n` torch CPU threads (then restore): on cores shared with other work, more
+    OpenMP threads than the CPU share spin against each other (5-20x slower, measured)."""
+    old = torch.get_num_threads()
+    torch.set_num_threads(max(1, int(n)))
+    try:
+        yield
+    finally:
+        torch.set_num_threads(old)

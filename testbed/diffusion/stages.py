@@ -8,7 +8,10 @@ The loop is diffusers' own: set timesteps, slice the range, unet(...), scheduler
 
 from __future__ import annotations
 
+import copy
+import functools
 import inspect
+import json
 from typing import Callable
 
 import torch
@@ -31,13 +34,19 @@ def _scheduler_class(kind: str):
 
 
 def make_scheduler(kind: str = "ddim", total_steps: int = 50, model=None, config: dict | None = None):
-    """A diffusers scheduler of `kind` built from the model's scheduler config, timesteps set for N steps."""
+    """A fresh diffusers scheduler of `kind` from the model's scheduler config, timesteps set for N steps."""
     if total_steps < 1:
         raise WorkloadError(f"total_steps={total_steps}: needs at least 1 denoising step")
-    cls = _scheduler_class(kind)
     cfg = dict(config if config is not None else model.scheduler_config)
+    # building one costs milliseconds (Python loops over 1000 betas): copy a cached template
+    return copy.deepcopy(_scheduler_template(kind, int(total_steps), json.dumps(cfg, sort_keys=True)))
+
+
+@functools.lru_cache(maxsize=64)
+def _scheduler_template(kind: str, total_steps: int, cfg_json: str):
+    cls = _scheduler_class(kind)
     accepted = set(inspect.signature(cls.__init__).parameters)
-    sched = cls(**{k: v for k, v in cfg.items() if k in accepted})
+    sched = cls(**{k: v for k, v in json.loads(cfg_json).items() if k in accepted})
     sched.set_timesteps(total_steps)
     return sched
 
