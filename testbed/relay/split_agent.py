@@ -28,10 +28,10 @@ from typing import Any
 import numpy as np
 
 from testbed.errors import RelayError, TestbedError
-from testbed.relay.agent import Agent, AgentConfig, agent_config_path, set_threads
+from testbed.relay.agent import Agent, AgentConfig, agent_config_path, fast_large_sends, set_threads
 from testbed.relay.wire import Message, TensorSpec, decode, encode
 
-__all__ = ["ROLES", "SplitModel", "SplitAgent", "main", "zero_copy_sends"]
+__all__ = ["ROLES", "SplitModel", "SplitAgent", "main"]
 
 log = logging.getLogger("testbed.split_agent")
 ROLES = ("head", "tail")
@@ -144,35 +144,8 @@ class SplitAgent(Agent):
                  f"{profile_s:.3f} s" if profile_s is not None else "-", len(data))
 
 
-def zero_copy_sends() -> bool:
-    """Make paho send large packets without copying their unsent rest at every write.
-
-    paho-mqtt 2.x writes `packet[pos:]` on each writable event: for a 6-13 MB feature
-    message trickling out over a shaped uplink that is a copy of megabytes per TCP write,
-    quadratic in the message size, and under a 0.5-core cgroup quota it made the upload CPU
-    bound (13 MB: 1.26 s measured vs 0.90 s at the link rate). Wrapping large packets in a
-    memoryview makes the slice free; small packets are left as they are. Returns whether
-    the hook was installed (False on a paho without `_packet_queue`)."""
-    try:
-        from paho.mqtt.client import Client
-    except ImportError:  # pragma: no cover - aiomqtt depends on paho
-        return False
-    orig = getattr(Client, "_packet_queue", None)
-    if orig is None or getattr(orig, "_tb_zero_copy", False):
-        return orig is not None
-
-    def _packet_queue(self, command, packet, *args, **kwargs):  # noqa: ANN001 - paho's signature
-        if len(packet) > 2**20 and not isinstance(packet, memoryview):
-            packet = memoryview(bytes(packet))
-        return orig(self, command, packet, *args, **kwargs)
-
-    _packet_queue._tb_zero_copy = True  # type: ignore[attr-defined]
-    Client._packet_queue = _packet_queue  # type: ignore[method-assign]
-    return True
-
-
 def run_split_agent(cfg: AgentConfig, roles: tuple[str, ...]) -> None:
-    zero_copy_sends()
+    fast_large_sends()  # 7-14 MB feature messages: no copy of the unsent rest at every TCP write
     n = set_threads(cfg.cpu_cores)
     t0 = time.time()
     model = SplitModel(cfg.model, cfg.precision)
