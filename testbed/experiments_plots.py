@@ -86,7 +86,7 @@ def _quality_plot(ax: Any, agg: dict[str, list[dict[str, float]]], xlabel: str, 
             if p["infeasible"]:
                 ax.plot(p["x"], p["mean"], marker=st["marker"], ms=12, mfc="white", mec=st["color"], mew=1.5)
     if any(p["infeasible"] for s in agg.values() for p in s):
-        ax.text(0.01, 0.01, "open marker: no image within the budget for some seeds (counted as 0)",
+        ax.text(0.01, 0.01, "open marker: a seed had no image in budget (= 0)",
                 transform=ax.transAxes, fontsize=7, color="dimgray")
     ax.set_xlabel(xlabel)
     ax.set_ylabel("MS-SSIM vs fp32 reference")
