@@ -26,14 +26,14 @@ SIZE = (100, 30)
 RUN_TIMEOUT_S = 420.0
 
 
-async def _wait(pilot, cond, timeout_s: float, what: str) -> None:
+async def _wait(pilot, cond, timeout_s: float, what: str, poll_s: float = 0.2) -> None:
     loop = asyncio.get_running_loop()
     end = loop.time() + timeout_s
     while not cond():
         if loop.time() > end:
             log = "\n".join(pilot.app.run_view.log[-15:])
             pytest.fail(f"timed out after {timeout_s:g} s waiting for {what}; last events:\n{log}")
-        await pilot.pause(0.2)
+        await pilot.pause(poll_s)
 
 
 async def _start(pilot, app) -> list[str]:
@@ -92,8 +92,11 @@ async def test_kill_from_the_keyboard_recovers(topologies, tmp_path, monkeypatch
         victim = chain[0]
         table = app.query_one("#devices", DevicesTable)
         table.move_cursor(row=table.get_row_index(victim))
-        await _wait(pilot, lambda: any(s.device == victim and s.phase == "compute" for s in app.run_view.stages),
-                    RUN_TIMEOUT_S, f"{victim} computing")
+        # as soon as its stage has started (the phase stays until the upload): the kill lands
+        # mid-stage even when a loaded machine delivers downloaded+computed back to back
+        await _wait(pilot, lambda: any(s.device == victim for s in app.run_view.stages), RUN_TIMEOUT_S,
+                    f"{victim}'s stage to start", poll_s=0.05)
+        assert app.run_view.stages[-1].phase in ("download", "compute"), app.run_view.stages[-1]
         await pilot.press("k")
         await _wait(pilot, lambda: not app.running, RUN_TIMEOUT_S, "the run to end")
         await pilot.pause()
