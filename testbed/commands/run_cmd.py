@@ -59,7 +59,7 @@ class _Progress:
 
 def run(
     file: Path = typer.Argument(..., help="topology YAML file"),
-    backend: str = typer.Option("netns", "--backend", help="netns (docker: not yet over the relay)"),
+    backend: str = typer.Option("netns", "--backend", help="netns or docker (containers; see README \"Docker and Swarm\")"),
     method: str = typer.Option("multistage", "--method", help="multistage (the paper's relay)"),
     strategy: str = typer.Option("dp", "--strategy", help="device selection: dp, exact, random, greedy, fair"),
     tmax: float | None = typer.Option(None, "--tmax", help="latency budget T_max in s (default: the topology's)"),
