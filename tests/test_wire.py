@@ -109,8 +109,7 @@ def test_decoder_rejects_size_padding_and_header_lies():
     header = json.loads(data[8 : 8 + hlen])
     header["tensors"]["latent"]["shape"] = [1, 1, 4, 16]
     raw = json.dumps(header, separators=(",", ":")).encode()
-    forged = MAGIC + struct.pack(">I", len(raw)) + raw + data[8 + hlen :]
-    header["pad_bytes"] -= len(raw) - hlen
+    header["pad_bytes"] -= len(raw) - hlen  # keep the total length consistent
     raw = json.dumps(header, separators=(",", ":")).encode()
     forged = MAGIC + struct.pack(">I", len(raw)) + raw + data[8 + hlen :][: header["body_bytes"] + header["pad_bytes"]]
     with pytest.raises(RelayError):
@@ -154,7 +153,9 @@ def test_flipped_bytes_are_rejected_or_decode_consistently(pos, xor):
         got = _dec(bytes(data))
     except RelayError:
         return
-    # a flip inside the latent's float data may still be a valid message: then it must
-    # decode to exactly the checked shape and dtype, with the rest intact
+    # a flip may still leave a valid message (a float in the latent, a digit of the step
+    # range): then everything the decoder promises holds
     assert got.tensors["latent"].shape == (1, 1, 8, 8) and got.tensors["latent"].dtype == np.float32
-    assert got.steps == (0, 5) and got.wire_bytes == len(_VALID)
+    assert np.isfinite(got.tensors["latent"]).all()
+    assert 0 <= got.steps[0] < got.steps[1] <= got.total_steps == 10
+    assert got.run == RUN and got.device == "dev01" and got.kind == "task" and got.wire_bytes == len(_VALID)
