@@ -116,11 +116,23 @@ def status(
         raise ResourceError(f"run {run_id!r} has no state (not up, or still starting); `testbed down --run {run_id}` cleans it up")
     if supervisor_pid(run_id) is None:
         raise RunFailedError(f"run {run_id}: its supervisor is gone; `testbed down --run {run_id}` removes what it left")
+    # The observer account (read-only on tb/<run>/events) exists once a relay run has
+    # generated the run's credentials; the TUI's attach mode and mosquitto_sub use it.
+    observer = read_state(run_id, "observer.json")
     if as_json:
         print_json({k: state[k] for k in ("run", "backend", "netem", "nodes")} | {
-            k: state[k] for k in ("warnings", "cell", "broker", "host_route", "mobility", "topology", "seed") if k in state})
+            k: state[k] for k in ("warnings", "cell", "broker", "host_route", "mobility", "topology", "seed") if k in state}
+            | ({"observer": observer} if observer else {}))
         return
     _print_status(state)
+    if observer:
+        out.print(
+            f"observer (read-only events): mosquitto_sub -h {observer['host']} -p {observer['port']} "
+            f"-u {observer['username']} -P {observer['password']} -t '{observer['topic']}'",
+            highlight=False, soft_wrap=True,
+        )
+    else:
+        out.print("observer credentials appear here once `testbed run --run ID` has started on this cell")
 
 
 def down(
