@@ -193,3 +193,41 @@ def test_image_build_is_local_tiny_and_idempotent() -> None:
 
 def _container_labels_of_image(image: str) -> dict:
     return json.loads(_docker("image", "inspect", image))[0]["Config"]["Labels"]
+
+
+async def test_processes_joined_to_a_container_are_inside_it_and_kill_sweeps_them(run_id: str) -> None:
+    """What the runner's agent template does: a host process joins a container's cgroups
+    (every hierarchy) and namespaces; the container lists it; kill ends it, not the container."""
+    from testbed.emulation.backend import NodeSpec
+    from testbed.emulation.docker_backend import DockerBackend
+
+    be = DockerBackend(run_id)
+    try:
+        await be.create([NodeSpec("server", "server", SERVER, -1), NodeSpec("dev01", "device", "198.18.0.10", 0)])
+        procs = be.cgroup_procs("dev01")
+        assert len(procs) >= 2 and all(p.name == "cgroup.procs" for p in procs)
+        ns = [be.netns("dev01"), *be.namespaces("dev01")]
+        code = ("import ctypes, os, sys, time\n"
+                "libc = ctypes.CDLL(None, use_errno=True)\n"
+                "for p in sys.argv[1].split(','):\n    open(p, 'w').write('0')\n"
+                "fds = [os.open(p, os.O_RDONLY) for p in sys.argv[2].split(',')]  # before any setns\n"
+                "for fd in fds:\n    assert libc.setns(fd, 0) == 0, fd\n"
+                "print('joined', flush=True)\ntime.sleep(60)\n")
+        proc = subprocess.Popen([sys.executable, "-c", code, ",".join(map(str, procs)), ",".join(ns)],
+                                stdout=subprocess.PIPE, text=True)
+        try:
+            assert proc.stdout.readline().strip() == "joined"
+            top = _docker("top", be.container("dev01"), "-o", "pid")
+            assert str(proc.pid) in top.split()
+            for kind in ("net", "mnt", "uts", "ipc"):
+                assert os.stat(f"/proc/{proc.pid}/ns/{kind}").st_ino == \
+                    os.stat(f"/proc/{be.container_pid('dev01')}/ns/{kind}").st_ino
+            await be.kill("dev01")
+            proc.wait(timeout=10)  # it would sleep 60 s (kill reaps it: no exit status to read)
+            assert not Path(f"/proc/{proc.pid}").exists()
+            assert _container(run_id, "dev01")["State"]["Running"]  # its own processes were spared
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+    finally:
+        await be.destroy()
