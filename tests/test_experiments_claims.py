@@ -1,6 +1,6 @@
 """The paper's three claims, checked from measured numbers of a reduced Fig. 4 sweep on the
-emulation (8 devices, T_max {1, 2, 4} s, E_max 200 J, one seed; real relays, real split
-agents, shaped links). About two minutes on two cores."""
+emulation (paper.yaml with 8 devices, T_max {1, 2, 4} s, E_max 200 J, one seed; real
+relays, real split agents, shaped links). About two minutes on two cores."""
 
 from __future__ import annotations
 
