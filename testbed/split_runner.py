@@ -2,7 +2,7 @@
 
     async with SplitRun(topo, t_max_s=2, e_max_j=200) as r:
         result = await r.run()                  # SplitResult; .to_json() like RunResult's
-                                                # (OUT/result.json and OUT/image.png with out_dir)
+                                                # (OUT/result.json, image.png, events.jsonl)
         other = await r.run(t_max_s=4)          # same emulation, other budgets
 
 Composes the layers: the emulation (namespaces, shaped links, cgroups, broker with the
@@ -187,6 +187,16 @@ class SplitRun:
         log.parent.mkdir(parents=True, exist_ok=True)
         self._agents[device] = await self.emu.spawn(device, argv, {"PYTHONUNBUFFERED": "1"}, log)
 
+    def _event(self, ev: dict[str, Any]) -> None:
+        """Telemetry: OUT/events.jsonl (with out_dir) and on_event (called from the
+        orchestrator's thread)."""
+        if self.out_dir is not None:
+            self.out_dir.mkdir(parents=True, exist_ok=True)
+            with open(self.out_dir / "events.jsonl", "a") as f:
+                f.write(json.dumps(ev) + "\n")
+        if self.on_event is not None:
+            self.on_event(ev)
+
     async def run(self, fail: Any = None, *, t_max_s: float | None = None, e_max_j: float | None = None) -> SplitResult:
         """One split generation under the budgets (default: the constructor's / the topology's)."""
         from testbed.diffusion import decode, ms_ssim
@@ -213,7 +223,7 @@ class SplitRun:
         orch = SplitOrchestrator(
             run=self.run_id, broker_host=SERVER_ADDRESS, broker_port=1883, username=self._creds.server.username,
             password=self._creds.server.password, plan=plan, power=power, model=self._model, prompt=wl.prompt,
-            seed=self.seed, scheduler=wl.scheduler, payload_bytes=wl.payload_bytes, emit=self.on_event,
+            seed=self.seed, scheduler=wl.scheduler, payload_bytes=wl.payload_bytes, emit=self._event,
             online_timeout_s=self.agent_ready_timeout_s,
         )
         # The orchestrator runs on the edge server: its event loop lives in a thread inside the
