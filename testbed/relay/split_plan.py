@@ -38,7 +38,7 @@ from typing import Any, Callable
 from testbed.errors import InfeasibleError, TopologyError
 from testbed.profiles import load_profiles, step_time_s
 from testbed.radio import DeviceLink
-from testbed.selection.costs import DEFAULT_LINK_EFFICIENCY, model_size_mb
+from testbed.selection.costs import DEFAULT_LINK_EFFICIENCY, DEFAULT_MESSAGE_OVERHEAD_S, model_size_mb
 from testbed.topology import Topology
 
 __all__ = ["HEAD_FLOP_SHARE", "SplitStepCost", "SplitPlan", "activation_bytes", "pair_cost", "plan_split"]
@@ -148,7 +148,7 @@ def pair_cost(
     def tx_s(nbytes: int, rate_mbps: float, who: str) -> float:
         if not rate_mbps > 0:
             raise TopologyError(f"device {who}: link rate {rate_mbps:g} Mbit/s; the device has no usable link")
-        return nbytes * 8 / (rate_mbps * 1e6 * link_efficiency)
+        return nbytes * 8 / (rate_mbps * 1e6 * link_efficiency) + DEFAULT_MESSAGE_OVERHEAD_S
 
     t_lat_down = tx_s(lbytes, head.rate_down_mbps, head.id)
     t_head = share * step_time_s(ph, wl.resolution_px, head.precision)

@@ -4,15 +4,23 @@ Pure (STYLE.md #1). A device's latency and energy for its stage are additive and
 depend on where it sits in the relay order: every stage downloads one latent from the
 edge server (the first one: the initial noise), runs K steps and uploads the result.
 
-    T_down = payload_bytes * 8 / (rate_down * link_efficiency)     E_down = P_rx * T_down
-    T_cmp  = K * step_time(resolution, precision)                  E_cmp  = P_cmp * T_cmp
-    T_up   = payload_bytes * 8 / (rate_up * link_efficiency)       E_up   = P_tx * T_up
+    T_down = payload_bytes * 8 / (rate_down * link_efficiency) + message_overhead_s
+    T_cmp  = K * step_time(resolution, precision)
+    T_up   = payload_bytes * 8 / (rate_up * link_efficiency) + message_overhead_s
+    E_down = P_rx * T_down      E_cmp = P_cmp * T_cmp      E_up = P_tx * T_up
 
 `link_efficiency` is the share of the shaped PHY rate that arrives as application payload:
 HTB on veth delivered 0.96-0.97 of the configured rate to TCP (1448 payload bytes per
 1514-byte frame, MACHINE-NOTES.md) and a 256 KB MQTT relay through shaped links took
 436.5 ms against 419.4 ms ideal (0.961); MQTT headers and acknowledgements cost a little
 more, so the default is 0.95.
+
+`message_overhead_s` is the fixed cost of one relayed message on top of its time on the
+air: the MQTT publish through the broker, encoding and decoding, and waking the receiver.
+At the rates of a 500 m cell (100-280 Mbit/s, 8-30 ms per 256 KB) it is a large share of a
+transfer: `testbed run` on small.yaml and paper.yaml measured transfers 1-15 ms (median
+~3.5 ms) longer than the rate alone predicts, on a loaded 2-core VM. The default, 3 ms,
+is that median rounded down; set it to 0 to get the pure rate model.
 """
 
 from __future__ import annotations
@@ -25,9 +33,10 @@ from testbed.profiles import load_profiles, model_size_bytes, step_time_s
 from testbed.radio import DeviceLink
 from testbed.topology import Topology
 
-__all__ = ["DEFAULT_LINK_EFFICIENCY", "DeviceCost", "device_costs", "model_size_mb"]
+__all__ = ["DEFAULT_LINK_EFFICIENCY", "DEFAULT_MESSAGE_OVERHEAD_S", "DeviceCost", "device_costs", "model_size_mb"]
 
 DEFAULT_LINK_EFFICIENCY = 0.95
+DEFAULT_MESSAGE_OVERHEAD_S = 0.003
 
 
 @dataclass(frozen=True)
@@ -87,6 +96,7 @@ def device_costs(
     links: list[DeviceLink],
     sizes_mb: Mapping[str, float] | None = None,
     link_efficiency: float = DEFAULT_LINK_EFFICIENCY,
+    message_overhead_s: float = DEFAULT_MESSAGE_OVERHEAD_S,
 ) -> list[DeviceCost]:
     """The stage cost of every device with a link, in link order.
 
@@ -96,6 +106,8 @@ def device_costs(
     """
     if not 0 < link_efficiency <= 1:
         raise TopologyError(f"link_efficiency={link_efficiency:g} must be in (0, 1], e.g. 0.95")
+    if not 0 <= message_overhead_s < 10:
+        raise TopologyError(f"message_overhead_s={message_overhead_s:g} must be in [0, 10) s, e.g. 0.003")
     profiles = load_profiles()
     wl = topo.workload
     bits = wl.payload_bytes * 8
@@ -110,8 +122,8 @@ def device_costs(
             t_cmp = wl.steps_per_stage * step_time_s(prof, wl.resolution_px, link.precision)
         except KeyError as e:
             raise TopologyError(f"device {link.id}: {e.args[0]}; add it to data/profiles.yaml") from None
-        t_down = bits / (link.rate_down_mbps * 1e6 * link_efficiency)
-        t_up = bits / (link.rate_up_mbps * 1e6 * link_efficiency)
+        t_down = bits / (link.rate_down_mbps * 1e6 * link_efficiency) + message_overhead_s
+        t_up = bits / (link.rate_up_mbps * 1e6 * link_efficiency) + message_overhead_s
         if link.id in sizes:
             size = sizes[link.id]
         elif link.precision in sizes:
