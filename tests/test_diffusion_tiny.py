@@ -1,11 +1,11 @@
 """Acceptance tests of the embedded tiny model: recognisable, not memorised, quality vs precision/steps,
 split and multi-stage runs reproduce the reference, and the `generate` command.
 
-Tolerance for "quality falls with precision": neighbours may tie within 0.02 mean MS-SSIM over
-10 seeds. bf16 (8-bit significand on every conv/linear input and weight) and int8 (per-channel
-weights, float32 activations) perturb this 0.7 M-parameter model about equally (measured 0.913
-vs 0.913 at 20 steps, per-seed spread +-0.03), so their order is within noise; int4 must fall
-clearly (> 0.1) below fp32 and more steps must come closer, so the test can fail.
+Quality vs precision is measured on the reference's own schedule (50 DDIM steps), so the only
+difference from the reference is the variant; a tolerance of 0.01 mean MS-SSIM over 10 seeds
+lets neighbours tie (measured: fp32 1.000, bf16 0.999, int8 0.971, int4 0.844 — bf16 differs
+from fp32 by under 0.001, less than the 0.01 spread between seeds of one variant), while int4
+must fall clearly (> 0.05) below fp32 so that the test can fail. Steps: 5 < 20 < 50 (=ref).
 """
 
 from __future__ import annotations
@@ -89,19 +89,20 @@ def test_samples_are_recognisable_and_not_copies(fp32):
 
 
 def test_quality_falls_with_precision_and_rises_with_steps(fp32):
-    prompt = "a handwritten 4"
+    prompt, n = "a handwritten 4", fp32.reference_steps
     refs = [reference_image("tiny", prompt, s) for s in SEEDS]
     score = {}
     for p in PRECISIONS:
         m = fp32 if p == "fp32" else load_model("tiny", p)
-        _, imgs = _batch(m, prompt, SEEDS, STEPS)
+        _, imgs = _batch(m, prompt, SEEDS, n)
         score[p] = float(np.mean([ms_ssim(i, r) for i, r in zip(imgs, refs)]))
-    tol = 0.02
+    tol = 0.01
     assert score["fp32"] + tol >= score["fp16"] and score["fp16"] + tol >= score["int8"], score
     assert score["int8"] + tol >= score["int4"], score
-    assert score["fp32"] - score["int4"] > 0.1, score
-    few = float(np.mean([ms_ssim(i, r) for i, r in zip(_batch(fp32, prompt, SEEDS, 5)[1], refs)]))
-    assert few < score["fp32"] < 1.0, (few, score["fp32"])
+    assert score["fp32"] - score["int4"] > 0.05, score
+    by_steps = {k: float(np.mean([ms_ssim(i, r) for i, r in zip(_batch(fp32, prompt, SEEDS, k)[1], refs)]))
+                for k in (5, 20)}
+    assert by_steps[5] < by_steps[20] < score["fp32"], (by_steps, score["fp32"])
 
 
 def test_split_and_multistage_reproduce_the_reference(fp32):
@@ -152,5 +153,8 @@ def test_training_is_deterministic(tmp_path):
 
     a = train_tiny(tmp_path / "a.safetensors", steps=3, batch=8, log=None)
     b = train_tiny(tmp_path / "b.safetensors", steps=3, batch=8, log=None)
-    assert (tmp_path / "a.safetensors").read_bytes() == (tmp_path / "b.safetensors").read_bytes()
+    from safetensors.torch import load_file
+
+    ta, tb = load_file(tmp_path / "a.safetensors"), load_file(tmp_path / "b.safetensors")
+    assert ta.keys() == tb.keys() and all(torch.equal(ta[k], tb[k]) for k in ta)
     assert a["loss"] == b["loss"] and a["params"] == 702753

@@ -153,7 +153,7 @@ def load_model(name: str = "tiny", precision: str = "fp32", device: str = "cpu")
             name="tiny", kind="tiny", precision=p, device=device, unet=unet, scheduler_config=scfg,
             latent_shape=(c.in_channels, c.sample_size, c.sample_size), has_cfg=True,
             size_bytes=model_size_bytes(unet), reference_steps=TINY_REFERENCE_STEPS,
-            default_guidance_scale=3.0, fingerprint=fp,
+            default_guidance_scale=2.0, fingerprint=fp,
         )
     vae = text_encoder = tokenizer = None
     if (d / "vae" / "config.json").is_file():
