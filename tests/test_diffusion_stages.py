@@ -172,3 +172,14 @@ def test_per_channel_quantization_error_is_half_a_step(bits):
     back = dequantize_per_channel(q, scale, bits, w.shape)
     assert ((back - w).abs().reshape(6, -1).amax(1) <= scale / 2 + 1e-6).all()
     assert q.numel() == (6 * 45 if bits == 8 else 6 * 23)  # int4: two per byte, rows padded
+
+
+def test_bad_model_and_stage_range_are_clear_errors(mini_sd, mini_cond, tmp_path):
+    with pytest.raises(WorkloadError, match="unet/config.json"):
+        load_model(str(tmp_path / "no-such-model"))
+    with pytest.raises(WorkloadError, match="precision 'int3'"):
+        load_model(str(tmp_path), "int3")
+    with pytest.raises(WorkloadError, match=r"stage \[5, 3\)"):
+        run_stage(mini_sd, initial_latent(mini_sd, 0), mini_cond, 5, 3, 10)
+    with pytest.raises(WorkloadError, match="scheduler 'lms'"):
+        run_stage(mini_sd, initial_latent(mini_sd, 0), mini_cond, 0, 3, 10, "lms")
