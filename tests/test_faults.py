@@ -278,3 +278,40 @@ async def test_injector_schedules_from_telemetry_and_restores():
     assert kinds == [("fault_injected", "rate-drop"), ("fault_injected", "link-flap"), ("fault_restored", "link-flap"),
                      ("fault_restored", "rate-drop")]
     assert [i.kind for i in inj.injected] == ["rate-drop", "link-flap"] and inj.errors == []
+
+
+@needs_mosquitto
+async def test_a_stale_result_of_an_earlier_generation_is_rejected(broker):
+    """A device that missed its deadline in one generation may upload that stage late,
+    while the next generation (same run, a new orchestrator) waits for the same stage and
+    attempt from it. The result must be tied to the task that was sent, not just to its
+    stage/attempt/steps numbers: otherwise a latent from another generation is taken."""
+    import numpy as np
+
+    from testbed.relay import topics
+    from testbed.relay.wire import Message, encode
+
+    run, b = broker
+    agents = {d: _agent(run, b, d, CountingModel(step_s=0.1)) for d in DEVICES}
+    tasks = [asyncio.create_task(a.serve()) for a in agents.values()]
+    costs = [Cost("dev01", 4, 0.5, 5), Cost("dev02", 3, 0.5, 5)]
+    stale = Message(kind="result", run=run, device="dev01", stage=0, attempt=1, steps=(0, 4), total_steps=8,
+                    tensors={"latent": np.full((1, 1, 8, 8), 100.0, np.float32)},
+                    meta={"t_recv": time.time() - 5, "t_send": time.time() - 1, "sched": {"next_step": 4}})
+
+    def on_event(ev):
+        if ev["type"] == "downloaded" and ev["stage"] == 0 and not hasattr(on_event, "t"):
+            on_event.t = asyncio.get_running_loop().create_task(agents["dev01"].client.publish(
+                topics.result(run, "dev01"), encode(stale, pad_to_bytes=16384), qos=1))
+
+    orch = _orchestrator(run, b, ["dev01", "dev02"], costs, [], emit=on_event)
+    try:
+        async with asyncio.timeout(60):
+            out = await orch.run()
+    finally:
+        for t in tasks:
+            t.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+    assert hasattr(on_event, "t") and on_event.t.done()
+    assert float(out.latent.min()) == float(out.latent.max()) == 8.0  # not 104: the stale latent was refused
+    assert out.rejected_results == 1

@@ -220,6 +220,7 @@ class Agent:
             "precision": self.cfg.precision,
             "compute_dtype": getattr(self.model, "compute_dtype", None),
             "threads": _torch_threads(),
+            "task": task.meta.get("task"),  # echo the task's id: the server takes only the result of what it sent
         }
         return Message(kind="result", run=task.run, device=self.cfg.device, stage=task.stage, attempt=task.attempt,
                        steps=task.steps, total_steps=task.total_steps, tensors=tensors, meta=meta)

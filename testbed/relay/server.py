@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import secrets
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -167,6 +168,7 @@ class Orchestrator:
         self._seq = 0
         self._events_out: asyncio.Queue[dict[str, Any]] = asyncio.Queue()
         self.rejected_results = 0
+        self._nonce = secrets.token_hex(6)  # task ids `<nonce>/<stage>/<attempt>`: unique to this generation
         self.current: dict[str, Any] | None = None  # the stage in flight (for fault injection)
         # broker loss: reconnect with backoff for up to reconnect_timeout_s, then wait up to
         # rejoin_timeout_s for the stage's device to be back online before resuming it
@@ -441,7 +443,8 @@ class Orchestrator:
             self._inbox.get_nowait()
         tensors, scalars = pack_task_tensors(latent, cond, state)
         msg = Message(kind="task", run=self.run_id, device=dev, stage=i, attempt=attempt, steps=steps,
-                      total_steps=n_total, tensors=tensors, meta={"scheduler": self.scheduler, "sched": scalars})
+                      total_steps=n_total, tensors=tensors, meta={"scheduler": self.scheduler, "sched": scalars,
+                            "task": f"{self._nonce}/{i}/{attempt}"})
         data = encode(msg, pad_to_bytes=self.payload_bytes)
         self.current = {"device": dev, "stage": i, "attempt": attempt, "steps": steps, "phase": "download"}
         await self.emit("stage_started", device=dev, steps=steps, stage=i, attempt=attempt, bytes=len(data),
@@ -489,6 +492,9 @@ class Orchestrator:
             try:
                 res = decode(payload, max_bytes=self.max_message_bytes, run=self.run_id, kind="result", device=dev,
                              total_steps=n_total, expect={"latent": spec})
+                if res.meta.get("task") != f"{self._nonce}/{i}/{attempt}":
+                    raise RelayError(f"result for task {res.meta.get('task')!r}, not this generation's stage {i} "
+                                     f"attempt {attempt} (a late upload of an earlier one?)")
                 if (res.stage, res.attempt, res.steps) != (i, attempt, steps):
                     raise RelayError(f"result for stage {res.stage} attempt {res.attempt} steps {list(res.steps)}, "
                                      f"expected stage {i} attempt {attempt} steps {list(steps)}")
