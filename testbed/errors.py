@@ -15,6 +15,7 @@ __all__ = [
     "EXIT_RESOURCE",
     "EXIT_RUN_FAILED",
     "TestbedError",
+    "InputError",
     "TopologyError",
     "InfeasibleError",
     "ResourceError",
@@ -40,10 +41,14 @@ class TestbedError(Exception):
     __test__ = False  # not a pytest test class despite the name
 
 
-class TopologyError(TestbedError):
-    """A topology file (or CLI override) is malformed or invalid."""
+class InputError(TestbedError):
+    """Bad input from the user: an option, a prompt, a model name."""
 
     exit_code = EXIT_BAD_INPUT
+
+
+class TopologyError(InputError):
+    """A topology file (or CLI override) is malformed or invalid."""
 
 
 class InfeasibleError(TestbedError):

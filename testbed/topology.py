@@ -17,7 +17,7 @@ import numpy as np
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from testbed.errors import TopologyError
+from testbed.errors import InputError, TopologyError
 from testbed.profiles import PRECISIONS, load_profiles
 
 __all__ = [
@@ -168,6 +168,17 @@ class WorkloadConfig(_Model):
     compute: Literal["profile", "real"] = "profile"
     scheduler: Literal["ddim", "euler", "dpm", "pndm"] = "ddim"
     reference_steps: Annotated[int, Field(ge=1, le=1000)] = 50
+
+    @model_validator(mode="after")
+    def _prompt_drawable(self) -> WorkloadConfig:
+        if self.model == "tiny":
+            from testbed.prompts import parse_digit_prompt
+
+            try:
+                parse_digit_prompt(self.prompt)
+            except InputError as e:
+                raise _located(("prompt",), str(e)) from None
+        return self
 
 
 class Budgets(_Model):
@@ -375,7 +386,7 @@ def _format_validation(err: ValidationError, node: yaml.Node | None, source: str
         ctx = item.get("ctx") or {}
         inner = ctx.get("error")
         if isinstance(inner, _LocatedError):
-            lines.append(_format_one(source, node, inner.loc, inner.msg))
+            lines.append(_format_one(source, node, loc + tuple(inner.loc), inner.msg))
             continue
         msg = item["msg"].removeprefix("Value error, ")
         if item["type"] == "extra_forbidden":

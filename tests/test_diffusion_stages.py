@@ -26,7 +26,7 @@ from testbed.diffusion import (
 )
 from testbed.diffusion.quantize import QuantizedWeightLayer, dequantize_per_channel, quantize_per_channel
 from testbed.diffusion.models import torch_threads
-from testbed.errors import WorkloadError
+from testbed.errors import InputError, WorkloadError
 
 SD_SCHED = {"beta_end": 0.012, "beta_schedule": "scaled_linear", "beta_start": 0.00085, "num_train_timesteps": 1000,
             "set_alpha_to_one": False, "skip_prk_steps": True, "steps_offset": 1, "clip_sample": False}
@@ -175,7 +175,7 @@ def test_per_channel_quantization_error_is_half_a_step(bits):
 
 
 def test_bad_model_and_stage_range_are_clear_errors(mini_sd, mini_cond, tmp_path):
-    with pytest.raises(WorkloadError, match="unet/config.json"):
+    with pytest.raises(InputError, match="unet/config.json"):
         load_model(str(tmp_path / "no-such-model"))
     with pytest.raises(WorkloadError, match="precision 'int3'"):
         load_model(str(tmp_path), "int3")

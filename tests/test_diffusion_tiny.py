@@ -29,7 +29,7 @@ from testbed.diffusion import (
 )
 from testbed.diffusion.tiny import TINY_WEIGHTS_PATH
 from testbed.diffusion.models import torch_threads
-from testbed.errors import WorkloadError
+from testbed.errors import InputError
 
 pytestmark = pytest.mark.skipif(not TINY_WEIGHTS_PATH.is_file(), reason="tiny weights missing: testbed train-tiny")
 SEEDS = list(range(10))
@@ -126,7 +126,7 @@ def test_variant_sizes_shrink_and_prompts_parse():
     assert sizes["int8"] < 0.3 * sizes["fp32"]
     assert parse_digit_prompt("a handwritten 7") == 7 and parse_digit_prompt("Seven!") == 7
     for bad in ("a cat", "a 3 and a 5", "42"):
-        with pytest.raises(WorkloadError, match="prompt"):
+        with pytest.raises(InputError, match="prompt"):
             parse_digit_prompt(bad)
 
 

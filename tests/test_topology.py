@@ -83,6 +83,8 @@ BAD = {
     "empty device list": (b"devices:\n  list: []\n", "no devices"),
     "impossible radio": (MIN.encode() + b"radio: {ut_height_m: 12, bs_height_m: 10}\n", "must be below"),
     "bad device id": (b"devices:\n  list:\n    - {id: 'Bad Id!'}\n", "devices.list[0].id"),
+    "prompt the tiny model cannot draw": (
+        MIN.encode() + b"workload:\n  model: tiny\n  prompt: a cat\n", ":5 workload.prompt: prompt 'a cat'"),
 }
 
 

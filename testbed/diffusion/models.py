@@ -27,7 +27,7 @@ from testbed.diffusion.tiny import (
     parse_digit_prompt,
     tiny_decode,
 )
-from testbed.errors import WorkloadError
+from testbed.errors import InputError, WorkloadError
 
 __all__ = [
     "LocalModel",
@@ -99,7 +99,7 @@ def _resolve_sd_dir(name: str) -> Path:
         )
     p = Path(name).expanduser()
     if not (p / "unet" / "config.json").is_file():
-        raise WorkloadError(
+        raise InputError(
             f"model {name!r}: not 'tiny', 'sd15' or a diffusers model directory with unet/config.json; "
             "use --model tiny or point at a Stable Diffusion v1.5 directory"
         )

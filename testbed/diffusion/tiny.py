@@ -19,6 +19,7 @@ import torch
 import torch.nn.functional as F
 
 from testbed.errors import WorkloadError
+from testbed.prompts import parse_digit_prompt  # noqa: F401 - re-exported
 
 __all__ = [
     "TINY_IMAGE_PX",
@@ -67,26 +68,6 @@ TINY_SCHEDULER_CONFIG: dict = {
     "steps_offset": 1,
     "clip_sample": True,
 }
-
-_WORDS = {
-    "zero": 0, "one": 1, "two": 2, "three": 3, "four": 4,
-    "five": 5, "six": 6, "seven": 7, "eight": 8, "nine": 9,
-}
-
-
-def parse_digit_prompt(prompt: str) -> int:
-    """The digit a prompt asks for: 'a handwritten 7', 'seven', 'digit 3' -> 7, 7, 3."""
-    text = prompt.lower()
-    found = set(re.findall(r"(?<![0-9])[0-9](?![0-9])", text))
-    found |= {str(v) for w, v in _WORDS.items() if re.search(rf"\b{w}\b", text)}
-    if len(found) != 1:
-        what = "no digit" if not found else f"several digits ({', '.join(sorted(found))})"
-        raise WorkloadError(
-            f"prompt {prompt!r}: the tiny model draws one handwritten digit but the prompt names {what}; "
-            "write e.g. 'a handwritten 7' or 'seven'"
-        )
-    return int(found.pop())
-
 
 def digits_dataset() -> tuple[torch.Tensor, torch.Tensor]:
     """scikit-learn's digits as (N, 1, 8, 8) float32 latents in [-1, 1] and (N,) int64 labels."""
