@@ -60,3 +60,19 @@ async def test_scenario_meets_its_expectations(path, unique_run_id, tmp_path):
         assert len(moves) >= 2
         first, last = moves[0].devices, moves[-1].devices
         assert any(a["rate_up_mbps"] != b["rate_up_mbps"] for a, b in zip(first, last))
+
+
+@pytest.mark.root
+def test_testbed_run_exits_1_with_a_diff_when_an_expectation_fails(tmp_path):
+    """E_max 30 J admits one stage: the scenario's `selected_count: {min: 2}` and
+    `steps_total: {min: 10}` fail, the others hold; the run itself succeeded."""
+    import subprocess
+    import sys
+
+    testbed = Path(sys.executable).with_name("testbed")
+    r = subprocess.run([str(testbed), "run", str(TOPOLOGIES / "scenarios" / "relay-smoke.yaml"), "--emax", "30",
+                        "--out", str(tmp_path)], capture_output=True, text=True, timeout=600)
+    assert r.returncode == 1, r.stdout[-2000:] + r.stderr[-2000:]
+    assert "2 of 7 expectations failed" in r.stderr
+    assert "- selected_count = 1, expected >= 2" in r.stderr and "+ energy_j = " in r.stderr
+    assert (tmp_path / "result.json").is_file()
