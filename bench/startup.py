@@ -6,7 +6,13 @@ for Mininet (its Python API, run under the system python3 where Debian's `minine
 lives). Each size alternates the two, `--repeat` times; prints the medians and the ratio
 testbed / Mininet (< 1: the testbed is faster). Needs root; leaves nothing behind.
 
+`--agents FILE` times instead the whole `up` a generation waits for: the Runner brings the
+topology up with its broker and real agents (forked by testbed/agent_pool.py into their
+nodes) until every agent reported online, printed next to Mininet's network-only `up` of
+as many hosts in the same run (target: within 3x).
+
     sudo .venv/bin/python bench/startup.py [--sizes 20 100 200] [--repeat 1]
+    sudo .venv/bin/python bench/startup.py --agents topologies/paper.yaml
 """
 
 from __future__ import annotations
@@ -20,6 +26,7 @@ import subprocess
 import sys
 import time
 import uuid
+from pathlib import Path
 
 from testbed.emulation import Emulation
 from testbed.emulation.runs import cleanup_run
@@ -82,38 +89,29 @@ def mininet_once(n: int) -> dict[str, float] | None:
     return json.loads(r.stdout.strip().splitlines()[-1])
 
 
-async def agents_once(n: int, mode: str) -> float:
-    """Seconds from `up` done to n stand-in agents (bench/agent_probe.py: import torch, then
-    write a ready file) all ready, each in its device's namespace and cgroup; `mode` is
-    "exec" (a fresh interpreter per agent) or "fork" (forked from a template that imported
-    torch once; the template's own start is included)."""
-    import tempfile
-    from pathlib import Path
+async def agents_up_once(path: Path) -> dict[str, float]:
+    """The whole `up` of a topology with its real agents, as a generation sees it: Runner
+    (emulation, per-run credentials, broker, agent template, one testbed-agent per device
+    forked into its node) until every agent reported "online" over MQTT."""
+    from testbed.runner import Runner
+    from testbed.topology import load_topology
 
-    bench_dir = str(Path(__file__).resolve().parent)
-    os.environ["PYTHONPATH"] = bench_dir + os.pathsep + os.environ.get("PYTHONPATH", "")
     run = "a" + uuid.uuid4().hex[:5]
-    topo = parse_topology(topo_text(n))
-    with tempfile.TemporaryDirectory() as tmp:
-        try:
-            async with Emulation(topo, run, mobility=False, state_dir=Path(tmp) / "state") as emu:
-                t0 = time.perf_counter()
-                ready = [Path(tmp) / f"ready-{d}" for d in emu.device_ids()]
-                if mode == "fork":
-                    await emu.start_forkserver(preload=("torch",))
-                for dev, flag in zip(emu.device_ids(), ready):
-                    if mode == "fork":
-                        await emu.spawn_python(dev, "agent_probe", [str(flag)])
-                    else:
-                        await emu.spawn(dev, [sys.executable, "-m", "agent_probe", str(flag)])
-                deadline = time.monotonic() + 600
-                while not all(f.exists() for f in ready):
-                    if time.monotonic() > deadline:
-                        raise RuntimeError("agents not ready within 600 s")
-                    await asyncio.sleep(0.02)
-                return time.perf_counter() - t0
-        finally:
-            cleanup_run(run)
+    topo = load_topology(path)
+    try:
+        t0 = time.perf_counter()
+        async with Runner(topo, run_id=run) as r:
+            relay_s = time.perf_counter() - t0
+            await r.wait_online()
+            total = time.perf_counter() - t0
+            emu_s = sum(r.emu.timings_s.values())
+            template_s = r.template_start_s or 0.0
+            n = len(r.emu.links)
+    finally:
+        cleanup_run(run)
+    return {"devices": n,
+            "up_with_agents_s": total, "emulation_s": emu_s, "template_s": template_s,
+            "relay_started_s": relay_s, "agents_online_s": total - relay_s}
 
 
 def main() -> int:
@@ -121,17 +119,34 @@ def main() -> int:
     ap.add_argument("--sizes", type=int, nargs="+", default=[20, 100, 200])
     ap.add_argument("--repeat", type=int, default=1)
     ap.add_argument("--json", action="store_true")
-    ap.add_argument("--agents", type=int, default=0,
-                    help="instead: time N stand-in agents importing torch, exec vs forkserver")
+    ap.add_argument("--agents", type=Path, default=None, metavar="TOPOLOGY",
+                    help="instead: full `up` of TOPOLOGY (e.g. topologies/paper.yaml) until every real "
+                         "agent is online, next to Mininet's network-only up of as many hosts")
     args = ap.parse_args()
     if os.geteuid() != 0:
         print("bench/startup.py needs root", file=sys.stderr)
         return 4
     if args.agents:
-        fork_s = asyncio.run(agents_once(args.agents, "fork"))
-        exec_s = asyncio.run(agents_once(args.agents, "exec"))
-        print(f"{args.agents} agents importing torch, ready after up: exec {exec_s:.2f} s, "
-              f"forkserver {fork_s:.2f} s (ratio {fork_s / exec_s:.2f})")
+        rows = []
+        for _ in range(args.repeat):
+            a = asyncio.run(agents_up_once(args.agents))
+            m = mininet_once(a["devices"])
+            rows.append(a | {"mininet_up_s": m["up_s"] if m else None})
+        a = {k: statistics.median(r[k] for r in rows) for k in rows[0] if k != "mininet_up_s"}
+        mn = [r["mininet_up_s"] for r in rows if r["mininet_up_s"] is not None]
+        if args.json:
+            print(json.dumps({"runs": rows, "median": a}, indent=2))
+            return 0
+        print(f"{args.agents.name}: {a['devices']:.0f} devices up with every real agent online in "
+              f"{a['up_with_agents_s']:.2f} s (emulation {a['emulation_s']:.2f} s, agent template "
+              f"{a['template_s']:.2f} s, relay started at {a['relay_started_s']:.2f} s, agents online "
+              f"{a['agents_online_s']:.2f} s later)")
+        if mn:
+            m = statistics.median(mn)
+            print(f"Mininet {a['devices']:.0f} hosts, network only: {m:.2f} s; ratio {a['up_with_agents_s'] / m:.2f} "
+                  f"(target <= 3)")
+        else:
+            print("Mininet: not available (needs Debian's mininet package under /usr/bin/python3)")
         return 0
     rows = []
     for n in args.sizes:

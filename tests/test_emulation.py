@@ -290,26 +290,42 @@ async def test_amqtt_fallback_broker(topologies: Path, run_id: str) -> None:
         assert _pub(emu.nodes["dev02"].netns).returncode == 0
 
 
-async def test_forkserver_spawns_python_inside_namespace_and_cgroup(topologies: Path, run_id: str, tmp_path: Path,
-                                                                     monkeypatch: pytest.MonkeyPatch) -> None:
-    mod = tmp_path / "tb_probe_mod.py"
-    mod.write_text(
-        "import os, sys, json\n"
-        "print(json.dumps({'ino': os.stat('/proc/self/ns/net').st_ino, 'argv': sys.argv[1:],\n"
-        "                  'env': os.environ.get('TB_X'), 'numpy': 'numpy' in sys.modules,\n"
-        "                  'cgroup': open('/proc/self/cgroup').read()}), flush=True)\n"
-        "sys.exit(int(sys.argv[1]))\n"
-    )
-    monkeypatch.setenv("PYTHONPATH", str(tmp_path))
-    async with Emulation(load_topology(topologies / "small.yaml"), run_id, state_dir=tmp_path / "state") as emu:
-        await emu.start_forkserver(preload=("numpy",))
-        log = tmp_path / "probe.log"
-        pid = await emu.spawn_python("dev04", "tb_probe_mod", ["7"], {"TB_X": "yes"}, log)
-        assert await emu.wait(pid, timeout_s=20) == 7
-        doc = json.loads(log.read_text().splitlines()[-1])
-        assert doc["ino"] == os.stat(emu.nodes["dev04"].netns).st_ino
-        assert doc["argv"] == ["7"] and doc["env"] == "yes"
-        assert doc["numpy"] is True  # inherited from the template, not imported again
-        assert f"cpu:/testbed/{run_id}/dev04" in doc["cgroup"]
-        fs_pid = emu.forkserver.pid
-    assert not Path(f"/proc/{fs_pid}").exists() or "Z" in Path(f"/proc/{fs_pid}/stat").read_text().split()[2]
+async def test_agent_pool_forks_agent_inside_namespace_and_cgroup(topologies: Path, run_id: str, tmp_path: Path) -> None:
+    """The runner's agent template (testbed/agent_pool.py) forks an agent that lands in its
+    node's network namespace and cgroups, retitled `testbed-agent RUN DEV`; closing the
+    pool and the emulation leaves no process behind."""
+    from testbed.agent_pool import AgentPool
+    from testbed.emulation.procs import pid_alive, stop_pid
+    from testbed.relay.agent import AgentConfig
+
+    pool = AgentPool(tmp_path / "pool.sock", tmp_path / "template.log")
+    pid = None
+    try:
+        async with Emulation(load_topology(topologies / "small.yaml"), run_id, state_dir=tmp_path / "state") as emu:
+            await pool.start()
+            cfg = tmp_path / "dev04.json"  # no broker: the agent keeps retrying until stopped
+            AgentConfig(run=run_id, device="dev04", broker_host=SERVER_ADDRESS, broker_port=1883,
+                        username="dev04", password="x").write(cfg)
+            node = emu.nodes["dev04"]
+            pid = await pool.spawn(node.netns, list(emu.cg.procs_files(run_id, "dev04")),
+                                   ["testbed-agent", run_id, "dev04", "--config", str(cfg)], {},
+                                   tmp_path / "agent.log")
+            assert pid != pool.pid
+            deadline = time.monotonic() + 10  # retitled after joining the cgroups and the namespace
+            while not Path(f"/proc/{pid}/cmdline").read_bytes().startswith(f"testbed-agent {run_id} dev04".encode()):
+                assert time.monotonic() < deadline, Path(f"/proc/{pid}/cmdline").read_bytes()
+                await asyncio.sleep(0.05)
+            assert os.stat(f"/proc/{pid}/ns/net").st_ino == os.stat(node.netns).st_ino
+            assert os.stat(f"/proc/{pid}/ns/net").st_ino != os.stat("/proc/self/ns/net").st_ino
+            cgroup = Path(f"/proc/{pid}/cgroup").read_text()
+            assert f"cpu:/testbed/{run_id}/dev04" in cgroup.replace("cpu,cpuacct:", "cpu:")
+            assert pid in emu.cg.pids(run_id, "dev04")
+            await stop_pid(pid, timeout_s=2.0)
+            assert not pid_alive(pid)
+            template = pool.pid
+            await pool.close()
+            assert not pid_alive(template)
+    finally:
+        if pid is not None:
+            await stop_pid(pid, timeout_s=1.0)
+        await pool.close()

@@ -22,7 +22,6 @@ from pyroute2.netlink.exceptions import NetlinkError
 
 from testbed.emulation.backend import SERVER_ADDRESS, NetnsBackend, NodeSpec, check_run_id, device_address
 from testbed.emulation.broker import BrokerHandle, start_broker
-from testbed.emulation.forkserver import ForkServer, start_forkserver
 from testbed.emulation.cgroups import CgroupLimits, Cgroups, detect_cgroups
 from testbed.emulation.mobility import RandomWaypoint
 from testbed.emulation.nsutil import open_iproute
@@ -135,8 +134,6 @@ class Emulation:
         self._specs: list[NodeSpec] = []
         self._pids: dict[str, list[int]] = {}
         self._procs: dict[int, Any] = {}  # pid -> Popen (or a backend's Popen-like handle)
-        self.forkserver: ForkServer | None = None
-        self._forkserver_proc: Any = None
         self._mobility_task: asyncio.Task | None = None
         self._subscribers: list[asyncio.Queue[LinkUpdate]] = []
         self._callbacks: list[Callable[[LinkUpdate], None]] = []
@@ -224,10 +221,6 @@ class Emulation:
             with contextlib.suppress(Exception):
                 await self.broker.stop()
             self.broker = None
-        if self.forkserver is not None:
-            with contextlib.suppress(Exception):
-                await stop_pid(self.forkserver.pid)
-            self.forkserver = None
         for node_id in list(self._pids):
             try:
                 await self.kill(node_id)
@@ -377,13 +370,10 @@ class Emulation:
         return proc.pid
 
     async def returncode(self, pid: int) -> int | None:
-        """Exit status of a process started by spawn()/spawn_python(); None while it runs."""
+        """Exit status of a process started by spawn(); None while it runs."""
         proc = self._procs.get(pid)
         if proc is None:
             raise ResourceError(f"pid {pid} was not started by this emulation's spawn()")
-        if proc == "forked":
-            assert self.forkserver is not None
-            return await self.forkserver.returncode(pid)
         return proc.poll()
 
     async def wait(self, pid: int, timeout_s: float) -> int:
@@ -392,30 +382,6 @@ class Emulation:
             while (rc := await self.returncode(pid)) is None:
                 await asyncio.sleep(0.05)
         return rc
-
-    async def start_forkserver(self, preload: Sequence[str] = ("torch",), timeout_s: float = 120.0) -> ForkServer:
-        """Start a template process that imports `preload` once; spawn_python() then forks
-        node processes from it in milliseconds instead of importing torch in each."""
-        if self.forkserver is None:
-            state = self.state_dir or Path(f"/run/testbed/{self.run_id}")
-            state.mkdir(parents=True, exist_ok=True)
-            self.forkserver, self._forkserver_proc = await start_forkserver(
-                state / "forkserver.sock", tuple(preload), state / "forkserver.log", timeout_s)
-        return self.forkserver
-
-    async def spawn_python(self, node_id: str, module: str, argv: Sequence[str] = (),
-                           env: dict[str, str] | None = None, log_path: Path | None = None) -> int:
-        """Run `python -m module argv...` inside the node's namespace and cgroup, forked from
-        the forkserver (started on first use with torch preloaded); torch's thread count
-        follows the node's CPU quota. Returns the pid."""
-        node = self._device(node_id)
-        fs = await self.start_forkserver()
-        procs = self.cg.procs_files(self.run_id, node.id) if self.cg is not None else []
-        threads = max(1, math.floor(node.cpu_quota_cores)) if node.cpu_quota_cores else None
-        pid = await fs.spawn(module, list(argv), env, log_path, node.netns, procs, torch_threads=threads)
-        self._pids.setdefault(node_id, []).append(pid)
-        self._procs[pid] = "forked"
-        return pid
 
     async def kill(self, node_id: str) -> None:
         """Stop every process spawned on the node (SIGTERM, then SIGKILL) and any other
