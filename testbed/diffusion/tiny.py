@@ -151,7 +151,10 @@ def train_tiny(
             if log and (it % 100 == 0 or it == steps - 1):
                 log(f"step {it:5d}/{steps}  loss {loss_ema:.4f}  {time.perf_counter() - t0:6.1f} s")
     finally:
+        # Both are process-wide: leave them as found (flush-to-zero would break any later
+        # code that needs subnormal floats, e.g. hypothesis' float strategies).
         torch.use_deterministic_algorithms(False)
+        torch.set_flush_denormal(False)
     meta = {
         "unet_config": json.dumps(TINY_UNET_CONFIG),
         "scheduler_config": json.dumps(TINY_SCHEDULER_CONFIG),
