@@ -217,9 +217,9 @@ class Runner:
         return lambda ev: loop.call_soon_threadsafe(self._event, ev)
 
     async def _start_broker(self, password_file: Path, acl_file: Path, max_msg: int, port: int = 1883) -> Any:
-        """The emulation's broker launcher, with mosquitto kept as root: started as root,
-        mosquitto otherwise drops to the `mosquitto` user and cannot open the run's
-        root-only (0700) state directory, where its log, password and ACL files live."""
+        """The broker in the server node (or container) on `port`, in the run's state
+        directory; broker.py decides which user mosquitto runs as. testbed/faults.py's
+        broker restart calls it again."""
         from testbed.emulation.broker import start_broker
         from testbed.emulation.procs import spawn_in
 
@@ -228,12 +228,6 @@ class Runner:
         procs = tuple(emu.cg.procs_files(self.run_id, "server")) if emu.cg is not None else ()
 
         async def spawn(argv: list[str], log_path: Path) -> Any:
-            if Path(argv[0]).name == "mosquitto" and "-c" in argv:
-                conf = Path(argv[argv.index("-c") + 1])
-                text = conf.read_text()
-                if not text.startswith("user "):
-                    # set_tcp_nodelay: relay the tail of a latent without waiting for ACKs (Nagle)
-                    conf.write_text("user root\nset_tcp_nodelay true\n" + text)
             if hasattr(emu.backend, "spawn"):  # docker: inside the server container (docker exec)
                 return await emu.backend.spawn("server", argv, None, log_path)
             return await asyncio.to_thread(spawn_in, netns, argv, None, log_path, procs)

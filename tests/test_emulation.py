@@ -283,6 +283,33 @@ async def test_mosquitto_with_password_and_acl_files(topologies: Path, run_id: s
         assert _pub(ns, "-u", "dev01", "-P", "wrong").returncode != 0
 
 
+@pytest.mark.parametrize("where", ["run_dir", "private_dir"])
+async def test_mosquitto_writes_its_log_whichever_user_it_runs_as(topologies: Path, run_id: str, tmp_path: Path,
+                                                                  where: str) -> None:
+    """Under the 0711 run directory mosquitto drops to its own user; under a private 0700
+    directory (a tmp dir, an attached generation's) it stays root. Either way it reads the
+    password file and writes its log, with TCP_NODELAY set by broker.py itself."""
+    import pwd
+
+    from testbed.emulation.runs import make_run_dir
+
+    pw = tmp_path / "passwd"
+    subprocess.run(["mosquitto_passwd", "-b", "-c", str(pw), "dev01", "s3cret"], check=True, capture_output=True)
+    tmp_path.chmod(0o700)
+    state = make_run_dir(run_id) if where == "run_dir" else tmp_path / "state"
+    async with Emulation(load_topology(topologies / "small.yaml"), run_id, cgroups=False, state_dir=state) as emu:
+        b = await emu.start_broker(password_file=pw)
+        assert b.kind == "mosquitto"
+        assert _pub(emu.nodes["dev01"].netns, "-u", "dev01", "-P", "s3cret").returncode == 0
+        user = pwd.getpwuid(os.stat(f"/proc/{b.pid}").st_uid).pw_name
+        assert user == ("mosquitto" if where == "run_dir" else "root")
+        assert "set_tcp_nodelay true" in b.config_path.read_text().splitlines()
+        deadline = time.monotonic() + 5
+        while "New connection" not in (b.log_path.read_text() if b.log_path.exists() else ""):
+            assert time.monotonic() < deadline, f"no connection logged in {b.log_path}"
+            await asyncio.sleep(0.05)
+
+
 async def test_amqtt_fallback_broker(topologies: Path, run_id: str) -> None:
     async with Emulation(load_topology(topologies / "small.yaml"), run_id, cgroups=False) as emu:
         b = await emu.start_broker(prefer="amqtt")

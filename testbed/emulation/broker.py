@@ -75,6 +75,7 @@ def _mosquitto_conf(host: str, port: int, state_dir: Path, password_file: Path |
         f"log_dest file {state_dir / 'mosquitto.log'}",
         "log_type error", "log_type warning", "log_type notice",
         "connection_messages true",
+        "set_tcp_nodelay true",  # relay a latent's last segment without waiting for the ACK (Nagle)
     ]
     if password_file is not None:
         lines += ["allow_anonymous false", f"password_file {password_file}"]
@@ -105,16 +106,32 @@ def _amqtt_conf(host: str, port: int, password_file: Path | None, acl_file: Path
     return conf
 
 
+def _reachable_by(path: Path, uid: int, gid: int) -> bool:
+    """True when every directory above `path` lets uid/gid search it (x permission)."""
+    for d in path.resolve().parents:
+        st = d.stat()
+        bit = 0o100 if st.st_uid == uid else 0o010 if st.st_gid == gid else 0o001
+        if not st.st_mode & bit:
+            return False
+    return True
+
+
 def _hand_to_mosquitto_user(state_dir: Path, password_file: Path | None,
                             acl_file: Path | None) -> tuple[Path | None, Path | None, str | None]:
-    """mosquitto started as root drops to the `mosquitto` user, which cannot read the run's
-    root-only secrets: copy the password and ACL files into the broker directory (0600,
-    owned by that user) and give it the directory. Without such a user it stays root."""
+    """mosquitto started as root drops to the `mosquitto` user *before* it opens its log,
+    password and ACL files. One rule for every caller: when that user exists and can reach
+    the broker directory (e.g. /run/testbed/<run>/broker, the run directory being 0711),
+    the directory becomes its own (0700) with 0600 copies of the password and ACL files and
+    the log; otherwise (no such user, or the directory lies under a private 0700 directory
+    such as a test's tmp dir or an attached generation's) mosquitto stays root
+    (`user root`) and reads the files where they are. Returns (password, acl, user line)."""
     if os.geteuid() != 0:
         return password_file, acl_file, None
     try:
         ent = pwd.getpwnam("mosquitto")
     except KeyError:
+        return password_file, acl_file, "root"
+    if not _reachable_by(state_dir, ent.pw_uid, ent.pw_gid):
         return password_file, acl_file, "root"
     out: list[Path | None] = []
     for src, name in ((password_file, "passwd"), (acl_file, "acl")):
