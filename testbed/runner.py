@@ -83,7 +83,7 @@ class Runner:
     ):
         if method not in METHODS:
             raise TopologyError(f"--method {method!r}: only {', '.join(METHODS)} runs over the relay "
-                                "(split diffusion is `testbed sweep --method split`)")
+                                "(split diffusion is testbed.split_runner.SplitRun: `testbed run --method split`)")
         if seed is not None:
             topo = topo.model_copy(update={"seed": seed})
         self.topo = topo
@@ -106,6 +106,8 @@ class Runner:
         self.template_start_s: float | None = None
         self._state_dir: Path | None = None
         self._orch: Orchestrator | None = None
+        self._orch_loop: asyncio.AbstractEventLoop | None = None  # the orchestrator's (server namespace)
+        self._mqtt_backlog: list[dict[str, Any]] = []  # own events made before the orchestrator exists
         self._kill_tasks: list[asyncio.Task] = []
         self.broker: Any = None
         self.creds: security.RunCredentials | None = None
@@ -113,7 +115,7 @@ class Runner:
     # -- lifecycle ---------------------------------------------------------------------
     async def __aenter__(self) -> Runner:
         from testbed.emulation import Emulation
-        from testbed.emulation.runs import make_run_dir, new_run_id, run_dir
+        from testbed.emulation.runs import make_run_dir, new_run_id, run_dir, write_topology
 
         if self.out_dir is not None:
             (self.out_dir / "logs").mkdir(parents=True, exist_ok=True)
@@ -131,6 +133,7 @@ class Runner:
                 return self
             self.run_id = self.run_id or new_run_id()
             self._state_dir = make_run_dir(self.run_id)
+            write_topology(self.run_id, self.topo)  # for `testbed tui --attach RUN`
             self.emu = Emulation(self.topo, self.run_id, backend=self.backend, state_dir=self._state_dir)
             await self.emu.__aenter__()
             self._owns_emu = True
@@ -374,6 +377,19 @@ class Runner:
             self._events_file.flush()
         if self.on_event is not None:
             self.on_event(ev)
+        # also on tb/<run>/events, through the orchestrator's publisher (in order with its events)
+        if self._orch is None:
+            self._mqtt_backlog.append(ev)
+        elif self._orch_loop is not None:
+            with contextlib.suppress(RuntimeError):  # its loop already closed: the run is over
+                self._orch_loop.call_soon_threadsafe(self._orch.forward, ev)
+
+    async def _orchestrate(self, orch: Orchestrator, finalize: Callable[[Any], Any]) -> RelayOutcome:
+        self._orch_loop = asyncio.get_running_loop()
+        try:
+            return await orch.run(finalize=finalize)
+        finally:
+            self._orch_loop = None
 
     # -- the generation ----------------------------------------------------------------
     @property
@@ -402,6 +418,7 @@ class Runner:
         from testbed.selection import device_costs, select
 
         topo, wl = self.topo, self.topo.workload
+        self._orch = None  # this generation's events wait for its orchestrator
         if not self._online:
             await self.wait_online()
         costs = device_costs(topo, self.current_links())
@@ -436,6 +453,9 @@ class Runner:
             deadline_factor=2.0 if wl.compute == "profile" else 20.0,
             deadline_slack_s=2.0 if wl.compute == "profile" else 60.0,
         )
+        for ev in self._mqtt_backlog:
+            orch.forward(ev)
+        self._mqtt_backlog.clear()
         self._orch = orch
         image_info: dict[str, Any] = {}
 
@@ -444,7 +464,7 @@ class Runner:
             return {"ms_ssim": image_info.get("ms_ssim"), "image": image_info.get("image")}
 
         try:
-            outcome = await self.in_server_ns(lambda: orch.run(finalize=finalize))
+            outcome = await self.in_server_ns(lambda: self._orchestrate(orch, finalize))
         finally:
             await self.faults.close()
         doc = self._result_doc(sel, outcome, image_info, model)

@@ -44,3 +44,21 @@ def test_progress_folds_events_into_stage_rows():
     assert p.rows[(0, "dev01")]["phase"] == "offline" and p.rows[(0, "dev03")]["phase"] == "took over"
     assert any("recovered: dev03" in line for line in p.lines)
     assert p.render().row_count == 2
+
+
+def test_split_has_no_fault_to_recover_from(topologies, capsys):
+    code, err = _invoke(capsys, str(topologies / "small.yaml"), "--method", "split", "--fail", "dev01")
+    assert code == 2 and "--fail applies to multistage" in err
+
+
+@pytest.mark.root
+def test_method_split_runs_the_split_baseline(topologies, tmp_path, capsys):
+    import json
+
+    with pytest.raises(SystemExit) as e:
+        main(["run", str(topologies / "small.yaml"), "--method", "split", "--json", "--out", str(tmp_path / "o")])
+    assert e.value.code == 0
+    doc = json.loads(capsys.readouterr().out)
+    assert doc["method"] == "split" and len(doc["relay_order"]) == 2
+    assert doc["total_steps"] >= 1 and len(doc["stages"]) == doc["total_steps"]
+    assert (tmp_path / "o" / "result.json").is_file() and (tmp_path / "o" / "image.png").is_file()

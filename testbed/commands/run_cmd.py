@@ -11,6 +11,7 @@ from rich.live import Live
 from rich.table import Table
 
 from testbed.console import err, out, print_json
+from testbed.errors import InputError
 from testbed.expectations import enforce_expectations
 from testbed.topology import load_topology
 
@@ -60,7 +61,8 @@ class _Progress:
 def run(
     file: Path = typer.Argument(..., help="topology YAML file"),
     backend: str = typer.Option("netns", "--backend", help="netns or docker (containers; see README \"Docker and Swarm\")"),
-    method: str = typer.Option("multistage", "--method", help="multistage (the paper's relay)"),
+    method: str = typer.Option("multistage", "--method",
+                               help="multistage (the paper's relay) or split (the two-segment UNet baseline)"),
     strategy: str = typer.Option("dp", "--strategy", help="device selection: dp, exact, random, greedy, fair"),
     tmax: float | None = typer.Option(None, "--tmax", help="latency budget T_max in s (default: the topology's)"),
     emax: float | None = typer.Option(None, "--emax", help="energy budget E_max in J (default: the topology's)"),
@@ -70,10 +72,18 @@ def run(
     fail: str | None = typer.Option(None, "--fail", help="kill this selected device's agent mid-computation"),
     run_id: str | None = typer.Option(None, "--run", help="use this running topology (testbed up)"),
 ) -> None:
-    """Run one multi-stage generation: bring the cell up, relay the latent through the
-    selected devices, write result.json, events.jsonl, logs and the image, tear down."""
+    """Run one generation: bring the cell up, relay the latent through the selected devices
+    (or, with --method split, cut the UNet over two devices), write result.json,
+    events.jsonl, logs and the image, tear down."""
     from testbed.emulation.runs import new_run_id
     from testbed.runner import Runner
+    from testbed.split_runner import SplitRun
+
+    if method not in ("multistage", "split"):
+        raise InputError(f"--method {method!r}: use multistage or split")
+    if method == "split" and fail:
+        raise InputError("--fail applies to multistage runs; split diffusion has no checkpoint to recover from")
+    runner_cls = SplitRun if method == "split" else Runner
 
     topo = load_topology(file, seed=seed)
     rid = run_id or new_run_id()
@@ -87,7 +97,7 @@ def run(
                 progress.feed(ev)
                 live.update(progress.render())
 
-            async with Runner(topo, run_id=rid, backend=backend, method=method, strategy=strategy, t_max_s=tmax,
+            async with runner_cls(topo, run_id=rid, backend=backend, method=method, strategy=strategy, t_max_s=tmax,
                               e_max_j=emax, out_dir=out_path, on_event=on_event, attach=run_id is not None) as r:
                 console.print(f"run {rid}: cell up, {len(r.emu.links)} agents starting (broker {r.broker.kind})")
                 res = await r.run(fail=fail)
