@@ -45,6 +45,7 @@ async def test_small_run_completes_and_an_outside_observer_sees_the_events(topol
     async with Runner(topo, run_id=run, out_dir=tmp_path, on_event=seen.append) as r:
         obs = json.loads((Path("/run/testbed") / run / "observer.json").read_text())
         assert (Path("/run/testbed") / run / "observer.json").stat().st_mode & 0o077 == 0
+        assert load_topology(Path("/run/testbed") / run / "topology.yaml") == topo  # for tui --attach RUN
         # from the host, through the host link (when another run holds the host's route to
         # 198.18.0.0/16, from the server's namespace instead: still outside every device)
         from testbed.emulation.procs import spawn_in
@@ -82,8 +83,10 @@ async def test_small_run_completes_and_an_outside_observer_sees_the_events(topol
     assert lines, f"mosquitto_sub saw nothing: {stderr}"
     assert all(ln.startswith(f"tb/{run}/events ") for ln in lines)
     observed = [json.loads(ln.split(" ", 1)[1]) for ln in lines]
-    assert [e["seq"] for e in observed] == [e["seq"] for e in relay_events]
-    assert [e["type"] for e in observed][:2] == ["run_started", "stage_started"]
+    assert [e["seq"] for e in observed if e["seq"] is not None] == [e["seq"] for e in relay_events]
+    # the runner's own events too, before the relay's
+    assert [e["type"] for e in observed][:4] == ["agents_online", "selection", "run_started", "stage_started"]
+    assert [e["type"] for e in observed] == [e["type"] for e in _events(tmp_path)]
     # teardown removed the run's state
     assert not (Path("/run/testbed") / run).exists()
     assert (tmp_path / "logs" / "agent-dev01.log").exists()
@@ -132,6 +135,7 @@ async def test_run_on_a_cell_that_testbed_up_keeps_alive(topologies, tmp_path, u
     assert up.returncode == 0, up.stderr
     try:
         topo = load_topology(topologies / "small.yaml")
+        assert load_topology(Path("/run/testbed") / run / "topology.yaml") == topo  # written by up's supervisor
         async with Runner(topo, run_id=run, out_dir=tmp_path, attach=True) as r:
             assert r.broker.port == 1884
             doc = (await r.run()).to_json()

@@ -34,6 +34,7 @@ __all__ = [
     "make_run_dir",
     "read_state",
     "write_state",
+    "write_topology",
     "known_runs",
     "resolve_run",
     "cleanup_run",
@@ -74,6 +75,16 @@ def write_state(run_id: str, doc: dict[str, Any], name: str = "state.json") -> N
     with os.fdopen(fd, "w") as f:
         json.dump(doc, f, indent=2)
     os.replace(tmp, path)
+
+
+def write_topology(run_id: str, topo: Any) -> Path:
+    """The run's resolved topology (seed applied) as <run dir>/topology.yaml: what
+    `testbed tui --attach RUN` loads when it is given no FILE. It holds no secret."""
+    import yaml
+
+    path = run_dir(run_id) / "topology.yaml"
+    path.write_text(yaml.safe_dump(topo.model_dump(mode="json", exclude_none=True), sort_keys=False))
+    return path
 
 
 def read_state(run_id: str, name: str = "state.json") -> dict[str, Any] | None:

@@ -16,7 +16,7 @@ import time
 import traceback
 
 from testbed.emulation.emulation import Emulation
-from testbed.emulation.runs import run_dir, write_state
+from testbed.emulation.runs import run_dir, write_state, write_topology
 from testbed.errors import TestbedError
 from testbed.topology import load_topology
 
@@ -28,6 +28,7 @@ async def _main(args: argparse.Namespace) -> int:
         loop.add_signal_handler(sig, stop.set)
     topo = load_topology(args.file, seed=args.seed)
     t0 = time.perf_counter()
+    write_topology(args.run, topo)
     async with Emulation(topo, args.run, backend=args.backend, state_dir=run_dir(args.run)) as emu:
         if args.broker:
             await emu.start_broker()

@@ -187,9 +187,16 @@ class Orchestrator:
         if self._emit_cb is not None:
             self._emit_cb(ev)
 
+    def forward(self, ev: dict[str, Any]) -> None:
+        """Publish an event made outside the relay (the runner's selection, agents_online,
+        fault_injected) on tb/<run>/events, in order with the relay's own. Call it on the
+        orchestrator's event loop, or before run()."""
+        self._events_out.put_nowait(ev)
+
     async def _publish_events(self) -> None:
         import aiomqtt
 
+        await self._connected.wait()  # what was queued before the first connection (forward()) goes out first
         while True:
             ev = await self._events_out.get()
             try:
