@@ -219,25 +219,22 @@ class Runner:
     def _threadsafe_event(self, loop: asyncio.AbstractEventLoop) -> Callable[[dict[str, Any]], None]:
         return lambda ev: loop.call_soon_threadsafe(self._event, ev)
 
-    async def _start_broker(self, password_file: Path, acl_file: Path, max_msg: int, port: int = 1883) -> Any:
-        """The broker in the server node (or container) on `port`, in the run's state
-        directory; broker.py decides which user mosquitto runs as. testbed/faults.py's
-        broker restart calls it again."""
+    async def _start_broker(self, password_file: Path, acl_file: Path, max_msg: int, port: int | None = None) -> Any:
+        """The broker in the server node (or container) in the run's state directory, on
+        `port` (default: the port of the broker it replaces, else 1883); broker.py decides
+        which user mosquitto runs as. testbed/faults.py's broker restart calls it again."""
         from testbed.emulation.broker import start_broker
-        from testbed.emulation.procs import spawn_in
 
         emu = self.emu
-        netns = emu.nodes["server"].netns
+        if port is None:
+            port = self.broker.port if self.broker is not None else 1883
         procs = tuple(emu.cg.procs_files(self.run_id, "server")) if emu.cg is not None else ()
-
-        async def spawn(argv: list[str], log_path: Path) -> Any:
-            if hasattr(emu.backend, "spawn"):  # docker: inside the server container (docker exec)
-                return await emu.backend.spawn("server", argv, None, log_path)
-            return await asyncio.to_thread(spawn_in, netns, argv, None, log_path, procs)
-
-        emu.broker = await start_broker(netns, emu.nodes["server"].address, self._state_dir / "broker",
-                                        password_file=password_file, acl_file=acl_file,
-                                        max_message_bytes=max_msg, spawn=spawn, port=port)
+        spawn = None
+        if hasattr(emu.backend, "spawn"):  # docker: inside the server container (docker exec)
+            spawn = lambda argv, log_path: emu.backend.spawn("server", argv, None, log_path)  # noqa: E731
+        emu.broker = await start_broker(emu.nodes["server"].netns, emu.nodes["server"].address, self._state_dir / "broker",
+                                        password_file=password_file, acl_file=acl_file, max_message_bytes=max_msg,
+                                        cgroup_procs=procs, spawn=spawn, port=port)
         return emu.broker
 
     async def wait_online(self, timeout_s: float | None = None) -> float:
