@@ -15,7 +15,11 @@ PYTHON ?= $(shell command -v python3.11 || command -v python3)
 run: install
 	$(TESTBED) run topologies/paper.yaml --out out/paper
 
+# The docker tests need a daemon: as root, .ci/start-dockerd installs docker.io if missing and
+# starts dockerd with the address plan (DESIGN.md) unless one already answers; it stays up
+# afterwards (`.ci/stop-dockerd` stops the one it started).
 test: install
+	@if [ "$$(id -u)" = 0 ]; then .ci/start-dockerd; fi
 	$(VENV)/bin/python -m pytest -q
 
 install: system venv
