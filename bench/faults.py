@@ -130,7 +130,7 @@ def _parse(argv: list[str] | None = None) -> argparse.Namespace:
                     help=f"comma-separated fault kinds (default: {','.join(FAULT_KINDS)})")
     ap.add_argument("--topology", type=Path, default=REPO / "topologies" / "small.yaml")
     ap.add_argument("--baseline", type=int, default=3, help="fault-free runs for the baseline latency")
-    ap.add_argument("--settle", type=float, default=1.5, help="seconds between trials (late uploads drain)")
+    ap.add_argument("--settle", type=float, default=3.0, help="seconds between trials (late uploads drain)")
     ap.add_argument("--seed", type=int, default=1, help="seed of the random moments")
     ap.add_argument("--out", type=Path, default=None, help="keep the runs' outputs (events, logs) here")
     ap.add_argument("--json", type=Path, default=None, help="write every trial as JSON here")

@@ -7,6 +7,7 @@ spare with the largest model whose stage fits the remaining budget.
 
 from __future__ import annotations
 
+import asyncio
 import json
 from pathlib import Path
 
@@ -34,6 +35,12 @@ async def test_each_fault_kind_is_survived(tmp_path, unique_run_id):
     async with Runner(topo, run_id=unique_run_id, out_dir=tmp_path, on_event=events.append) as r:
         await r.wait_online()
 
+        async def quiet() -> None:
+            """Let the last generation's late uploads drain (an agent serves one task at a time:
+            a device still uploading a stale stage would be late for the next one)."""
+            await asyncio.sleep(3.0)
+            await r.wait_online()
+
         async def run(**spec) -> dict:
             events.clear()
             doc = (await r.run(faults=[FaultSpec(**spec)])).to_json()
@@ -48,13 +55,13 @@ async def test_each_fault_kind_is_survived(tmp_path, unique_run_id):
         doc = await run(kind="link-flap", device="dev01", at_stage=0, duration_s=6.0)
         assert [x["reason"] for x in doc["recovered"]] == ["deadline"] and doc["recovered"][0]["took_over"] == "dev03"
         assert doc["faults"][0]["restored_t_s"] is not None  # undone before the run returned
-        await r.wait_online()
+        await quiet()
 
         # the rate drops to near zero mid-stage: the upload cannot finish in time
         doc = await run(kind="rate-drop", device="dev02", at_stage=1, value=0.01)
         assert doc["recovered"][0]["device"] == "dev02" and doc["recovered"][0]["took_over"] == "dev03"
         assert r.emu.nodes["dev02"].rate_up_mbps > 1  # restored when the run ended
-        await r.wait_online()
+        await quiet()
 
         # a CPU quota of 2 % from the start: dev01's real computation overruns its profile
         doc = await run(kind="slow", device="dev01", at_s=0.0, value=0.02)
@@ -62,14 +69,14 @@ async def test_each_fault_kind_is_survived(tmp_path, unique_run_id):
         assert first["overrun_s"] > 0 or doc["recovered"], first
         assert r.emu.cg.read_limits(r.run_id, "dev01").cpu_cores == pytest.approx(
             r.emu.nodes["dev01"].cpu_quota_cores)  # quota restored
-        await r.wait_online()
+        await quiet()
 
         # the broker stops mid-stage 1 for 1 s: everyone reconnects, the same device resumes
         doc = await run(kind="broker-restart", at_stage=1, duration_s=1.0)
         assert [(x["device"], x["took_over"], x["reason"]) for x in doc["recovered"]] == [("dev02", "dev02", "broker")]
         types = [e["type"] for e in events]
         assert types.index("broker_lost") < types.index("broker_back") < types.index("recovered")
-        await r.wait_online()
+        await quiet()
 
         # the agent computing stage 0 is killed (no device named: the one in flight)
         doc = await run(kind="kill", at_stage=0)
