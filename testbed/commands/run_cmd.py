@@ -101,6 +101,8 @@ def run(
                               e_max_j=emax, out_dir=out_path, on_event=on_event, attach=run_id is not None) as r:
                 console.print(f"run {rid}: cell up, {len(r.emu.links)} agents starting (broker {r.broker.kind})")
                 res = await r.run(fail=fail)
+        if not console.is_terminal and not as_json:
+            console.line()  # rich leaves a piped Live's last frame without its newline
         return res.to_json()
 
     doc = asyncio.run(go())
