@@ -14,7 +14,6 @@ Part of the composition layer: it joins the relay agent to the emulation's kerne
 
 from __future__ import annotations
 
-import array
 import asyncio
 import json
 import os

@@ -1,6 +1,6 @@
 """Test tiers (STYLE.md #8): pure by default; `root`, `docker`, `gpu` markers skip with a
 reason when the resource is missing — unless TESTBED_REQUIRE names it (CI sets
-TESTBED_REQUIRE=root,docker), in which case the missing resource FAILS the test.
+TESTBED_REQUIRE=root,docker,mosquitto), in which case the missing resource FAILS the test.
 """
 
 from __future__ import annotations
@@ -39,6 +39,13 @@ def _have_docker() -> tuple[bool, str]:
     return True, ""
 
 
+def _have_mosquitto() -> tuple[bool, str]:
+    missing = [b for b in ("mosquitto", "mosquitto_sub", "mosquitto_pub") if shutil.which(b) is None]
+    if missing:
+        return False, f"needs {', '.join(missing)} (apt install mosquitto mosquitto-clients)"
+    return True, ""
+
+
 def _have_gpu() -> tuple[bool, str]:
     try:
         import torch
@@ -50,7 +57,7 @@ def _have_gpu() -> tuple[bool, str]:
     return False, "needs a CUDA GPU"
 
 
-_CHECKS = {"root": _have_root, "docker": _have_docker, "gpu": _have_gpu}
+_CHECKS = {"root": _have_root, "docker": _have_docker, "mosquitto": _have_mosquitto, "gpu": _have_gpu}
 _cache: dict[str, tuple[bool, str]] = {}
 
 

@@ -27,11 +27,10 @@ from testbed.diffusion import (
     run_stage,
     variant_sizes_bytes,
 )
-from testbed.diffusion.tiny import TINY_WEIGHTS_PATH
+
 from testbed.diffusion.models import torch_threads
 from testbed.errors import InputError
 
-pytestmark = pytest.mark.skipif(not TINY_WEIGHTS_PATH.is_file(), reason="tiny weights missing: testbed train-tiny")
 SEEDS = list(range(10))
 STEPS = 20
 

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import shutil
 from pathlib import Path
 
 import aiomqtt
@@ -22,7 +21,7 @@ from testbed.relay import topics
 from testbed.topology import load_topology
 
 pytestmark = [pytest.mark.root, pytest.mark.slow,
-              pytest.mark.skipif(shutil.which("mosquitto_sub") is None, reason="needs mosquitto-clients")]
+              pytest.mark.mosquitto]
 
 
 def _events(out: Path) -> list[dict]:

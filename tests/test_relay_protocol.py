@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import shutil
 import socket
 import subprocess
 import time
@@ -25,7 +24,7 @@ from testbed.relay.security import acl_text, make_credentials, password_line, wr
 from testbed.relay.server import DevicePower, Orchestrator
 from testbed.relay.wire import Message, TensorSpec, decode, encode
 
-pytestmark = pytest.mark.skipif(shutil.which("mosquitto") is None, reason="needs mosquitto (apt install mosquitto)")
+pytestmark = pytest.mark.mosquitto  # conftest: skips without mosquitto, fails in CI
 
 DEVICES = ["dev01", "dev02", "dev03"]
 SHAPE = (1, 1, 8, 8)

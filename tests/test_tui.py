@@ -6,7 +6,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
-import shutil
 import socket
 import subprocess
 import sys
@@ -316,8 +315,6 @@ async def test_attach_without_observer_file_says_so(small, tmp_path):
 @pytest.fixture
 def mosquitto_port(tmp_path):
     """A mosquitto on a free loopback port (anonymous), ended after the test."""
-    if shutil.which("mosquitto") is None:
-        pytest.skip("needs mosquitto")
     port = _free_port()
     conf = tmp_path / "mosquitto.conf"
     conf.write_text(f"listener {port} 127.0.0.1\nallow_anonymous true\n")
@@ -341,6 +338,7 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+@pytest.mark.mosquitto
 async def test_attach_follows_events_published_on_the_run_topic(small, tmp_path, unique_run_id, mosquitto_port):
     import aiomqtt
 

@@ -10,15 +10,12 @@ from __future__ import annotations
 
 import json
 import math
-import re
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 
-from testbed.errors import WorkloadError
 from testbed.prompts import parse_digit_prompt  # noqa: F401 - re-exported
 
 __all__ = [

@@ -21,7 +21,7 @@ from pathlib import Path
 import yaml
 
 from testbed.emulation.nsutil import in_netns
-from testbed.emulation.procs import pid_alive, spawn_in, stop_pid
+from testbed.emulation.procs import spawn_in, stop_pid
 from testbed.errors import ResourceError
 
 __all__ = ["BrokerHandle", "start_broker", "parse_mosquitto_acl", "MQTT_PORT"]
