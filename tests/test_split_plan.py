@@ -32,7 +32,7 @@ def test_pair_cost_components_follow_links_and_profiles(paper):
     topo, links = paper
     h, t = links[0], links[1]
     c = pair_cost(topo, h, t, fbytes)
-    eta, per_msg = 0.95, 0.003  # link efficiency and fixed per-message cost (selection/costs.py)
+    eta, per_msg = 0.95, 0.001  # link efficiency and fixed per-message cost (selection/costs.py)
     assert c.t_feat_up_s == pytest.approx(FEATS[h.precision] * 8 / (h.rate_up_mbps * 1e6 * eta) + per_msg)
     assert c.t_feat_down_s == pytest.approx(FEATS[h.precision] * 8 / (t.rate_down_mbps * 1e6 * eta) + per_msg)
     assert c.t_lat_down_s == pytest.approx(262144 * 8 / (h.rate_down_mbps * 1e6 * eta) + per_msg)

@@ -17,10 +17,11 @@ more, so the default is 0.95.
 
 `message_overhead_s` is the fixed cost of one relayed message on top of its time on the
 air: the MQTT publish through the broker, encoding and decoding, and waking the receiver.
-At the rates of a 500 m cell (100-280 Mbit/s, 8-30 ms per 256 KB) it is a large share of a
-transfer: `testbed run` on small.yaml and paper.yaml measured transfers 1-15 ms (median
-~3.5 ms) longer than the rate alone predicts, on a loaded 2-core VM. The default, 3 ms,
-is that median rounded down; set it to 0 to get the pure rate model.
+At the rates of a 500 m cell (100-280 Mbit/s, 8-30 ms per 256 KB) it is a visible share
+of a transfer: on an idle 2-core VM, bench/relay.py measured the transfers of small.yaml
+and paper.yaml 0.5-1.5 ms per message longer than the rate alone predicts (with 3 ms the
+prediction was 8-18 % high; under heavy load the residual grew to 1-15 ms). The default is
+1 ms; set it to 0 to get the pure rate model.
 """
 
 from __future__ import annotations
@@ -36,7 +37,7 @@ from testbed.topology import Topology
 __all__ = ["DEFAULT_LINK_EFFICIENCY", "DEFAULT_MESSAGE_OVERHEAD_S", "DeviceCost", "device_costs", "model_size_mb"]
 
 DEFAULT_LINK_EFFICIENCY = 0.95
-DEFAULT_MESSAGE_OVERHEAD_S = 0.003
+DEFAULT_MESSAGE_OVERHEAD_S = 0.001
 
 
 @dataclass(frozen=True)
