@@ -23,9 +23,9 @@ import uuid
 from pathlib import Path
 
 from testbed.emulation import Emulation
-from testbed.emulation.docker_image import build_image, docker_client
+from testbed.emulation.docker.image import build_image, docker_client
 from testbed.emulation.runs import cleanup_run
-from testbed.topology import parse_topology
+from testbed.model.topology import parse_topology
 
 TARGET_UP_S = 15.0
 

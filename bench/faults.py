@@ -27,8 +27,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-from testbed.faults import DEFAULT_DURATION_S, FAULT_KINDS, parse_fault, revive_agent
-from testbed.topology import load_topology
+from testbed.composition.faults import DEFAULT_DURATION_S, FAULT_KINDS, parse_fault, revive_agent
+from testbed.model.topology import load_topology
 
 REPO = Path(__file__).resolve().parent.parent
 TRIAL_TIMEOUT_S = 120.0
@@ -70,7 +70,7 @@ async def _heal(r: Any, settle_s: float) -> None:
 
 
 async def main(args: argparse.Namespace) -> dict[str, Any]:
-    from testbed.runner import Runner
+    from testbed.composition.runner import Runner
 
     topo = load_topology(args.topology).model_copy(update={"faults": []})
     rng = random.Random(args.seed)

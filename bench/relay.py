@@ -25,8 +25,8 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from testbed.runner import Runner  # noqa: E402
-from testbed.topology import load_topology  # noqa: E402
+from testbed.composition.runner import Runner  # noqa: E402
+from testbed.model.topology import load_topology  # noqa: E402
 
 RATES_MBPS = (5, 10, 20, 50, 100)
 

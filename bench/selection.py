@@ -17,9 +17,9 @@ import time
 
 import numpy as np
 
-from testbed.radio import compute_links
+from testbed.model.radio import compute_links
 from testbed.selection import DEFAULT_GRID, device_costs, select, solvers
-from testbed.topology import parse_topology, place
+from testbed.model.topology import parse_topology, place
 
 REGIMES = {"paper": (2.0, 200.0), "loose": (6.0, 200.0), "loose+rs": (6.0, 200.0)}
 #: (I, regime, seeds). "+rs": every device gets its own random model size (300-3500 MB,

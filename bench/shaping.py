@@ -120,7 +120,7 @@ def message_times(server_ns: str, dev_ns: str, direction: str, count: int) -> li
 
 async def run(rates: list[float], gso_off: bool) -> list[dict]:
     from testbed.emulation import Emulation
-    from testbed.topology import parse_topology
+    from testbed.model.topology import parse_topology
 
     topo = parse_topology("name: bench-shaping\ndevices:\n  list:\n    - {id: dev01, position: {x_m: 300, y_m: 250}}\n")
     run_id = "s" + uuid.uuid4().hex[:5]

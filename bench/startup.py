@@ -7,7 +7,7 @@ lives). Each size alternates the two, `--repeat` times; prints the medians and t
 testbed / Mininet (< 1: the testbed is faster). Needs root; leaves nothing behind.
 
 `--agents FILE` times instead the whole `up` a generation waits for: the Runner brings the
-topology up with its broker and real agents (forked by testbed/agent_pool.py into their
+topology up with its broker and real agents (forked by testbed/composition/agent_pool.py into their
 nodes) until every agent reported online, printed next to Mininet's network-only `up` of
 as many hosts in the same run (target: within 3x).
 
@@ -30,7 +30,7 @@ from pathlib import Path
 
 from testbed.emulation import Emulation
 from testbed.emulation.runs import cleanup_run
-from testbed.topology import parse_topology
+from testbed.model.topology import parse_topology
 
 MININET_SCRIPT = r"""
 import json, sys, time
@@ -93,8 +93,8 @@ async def agents_up_once(path: Path) -> dict[str, float]:
     """The whole `up` of a topology with its real agents, as a generation sees it: Runner
     (emulation, per-run credentials, broker, agent template, one testbed-agent per device
     forked into its node) until every agent reported "online" over MQTT."""
-    from testbed.runner import Runner
-    from testbed.topology import load_topology
+    from testbed.composition.runner import Runner
+    from testbed.model.topology import load_topology
 
     run = "a" + uuid.uuid4().hex[:5]
     topo = load_topology(path)

@@ -33,7 +33,7 @@ def head_share(resolution_px: int) -> tuple[float, float, float]:
 
 
 def main() -> None:
-    from testbed.relay.split_plan import HEAD_FLOP_SHARE
+    from testbed.selection.split_plan import HEAD_FLOP_SHARE
 
     print(f"{'px':>5} {'head GFLOP':>11} {'tail GFLOP':>11} {'measured':>9} {'constant':>9} {'ratio':>6}")
     for px in (256, 512):

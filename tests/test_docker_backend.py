@@ -18,8 +18,8 @@ import pytest
 
 from testbed.emulation import Emulation
 from testbed.emulation.runs import cleanup_run
-from testbed.profiles import load_profiles
-from testbed.topology import load_topology
+from testbed.model.profiles import load_profiles
+from testbed.model.topology import load_topology
 
 pytestmark = [pytest.mark.root, pytest.mark.docker]
 
@@ -199,7 +199,7 @@ async def test_processes_joined_to_a_container_are_inside_it_and_kill_sweeps_the
     """What the runner's agent template does: a host process joins a container's cgroups
     (every hierarchy) and namespaces; the container lists it; kill ends it, not the container."""
     from testbed.emulation.backend import NodeSpec
-    from testbed.emulation.docker_backend import DockerBackend
+    from testbed.emulation.docker.backend import DockerBackend
 
     be = DockerBackend(run_id)
     try:

@@ -17,8 +17,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from testbed.emulation.docker_image import IMAGE, build_image, docker_client, host_mounts
-from testbed.emulation.docker_selfshape import plan_self
+from testbed.emulation.docker.image import IMAGE, build_image, docker_client, host_mounts
+from testbed.emulation.docker.selfshape import plan_self
 from testbed.emulation.nsutil import open_iproute
 from testbed.emulation.shaping import diff_plan, read_back
 
@@ -74,7 +74,7 @@ async def test_device_container_shapes_its_own_link(unique_run_id: str) -> None:
     py = sys.executable
     cid = _sh(*argv, IMAGE, "sh", "-c",
               "ip link add eth0 type veth peer name peer0 && ip link set peer0 up && ip link set eth0 up && "
-              f"exec {py} -m testbed.emulation.docker_selfshape --up-mbps 12.5 "
+              f"exec {py} -m testbed.emulation.docker.selfshape --up-mbps 12.5 "
               f'--down-mbps 40 -- sleep 60').stdout.strip()
     try:
         pid = 0

@@ -10,10 +10,10 @@ from pathlib import Path
 import pytest
 import yaml
 
-from testbed.emulation.docker_compose import ComposeNode, compose_doc
-from testbed.emulation.docker_image import host_mounts, skeleton_tar
-from testbed.emulation.docker_selfshape import plan_self
-from testbed.emulation.docker_spec import (
+from testbed.emulation.docker.compose import ComposeNode, compose_doc
+from testbed.emulation.docker.image import host_mounts, skeleton_tar
+from testbed.emulation.docker.selfshape import plan_self
+from testbed.emulation.docker.spec import (
     GpuHost,
     NodeSpec,
     bridge_name,
@@ -145,7 +145,7 @@ def test_self_shaping_plan_uplink_on_eth0_downlink_through_the_ifb() -> None:
 
 
 def test_no_daemon_is_a_resource_error_that_says_how_to_start_one(monkeypatch, tmp_path: Path) -> None:
-    from testbed.emulation.docker_image import docker_client
+    from testbed.emulation.docker.image import docker_client
 
     monkeypatch.setenv("DOCKER_HOST", f"unix://{tmp_path}/no-such.sock")
     with pytest.raises(ResourceError, match="start-dockerd") as e:

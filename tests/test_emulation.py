@@ -18,7 +18,7 @@ from testbed.emulation import SERVER_ADDRESS, Emulation
 from testbed.emulation.cgroups import detect_cgroups
 from testbed.emulation.runs import cleanup_run
 from testbed.emulation.shaping import HtbClass
-from testbed.topology import load_topology
+from testbed.model.topology import load_topology
 
 pytestmark = pytest.mark.root
 
@@ -173,7 +173,7 @@ def test_ctrl_c_removes_everything(topologies: Path, run_id: str) -> None:
     code = (
         "import asyncio, sys\n"
         "from testbed.emulation import Emulation\n"
-        "from testbed.topology import load_topology\n"
+        "from testbed.model.topology import load_topology\n"
         "async def main():\n"
         f"    async with Emulation(load_topology({str(topologies / 'small.yaml')!r}), {run_id!r}) as emu:\n"
         "        pid = await emu.spawn('dev01', ['sleep', '60'])\n"
@@ -210,7 +210,7 @@ cell: {shared_capacity: true, capacity_up_mbps: 50, capacity_down_mbps: 10}
 
 
 async def test_shared_cell_caps_the_sum_of_simultaneous_transfers(run_id: str) -> None:
-    from testbed.topology import parse_topology
+    from testbed.model.topology import parse_topology
 
     async with Emulation(parse_topology(SHARED_CELL), run_id, cgroups=False) as emu:
         await emu.set_links({"dev01": (8.0, 8.0), "dev02": (8.0, 8.0)})
@@ -242,7 +242,7 @@ mobility: {speed_mps: 200, interval_s: 0.2}
 
 
 async def test_mobility_updates_rates_live(run_id: str) -> None:
-    from testbed.topology import parse_topology
+    from testbed.model.topology import parse_topology
 
     async with Emulation(parse_topology(MOBILE), run_id, cgroups=False) as emu:
         before = {d: (emu.nodes[d].rate_up_mbps, emu.nodes[d].x_m) for d in emu.device_ids()}
@@ -318,10 +318,10 @@ async def test_amqtt_fallback_broker(topologies: Path, run_id: str) -> None:
 
 
 async def test_agent_pool_forks_agent_inside_namespace_and_cgroup(topologies: Path, run_id: str, tmp_path: Path) -> None:
-    """The runner's agent template (testbed/agent_pool.py) forks an agent that lands in its
+    """The runner's agent template (testbed/composition/agent_pool.py) forks an agent that lands in its
     node's network namespace and cgroups, retitled `testbed-agent RUN DEV`; closing the
     pool and the emulation leaves no process behind."""
-    from testbed.agent_pool import AgentPool
+    from testbed.composition.agent_pool import AgentPool
     from testbed.emulation.procs import pid_alive, stop_pid
     from testbed.relay.agent import AgentConfig
 

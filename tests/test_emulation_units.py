@@ -11,8 +11,8 @@ import pytest
 from testbed.emulation.backend import check_run_id, device_address
 from testbed.emulation.broker import _amqtt_conf, _mosquitto_conf, parse_mosquitto_acl
 from testbed.emulation.mobility import RandomWaypoint
-from testbed.errors import ResourceError
-from testbed.topology import Area, MobilityConfig
+from testbed.errors import InputError, ResourceError
+from testbed.model.topology import Area, MobilityConfig
 
 
 def test_random_waypoint_moves_at_speed_and_stays_inside() -> None:
@@ -69,7 +69,7 @@ def test_unsupported_acl_lines_are_refused() -> None:
 def test_run_ids_and_addresses() -> None:
     assert check_run_id("t3f9a2") == "t3f9a2"
     for bad in ("", "UPPER", "has-dash", "toolong12"):
-        with pytest.raises(ResourceError, match="run id"):
+        with pytest.raises(InputError, match="run id"):
             check_run_id(bad)
     assert device_address(0) == "198.18.0.10"
     assert device_address(246) == "198.18.1.0"

@@ -7,7 +7,7 @@ import csv
 import pytest
 
 from testbed.errors import InfeasibleError, TopologyError
-from testbed.experiments import (
+from testbed.experiments.sweep import (
     CSV_COLUMNS,
     RunSpec,
     SweepConfig,
@@ -17,8 +17,8 @@ from testbed.experiments import (
     result_row,
     run_sweep,
 )
-from testbed.experiments_claims import claims_markdown, evaluate_claims
-from testbed.experiments_plots import FIGURES, aggregate, write_figures
+from testbed.experiments.claims import claims_markdown, evaluate_claims
+from testbed.experiments.plots import FIGURES, aggregate, write_figures
 
 
 def test_parse_runs_and_labels():

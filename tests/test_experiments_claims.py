@@ -19,8 +19,8 @@ from pathlib import Path
 
 import pytest
 
-from testbed.experiments import SweepConfig, parse_runs, run_sweep
-from testbed.experiments_claims import claims_markdown, evaluate_claims, tran_share_by_tmax
+from testbed.experiments.sweep import SweepConfig, parse_runs, run_sweep
+from testbed.experiments.claims import claims_markdown, evaluate_claims, tran_share_by_tmax
 
 REPO = Path(__file__).resolve().parent.parent
 REDUCED = REPO / "topologies" / "scenarios" / "sweeps" / "fig4-small.yaml"

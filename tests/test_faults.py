@@ -19,11 +19,11 @@ from pathlib import Path
 import pytest
 
 from testbed.errors import RelayError, TopologyError
-from testbed.faults import FaultInjector, broker_start_args, parse_fault
+from testbed.composition.faults import FaultInjector, broker_start_args, parse_fault
 from testbed.relay.agent import Agent, AgentConfig
 from testbed.relay.security import make_credentials, write_security_files
 from testbed.relay.server import DevicePower, Orchestrator
-from testbed.topology import parse_topology
+from testbed.model.topology import parse_topology
 from test_relay_protocol import CountingModel, Cost  # the counting model: each step adds 1
 
 needs_mosquitto = pytest.mark.mosquitto  # conftest: skips without mosquitto, fails in CI

@@ -13,8 +13,8 @@ from pathlib import Path
 
 import pytest
 
-from testbed.faults import revive_agent
-from testbed.topology import FaultSpec, load_topology
+from testbed.composition.faults import revive_agent
+from testbed.model.topology import FaultSpec, load_topology
 
 pytestmark = [pytest.mark.root, pytest.mark.slow]
 
@@ -28,7 +28,7 @@ def _check_exactly_once(doc: dict) -> None:
 
 
 async def test_each_fault_kind_is_survived(tmp_path, unique_run_id):
-    from testbed.runner import Runner
+    from testbed.composition.runner import Runner
 
     topo = load_topology(TOPOLOGY)
     events: list[dict] = []
@@ -97,7 +97,7 @@ async def test_recovery_impossible_ends_with_exit_5_naming_the_cause(tmp_path, u
     the run fails loudly (RunFailedError, exit 5) instead of hanging or returning a
     partial image."""
     from testbed.errors import RunFailedError
-    from testbed.runner import Runner
+    from testbed.composition.runner import Runner
 
     topo = load_topology(TOPOLOGY)
     async with Runner(topo, run_id=unique_run_id, out_dir=tmp_path) as r:

@@ -11,8 +11,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from testbed.errors import TopologyError
-from testbed.radio import compute_links
-from testbed.topology import parse_topology, place
+from testbed.model.radio import compute_links
+from testbed.model.topology import parse_topology, place
 
 TOPOLOGIES = Path(__file__).resolve().parent.parent / "topologies"
 SMALL = (TOPOLOGIES / "small.yaml").read_bytes()

@@ -4,8 +4,8 @@ import math
 
 import pytest
 
-from testbed import radio
-from testbed.topology import RadioConfig
+from testbed.model import radio
+from testbed.model.topology import RadioConfig
 
 
 def test_breakpoint_distance():

@@ -18,7 +18,7 @@ import aiomqtt
 import pytest
 
 from testbed.relay import topics
-from testbed.topology import load_topology
+from testbed.model.topology import load_topology
 
 pytestmark = [pytest.mark.root, pytest.mark.slow,
               pytest.mark.mosquitto]
@@ -36,7 +36,7 @@ def _check_steps(doc: dict) -> None:
 
 
 async def test_small_run_completes_and_an_outside_observer_sees_the_events(topologies, tmp_path, unique_run_id):
-    from testbed.runner import Runner
+    from testbed.composition.runner import Runner
 
     run = unique_run_id[:7]
     topo = load_topology(topologies / "small.yaml")
@@ -92,7 +92,7 @@ async def test_small_run_completes_and_an_outside_observer_sees_the_events(topol
 
 
 async def test_failure_mid_stage_is_recovered_and_bad_payloads_are_rejected(topologies, tmp_path, unique_run_id):
-    from testbed.runner import Runner
+    from testbed.composition.runner import Runner
 
     run = unique_run_id[:7]
     topo = load_topology(topologies / "small.yaml")
@@ -125,7 +125,7 @@ async def test_run_on_a_cell_that_testbed_up_keeps_alive(topologies, tmp_path, u
     import subprocess
     import sys
 
-    from testbed.runner import Runner
+    from testbed.composition.runner import Runner
 
     run = unique_run_id[:7]
     tb = [sys.executable, "-m", "testbed.cli"]

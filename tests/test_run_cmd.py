@@ -6,7 +6,7 @@ import os
 
 import pytest
 from testbed.cli import main
-from testbed.commands.run_cmd import _Progress
+from testbed.cli.commands.run_cmd import _Progress
 
 
 def _invoke(capsys, *args: str) -> tuple[int, str]:

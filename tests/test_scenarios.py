@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from testbed.expectations import DERIVED, check_expectations, format_report
-from testbed.topology import load_topology
+from testbed.experiments.expectations import DERIVED, check_expectations, format_report
+from testbed.model.topology import load_topology
 
 TOPOLOGIES = Path(__file__).resolve().parent.parent / "topologies"
 
@@ -40,7 +40,7 @@ def test_scenarios_exist_with_a_failure_and_mobility():
 @pytest.mark.root
 @pytest.mark.parametrize("path", SCENARIOS, ids=[p.stem for p in SCENARIOS])
 async def test_scenario_meets_its_expectations(path, unique_run_id, tmp_path):
-    from testbed.runner import Runner
+    from testbed.composition.runner import Runner
 
     topo = load_topology(path)
     fail = _kill_target(topo)

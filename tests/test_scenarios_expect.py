@@ -7,14 +7,14 @@ import math
 import pytest
 
 from testbed.errors import EXIT_EXPECTATION, ExpectationFailed
-from testbed.expectations import (
+from testbed.experiments.expectations import (
     check_expectations,
     derived_metrics,
     enforce_expectations,
     format_report,
     metric_value,
 )
-from testbed.topology import Bound, parse_topology
+from testbed.model.topology import Bound, parse_topology
 
 RESULT = {
     "run": "r1",

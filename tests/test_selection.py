@@ -13,8 +13,8 @@ from hypothesis import strategies as st
 
 from testbed.cli import main
 from testbed.errors import InfeasibleError, TopologyError
-from testbed.profiles import load_profiles, model_size_bytes
-from testbed.radio import compute_links
+from testbed.model.profiles import load_profiles, model_size_bytes
+from testbed.model.radio import compute_links
 from testbed.selection import (
     STRATEGIES,
     DeviceCost,
@@ -24,7 +24,7 @@ from testbed.selection import (
     select,
     solvers,
 )
-from testbed.topology import load_topology, place
+from testbed.model.topology import load_topology, place
 
 TOPOLOGIES = Path(__file__).resolve().parent.parent / "topologies"
 

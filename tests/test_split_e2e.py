@@ -24,7 +24,7 @@ from testbed.relay.agent import AgentConfig
 from testbed.relay.security import make_credentials, write_security_files
 from testbed.relay.server import DevicePower
 from testbed.relay.split import SplitOrchestrator
-from testbed.relay.split_plan import SplitPlan, SplitStepCost
+from testbed.selection.split_plan import SplitPlan, SplitStepCost
 
 REPO = Path(__file__).resolve().parent.parent
 needs_mosquitto = pytest.mark.mosquitto  # conftest: skips without mosquitto, fails in CI
@@ -129,8 +129,8 @@ async def test_split_over_the_network_equals_the_unsplit_run_at_fp32(loopback):
 
 @pytest.mark.root
 async def test_split_run_on_the_emulation_moves_features_over_shaped_links(unique_run_id, tmp_path):
-    from testbed.split_runner import SplitRun
-    from testbed.topology import load_topology
+    from testbed.composition.split_runner import SplitRun
+    from testbed.model.topology import load_topology
 
     topo = load_topology(REPO / "topologies" / "small.yaml")
     async with SplitRun(topo, run_id=unique_run_id, out_dir=tmp_path) as r:

@@ -9,10 +9,10 @@ from pathlib import Path
 import pytest
 
 from testbed.errors import InfeasibleError
-from testbed.profiles import load_profiles, step_time_s
-from testbed.radio import compute_links
-from testbed.relay.split_plan import HEAD_FLOP_SHARE, activation_bytes, pair_cost, plan_split
-from testbed.topology import load_topology, place
+from testbed.model.profiles import load_profiles, step_time_s
+from testbed.model.radio import compute_links
+from testbed.selection.split_plan import HEAD_FLOP_SHARE, activation_bytes, pair_cost, plan_split
+from testbed.model.topology import load_topology, place
 
 REPO = Path(__file__).resolve().parent.parent
 FEATS = {"fp32": 13_000_000, "fp16": 6_500_000, "int8": 6_500_000, "int4": 6_500_000}

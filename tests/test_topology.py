@@ -10,8 +10,8 @@ import sys
 import pytest
 
 from testbed.errors import TopologyError
-from testbed.radio import compute_links
-from testbed.topology import load_topology, parse_topology, place
+from testbed.model.radio import compute_links
+from testbed.model.topology import load_topology, parse_topology, place
 
 MIN = "devices:\n  count: 3\n"
 

@@ -16,9 +16,9 @@ import numpy as np
 import pytest
 from textual.widgets import Input, Static
 
-from testbed.radio import compute_links
+from testbed.model.radio import compute_links
 from testbed.selection import device_costs, select
-from testbed.topology import load_topology, place
+from testbed.model.topology import load_topology, place
 from tui.app import TestbedApp
 from tui.cellmap import CellMap
 from tui.devices import DevicesTable
@@ -413,7 +413,7 @@ async def test_mobility_batch_updates_move_devices_and_rates(small):
         assert table.text_of("dev01", "dist") == f"{np.hypot(230, 230):.0f}"
         # dev02 moved without rates: the radio model gives them, farther means slower
         assert app.cell.devices["dev02"].distance_m == pytest.approx(np.hypot(150, 150))
-        from testbed.radio import link_for_position
+        from testbed.model.radio import link_for_position
 
         dev02 = app.cell.devices["dev02"]
         orig = {lk.id: lk for lk in compute_links(small, place(small))}["dev02"]

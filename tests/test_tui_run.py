@@ -13,7 +13,7 @@ import pytest
 from textual.widgets import Input, Static
 
 import tui.live
-from testbed.topology import load_topology
+from testbed.model.topology import load_topology
 from tui.app import TestbedApp
 from tui.devices import DevicesTable
 from tui.imageview import ImageView

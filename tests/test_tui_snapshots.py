@@ -9,7 +9,7 @@ from pathlib import Path
 
 import numpy as np
 
-from testbed.topology import load_topology
+from testbed.model.topology import load_topology
 from test_tui import relay_events
 from tui.app import TestbedApp
 

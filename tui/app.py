@@ -20,7 +20,7 @@ from textual.containers import Horizontal, Vertical
 from textual.widgets import DataTable, Footer, Input, Label, Select, Static, TabbedContent, TabPane, Tabs
 
 from testbed.errors import TestbedError
-from testbed.topology import Topology
+from testbed.model.topology import Topology
 from tui.attach import DEFAULT_STATE_ROOT
 from tui.cellmap import CellMap
 from tui.devices import DeviceDetails, DevicesTable

@@ -22,11 +22,12 @@ from pathlib import Path
 from typing import Any
 
 from testbed.errors import RelayError, ResourceError
+from testbed.model.names import STATE_ROOT
 
 __all__ = ["DEFAULT_STATE_ROOT", "read_observer", "server_netns", "follow_events", "follow_events_in_netns"]
 
 #: Where runs keep their state (testbed/emulation/runs.py: RUN_ROOT, same variable).
-DEFAULT_STATE_ROOT = Path(os.environ.get("TESTBED_RUN_ROOT", "/run/testbed"))
+DEFAULT_STATE_ROOT = STATE_ROOT
 
 
 def read_observer(run: str, state_root: Path = DEFAULT_STATE_ROOT) -> dict[str, Any]:

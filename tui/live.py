@@ -123,12 +123,12 @@ class LiveMixin:
             kw = dict(run_id=rid, backend=self.backend, t_max_s=p["t_max_s"], e_max_j=p["e_max_j"],
                       out_dir=OUT_ROOT / rid, on_event=self.event_from_any_thread)
             if p["method"] == "split":
-                mod = await asyncio.to_thread(importlib.import_module, "testbed.split_runner")
+                mod = await asyncio.to_thread(importlib.import_module, "testbed.composition.split_runner")
                 factory = mod.SplitRun(self.topo, method="split", strategy=mod.SPLIT_STRATEGY, **kw)
                 panel.log_line(f"split: the pair is chosen by {mod.SPLIT_STRATEGY!r} (strategy applies to multistage)",
                                "dim")
             else:
-                mod = await asyncio.to_thread(importlib.import_module, "testbed.runner")
+                mod = await asyncio.to_thread(importlib.import_module, "testbed.composition.runner")
                 factory = mod.Runner(self.topo, method="multistage", strategy=p["strategy"], **kw)
             panel.log_line(f"run {rid}: bringing up the emulation ({self.backend}), broker and agents...", "dim")
             async with factory as runner:

@@ -11,8 +11,8 @@ import math
 from dataclasses import dataclass, field
 from typing import Any
 
-from testbed.radio import DeviceLink, compute_links, link_for_position
-from testbed.topology import Topology, place
+from testbed.model.radio import DeviceLink, compute_links, link_for_position
+from testbed.model.topology import Topology, place
 
 __all__ = ["DeviceRow", "CellModel", "StageView", "RunView", "PHASES", "short_profile"]
 

@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from testbed.prompts import parse_digit_prompt  # noqa: F401 - re-exported
+from testbed.model.prompts import parse_digit_prompt  # noqa: F401 - re-exported
 
 __all__ = [
     "TINY_IMAGE_PX",

@@ -25,6 +25,7 @@ from pyroute2.netlink.exceptions import NetlinkError
 
 from testbed.emulation.nsutil import create_netns, list_netns, netns_path, open_iproute, remove_netns
 from testbed.errors import ResourceError
+from testbed.model.names import CELL_NET, HOST_ADDRESS, RUN_ID_RE, SERVER_ADDRESS, check_run_id
 
 __all__ = [
     "NodeSpec",
@@ -39,20 +40,8 @@ __all__ = [
     "remove_host_links",
 ]
 
-SERVER_ADDRESS = "198.18.0.1"
-HOST_ADDRESS = "198.18.255.254"
-CELL_NET = "198.18.0.0/16"
 CELL_PREFIX = 16
 FIRST_DEVICE = int(ipaddress.IPv4Address("198.18.0.10"))
-RUN_ID_RE = re.compile(r"^[a-z0-9]{1,7}$")
-
-
-def check_run_id(run_id: str) -> str:
-    if not RUN_ID_RE.fullmatch(run_id):
-        raise ResourceError(
-            f"run id {run_id!r}: use 1-7 lowercase letters or digits (it goes into 15-character interface names)"
-        )
-    return run_id
 
 
 def device_address(index: int) -> str:

@@ -23,10 +23,10 @@ import yaml
 from testbed.emulation.nsutil import in_netns
 from testbed.emulation.procs import spawn_in, stop_pid
 from testbed.errors import ResourceError
+from testbed.model.names import MQTT_PORT
 
 __all__ = ["BrokerHandle", "start_broker", "parse_mosquitto_acl", "MQTT_PORT"]
 
-MQTT_PORT = 1883
 
 
 @dataclass

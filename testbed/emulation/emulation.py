@@ -38,13 +38,13 @@ from testbed.emulation.shaping import (
     read_back,
 )
 from testbed.errors import ResourceError, ShapingError
-from testbed.profiles import load_profiles
-from testbed.radio import DeviceLink, compute_links, link_for_position
-from testbed.topology import Topology, place
+from testbed.model.names import SERVER_ID, STATE_ROOT
+from testbed.model.profiles import load_profiles
+from testbed.model.radio import DeviceLink, compute_links, link_for_position
+from testbed.model.topology import Topology, place
 
 __all__ = ["Emulation", "NodeState", "LinkUpdate", "SERVER_ID", "require_root", "detect_netem"]
 
-SERVER_ID = "server"
 
 
 def require_root() -> None:
@@ -114,7 +114,7 @@ class Emulation:
         self.topology = topology
         self.run_id = check_run_id(run_id)
         if backend == "docker":  # containers; docker applies the CPU/memory limits itself
-            from testbed.emulation.docker_backend import DockerBackend
+            from testbed.emulation.docker.backend import DockerBackend
 
             self.backend = DockerBackend(run_id, state_dir=state_dir)
         else:
@@ -399,7 +399,7 @@ class Emulation:
         """Start the MQTT broker in the server namespace (listening on 198.18.0.1:1883)."""
         if self.broker is not None:
             return self.broker
-        state = self.state_dir or Path(f"/run/testbed/{self.run_id}")
+        state = self.state_dir or STATE_ROOT / self.run_id
         procs = tuple(self.cg.procs_files(self.run_id, SERVER_ID)) if self.cg is not None else ()
         self.broker = await start_broker(
             self.backend.netns(SERVER_ID), SERVER_ADDRESS, state / "broker", password_file=password_file,

@@ -10,7 +10,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-from testbed.topology import Area, MobilityConfig, derive_rng
+from testbed.model.topology import Area, MobilityConfig, derive_rng
 
 __all__ = ["Walker", "RandomWaypoint"]
 

@@ -26,6 +26,7 @@ from testbed.emulation.cgroups import Cgroups, detect_cgroups
 from testbed.emulation.nsutil import NETNS_DIR, list_netns, remove_netns
 from testbed.emulation.procs import pid_alive, stop_pid_sync
 from testbed.errors import ResourceError
+from testbed.model.names import STATE_ROOT
 
 __all__ = [
     "RUN_ROOT",
@@ -41,7 +42,7 @@ __all__ = [
     "supervisor_pid",
 ]
 
-RUN_ROOT = Path(os.environ.get("TESTBED_RUN_ROOT", "/run/testbed"))
+RUN_ROOT = STATE_ROOT
 _NS_RE = re.compile(r"^tb-([a-z0-9]{1,7})-")
 _LINK_RE = re.compile(r"^tb([a-z0-9]{1,7})h$")
 
@@ -176,8 +177,8 @@ def _pids_naming(text: str) -> set[int]:
 def _docker_runs() -> list[str]:
     """Runs that have containers or networks labelled testbed.run (none without docker)."""
     try:
-        from testbed.emulation.docker_backend import docker_runs
-        from testbed.emulation.docker_image import docker_client
+        from testbed.emulation.docker.cleanup import docker_runs
+        from testbed.emulation.docker.image import docker_client
 
         return list(docker_runs(docker_client(timeout_s=10)))
     except (ImportError, ResourceError):
@@ -186,7 +187,7 @@ def _docker_runs() -> list[str]:
 
 async def _remove_docker(run_id: str) -> list[str]:
     try:
-        from testbed.emulation.docker_backend import remove_docker_run
+        from testbed.emulation.docker.cleanup import remove_docker_run
     except ImportError:
         return []
     return await remove_docker_run(run_id)

@@ -28,13 +28,13 @@ from pathlib import Path
 from typing import Any
 
 from testbed.errors import RelayError, TestbedError
+from testbed.model.names import STATE_ROOT
 from testbed.relay import topics
 from testbed.relay.wire import Message, decode, encode
 
 __all__ = ["AgentConfig", "Agent", "agent_config_path", "threads_for_quota", "main"]
 
 log = logging.getLogger("testbed.agent")
-STATE_ROOT = Path("/run/testbed")
 
 
 @dataclass(frozen=True)

@@ -33,7 +33,7 @@ import numpy as np
 from testbed.errors import RelayError, RunFailedError
 from testbed.relay import topics
 from testbed.relay.server import DevicePower
-from testbed.relay.split_plan import SplitPlan
+from testbed.selection.split_plan import SplitPlan
 from testbed.relay.wire import Message, decode, encode
 
 __all__ = ["SplitStepRecord", "SplitOutcome", "SplitOrchestrator"]

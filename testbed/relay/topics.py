@@ -8,18 +8,10 @@
 
 from __future__ import annotations
 
-import re
+from testbed.model.names import RUN_ID_RE, check_run_id
 
 __all__ = ["RUN_ID_RE", "check_run_id", "task", "result", "status", "events", "device_root", "parse_device_topic"]
 
-#: Run ids appear in topic names, netns names and 15-character interface names.
-RUN_ID_RE = re.compile(r"^[a-z0-9][a-z0-9-]{0,11}$")
-
-
-def check_run_id(run: str) -> str:
-    if not RUN_ID_RE.match(run):
-        raise ValueError(f"run id {run!r}: use 1-12 lowercase letters, digits or '-' (it goes into interface names)")
-    return run
 
 
 def device_root(run: str, device: str) -> str:

@@ -30,9 +30,9 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 
 from testbed.errors import TopologyError
-from testbed.profiles import load_profiles, model_size_bytes, step_time_s
-from testbed.radio import DeviceLink
-from testbed.topology import Topology
+from testbed.model.profiles import load_profiles, model_size_bytes, step_time_s
+from testbed.model.radio import DeviceLink
+from testbed.model.topology import Topology
 
 __all__ = ["DEFAULT_LINK_EFFICIENCY", "DEFAULT_MESSAGE_OVERHEAD_S", "DeviceCost", "device_costs", "model_size_mb"]
 
@@ -103,7 +103,7 @@ def device_costs(
 
     `sizes_mb` overrides model sizes: a key may be a device id (that device) or a
     precision (every device of it); device ids win. Without it, S_j is the SD1.5 UNet
-    size of the device's precision (`testbed.profiles.model_size_bytes`).
+    size of the device's precision (`testbed.model.profiles.model_size_bytes`).
     """
     if not 0 < link_efficiency <= 1:
         raise TopologyError(f"link_efficiency={link_efficiency:g} must be in (0, 1], e.g. 0.95")

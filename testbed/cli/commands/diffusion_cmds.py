@@ -1,0 +1,85 @@
+"""`testbed generate` (one local generation, no emulation) and `testbed train-tiny` (the embedded model)."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import typer
+
+from testbed.cli.console import out, print_json
+from testbed.errors import WorkloadError
+
+
+def generate(
+    out_path: Path = typer.Option(..., "--out", help="PNG file to write (the image alone)"),
+    model: str = typer.Option("tiny", "--model", help="'tiny', 'sd15' (HF cache, offline) or a model directory"),
+    precision: str = typer.Option("fp32", "--precision", help="fp32, fp16 (bf16 on CPU), int8 or int4"),
+    steps: int = typer.Option(0, "--steps", help="denoising steps (0 = the model's reference steps)"),
+    prompt: str = typer.Option("a handwritten 7", "--prompt", help="text; the tiny model needs one digit"),
+    seed: int = typer.Option(0, "--seed", help="seed of the initial latent"),
+    scheduler: str = typer.Option("ddim", "--scheduler", help="ddim, euler, dpm or pndm"),
+    guidance: float = typer.Option(-1.0, "--guidance", help="classifier-free guidance scale (<0 = model default)"),
+    upscale: int = typer.Option(1, "--upscale", help="integer nearest-neighbour enlargement of the PNG"),
+    as_json: bool = typer.Option(False, "--json", help="print only a JSON document on stdout"),
+) -> None:
+    """Generate one image locally (no emulation): for sanity checks and reference images."""
+    from PIL import Image
+
+    from testbed.diffusion import generate as _generate
+    from testbed.diffusion import load_model
+
+    if upscale < 1:
+        raise WorkloadError(f"--upscale {upscale}: must be >= 1")
+    if steps < 0:
+        raise WorkloadError(f"--steps {steps}: must be >= 1 (or 0 for the model's reference steps)")
+    t0 = time.perf_counter()
+    m = load_model(model, precision)
+    n = steps or m.reference_steps
+    t1 = time.perf_counter()
+    img = _generate(m, prompt, seed, n, scheduler, None if guidance < 0 else guidance)
+    t2 = time.perf_counter()
+    pil = Image.fromarray(img)
+    if upscale > 1:
+        pil = pil.resize((pil.width * upscale, pil.height * upscale), Image.NEAREST)
+    try:
+        out_path.parent.mkdir(parents=True, exist_ok=True)
+        pil.save(out_path, format="PNG")
+    except OSError as e:
+        raise WorkloadError(f"--out {out_path}: cannot write the image: {e}") from e
+    doc = {"out": str(out_path), "model": m.name, "precision": m.precision, "size_bytes": m.size_bytes,
+           "steps": n, "scheduler": scheduler, "prompt": prompt, "seed": seed, "width_px": pil.width,
+           "height_px": pil.height, "load_s": round(t1 - t0, 3), "generate_s": round(t2 - t1, 3)}
+    if as_json:
+        print_json(doc)
+        return
+    out.print(f"wrote {out_path} ({pil.width}x{pil.height}): {m.name} {m.precision} "
+              f"({m.size_bytes / 1e6:.2f} MB), {n} {scheduler} steps in {t2 - t1:.2f} s, seed {seed}")
+
+
+def train_tiny(
+    out_path: Path = typer.Option(None, "--out", help="weights file (default: the embedded testbed/data/tiny_unet.safetensors)"),
+    steps: int = typer.Option(1200, "--steps", help="optimizer steps"),
+    batch: int = typer.Option(96, "--batch", help="batch size"),
+    seed: int = typer.Option(0, "--seed", help="seed (with --threads, fixes the result)"),
+    threads: int = typer.Option(1, "--threads", help="torch CPU threads (1: OpenMP threads spin when other work shares the cores)"),
+    as_json: bool = typer.Option(False, "--json", help="print only a JSON document on stdout"),
+) -> None:
+    """Train the embedded tiny class-conditional model on scikit-learn's digits (deterministic, CPU)."""
+    from testbed.diffusion.tiny import TINY_WEIGHTS_PATH
+    from testbed.diffusion.tiny import train_tiny as _train
+
+    if steps < 1 or batch < 1 or threads < 1:
+        raise WorkloadError("--steps, --batch and --threads must be >= 1")
+    summary = _train(out=out_path or TINY_WEIGHTS_PATH, steps=steps, batch=batch, seed=seed, threads=threads,
+                     log=None if as_json else out.print)
+    if as_json:
+        print_json(summary)
+        return
+    out.print(f"wrote {summary['path']}: {summary['params']} parameters, loss {summary['loss']:.4f}, "
+              f"{summary['seconds']:.0f} s")
+
+
+def register(app: typer.Typer) -> None:
+    app.command("generate")(generate)
+    app.command("train-tiny")(train_tiny)

@@ -1,0 +1,177 @@
+"""`testbed up`, `testbed status`, `testbed down`: the run lifecycle of an emulated cell."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import typer
+from rich.table import Table
+
+from testbed.cli.console import err, out, print_json
+from testbed.errors import InputError, ResourceError, RunFailedError, TestbedError
+from testbed.model.topology import load_topology
+
+
+def _require_root() -> None:
+    if os.geteuid() != 0:
+        raise ResourceError("this command needs root (network namespaces, tc, cgroups); run it with sudo")
+
+
+def up(
+    file: Path = typer.Argument(..., help="topology YAML file"),
+    backend: str = typer.Option("netns", "--backend", help="how nodes are isolated: netns or docker"),
+    run: str | None = typer.Option(None, "--run", help="run id (1-7 lowercase letters/digits); made up when omitted"),
+    seed: int | None = typer.Option(None, "--seed", help="override the file's seed"),
+    broker: bool = typer.Option(True, "--broker/--no-broker", help="start the MQTT broker on the edge server"),
+    timeout_s: float = typer.Option(120.0, "--timeout", help="seconds to wait for the emulation to be ready"),
+    as_json: bool = typer.Option(False, "--json", help="print only the status JSON document"),
+) -> None:
+    """Bring a topology up; returns while a detached supervisor keeps it alive."""
+    from testbed.emulation.backend import check_run_id
+    from testbed.emulation.runs import cleanup_run, make_run_dir, new_run_id, read_state, run_dir
+
+    if backend not in ("netns", "docker"):
+        raise ResourceError(f"backend {backend!r} is not available; use --backend netns or docker")
+    load_topology(file, seed=seed)  # bad input fails here, before anything is made
+    try:
+        run_id = check_run_id(run) if run else new_run_id()
+    except InputError as e:
+        raise InputError(f"--run: {e}") from None
+    _require_root()
+    d = make_run_dir(run_id)
+    argv = [sys.executable, "-m", "testbed.composition.supervisor", run_id, str(file.resolve()), "--backend", backend]
+    if seed is not None:
+        argv += ["--seed", str(seed)]
+    if not broker:
+        argv.append("--no-broker")
+    log = open(d / "logs" / "supervisor.log", "ab")  # noqa: SIM115 - handed to the child
+    try:
+        proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
+                                start_new_session=True, close_fds=True)
+    finally:
+        log.close()
+    deadline = time.monotonic() + timeout_s
+    try:
+        while True:
+            state = read_state(run_id)
+            if state is not None and state.get("ready"):
+                break
+            failure = read_state(run_id, "error.json")
+            if failure is not None or proc.poll() is not None:
+                proc.wait(timeout=30)
+                msg = (failure or {}).get("error") or f"supervisor exited with code {proc.returncode}; see {d}/logs"
+                code = (failure or {}).get("exit_code", 5)
+                cleanup_run(run_id)
+                e = TestbedError(f"run {run_id}: {msg}")
+                e.exit_code = code
+                raise e
+            if time.monotonic() > deadline:
+                cleanup_run(run_id)
+                raise RunFailedError(f"run {run_id} was not ready within {timeout_s:g} s; removed it (see --timeout)")
+            time.sleep(0.05)
+    except KeyboardInterrupt:
+        cleanup_run(run_id)
+        raise
+    if as_json:
+        print_json(state)
+        return
+    for w in state.get("warnings", []):
+        err.print(f"[yellow]warning:[/] {w}", highlight=False)
+    _print_status(state)
+    out.print(f"run [bold]{run_id}[/] is up in {state.get('up_s', 0):.2f} s; state in {run_dir(run_id)}; "
+              f"stop it with `testbed down --run {run_id}`", highlight=False)
+
+
+def _print_status(state: dict) -> None:
+    cell = state.get("cell") or {}
+    title = (f"run {state['run']} ({state['backend']}), netem: {'yes' if state['netem'] else 'no'}, "
+             f"shared cell: {'on' if cell.get('shared_capacity') else 'off'}")
+    if state.get("broker"):
+        b = state["broker"]
+        title += f", broker {b['kind']} {b['host']}:{b['port']}"
+    table = Table(title=title)
+    for col in ("id", "role", "netns", "address", "up Mbit/s", "down Mbit/s", "CPU cores"):
+        table.add_column(col, justify="right" if "/" in col or "CPU" in col else "left")
+    for n in state["nodes"]:
+        f = (lambda v: "-" if v is None else f"{v:.1f}")
+        table.add_row(n["id"], n["role"], n["netns"], n["address"], f(n["rate_up_mbps"]), f(n["rate_down_mbps"]),
+                      "-" if n["cpu_quota_cores"] is None else f"{n['cpu_quota_cores']:g}")
+    out.print(table)
+
+
+def status(
+    run: str | None = typer.Option(None, "--run", help="run id (default: the only run that is up)"),
+    as_json: bool = typer.Option(False, "--json", help="print only a JSON document on stdout"),
+) -> None:
+    """Show a run: nodes, namespaces, addresses, rates, CPU quotas."""
+    from testbed.emulation.runs import read_state, resolve_run, supervisor_pid
+
+    run_id = resolve_run(run)
+    state = read_state(run_id)
+    if state is None:
+        raise ResourceError(f"run {run_id!r} has no state (not up, or still starting); `testbed down --run {run_id}` cleans it up")
+    if supervisor_pid(run_id) is None:
+        raise RunFailedError(f"run {run_id}: its supervisor is gone; `testbed down --run {run_id}` removes what it left")
+    # The observer account (read-only on tb/<run>/events) exists once a relay run has
+    # generated the run's credentials; the TUI's attach mode and mosquitto_sub use it.
+    observer = read_state(run_id, "observer.json")
+    if as_json:
+        print_json({k: state[k] for k in ("run", "backend", "netem", "nodes")} | {
+            k: state[k] for k in ("warnings", "cell", "broker", "host_route", "mobility", "topology", "seed") if k in state}
+            | ({"observer": observer} if observer else {}))
+        return
+    _print_status(state)
+    if observer:
+        out.print(
+            f"observer (read-only events): mosquitto_sub -h {observer['host']} -p {observer['port']} "
+            f"-u {observer['username']} -P {observer['password']} -t '{observer['topic']}'",
+            highlight=False, soft_wrap=True,
+        )
+    else:
+        out.print("observer credentials appear here once `testbed run --run ID` has started on this cell")
+
+
+def down(
+    run: str | None = typer.Option(None, "--run", help="run id (default: the only run that is up)"),
+    all_runs: bool = typer.Option(False, "--all", help="remove every run, also what crashed runs left"),
+    as_json: bool = typer.Option(False, "--json", help="print only a JSON document on stdout"),
+) -> None:
+    """Tear a run down (idempotent): processes, namespaces, links, qdiscs, cgroups, secrets."""
+    from testbed.emulation.backend import check_run_id
+    from testbed.emulation.runs import cleanup_run, known_runs, resolve_run
+
+    _require_root()
+    if all_runs and run:
+        raise ResourceError("give either --run ID or --all, not both")
+    if all_runs:
+        runs = known_runs()
+    else:
+        try:
+            runs = [resolve_run(run)]
+        except ResourceError:
+            if run is None and not known_runs():
+                runs = []
+            elif run is None:
+                raise
+            else:
+                runs = [check_run_id(run)]
+    removed = {r: cleanup_run(r) for r in runs}
+    if as_json:
+        print_json({"removed": removed})
+        return
+    if not any(removed.values()):
+        out.print("nothing to remove")
+    for r, items in removed.items():
+        if items:
+            out.print(f"run {r}: removed {len(items)} objects ({', '.join(items[:6])}{', ...' if len(items) > 6 else ''})",
+                      highlight=False)
+
+
+def register(app: typer.Typer) -> None:
+    app.command()(up)
+    app.command()(status)
+    app.command()(down)

@@ -1,0 +1,125 @@
+"""`testbed run FILE`: one multi-stage generation over the emulated cell, with a live display."""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+from typing import Any
+
+import typer
+from rich.live import Live
+from rich.table import Table
+
+from testbed.cli.console import err, out, print_json
+from testbed.errors import InputError
+from testbed.experiments.expectations import enforce_expectations
+from testbed.model.topology import load_topology
+
+_PHASE = {"stage_started": "downloading", "downloaded": "computing", "computed": "uploading", "uploaded": "done",
+          "device_offline": "offline", "deadline_missed": "missed deadline", "recovered": "took over"}
+
+
+class _Progress:
+    """A rich table of the relay's stages, folded from the telemetry events."""
+
+    def __init__(self) -> None:
+        self.rows: dict[tuple[int, str], dict[str, Any]] = {}
+        self.lines: list[str] = []
+
+    def feed(self, ev: dict[str, Any]) -> None:
+        t, dev = ev["type"], ev.get("device")
+        if t == "selection":
+            self.lines.append(f"selected {', '.join(ev['selected'])}: predicted {ev['predicted_latency_s']:.3f} s, "
+                              f"{ev['predicted_energy_j']:.1f} J")
+        elif t in ("device_offline", "deadline_missed", "recovered", "fault_injected"):
+            extra = f" (from {ev.get('failed')}, steps {ev.get('steps')})" if t == "recovered" else ""
+            self.lines.append(f"{t.replace('_', ' ')}: {dev}{extra}")
+        if dev is None or ev.get("stage") is None:
+            return
+        row = self.rows.setdefault((ev["stage"], dev), {"steps": ev.get("steps"), "phase": ""})
+        row["phase"] = _PHASE.get(t, row["phase"])
+        for k in ("t_down_s", "t_cmp_s", "t_up_s", "energy_j", "overrun_s"):
+            if k in ev:
+                row[k] = ev[k]
+        if "predicted" in ev:
+            row["predicted"] = ev["predicted"]
+
+    def render(self) -> Table:
+        table = Table(title="relay", caption="\n".join(self.lines[-4:]) or None)
+        for col in ("stage", "device", "steps", "phase", "T_down s", "T_cmp s", "T_up s", "E J", "pred T s"):
+            table.add_column(col, justify="left" if col in ("device", "phase", "steps") else "right")
+        for (stage, dev), r in sorted(self.rows.items()):
+            pred = r.get("predicted") or {}
+            pred_t = sum(pred.get(k, 0.0) for k in ("t_down_s", "t_cmp_s", "t_up_s")) if pred else None
+            table.add_row(str(stage), dev, str(r.get("steps")), r["phase"],
+                          *(f"{r[k]:.3f}" if k in r else "" for k in ("t_down_s", "t_cmp_s", "t_up_s")),
+                          f"{r['energy_j']:.2f}" if "energy_j" in r else "",
+                          f"{pred_t:.3f}" if pred_t is not None else "")
+        return table
+
+
+def run(
+    file: Path = typer.Argument(..., help="topology YAML file"),
+    backend: str = typer.Option("netns", "--backend", help="netns or docker (containers; see README \"Docker and Swarm\")"),
+    method: str = typer.Option("multistage", "--method",
+                               help="multistage (the paper's relay) or split (the two-segment UNet baseline)"),
+    strategy: str = typer.Option("dp", "--strategy", help="device selection: dp, exact, random, greedy, fair"),
+    tmax: float | None = typer.Option(None, "--tmax", help="latency budget T_max in s (default: the topology's)"),
+    emax: float | None = typer.Option(None, "--emax", help="energy budget E_max in J (default: the topology's)"),
+    seed: int | None = typer.Option(None, "--seed", help="override the topology's seed"),
+    out_dir: Path | None = typer.Option(None, "--out", help="output directory (default: out/<run id>)"),
+    as_json: bool = typer.Option(False, "--json", help="print only the result JSON on stdout"),
+    fail: str | None = typer.Option(None, "--fail", help="kill this selected device's agent mid-computation"),
+    run_id: str | None = typer.Option(None, "--run", help="use this running topology (testbed up)"),
+) -> None:
+    """Run one generation: bring the cell up, relay the latent through the selected devices
+    (or, with --method split, cut the UNet over two devices), write result.json,
+    events.jsonl, logs and the image, tear down."""
+    from testbed.emulation.runs import new_run_id
+    from testbed.composition.runner import Runner
+    from testbed.composition.split_runner import SplitRun
+
+    if method not in ("multistage", "split"):
+        raise InputError(f"--method {method!r}: use multistage or split")
+    if method == "split" and fail:
+        raise InputError("--fail applies to multistage runs; split diffusion has no checkpoint to recover from")
+    runner_cls = SplitRun if method == "split" else Runner
+
+    topo = load_topology(file, seed=seed)
+    rid = run_id or new_run_id()
+    out_path = out_dir or Path("out") / rid
+    progress = _Progress()
+    console = err if as_json else out
+
+    async def go() -> dict[str, Any]:
+        with Live(progress.render(), console=console, refresh_per_second=8, transient=as_json) as live:
+            def on_event(ev: dict[str, Any]) -> None:
+                progress.feed(ev)
+                live.update(progress.render())
+
+            async with runner_cls(topo, run_id=rid, backend=backend, method=method, strategy=strategy, t_max_s=tmax,
+                              e_max_j=emax, out_dir=out_path, on_event=on_event, attach=run_id is not None) as r:
+                console.print(f"run {rid}: cell up, {len(r.emu.links)} agents starting (broker {r.broker.kind})")
+                res = await r.run(fail=fail)
+        if not console.is_terminal and not as_json:
+            console.line()  # rich leaves a piped Live's last frame without its newline
+        return res.to_json()
+
+    doc = asyncio.run(go())
+    if as_json:
+        print_json(doc)
+        enforce_expectations(topo.expect, doc, topo.name, console=err)
+        return
+    rec = "; ".join(f"{x['device']} {x['steps']} -> {x['took_over']} ({x['reason']})" for x in doc["recovered"])
+    out.print(
+        f"[bold]{doc['run']}[/]: {' -> '.join(doc['relay_order'])}, {doc['total_steps']} steps, "
+        f"latency {doc['latency_s']:.3f} s (predicted {doc['predicted_latency_s']:.3f} s), "
+        f"energy {doc['energy_j']:.1f} J, MS-SSIM {doc['ms_ssim']:.3f}"
+        + (f"; recovered: {rec}" if rec else "")
+    )
+    out.print(f"wrote {out_path}/result.json, events.jsonl, image.png, logs/")
+    enforce_expectations(topo.expect, doc, topo.name, console=out)
+
+
+def register(app: typer.Typer) -> None:
+    app.command()(run)

@@ -1,0 +1,1 @@
+"""Experiments over runs: sweeps (Fig. 4), claims, figures and scenario expectations."""

@@ -1,0 +1,203 @@
+"""Figures of Fig. 4 from a sweep's results.csv (matplotlib, Agg backend; files only).
+
+- fig4a_quality_vs_tmax.png: MS-SSIM vs T_max at the reference E_max, mean and spread
+  (min-max band, +/- 1 std bars) over seeds, one line per method;
+- fig4b_quality_vs_emax.png: the same vs E_max at the reference T_max;
+- fig4c_time_breakdown.png: share of transmission vs computation time per method as
+  T_max grows (stacked bars, mean over seeds of measured t_tran and t_cmp);
+- fig4d_images.png: each method's image at every T_max (first seed, reference E_max) —
+  same prompt and same initial noise within a seed.
+
+A run whose budgets admit no stage delivers no image: it counts as MS-SSIM 0 in the means
+(marked with an open marker) — "nothing within the budget" is the worst quality.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+__all__ = ["aggregate", "reference_budget", "write_figures", "FIGURES"]
+
+FIGURES = ("fig4a_quality_vs_tmax.png", "fig4b_quality_vs_emax.png", "fig4c_time_breakdown.png", "fig4d_images.png")
+_ORDER = ("multi-stage w/ DS", "multi-stage w/o DS", "split")
+_STYLE = {
+    "multi-stage w/ DS": {"color": "#1f77b4", "marker": "o"},
+    "multi-stage w/o DS": {"color": "#2ca02c", "marker": "s"},
+    "split": {"color": "#d62728", "marker": "^"},
+}
+
+
+def _label(row: dict[str, Any]) -> str:
+    from testbed.experiments.sweep import RunSpec
+
+    return RunSpec(row["method"], row["strategy"]).label
+
+
+def _labels(rows: list[dict[str, Any]]) -> list[str]:
+    present = {_label(r) for r in rows}
+    return [lb for lb in _ORDER if lb in present] + sorted(present - set(_ORDER))
+
+
+def reference_budget(values: list[float], preferred: float) -> float:
+    """The paper's default budget when the sweep has it, else the largest swept value."""
+    return preferred if preferred in values else max(values)
+
+
+def _quality(row: dict[str, Any]) -> float:
+    q = row.get("ms_ssim")
+    return float(q) if row.get("feasible") and q is not None else 0.0
+
+
+def aggregate(rows: list[dict[str, Any]], x_key: str, fixed_key: str, fixed: float) -> dict[str, list[dict[str, float]]]:
+    """Per method: for each x, mean/std/min/max of MS-SSIM over seeds and the infeasible count."""
+    groups: dict[str, dict[float, list[dict[str, Any]]]] = defaultdict(lambda: defaultdict(list))
+    for r in rows:
+        if r[fixed_key] == fixed:
+            groups[_label(r)][float(r[x_key])].append(r)
+    out: dict[str, list[dict[str, float]]] = {}
+    for label, by_x in groups.items():
+        series = []
+        for x in sorted(by_x):
+            qs = np.array([_quality(r) for r in by_x[x]])
+            series.append({
+                "x": x, "mean": float(qs.mean()), "std": float(qs.std()), "min": float(qs.min()),
+                "max": float(qs.max()), "n": float(len(qs)),
+                "infeasible": float(sum(1 for r in by_x[x] if not r.get("feasible"))),
+                "steps": float(np.mean([r.get("total_steps") or 0 for r in by_x[x]])),
+            })
+        out[label] = series
+    return out
+
+
+def _quality_plot(ax: Any, agg: dict[str, list[dict[str, float]]], xlabel: str, title: str) -> None:
+    for label in [lb for lb in _ORDER if lb in agg] + sorted(set(agg) - set(_ORDER)):
+        s = agg[label]
+        st = _STYLE.get(label, {"color": "gray", "marker": "x"})
+        x = [p["x"] for p in s]
+        m = np.array([p["mean"] for p in s])
+        ax.fill_between(x, [p["min"] for p in s], [p["max"] for p in s], color=st["color"], alpha=0.15, lw=0)
+        ax.errorbar(x, m, yerr=[p["std"] for p in s], color=st["color"], marker=st["marker"], capsize=3, lw=2,
+                    ms=7, label=label)
+        for p in s:
+            if p["infeasible"]:
+                ax.plot(p["x"], p["mean"], marker=st["marker"], ms=12, mfc="white", mec=st["color"], mew=1.5)
+    if any(p["infeasible"] for s in agg.values() for p in s):
+        ax.text(0.01, 0.01, "open marker: a seed had no image in budget (= 0)",
+                transform=ax.transAxes, fontsize=7, color="dimgray")
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel("MS-SSIM vs fp32 reference")
+    ax.set_title(title)
+    ax.set_ylim(-0.02, 1.02)
+    ax.grid(alpha=0.3)
+    ax.legend(loc="lower right")
+
+
+def _time_breakdown(ax: Any, rows: list[dict[str, Any]], e_ref: float, t_values: list[float]) -> None:
+    labels = _labels(rows)
+    width = 0.8 / max(1, len(labels))
+    for j, label in enumerate(labels):
+        tran, cmp_ = [], []
+        for t in t_values:
+            sel = [r for r in rows if _label(r) == label and r["t_max_s"] == t and r["e_max_j"] == e_ref
+                   and r.get("feasible")]
+            tt = sum(float(r["t_tran_s"] or 0) for r in sel)
+            tc = sum(float(r["t_cmp_s"] or 0) for r in sel)
+            tot = tt + tc
+            tran.append(tt / tot if tot else np.nan)
+            cmp_.append(tc / tot if tot else np.nan)
+        xs = np.arange(len(t_values)) + (j - (len(labels) - 1) / 2) * width
+        st = _STYLE.get(label, {"color": "gray"})
+        ax.bar(xs, tran, width * 0.95, color=st["color"], edgecolor="black", lw=0.5,
+               label=f"{label}: transmission")
+        ax.bar(xs, cmp_, width * 0.95, bottom=tran, color=st["color"], alpha=0.35, edgecolor="black", lw=0.5,
+               hatch="//", label=f"{label}: computation")
+        for x, v in zip(xs, tran):
+            if not np.isnan(v):
+                ax.text(x, min(v, 0.93) + 0.02, f"{100 * v:.0f}%", ha="center", fontsize=8)
+    ax.set_xticks(np.arange(len(t_values)), [f"{t:g}" for t in t_values])
+    ax.set_xlabel("T_max (s)")
+    ax.set_ylabel("share of measured time")
+    ax.set_ylim(0, 1.12)
+    ax.set_title(f"Fig. 4(c): transmission vs computation (E_max = {e_ref:g} J)")
+    ax.legend(fontsize=7, ncol=2, loc="upper center", bbox_to_anchor=(0.5, -0.13))
+
+
+def _images(fig: Any, rows: list[dict[str, Any]], out_dir: Path, e_ref: float, t_values: list[float]) -> None:
+    from PIL import Image
+
+    seed = min(r["seed"] for r in rows)
+    labels = _labels(rows)
+    axes = fig.subplots(len(labels), len(t_values), squeeze=False)
+    for i, label in enumerate(labels):
+        for j, t in enumerate(t_values):
+            ax = axes[i][j]
+            ax.set_xticks([])
+            ax.set_yticks([])
+            row = next((r for r in rows if _label(r) == label and r["t_max_s"] == t and r["e_max_j"] == e_ref
+                        and r["seed"] == seed), None)
+            if row is not None and row.get("image") and (out_dir / row["image"]).is_file():
+                img = np.asarray(Image.open(out_dir / row["image"]))
+                ax.imshow(img, cmap="gray" if img.ndim == 2 else None, vmin=0, vmax=255, interpolation="nearest")
+                ax.set_xlabel(f"MS-SSIM {row['ms_ssim']:.2f}, {row['total_steps']} steps", fontsize=8)
+            else:
+                ax.text(0.5, 0.5, "no image\nwithin budget", ha="center", va="center", fontsize=9,
+                        transform=ax.transAxes)
+            if i == 0:
+                ax.set_title(f"T_max = {t:g} s", fontsize=10)
+            if j == 0:
+                ax.set_ylabel(label, fontsize=10)
+    fig.suptitle(f"Fig. 4(d): generated images (seed {seed}, E_max = {e_ref:g} J; same prompt and noise)")
+
+
+def write_figures(csv_path: Path, out_dir: Path | None = None) -> list[Path]:
+    """Draw the four figures from a results.csv; returns their paths."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from testbed.experiments.sweep import read_rows
+
+    csv_path = Path(csv_path)
+    out_dir = Path(out_dir) if out_dir is not None else csv_path.parent
+    rows = read_rows(csv_path)
+    if not rows:
+        return []
+    t_values = sorted({float(r["t_max_s"]) for r in rows})
+    e_values = sorted({float(r["e_max_j"]) for r in rows})
+    e_ref, t_ref = reference_budget(e_values, 200.0), reference_budget(t_values, 2.0)
+    n_seeds = len({r["seed"] for r in rows})
+    paths = []
+
+    fig, ax = plt.subplots(figsize=(6.4, 4.6), dpi=120)
+    _quality_plot(ax, aggregate(rows, "t_max_s", "e_max_j", e_ref), "T_max (s)",
+                  f"Fig. 4(a): quality vs T_max (E_max = {e_ref:g} J, {n_seeds} seeds)")
+    paths.append(_save(fig, out_dir / FIGURES[0]))
+
+    fig, ax = plt.subplots(figsize=(6.4, 4.6), dpi=120)
+    _quality_plot(ax, aggregate(rows, "e_max_j", "t_max_s", t_ref), "E_max (J)",
+                  f"Fig. 4(b): quality vs E_max (T_max = {t_ref:g} s, {n_seeds} seeds)")
+    paths.append(_save(fig, out_dir / FIGURES[1]))
+
+    fig, ax = plt.subplots(figsize=(7.5, 5.2), dpi=120)
+    _time_breakdown(ax, rows, e_ref, t_values)
+    paths.append(_save(fig, out_dir / FIGURES[2]))
+
+    labels = _labels(rows)
+    fig = plt.figure(figsize=(1.9 * len(t_values) + 1.2, 2.0 * len(labels) + 0.8), dpi=120)
+    _images(fig, rows, out_dir, e_ref, t_values)
+    paths.append(_save(fig, out_dir / FIGURES[3]))
+    return paths
+
+
+def _save(fig: Any, path: Path) -> Path:
+    import matplotlib.pyplot as plt
+
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return path

@@ -1,0 +1,337 @@
+"""Sweeps for Fig. 4 of the paper: every (T_max, E_max, seed, method) point run on the emulation.
+
+`run_sweep(SweepConfig)` brings up one emulation per (seed, method) and reuses it for
+every budget point (link rates do not depend on the budgets), runs each point for real —
+multi-stage through `testbed.composition.runner.Runner`, split through `testbed.composition.split_runner.SplitRun`
+— and writes, as it goes, `results.csv` (one row per run), `results.jsonl` (each run's
+full result document) and the images; `experiments_plots.write_figures` then draws
+fig4a-fig4d from the CSV. Nothing here computes a result from formulas: every number is
+a run's measurement. A point whose budgets admit not even one stage (or one split step)
+is a row with `feasible` 0 and no MS-SSIM.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import csv
+import inspect
+import itertools
+import json
+import math
+import time
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import AbstractAsyncContextManager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from testbed.errors import InfeasibleError, TopologyError
+from testbed.experiments.expectations import derived_metrics
+from testbed.model.topology import Topology, load_topology
+
+__all__ = [
+    "CSV_COLUMNS",
+    "DEFAULT_RUNS",
+    "QUICK",
+    "RunSpec",
+    "SweepConfig",
+    "SweepOutcome",
+    "parse_runs",
+    "parse_floats",
+    "result_row",
+    "read_rows",
+    "run_sweep",
+]
+
+CSV_COLUMNS = [
+    "method", "strategy", "t_max_s", "e_max_j", "seed", "selected_count", "total_steps", "latency_s", "energy_j",
+    "t_tran_s", "t_cmp_s", "ms_ssim", "feasible", "predicted_latency_s", "overrun_s", "selected", "run", "image",
+    "error",
+]
+DEFAULT_RUNS = "multistage:dp,multistage:random,split"
+#: `--quick`: T_max {1, 2, 4} s x E_max {100, 200} J x the three runs x seeds 1..2.
+QUICK = {"t_max_s": (1.0, 2.0, 4.0), "e_max_j": (100.0, 200.0), "seeds": 2}
+METHODS = ("multistage", "split")
+_LABELS = {"multistage:dp": "multi-stage w/ DS", "multistage:random": "multi-stage w/o DS", "split": "split"}
+
+
+@dataclass(frozen=True)
+class RunSpec:
+    """One compared method: `multistage:<strategy>` or `split`."""
+
+    method: str
+    strategy: str
+
+    @property
+    def key(self) -> str:
+        return "split" if self.method == "split" else f"{self.method}:{self.strategy}"
+
+    @property
+    def label(self) -> str:
+        return _LABELS.get(self.key, self.key)
+
+
+def parse_runs(text: str) -> list[RunSpec]:
+    """`multistage:dp,multistage:random,split` -> RunSpecs (strategies checked against selection's)."""
+    from testbed.selection import STRATEGIES
+
+    specs: list[RunSpec] = []
+    for part in (p.strip() for p in text.split(",")):
+        if not part:
+            continue
+        method, _, strategy = part.partition(":")
+        if method not in METHODS:
+            raise TopologyError(f"--runs {part!r}: method must be one of {', '.join(METHODS)} (e.g. multistage:dp)")
+        if method == "split":
+            if strategy and strategy != "best-pair":
+                raise TopologyError(f"--runs {part!r}: split takes no strategy (it picks the best pair); write 'split'")
+            strategy = "best-pair"
+        elif strategy not in STRATEGIES:
+            raise TopologyError(f"--runs {part!r}: strategy must be one of {', '.join(STRATEGIES)}")
+        spec = RunSpec(method, strategy)
+        if spec in specs:
+            raise TopologyError(f"--runs lists {spec.key} twice")
+        specs.append(spec)
+    if not specs:
+        raise TopologyError("--runs is empty; e.g. --runs multistage:dp,multistage:random,split")
+    return specs
+
+
+def parse_floats(text: str, option: str) -> list[float]:
+    """`1,2,4` -> [1.0, 2.0, 4.0]; each value finite and > 0, no duplicates."""
+    out: list[float] = []
+    for part in (p.strip() for p in text.split(",")):
+        if not part:
+            continue
+        try:
+            v = float(part)
+        except ValueError:
+            raise TopologyError(f"{option} {text!r}: {part!r} is not a number; write e.g. {option} 1,2,4") from None
+        if not (math.isfinite(v) and v > 0):
+            raise TopologyError(f"{option} {text!r}: {part!r} must be a positive number")
+        if v not in out:
+            out.append(v)
+    if not out:
+        raise TopologyError(f"{option} is empty; write e.g. {option} 1,2,4")
+    return sorted(out)
+
+
+@dataclass
+class SweepConfig:
+    file: Path
+    t_max_s: Sequence[float]
+    e_max_j: Sequence[float]
+    seeds: Sequence[int]
+    runs: Sequence[RunSpec]
+    out_dir: Path
+    backend: str = "netns"
+
+    def points(self) -> list[tuple[float, float]]:
+        return [(t, e) for t in self.t_max_s for e in self.e_max_j]
+
+    @property
+    def total(self) -> int:
+        return len(self.points()) * len(self.seeds) * len(self.runs)
+
+
+@dataclass
+class SweepOutcome:
+    rows: list[dict[str, Any]]
+    csv_path: Path
+    jsonl_path: Path
+    elapsed_s: float
+    setup_s: float = 0.0
+    figures: list[Path] = field(default_factory=list)
+
+
+def _fmt_num(v: Any) -> str:
+    return f"{v:g}" if isinstance(v, float) else str(v)
+
+
+def result_row(doc: dict[str, Any], spec: RunSpec, t_max_s: float, e_max_j: float, seed: int,
+               image: str = "") -> dict[str, Any]:
+    """One CSV row from a run's result document (times and energy as measured)."""
+    d = derived_metrics(doc)
+    q = doc.get("ms_ssim")
+    return {
+        "method": spec.method, "strategy": spec.strategy, "t_max_s": t_max_s, "e_max_j": e_max_j, "seed": seed,
+        "selected_count": int(d["selected_count"]), "total_steps": int(d["steps_total"]),
+        "latency_s": float(doc.get("latency_s") or 0.0), "energy_j": float(doc.get("energy_j") or 0.0),
+        "t_tran_s": d["t_tran_s"], "t_cmp_s": d["t_cmp_s"],
+        "ms_ssim": float(q) if isinstance(q, (int, float)) else "", "feasible": 1,
+        "predicted_latency_s": doc.get("predicted_latency_s", ""), "overrun_s": d["overrun_s"],
+        "selected": " ".join(doc.get("selected") or []), "run": doc.get("run", ""), "image": image, "error": "",
+    }
+
+
+def _infeasible_row(spec: RunSpec, t_max_s: float, e_max_j: float, seed: int, why: str) -> dict[str, Any]:
+    row = {k: "" for k in CSV_COLUMNS}
+    row.update(method=spec.method, strategy=spec.strategy, t_max_s=t_max_s, e_max_j=e_max_j, seed=seed,
+               selected_count=0, total_steps=0, feasible=0, error=why)
+    return row
+
+
+def read_rows(path: Path) -> list[dict[str, Any]]:
+    """results.csv back as dicts with numbers parsed (empty cells -> None)."""
+    rows = []
+    with open(path, newline="") as f:
+        for raw in csv.DictReader(f):
+            row: dict[str, Any] = {}
+            for k, v in raw.items():
+                if v == "":
+                    row[k] = None
+                elif k in ("method", "strategy", "selected", "run", "image", "error"):
+                    row[k] = v
+                else:
+                    row[k] = float(v) if any(c in v for c in ".eE") or k in ("t_max_s", "e_max_j") else int(v)
+            rows.append(row)
+    return rows
+
+
+# -- running -------------------------------------------------------------------------------
+
+RunnerFactory = Callable[[Topology, str, str, Path], AbstractAsyncContextManager[Any]]
+
+
+def default_factory(backend: str = "netns") -> RunnerFactory:
+    """(topology, method, run id, output folder) -> a Runner (multistage) or a SplitRun (split)."""
+
+    def make(topo: Topology, method: str, run_id: str, out_dir: Path) -> AbstractAsyncContextManager[Any]:
+        if method == "split":
+            from testbed.composition.split_runner import SplitRun
+
+            return SplitRun(topo, run_id=run_id, backend=backend, out_dir=out_dir)
+        from testbed.composition.runner import Runner
+
+        return Runner(topo, run_id=run_id, backend=backend, method=method, out_dir=out_dir)
+
+    return make
+
+
+async def _run_point(runner: Any, spec: RunSpec, t_max_s: float, e_max_j: float) -> Any:
+    """`runner.run()` for this strategy and these budgets: as keyword arguments where run()
+    takes them, else set on the runner (Runner reads them at each run())."""
+    params = inspect.signature(runner.run).parameters
+    kw: dict[str, Any] = {}
+    for name, value in (("strategy", spec.strategy), ("t_max_s", t_max_s), ("e_max_j", e_max_j)):
+        if name in params:
+            kw[name] = value
+        elif name != "strategy" or spec.method != "split":
+            setattr(runner, name, value)
+    return await runner.run(**kw)
+
+
+def _image_array(res: Any, doc: dict[str, Any]) -> np.ndarray | None:
+    arr = getattr(res, "image_array", None)
+    if arr is not None:
+        return np.asarray(arr)
+    img = doc.get("image")
+    if isinstance(img, str) and img:
+        p = Path(img)
+        if p.suffix == ".png" and p.is_file():
+            from PIL import Image
+
+            return np.asarray(Image.open(p))
+        import base64
+        import io
+
+        try:
+            from PIL import Image
+
+            return np.asarray(Image.open(io.BytesIO(base64.b64decode(img.split(",")[-1], validate=True))))
+        except Exception:  # noqa: BLE001 - not an image we can read: the row keeps no picture
+            return None
+    if isinstance(img, list):
+        return np.asarray(img, dtype=np.uint8)
+    return None
+
+
+def _run_id(spec_index: int) -> str:
+    """A fresh emulation run id (1-7 lowercase letters/digits) for one (seed, method)."""
+    import uuid
+
+    return f"s{uuid.uuid4().hex[:4]}{spec_index}"
+
+
+def _iter_jobs(cfg: SweepConfig) -> Iterator[tuple[int, str, list[RunSpec]]]:
+    """(seed, method, its specs): one emulation per seed and method, shared by its strategies."""
+    for seed in cfg.seeds:
+        for method in METHODS:
+            specs = [s for s in cfg.runs if s.method == method]
+            if specs:
+                yield seed, method, specs
+
+
+async def run_sweep(
+    cfg: SweepConfig,
+    *,
+    factory: RunnerFactory | None = None,
+    on_row: Callable[[dict[str, Any]], None] | None = None,
+    on_status: Callable[[str], None] | None = None,
+) -> SweepOutcome:
+    """Run every point; rows are appended to results.csv as they come (a crash keeps them)."""
+    factory = factory or default_factory(cfg.backend)
+    cfg.out_dir.mkdir(parents=True, exist_ok=True)
+    (cfg.out_dir / "images").mkdir(exist_ok=True)
+    csv_path, jsonl_path = cfg.out_dir / "results.csv", cfg.out_dir / "results.jsonl"
+    rows: list[dict[str, Any]] = []
+    t0 = time.perf_counter()
+    setup_s = 0.0
+    with open(csv_path, "w", newline="") as fc, open(jsonl_path, "w") as fj:
+        writer = csv.DictWriter(fc, fieldnames=CSV_COLUMNS)
+        writer.writeheader()
+        for seed, method, specs in _iter_jobs(cfg):
+            topo = load_topology(cfg.file, seed=seed)
+            if on_status:
+                on_status(f"seed {seed}: bringing up the emulation for {method}")
+            ts = time.perf_counter()
+            run_id = _run_id(METHODS.index(method))
+            async with factory(topo, method, run_id, cfg.out_dir / "runs" / f"seed{seed}-{method}") as runner:
+                setup_s += time.perf_counter() - ts
+                for (t_max, e_max), spec in itertools.product(cfg.points(), specs):
+                    if on_status:
+                        on_status(f"seed {seed} {spec.label}: T_max {t_max:g} s, E_max {e_max:g} J")
+                    row, doc = await _one(runner, spec, t_max, e_max, seed, cfg.out_dir)
+                    writer.writerow({k: _fmt_num(v) for k, v in row.items()})
+                    fc.flush()
+                    fj.write(json.dumps(doc, default=_json_default) + "\n")
+                    fj.flush()
+                    rows.append(row)
+                    if on_row:
+                        on_row(row)
+    return SweepOutcome(rows=rows, csv_path=csv_path, jsonl_path=jsonl_path,
+                        elapsed_s=time.perf_counter() - t0, setup_s=setup_s)
+
+
+async def _one(runner: Any, spec: RunSpec, t_max: float, e_max: float, seed: int,
+               out_dir: Path) -> tuple[dict[str, Any], dict[str, Any]]:
+    """One point: (CSV row, JSONL document); the image saved under images/."""
+    from PIL import Image
+
+    try:
+        res = await _run_point(runner, spec, t_max, e_max)
+    except InfeasibleError as e:
+        return (_infeasible_row(spec, t_max, e_max, seed, str(e)),
+                {"method": spec.method, "strategy": spec.strategy, "t_max_s": t_max, "e_max_j": e_max,
+                 "seed": seed, "infeasible": str(e)})
+    doc = res.to_json()
+    img = _image_array(res, doc)
+    name = ""
+    if img is not None:
+        name = f"images/{spec.key.replace(':', '-')}_t{t_max:g}_e{e_max:g}_s{seed}.png"
+        Image.fromarray(img).save(out_dir / name)
+    return result_row(doc, spec, t_max, e_max, seed, name), {**doc, "seed": seed, "t_max_s": t_max, "e_max_j": e_max}
+
+
+def _json_default(o: Any) -> Any:
+    if hasattr(o, "tolist"):
+        return o.tolist()
+    if hasattr(o, "model_dump"):
+        return o.model_dump()
+    return str(o)
+
+
+def run_sweep_sync(cfg: SweepConfig, **kw: Any) -> SweepOutcome:
+    return asyncio.run(run_sweep(cfg, **kw))

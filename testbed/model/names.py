@@ -1,0 +1,54 @@
+"""The names every layer shares, each rule defined once: run ids, node ids, the state
+root, the broker port, the edge server's id and the address plan.
+
+Run ids go into 15-character interface names (`tb<run>h`), hence 1-7 characters.
+Everything that builds a path, an interface, a cgroup, a topic or a container name from
+user text checks it against these patterns first.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from pathlib import Path
+
+from testbed.errors import InputError
+
+__all__ = [
+    "RUN_ID_RE",
+    "check_run_id",
+    "STATE_ROOT",
+    "MQTT_PORT",
+    "SERVER_ID",
+    "RESERVED_IDS",
+    "SERVER_ADDRESS",
+    "HOST_ADDRESS",
+    "CELL_NET",
+]
+
+#: 1-7 lowercase letters or digits: run ids go into interface names of at most 15 characters.
+RUN_ID_RE = re.compile(r"^[a-z0-9]{1,7}$")
+
+#: Where every run keeps its state (/run/testbed/<run>/); TESTBED_RUN_ROOT moves it (tests).
+STATE_ROOT = Path(os.environ.get("TESTBED_RUN_ROOT", "/run/testbed"))
+
+#: The broker's port on the edge server.
+MQTT_PORT = 1883
+
+#: The edge server's node id; it and the observer's MQTT user name are not device ids.
+SERVER_ID = "server"
+RESERVED_IDS = (SERVER_ID, "observer")
+
+#: The address plan (docs/design.md): the testbed's own cell network is 198.18.0.0/16.
+CELL_NET = "198.18.0.0/16"
+SERVER_ADDRESS = "198.18.0.1"
+HOST_ADDRESS = "198.18.255.254"
+
+
+def check_run_id(run_id: str) -> str:
+    """`run_id` when it matches RUN_ID_RE, else InputError (exit 2) naming the rule."""
+    if not isinstance(run_id, str) or not RUN_ID_RE.fullmatch(run_id):
+        raise InputError(
+            f"run id {run_id!r}: use 1-7 lowercase letters or digits (it goes into 15-character interface names)"
+        )
+    return run_id
