@@ -16,7 +16,7 @@ run: install
 	$(TESTBED) run topologies/paper.yaml --out out/paper
 
 # The docker tests need a daemon: as root, .ci/start-dockerd installs docker.io if missing and
-# starts dockerd with the address plan (DESIGN.md) unless one already answers; it stays up
+# starts dockerd with the address plan (docs/design.md) unless one already answers; it stays up
 # afterwards (`.ci/stop-dockerd` stops the one it started).
 test: install
 	@if [ "$$(id -u)" = 0 ]; then .ci/start-dockerd; fi

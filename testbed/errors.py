@@ -1,6 +1,6 @@
 """One error tree for the whole testbed; the CLI maps each class to an exit code.
 
-Messages name the object and the fix (STYLE.md #6). Raise these at the boundary where a
+Messages name the object and the fix. Raise these at the boundary where a
 library error (NetlinkError, MqttError, OSError, pydantic) is understood; never log and
 carry on.
 """

@@ -1,4 +1,4 @@
-"""Test tiers (STYLE.md #8): pure by default; `root`, `docker`, `gpu` markers skip with a
+"""Test tiers: pure by default; `root`, `docker`, `gpu` markers skip with a
 reason when the resource is missing — unless TESTBED_REQUIRE names it (CI sets
 TESTBED_REQUIRE=root,docker,mosquitto), in which case the missing resource FAILS the test.
 """

@@ -102,8 +102,9 @@ async def test_small_topology_in_containers(topologies: Path, run_id: str, tmp_p
             mem = emu.backend.cgroup_dir(node["id"], "memory")
             assert int((mem / "memory.limit_in_bytes").read_text()) == prof.memory_mb * 2**20
         assert await emu.verify_shaping() == []  # the shared plan, read back from the server container
-        await emu.backend.set_cpu("dev03", 0.05)  # a "slow" fault: docker update --cpus, live
+        await emu.set_cpu("dev03", 0.05)  # a "slow" fault: docker update --cpus, live
         assert int((emu.backend.cgroup_dir("dev03", "cpu") / "cpu.cfs_quota_us").read_text()) == 5000
+        assert emu.nodes["dev03"].cpu_quota_cores == 0.05
 
         # the broker runs inside the server container (its cgroup), reachable from a device
         broker = await emu.start_broker()
@@ -196,17 +197,19 @@ def _container_labels_of_image(image: str) -> dict:
 
 
 async def test_processes_joined_to_a_container_are_inside_it_and_kill_sweeps_them(run_id: str) -> None:
-    """What the runner's agent template does: a host process joins a container's cgroups
-    (every hierarchy) and namespaces; the container lists it; kill ends it, not the container."""
+    """What the agent launcher's template does: a host process joins a container's cgroups
+    (every hierarchy) and namespaces (`join`); the container lists it; `pids` (what kill
+    stops) holds it but not the container's own processes."""
     from testbed.emulation.backend import NodeSpec
     from testbed.emulation.docker.backend import DockerBackend
 
     be = DockerBackend(run_id)
     try:
         await be.create([NodeSpec("server", "server", SERVER, -1), NodeSpec("dev01", "device", "198.18.0.10", 0)])
-        procs = be.cgroup_procs("dev01")
-        assert len(procs) >= 2 and all(p.name == "cgroup.procs" for p in procs)
-        ns = [be.netns("dev01"), *be.namespaces("dev01")]
+        join = be.join("dev01")
+        procs = join.cgroup_procs
+        assert len(procs) >= 2 and all(p.endswith("/cgroup.procs") for p in procs)
+        ns = [join.netns, *join.extra_ns]
         code = ("import ctypes, os, sys, time\n"
                 "libc = ctypes.CDLL(None, use_errno=True)\n"
                 "for p in sys.argv[1].split(','):\n    open(p, 'w').write('0')\n"
@@ -222,7 +225,9 @@ async def test_processes_joined_to_a_container_are_inside_it_and_kill_sweeps_the
             for kind in ("net", "mnt", "uts", "ipc"):
                 assert os.stat(f"/proc/{proc.pid}/ns/{kind}").st_ino == \
                     os.stat(f"/proc/{be.container_pid('dev01')}/ns/{kind}").st_ino
-            await be.kill("dev01")
+            assert proc.pid in be.pids("dev01")
+            for pid in be.pids("dev01"):  # what Emulation.kill does with them
+                os.kill(pid, 9)
             proc.wait(timeout=10)  # it would sleep 60 s (kill reaps it: no exit status to read)
             assert not Path(f"/proc/{proc.pid}").exists()
             assert _container(run_id, "dev01")["State"]["Running"]  # its own processes were spared

@@ -54,3 +54,72 @@ def _docker_runs() -> list[str]:
 def _agent_logs(out: Path) -> str:
     logs = sorted((out / "logs").glob("*.log")) if (out / "logs").exists() else []
     return "\n".join(f"--- {p.name}\n{p.read_text()[-600:]}" for p in logs[:4])
+
+
+def _tb(*args: str, timeout: float = 600) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "testbed.cli", *args], capture_output=True, text=True,
+                          timeout=timeout)
+
+
+def test_fault_kill_on_a_docker_cell_then_a_run_uses_the_remaining_devices(topologies: Path, tmp_path: Path,
+                                                                           unique_run_id: str) -> None:
+    """`testbed up --backend docker`, `testbed fault kill dev01 --run ID`: the status shows
+    dev01 killed (its agent offline), and `testbed run --run ID` relays without it."""
+    run = unique_run_id
+    small = str(topologies / "small.yaml")
+    up = _tb("up", small, "--backend", "docker", "--run", run)
+    try:
+        assert up.returncode == 0, up.stderr[-3000:]
+        k = _tb("fault", "kill", "dev01", "--run", run, "--json")
+        assert k.returncode == 0, k.stderr[-2000:]
+        assert json.loads(k.stdout)["fault"]["kind"] == "kill"
+        st = _tb("status", "--run", run, "--json")
+        nodes = {n["id"]: n for n in json.loads(st.stdout)["nodes"]}
+        assert nodes["dev01"]["state"] in ("down", "killed")
+        assert [nodes[d]["state"] for d in ("dev02", "dev03", "dev04")] == ["up"] * 3
+        r = _tb("run", small, "--run", run, "--out", str(tmp_path), "--json")
+        assert r.returncode == 0, r.stderr[-3000:]
+        doc = json.loads(r.stdout)
+        assert "dev01" not in doc["selected"] and doc["selected"] and doc["meta"]["backend"] == "docker"
+        assert doc["recovered"] == []
+    finally:
+        down = _tb("down", "--run", run)
+    assert down.returncode == 0, down.stderr
+    assert _labelled(run) == []
+
+
+async def test_a_device_revived_after_a_kill_fault_runs_in_its_container_under_its_quota(
+        topologies: Path, tmp_path: Path, unique_run_id: str) -> None:
+    """The one agent launcher revives into the container: the new agent's cgroups are the
+    container's, and a busy loop in exactly those cgroups gets the container's CPU quota."""
+    import os
+    import time
+
+    from testbed.composition.faults import FaultInjector
+    from testbed.composition.session import RunSession
+    from testbed.model.topology import load_topology
+
+    topo = load_topology(topologies / "small.yaml")
+    async with RunSession(topo, run_id=unique_run_id, backend="docker", out_dir=tmp_path) as s:
+        cell = s.cell
+        await s.ensure_agents(["dev04"])
+        old = s.agents.pids()["dev04"]
+        await FaultInjector(cell, s.emit).inject("kill", "dev04")
+        assert cell.nodes["dev04"].state == "killed" and not Path(f"/proc/{old}").exists()
+        pid = await s.revive("dev04")
+        assert cell.nodes["dev04"].state == "up" and pid != old
+        container_pid = cell.backend.container_pid("dev04")
+        assert Path(f"/proc/{pid}/cgroup").read_text() == Path(f"/proc/{container_pid}/cgroup").read_text()
+        for kind in ("net", "mnt", "uts"):
+            assert os.stat(f"/proc/{pid}/ns/{kind}").st_ino == os.stat(f"/proc/{container_pid}/ns/{kind}").st_ino
+        quota = cell.nodes["dev04"].cpu_quota_cores
+        assert quota is not None and quota < 1  # a 0.5-core device: the limit is visible below one core
+        # a busy loop joined to the revived agent's own cgroups (every hierarchy)
+        procs = [str(p) for p in (await cell.join("dev04")).cgroup_procs]
+        code = ("import sys, time\nfor p in sys.argv[1:]:\n    open(p, 'w').write('0')\n"
+                "t = time.monotonic()\nwhile time.monotonic() - t < 3.0:\n    pass\n"
+                "print(time.process_time(), time.monotonic() - t)\n")
+        busy = subprocess.run([sys.executable, "-c", code, *procs], capture_output=True, text=True, timeout=60)
+        cpu_s, wall_s = map(float, busy.stdout.split())
+        # held to its quota (the host has two cores otherwise); the share, not an absolute time
+        assert quota * 0.5 < cpu_s / wall_s < quota * 1.25, (cpu_s, wall_s, quota)

@@ -19,7 +19,7 @@ from testbed.emulation.docker.spec import (
     bridge_name,
     container_plan,
     detect_gpus,
-    nano_cpus,
+    cpu_quota_us,
     network_plan,
 )
 from testbed.emulation.shaping import CELL_CLASS, HTB_HANDLE, INGRESS_HANDLE, HtbClass, Qdisc, U32Filter
@@ -31,7 +31,7 @@ def test_container_plan_carries_profile_limits_labels_and_address() -> None:
     p = container_plan("r1", node, "img:x", [("/usr", "/usr", True)])
     assert p.name == "tb-r1-dev03" and p.hostname == "dev03" and p.ipv4_address == "198.18.0.12"
     assert p.labels == {"testbed.run": "r1", "testbed.node": "dev03", "testbed.role": "device"}
-    assert p.host_config["nano_cpus"] == 500_000_000  # --cpus 0.5
+    assert (p.host_config["cpu_quota"], p.host_config["cpu_period"]) == (50_000, 100_000)  # --cpus 0.5
     assert p.host_config["mem_limit"] == p.host_config["memswap_limit"] == "1536m"
     assert p.host_config["network_mode"] == "tb-r1" and p.host_config["init"] is True
     assert "device_requests" not in p.host_config  # no GPU on this host description
@@ -74,9 +74,9 @@ def test_network_plan_is_internal_on_the_cell_subnet_with_the_host_at_255_254() 
     assert n["labels"] == {"testbed.run": "r1"}
 
 
-def test_nano_cpus_floor() -> None:
-    assert nano_cpus(1.0) == 1_000_000_000
-    assert nano_cpus(0.001) == 10_000_000
+def test_cpu_quota_floor() -> None:
+    assert cpu_quota_us(1.0) == 100_000
+    assert cpu_quota_us(0.001) == 1000  # the kernel's minimum quota
 
 
 def test_skeleton_has_merged_usr_links_and_a_real_sbin() -> None:

@@ -14,7 +14,8 @@ from pathlib import Path
 
 import pytest
 
-from testbed.emulation import SERVER_ADDRESS, Emulation
+from testbed.emulation import BrokerSettings, Emulation
+from testbed.model.names import SERVER_ADDRESS
 from testbed.emulation.cgroups import detect_cgroups
 from testbed.emulation.runs import cleanup_run
 from testbed.emulation.shaping import HtbClass
@@ -140,6 +141,9 @@ async def test_spawn_runs_inside_namespace_and_cgroup_and_kill_stops_it(topologi
         assert await emu.wait(short, timeout_s=10) == 3
         await emu.kill("dev03")
         assert not Path(f"/proc/{pid}").exists() or "Z" in Path(f"/proc/{pid}/stat").read_text().split()[2]
+        assert emu.nodes["dev03"].state == "killed" and emu.status()["nodes"][3]["state"] == "killed"
+        await emu.revive("dev03")
+        assert emu.nodes["dev03"].state == "up"
 
 
 async def test_broker_reachable_from_a_device_and_the_host(topologies: Path, run_id: str) -> None:
@@ -150,7 +154,7 @@ async def test_broker_reachable_from_a_device_and_the_host(topologies: Path, run
         r = subprocess.run(["nsenter", f"--net={emu.nodes['dev02'].netns}", "mosquitto_pub", "-h", SERVER_ADDRESS,
                             "-t", f"tb/{run_id}/probe", "-m", "x"], capture_output=True, timeout=10)
         assert r.returncode == 0, r.stderr
-        if emu.backend.host_route:  # another concurrent run may own the host route
+        if emu.status()["host_route"]:  # another concurrent run may own the host route
             r = subprocess.run(["mosquitto_pub", "-h", SERVER_ADDRESS, "-t", f"tb/{run_id}/probe", "-m", "x"],
                                capture_output=True, timeout=10)
             assert r.returncode == 0, r.stderr
@@ -275,7 +279,7 @@ async def test_mosquitto_with_password_and_acl_files(topologies: Path, run_id: s
     acl = tmp_path / "acl"
     acl.write_text("user dev01\ntopic write tb/x/dev/dev01/result\n")
     async with Emulation(load_topology(topologies / "small.yaml"), run_id, cgroups=False) as emu:
-        b = await emu.start_broker(password_file=pw, acl_file=acl, max_message_bytes=1 << 20)
+        b = await emu.start_broker(BrokerSettings(pw, acl, 1 << 20))
         assert b.kind == "mosquitto"
         ns = emu.nodes["dev01"].netns
         assert _pub(ns, "-u", "dev01", "-P", "s3cret").returncode == 0
@@ -298,7 +302,7 @@ async def test_mosquitto_writes_its_log_whichever_user_it_runs_as(topologies: Pa
     tmp_path.chmod(0o700)
     state = make_run_dir(run_id) if where == "run_dir" else tmp_path / "state"
     async with Emulation(load_topology(topologies / "small.yaml"), run_id, cgroups=False, state_dir=state) as emu:
-        b = await emu.start_broker(password_file=pw)
+        b = await emu.start_broker(BrokerSettings(pw))
         assert b.kind == "mosquitto"
         assert _pub(emu.nodes["dev01"].netns, "-u", "dev01", "-P", "s3cret").returncode == 0
         user = pwd.getpwuid(os.stat(f"/proc/{b.pid}").st_uid).pw_name
@@ -312,47 +316,44 @@ async def test_mosquitto_writes_its_log_whichever_user_it_runs_as(topologies: Pa
 
 async def test_amqtt_fallback_broker(topologies: Path, run_id: str) -> None:
     async with Emulation(load_topology(topologies / "small.yaml"), run_id, cgroups=False) as emu:
-        b = await emu.start_broker(prefer="amqtt")
+        b = await emu.start_broker(BrokerSettings(prefer="amqtt"))
         assert b.kind == "amqtt"
         assert _pub(emu.nodes["dev02"].netns).returncode == 0
 
 
-async def test_agent_pool_forks_agent_inside_namespace_and_cgroup(topologies: Path, run_id: str, tmp_path: Path) -> None:
-    """The runner's agent template (testbed/composition/agent_pool.py) forks an agent that lands in its
-    node's network namespace and cgroups, retitled `testbed-agent RUN DEV`; closing the
-    pool and the emulation leaves no process behind."""
-    from testbed.composition.agent_pool import AgentPool
-    from testbed.emulation.procs import pid_alive, stop_pid
+async def test_agent_launcher_forks_agent_inside_namespace_and_cgroup(topologies: Path, run_id: str,
+                                                                       tmp_path: Path) -> None:
+    """The one agent launcher (testbed/composition/agents.py) forks an agent that lands in
+    its node's network namespace and cgroups (`cell.join`), retitled `testbed-agent RUN DEV`;
+    a revival forks a fresh one the same way; closing leaves no process behind."""
+    from testbed.composition.agents import AgentLauncher
+    from testbed.emulation.procs import pid_alive
     from testbed.relay.agent import AgentConfig
 
-    pool = AgentPool(tmp_path / "pool.sock", tmp_path / "template.log")
-    pid = None
+    state = tmp_path / "state"
+    launcher = AgentLauncher(run_id, state, tmp_path / "logs")
     try:
-        async with Emulation(load_topology(topologies / "small.yaml"), run_id, state_dir=tmp_path / "state") as emu:
-            await pool.start()
-            cfg = tmp_path / "dev04.json"  # no broker: the agent keeps retrying until stopped
+        async with Emulation(load_topology(topologies / "small.yaml"), run_id, state_dir=state) as emu:
+            launcher.bind(emu)
+            # no broker: the agent keeps retrying until stopped
             AgentConfig(run=run_id, device="dev04", broker_host=SERVER_ADDRESS, broker_port=1883,
-                        username="dev04", password="x").write(cfg)
+                        username="dev04", password="x").write(launcher.config_path("dev04"))
             node = emu.nodes["dev04"]
-            pid = await pool.spawn(node.netns, list(emu.cg.procs_files(run_id, "dev04")),
-                                   ["testbed-agent", run_id, "dev04", "--config", str(cfg)], {},
-                                   tmp_path / "agent.log")
-            assert pid != pool.pid
-            deadline = time.monotonic() + 10  # retitled after joining the cgroups and the namespace
-            while not Path(f"/proc/{pid}/cmdline").read_bytes().startswith(f"testbed-agent {run_id} dev04".encode()):
-                assert time.monotonic() < deadline, Path(f"/proc/{pid}/cmdline").read_bytes()
-                await asyncio.sleep(0.05)
-            assert os.stat(f"/proc/{pid}/ns/net").st_ino == os.stat(node.netns).st_ino
-            assert os.stat(f"/proc/{pid}/ns/net").st_ino != os.stat("/proc/self/ns/net").st_ino
-            cgroup = Path(f"/proc/{pid}/cgroup").read_text()
-            assert f"cpu:/testbed/{run_id}/dev04" in cgroup.replace("cpu,cpuacct:", "cpu:")
-            assert pid in emu.cg.pids(run_id, "dev04")
-            await stop_pid(pid, timeout_s=2.0)
-            assert not pid_alive(pid)
-            template = pool.pid
-            await pool.close()
-            assert not pid_alive(template)
+            for _ in ("start", "revive"):
+                pid = await launcher.spawn("dev04") if _ == "start" else await launcher.revive("dev04")
+                assert pid != launcher.template_pid
+                deadline = time.monotonic() + 10  # retitled after joining the cgroups and the namespace
+                while not Path(f"/proc/{pid}/cmdline").read_bytes().startswith(f"testbed-agent {run_id} dev04".encode()):
+                    assert time.monotonic() < deadline, Path(f"/proc/{pid}/cmdline").read_bytes()
+                    await asyncio.sleep(0.05)
+                assert os.stat(f"/proc/{pid}/ns/net").st_ino == os.stat(node.netns).st_ino
+                assert os.stat(f"/proc/{pid}/ns/net").st_ino != os.stat("/proc/self/ns/net").st_ino
+                cgroup = Path(f"/proc/{pid}/cgroup").read_text()
+                assert f"cpu:/testbed/{run_id}/dev04" in cgroup.replace("cpu,cpuacct:", "cpu:")
+                assert pid in emu.backend.cg.pids(run_id, "dev04")
+                assert launcher.pids() == {"dev04": pid}
+            template = launcher.template_pid
+            await launcher.close()
+            assert not pid_alive(pid) and not pid_alive(template)
     finally:
-        if pid is not None:
-            await stop_pid(pid, timeout_s=1.0)
-        await pool.close()
+        await launcher.close()

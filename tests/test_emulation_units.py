@@ -8,7 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from testbed.emulation.backend import check_run_id, device_address
+from testbed.emulation.backend import device_address
+from testbed.model.names import check_run_id
 from testbed.emulation.broker import _amqtt_conf, _mosquitto_conf, parse_mosquitto_acl
 from testbed.emulation.mobility import RandomWaypoint
 from testbed.errors import InputError, ResourceError

@@ -128,41 +128,42 @@ async def test_sweep_writes_csv_rows_and_figures(tmp_path):
         def to_json(self):
             return self.doc
 
-    class FakeRunner:
-        """Like Runner: budgets and strategy are attributes read at each run()."""
+    class FakeSession:
+        """Like RunSession: one per seed, any method, strategy and budgets at each run()."""
 
         opened = 0
 
-        def __init__(self, topo, method, run_id, out_dir):
-            self.topo, self.method = topo, method
-            self.strategy, self.t_max_s, self.e_max_j = "dp", None, None
+        def __init__(self, topo, run_id, out_dir):
+            self.topo = topo
 
         async def __aenter__(self):
-            FakeRunner.opened += 1
+            FakeSession.opened += 1
             return self
 
         async def __aexit__(self, *exc):
             return None
 
-        async def run(self, fail=None):
-            if self.t_max_s < 1:
+        async def run(self, method, *, strategy, t_max_s, e_max_j):
+            if t_max_s < 1:
                 raise InfeasibleError("T_max too small")
-            key = "split" if self.method == "split" else f"{self.method}:{self.strategy}"
-            return Res(self.t_max_s, self.e_max_j, self.topo.seed, key)
+            key = "split" if method == "split" else f"{method}:{strategy}"
+            return Res(t_max_s, e_max_j, self.topo.seed, key)
 
     topo_file = tmp_path / "t.yaml"
     topo_file.write_text("devices: {count: 3}\n")
     cfg = SweepConfig(file=topo_file, t_max_s=[0.5, 2.0], e_max_j=[200.0], seeds=[1, 2],
                       runs=parse_runs("multistage:dp,multistage:random,split"), out_dir=tmp_path / "out")
-    outcome = await run_sweep(cfg, factory=FakeRunner)
-    assert FakeRunner.opened == 4  # one emulation per (seed, method): dp and random share theirs
+    outcome = await run_sweep(cfg, factory=FakeSession)
+    assert FakeSession.opened == 2  # one cell per seed: every method and budget point share it
     rows = read_rows(outcome.csv_path)
     assert len(rows) == cfg.total == 12
-    assert [(r["strategy"], r["t_max_s"], r["feasible"]) for r in rows[:4]] == [
-        ("dp", 0.5, 0), ("random", 0.5, 0), ("dp", 2.0, 1), ("random", 2.0, 1)]
-    assert rows[0]["ms_ssim"] is None and rows[2]["ms_ssim"] == pytest.approx(0.4)
-    assert rows[3]["run"] == "multistage:random-1"  # the strategy reached the shared runner
-    assert rows[2]["image"] == "images/multistage-dp_t2_e200_s1.png"
+    assert [(r["strategy"], r["t_max_s"], r["feasible"]) for r in rows[:6]] == [
+        ("dp", 0.5, 0), ("random", 0.5, 0), ("best-pair", 0.5, 0), ("dp", 2.0, 1), ("random", 2.0, 1),
+        ("best-pair", 2.0, 1)]
+    assert rows[0]["ms_ssim"] is None and rows[3]["ms_ssim"] == pytest.approx(0.4)
+    assert rows[4]["run"] == "multistage:random-1"  # the strategy reached the shared session
+    assert rows[5]["run"] == "split-1" and rows[5]["method"] == "split"
+    assert rows[3]["image"] == "images/multistage-dp_t2_e200_s1.png"
     assert len(outcome.jsonl_path.read_text().splitlines()) == 12
     with open(outcome.csv_path) as f:
         assert next(csv.reader(f)) == CSV_COLUMNS

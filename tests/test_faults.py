@@ -11,6 +11,7 @@ the final latent shows a lost or repeated step as a wrong count).
 from __future__ import annotations
 
 import asyncio
+import json
 import socket
 import subprocess
 import time
@@ -19,7 +20,7 @@ from pathlib import Path
 import pytest
 
 from testbed.errors import RelayError, TopologyError
-from testbed.composition.faults import FaultInjector, broker_start_args, parse_fault
+from testbed.composition.faults import FaultInjector, parse_fault
 from testbed.relay.agent import Agent, AgentConfig
 from testbed.relay.security import make_credentials, write_security_files
 from testbed.relay.server import DevicePower, Orchestrator
@@ -167,23 +168,23 @@ async def test_broker_that_never_returns_ends_the_run_with_a_clear_error(broker)
     assert time.monotonic() - t0 < 15  # bounded: the reconnect budget, not a hang
 
 
-def test_broker_start_args_are_read_back_from_the_config(tmp_path):
-    from testbed.emulation.broker import BrokerHandle, _mosquitto_conf
+def test_a_broker_handle_keeps_its_settings_so_a_restart_needs_nothing_else(tmp_path, monkeypatch):
+    """The handle carries the settings it was started with (also across the control socket,
+    as JSON), and the one config writer makes the same file from them again."""
+    from testbed.emulation.broker import BrokerHandle, BrokerSettings, write_broker_config
 
-    secrets, broker = tmp_path / "secrets", tmp_path / "broker"
-    secrets.mkdir()
-    broker.mkdir()
-    conf = broker / "mosquitto.conf"
-    conf.write_text(_mosquitto_conf("198.18.0.1", 1883, broker, secrets / "pw", secrets / "acl", 4242))
-    h = BrokerHandle("mosquitto", 1, "198.18.0.1", 1883, conf, broker / "log")
-    assert broker_start_args(h) == {"prefer": "mosquitto", "password_file": secrets / "pw",
-                                    "acl_file": secrets / "acl", "max_message_bytes": 4242}
-    # the broker's own copies (in its directory) are rewritten when it starts: restart from snapshots
-    (broker / "passwd").write_text("server:hash\n")
-    conf.write_text(_mosquitto_conf("198.18.0.1", 1883, broker, broker / "passwd", None, None))
-    args = broker_start_args(h)
-    assert args["password_file"] == broker / "passwd.restart"
-    assert args["password_file"].read_text() == "server:hash\n" and args["password_file"].stat().st_mode & 0o077 == 0
+    monkeypatch.setattr("testbed.emulation.broker.os.geteuid", lambda: 1000)  # no hand-over to the mosquitto user
+    s = BrokerSettings(tmp_path / "pw", tmp_path / "acl", 4242, port=1884)
+    kind, argv, conf, log, _ = write_broker_config("198.18.0.1", tmp_path, s)
+    first = conf.read_text()
+    h = BrokerHandle(kind, 1, "198.18.0.1", s.port, conf, log, s)
+    back = BrokerHandle.from_json(json.loads(json.dumps(h.to_json())))
+    assert back == h and back.settings == s
+    conf.unlink()
+    assert write_broker_config("198.18.0.1", tmp_path, back.settings)[2].read_text() == first
+    if kind == "mosquitto":
+        assert "listener 1884 198.18.0.1" in first and "message_size_limit 4242" in first
+        assert f"password_file {tmp_path / 'pw'}" in first and f"acl_file {tmp_path / 'acl'}" in first
 
 
 # -- fault specs ---------------------------------------------------------------------------
@@ -226,7 +227,9 @@ def test_parse_fault_from_cli_arguments():
         parse_fault("melt", "dev01")
 
 
-class _FakeEmu:
+class _FakeCell:
+    """What FaultInjector drives, recording the calls (any Cell would do)."""
+
     def __init__(self):
         self.calls: list[tuple] = []
         self.nodes = {"dev01": type("N", (), {"rate_up_mbps": 5.0, "rate_down_mbps": 9.0})()}
@@ -244,36 +247,27 @@ class _FakeEmu:
         self.calls.append(("rate", dev, up, down))
 
 
-class _FakeRunner:
-    def __init__(self):
-        self.emu = _FakeEmu()
-        self.events: list[tuple] = []
-        self._costs = {"dev01": Cost("dev01", 1, 1, 1, t_cmp_s=0.2)}
-
-    def _event_local(self, etype, device, **data):
-        self.events.append((etype, device, data))
-
-
 async def test_injector_schedules_from_telemetry_and_restores():
-    r = _FakeRunner()
+    cell, events = _FakeCell(), []
     topo = parse_topology(_BASE + "faults:\n  - {kind: link-flap, at_stage: 1, duration_s: 0.2}\n"
                                   "  - {kind: rate-drop, device: dev01, at_s: 0.05, value: 0.5}\n")
-    inj = FaultInjector(r, topo.faults)
+    inj = FaultInjector(cell, lambda etype, device, **data: events.append((etype, device, data)),
+                        {"dev01": Cost("dev01", 1, 1, 1, t_cmp_s=0.2)}, topo.faults)
     inj.feed({"type": "run_started"})
     inj.feed({"type": "downloaded", "device": "dev01", "stage": 0})
     await asyncio.sleep(0.2)
-    assert r.emu.calls == [("rate", "dev01", 0.5, 0.5)]  # at_s fired; the stage-1 flap did not
+    assert cell.calls == [("rate", "dev01", 0.5, 0.5)]  # at_s fired; the stage-1 flap did not
     inj.feed({"type": "downloaded", "device": "dev01", "stage": 1})
     await asyncio.sleep(0.05)
-    assert r.emu.calls[-1] == ("rate", "dev01", 0.5, 0.5)  # the flap waits half the predicted compute (0.1 s)
+    assert cell.calls[-1] == ("rate", "dev01", 0.5, 0.5)  # the flap waits half the predicted compute (0.1 s)
     await asyncio.sleep(0.15)
-    assert r.emu.calls[-1] == ("down", "dev01")
+    assert cell.calls[-1] == ("down", "dev01")
     await asyncio.sleep(0.3)
-    assert r.emu.calls[-1] == ("up", "dev01")
+    assert cell.calls[-1] == ("up", "dev01")
     inj.feed({"type": "downloaded", "device": "dev01", "stage": 1})  # a retried stage fires nothing again
     await inj.close()  # the rate-drop lasts the run: close() restores it
-    assert r.emu.calls[-1] == ("rate", "dev01", 5.0, 9.0)
-    kinds = [(e[0], e[2].get("kind")) for e in r.events]
+    assert cell.calls[-1] == ("rate", "dev01", 5.0, 9.0)
+    kinds = [(e[0], e[2].get("kind")) for e in events]
     assert kinds == [("fault_injected", "rate-drop"), ("fault_injected", "link-flap"), ("fault_restored", "link-flap"),
                      ("fault_restored", "rate-drop")]
     assert [i.kind for i in inj.injected] == ["rate-drop", "link-flap"] and inj.errors == []

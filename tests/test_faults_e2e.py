@@ -13,7 +13,6 @@ from pathlib import Path
 
 import pytest
 
-from testbed.composition.faults import revive_agent
 from testbed.model.topology import FaultSpec, load_topology
 
 pytestmark = [pytest.mark.root, pytest.mark.slow]
@@ -28,18 +27,18 @@ def _check_exactly_once(doc: dict) -> None:
 
 
 async def test_each_fault_kind_is_survived(tmp_path, unique_run_id):
-    from testbed.composition.runner import Runner
+    from testbed.composition.session import RunSession
 
     topo = load_topology(TOPOLOGY)
     events: list[dict] = []
-    async with Runner(topo, run_id=unique_run_id, out_dir=tmp_path, on_event=events.append) as r:
-        await r.wait_online()
+    async with RunSession(topo, run_id=unique_run_id, out_dir=tmp_path, on_event=events.append) as r:
+        await r.ensure_agents(r.cell.device_ids())
 
         async def quiet() -> None:
             """Let the last generation's late uploads drain (an agent serves one task at a time:
             a device still uploading a stale stage would be late for the next one)."""
             await asyncio.sleep(3.0)
-            await r.wait_online()
+            await r.ensure_agents(r.cell.device_ids())
 
         async def run(**spec) -> dict:
             events.clear()
@@ -60,15 +59,15 @@ async def test_each_fault_kind_is_survived(tmp_path, unique_run_id):
         # the rate drops to near zero mid-stage: the upload cannot finish in time
         doc = await run(kind="rate-drop", device="dev02", at_stage=1, value=0.01)
         assert doc["recovered"][0]["device"] == "dev02" and doc["recovered"][0]["took_over"] == "dev03"
-        assert r.emu.nodes["dev02"].rate_up_mbps > 1  # restored when the run ended
+        assert r.cell.nodes["dev02"].rate_up_mbps > 1  # restored when the run ended
         await quiet()
 
         # a CPU quota of 2 % from the start: dev01's real computation overruns its profile
         doc = await run(kind="slow", device="dev01", at_s=0.0, value=0.02)
         first = doc["stages"][0]
         assert first["overrun_s"] > 0 or doc["recovered"], first
-        assert r.emu.cg.read_limits(r.run_id, "dev01").cpu_cores == pytest.approx(
-            r.emu.nodes["dev01"].cpu_quota_cores)  # quota restored
+        assert r.cell.backend.cg.read_limits(r.run_id, "dev01").cpu_cores == pytest.approx(
+            r.cell.nodes["dev01"].cpu_quota_cores)  # quota restored
         await quiet()
 
         # the broker stops mid-stage 1 for 1 s: everyone reconnects, the same device resumes
@@ -83,8 +82,9 @@ async def test_each_fault_kind_is_survived(tmp_path, unique_run_id):
         assert [(x["device"], x["took_over"], x["reason"]) for x in doc["recovered"]] == [("dev01", "dev03", "offline")]
 
         # and it can be brought back for the next generation
-        await revive_agent(r, "dev01")
-        await r.wait_online()
+        assert r.cell.nodes["dev01"].state == "killed"
+        await r.revive("dev01")
+        assert r.cell.nodes["dev01"].state == "up"
         doc = (await r.run(faults=[])).to_json()
         _check_exactly_once(doc)
         assert doc["recovered"] == [] and doc["relay_order"] == ["dev01", "dev02"]
@@ -96,12 +96,12 @@ async def test_recovery_impossible_ends_with_exit_5_naming_the_cause(tmp_path, u
     """Both spares (dev03, dev04) killed first, then dev01 mid-stage: no device remains,
     the run fails loudly (RunFailedError, exit 5) instead of hanging or returning a
     partial image."""
+    from testbed.composition.session import RunSession
     from testbed.errors import RunFailedError
-    from testbed.composition.runner import Runner
 
     topo = load_topology(TOPOLOGY)
-    async with Runner(topo, run_id=unique_run_id, out_dir=tmp_path) as r:
-        await r.wait_online()
+    async with RunSession(topo, run_id=unique_run_id, out_dir=tmp_path) as r:
+        await r.ensure_agents(r.cell.device_ids())
         with pytest.raises(RunFailedError, match="recovery impossible") as e:
             await r.run(faults=[FaultSpec(kind="kill", device="dev03", at_s=0.0),
                                 FaultSpec(kind="kill", device="dev04", at_s=0.0),

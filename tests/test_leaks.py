@@ -92,9 +92,8 @@ def test_kill_9_of_a_running_testbed_run_then_down_leaves_nothing(topologies, tm
             return json.loads(lines[0])["run"] if lines else None
 
         run = _wait_for(run_id, 180, f"the run's first event (see {tmp_path / 'run.log'})")
-        state = Path("/run/testbed") / run
-        _wait_for(lambda: (state / "state.json").exists() and json.loads((state / "state.json").read_text())
-                  .get("relay"), 60, "the relay to be up")
+        _wait_for(lambda: '"agents_online"' in (out / "events.jsonl").read_text(), 120,
+                  "the agents to be online (broker and agents running)")
         ns_inodes = {os.stat(f"/run/netns/{n}").st_ino for n in os.listdir("/run/netns") if n.startswith(f"tb-{run}-")}
         assert len(ns_inodes) == 5  # server + 4 devices
         os.kill(proc.pid, signal.SIGKILL)  # no cleanup handler can run

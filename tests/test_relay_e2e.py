@@ -36,12 +36,12 @@ def _check_steps(doc: dict) -> None:
 
 
 async def test_small_run_completes_and_an_outside_observer_sees_the_events(topologies, tmp_path, unique_run_id):
-    from testbed.composition.runner import Runner
+    from testbed.composition.session import RunSession
 
     run = unique_run_id[:7]
     topo = load_topology(topologies / "small.yaml")
     seen: list[dict] = []
-    async with Runner(topo, run_id=run, out_dir=tmp_path, on_event=seen.append) as r:
+    async with RunSession(topo, run_id=run, out_dir=tmp_path, on_event=seen.append) as r:
         obs = json.loads((Path("/run/testbed") / run / "observer.json").read_text())
         assert (Path("/run/testbed") / run / "observer.json").stat().st_mode & 0o077 == 0
         assert load_topology(Path("/run/testbed") / run / "topology.yaml") == topo  # for tui --attach RUN
@@ -49,7 +49,7 @@ async def test_small_run_completes_and_an_outside_observer_sees_the_events(topol
         # 198.18.0.0/16, from the server's namespace instead: still outside every device)
         from testbed.emulation.procs import spawn_in
 
-        netns = None if r.emu.backend.host_route else r.emu.nodes["server"].netns
+        netns = None if r.cell.status()["host_route"] else r.cell.nodes["server"].netns
         sub = spawn_in(
             netns, ["mosquitto_sub", "-h", obs["host"], "-p", str(obs["port"]), "-u", obs["username"], "-P", obs["password"],
              "-t", f"tb/{run}/#", "-W", "120", "-v"], None, tmp_path / "observer.txt")
@@ -75,7 +75,9 @@ async def test_small_run_completes_and_an_outside_observer_sees_the_events(topol
     # events: in order, the relay's own sequence, the same in the file and the callback
     relay_events = [e for e in _events(tmp_path) if e["seq"] is not None]
     assert [e["seq"] for e in relay_events] == list(range(1, len(relay_events) + 1))
-    assert relay_events[-1]["type"] == "run_finished"
+    assert relay_events[-1]["type"] == "relay_finished"
+    assert _events(tmp_path)[-1]["type"] == "run_finished"  # the run owner's, with the image's MS-SSIM
+    assert _events(tmp_path)[-1]["ms_ssim"] == doc["ms_ssim"]
     assert [e["seq"] for e in seen if e["seq"] is not None] == [e["seq"] for e in relay_events]
     # the observer outside the testbed saw exactly those events, and nothing but events
     lines = [ln for ln in stdout.splitlines() if ln.strip()]
@@ -83,8 +85,8 @@ async def test_small_run_completes_and_an_outside_observer_sees_the_events(topol
     assert all(ln.startswith(f"tb/{run}/events ") for ln in lines)
     observed = [json.loads(ln.split(" ", 1)[1]) for ln in lines]
     assert [e["seq"] for e in observed if e["seq"] is not None] == [e["seq"] for e in relay_events]
-    # the runner's own events too, before the relay's
-    assert [e["type"] for e in observed][:4] == ["agents_online", "selection", "run_started", "stage_started"]
+    # the run owner's own events too, before and after the relay's
+    assert [e["type"] for e in observed][:4] == ["selection", "agents_online", "run_started", "stage_started"]
     assert [e["type"] for e in observed] == [e["type"] for e in _events(tmp_path)]
     # teardown removed the run's state
     assert not (Path("/run/testbed") / run).exists()
@@ -92,14 +94,15 @@ async def test_small_run_completes_and_an_outside_observer_sees_the_events(topol
 
 
 async def test_failure_mid_stage_is_recovered_and_bad_payloads_are_rejected(topologies, tmp_path, unique_run_id):
-    from testbed.composition.runner import Runner
+    from testbed.composition.session import RunSession
 
     run = unique_run_id[:7]
     topo = load_topology(topologies / "small.yaml")
-    async with Runner(topo, run_id=run, out_dir=tmp_path) as r:
-        await r.wait_online()
+    async with RunSession(topo, run_id=run, out_dir=tmp_path) as r:
+        await r.ensure_agents(r.cell.device_ids())
+
         async def publish_junk() -> None:  # garbage on dev03's task topic, with the server's own credentials
-            async with aiomqtt.Client(r.broker.host, r.broker.port, username="server",
+            async with aiomqtt.Client(r.cell.broker.host, r.cell.broker.port, username="server",
                                       password=r.creds.server.password, timeout=10) as c:
                 for junk in (b"not a relay message", b"TBR1\x00\x00\x00\x02{}", b"\x00" * 300_000):
                     await c.publish(topics.task(run, "dev03"), junk, qos=1)
@@ -120,12 +123,14 @@ async def test_failure_mid_stage_is_recovered_and_bad_payloads_are_rejected(topo
 
 
 async def test_run_on_a_cell_that_testbed_up_keeps_alive(topologies, tmp_path, unique_run_id):
-    """`testbed run --run ID`: own broker, agents and credentials on the kept cell; the
-    cell survives the generation and only what the generation started is removed."""
+    """`testbed run --run ID`: the kept cell's broker, credentials and warm agents serve the
+    generation; the cell and its agents survive it."""
     import subprocess
     import sys
 
-    from testbed.composition.runner import Runner
+    from testbed.composition.session import RunSession
+    from testbed.emulation.attached import control_path
+    from testbed.emulation.control import call_sync
 
     run = unique_run_id[:7]
     tb = [sys.executable, "-m", "testbed.cli"]
@@ -135,14 +140,17 @@ async def test_run_on_a_cell_that_testbed_up_keeps_alive(topologies, tmp_path, u
     try:
         topo = load_topology(topologies / "small.yaml")
         assert load_topology(Path("/run/testbed") / run / "topology.yaml") == topo  # written by up's supervisor
-        async with Runner(topo, run_id=run, out_dir=tmp_path, attach=True) as r:
-            assert r.broker.port == 1884
+        agents = call_sync(control_path(run), "agents_pids")
+        assert sorted(agents) == ["dev01", "dev02", "dev03", "dev04"]  # warm: up started them
+        async with RunSession(topo, run_id=run, out_dir=tmp_path, attach=True) as r:
+            assert r.cell.broker.port == 1883  # the cell's own broker
             doc = (await r.run()).to_json()
         _check_steps(doc)
         assert doc["selected"] == ["dev01", "dev02"]
         state = Path("/run/testbed") / run
-        assert (state / "state.json").exists() and not list(state.glob("gen-*"))
-        assert not (state / "observer.json").exists()
+        assert (state / "state.json").exists() and (state / "observer.json").exists()
+        assert call_sync(control_path(run), "agents_pids") == agents  # the same agents serve the next run
+        assert (tmp_path / "logs" / "agent-dev01.log").exists()
     finally:
         down = subprocess.run([*tb, "down", "--run", run], capture_output=True, text=True, timeout=120)
     assert down.returncode == 0, down.stderr

@@ -40,14 +40,14 @@ def test_scenarios_exist_with_a_failure_and_mobility():
 @pytest.mark.root
 @pytest.mark.parametrize("path", SCENARIOS, ids=[p.stem for p in SCENARIOS])
 async def test_scenario_meets_its_expectations(path, unique_run_id, tmp_path):
-    from testbed.composition.runner import Runner
+    from testbed.composition.session import RunSession
 
     topo = load_topology(path)
     fail = _kill_target(topo)
     moves = []
-    async with Runner(topo, run_id=unique_run_id, out_dir=tmp_path) as r:
+    async with RunSession(topo, run_id=unique_run_id, out_dir=tmp_path) as r:
         if topo.mobility is not None:
-            r.emu.on_update(moves.append)
+            r.cell.on_update(moves.append)
         res = await r.run(fail=fail)
     doc = res.to_json()
     failures = check_expectations(topo.expect, doc)

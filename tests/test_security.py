@@ -191,17 +191,18 @@ def _listening(pid: int) -> list[tuple[str, int]]:
 @pytest.mark.root
 async def test_broker_listens_only_on_the_server_address_and_secrets_are_private_then_gone(
         topologies, tmp_path, unique_run_id):
-    from testbed.composition.runner import Runner
+    from testbed.composition.session import RunSession, max_message_bytes
     from testbed.model.topology import load_topology
 
     run = unique_run_id
     state = Path("/run/testbed") / run
-    async with Runner(load_topology(topologies / "small.yaml"), run_id=run, out_dir=tmp_path) as r:
-        assert r.broker.kind == "mosquitto"
+    async with RunSession(load_topology(topologies / "small.yaml"), run_id=run, out_dir=tmp_path) as r:
+        broker = r.cell.broker
+        assert broker.kind == "mosquitto"
         # the broker's namespace is the server's, not the host's
-        assert os.stat(f"/proc/{r.broker.pid}/ns/net").st_ino == os.stat(r.emu.nodes["server"].netns).st_ino
-        assert os.stat(f"/proc/{r.broker.pid}/ns/net").st_ino != os.stat("/proc/self/ns/net").st_ino
-        assert _listening(r.broker.pid) == [("198.18.0.1", 1883)]
+        assert os.stat(f"/proc/{broker.pid}/ns/net").st_ino == os.stat(r.cell.nodes["server"].netns).st_ino
+        assert os.stat(f"/proc/{broker.pid}/ns/net").st_ino != os.stat("/proc/self/ns/net").st_ino
+        assert _listening(broker.pid) == [("198.18.0.1", 1883)]
         secrets = state / "secrets"
         assert stat.S_IMODE(state.stat().st_mode) & 0o066 == 0  # nobody else may list or write the run's state
         for d in (secrets, state / "agents"):
@@ -212,9 +213,10 @@ async def test_broker_listens_only_on_the_server_address_and_secrets_are_private
             assert stat.S_IMODE(f.stat().st_mode) == 0o600, f
         creds = json.loads((secrets / "credentials.json").read_text())
         assert creds["run"] == run and creds["server"]["password"] == r.creds.server.password
-        conf = Path(r.broker.config_path).read_text()
+        conf = Path(broker.config_path).read_text()
         assert "allow_anonymous false" in conf and "listener 1883 198.18.0.1" in conf
-        assert f"message_size_limit {r.topo.workload.payload_bytes + 4 * 2**20}" in conf  # oversized: dropped
+        # oversized (more than the largest message any method sends): dropped
+        assert f"message_size_limit {max_message_bytes(r.topology)}" in conf
     assert not state.exists()  # secrets, agent configs (with passwords) and the broker's files: removed
     leaked = [p for p in tmp_path.rglob("*") if p.is_file() and r.creds.server.password in p.read_text(errors="ignore")]
     assert leaked == []  # the outputs (events, logs, result) never carry a password

@@ -251,6 +251,18 @@ def test_fair_spreads_the_energy_load(paper):
     assert fair_weights(costs, None).tolist() == [1.0] * len(costs)
 
 
+def test_fair_is_deterministic_given_its_history_and_follows_it(paper):
+    topo, costs = paper
+    b = topo.budgets
+    fresh = select(costs, b.t_max_s, b.e_max_j, "fair", history={})
+    assert fresh.selected == select(costs, b.t_max_s, b.e_max_j, "dp").selected  # nobody spent anything yet
+    spent = {c.id: 50.0 for c in fresh.chosen}  # the chain's devices have spent energy
+    again = [select(costs, b.t_max_s, b.e_max_j, "fair", history=dict(spent)).selected for _ in range(3)]
+    assert again[0] == again[1] == again[2]  # deterministic: the same history, the same chain
+    assert again[0] != fresh.selected  # another history, another chain
+    assert select(costs, b.t_max_s, b.e_max_j, "dp", history=spent).selected == fresh.selected  # dp ignores it
+
+
 # --- infeasible budgets ------------------------------------------------------------------
 
 

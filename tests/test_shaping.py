@@ -1,4 +1,4 @@
-"""The shaping plan without root (STYLE.md #2): ops, class ids, rates, capacities, diffs."""
+"""The shaping plan without root (plan, apply, read back): ops, class ids, rates, capacities, diffs."""
 
 from __future__ import annotations
 

@@ -76,7 +76,7 @@ def loopback(tmp_path, unique_run_id):
             cfg.write(cpath)
             log = open(tmp_path / f"{dev}.log", "wb")  # noqa: SIM115
             logs.append(log)
-            procs.append(subprocess.Popen([sys.executable, "-m", "testbed.relay.split_agent", run, dev,
+            procs.append(subprocess.Popen([sys.executable, "-m", "testbed.relay.agent", run, dev,  # serves split tasks
                                            "--config", str(cpath)], stdout=log, stderr=subprocess.STDOUT))
         yield run, port, creds, tmp_path
     finally:
@@ -129,12 +129,12 @@ async def test_split_over_the_network_equals_the_unsplit_run_at_fp32(loopback):
 
 @pytest.mark.root
 async def test_split_run_on_the_emulation_moves_features_over_shaped_links(unique_run_id, tmp_path):
-    from testbed.composition.split_runner import SplitRun
+    from testbed.composition.session import RunSession
     from testbed.model.topology import load_topology
 
     topo = load_topology(REPO / "topologies" / "small.yaml")
-    async with SplitRun(topo, run_id=unique_run_id, out_dir=tmp_path) as r:
-        res = await r.run(t_max_s=3.0, e_max_j=70.0)
+    async with RunSession(topo, run_id=unique_run_id, out_dir=tmp_path) as r:
+        res = await r.run("split", t_max_s=3.0, e_max_j=70.0)
     doc = res.to_json()
     plan = doc["meta"]["plan"]
     assert doc["method"] == "split" and doc["selected"] == [plan["head"], plan["tail"]]

@@ -1,6 +1,6 @@
 """The Textual TUI of the testbed (`testbed tui`): selection, live runs, attach mode.
 
-A front end (DESIGN.md layers): it calls the library and renders its events, never the
+A front end (docs/design.md, layers): it calls the library and renders its events, never the
 kernel. `TestbedApp` is the app; `state` holds the pure models it renders.
 """
 

@@ -1,7 +1,7 @@
-"""The Textual app: controls, the Cell / Run / Image tabs, key bindings (STYLE.md #9).
+"""The Textual app: controls, the Cell / Run / Image tabs, key bindings.
 
-It calls the library (selection, the Runner) and renders the events they emit; it never
-touches the kernel. Heavy imports (the Runner pulls in torch) happen only when a run
+It calls the library (selection, the run owner) and renders the events they emit; it never
+touches the kernel. Heavy imports (the run owner pulls in torch) happen only when a run
 starts, so the first screen appears fast.
 """
 

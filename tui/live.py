@@ -1,9 +1,9 @@
-"""Runs and their events in the TUI: start a run (`Runner`, or `SplitRun` for split
-diffusion), follow one started elsewhere (attach), kill a device, render every telemetry
-event and the final result. Mixed into `TestbedApp`.
+"""Runs and their events in the TUI: start a run (through the run owner, `RunSession`),
+follow one started elsewhere (attach), kill a device or cut its link, render every
+telemetry event and the final result. Mixed into `TestbedApp`.
 
-The library does the work; this module only calls it and renders what it emits. The
-Runner (torch, relay, emulation) is imported when the first run starts, off the loop.
+The library does the work; this module only calls it and renders what it emits. The run
+owner (torch, relay, emulation) is imported when the first run starts, off the loop.
 """
 
 from __future__ import annotations
@@ -76,9 +76,6 @@ class LiveMixin:
         if not self.running or self.runner is None or dev is None:
             self.notify("no run in progress: k kills the highlighted device during a run", severity="warning")
             return
-        if not hasattr(self.runner, "kill"):
-            self.notify("split runs take no fault injection (split inference has no recovery)", severity="warning")
-            return
         self.query_one("#runpanel", RunPanel).log_line(f"kill {dev} (from the TUI)", "bold red")
         try:
             await self.runner.kill(dev)
@@ -89,8 +86,8 @@ class LiveMixin:
         """Cut (or restore) the highlighted device's link: the device is up but unreachable,
         so the orchestrator's deadline (or the broker's keepalive) triggers the recovery."""
         dev = self.query_one("#devices").highlighted_id
-        emu = getattr(self.runner, "emu", None)
-        if not self.running or emu is None or dev is None or not hasattr(emu, "cut_link"):
+        emu = self.runner.cell if self.runner is not None else None
+        if not self.running or emu is None or dev is None:
             self.notify("no run in progress: c cuts the highlighted device's link during a run", severity="warning")
             return
         panel = self.query_one("#runpanel", RunPanel)
@@ -119,25 +116,18 @@ class LiveMixin:
         panel.log_line(f"starting a {p['method']} run: loading the runner (model, relay, emulation)...", "dim")
         try:
             runs = await asyncio.to_thread(importlib.import_module, "testbed.emulation.runs")
+            session_mod = await asyncio.to_thread(importlib.import_module, "testbed.composition.session")
             rid = runs.new_run_id()
-            kw = dict(run_id=rid, backend=self.backend, t_max_s=p["t_max_s"], e_max_j=p["e_max_j"],
-                      out_dir=OUT_ROOT / rid, on_event=self.event_from_any_thread)
             if p["method"] == "split":
-                mod = await asyncio.to_thread(importlib.import_module, "testbed.composition.split_runner")
-                factory = mod.SplitRun(self.topo, method="split", strategy=mod.SPLIT_STRATEGY, **kw)
-                panel.log_line(f"split: the pair is chosen by {mod.SPLIT_STRATEGY!r} (strategy applies to multistage)",
-                               "dim")
-            else:
-                mod = await asyncio.to_thread(importlib.import_module, "testbed.composition.runner")
-                factory = mod.Runner(self.topo, method="multistage", strategy=p["strategy"], **kw)
+                panel.log_line("split: the pair is chosen by its step count (strategy applies to multistage)", "dim")
             panel.log_line(f"run {rid}: bringing up the emulation ({self.backend}), broker and agents...", "dim")
-            async with factory as runner:
-                self.runner = runner
-                emu = getattr(runner, "emu", None)
-                if emu is not None and hasattr(emu, "on_update"):  # mobility: positions and rates
-                    emu.on_update(lambda u: self.event_from_any_thread(
-                        {"type": "positions", "positions": {d["id"]: d for d in u.devices}}))
-                result = await runner.run()
+            async with session_mod.RunSession(self.topo, run_id=rid, backend=self.backend, out_dir=OUT_ROOT / rid,
+                                              on_event=self.event_from_any_thread) as session:
+                self.runner = session
+                session.cell.on_update(lambda u: self.event_from_any_thread(
+                    {"type": "positions", "positions": {d["id"]: d for d in u.devices}}))
+                result = await session.run(p["method"], strategy=p["strategy"], t_max_s=p["t_max_s"],
+                                           e_max_j=p["e_max_j"])
                 self.show_result(result)
         except TestbedError as e:
             self._run_failed(str(e), p)
@@ -284,7 +274,7 @@ class LiveMixin:
             t.append(f"  recovered: {len(doc['recovered'])}", style="yellow")
         self.query_one("#imgcaption", Static).update(t)
         panel = self.query_one("#runpanel", RunPanel)
-        if doc.get("run") != self._last_result_run:  # run_finished, then the Runner's result: log once
+        if doc.get("run") != self._last_result_run:  # run_finished, then the session's result: log once
             panel.log_line(t.plain, "bold green")
             self._last_result_run = doc.get("run")
         panel.show(self.run_view, self.run_view.t_max_s, self.run_view.e_max_j)

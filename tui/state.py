@@ -1,7 +1,7 @@
 """What the TUI shows, as plain data: the cell (devices, links, costs, selection) and a run
 (stages, energy, log) folded from the runner's telemetry events.
 
-Pure (STYLE.md #1, #9): no Textual, no kernel. The widgets render these objects; tests
+Pure: no Textual, no kernel. The widgets render these objects; tests
 check them directly. Units are in the names.
 """
 

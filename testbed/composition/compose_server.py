@@ -1,9 +1,9 @@
 """A scenario as a compose/Swarm deployment: write it (`testbed compose`), serve it (in the
 server container: `python -m testbed.composition.compose_server STATE`).
 
-Composition layer, like runner.py: it uses the emulation layer's file generator
-(emulation/docker_compose.py) and self-shaping entry point, and the relay's credentials,
-agent configuration and (through `Runner.run`) the orchestrator.
+It writes the files with the emulation layer's generator (emulation/docker/compose.py)
+and the one agent-config builder; it serves through the run owner (session.py) on a
+`ComposeCell`, the server container's view of the deployment.
 
     compose/<name>.yml          the compose/stack file
     compose/<name>/             its state (mode 0700): topology.yaml, scenario.json,
@@ -17,25 +17,23 @@ import asyncio
 import json
 import shutil
 import socket
-import subprocess
 import sys
-import time
 import traceback
 from dataclasses import dataclass, field
 from pathlib import Path
-from types import SimpleNamespace
 from typing import Any
 
 import yaml
 
 from testbed.emulation.docker.compose import ComposeNode, compose_doc
 from testbed.emulation.docker.image import IMAGE, host_mounts, python_bin
-from testbed.errors import ResourceError, RunFailedError
+from testbed.errors import RunFailedError
 from testbed.model.names import MQTT_PORT
-from testbed.model.profiles import load_profiles, step_time_s
-from testbed.model.radio import DeviceLink, compute_links
+from testbed.model.profiles import load_profiles
+from testbed.model.radio import compute_links
 from testbed.relay import security
-from testbed.relay.agent import AgentConfig
+from testbed.composition.agents import agent_config
+from testbed.composition.session import max_message_bytes
 from testbed.model.topology import Topology, load_topology, place
 
 __all__ = ["ComposeScenario", "write_scenario", "serve", "run_id_for"]
@@ -87,8 +85,7 @@ def write_scenario(file: Path, out_dir: Path, *, run_id: str | None = None, imag
         (state / "topology.yaml").write_text(yaml.safe_dump(doc, sort_keys=False))
     creds = security.make_credentials(run, [link.id for link in links])
     security.write_security_files(state / "secrets", creds, SERVER_HOST, MQTT_PORT)
-    wl = topo.workload
-    max_msg = wl.payload_bytes + 4 * 2**20
+    max_msg = max_message_bytes(topo)
     agent = _bin("testbed-agent")
     nodes = [ComposeNode("server", "server", profiles[topo.server.profile].cpu_cores,
                          profiles[topo.server.profile].memory_mb, [python_bin(), "-m", "testbed.composition.compose_server", str(state)])]
@@ -96,10 +93,7 @@ def write_scenario(file: Path, out_dir: Path, *, run_id: str | None = None, imag
         prof = profiles[link.profile]
         c = creds.for_device(link.id)
         cfg_path = state / "agents" / f"{link.id}.json"
-        AgentConfig(run=run, device=link.id, broker_host=SERVER_HOST, broker_port=MQTT_PORT, username=c.username,
-                    password=c.password, model=wl.model, precision=link.precision, compute=wl.compute,
-                    step_time_s=step_time_s(prof, wl.resolution_px, link.precision), cpu_cores=prof.cpu_cores,
-                    payload_bytes=wl.payload_bytes, max_message_bytes=max_msg).write(cfg_path)
+        agent_config(topo, link, run, c, SERVER_HOST, MQTT_PORT, prof.cpu_cores, max_msg).write(cfg_path)
         cmd = [python_bin(), "-m", "testbed.emulation.docker.selfshape",
                "--up-mbps", f"{link.rate_up_mbps:.3f}", "--down-mbps", f"{link.rate_down_mbps:.3f}",
                "--", agent, run, link.id, "--config", str(cfg_path)]
@@ -126,104 +120,24 @@ def write_scenario(file: Path, out_dir: Path, *, run_id: str | None = None, imag
 # The server side, inside the server container
 
 
-@dataclass
-class _Cell:
-    """What `Runner.run` reads of an emulation, for a cell that compose/Swarm made."""
-
-    links: list[DeviceLink]
-    warnings: list[str]
-    netem: bool = False
-    backend: Any = field(default_factory=lambda: SimpleNamespace(name="compose"))
-
-    nodes: dict[str, Any] = field(default_factory=dict)
-
-    def __post_init__(self) -> None:
-        # the fields Runner.run reads of emulated nodes; rates are the devices' own shaping
-        self.nodes = {"server": SimpleNamespace(id="server", role="server", address="127.0.0.1", netns=None,
-                                                rate_up_mbps=None, rate_down_mbps=None)}
-        for link in self.links:
-            self.nodes[link.id] = SimpleNamespace(id=link.id, role="device", address=None, netns=None,
-                                                  rate_up_mbps=link.rate_up_mbps, rate_down_mbps=link.rate_down_mbps)
-
-    def device_ids(self) -> list[str]:
-        return [link.id for link in self.links]
-
-
-def _load_credentials(path: Path) -> security.RunCredentials:
-    d = json.loads(path.read_text())
-    cred = security.Credential
-    return security.RunCredentials(d["run"], cred(**d["server"]), cred(**d["observer"]),
-                                   {k: cred(**v) for k, v in d["devices"].items()})
-
-
-def _start_mosquitto(state: Path, max_message_bytes: int) -> tuple[subprocess.Popen, Path]:
-    mosquitto = shutil.which("mosquitto")
-    if mosquitto is None:
-        raise ResourceError("mosquitto is not installed on the host whose /usr the node image mounts; apt-get install mosquitto")
-    d = state / "broker"
-    d.mkdir(mode=0o700, exist_ok=True)
-    conf = d / "mosquitto.conf"
-    log = d / "mosquitto.log"
-    conf.write_text("\n".join([
-        "user root",  # the secrets are root's 0600 files; the container is the boundary
-        f"listener {MQTT_PORT} 0.0.0.0",
-        "persistence false",
-        f"log_dest file {log}",
-        "allow_anonymous false",
-        f"password_file {state / 'secrets' / 'mosquitto.passwd'}",
-        f"acl_file {state / 'secrets' / 'mosquitto.acl'}",
-        f"message_size_limit {max_message_bytes}",
-        "connection_messages true",
-    ]) + "\n")
-    proc = subprocess.Popen([mosquitto, "-c", str(conf)], stdin=subprocess.DEVNULL)
-    deadline = time.monotonic() + _BROKER_READY_S
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise ResourceError(f"mosquitto exited with {proc.returncode}; see {log}")
-        with socket.socket() as s:
-            s.settimeout(0.5)
-            if s.connect_ex(("127.0.0.1", MQTT_PORT)) == 0:
-                return proc, log
-        time.sleep(0.05)
-    proc.kill()
-    raise ResourceError(f"mosquitto did not listen on :{MQTT_PORT} within {_BROKER_READY_S:g} s; see {log}")
+def _cell_address() -> str:
+    """This (the server) container's address on the cell network: the broker binds it."""
+    return socket.gethostbyname(socket.gethostname())
 
 
 async def serve(state: Path) -> dict[str, Any]:
     """Broker + one generation (selection, relay through the agents), result in state/out."""
-    from testbed.composition.runner import Runner
+    from testbed.composition.session import RunSession
+    from testbed.emulation.compose_cell import ComposeCell
 
     state = Path(state)
     scen = json.loads((state / "scenario.json").read_text())
     topo: Topology = load_topology(scen["topology"])
-    out = state / "out"
-    (out / "logs").mkdir(parents=True, exist_ok=True)
-    proc, log = await asyncio.to_thread(_start_mosquitto, state, topo.workload.payload_bytes + 4 * 2**20)
-    class ComposeRunner(Runner):
-        async def in_server_ns(self, factory: Any) -> Any:
-            return await factory()  # this process is the server container: already on the cell
-
-    try:
-        r = ComposeRunner(topo, run_id=scen["run"], backend="compose", out_dir=out)
-        r.emu = _Cell(compute_links(topo, place(topo)), ["compose/Swarm deployment: every device shapes its own link"])
-        r.broker = SimpleNamespace(host="127.0.0.1", port=MQTT_PORT, kind="mosquitto", log_path=log)
-        r.creds = _load_credentials(state / "secrets" / "credentials.json")
-        from testbed.relay.stage import StageModel
-
-        r._model_task = asyncio.ensure_future(asyncio.to_thread(StageModel.load, topo.workload.model, "fp32"))
-        try:
-            result = await r.run()
-        finally:
-            await r._teardown()  # the cell is not the runner's: this waits for the model, copies logs
-        return result.to_json()
-    finally:
-        proc.terminate()
-        try:
-            await asyncio.to_thread(proc.wait, 5)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-        if log.exists():
-            shutil.copy2(log, out / "logs" / "broker.log")
+    cell = ComposeCell(scen["run"], compute_links(topo, place(topo)), state, _cell_address(), topo.server.profile)
+    creds = security.load_credentials(state / "secrets" / "credentials.json")
+    async with RunSession(topo, cell=cell, credentials=creds, state_dir=state, out_dir=state / "out") as session:
+        result = await session.run()
+    return result.to_json()
 
 
 def serve_main(state: Path) -> int:

@@ -1,10 +1,10 @@
 """Fault injection into a live run: kill, broker-restart, link-flap, rate-drop, slow.
 
-Composition layer (like runner.py): it drives a running `Runner`'s emulation — processes,
-links, cgroups, the broker — through the Emulation's API, and reports every fault as a
-`fault_injected` / `fault_restored` telemetry event. Used by scenario files (the
-topology's `faults:` list, scheduled by `FaultInjector.feed` from the run's events), the
-CLI (`testbed run --fail DEV`), the TUI and bench/faults.py (`FaultInjector.inject`).
+`FaultInjector(cell, emit, costs)` drives any `Cell` (emulation/cell.py) — a cell this
+process made, or a `testbed up` cell through its supervisor — and reports every fault
+through `emit` as `fault_injected` / `fault_restored` events. Used by the run owner (the
+topology's `faults:` list and `testbed run --fail DEV`, scheduled by `feed` from the run's
+events), `testbed fault`, the TUI and bench/faults.py (`inject`).
 
     kill            end the device's agent (SIGTERM, then SIGKILL); its MQTT last will
                     tells the orchestrator, which recovers from the checkpoint
@@ -24,18 +24,16 @@ Neither: stage 0. Device omitted: the device computing at that moment.
 from __future__ import annotations
 
 import asyncio
-import os
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
+from testbed.emulation.cell import Cell
 from testbed.errors import ResourceError, TopologyError
 from testbed.model.topology import FaultSpec
 
 __all__ = [
-    "revive_agent",
     "FAULT_KINDS",
     "DEFAULT_DURATION_S",
     "DEFAULT_VALUE",
@@ -62,7 +60,7 @@ class Injected:
     stage: int | None
     detail: dict[str, Any] = field(default_factory=dict)
     restored_t_s: float | None = None
-    _undo: Callable[[], Awaitable[None]] | None = field(default=None, repr=False)
+    undo: Callable[[], Awaitable[None]] | None = field(default=None, repr=False)
 
     def to_json(self) -> dict[str, Any]:
         return {"kind": self.kind, "device": self.device, "t_s": self.t_s, "stage": self.stage,
@@ -83,16 +81,19 @@ def parse_fault(kind: str, device: str | None = None, *, at_s: float | None = No
 
 
 class FaultInjector:
-    """Faults on one running `Runner` (anything with `emu`, `broker`, `kill(dev)` and
-    `_event_local(type, device, **data)`).
+    """Faults on one cell, reported through `emit(type, device, **data)`.
 
-    `feed(event)` schedules the `specs` from the run's telemetry (the runner calls it for
-    every event); `inject(spec)` applies one fault now; `close()` cancels what is pending
-    and undoes the faults that are still active (links up, rates and quotas back, broker up).
+    `feed(event)` schedules the `specs` from the run's telemetry (the run owner calls it
+    for every event); `inject(spec)` applies one fault now; `close()` cancels what is
+    pending and undoes the faults that are still active (links up, rates and quotas back,
+    broker up). `costs` (device -> DeviceCost) place `at_stage` faults mid-computation.
     """
 
-    def __init__(self, runner: Any, specs: list[FaultSpec] | tuple[FaultSpec, ...] = ()):
-        self.runner = runner
+    def __init__(self, cell: Cell, emit: Callable[..., Any], costs: dict[str, Any] | None = None,
+                 specs: list[FaultSpec] | tuple[FaultSpec, ...] = ()):
+        self.cell = cell
+        self.emit = emit
+        self.costs = dict(costs or {})
         self.specs = list(specs)
         self.injected: list[Injected] = []
         self.errors: list[str] = []
@@ -126,9 +127,8 @@ class FaultInjector:
             self._current = None
 
     def _predicted_cmp_s(self, device: str) -> float:
-        costs = getattr(self.runner, "_costs", None) or {}
-        c = costs.get(device)
-        return float(getattr(c, "t_cmp_s", 0.0) or 0.0)
+        c = self.costs.get(device)
+        return float(c.t_cmp_s) if c is not None else 0.0
 
     def _spawn(self, coro: Awaitable[Any]) -> None:
         task = asyncio.get_running_loop().create_task(coro)  # type: ignore[arg-type]
@@ -143,16 +143,11 @@ class FaultInjector:
             await self.inject(spec, device=spec.device or device)
         except Exception as e:  # noqa: BLE001 - a failed injection is reported, the run goes on
             self.errors.append(f"{spec.kind}: {e}")
-            self._event("fault_failed", spec.device or device, kind=spec.kind, error=str(e))
+            self.emit("fault_failed", spec.device or device, kind=spec.kind, error=str(e))
 
     # -- applying ------------------------------------------------------------------------
     def now_s(self) -> float:
         return 0.0 if self._t0 is None else time.monotonic() - self._t0
-
-    def _event(self, etype: str, device: str | None, **data: Any) -> None:
-        emit = getattr(self.runner, "_event_local", None)
-        if emit is not None:
-            emit(etype, device, **data)
 
     async def inject(self, spec: FaultSpec | str, device: str | None = None, *, duration_s: float | None = None,
                      value: float | None = None) -> Injected:
@@ -160,9 +155,7 @@ class FaultInjector:
         if isinstance(spec, str):
             spec = parse_fault(spec, device, duration_s=duration_s, value=value)
         kind = spec.kind
-        emu = getattr(self.runner, "emu", None)
-        if emu is None:
-            raise ResourceError(f"fault {kind}: no emulation is up")
+        cell = self.cell
         dev = spec.device or device
         if kind in _DEVICE_KINDS:
             if dev is None:
@@ -170,21 +163,18 @@ class FaultInjector:
                 dev = now[0] if now else None
             if dev is None:
                 raise TopologyError(f"fault {kind}: no device given and none is computing now; name one")
-            if dev not in emu.device_ids():
-                raise TopologyError(f"fault {kind}: unknown device {dev!r}; devices: {', '.join(emu.device_ids())}")
+            if dev not in cell.device_ids():
+                raise TopologyError(f"fault {kind}: unknown device {dev!r}; devices: {', '.join(cell.device_ids())}")
         else:
             dev = None
         dur = spec.duration_s if spec.duration_s is not None else DEFAULT_DURATION_S[kind]
         val = spec.value if spec.value is not None else DEFAULT_VALUE.get(kind)
         stage = self._current[1] if self._current and self._current[0] == dev else None
         rec = Injected(kind, dev, self.now_s(), stage, {"duration_s": dur} | ({"value": val} if val is not None else {}))
-        if kind == "kill":
-            await self._kill(dev)  # the runner emits fault_injected itself
-        else:
-            self._event("fault_injected", dev, kind=kind, duration_s=dur, value=val)
-            rec._undo = await getattr(self, "_" + kind.replace("-", "_"))(emu, dev, val)
+        self.emit("fault_injected", dev, kind=kind, duration_s=dur, value=val)
+        rec.undo = await self._APPLY[kind](self, cell, dev, val)
         self.injected.append(rec)
-        if rec._undo is not None and dur is not None:
+        if rec.undo is not None and dur is not None:
             self._spawn(self._restore_after(rec, dur))
         return rec
 
@@ -193,12 +183,17 @@ class FaultInjector:
         await self.restore(rec)
 
     async def restore(self, rec: Injected) -> None:
-        undo, rec._undo = rec._undo, None
+        undo, rec.undo = rec.undo, None
         if undo is None:
             return
         await undo()
         rec.restored_t_s = self.now_s()
-        self._event("fault_restored", rec.device, kind=rec.kind, after_s=rec.restored_t_s - rec.t_s)
+        self.emit("fault_restored", rec.device, kind=rec.kind, after_s=rec.restored_t_s - rec.t_s)
+
+    async def wait_restored(self) -> None:
+        """Until every scheduled undo has run."""
+        while self._tasks:
+            await asyncio.gather(*list(self._tasks), return_exceptions=True)
 
     async def close(self) -> None:
         """Cancel pending faults and undo the active ones (bounded: each undo has 30 s)."""
@@ -212,135 +207,40 @@ class FaultInjector:
             except Exception as e:  # noqa: BLE001 - collected; teardown removes the rest anyway
                 self.errors.append(f"restore {rec.kind} {rec.device}: {e}")
 
-    # -- the faults ----------------------------------------------------------------------
-    async def _kill(self, dev: str) -> None:
-        kill = getattr(self.runner, "kill", None)
-        if kill is not None:
-            await kill(dev)
-        else:
-            self._event("fault_injected", dev, kind="kill")
-            await self.runner.emu.kill(dev)
+    # -- the faults: each applies itself and returns its undo (None: it stays) -----------
+    async def _kill(self, cell: Cell, dev: str, _val: float | None) -> None:
+        await cell.kill(dev)  # its agent's MQTT last will tells the orchestrator
+        return None
 
-    async def _link_flap(self, emu: Any, dev: str, _val: float | None) -> Callable[[], Awaitable[None]]:
-        await emu.cut_link(dev)
-        return lambda: emu.restore_link(dev)
+    async def _link_flap(self, cell: Cell, dev: str, _val: float | None) -> Callable[[], Awaitable[None]]:
+        await cell.cut_link(dev)
+        return lambda: cell.restore_link(dev)
 
-    async def _rate_drop(self, emu: Any, dev: str, val: float) -> Callable[[], Awaitable[None]]:
-        node = emu.nodes[dev]
+    async def _rate_drop(self, cell: Cell, dev: str, val: float) -> Callable[[], Awaitable[None]]:
+        node = cell.nodes[dev]
         old = (node.rate_up_mbps, node.rate_down_mbps)
         if old[0] is None or old[1] is None:
-            raise ResourceError(f"rate-drop {dev}: shaping is off in this emulation")
-        await emu.set_link(dev, val, val)
-        return lambda: emu.set_link(dev, *old)
+            raise ResourceError(f"rate-drop {dev}: shaping is off in this cell")
+        await cell.set_link(dev, val, val)
+        return lambda: cell.set_link(dev, *old)
 
-    async def _slow(self, emu: Any, dev: str, val: float) -> Callable[[], Awaitable[None]]:
-        from testbed.emulation.cgroups import CgroupLimits
-
-        cg = getattr(emu, "cg", None)
-        node = emu.nodes[dev]
-        if cg is None and hasattr(emu.backend, "set_cpu"):  # docker: `docker update --cpus`
-            old_cores = node.cpu_quota_cores
-            await emu.backend.set_cpu(dev, val)
-            node.cpu_quota_cores = val
-
-            async def undo_cpu() -> None:
-                if old_cores is not None:
-                    await emu.backend.set_cpu(dev, old_cores)
-                node.cpu_quota_cores = old_cores
-
-            return undo_cpu
-        if cg is None:
-            raise ResourceError(f"slow {dev}: this backend has no cgroups the testbed manages (use --backend netns)")
-        old = CgroupLimits(node.cpu_quota_cores, node.memory_mb)
-        await asyncio.to_thread(cg.set_limits, emu.run_id, dev, CgroupLimits(val, node.memory_mb))
-        node.cpu_quota_cores = val
-
-        async def undo() -> None:
-            await asyncio.to_thread(cg.set_limits, emu.run_id, dev, old)
-            node.cpu_quota_cores = old.cpu_cores
-
-        return undo
-
-    async def _broker_restart(self, emu: Any, _dev: None, _val: None) -> Callable[[], Awaitable[None]]:
-        old = emu.broker
+    async def _slow(self, cell: Cell, dev: str, val: float) -> Callable[[], Awaitable[None]]:
+        old = cell.nodes[dev].cpu_quota_cores
         if old is None:
-            raise ResourceError("broker-restart: this run has no broker")
-        kwargs = broker_start_args(old)
-        await old.stop()
-        emu.broker = None
+            raise ResourceError(f"slow {dev}: the cell runs without CPU limits")
+        await cell.set_cpu(dev, val)
+        return lambda: cell.set_cpu(dev, old)
+
+    async def _broker_restart(self, cell: Cell, _dev: None, _val: None) -> Callable[[], Awaitable[None]]:
+        old = cell.broker
+        if old is None:
+            raise ResourceError("broker-restart: this cell has no broker")
+        await cell.stop_broker()
 
         async def start() -> None:
-            starter = getattr(self.runner, "_start_broker", None)  # the runner's (keeps mosquitto as root)
-            if starter is not None and "password_file" in kwargs:
-                new = await starter(kwargs["password_file"], kwargs.get("acl_file"), kwargs.get("max_message_bytes"))
-            else:
-                new = await emu.start_broker(**kwargs)
-            if getattr(self.runner, "broker", None) is old:
-                self.runner.broker = new
+            await cell.start_broker(old.settings)  # the same config, credentials and ACL
 
         return start
 
-
-def broker_start_args(handle: Any) -> dict[str, Any]:
-    """The `Emulation.start_broker` arguments that made `handle`, read back from its
-    config file (so a restart enforces the same credentials, ACL and size limit)."""
-    args: dict[str, Any] = {"prefer": handle.kind}
-    conf = Path(handle.config_path)
-    if handle.kind == "mosquitto":
-        for line in conf.read_text().splitlines():
-            key, _, rest = line.strip().partition(" ")
-            if key == "password_file":
-                args["password_file"] = Path(rest)
-            elif key == "acl_file":
-                args["acl_file"] = Path(rest)
-            elif key == "message_size_limit":
-                args["max_message_bytes"] = int(rest)
-        for key in ("password_file", "acl_file"):  # the broker's own copies are rewritten at start: snapshot them
-            src = args.get(key)
-            if src is not None and src.parent == conf.parent:
-                dst = src.with_name(src.name + ".restart")
-                fd = os.open(dst, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-                with os.fdopen(fd, "wb") as f:
-                    f.write(src.read_bytes())
-                args[key] = dst
-    else:
-        import yaml
-
-        plugins = (yaml.safe_load(conf.read_text()) or {}).get("plugins", {})
-        auth = plugins.get("amqtt.plugins.authentication.FileAuthPlugin")
-        if auth:
-            args["password_file"] = Path(auth["password_file"])
-            acl = Path(auth["password_file"]).with_name("mosquitto.acl")  # security.write_security_files
-            if "amqtt.plugins.topic_checking.TopicAccessControlListPlugin" in plugins and acl.exists():
-                args["acl_file"] = acl
-    return args
-
-
-async def revive_agent(runner: Any, device: str) -> int:
-    """Start a killed device's agent again (same config and credentials) in its node;
-    returns its pid. For the TUI and bench/faults.py (a new generation after a kill)."""
-    emu, state = runner.emu, getattr(runner, "_state_dir", None)
-    if emu is None or state is None:
-        raise ResourceError(f"revive {device}: no run is up")
-    if device not in emu.device_ids():
-        raise TopologyError(f"revive: unknown device {device!r}; devices: {', '.join(emu.device_ids())}")
-    await emu.kill(device)  # whatever is left of the old one
-    cfg = state / "agents" / f"{device}.json"
-    node = emu.nodes[device]
-    cores = node.cpu_quota_cores or 1.0
-    env = {"TESTBED_AGENT_CONFIG": str(cfg), "OMP_NUM_THREADS": str(max(1, int(cores)))}
-    args = [runner.run_id, device, "--config", str(cfg)]
-    logs = (runner.out_dir / "logs") if getattr(runner, "out_dir", None) is not None else state / "logs"
-    log = logs / f"agent-{device}.log"
-    pool = getattr(runner, "_pool", None)
-    if pool is not None:
-        procs = list(emu.cg.procs_files(runner.run_id, device)) if emu.cg is not None else []
-        pid = await pool.spawn(node.netns, procs, ["testbed-agent", *args], env, log)
-    else:
-        import sys
-
-        pid = await emu.spawn(device, [sys.executable, "-m", "testbed.relay.agent", *args], env, log)
-    pids = getattr(runner, "_pids", None)
-    if isinstance(pids, dict):
-        pids[device] = pid
-    return pid
+    _APPLY = {"kill": _kill, "link-flap": _link_flap, "rate-drop": _rate_drop, "slow": _slow,
+              "broker-restart": _broker_restart}

@@ -2,7 +2,7 @@
 
 Model and precisions actually computed in (fp16 runs as bfloat16 on a CPU), compute mode,
 whether a delay path (netem) was active, seeds, payload sizes, versions and the project's
-git commit. Part of the composition layer (runner.py).
+git commit. Part of the composition layer (session.py).
 """
 
 from __future__ import annotations
@@ -53,11 +53,14 @@ def versions(broker_kind: str | None = None) -> dict[str, Any]:
     return v
 
 
-def run_meta(topo: Any, emu: Any, broker: Any, outcome: Any, model: Any, image: dict[str, Any]) -> dict[str, Any]:
+def run_meta(topo: Any, cell: Any, outcome: Any, model: Any, image: dict[str, Any]) -> dict[str, Any]:
+    """What a reader needs to trust a run's numbers (see the module docstring)."""
     wl = topo.workload
-    precisions = {}
-    for s in outcome.stages:
-        precisions[s.device] = {"requested": s.precision, "computed_in": s.compute_dtype}
+    stages = outcome.stages
+    precisions = {s["device"]: {"requested": s.get("precision"), "computed_in": s.get("compute_dtype")}
+                  for s in stages if s.get("precision")}
+    broker = cell.broker
+    status = cell.status()
     return {
         "topology": topo.name,
         "model": wl.model,
@@ -66,7 +69,7 @@ def run_meta(topo: Any, emu: Any, broker: Any, outcome: Any, model: Any, image: 
         "note": "fp16 variants compute in bfloat16 on a CPU; int8/int4 are weight-quantized variants of the local model",
         "compute": wl.compute,
         "profile_times": "SD1.5 step times of data/profiles.yaml" if wl.compute == "profile" else None,
-        "overrun_stages": sum(1 for s in outcome.stages if s.overrun_s > 0),
+        "overrun_stages": sum(1 for s in stages if (s.get("overrun_s") or 0) > 0),
         "scheduler": wl.scheduler,
         "steps_per_stage": wl.steps_per_stage,
         "total_steps": outcome.total_steps,
@@ -76,18 +79,19 @@ def run_meta(topo: Any, emu: Any, broker: Any, outcome: Any, model: Any, image: 
         "seed": topo.seed,
         "payload_bytes": wl.payload_bytes,
         "latent_bytes": int(outcome.latent.nbytes) if hasattr(outcome.latent, "nbytes") else None,
-        "wire_bytes": sorted({s.wire_bytes_down for s in outcome.stages} | {s.wire_bytes_up for s in outcome.stages}),
+        "wire_bytes": sorted({s["bytes_down"] for s in stages if "bytes_down" in s}
+                             | {s["bytes_up"] for s in stages if "bytes_up" in s}),
+        "rejected_results": outcome.rejected_results,
         "image_shape": image.get("image_shape"),
-        "backend": getattr(getattr(emu, "backend", None), "name", None),
-        "netem": bool(getattr(emu, "netem", False)),
-        "delay_path": "netem" if getattr(emu, "netem", False) else "none (no added propagation delay)",
+        "backend": cell.backend_name,
+        "netem": bool(status.get("netem")),
+        "delay_path": "netem" if status.get("netem") else "none (no added propagation delay)",
         "shaping": "htb",
-        "warnings": list(getattr(emu, "warnings", [])),
+        "warnings": list(cell.warnings),
         "broker": getattr(broker, "kind", None),
         "timing": "wall clock (time.time) of one kernel: t_down = agent receive - server publish, "
                   "t_cmp = agent send - agent receive, t_up = server receive - agent send",
         "energy": "profile compute power x t_cmp + radio rx power x t_down + radio tx power x t_up",
-        "rejected_results": outcome.rejected_results,
         "versions": versions(getattr(broker, "kind", None)),
         "git_commit": git_commit(),
     }

@@ -1,24 +1,121 @@
-"""The per-run supervisor: a detached process that owns one `Emulation` until told to stop.
+"""The per-cell supervisor behind `testbed up`: a detached run owner that keeps one cell alive.
 
-`testbed up` starts `python -m testbed.composition.supervisor RUN FILE [--seed N]` in its
-own session; the supervisor writes supervisor.pid, then state.json (ready) or error.json,
-and tears everything down on SIGTERM/SIGINT (what `testbed down` sends) or on a crash.
+`testbed up` starts `python -m testbed.composition.supervisor RUN FILE [--seed N]
+[--backend B] [--no-broker]` in its own session. The supervisor opens a `RunSession` on
+the cell (namespaces or containers, shaped links, limits, the secured broker, and one
+warm agent per device), serves the cell and its agents on the control socket
+(`/run/testbed/<run>/control.sock`: `testbed run --run ID`, `testbed fault`, the TUI ask
+it), keeps `state.json` current (each node's state, whether its agent is online) and
+tears everything down on SIGTERM/SIGINT (what `testbed down` sends) or on a crash. It
+writes supervisor.pid first, then state.json (ready) or error.json.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
+import json
 import os
 import signal
 import sys
 import time
 import traceback
+from typing import Any
 
-from testbed.emulation.emulation import Emulation
+from testbed.composition.session import RunSession
+from testbed.emulation.attached import cell_handlers, control_path
+from testbed.emulation.control import ControlServer
 from testbed.emulation.runs import run_dir, write_state, write_topology
 from testbed.errors import TestbedError
 from testbed.model.topology import load_topology
+
+__all__ = ["main"]
+
+
+class CellKeeper:
+    """The supervisor's state: the session, what its agents report, and state.json."""
+
+    def __init__(self, session: RunSession, base: dict[str, Any]):
+        self.session = session
+        self.base = base
+        self.online: dict[str, bool] = {}
+        self._last_write = 0.0
+
+    def write(self, *_: Any) -> None:
+        cell = self.session.cell
+        assert cell is not None
+        doc = cell.status()
+        for node in doc["nodes"]:
+            if node["role"] == "device":
+                node["agent_online"] = self.online.get(node["id"], False)
+        write_state(self.session.run_id or "", self.base | doc)
+        self._last_write = time.monotonic()
+
+    def on_mobility(self, _update: Any) -> None:  # at most once a second
+        if time.monotonic() - self._last_write >= 1.0:
+            self.write()
+
+    def handlers(self) -> dict[str, Any]:
+        """The cell's control ops, each followed by a fresh state.json, and the agents' ops."""
+        session = self.session
+        assert session.cell is not None
+
+        def then_write(fn: Any) -> Any:
+            async def handler(**kw: Any) -> Any:
+                try:
+                    return await fn(**kw)
+                finally:
+                    self.write()
+
+            return handler
+
+        ops = {name: then_write(fn) for name, fn in cell_handlers(session.cell).items()}
+
+        async def agents_ensure(devices: list[str]) -> None:
+            await session.ensure_agents(list(devices))
+
+        async def agents_revive(device: str) -> int:
+            return await session.revive(device)
+
+        async def agents_pids() -> dict[str, int]:
+            return session.agents.pids() if session.agents is not None else {}
+
+        ops.update({"agents_ensure": then_write(agents_ensure), "agents_revive": then_write(agents_revive),
+                    "agents_pids": agents_pids})
+        return ops
+
+    async def watch_agents(self) -> None:
+        """Follow the devices' retained MQTT status (online/offline) for `agent_online`."""
+        import aiomqtt
+
+        from testbed.relay import topics
+
+        session = self.session
+        loop = asyncio.get_running_loop()
+
+        def seen(dev: str, state: str) -> None:
+            self.online[dev] = state in ("online", "computing")
+            self.write()
+
+        async def follow() -> None:
+            rs = session.relay_settings()
+            while True:
+                try:
+                    async with aiomqtt.Client(rs.broker_host, rs.broker_port, username=rs.username,
+                                              password=rs.password, identifier=f"tb-{rs.run}-keeper",
+                                              keepalive=10, timeout=10) as client:
+                        await client.subscribe(f"tb/{rs.run}/dev/+/status", qos=1)
+                        async for m in client.messages:
+                            parsed = topics.parse_device_topic(rs.run, str(m.topic))
+                            with contextlib.suppress(ValueError, AttributeError, TypeError):
+                                state = json.loads(bytes(m.payload)).get("state")
+                                if parsed is not None and parsed[1] == "status":
+                                    loop.call_soon_threadsafe(seen, parsed[0], str(state))
+                except aiomqtt.MqttError:
+                    await asyncio.sleep(1.0)  # the broker restarts (a fault): follow it again
+
+        await session.in_server_ns(follow)
 
 
 async def _main(args: argparse.Namespace) -> int:
@@ -29,28 +126,30 @@ async def _main(args: argparse.Namespace) -> int:
     topo = load_topology(args.file, seed=args.seed)
     t0 = time.perf_counter()
     write_topology(args.run, topo)
-    async with Emulation(topo, args.run, backend=args.backend, state_dir=run_dir(args.run)) as emu:
-        if args.broker:
-            await emu.start_broker()
-        doc = emu.status() | {
-            "ready": True,
-            "topology": os.path.abspath(args.file),
-            "seed": topo.seed,
-            "supervisor_pid": os.getpid(),
-            "up_s": round(time.perf_counter() - t0, 3),
-            "timings_s": {k: round(v, 4) for k, v in emu.timings_s.items()},
-        }
-        write_state(args.run, doc)
-
-        def refresh(_update) -> None:  # mobility: keep status current (at most once a second)
-            now = time.monotonic()
-            if now - refresh.last >= 1.0:  # type: ignore[attr-defined]
-                refresh.last = now  # type: ignore[attr-defined]
-                write_state(args.run, doc | emu.status())
-
-        refresh.last = 0.0  # type: ignore[attr-defined]
-        emu.on_update(refresh)
-        await stop.wait()
+    async with RunSession(topo, run_id=args.run, backend=args.backend, broker=args.broker,
+                          state_dir=run_dir(args.run)) as session:
+        cell = session.cell
+        assert cell is not None
+        keeper = CellKeeper(session, {"ready": False, "topology": os.path.abspath(args.file), "seed": topo.seed,
+                                      "supervisor_pid": os.getpid()})
+        control = ControlServer(control_path(args.run), keeper.handlers())
+        await control.start()
+        watcher = None
+        try:
+            if args.broker:  # warm agents: `testbed run --run ID` finds them online
+                watcher = asyncio.ensure_future(keeper.watch_agents())
+                await session.ensure_agents(cell.device_ids())
+            keeper.base |= {"ready": True, "up_s": round(time.perf_counter() - t0, 3),
+                            "timings_s": {k: round(v, 4) for k, v in session.timings_s.items()}}
+            keeper.write()
+            cell.on_update(keeper.on_mobility)
+            await stop.wait()
+        finally:
+            await control.close()
+            if watcher is not None:
+                watcher.cancel()
+                with contextlib.suppress(BaseException):
+                    await watcher
     return 0
 
 

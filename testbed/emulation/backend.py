@@ -18,25 +18,25 @@ import os
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Literal, Protocol
+from pathlib import Path
+from typing import Any, Literal, Protocol
 
 from pyroute2 import AsyncIPRoute
 from pyroute2.netlink.exceptions import NetlinkError
 
-from testbed.emulation.nsutil import create_netns, list_netns, netns_path, open_iproute, remove_netns
+from testbed.emulation.cell import NodeJoin
+from testbed.emulation.cgroups import CgroupLimits, Cgroups, detect_cgroups
+from testbed.emulation.nsutil import create_netns, list_netns, netns_path, open_iproute, pids_in_netns, remove_netns
+from testbed.emulation.procs import spawn_in
 from testbed.errors import ResourceError
-from testbed.model.names import CELL_NET, HOST_ADDRESS, RUN_ID_RE, SERVER_ADDRESS, check_run_id
+from testbed.model.names import CELL_NET, HOST_ADDRESS, SERVER_ADDRESS, check_run_id
 
 __all__ = [
     "NodeSpec",
     "Backend",
     "NetnsBackend",
-    "SERVER_ADDRESS",
-    "HOST_ADDRESS",
     "CELL_PREFIX",
     "device_address",
-    "RUN_ID_RE",
-    "check_run_id",
     "remove_host_links",
 ]
 
@@ -58,30 +58,49 @@ class NodeSpec:
     role: Literal["server", "device"]
     address: str
     index: int  # devices: 0-based position; server: -1
+    cpu_cores: float | None = None  # limits; None: unlimited
+    memory_mb: int | None = None
+    gpu_share_pct: int | None = None
 
 
 class Backend(Protocol):
-    """What the Emulation needs from a way of isolating nodes."""
+    """A way of making and entering nodes (namespaces or containers). `Emulation` takes
+    one as a parameter and never asks which one it holds: each implements all of this."""
 
     name: str
     host_route: bool
 
-    async def create(self, nodes: Sequence[NodeSpec]) -> None: ...
+    async def create(self, nodes: Sequence[NodeSpec]) -> None:
+        """Make every node with its limits, the links between them and the host link."""
+        ...
+    async def destroy(self) -> list[str]: ...
     def netns(self, node_id: str) -> str: ...
     def shaping_target(self) -> tuple[str, str, str]:
         """(netns of the shaper, downlink interface, uplink IFB)."""
         ...
     async def set_link_state(self, node_id: str, up: bool) -> None: ...
-    async def destroy(self) -> list[str]: ...
+    async def set_cpu(self, node_id: str, cpu_cores: float) -> None: ...
+    def join(self, node_id: str) -> NodeJoin: ...
+    async def spawn(self, node_id: str, argv: Sequence[str], env: dict[str, str] | None = None,
+                    log_path: Path | None = None) -> Any:
+        """Start argv inside the node; returns a Popen-like handle (pid, poll(), returncode)."""
+        ...
+    def pids(self, node_id: str) -> set[int]:
+        """Processes the testbed started in the node (not a container's own idle ones)."""
+        ...
 
 
 class NetnsBackend:
+    """Nodes are network namespaces; limits are cgroups `testbed/<run>/<node>`."""
+
     name = "netns"
 
-    def __init__(self, run_id: str, gso_off: bool = True):
+    def __init__(self, run_id: str, gso_off: bool = True, cgroups: Cgroups | None = None, limits: bool = True):
         self.run = check_run_id(run_id)
         self.gso_off = gso_off
         self.host_route = False
+        self.limits = limits
+        self.cg: Cgroups | None = cgroups
         self._nodes: dict[str, NodeSpec] = {}
         self._created: list[str] = []
 
@@ -128,6 +147,7 @@ class NetnsBackend:
             await srv.link("set", index=br, state="up")
             sem = asyncio.Semaphore(16)
             await asyncio.gather(*(self._device(srv, br, n, sem) for n in nodes if n.role == "device"))
+        await self._create_cgroups(nodes)
 
     async def _host_link(self, srv: AsyncIPRoute, br: int) -> None:
         peer = f"tb{self.run}hs"
@@ -170,15 +190,46 @@ class NetnsBackend:
                 await dev.link("set", index=e, state="up")
                 await dev.route("add", dst="0.0.0.0/0", gateway=SERVER_ADDRESS)
 
+    async def _create_cgroups(self, nodes: Sequence[NodeSpec]) -> None:
+        if not self.limits:
+            return
+        self.cg = self.cg or detect_cgroups()
+        for n in nodes:
+            await asyncio.to_thread(self.cg.create, self.run, n.id, CgroupLimits(n.cpu_cores, n.memory_mb))
+
     async def set_link_state(self, node_id: str, up: bool) -> None:
         node = self._nodes[node_id]
         async with open_iproute(self.netns("server")) as srv:
             await srv.link("set", index=await _idx(srv, self.port(node)), state="up" if up else "down")
 
+    # processes ---------------------------------------------------------------------
+    async def set_cpu(self, node_id: str, cpu_cores: float) -> None:
+        if self.cg is None:
+            raise ResourceError(f"set_cpu {node_id}: this emulation runs without cgroups (limits off)")
+        mem = self._nodes[node_id].memory_mb
+        await asyncio.to_thread(self.cg.set_limits, self.run, node_id, CgroupLimits(cpu_cores, mem))
+
+    def join(self, node_id: str) -> NodeJoin:
+        procs = tuple(str(p) for p in self.cg.procs_files(self.run, node_id)) if self.cg is not None else ()
+        return NodeJoin(self.netns(node_id), procs)
+
+    async def spawn(self, node_id: str, argv: Sequence[str], env: dict[str, str] | None = None,
+                    log_path: Path | None = None) -> Any:
+        j = self.join(node_id)
+        return await asyncio.to_thread(spawn_in, j.netns, list(argv), env, log_path, [Path(p) for p in j.cgroup_procs])
+
+    def pids(self, node_id: str) -> set[int]:
+        """Every process in the node's cgroups or its network namespace."""
+        found = set(self.cg.pids(self.run, node_id)) if self.cg is not None else set()
+        return found | pids_in_netns([Path(self.netns(node_id))])
+
     # destroy -----------------------------------------------------------------------
     async def destroy(self) -> list[str]:
-        """Remove the host link and every namespace of the run; returns what it removed."""
+        """Remove the host link, every namespace and every cgroup of the run; returns what it removed."""
         removed = await remove_host_links(self.run)
+        if self.cg is not None and self.run in self.cg.runs():
+            await asyncio.to_thread(self.cg.remove, self.run)
+            removed.append(f"cgroup testbed/{self.run}")
         for name in list_netns(f"tb-{self.run}-"):
             if remove_netns(name):
                 removed.append(f"netns {name}")

@@ -15,28 +15,43 @@ import shutil
 import socket
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import yaml
 
+from testbed.emulation.cell import BrokerSettings
 from testbed.emulation.nsutil import in_netns
 from testbed.emulation.procs import spawn_in, stop_pid
 from testbed.errors import ResourceError
 from testbed.model.names import MQTT_PORT
 
-__all__ = ["BrokerHandle", "start_broker", "parse_mosquitto_acl", "MQTT_PORT"]
+__all__ = ["BrokerHandle", "BrokerSettings", "start_broker", "write_broker_config", "parse_mosquitto_acl", "MQTT_PORT"]
 
 
 
 @dataclass
 class BrokerHandle:
+    """A running broker and the settings it was started with (a restart reuses them)."""
+
     kind: str  # "mosquitto" | "amqtt"
     pid: int
     host: str
     port: int
     config_path: Path
     log_path: Path
+    settings: BrokerSettings = field(default_factory=BrokerSettings)
+    netns: str | None = None
+
+    def to_json(self) -> dict:
+        return {"kind": self.kind, "pid": self.pid, "host": self.host, "port": self.port,
+                "config_path": str(self.config_path), "log_path": str(self.log_path),
+                "settings": self.settings.to_json(), "netns": self.netns}
+
+    @classmethod
+    def from_json(cls, d: dict) -> BrokerHandle:
+        return cls(d["kind"], int(d["pid"]), d["host"], int(d["port"]), Path(d["config_path"]), Path(d["log_path"]),
+                   BrokerSettings.from_json(d.get("settings") or {}), d.get("netns"))
 
     async def stop(self) -> None:
         await stop_pid(self.pid)
@@ -88,8 +103,7 @@ def _mosquitto_conf(host: str, port: int, state_dir: Path, password_file: Path |
     return "\n".join(lines) + "\n"
 
 
-def _amqtt_conf(host: str, port: int, password_file: Path | None, acl_file: Path | None,
-                max_message_bytes: int | None) -> dict:
+def _amqtt_conf(host: str, port: int, password_file: Path | None, acl_file: Path | None) -> dict:
     plugins: dict = {}
     if password_file is not None:
         plugins["amqtt.plugins.authentication.FileAuthPlugin"] = {"password_file": str(password_file)}
@@ -159,42 +173,25 @@ def _can_connect(host: str, port: int) -> bool:
 
 
 async def start_broker(
-    netns: str,
+    netns: str | None,
     host: str,
     state_dir: Path,
+    settings: BrokerSettings | None = None,
     *,
-    port: int = MQTT_PORT,
-    password_file: Path | None = None,
-    acl_file: Path | None = None,
-    max_message_bytes: int | None = None,
-    prefer: str = "mosquitto",
     cgroup_procs: tuple[Path, ...] = (),
     ready_timeout_s: float = 15.0,
     spawn=None,
 ) -> BrokerHandle:
-    """Start the broker in `netns`, listening on host:port; return once it accepts TCP."""
+    """Start the broker in `netns` (None: this process's namespace), listening on
+    host:settings.port; return once it accepts TCP. The handle keeps `settings`."""
+    settings = settings or BrokerSettings()
     state_dir.mkdir(parents=True, exist_ok=True)
-    mosquitto = shutil.which("mosquitto") if prefer == "mosquitto" else None
-    if mosquitto:
-        kind = "mosquitto"
-        conf_path = state_dir / "mosquitto.conf"
-        password_file, acl_file, run_as = _hand_to_mosquitto_user(state_dir, password_file, acl_file)
-        conf_path.write_text(_mosquitto_conf(host, port, state_dir, password_file, acl_file, max_message_bytes)
-                             + (f"user {run_as}\n" if run_as else ""))
-        argv = [mosquitto, "-c", str(conf_path)]
-        log_path = state_dir / "mosquitto.log"
-    else:
-        kind = "amqtt"
-        conf_path = state_dir / "amqtt.yaml"
-        conf_path.write_text(yaml.safe_dump(_amqtt_conf(host, port, password_file, acl_file, max_message_bytes)))
-        argv = [sys.executable, "-m", "amqtt.scripts.broker_script", "-c", str(conf_path)]
-        log_path = state_dir / "amqtt.log"
-    stdout_log = state_dir / f"{kind}.stdout.log"
+    kind, argv, conf_path, log_path, stdout_log = write_broker_config(host, state_dir, settings)
     if spawn is None:
         proc = await asyncio.to_thread(spawn_in, netns, argv, None, stdout_log, cgroup_procs)
     else:  # a backend that starts processes its own way (docker exec): async (argv, log_path) -> Popen-like
         proc = await spawn(argv, stdout_log)
-    handle = BrokerHandle(kind, proc.pid, host, port, conf_path, log_path if kind == "mosquitto" else stdout_log)
+    handle = BrokerHandle(kind, proc.pid, host, settings.port, conf_path, log_path, settings, netns)
     deadline = time.monotonic() + ready_timeout_s
     while True:
         if proc.poll() is not None:
@@ -202,10 +199,32 @@ async def start_broker(
             if kind == "mosquitto" and log_path.exists():
                 tail += log_path.read_text(errors="replace")[-400:]
             raise ResourceError(f"{kind} exited with code {proc.returncode} at start; see {stdout_log}: {tail.strip()}")
-        if await asyncio.to_thread(in_netns, netns, lambda: _can_connect(host, port)):
+        reachable = (lambda: _can_connect(host, settings.port))
+        if await asyncio.to_thread(in_netns, netns, reachable) if netns else await asyncio.to_thread(reachable):
             return handle
         if time.monotonic() > deadline:
             await handle.stop()
-            raise ResourceError(f"{kind} did not accept connections on {host}:{port} within {ready_timeout_s:g} s; see {stdout_log}")
+            raise ResourceError(f"{kind} did not accept connections on {host}:{settings.port} within "
+                                f"{ready_timeout_s:g} s; see {stdout_log}")
         await asyncio.sleep(0.05)
 
+
+def write_broker_config(host: str, state_dir: Path,
+                        settings: BrokerSettings) -> tuple[str, list[str], Path, Path, Path]:
+    """The one place a broker configuration is written: (kind, argv, config, log, stdout log).
+
+    mosquitto when installed (and preferred), else the embedded amqtt broker."""
+    mosquitto = shutil.which("mosquitto") if settings.prefer == "mosquitto" else None
+    if mosquitto:
+        conf_path = state_dir / "mosquitto.conf"
+        password_file, acl_file, run_as = _hand_to_mosquitto_user(state_dir, settings.password_file,
+                                                                  settings.acl_file)
+        conf_path.write_text(_mosquitto_conf(host, settings.port, state_dir, password_file, acl_file,
+                                             settings.max_message_bytes) + (f"user {run_as}\n" if run_as else ""))
+        return ("mosquitto", [mosquitto, "-c", str(conf_path)], conf_path, state_dir / "mosquitto.log",
+                state_dir / "mosquitto.stdout.log")
+    conf_path = state_dir / "amqtt.yaml"
+    conf_path.write_text(yaml.safe_dump(_amqtt_conf(host, settings.port, settings.password_file, settings.acl_file)))
+    stdout_log = state_dir / "amqtt.stdout.log"
+    return ("amqtt", [sys.executable, "-m", "amqtt.scripts.broker_script", "-c", str(conf_path)], conf_path,
+            stdout_log, stdout_log)

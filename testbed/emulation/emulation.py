@@ -1,9 +1,11 @@
-"""`Emulation`: the async context manager that owns one run's kernel objects.
+"""`Emulation`: the `Cell` this process makes, on the netns or the docker backend.
 
-`async with Emulation(topology, run_id) as emu:` makes a namespace per node, the links,
-the cell's shaping (from radio.compute_links), cgroups per node (from the profiles),
-starts mobility when the topology has it, and on exit — also on errors and Ctrl-C —
-stops every process it spawned and removes everything again.
+`async with Emulation(topology, run_id) as emu:` makes a node per device and the edge
+server (namespaces or containers, by the backend), their links, the cell's shaping (from
+radio.compute_links), the nodes' CPU/memory limits (from the profiles), starts mobility
+when the topology has it, and on exit — also on errors and Ctrl-C — stops every process
+in its nodes and removes everything again. The backend is a parameter: shaping, mobility,
+node states and the broker are the same code on both.
 """
 
 from __future__ import annotations
@@ -14,18 +16,18 @@ import math
 import os
 import time
 from collections.abc import AsyncIterator, Callable, Sequence
-from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
 from pyroute2.netlink.exceptions import NetlinkError
 
-from testbed.emulation.backend import SERVER_ADDRESS, NetnsBackend, NodeSpec, check_run_id, device_address
+from testbed.emulation.backend import Backend, NetnsBackend, NodeSpec, device_address
 from testbed.emulation.broker import BrokerHandle, start_broker
-from testbed.emulation.cgroups import CgroupLimits, Cgroups, detect_cgroups
+from testbed.emulation.cell import BrokerSettings, LinkUpdate, NodeJoin, NodeState
+from testbed.emulation.cgroups import Cgroups
 from testbed.emulation.mobility import RandomWaypoint
 from testbed.emulation.nsutil import open_iproute
-from testbed.emulation.procs import spawn_in, stop_pid
+from testbed.emulation.procs import stop_pid
 from testbed.emulation.shaping import (
     HtbClass,
     LinkRate,
@@ -38,41 +40,17 @@ from testbed.emulation.shaping import (
     read_back,
 )
 from testbed.errors import ResourceError, ShapingError
-from testbed.model.names import SERVER_ID, STATE_ROOT
+from testbed.model.names import SERVER_ADDRESS, SERVER_ID, STATE_ROOT, check_run_id
 from testbed.model.profiles import load_profiles
 from testbed.model.radio import DeviceLink, compute_links, link_for_position
 from testbed.model.topology import Topology, place
 
-__all__ = ["Emulation", "NodeState", "LinkUpdate", "SERVER_ID", "require_root", "detect_netem"]
-
+__all__ = ["Emulation", "NodeState", "LinkUpdate", "SERVER_ID", "require_root", "detect_netem", "make_backend"]
 
 
 def require_root() -> None:
     if os.geteuid() != 0:
         raise ResourceError("the emulation needs root (network namespaces, tc, cgroups); run it with sudo")
-
-
-@dataclass
-class NodeState:
-    id: str
-    role: str
-    netns: str
-    address: str
-    rate_up_mbps: float | None
-    rate_down_mbps: float | None
-    cpu_quota_cores: float | None
-    memory_mb: int | None
-    profile: str
-    x_m: float
-    y_m: float
-
-
-@dataclass(frozen=True)
-class LinkUpdate:
-    """One mobility tick: new positions and rates of every device."""
-
-    t_s: float
-    devices: tuple[dict[str, Any], ...]  # {id, x_m, y_m, distance_m, rate_up_mbps, rate_down_mbps}
 
 
 async def detect_netem(netns: str) -> bool:
@@ -95,13 +73,27 @@ def _key(op: object) -> tuple:
     return (type(op).__name__, getattr(op, "ifname", None), getattr(op, "handle", None), id(op) if not hasattr(op, "handle") else 0)
 
 
+def make_backend(name: str, run_id: str, *, gso_off: bool = True, limits: bool = True,
+                 cgroups: Cgroups | None = None, state_dir: Path | None = None) -> Backend:
+    """The backend called `name` ("netns" or "docker")."""
+    if name == "netns":
+        return NetnsBackend(run_id, gso_off=gso_off, cgroups=cgroups, limits=limits)
+    if name == "docker":
+        from testbed.emulation.docker.backend import DockerBackend
+
+        return DockerBackend(run_id, state_dir=state_dir, gso_off=gso_off, limits=limits)
+    raise ResourceError(f"backend {name!r} is not available here; use --backend netns or docker")
+
+
 class Emulation:
+    """The `Cell` (emulation/cell.py) that this process makes and owns."""
+
     def __init__(
         self,
         topology: Topology,
         run_id: str,
         *,
-        backend: str = "netns",
+        backend: str | Backend = "netns",
         shaping: bool = True,
         cgroups: bool = True,
         mobility: bool = True,
@@ -109,36 +101,31 @@ class Emulation:
         state_dir: Path | None = None,
         cgroup_impl: Cgroups | None = None,
     ):
-        if backend not in ("netns", "docker"):
-            raise ResourceError(f"backend {backend!r} is not available here; use --backend netns or docker")
         self.topology = topology
         self.run_id = check_run_id(run_id)
-        if backend == "docker":  # containers; docker applies the CPU/memory limits itself
-            from testbed.emulation.docker.backend import DockerBackend
-
-            self.backend = DockerBackend(run_id, state_dir=state_dir)
-        else:
-            self.backend = NetnsBackend(run_id, gso_off=gso_off)
+        self.backend: Backend = backend if not isinstance(backend, str) else make_backend(
+            backend, run_id, gso_off=gso_off, limits=cgroups, cgroups=cgroup_impl, state_dir=state_dir)
         self.shaping_enabled = shaping
-        self.cgroups_enabled = cgroups
+        self.limits_enabled = cgroups
         self.mobility_enabled = mobility
-        self.state_dir = state_dir
-        self._cg_impl = cgroup_impl
-        self.cg: Cgroups | None = None
+        self.state_dir = state_dir or STATE_ROOT / self.run_id
         self.netem = False
         self.warnings: list[str] = []
         self.nodes: dict[str, NodeState] = {}
         self.links: list[DeviceLink] = []
         self.plan: ShapingPlan | None = None
-        self.broker: BrokerHandle | None = None
+        self._broker: BrokerHandle | None = None
         self._specs: list[NodeSpec] = []
-        self._pids: dict[str, list[int]] = {}
         self._procs: dict[int, Any] = {}  # pid -> Popen (or a backend's Popen-like handle)
         self._mobility_task: asyncio.Task | None = None
         self._subscribers: list[asyncio.Queue[LinkUpdate]] = []
         self._callbacks: list[Callable[[LinkUpdate], None]] = []
         self._shape_lock = asyncio.Lock()
         self.timings_s: dict[str, float] = {}
+
+    @property
+    def backend_name(self) -> str:
+        return self.backend.name
 
     # lifecycle ---------------------------------------------------------------------
     async def __aenter__(self) -> Emulation:
@@ -161,31 +148,28 @@ class Emulation:
         if any(link.id == SERVER_ID for link in self.links):
             raise ResourceError(f"a device may not be called {SERVER_ID!r}: that id names the edge server")
         server_prof = profiles[topo.server.profile]
-        self._specs = [NodeSpec(SERVER_ID, "server", SERVER_ADDRESS, -1)] + [
-            NodeSpec(link.id, "device", device_address(i), i) for i, link in enumerate(self.links)
+        lim = self.limits_enabled
+        self._specs = [NodeSpec(SERVER_ID, "server", SERVER_ADDRESS, -1, server_prof.cpu_cores if lim else None,
+                                server_prof.memory_mb if lim else None)] + [
+            NodeSpec(link.id, "device", device_address(i), i,
+                     profiles[link.profile].cpu_cores if lim else None, profiles[link.profile].memory_mb if lim else None,
+                     profiles[link.profile].gpu_share_pct if lim else None)
+            for i, link in enumerate(self.links)
         ]
         t0 = time.perf_counter()
-        if hasattr(self.backend, "set_limits") and self.cgroups_enabled:
-            self.backend.set_limits({SERVER_ID: dict(cpu_cores=server_prof.cpu_cores, memory_mb=server_prof.memory_mb)} | {
-                link.id: dict(cpu_cores=profiles[link.profile].cpu_cores, memory_mb=profiles[link.profile].memory_mb,
-                              gpu_share_pct=profiles[link.profile].gpu_share_pct) for link in self.links})
         await self.backend.create(self._specs)
-        self.timings_s["links_s"] = time.perf_counter() - t0
+        self.timings_s["nodes_s"] = time.perf_counter() - t0
         self.nodes[SERVER_ID] = NodeState(
             SERVER_ID, "server", self.backend.netns(SERVER_ID), SERVER_ADDRESS, None, None,
-            server_prof.cpu_cores if self.cgroups_enabled else None,
-            server_prof.memory_mb if self.cgroups_enabled else None,
-            server_prof.name, placement.server.x_m, placement.server.y_m,
+            self._specs[0].cpu_cores, self._specs[0].memory_mb, server_prof.name,
+            placement.server.x_m, placement.server.y_m,
         )
         for spec, link in zip(self._specs[1:], self.links):
-            prof = profiles[link.profile]
             self.nodes[link.id] = NodeState(
                 link.id, "device", self.backend.netns(link.id), spec.address,
                 link.rate_up_mbps if self.shaping_enabled else None,
                 link.rate_down_mbps if self.shaping_enabled else None,
-                prof.cpu_cores if self.cgroups_enabled else None,
-                prof.memory_mb if self.cgroups_enabled else None,
-                link.profile, link.x_m, link.y_m,
+                spec.cpu_cores, spec.memory_mb, link.profile, link.x_m, link.y_m,
             )
         if self.shaping_enabled:
             t0 = time.perf_counter()
@@ -194,12 +178,6 @@ class Emulation:
             async with open_iproute(ns) as ipr:
                 await apply_plan(ipr, self.plan.ops)
             self.timings_s["shaping_s"] = time.perf_counter() - t0
-        if self.cgroups_enabled and not hasattr(self.backend, "set_limits"):
-            t0 = time.perf_counter()
-            self.cg = self._cg_impl or detect_cgroups()
-            for n in self.nodes.values():
-                self.cg.create(self.run_id, n.id, CgroupLimits(n.cpu_quota_cores, n.memory_mb))
-            self.timings_s["cgroups_s"] = time.perf_counter() - t0
         self.netem = await detect_netem(self.backend.netns(SERVER_ID))
         if not self.netem:
             self.warnings.append(
@@ -209,36 +187,27 @@ class Emulation:
         if self.mobility_enabled and topo.mobility is not None and self.shaping_enabled:
             self._mobility_task = asyncio.create_task(self._mobility_loop(), name=f"tb-{self.run_id}-mobility")
 
-    async def close(self) -> list[str]:
-        """Stop processes, remove namespaces, links and cgroups. Idempotent."""
+    async def close(self) -> None:
+        """Stop processes, remove nodes, links and cgroups. Idempotent."""
         problems: list[str] = []
         if self._mobility_task is not None:
             self._mobility_task.cancel()
             with contextlib.suppress(BaseException):
                 await self._mobility_task
             self._mobility_task = None
-        if self.broker is not None:
-            with contextlib.suppress(Exception):
-                await self.broker.stop()
-            self.broker = None
-        for node_id in list(self._pids):
+        await self.stop_broker()
+        for node_id in list(self.nodes):
             try:
-                await self.kill(node_id)
+                await self._stop_processes(node_id)
             except Exception as e:  # noqa: BLE001 - collected and reported below
                 problems.append(f"kill {node_id}: {e}")
         try:
             await self.backend.destroy()
         except Exception as e:  # noqa: BLE001
-            problems.append(f"namespaces: {e}")
-        cg = self.cg or (self._cg_impl if self.cgroups_enabled else None)
-        if cg is not None:
-            try:
-                await asyncio.to_thread(cg.remove, self.run_id)
-            except Exception as e:  # noqa: BLE001
-                problems.append(f"cgroups: {e}")
+            problems.append(f"nodes: {e}")
+        self._procs.clear()
         if problems:
             raise ResourceError(f"run {self.run_id}: teardown left problems: " + "; ".join(problems))
-        return problems
 
     # links -------------------------------------------------------------------------
     def _capacities(self) -> tuple[float | None, float | None]:
@@ -261,9 +230,7 @@ class Emulation:
         if self.plan is None:
             raise ShapingError("shaping is off in this emulation; nothing to change")
         for dev, (up, down) in rates.items():
-            node = self.nodes.get(dev)
-            if node is None or node.role != "device":
-                raise ShapingError(f"set_link: unknown device {dev!r}; devices: {', '.join(self.device_ids())}")
+            self._device(dev)
             if not (up > 0 and down > 0 and math.isfinite(up) and math.isfinite(down)):
                 raise ShapingError(f"set_link {dev}: rates must be finite and > 0 Mbit/s (got up {up}, down {down})")
         async with self._shape_lock:
@@ -293,11 +260,17 @@ class Emulation:
             return []
         return diff_plan(self.plan.ops, await self.read_back())
 
-    async def cut_link(self, node_id: str) -> None:
-        await self.backend.set_link_state(self._device(node_id).id, False)
+    async def cut_link(self, device_id: str) -> None:
+        node = self._device(device_id)
+        await self.backend.set_link_state(node.id, False)
+        if node.state == "up":
+            node.state = "down"
 
-    async def restore_link(self, node_id: str) -> None:
-        await self.backend.set_link_state(self._device(node_id).id, True)
+    async def restore_link(self, device_id: str) -> None:
+        node = self._device(device_id)
+        await self.backend.set_link_state(node.id, True)
+        if node.state == "down":
+            node.state = "up"
 
     # mobility ----------------------------------------------------------------------
     def subscribe(self, maxsize: int = 16) -> asyncio.Queue[LinkUpdate]:
@@ -346,26 +319,40 @@ class Emulation:
             for cb in self._callbacks:
                 cb(update)
 
-    # processes ---------------------------------------------------------------------
+    # compute and processes ---------------------------------------------------------
     def device_ids(self) -> list[str]:
         return [n.id for n in self.nodes.values() if n.role == "device"]
 
+    async def refresh(self) -> None:
+        """This process owns the cell: `nodes` is always current."""
+
     def _device(self, node_id: str) -> NodeState:
+        node = self.nodes.get(node_id)
+        if node is None or node.role != "device":
+            raise ResourceError(f"unknown device {node_id!r}; devices: {', '.join(self.device_ids())}")
+        return node
+
+    def _node(self, node_id: str) -> NodeState:
         node = self.nodes.get(node_id)
         if node is None:
             raise ResourceError(f"unknown node {node_id!r}; nodes: {', '.join(self.nodes)}")
         return node
 
+    async def set_cpu(self, node_id: str, cpu_cores: float) -> None:
+        """Change the node's CPU quota live (cgroup or `docker update --cpus`)."""
+        node = self._node(node_id)
+        if not (cpu_cores > 0 and math.isfinite(cpu_cores)):
+            raise ResourceError(f"set_cpu {node_id}: cores must be finite and > 0 (got {cpu_cores})")
+        await self.backend.set_cpu(node.id, cpu_cores)
+        node.cpu_quota_cores = cpu_cores
+
+    async def join(self, node_id: str) -> NodeJoin:
+        return self.backend.join(self._node(node_id).id)
+
     async def spawn(self, node_id: str, argv: Sequence[str], env: dict[str, str] | None = None,
                     log_path: Path | None = None) -> int:
-        """Start argv inside the node's namespace and cgroup; returns its pid."""
-        node = self._device(node_id)
-        procs = self.cg.procs_files(self.run_id, node.id) if self.cg is not None else []
-        if hasattr(self.backend, "spawn"):  # docker: `docker exec` inside the node's container
-            proc = await self.backend.spawn(node.id, list(argv), env, log_path)
-        else:
-            proc = await asyncio.to_thread(spawn_in, node.netns, list(argv), env, log_path, procs)
-        self._pids.setdefault(node_id, []).append(proc.pid)
+        """Start argv inside the node (its namespace and cgroups, or its container); returns its pid."""
+        proc = await self.backend.spawn(self._node(node_id).id, list(argv), env, log_path)
         self._procs[proc.pid] = proc
         return proc.pid
 
@@ -383,35 +370,57 @@ class Emulation:
                 await asyncio.sleep(0.05)
         return rc
 
-    async def kill(self, node_id: str) -> None:
-        """Stop every process spawned on the node (SIGTERM, then SIGKILL) and any other
-        process left in its cgroup."""
-        for pid in self._pids.pop(node_id, []):
-            await stop_pid(pid)
-        if self.cg is not None:
-            for pid in self.cg.pids(self.run_id, node_id):
-                await stop_pid(pid, timeout_s=1.0)
-        if hasattr(self.backend, "kill"):  # docker: what is left in the container's cgroup
-            await self.backend.kill(node_id)
+    async def _stop_processes(self, node_id: str) -> None:
+        for pid in sorted(self.backend.pids(node_id)):
+            await stop_pid(pid, timeout_s=1.0)
 
-    async def start_broker(self, *, password_file: Path | None = None, acl_file: Path | None = None,
-                           max_message_bytes: int | None = None, prefer: str = "mosquitto") -> BrokerHandle:
-        """Start the MQTT broker in the server namespace (listening on 198.18.0.1:1883)."""
-        if self.broker is not None:
-            return self.broker
-        state = self.state_dir or STATE_ROOT / self.run_id
-        procs = tuple(self.cg.procs_files(self.run_id, SERVER_ID)) if self.cg is not None else ()
-        self.broker = await start_broker(
-            self.backend.netns(SERVER_ID), SERVER_ADDRESS, state / "broker", password_file=password_file,
-            acl_file=acl_file, max_message_bytes=max_message_bytes, prefer=prefer, cgroup_procs=procs,
-            spawn=(lambda argv, log: self.backend.spawn(SERVER_ID, argv, None, log)) if hasattr(self.backend, "spawn") else None,
+    async def kill(self, node_id: str) -> None:
+        """Stop every process in the node (SIGTERM, then SIGKILL); it is `killed` until revived."""
+        node = self._node(node_id)
+        await self._stop_processes(node.id)
+        node.state = "killed"
+
+    async def revive(self, node_id: str) -> None:
+        """The node is `up` again (its link restored if it was cut); what runs in it is the caller's."""
+        node = self._node(node_id)
+        if node.role == "device":
+            await self.backend.set_link_state(node.id, True)
+        node.state = "up"
+
+    # broker ------------------------------------------------------------------------
+    @property
+    def broker(self) -> BrokerHandle | None:
+        return self._broker
+
+    async def start_broker(self, settings: BrokerSettings | None = None) -> BrokerHandle:
+        """Start the MQTT broker in the server node (listening on 198.18.0.1); one at a time."""
+        if self._broker is not None:
+            return self._broker
+        server = self.nodes[SERVER_ID]
+        self._broker = await start_broker(
+            server.netns, SERVER_ADDRESS, self.state_dir / "broker", settings or BrokerSettings(),
+            spawn=lambda argv, log: self.backend.spawn(SERVER_ID, argv, None, log),
         )
-        return self.broker
+        return self._broker
+
+    async def stop_broker(self) -> None:
+        if self._broker is not None:
+            handle, self._broker = self._broker, None
+            with contextlib.suppress(Exception):
+                await handle.stop()
+
+    async def restart_broker(self, down_s: float = 0.0) -> BrokerHandle:
+        """Stop the broker, wait `down_s`, start it again with the same settings."""
+        if self._broker is None:
+            raise ResourceError("restart_broker: this cell has no broker")
+        settings = self._broker.settings
+        await self.stop_broker()
+        await asyncio.sleep(down_s)
+        return await self.start_broker(settings)
 
     # reporting ---------------------------------------------------------------------
     def status(self) -> dict[str, Any]:
         """The `testbed status --json` document."""
-        keys = ("id", "role", "netns", "address", "rate_up_mbps", "rate_down_mbps", "cpu_quota_cores")
         cap_up, cap_down = self._capacities() if self.links else (None, None)
         return {
             "run": self.run_id,
@@ -422,8 +431,7 @@ class Emulation:
             "cell": {"shared_capacity": self.topology.cell.shared_capacity,
                      "capacity_up_mbps": cap_up, "capacity_down_mbps": cap_down},
             "mobility": self._mobility_task is not None,
-            "broker": None if self.broker is None else {"kind": self.broker.kind, "pid": self.broker.pid,
-                                                          "host": self.broker.host, "port": self.broker.port},
-            "nodes": [{k: asdict(n)[k] for k in keys} | {"memory_mb": n.memory_mb, "x_m": n.x_m, "y_m": n.y_m}
-                      for n in self.nodes.values()],
+            "broker": None if self._broker is None else {"kind": self._broker.kind, "pid": self._broker.pid,
+                                                           "host": self._broker.host, "port": self._broker.port},
+            "nodes": [n.to_json() for n in self.nodes.values()],
         }

@@ -27,6 +27,7 @@ __all__ = [
     "NETNS_DIR",
     "CLONE_NEWNET",
     "netns_path",
+    "pids_in_netns",
     "create_netns",
     "remove_netns",
     "list_netns",
@@ -180,3 +181,26 @@ def open_iproute(netns: str | None = None, sock: socket.socket | None = None) ->
     """An AsyncIPRoute bound to `netns` (a name under /run/netns, a path such as
     /proc/<pid>/ns/net, or None for the caller's namespace)."""
     return AsyncIPRoute(use_socket=sock if sock is not None else netlink_socket_in(netns))
+
+
+def pids_in_netns(ns_files: list[Path]) -> set[int]:
+    """Processes (other than this one) whose network namespace is one of `ns_files`."""
+    inodes = set()
+    for f in ns_files:
+        try:
+            inodes.add(os.stat(f).st_ino)
+        except OSError:
+            pass
+    pids: set[int] = set()
+    if not inodes:
+        return pids
+    for p in os.listdir("/proc"):
+        if not p.isdigit():
+            continue
+        try:
+            if os.stat(f"/proc/{p}/ns/net").st_ino in inodes:
+                pids.add(int(p))
+        except OSError:
+            continue
+    pids.discard(os.getpid())
+    return pids

@@ -21,9 +21,10 @@ import uuid
 from pathlib import Path
 from typing import Any
 
-from testbed.emulation.backend import check_run_id, remove_host_links
+from testbed.emulation.backend import remove_host_links
+from testbed.model.names import check_run_id
 from testbed.emulation.cgroups import Cgroups, detect_cgroups
-from testbed.emulation.nsutil import NETNS_DIR, list_netns, remove_netns
+from testbed.emulation.nsutil import NETNS_DIR, list_netns, pids_in_netns, remove_netns
 from testbed.emulation.procs import pid_alive, stop_pid_sync
 from testbed.errors import ResourceError
 from testbed.model.names import STATE_ROOT
@@ -137,28 +138,6 @@ def resolve_run(run_id: str | None) -> str:
     raise ResourceError(f"{len(runs)} runs are up ({', '.join(runs)}); choose one with --run ID")
 
 
-def _pids_in_netns(ns_files: list[Path]) -> set[int]:
-    inodes = set()
-    for f in ns_files:
-        try:
-            inodes.add(os.stat(f).st_ino)
-        except OSError:
-            pass
-    pids: set[int] = set()
-    if not inodes:
-        return pids
-    for p in os.listdir("/proc"):
-        if not p.isdigit():
-            continue
-        try:
-            if os.stat(f"/proc/{p}/ns/net").st_ino in inodes:
-                pids.add(int(p))
-        except OSError:
-            continue
-    pids.discard(os.getpid())
-    return pids
-
-
 def _pids_naming(text: str) -> set[int]:
     """Processes whose command line contains `text` (a run's state directory)."""
     needle = text.encode()
@@ -221,7 +200,7 @@ def cleanup_run(run_id: str, supervisor_timeout_s: float = 30.0) -> list[str]:
     except ResourceError:
         cg = None
     victims = set(cg.pids(run_id)) if cg is not None else set()
-    victims |= _pids_in_netns([NETNS_DIR / n for n in list_netns(f"tb-{run_id}-")])
+    victims |= pids_in_netns([NETNS_DIR / n for n in list_netns(f"tb-{run_id}-")])
     victims |= _pids_naming(f"{RUN_ROOT / run_id}/")  # host-side helpers (the agent template) of a crashed run
     for p in sorted(victims):
         stop_pid_sync(p, timeout_s=2.0)

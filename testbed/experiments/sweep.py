@@ -1,25 +1,22 @@
 """Sweeps for Fig. 4 of the paper: every (T_max, E_max, seed, method) point run on the emulation.
 
-`run_sweep(SweepConfig)` brings up one emulation per (seed, method) and reuses it for
-every budget point (link rates do not depend on the budgets), runs each point for real —
-multi-stage through `testbed.composition.runner.Runner`, split through `testbed.composition.split_runner.SplitRun`
-— and writes, as it goes, `results.csv` (one row per run), `results.jsonl` (each run's
-full result document) and the images; `experiments_plots.write_figures` then draws
-fig4a-fig4d from the CSV. Nothing here computes a result from formulas: every number is
+`run_sweep(SweepConfig)` brings up one cell per seed and runs every method and budget
+point on it (link rates do not depend on the budgets), each for real through the run
+owner (`testbed.composition.session.RunSession`), and writes, as it goes, `results.csv`
+(one row per run), `results.jsonl` (each run's full result document) and the images;
+`plots.write_figures` then draws fig4a-fig4d from the CSV. Nothing here computes a result from formulas: every number is
 a run's measurement. A point whose budgets admit not even one stage (or one split step)
 is a row with `feasible` 0 and no MS-SSIM.
 """
 
 from __future__ import annotations
 
-import asyncio
 import csv
-import inspect
 import itertools
 import json
 import math
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -53,7 +50,6 @@ CSV_COLUMNS = [
 DEFAULT_RUNS = "multistage:dp,multistage:random,split"
 #: `--quick`: T_max {1, 2, 4} s x E_max {100, 200} J x the three runs x seeds 1..2.
 QUICK = {"t_max_s": (1.0, 2.0, 4.0), "e_max_j": (100.0, 200.0), "seeds": 2}
-METHODS = ("multistage", "split")
 _LABELS = {"multistage:dp": "multi-stage w/ DS", "multistage:random": "multi-stage w/o DS", "split": "split"}
 
 
@@ -75,6 +71,7 @@ class RunSpec:
 
 def parse_runs(text: str) -> list[RunSpec]:
     """`multistage:dp,multistage:random,split` -> RunSpecs (strategies checked against selection's)."""
+    from testbed.composition.strategies import METHODS
     from testbed.selection import STRATEGIES
 
     specs: list[RunSpec] = []
@@ -192,35 +189,18 @@ def read_rows(path: Path) -> list[dict[str, Any]]:
 
 # -- running -------------------------------------------------------------------------------
 
-RunnerFactory = Callable[[Topology, str, str, Path], AbstractAsyncContextManager[Any]]
+SessionFactory = Callable[[Topology, str, Path], AbstractAsyncContextManager[Any]]
 
 
-def default_factory(backend: str = "netns") -> RunnerFactory:
-    """(topology, method, run id, output folder) -> a Runner (multistage) or a SplitRun (split)."""
+def default_factory(backend: str = "netns") -> SessionFactory:
+    """(topology, run id, output folder) -> a run owner (`RunSession`) on a fresh cell."""
 
-    def make(topo: Topology, method: str, run_id: str, out_dir: Path) -> AbstractAsyncContextManager[Any]:
-        if method == "split":
-            from testbed.composition.split_runner import SplitRun
+    def make(topo: Topology, run_id: str, out_dir: Path) -> AbstractAsyncContextManager[Any]:
+        from testbed.composition.session import RunSession
 
-            return SplitRun(topo, run_id=run_id, backend=backend, out_dir=out_dir)
-        from testbed.composition.runner import Runner
-
-        return Runner(topo, run_id=run_id, backend=backend, method=method, out_dir=out_dir)
+        return RunSession(topo, run_id=run_id, backend=backend, out_dir=out_dir)
 
     return make
-
-
-async def _run_point(runner: Any, spec: RunSpec, t_max_s: float, e_max_j: float) -> Any:
-    """`runner.run()` for this strategy and these budgets: as keyword arguments where run()
-    takes them, else set on the runner (Runner reads them at each run())."""
-    params = inspect.signature(runner.run).parameters
-    kw: dict[str, Any] = {}
-    for name, value in (("strategy", spec.strategy), ("t_max_s", t_max_s), ("e_max_j", e_max_j)):
-        if name in params:
-            kw[name] = value
-        elif name != "strategy" or spec.method != "split":
-            setattr(runner, name, value)
-    return await runner.run(**kw)
 
 
 def _image_array(res: Any, doc: dict[str, Any]) -> np.ndarray | None:
@@ -248,30 +228,22 @@ def _image_array(res: Any, doc: dict[str, Any]) -> np.ndarray | None:
     return None
 
 
-def _run_id(spec_index: int) -> str:
-    """A fresh emulation run id (1-7 lowercase letters/digits) for one (seed, method)."""
+def _run_id(seed: int) -> str:
+    """A fresh cell's run id (1-7 lowercase letters/digits) for one seed."""
     import uuid
 
-    return f"s{uuid.uuid4().hex[:4]}{spec_index}"
-
-
-def _iter_jobs(cfg: SweepConfig) -> Iterator[tuple[int, str, list[RunSpec]]]:
-    """(seed, method, its specs): one emulation per seed and method, shared by its strategies."""
-    for seed in cfg.seeds:
-        for method in METHODS:
-            specs = [s for s in cfg.runs if s.method == method]
-            if specs:
-                yield seed, method, specs
+    return f"s{uuid.uuid4().hex[:4]}{seed % 10}"
 
 
 async def run_sweep(
     cfg: SweepConfig,
     *,
-    factory: RunnerFactory | None = None,
+    factory: SessionFactory | None = None,
     on_row: Callable[[dict[str, Any]], None] | None = None,
     on_status: Callable[[str], None] | None = None,
 ) -> SweepOutcome:
-    """Run every point; rows are appended to results.csv as they come (a crash keeps them)."""
+    """Run every point; rows are appended to results.csv as they come (a crash keeps them).
+    One cell per seed serves every method and budget point (rates do not depend on them)."""
     factory = factory or default_factory(cfg.backend)
     cfg.out_dir.mkdir(parents=True, exist_ok=True)
     (cfg.out_dir / "images").mkdir(exist_ok=True)
@@ -282,18 +254,17 @@ async def run_sweep(
     with open(csv_path, "w", newline="") as fc, open(jsonl_path, "w") as fj:
         writer = csv.DictWriter(fc, fieldnames=CSV_COLUMNS)
         writer.writeheader()
-        for seed, method, specs in _iter_jobs(cfg):
+        for seed in cfg.seeds:
             topo = load_topology(cfg.file, seed=seed)
             if on_status:
-                on_status(f"seed {seed}: bringing up the emulation for {method}")
+                on_status(f"seed {seed}: bringing up the emulation")
             ts = time.perf_counter()
-            run_id = _run_id(METHODS.index(method))
-            async with factory(topo, method, run_id, cfg.out_dir / "runs" / f"seed{seed}-{method}") as runner:
+            async with factory(topo, _run_id(seed), cfg.out_dir / "runs" / f"seed{seed}") as session:
                 setup_s += time.perf_counter() - ts
-                for (t_max, e_max), spec in itertools.product(cfg.points(), specs):
+                for (t_max, e_max), spec in itertools.product(cfg.points(), cfg.runs):
                     if on_status:
                         on_status(f"seed {seed} {spec.label}: T_max {t_max:g} s, E_max {e_max:g} J")
-                    row, doc = await _one(runner, spec, t_max, e_max, seed, cfg.out_dir)
+                    row, doc = await _one(session, spec, t_max, e_max, seed, cfg.out_dir)
                     writer.writerow({k: _fmt_num(v) for k, v in row.items()})
                     fc.flush()
                     fj.write(json.dumps(doc, default=_json_default) + "\n")
@@ -305,13 +276,13 @@ async def run_sweep(
                         elapsed_s=time.perf_counter() - t0, setup_s=setup_s)
 
 
-async def _one(runner: Any, spec: RunSpec, t_max: float, e_max: float, seed: int,
+async def _one(session: Any, spec: RunSpec, t_max: float, e_max: float, seed: int,
                out_dir: Path) -> tuple[dict[str, Any], dict[str, Any]]:
     """One point: (CSV row, JSONL document); the image saved under images/."""
     from PIL import Image
 
     try:
-        res = await _run_point(runner, spec, t_max, e_max)
+        res = await session.run(spec.method, strategy=spec.strategy, t_max_s=t_max, e_max_j=e_max)
     except InfeasibleError as e:
         return (_infeasible_row(spec, t_max, e_max, seed, str(e)),
                 {"method": spec.method, "strategy": spec.strategy, "t_max_s": t_max, "e_max_j": e_max,
@@ -332,6 +303,3 @@ def _json_default(o: Any) -> Any:
         return o.model_dump()
     return str(o)
 
-
-def run_sweep_sync(cfg: SweepConfig, **kw: Any) -> SweepOutcome:
-    return asyncio.run(run_sweep(cfg, **kw))

@@ -1,6 +1,6 @@
 """Radio physics: path loss, SNR, Shannon rate and radio energy of each device link.
 
-Pure functions (STYLE.md #1). Path loss follows 3GPP TR 38.901 Table 7.4.1-1, UMi-Street
+Pure functions. Path loss follows 3GPP TR 38.901 Table 7.4.1-1, UMi-Street
 Canyon (LOS, NLOS, probabilistic LOS from Table 7.4.2-1); free-space (Friis) and a
 log-distance model are selectable. SNR = P_tx - PL - shadowing - (-174 dBm/Hz + 10 log10 B
 + NF); rate = B log2(1 + SNR), optionally capped. Uplink: device transmits, the server's

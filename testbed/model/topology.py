@@ -1,6 +1,6 @@
 """Topology description: pydantic models of the YAML, the loader, and seeded placement.
 
-Pure data (STYLE.md #1): nothing here touches the kernel. `load_topology()` validates a
+Pure data: nothing here touches the kernel. `load_topology()` validates a
 file once and reports errors with file, line and field path; `place()` turns the
 description into concrete devices (position, profile, precision) from the seed.
 """

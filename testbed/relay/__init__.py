@@ -1,6 +1,6 @@
 """The relay protocol: wire format, topics, credentials/ACLs, device agent, edge-server orchestrator.
 
-Sockets only (DESIGN.md layers): nothing here touches the kernel or imports `emulation/`;
+Sockets only (docs/design.md, layers): nothing here touches the kernel or imports `emulation/`;
 `testbed/composition/runner.py` composes the two.
 """
 

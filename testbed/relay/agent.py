@@ -17,10 +17,12 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import importlib
 import json
 import logging
 import math
 import os
+import socket
 import sys
 import time
 from dataclasses import dataclass, fields
@@ -30,11 +32,21 @@ from typing import Any
 from testbed.errors import RelayError, TestbedError
 from testbed.model.names import STATE_ROOT
 from testbed.relay import topics
-from testbed.relay.wire import Message, decode, encode
+from testbed.relay.wire import Message, decode, encode, peek_meta
 
 __all__ = ["AgentConfig", "Agent", "agent_config_path", "threads_for_quota", "main"]
 
 log = logging.getLogger("testbed.agent")
+
+#: A 4 MiB send buffer: paho writes a large message (a split step's 7-14 MB of features)
+#: by slicing off what the socket took at each write; a large buffer takes it in few
+#: writes, so a CPU-quota'd agent spends its quota on the model, not on copying bytes.
+SEND_BUFFER = ((socket.SOL_SOCKET, socket.SO_SNDBUF, 4 * 2**20),)
+
+#: Task handlers of the collaboration methods besides multi-stage, by `meta.method`:
+#: "module:factory", factory(agent) -> async handler(client, payload). One agent process
+#: per device serves every method; a new method adds its line here.
+METHOD_HANDLERS = {"split": "testbed.relay.split_agent:task_handler"}
 
 
 @dataclass(frozen=True)
@@ -78,7 +90,7 @@ def agent_config_path(run: str, device: str, state_root: Path = STATE_ROOT) -> P
 
 def threads_for_quota(cpu_cores: float) -> int:
     """torch threads for a CPU quota: whole cores, at least one (threads share the quota,
-    so 2 threads under a 0.25-core quota run ~11x slower than 1, MACHINE-NOTES)."""
+    so 2 threads under a 0.25-core quota run ~11x slower than 1, measured here)."""
     return max(1, int(math.floor(cpu_cores + 1e-9)))
 
 
@@ -95,6 +107,7 @@ class Agent:
         self._task = topics.task(cfg.run, cfg.device)
         self._result = topics.result(cfg.run, cfg.device)
         self._status = topics.status(cfg.run, cfg.device)
+        self._handlers: dict[str, Any] = {}
 
     def _status_doc(self, state: str, **extra: Any) -> bytes:
         return json.dumps({"state": state, "device": self.cfg.device, "pid": os.getpid(), "ts": time.time(), **extra}).encode()
@@ -118,6 +131,7 @@ class Agent:
                     keepalive=self.cfg.keepalive_s,
                     clean_session=True,
                     timeout=10,
+                    socket_options=SEND_BUFFER,
                 ) as client:
                     self.client = client
                     await client.subscribe(self._task, qos=1)
@@ -125,7 +139,7 @@ class Agent:
                     log.info("online: serving %s", self._task)
                     backoff, failures = 0.2, 0
                     async for msg in client.messages:
-                        await self._handle(client, bytes(msg.payload) if msg.payload is not None else b"")
+                        await self.handle(client, bytes(msg.payload) if msg.payload is not None else b"")
             except aiomqtt.MqttError as e:
                 failures += 1
                 if max_reconnects is not None and failures > max_reconnects:
@@ -134,7 +148,31 @@ class Agent:
                 await asyncio.sleep(backoff)
                 backoff = min(backoff * 2, 5.0)
 
-    async def _handle(self, client: Any, payload: bytes) -> None:
+    async def handle(self, client: Any, payload: bytes) -> None:
+        """One task message: dispatched by its `meta.method` (multi-stage by default)."""
+        method = peek_meta(payload).get("method", "multistage")
+        if method != "multistage":
+            handler = await self._handler(method)
+            if handler is not None:
+                await handler(client, payload)
+            return
+        await self._handle_stage(client, payload)
+
+    async def _handler(self, method: Any) -> Any:
+        """The task handler of another collaboration method (made on its first task)."""
+        if method not in self._handlers:
+            where = METHOD_HANDLERS.get(method) if isinstance(method, str) else None
+            if where is None:
+                self.rejected += 1
+                log.error("rejected relay message: unknown method %r (known: multistage, %s); dropped",
+                          method, ", ".join(METHOD_HANDLERS))
+                return None
+            module, _, factory = where.partition(":")
+            make = getattr(importlib.import_module(module), factory)
+            self._handlers[method] = await asyncio.to_thread(make, self)
+        return self._handlers[method]
+
+    async def _handle_stage(self, client: Any, payload: bytes) -> None:
         t_recv = time.time()
         try:
             task = decode(
@@ -243,38 +281,11 @@ def set_threads(cpu_cores: float) -> int:
     return n
 
 
-def fast_large_sends(min_bytes: int = 64 * 1024) -> bool:
-    """Let paho send large packets without copying their unsent rest at every write.
-
-    paho-mqtt 2.x sends `packet[pos:]` on each writable event: a 256 KB latent trickling
-    out over a shaped uplink is copied again at every TCP write, CPU time that a
-    0.5-core cgroup quota turns into upload time. A memoryview makes the slice free.
-    Returns whether a hook is in place (the split agent installs the same kind, for
-    larger packets; the first one installed stays)."""
-    try:
-        from paho.mqtt.client import Client
-    except ImportError:  # pragma: no cover - aiomqtt depends on paho
-        return False
-    orig = getattr(Client, "_packet_queue", None)
-    if orig is None or getattr(orig, "_tb_zero_copy", False):
-        return orig is not None
-
-    def _packet_queue(self, command, packet, *args, **kwargs):  # noqa: ANN001 - paho's signature
-        if len(packet) >= min_bytes and not isinstance(packet, memoryview):
-            packet = memoryview(bytes(packet))
-        return orig(self, command, packet, *args, **kwargs)
-
-    _packet_queue._tb_zero_copy = True  # type: ignore[attr-defined]
-    Client._packet_queue = _packet_queue  # type: ignore[method-assign]
-    return True
-
-
 def run_agent(cfg: AgentConfig) -> None:
     """Load the model, set threads, serve forever (the console script's body)."""
     from testbed.relay.stage import StageModel
 
     n = set_threads(cfg.cpu_cores)
-    fast_large_sends()
     t0 = time.time()
     model = StageModel.load(cfg.model, cfg.precision)
     log.info("%s: model %s/%s loaded in %.2f s, %d torch threads (quota %.2f cores), compute %s",

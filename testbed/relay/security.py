@@ -36,6 +36,7 @@ __all__ = [
     "acl_text",
     "write_security_files",
     "write_private",
+    "load_credentials",
 ]
 
 SERVER_USER = "server"
@@ -139,3 +140,10 @@ def write_security_files(state_dir: Path, creds: RunCredentials, broker_host: st
     write_private(paths["observer"], json.dumps(observer, indent=2) + "\n")
     write_private(paths["credentials"], json.dumps(asdict(creds), indent=2) + "\n")
     return paths
+
+
+def load_credentials(path: Path) -> RunCredentials:
+    """credentials.json (written by write_security_files) back as RunCredentials."""
+    d = json.loads(Path(path).read_text())
+    return RunCredentials(d["run"], Credential(**d["server"]), Credential(**d["observer"]),
+                          {k: Credential(**v) for k, v in d["devices"].items()})

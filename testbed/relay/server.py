@@ -27,6 +27,7 @@ from typing import Any
 
 from testbed.errors import RelayError, RunFailedError
 from testbed.relay import topics
+from testbed.relay.events import make_event
 from testbed.relay.stage import pack_task_tensors, unpack_task_tensors
 from testbed.relay.wire import Message, decode, encode
 
@@ -181,22 +182,15 @@ class Orchestrator:
         """Record one telemetry event: the callback now, MQTT (tb/<run>/events) in the
         background, in order — a publish waits for the broker's PUBACK, the relay must not."""
         self._seq += 1
-        ev = {"seq": self._seq, "type": etype, "ts": time.time(), "run": self.run_id, "device": device,
-              "steps": list(steps) if steps is not None else None, **data}
+        ev = make_event(etype, self.run_id, device=device, steps=steps, seq=self._seq, **data)
         self._events_out.put_nowait(ev)
         if self._emit_cb is not None:
             self._emit_cb(ev)
 
-    def forward(self, ev: dict[str, Any]) -> None:
-        """Publish an event made outside the relay (the runner's selection, agents_online,
-        fault_injected) on tb/<run>/events, in order with the relay's own. Call it on the
-        orchestrator's event loop, or before run()."""
-        self._events_out.put_nowait(ev)
-
     async def _publish_events(self) -> None:
         import aiomqtt
 
-        await self._connected.wait()  # what was queued before the first connection (forward()) goes out first
+        await self._connected.wait()  # what was queued before the first connection goes out first
         while True:
             ev = await self._events_out.get()
             try:
@@ -236,17 +230,13 @@ class Orchestrator:
         elif state == "offline":
             self.online.discard(dev)
 
-    async def run(self, finalize: Callable[[RelayOutcome], Any] | None = None) -> RelayOutcome:
-        """Relay the whole generation. `finalize(outcome)` (async, optional) runs before the
-        connection closes; the dict it returns goes into the `run_finished` event."""
+    async def run(self) -> RelayOutcome:
+        """Relay the whole generation (its events flushed to the broker before it returns)."""
         conn = asyncio.create_task(self._connection())
         publisher = asyncio.create_task(self._publish_events())
         try:
             await self._await_connection()
             outcome = await self._relay()
-            extra = (await finalize(outcome)) if finalize is not None else {}
-            await self.emit("run_finished", latency_s=outcome.latency_s, energy_j=outcome.energy_j,
-                            recovered=len(outcome.recovered), **(extra or {}))
             outcome.events = self._seq
             await self._flush_events()
             return outcome

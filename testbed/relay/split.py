@@ -1,7 +1,7 @@
 """The edge server's side of split diffusion: one UNet evaluation per step across two devices.
 
 The scheduler loop is the diffusion workload's own (`run_stage`), run in a worker thread
-with its UNet call replaced by a network round trip (STYLE.md #7: the loop stays visible):
+with its UNet call replaced by a network round trip (the loop stays visible):
 
     server --task{x_in, t, cond} padded to payload_bytes--> head     (head segment)
     head --result{features} padded to SD1.5's cut size--> server
@@ -32,6 +32,7 @@ import numpy as np
 
 from testbed.errors import RelayError, RunFailedError
 from testbed.relay import topics
+from testbed.relay.events import make_event
 from testbed.relay.server import DevicePower
 from testbed.selection.split_plan import SplitPlan
 from testbed.relay.wire import Message, decode, encode
@@ -158,7 +159,7 @@ class SplitOrchestrator:
 
     async def emit(self, etype: str, **data: Any) -> None:
         self._seq += 1
-        ev = {"seq": self._seq, "type": etype, "ts": time.time(), "run": self.run_id, "method": "split", **data}
+        ev = make_event(etype, self.run_id, seq=self._seq, method="split", **data)
         if self._client is not None:
             await self._client.publish(topics.events(self.run_id), json.dumps(ev).encode(), qos=1)
         if self._emit_cb is not None:
@@ -285,7 +286,8 @@ class SplitOrchestrator:
         """Send one segment's task to `dev` and wait (bounded) for its result."""
         total = max(self._n_calls, i + 1)
         msg = Message(kind="task", run=self.run_id, device=dev, stage=i, attempt=1, steps=(i, i + 1),
-                      total_steps=total, tensors=tensors, meta={"role": role, "share": share, "pad_to": pad_result})
+                      total_steps=total, tensors=tensors,
+                      meta={"method": "split", "role": role, "share": share, "pad_to": pad_result})
         data = encode(msg, pad_to_bytes=pad_task)
         t_pub = time.time()
         await self._client.publish(topics.task(self.run_id, dev), data, qos=1)

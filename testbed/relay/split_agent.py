@@ -1,8 +1,8 @@
-"""The split-diffusion device agent: `python -m testbed.relay.split_agent <run> <device> [--role head|tail]`.
+"""The split-diffusion task handler of a device's agent (`meta.method` "split").
 
-Started inside the device's node like the multi-stage agent (same config file, same
-credentials, same topics: it reads only its own task topic and writes only its own result
-and status topics). Each task asks for one segment of one denoising step:
+The device's one agent (relay/agent.py) hands it split tasks: same config, credentials
+and topics as multi-stage (it reads only its own task topic and writes only its own
+result topic). Each task asks for one segment of one denoising step:
 
     role head: tensors x_in, t, cond.* -> conv_in + time embedding + down blocks -> features
     role tail: the features (relayed by the server) -> mid + up blocks + conv_out -> noise
@@ -10,28 +10,24 @@ and status topics). Each task asks for one segment of one denoising step:
 The segment's real computation is padded to its share of the profile's step time
 (`meta.share` x `step_time_s`, `compute: profile`), overruns recorded, never hidden. The
 result goes up zero-padded to `meta.pad_to` bytes: SD1.5's cut tensors for the head, the
-relayed latent size for the tail. `--role` restricts which segment this agent accepts
-(default: both — one agent per device serves whichever role the server's plan gives it).
+relayed latent size for the tail. One agent serves whichever role the server's plan
+gives its device.
 """
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import logging
-import os
-import sys
 import time
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from testbed.errors import RelayError, TestbedError
-from testbed.relay.agent import Agent, AgentConfig, agent_config_path, fast_large_sends, set_threads
+from testbed.errors import RelayError
+from testbed.relay.agent import Agent, AgentConfig
 from testbed.relay.wire import Message, TensorSpec, decode, encode
 
-__all__ = ["ROLES", "SplitModel", "SplitAgent", "main"]
+__all__ = ["ROLES", "SplitModel", "SplitAgent", "task_handler"]
 
 log = logging.getLogger("testbed.split_agent")
 ROLES = ("head", "tail")
@@ -95,7 +91,7 @@ class SplitAgent(Agent):
         super().__init__(cfg, model)
         self.roles = roles
 
-    async def _handle(self, client: Any, payload: bytes) -> None:
+    async def handle(self, client: Any, payload: bytes) -> None:
         t_recv = time.time()
         try:
             task = decode(payload, max_bytes=self.cfg.max_message_bytes, run=self.cfg.run, kind="task",
@@ -144,39 +140,7 @@ class SplitAgent(Agent):
                  f"{profile_s:.3f} s" if profile_s is not None else "-", len(data))
 
 
-def run_split_agent(cfg: AgentConfig, roles: tuple[str, ...]) -> None:
-    fast_large_sends()  # 7-14 MB feature messages: no copy of the unsent rest at every TCP write
-    n = set_threads(cfg.cpu_cores)
-    t0 = time.time()
-    model = SplitModel(cfg.model, cfg.precision)
-    log.info("%s: split model %s/%s loaded in %.2f s, %d torch threads, roles %s", cfg.device, cfg.model,
-             cfg.precision, time.time() - t0, n, ",".join(roles))
-    asyncio.run(SplitAgent(cfg, model, roles).serve())
-
-
-def main(argv: list[str] | None = None) -> None:
-    p = argparse.ArgumentParser(prog="python -m testbed.relay.split_agent",
-                                description="testbed split-diffusion device agent (started by the split runner)")
-    p.add_argument("run")
-    p.add_argument("device")
-    p.add_argument("--role", choices=[*ROLES, "both"], default="both")
-    p.add_argument("--config", type=Path, default=None)
-    args = p.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, stream=sys.stderr,
-                        format=f"%(asctime)s {args.device} split %(levelname)s %(message)s")
-    path = args.config or Path(os.environ.get("TESTBED_AGENT_CONFIG") or agent_config_path(args.run, args.device))
-    roles = ROLES if args.role == "both" else (args.role,)
-    try:
-        cfg = AgentConfig.from_file(path)
-        if (cfg.run, cfg.device) != (args.run, args.device):
-            raise RelayError(f"agent config {path} is for {cfg.run}/{cfg.device}, not {args.run}/{args.device}")
-        run_split_agent(cfg, roles)
-    except TestbedError as e:
-        log.error("%s", e)
-        sys.exit(e.exit_code)
-    except KeyboardInterrupt:
-        sys.exit(130)
-
-
-if __name__ == "__main__":
-    main()
+def task_handler(agent: Agent) -> Any:
+    """The split method's handler inside a device's agent (relay/agent.py METHOD_HANDLERS):
+    the device's model cut in two, loaded on the first split task."""
+    return SplitAgent(agent.cfg, SplitModel(agent.cfg.model, agent.cfg.precision)).handle

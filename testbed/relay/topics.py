@@ -1,4 +1,4 @@
-"""MQTT topic names of one run (DESIGN.md, relay protocol) — the only place they are spelled.
+"""MQTT topic names of one run (docs/design.md) — the only place they are spelled.
 
     tb/<run>/dev/<id>/task     server -> device: stage header + latent (wire.py)
     tb/<run>/dev/<id>/result   device -> server: latent + timings (wire.py)

@@ -37,6 +37,7 @@ __all__ = [
     "decode",
     "split_state",
     "join_state",
+    "peek_meta",
 ]
 
 MAGIC = b"TBR1"
@@ -286,3 +287,20 @@ def _torch_to_numpy(t: Any) -> np.ndarray:
         # numpy has no bfloat16; relay as float32 (exact: bf16 is a truncated float32)
         return t.float().numpy()
     return t.numpy()
+
+
+def peek_meta(payload: bytes) -> dict[str, Any]:
+    """The `meta` object of a message's header, read without decoding its tensors (an
+    agent picks the handler of a task by `meta.method`); {} for anything malformed —
+    the handler's full `decode` reports what is wrong."""
+    if len(payload) < _PREFIX.size:
+        return {}
+    magic, n = _PREFIX.unpack_from(payload)
+    if magic != MAGIC or n > MAX_HEADER_BYTES or len(payload) < _PREFIX.size + n:
+        return {}
+    try:
+        header = json.loads(payload[_PREFIX.size:_PREFIX.size + n])
+    except ValueError:
+        return {}
+    meta = header.get("meta") if isinstance(header, dict) else None
+    return meta if isinstance(meta, dict) else {}

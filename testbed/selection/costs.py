@@ -1,6 +1,6 @@
 """Per-device cost model of one relay stage: download, K denoising steps, upload.
 
-Pure (STYLE.md #1). A device's latency and energy for its stage are additive and do not
+Pure. A device's latency and energy for its stage are additive and do not
 depend on where it sits in the relay order: every stage downloads one latent from the
 edge server (the first one: the initial noise), runs K steps and uploads the result.
 
@@ -11,7 +11,7 @@ edge server (the first one: the initial noise), runs K steps and uploads the res
 
 `link_efficiency` is the share of the shaped PHY rate that arrives as application payload:
 HTB on veth delivered 0.96-0.97 of the configured rate to TCP (1448 payload bytes per
-1514-byte frame, MACHINE-NOTES.md) and a 256 KB MQTT relay through shaped links took
+1514-byte frame, measured here) and a 256 KB MQTT relay through shaped links took
 436.5 ms against 419.4 ms ideal (0.961); MQTT headers and acknowledgements cost a little
 more, so the default is 0.95.
 

@@ -1,6 +1,6 @@
 """Split diffusion under a budget: which two devices, and how many denoising steps fit.
 
-Pure (no I/O; STYLE.md #1). The baseline of the paper (section IV-B): the UNet is cut in
+Pure (no I/O). The baseline of the paper (section IV-B): the UNet is cut in
 two segments — head = conv_in + time embedding + down blocks, tail = mid block + up
 blocks + conv_out — on two devices, and every denoising step crosses the network:
 
@@ -101,6 +101,10 @@ class SplitPlan:
     step: SplitStepCost
     pairs_considered: int
     head_flop_share: float
+
+    @property
+    def selected(self) -> list[str]:
+        return [self.head, self.tail]
 
     @property
     def predicted_latency_s(self) -> float:

@@ -55,7 +55,7 @@ def compose(
 ) -> None:
     """Write compose/<name>.yml: the scenario for `docker-compose up` and `docker stack deploy`."""
     from testbed.composition.compose_server import write_scenario
-    from testbed.emulation.backend import check_run_id
+    from testbed.model.names import check_run_id
 
     scen = write_scenario(file, out_dir, run_id=check_run_id(run) if run else None, seed=seed)
     if as_json:

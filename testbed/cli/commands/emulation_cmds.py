@@ -16,7 +16,7 @@ from testbed.errors import InputError, ResourceError, RunFailedError, TestbedErr
 from testbed.model.topology import load_topology
 
 
-def _require_root() -> None:
+def require_root() -> None:
     if os.geteuid() != 0:
         raise ResourceError("this command needs root (network namespaces, tc, cgroups); run it with sudo")
 
@@ -31,7 +31,7 @@ def up(
     as_json: bool = typer.Option(False, "--json", help="print only the status JSON document"),
 ) -> None:
     """Bring a topology up; returns while a detached supervisor keeps it alive."""
-    from testbed.emulation.backend import check_run_id
+    from testbed.model.names import check_run_id
     from testbed.emulation.runs import cleanup_run, make_run_dir, new_run_id, read_state, run_dir
 
     if backend not in ("netns", "docker"):
@@ -41,7 +41,7 @@ def up(
         run_id = check_run_id(run) if run else new_run_id()
     except InputError as e:
         raise InputError(f"--run: {e}") from None
-    _require_root()
+    require_root()
     d = make_run_dir(run_id)
     argv = [sys.executable, "-m", "testbed.composition.supervisor", run_id, str(file.resolve()), "--backend", backend]
     if seed is not None:
@@ -94,12 +94,13 @@ def _print_status(state: dict) -> None:
         b = state["broker"]
         title += f", broker {b['kind']} {b['host']}:{b['port']}"
     table = Table(title=title)
-    for col in ("id", "role", "netns", "address", "up Mbit/s", "down Mbit/s", "CPU cores"):
+    for col in ("id", "role", "state", "agent", "netns", "address", "up Mbit/s", "down Mbit/s", "CPU cores"):
         table.add_column(col, justify="right" if "/" in col or "CPU" in col else "left")
     for n in state["nodes"]:
         f = (lambda v: "-" if v is None else f"{v:.1f}")
-        table.add_row(n["id"], n["role"], n["netns"], n["address"], f(n["rate_up_mbps"]), f(n["rate_down_mbps"]),
-                      "-" if n["cpu_quota_cores"] is None else f"{n['cpu_quota_cores']:g}")
+        agent = "-" if n["role"] != "device" else ("online" if n.get("agent_online") else "offline")
+        table.add_row(n["id"], n["role"], n.get("state", "up"), agent, n["netns"], n["address"], f(n["rate_up_mbps"]),
+                      f(n["rate_down_mbps"]), "-" if n["cpu_quota_cores"] is None else f"{n['cpu_quota_cores']:g}")
     out.print(table)
 
 
@@ -108,7 +109,7 @@ def status(
     as_json: bool = typer.Option(False, "--json", help="print only a JSON document on stdout"),
 ) -> None:
     """Show a run: nodes, namespaces, addresses, rates, CPU quotas."""
-    from testbed.emulation.runs import read_state, resolve_run, supervisor_pid
+    from testbed.emulation.runs import read_state, resolve_run, run_dir, supervisor_pid
 
     run_id = resolve_run(run)
     state = read_state(run_id)
@@ -116,23 +117,21 @@ def status(
         raise ResourceError(f"run {run_id!r} has no state (not up, or still starting); `testbed down --run {run_id}` cleans it up")
     if supervisor_pid(run_id) is None:
         raise RunFailedError(f"run {run_id}: its supervisor is gone; `testbed down --run {run_id}` removes what it left")
-    # The observer account (read-only on tb/<run>/events) exists once a relay run has
-    # generated the run's credentials; the TUI's attach mode and mosquitto_sub use it.
+    # The observer account (read-only on tb/<run>/events) exists when the cell has a
+    # broker; the TUI's attach mode uses it.
     observer = read_state(run_id, "observer.json")
     if as_json:
-        print_json({k: state[k] for k in ("run", "backend", "netem", "nodes")} | {
-            k: state[k] for k in ("warnings", "cell", "broker", "host_route", "mobility", "topology", "seed") if k in state}
-            | ({"observer": observer} if observer else {}))
+        keep = ("warnings", "cell", "broker", "host_route", "mobility", "topology", "seed", "up_s", "timings_s")
+        print_json({k: state[k] for k in ("run", "backend", "netem", "nodes")} | {k: state[k] for k in keep if k in state}
+                   | ({"observer": {k: v for k, v in observer.items() if k != "password"}} if observer else {}))
         return
     _print_status(state)
     if observer:
-        out.print(
-            f"observer (read-only events): mosquitto_sub -h {observer['host']} -p {observer['port']} "
-            f"-u {observer['username']} -P {observer['password']} -t '{observer['topic']}'",
-            highlight=False, soft_wrap=True,
-        )
+        out.print(f"events: {observer['topic']} at {observer['host']}:{observer['port']}, read-only account "
+                  f"{observer['username']} (password in {run_dir(run_id) / 'observer.json'}, root only); "
+                  f"follow them with `testbed tui --attach {run_id}`", highlight=False, soft_wrap=True)
     else:
-        out.print("observer credentials appear here once `testbed run --run ID` has started on this cell")
+        out.print("this cell has no broker (brought up with --no-broker)")
 
 
 def down(
@@ -141,10 +140,10 @@ def down(
     as_json: bool = typer.Option(False, "--json", help="print only a JSON document on stdout"),
 ) -> None:
     """Tear a run down (idempotent): processes, namespaces, links, qdiscs, cgroups, secrets."""
-    from testbed.emulation.backend import check_run_id
+    from testbed.model.names import check_run_id
     from testbed.emulation.runs import cleanup_run, known_runs, resolve_run
 
-    _require_root()
+    require_root()
     if all_runs and run:
         raise ResourceError("give either --run ID or --all, not both")
     if all_runs:

@@ -75,16 +75,13 @@ def run(
     """Run one generation: bring the cell up, relay the latent through the selected devices
     (or, with --method split, cut the UNet over two devices), write result.json,
     events.jsonl, logs and the image, tear down."""
+    from testbed.composition.session import RunSession
+    from testbed.composition.strategies import make_strategy
     from testbed.emulation.runs import new_run_id
-    from testbed.composition.runner import Runner
-    from testbed.composition.split_runner import SplitRun
 
-    if method not in ("multistage", "split"):
-        raise InputError(f"--method {method!r}: use multistage or split")
+    collab = make_strategy(method, strategy)
     if method == "split" and fail:
         raise InputError("--fail applies to multistage runs; split diffusion has no checkpoint to recover from")
-    runner_cls = SplitRun if method == "split" else Runner
-
     topo = load_topology(file, seed=seed)
     rid = run_id or new_run_id()
     out_path = out_dir or Path("out") / rid
@@ -97,10 +94,11 @@ def run(
                 progress.feed(ev)
                 live.update(progress.render())
 
-            async with runner_cls(topo, run_id=rid, backend=backend, method=method, strategy=strategy, t_max_s=tmax,
-                              e_max_j=emax, out_dir=out_path, on_event=on_event, attach=run_id is not None) as r:
-                console.print(f"run {rid}: cell up, {len(r.emu.links)} agents starting (broker {r.broker.kind})")
-                res = await r.run(fail=fail)
+            async with RunSession(topo, run_id=rid, backend=backend, out_dir=out_path, on_event=on_event,
+                                  attach=run_id is not None) as session:
+                console.print(f"run {rid}: cell {'attached' if run_id else 'up'}, {len(session.cell.links)} devices "
+                              f"(broker {session.cell.broker.kind})")
+                res = await session.run(collab, t_max_s=tmax, e_max_j=emax, fail=fail)
         if not console.is_terminal and not as_json:
             console.line()  # rich leaves a piped Live's last frame without its newline
         return res.to_json()

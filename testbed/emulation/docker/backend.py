@@ -22,7 +22,6 @@ import shutil
 import time
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
 from pathlib import Path
 
 import docker
@@ -31,7 +30,8 @@ import docker.types
 from pyroute2 import AsyncIPRoute
 from pyroute2.netlink.exceptions import NetlinkError
 
-from testbed.emulation.backend import CELL_NET, HOST_ADDRESS, NodeSpec, check_run_id
+from testbed.emulation.backend import NodeSpec
+from testbed.emulation.cell import NodeJoin
 from testbed.emulation.docker.cleanup import docker_runs, remove_docker_run
 from testbed.emulation.docker.exec import ExecProcess, exec_start
 from testbed.emulation.docker.image import IMAGE, IMAGE_LABEL, build_image, docker_client, host_mounts, image_info
@@ -43,31 +43,24 @@ from testbed.emulation.docker.spec import (
     container_name,
     container_plan,
     detect_gpus,
-    nano_cpus,
+    CPU_PERIOD_US,
+    cpu_quota_us,
     network_name,
     network_plan,
 )
 from testbed.emulation.nsutil import open_iproute
-from testbed.emulation.procs import stop_pid
 from testbed.errors import ResourceError
-from testbed.model.names import STATE_ROOT as RUN_ROOT
+from testbed.model.names import CELL_NET, HOST_ADDRESS, STATE_ROOT, check_run_id
 
-__all__ = ["DockerBackend", "NodeLimits", "docker_runs", "remove_docker_run", "run_state_dir"]
+__all__ = ["DockerBackend", "docker_runs", "remove_docker_run", "run_state_dir"]
 
-_THREADS = 8  # parallel container starts (MACHINE-NOTES: 4-8 threads halve the time of 20)
-
-
-@dataclass(frozen=True)
-class NodeLimits:
-    cpu_cores: float | None = None
-    memory_mb: int | None = None
-    gpu_share_pct: int | None = None
+_THREADS = 8  # parallel container starts: 4-8 threads halve the time of 20 (measured here)
 
 
 def run_state_dir(run_id: str) -> Path:
     """The run's state directory on the host (/run/testbed/<run>), mounted into every
     container at the same path: agents read their config there, the broker its files."""
-    return RUN_ROOT / run_id
+    return STATE_ROOT / run_id
 
 
 def _api_error(what: str, e: docker.errors.APIError) -> ResourceError:
@@ -75,18 +68,18 @@ def _api_error(what: str, e: docker.errors.APIError) -> ResourceError:
 
 
 class DockerBackend:
-    """`Backend` (see backend.py) made of containers. Limits per node come from
-    `limits` (node id -> NodeLimits), set by whoever knows the profiles."""
+    """`Backend` (see backend.py) made of containers; each node's limits (NodeSpec) are
+    docker's `--cpus`, `--memory` and GPU request."""
 
     name = "docker"
 
-    def __init__(self, run_id: str, *, image: str | None = None, limits: dict[str, NodeLimits] | None = None,
-                 state_dir: Path | None = None, client: docker.DockerClient | None = None,
-                 gpus: GpuHost | None = None, gso_off: bool = True):
+    def __init__(self, run_id: str, *, image: str | None = None, state_dir: Path | None = None,
+                 client: docker.DockerClient | None = None, gpus: GpuHost | None = None, gso_off: bool = True,
+                 limits: bool = True):
         self.run = check_run_id(run_id)
         self.gso_off = gso_off
         self.image = image or os.environ.get("TESTBED_DOCKER_IMAGE") or IMAGE
-        self.limits: dict[str, NodeLimits] = dict(limits or {})
+        self.with_limits = limits
         self.state_dir = state_dir
         self.host_route = False
         self._client = client
@@ -99,11 +92,6 @@ class DockerBackend:
         self._keepers: dict[str, set[int]] = {}  # the container's own idle processes (init, sleep)
 
     # names -------------------------------------------------------------------------
-    def set_limits(self, limits: dict[str, dict]) -> None:
-        """Node id -> {cpu_cores, memory_mb, gpu_share_pct} (from the profiles), applied by
-        docker (`--cpus`, `--memory`, GPU request) when the containers are created."""
-        self.limits = {k: v if isinstance(v, NodeLimits) else NodeLimits(**v) for k, v in limits.items()}
-
     @property
     def client(self) -> docker.DockerClient:
         if self._client is None:
@@ -170,7 +158,7 @@ class DockerBackend:
         self._make_network(client)
         plans = []
         for n in nodes:
-            lim = self.limits.get(n.id, NodeLimits())
+            lim = n if self.with_limits else NodeSpec(n.id, n.role, n.address, n.index)
             spec = DockerNodeSpec(n.id, n.role, n.address, lim.cpu_cores, lim.memory_mb, lim.gpu_share_pct)
             node_mounts = mounts + [(d, d, n.role != "server") for d in sorted(states)]
             plans.append((n.id, container_plan(self.run, spec, self.image, node_mounts, gpus)))
@@ -256,16 +244,24 @@ class DockerBackend:
         self._procs.setdefault(node_id, []).append(proc)
         return proc
 
-    async def kill(self, node_id: str) -> None:
-        """Stop every process the testbed started in the node's container: those started
-        by docker exec and any other in its cgroup (agents forked into it by the runner's
-        template), but not the container's own idle processes."""
+    async def stop_execs(self, node_id: str) -> None:
+        """End what `spawn` started in the node (docker exec sessions)."""
         for proc in self._procs.pop(node_id, []):
             await proc.stop()
+
+    def pids(self, node_id: str) -> set[int]:
+        """Processes the testbed started in the node's container: in its cgroup (agents
+        forked into it, docker exec children), not the container's own idle processes."""
         if node_id not in self._pids:
-            return
-        for pid in sorted(self._cgroup_pids(node_id) - self._keepers.get(node_id, set())):
-            await stop_pid(pid, timeout_s=1.0)
+            return set()
+        return self._cgroup_pids(node_id) - self._keepers.get(node_id, set())
+
+    def join(self, node_id: str) -> NodeJoin:
+        """The container's network namespace, cgroups (every hierarchy) and its mount, UTS
+        and IPC namespaces: a process forked from the host that enters them all runs in the
+        container (its limits, accounting and filesystem; only the PID namespace differs)."""
+        return NodeJoin(self.netns(node_id), tuple(str(p) for p in self.cgroup_procs(node_id)),
+                        tuple(self.namespaces(node_id)))
 
     def _cgroup_pids(self, node_id: str) -> set[int]:
         for controller in ("pids", "cpu", "memory"):
@@ -312,18 +308,11 @@ class DockerBackend:
 
     async def set_cpu(self, node_id: str, cpu_cores: float) -> None:
         """Change a running container's CPU limit (`docker update --cpus`), e.g. a "slow" fault."""
-        api = self.client.api
-
-        def update() -> None:  # the SDK's update_container has no NanoCpus; the API has
-            r = api._post_json(api._url("/containers/{0}/update", self._ids[node_id]), data={"NanoCpus": nano_cpus(cpu_cores)})
-            api._raise_for_status(r)
-
         try:
-            await asyncio.to_thread(update)
+            await asyncio.to_thread(self.client.api.update_container, self._ids[node_id], cpu_period=CPU_PERIOD_US,
+                                    cpu_quota=cpu_quota_us(cpu_cores))
         except docker.errors.APIError as e:
             raise _api_error(f"docker update --cpus {cpu_cores:g} {self.container(node_id)}", e) from None
-        lim = self.limits.get(node_id, NodeLimits())
-        self.limits[node_id] = NodeLimits(cpu_cores, lim.memory_mb, lim.gpu_share_pct)
 
     def cgroup_dir(self, node_id: str, controller: str = "cpu") -> Path:
         """The container's cgroup directory of `controller` (v1), or its v2 directory."""
@@ -340,20 +329,12 @@ class DockerBackend:
                 return root / line[3:].lstrip("/")
         raise ResourceError(f"container {self.container(node_id)}: no {controller} cgroup")
 
-    def describe(self) -> dict[str, dict]:
-        """Per node: container name and id, netns path, address (for `testbed status`)."""
-        return {
-            nid: {"container": self.container(nid), "container_id": self._ids.get(nid, "")[:12],
-                  "netns": self.netns(nid), "address": self._nodes[nid].address if nid in self._nodes else None}
-            for nid in self._pids
-        }
-
     # destroy -----------------------------------------------------------------------
     async def destroy(self) -> list[str]:
         """Stop our processes, remove the run's containers, network and host route."""
         for node_id in list(self._procs):
             try:
-                await self.kill(node_id)
+                await self.stop_execs(node_id)
             except Exception:  # noqa: BLE001 - removal below ends them anyway
                 pass
         removed = await remove_docker_run(self.run, self._client)

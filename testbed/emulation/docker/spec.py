@@ -29,7 +29,8 @@ __all__ = [
     "network_name",
     "bridge_name",
     "container_name",
-    "nano_cpus",
+    "CPU_PERIOD_US",
+    "cpu_quota_us",
     "detect_gpus",
     "container_plan",
     "network_plan",
@@ -99,9 +100,13 @@ def container_name(run_id: str, node_id: str) -> str:
     return f"tb-{run_id}-{node_id}"
 
 
-def nano_cpus(cpu_cores: float) -> int:
-    """`--cpus` in the API's unit (1e-9 CPUs); at least 0.01 CPU (docker's floor)."""
-    return max(10_000_000, round(cpu_cores * 1e9))
+CPU_PERIOD_US = 100_000
+
+
+def cpu_quota_us(cpu_cores: float) -> int:
+    """`--cpus` as a CFS quota per 100 ms period (what `docker update` can change later);
+    at least 1 ms, the kernel's floor."""
+    return max(1000, round(cpu_cores * CPU_PERIOD_US))
 
 
 def detect_gpus(dev: Path = Path("/dev")) -> GpuHost:
@@ -151,7 +156,8 @@ def container_plan(
         log_config={"Type": "json-file", "Config": {"max-size": "1m", "max-file": "1"}},
     )
     if node.cpu_cores is not None:
-        host_config["nano_cpus"] = nano_cpus(node.cpu_cores)
+        host_config["cpu_period"] = CPU_PERIOD_US
+        host_config["cpu_quota"] = cpu_quota_us(node.cpu_cores)
     if node.memory_mb is not None:
         host_config["mem_limit"] = f"{node.memory_mb}m"
         host_config["memswap_limit"] = f"{node.memory_mb}m"  # no swap beyond the profile's memory

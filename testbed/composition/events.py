@@ -1,0 +1,117 @@
+"""The run's one event writer: `events.jsonl`, the front end's callback, listeners and MQTT.
+
+Events come from two places — the orchestrator (on its own event loop, in a thread inside
+the edge server's namespace; it publishes them on `tb/<run>/events` itself) and the run
+owner (selection, agents_online, faults, run_finished; published by `EventPublisher`).
+Both go through `EventLog.record`, on the run owner's loop: written and flushed at once,
+handed to `on_event` (the CLI's live table, the TUI) and to listeners (fault scheduling).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from testbed.relay.events import make_event
+
+__all__ = ["EventLog", "EventPublisher"]
+
+Listener = Callable[[dict[str, Any]], None]
+
+
+class EventLog:
+    def __init__(self, run_id: str, on_event: Listener | None = None):
+        self.run_id = run_id
+        self.on_event = on_event
+        self.listeners: list[Listener] = []
+        self._file: Any = None
+        self._written: set[Path] = set()
+        self.publisher: EventPublisher | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+
+    def open(self, path: Path | None) -> None:
+        """Write this generation's events to `path` (None: keep none on disk). A file this
+        log wrote before is appended to: one file holds a session's generations in order."""
+        self.close()
+        self._loop = asyncio.get_running_loop()
+        if path is not None:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            mode = "a" if path in self._written else "w"
+            self._written.add(path)
+            self._file = open(path, mode, buffering=1)  # noqa: SIM115 - held for the generation
+
+    def close(self) -> None:
+        if self._file is not None:
+            self._file.close()
+            self._file = None
+
+    def record(self, ev: dict[str, Any]) -> None:
+        if self._file is not None:
+            self._file.write(json.dumps(ev, default=str) + "\n")
+        if self.on_event is not None:
+            self.on_event(ev)
+        for listener in list(self.listeners):
+            listener(ev)
+
+    def emit(self, etype: str, device: str | None = None, **data: Any) -> dict[str, Any]:
+        """An event of the run owner's own (selection, agents_online, a fault, ...)."""
+        ev = make_event(etype, self.run_id, device=device, **data)
+        self.record(ev)
+        if self.publisher is not None:
+            self.publisher.publish(ev)
+        return ev
+
+    def threadsafe(self) -> Listener:
+        """`record` for an orchestrator on another thread (marshalled onto this loop)."""
+        loop = self._loop or asyncio.get_running_loop()
+        return lambda ev: loop.call_soon_threadsafe(self.record, ev)
+
+
+class EventPublisher:
+    """The run owner's own MQTT client for `tb/<run>/events` (selection, agents_online,
+    faults, run_finished): one connection for the generation, on an event loop inside the
+    edge server's namespace, reconnecting with backoff when the broker restarts."""
+
+    def __init__(self, host: str, port: int, username: str, password: str, run_id: str):
+        self.host, self.port, self.username, self.password, self.run_id = host, port, username, password, run_id
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._queue: asyncio.Queue | None = None
+        self.ready = asyncio.Event()
+
+    async def serve(self, ready: Callable[[], None]) -> None:
+        """Publish what `publish` hands over until `close`; call on the publishing loop."""
+        import aiomqtt
+
+        from testbed.relay import topics
+
+        self._loop, self._queue = asyncio.get_running_loop(), asyncio.Queue()
+        ready()
+        pending: dict[str, Any] | None = None
+        backoff = 0.2
+        while True:
+            try:
+                async with aiomqtt.Client(self.host, self.port, username=self.username, password=self.password,
+                                          identifier=f"tb-{self.run_id}-owner", keepalive=10, timeout=10) as client:
+                    backoff = 0.2
+                    while True:
+                        ev = pending if pending is not None else await self._queue.get()
+                        if ev is None:
+                            return
+                        pending = ev
+                        await client.publish(topics.events(self.run_id), json.dumps(ev, default=str).encode(), qos=1)
+                        pending = None
+            except aiomqtt.MqttError:
+                await asyncio.sleep(backoff)  # the broker is away (a restart fault): keep the event, retry
+                backoff = min(backoff * 2, 2.0)
+
+    def publish(self, ev: dict[str, Any] | None) -> None:
+        if self._loop is not None and self._queue is not None:
+            with contextlib.suppress(RuntimeError):  # its loop is closed: nothing left to publish to
+                self._loop.call_soon_threadsafe(self._queue.put_nowait, ev)
+
+    def close(self) -> None:
+        self.publish(None)

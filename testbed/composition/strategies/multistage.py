@@ -1,0 +1,108 @@
+"""Multi-stage diffusion (the paper's temporal collaboration): a latent relayed through a
+chain of devices, K denoising steps each, the chain chosen under T_max and E_max.
+
+`plan` runs the device selection (selection/: dp, exact, random, greedy, fair — `fair`
+with the cell's energy history); `execute` runs the edge server's orchestrator
+(relay/server.py) with checkpoint recovery.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+from testbed.composition.strategies.base import Outcome, PlanContext, RunContext
+from testbed.errors import TopologyError
+from testbed.selection import DeviceCost, Selection, device_costs, select
+
+__all__ = ["Multistage", "MultistagePlan"]
+
+_AGENT_STARTUP_S = 60.0  # per 2 CPU cores: importing torch + diffusers and loading a model
+
+
+@dataclass(frozen=True)
+class MultistagePlan:
+    selection: Selection
+    costs: list[DeviceCost] = field(repr=False)  # every candidate: the chain and the recovery pool
+
+    @property
+    def selected(self) -> list[str]:
+        return list(self.selection.selected)
+
+    @property
+    def predicted_latency_s(self) -> float:
+        return self.selection.latency_s
+
+    @property
+    def predicted_energy_j(self) -> float:
+        return self.selection.energy_j
+
+    def to_json(self) -> dict[str, Any]:
+        s = self.selection
+        return {"strategy": s.strategy, "selected": list(s.selected), "predicted_latency_s": s.latency_s,
+                "predicted_energy_j": s.energy_j, "objective_mb": s.objective_mb, "solve_ms": s.solve_ms}
+
+
+def fixed_selection(costs: list[DeviceCost], order: list[str], t_max_s: float, e_max_j: float) -> Selection:
+    """A selection that is given, not solved (benchmarks relay through chosen devices)."""
+    by_id = {c.id: c for c in costs}
+    unknown = [d for d in order if d not in by_id]
+    if unknown:
+        raise TopologyError(f"relay order names unknown or unavailable devices {unknown}; devices: {', '.join(by_id)}")
+    chosen = [by_id[d] for d in order]
+    return Selection(strategy="fixed", t_max_s=t_max_s, e_max_j=e_max_j, devices=list(costs), selected=list(order),
+                     objective_mb=sum(c.size_mb for c in chosen), latency_s=sum(c.latency_s for c in chosen),
+                     energy_j=sum(c.energy_j for c in chosen), solve_ms=0.0, chosen=chosen)
+
+
+class Multistage:
+    """`Multistage(strategy="dp")`; `order=[...]` relays through given devices instead."""
+
+    method: ClassVar[str] = "multistage"
+
+    def __init__(self, strategy: str = "dp", order: list[str] | None = None):
+        self.strategy = strategy if order is None else "fixed"
+        self.order = list(order) if order is not None else None
+
+    def plan(self, ctx: PlanContext) -> MultistagePlan:
+        costs = device_costs(ctx.topology, ctx.links)
+        if self.order is not None:
+            sel = fixed_selection(costs, self.order, ctx.t_max_s, ctx.e_max_j)
+        else:
+            sel = select(costs, ctx.t_max_s, ctx.e_max_j, strategy=self.strategy, seed=ctx.seed, history=ctx.history)
+        return MultistagePlan(sel, costs)
+
+    async def execute(self, run: RunContext, plan: MultistagePlan) -> Outcome:
+        from testbed.relay.server import Orchestrator
+
+        topo, wl = run.topology, run.topology.workload
+        candidates = [c.id for c in plan.costs]
+        await run.ensure_agents(candidates)  # the chain and every device a recovery may pick
+        model = await run.server_model()
+        rs = run.relay_settings()
+        profile = wl.compute == "profile"
+
+        async def orchestrate() -> Any:
+            orch = Orchestrator(
+                run=rs.run, broker_host=rs.broker_host, broker_port=rs.broker_port, username=rs.username,
+                password=rs.password, costs=plan.costs, relay_order=plan.selected, power=run.power(), model=model,
+                steps_per_stage=wl.steps_per_stage, prompt=wl.prompt, seed=topo.seed, scheduler=wl.scheduler,
+                payload_bytes=wl.payload_bytes, t_max_s=run.t_max_s, e_max_j=run.e_max_j, emit=run.event_sink(),
+                online_timeout_s=_AGENT_STARTUP_S + 4.0 * len(candidates),
+                deadline_factor=2.0 if profile else 20.0, deadline_slack_s=2.0 if profile else 60.0,
+                max_message_bytes=rs.max_message_bytes,
+            )
+            return await orch.run()
+
+        out = await run.in_server_ns(orchestrate)
+        by_device: dict[str, float] = {}
+        for s in out.stages:
+            by_device[s.device] = by_device.get(s.device, 0.0) + s.energy_j
+        for r in out.recovered:  # a failed attempt's energy was spent by the device that failed
+            by_device[r.device] = by_device.get(r.device, 0.0) + r.energy_j
+        return Outcome(
+            stages=[s.to_json() for s in out.stages], latent=out.latent, latency_s=out.latency_s,
+            energy_j=out.energy_j, total_steps=out.total_steps, relay_order=[s.device for s in out.stages],
+            energy_by_device=by_device, recovered=[r.to_json() for r in out.recovered],
+            rejected_results=out.rejected_results, extra={"objective_mb": plan.selection.objective_mb},
+        )

@@ -1,0 +1,155 @@
+"""The `Cell` protocol: everything above the emulation layer sees an emulated cell through it.
+
+Implemented in full by `Emulation` (a cell this process makes, on the netns or docker
+backend), `AttachedCell` (a cell that `testbed up` keeps alive, reached through its
+supervisor's control socket) and `ComposeCell` (the server container's view of a
+compose/Swarm deployment). See docs/design.md, "The cell".
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Protocol, runtime_checkable
+
+from testbed.model.names import MQTT_PORT
+from testbed.model.radio import DeviceLink
+
+__all__ = ["Cell", "NodeState", "NodeJoin", "BrokerSettings", "LinkUpdate", "NODE_STATES"]
+
+#: up: running and linked; down: its link is cut; killed: its processes were stopped.
+NODE_STATES = ("up", "down", "killed")
+NodeStateName = Literal["up", "down", "killed"]
+
+
+@dataclass
+class NodeState:
+    """One node as the cell holds it now (rates and quota change at run time)."""
+
+    id: str
+    role: str  # "server" | "device"
+    netns: str | None  # a path usable with `nsenter --net=` (None: not reachable from here)
+    address: str | None
+    rate_up_mbps: float | None
+    rate_down_mbps: float | None
+    cpu_quota_cores: float | None
+    memory_mb: int | None
+    profile: str
+    x_m: float
+    y_m: float
+    state: NodeStateName = "up"
+
+    def to_json(self) -> dict[str, Any]:
+        return {"id": self.id, "role": self.role, "netns": self.netns, "address": self.address,
+                "rate_up_mbps": self.rate_up_mbps, "rate_down_mbps": self.rate_down_mbps,
+                "cpu_quota_cores": self.cpu_quota_cores, "memory_mb": self.memory_mb, "profile": self.profile,
+                "x_m": self.x_m, "y_m": self.y_m, "state": self.state}
+
+    @classmethod
+    def from_json(cls, d: dict[str, Any]) -> NodeState:
+        return cls(d["id"], d["role"], d.get("netns"), d.get("address"), d.get("rate_up_mbps"),
+                   d.get("rate_down_mbps"), d.get("cpu_quota_cores"), d.get("memory_mb"), d.get("profile", ""),
+                   float(d.get("x_m") or 0.0), float(d.get("y_m") or 0.0), d.get("state", "up"))
+
+
+@dataclass(frozen=True)
+class NodeJoin:
+    """What a process must enter to run inside a node: its network namespace, one
+    `cgroup.procs` file per hierarchy (writing "0" moves the writer), and the other
+    namespaces of a container (mount, UTS, IPC). Paths, opened by whoever forks."""
+
+    netns: str | None
+    cgroup_procs: tuple[str, ...] = ()
+    extra_ns: tuple[str, ...] = ()
+
+    def to_json(self) -> dict[str, Any]:
+        return {"netns": self.netns, "cgroup_procs": list(self.cgroup_procs), "extra_ns": list(self.extra_ns)}
+
+    @classmethod
+    def from_json(cls, d: dict[str, Any]) -> NodeJoin:
+        return cls(d.get("netns"), tuple(d.get("cgroup_procs") or ()), tuple(d.get("extra_ns") or ()))
+
+
+@dataclass(frozen=True)
+class BrokerSettings:
+    """What a broker is started with; its handle keeps them, so a restart needs nothing else."""
+
+    password_file: Path | None = None
+    acl_file: Path | None = None
+    max_message_bytes: int | None = None
+    port: int = MQTT_PORT
+    prefer: str = "mosquitto"  # "mosquitto" (when installed) or "amqtt"
+
+    def to_json(self) -> dict[str, Any]:
+        return {"password_file": str(self.password_file) if self.password_file else None,
+                "acl_file": str(self.acl_file) if self.acl_file else None,
+                "max_message_bytes": self.max_message_bytes, "port": self.port, "prefer": self.prefer}
+
+    @classmethod
+    def from_json(cls, d: dict[str, Any]) -> BrokerSettings:
+        return cls(Path(d["password_file"]) if d.get("password_file") else None,
+                   Path(d["acl_file"]) if d.get("acl_file") else None,
+                   d.get("max_message_bytes"), int(d.get("port") or MQTT_PORT), d.get("prefer") or "mosquitto")
+
+
+@dataclass(frozen=True)
+class LinkUpdate:
+    """One mobility tick: new positions and rates of every device."""
+
+    t_s: float
+    devices: tuple[dict[str, Any], ...] = field(default=())  # {id, x_m, y_m, distance_m, rate_up_mbps, rate_down_mbps}
+
+
+@runtime_checkable
+class Cell(Protocol):
+    """One emulated edge cell: a server node, device nodes, their links and the broker."""
+
+    run_id: str
+    backend_name: str  # "netns", "docker", "compose"
+    links: list[DeviceLink]  # the radio model's links at the start
+    nodes: dict[str, NodeState]
+    warnings: list[str]
+
+    # description --------------------------------------------------------------------
+    def device_ids(self) -> list[str]: ...
+    async def refresh(self) -> None:
+        """`nodes` as the cell holds them now (a no-op where this process owns the cell)."""
+        ...
+    def status(self) -> dict[str, Any]:
+        """The `testbed status --json` document (nodes with their state)."""
+        ...
+
+    # links --------------------------------------------------------------------------
+    async def set_links(self, rates: dict[str, tuple[float, float]]) -> None: ...
+    async def set_link(self, device_id: str, up_mbps: float, down_mbps: float) -> None: ...
+    async def cut_link(self, device_id: str) -> None: ...
+    async def restore_link(self, device_id: str) -> None: ...
+    def on_update(self, callback: Callable[[LinkUpdate], None]) -> None:
+        """Call `callback` at every mobility tick (positions and rates)."""
+        ...
+
+    # compute and processes ----------------------------------------------------------
+    async def set_cpu(self, node_id: str, cpu_cores: float) -> None: ...
+    async def join(self, node_id: str) -> NodeJoin: ...
+    async def spawn(self, node_id: str, argv: list[str], env: dict[str, str] | None = None,
+                    log_path: Path | None = None) -> int: ...
+    async def kill(self, node_id: str) -> None:
+        """Stop every process in the node; its state becomes `killed`."""
+        ...
+
+    async def revive(self, node_id: str) -> None:
+        """A killed (or cut) node is `up` again: link restored; processes are the caller's to start."""
+        ...
+
+    # broker -------------------------------------------------------------------------
+    @property
+    def broker(self) -> Any:  # BrokerHandle | None
+        ...
+
+    async def start_broker(self, settings: BrokerSettings) -> Any: ...
+    async def stop_broker(self) -> None: ...
+    async def restart_broker(self, down_s: float = 0.0) -> Any: ...
+
+    # lifetime -----------------------------------------------------------------------
+    async def close(self) -> None: ...
