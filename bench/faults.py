@@ -1,7 +1,7 @@
 """Faults at random moments on the netns backend: does every run still complete, exactly once per step?
 
 One emulated cell (topologies/small.yaml by default: the relay dev01 -> dev02, with dev03
-able to absorb one failure) stays up; each trial is one full generation (`Runner.run`) with
+able to absorb one failure) stays up; each trial is one full generation (`RunSession.run`) with
 one fault injected at a random moment, uniform over the baseline relay latency, on the
 device in flight at that moment (broker-restart: the broker). Before the faults, a few
 fault-free runs give the baseline latency. Each trial is bounded (a hang counts as one).
@@ -27,7 +27,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from testbed.composition.faults import DEFAULT_DURATION_S, FAULT_KINDS, parse_fault, revive_agent
+from testbed.composition.faults import DEFAULT_DURATION_S, FAULT_KINDS, parse_fault
 from testbed.model.topology import load_topology
 
 REPO = Path(__file__).resolve().parent.parent
@@ -63,21 +63,21 @@ async def _heal(r: Any, settle_s: float) -> None:
     """Between trials: revive killed agents, wait for every agent online, let late
     uploads of the last trial drain (a new orchestrator would take them for its own)."""
     await asyncio.sleep(settle_s)
-    for dev in r.emu.device_ids():
-        if not r.emu.cg.pids(r.run_id, dev):
-            await revive_agent(r, dev)
-    await r.wait_online(timeout_s=90)
+    for dev in r.cell.device_ids():
+        if r.cell.nodes[dev].state == "killed":
+            await r.revive(dev)
+    await r.ensure_agents(r.cell.device_ids())
 
 
 async def main(args: argparse.Namespace) -> dict[str, Any]:
-    from testbed.composition.runner import Runner
+    from testbed.composition.session import RunSession
 
     topo = load_topology(args.topology).model_copy(update={"faults": []})
     rng = random.Random(args.seed)
     rows: dict[str, list[dict[str, Any]]] = {}
     t_start = time.monotonic()
-    async with Runner(topo, out_dir=args.out) as r:
-        await r.wait_online(timeout_s=120)
+    async with RunSession(topo, out_dir=args.out) as r:
+        await r.ensure_agents(r.cell.device_ids())
         base = [await _trial(r, None) for _ in range(args.baseline)]
         ok_base = [b["latency_s"] for b in base if b["ok"]]
         if not ok_base:

@@ -20,12 +20,14 @@ import os
 import statistics
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from testbed.composition.runner import Runner  # noqa: E402
+from testbed.composition.session import RunSession  # noqa: E402
+from testbed.composition.strategies import Multistage  # noqa: E402
 from testbed.model.topology import load_topology  # noqa: E402
 
 RATES_MBPS = (5, 10, 20, 50, 100)
@@ -55,14 +57,14 @@ def rss_kb(pid: int) -> int | None:
 async def overhead(reps: int, out: Path) -> list[dict]:
     topo = load_topology(REPO / "topologies/small.yaml")
     rows = []
-    async with Runner(topo, out_dir=out / "overhead") as r:
-        await r.wait_online()
+    async with RunSession(topo, out_dir=out / "overhead") as r:
+        await r.ensure_agents(r.cell.device_ids())
         dev = "dev03"  # the quickest stage (0.4 s of profile compute)
         for rate in RATES_MBPS:
-            await r.emu.set_links({dev: (float(rate), float(rate))})
+            await r.cell.set_links({dev: (float(rate), float(rate))})
             downs, ups = [], []
             for _ in range(reps):
-                doc = (await r.run(order=[dev])).to_json()
+                doc = (await r.run(Multistage(order=[dev]))).to_json()
                 (st,) = doc["stages"]
                 ideal_down = st["bytes_down"] * 8 / (rate * 1e6)
                 ideal_up = st["bytes_up"] * 8 / (rate * 1e6)
@@ -77,9 +79,11 @@ async def overhead(reps: int, out: Path) -> list[dict]:
 async def prediction_and_memory(name: str, reps: int, out: Path, memory: bool) -> dict:
     topo = load_topology(REPO / f"topologies/{name}.yaml")
     res: dict = {"topology": name, "runs": []}
-    async with Runner(topo, out_dir=out / name) as r:
-        res["agents_online_s"] = await r.wait_online()
-        res["template_start_s"] = r.template_start_s
+    async with RunSession(topo, out_dir=out / name) as r:
+        t0 = time.monotonic()
+        await r.ensure_agents(r.cell.device_ids())
+        res["agents_online_s"] = time.monotonic() - t0
+        res["template_start_s"] = r.timings_s.get("template_s")
         for _ in range(reps):
             doc = (await r.run()).to_json()
             pred_x = sum(s["predicted"]["t_down_s"] + s["predicted"]["t_up_s"] for s in doc["stages"])
@@ -94,15 +98,16 @@ async def prediction_and_memory(name: str, reps: int, out: Path, memory: bool) -
                 "rates_mbps": None,
             })
         if memory:
-            agents = {d: pss_kb(p) for d, p in r.agent_pids.items()}
-            others = {"broker": r.broker.pid, "runner+orchestrator": os.getpid(), "agent template": r.template_pid}
+            agents = {d: pss_kb(p) for d, p in r.agents.pids().items()}
+            others = {"broker": r.cell.broker.pid, "run owner+orchestrator": os.getpid(),
+                      "agent template": r.template_pid}
             other_pss = {k: pss_kb(p) for k, p in others.items() if p}
             vals = [v for v in agents.values() if v]
             res["memory"] = {
                 "agents": len(agents),
                 "agent_pss_mb_median": statistics.median(vals) / 1024 if vals else None,
                 "agent_pss_mb_max": max(vals) / 1024 if vals else None,
-                "agent_rss_mb_median": statistics.median([rss_kb(p) or 0 for p in r.agent_pids.values()]) / 1024,
+                "agent_rss_mb_median": statistics.median([rss_kb(p) or 0 for p in r.agents.pids().values()]) / 1024,
                 "others_pss_mb": {k: (v or 0) / 1024 for k, v in other_pss.items()},
                 "total_pss_mb": (sum(vals) + sum(v or 0 for v in other_pss.values())) / 1024,
             }

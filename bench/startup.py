@@ -6,8 +6,8 @@ for Mininet (its Python API, run under the system python3 where Debian's `minine
 lives). Each size alternates the two, `--repeat` times; prints the medians and the ratio
 testbed / Mininet (< 1: the testbed is faster). Needs root; leaves nothing behind.
 
-`--agents FILE` times instead the whole `up` a generation waits for: the Runner brings the
-topology up with its broker and real agents (forked by testbed/composition/agent_pool.py into their
+`--agents FILE` times instead the whole `up` a generation waits for: the run owner brings the
+topology up with its broker and real agents (forked by testbed/composition/agents.py into their
 nodes) until every agent reported online, printed next to Mininet's network-only `up` of
 as many hosts in the same run (target: within 3x).
 
@@ -90,23 +90,23 @@ def mininet_once(n: int) -> dict[str, float] | None:
 
 
 async def agents_up_once(path: Path) -> dict[str, float]:
-    """The whole `up` of a topology with its real agents, as a generation sees it: Runner
-    (emulation, per-run credentials, broker, agent template, one testbed-agent per device
-    forked into its node) until every agent reported "online" over MQTT."""
-    from testbed.composition.runner import Runner
+    """The whole `up` of a topology with its real agents, as a generation sees it: the run
+    owner (emulation, per-run credentials, broker, agent template, one testbed-agent per
+    device forked into its node) until every agent reported "online" over MQTT."""
+    from testbed.composition.session import RunSession
     from testbed.model.topology import load_topology
 
     run = "a" + uuid.uuid4().hex[:5]
     topo = load_topology(path)
     try:
         t0 = time.perf_counter()
-        async with Runner(topo, run_id=run) as r:
+        async with RunSession(topo, run_id=run) as r:
             relay_s = time.perf_counter() - t0
-            await r.wait_online()
+            await r.ensure_agents(r.cell.device_ids())
             total = time.perf_counter() - t0
-            emu_s = sum(r.emu.timings_s.values())
-            template_s = r.template_start_s or 0.0
-            n = len(r.emu.links)
+            emu_s = r.timings_s.get("cell_s", 0.0)
+            template_s = r.timings_s.get("template_s", 0.0)
+            n = len(r.cell.links)
     finally:
         cleanup_run(run)
     return {"devices": n,

@@ -92,6 +92,7 @@ async def test_a_device_revived_after_a_kill_fault_runs_in_its_container_under_i
         topologies: Path, tmp_path: Path, unique_run_id: str) -> None:
     """The one agent launcher revives into the container: the new agent's cgroups are the
     container's, and a busy loop in exactly those cgroups gets the container's CPU quota."""
+    import asyncio
     import os
     import time
 
@@ -105,9 +106,13 @@ async def test_a_device_revived_after_a_kill_fault_runs_in_its_container_under_i
         await s.ensure_agents(["dev04"])
         old = s.agents.pids()["dev04"]
         await FaultInjector(cell, s.emit).inject("kill", "dev04")
-        assert cell.nodes["dev04"].state == "killed" and not Path(f"/proc/{old}").exists()
+        assert cell.nodes["dev04"].state == "killed" and _gone(old)
         pid = await s.revive("dev04")
         assert cell.nodes["dev04"].state == "up" and pid != old
+        deadline = time.monotonic() + 10  # retitled once it has joined the container's cgroups and namespaces
+        while not Path(f"/proc/{pid}/cmdline").read_bytes().startswith(f"testbed-agent {s.run_id} dev04".encode()):
+            assert time.monotonic() < deadline
+            await asyncio.sleep(0.05)
         container_pid = cell.backend.container_pid("dev04")
         assert Path(f"/proc/{pid}/cgroup").read_text() == Path(f"/proc/{container_pid}/cgroup").read_text()
         for kind in ("net", "mnt", "uts"):
@@ -123,3 +128,18 @@ async def test_a_device_revived_after_a_kill_fault_runs_in_its_container_under_i
         cpu_s, wall_s = map(float, busy.stdout.split())
         # held to its quota (the host has two cores otherwise); the share, not an absolute time
         assert quota * 0.5 < cpu_s / wall_s < quota * 1.25, (cpu_s, wall_s, quota)
+
+
+def _gone(pid: int, wait_s: float = 5.0) -> bool:
+    """The process has exited (gone, or a zombie its parent has not reaped yet)."""
+    import time
+
+    deadline = time.monotonic() + wait_s
+    while time.monotonic() < deadline:
+        try:
+            if Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "Z":
+                return True
+        except (FileNotFoundError, ProcessLookupError):
+            return True
+        time.sleep(0.05)
+    return False

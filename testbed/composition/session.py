@@ -146,6 +146,10 @@ class RunSession:
     async def __aexit__(self, *exc: object) -> None:
         await asyncio.shield(self.close())
 
+    def _template_started(self, fut: asyncio.Future) -> None:
+        if not fut.cancelled() and fut.exception() is None:
+            self.timings_s["template_s"] = fut.result()
+
     def _start_server_side(self) -> None:
         """The edge server's fp32 model, then the MS-SSIM reference, load in the background
         (one after the other: diffusers' lazy imports are not safe from two threads at once)."""
@@ -180,7 +184,7 @@ class RunSession:
         logs = self.state_dir / "logs"
         if self.with_broker:  # the template's imports overlap the cell's creation
             self._launcher = AgentLauncher(self.run_id, self.state_dir, logs)
-            self._launcher.start()
+            self._launcher.start().add_done_callback(self._template_started)
             self._start_server_side()
         t0 = time.perf_counter()
         cell = Emulation(self.topology, self.run_id, backend=self.backend, state_dir=self.state_dir)
@@ -273,6 +277,11 @@ class RunSession:
         if self._owns_state and self.state_dir is not None:
             shutil.rmtree(self.state_dir, ignore_errors=True)
         self.events.close()
+
+    @property
+    def template_pid(self) -> int | None:
+        """The agent template's pid, when this session started it (benchmarks measure its memory)."""
+        return self._launcher.template_pid if self._launcher is not None else None
 
     # -- what strategies use (strategies/base.py RunContext) -------------------------
     def relay_settings(self) -> RelaySettings:

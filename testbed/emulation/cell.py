@@ -16,7 +16,7 @@ from typing import Any, Literal, Protocol, runtime_checkable
 from testbed.model.names import MQTT_PORT
 from testbed.model.radio import DeviceLink
 
-__all__ = ["Cell", "NodeState", "NodeJoin", "BrokerSettings", "LinkUpdate", "NODE_STATES"]
+__all__ = ["Cell", "NodeState", "NodeJoin", "BrokerSettings", "LinkUpdate", "NODE_STATES", "restart_broker"]
 
 #: up: running and linked; down: its link is cut; killed: its processes were stopped.
 NODE_STATES = ("up", "down", "killed")
@@ -153,3 +153,18 @@ class Cell(Protocol):
 
     # lifetime -----------------------------------------------------------------------
     async def close(self) -> None: ...
+
+
+async def restart_broker(cell: Cell, down_s: float = 0.0) -> Any:
+    """Stop the cell's broker, wait `down_s`, start it again with the settings it keeps
+    (what every cell's `restart_broker` does)."""
+    import asyncio
+
+    from testbed.errors import ResourceError
+
+    if cell.broker is None:
+        raise ResourceError("restart_broker: this cell has no broker")
+    settings = cell.broker.settings
+    await cell.stop_broker()
+    await asyncio.sleep(down_s)
+    return await cell.start_broker(settings)

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from testbed.emulation.broker import BrokerHandle, start_broker
-from testbed.emulation.cell import BrokerSettings, LinkUpdate, NodeJoin, NodeState
+from testbed.emulation.cell import BrokerSettings, LinkUpdate, NodeJoin, NodeState, restart_broker
 from testbed.errors import ResourceError
 from testbed.model.names import SERVER_ID, check_run_id
 from testbed.model.radio import DeviceLink
@@ -102,14 +102,8 @@ class ComposeCell:
             await handle.stop()
 
     async def restart_broker(self, down_s: float = 0.0) -> BrokerHandle:
-        import asyncio
-
-        if self._broker is None:
-            raise ResourceError("restart_broker: this cell has no broker")
-        settings = self._broker.settings
-        await self.stop_broker()
-        await asyncio.sleep(down_s)
-        return await self.start_broker(settings)
+        """Stop the broker, wait `down_s`, start it again with the same settings."""
+        return await restart_broker(self, down_s)
 
     async def close(self) -> None:
         await self.stop_broker()

@@ -23,7 +23,7 @@ from pyroute2.netlink.exceptions import NetlinkError
 
 from testbed.emulation.backend import Backend, NetnsBackend, NodeSpec, device_address
 from testbed.emulation.broker import BrokerHandle, start_broker
-from testbed.emulation.cell import BrokerSettings, LinkUpdate, NodeJoin, NodeState
+from testbed.emulation.cell import BrokerSettings, LinkUpdate, NodeJoin, NodeState, restart_broker
 from testbed.emulation.cgroups import Cgroups
 from testbed.emulation.mobility import RandomWaypoint
 from testbed.emulation.nsutil import open_iproute
@@ -411,12 +411,7 @@ class Emulation:
 
     async def restart_broker(self, down_s: float = 0.0) -> BrokerHandle:
         """Stop the broker, wait `down_s`, start it again with the same settings."""
-        if self._broker is None:
-            raise ResourceError("restart_broker: this cell has no broker")
-        settings = self._broker.settings
-        await self.stop_broker()
-        await asyncio.sleep(down_s)
-        return await self.start_broker(settings)
+        return await restart_broker(self, down_s)
 
     # reporting ---------------------------------------------------------------------
     def status(self) -> dict[str, Any]:

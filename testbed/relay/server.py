@@ -170,7 +170,6 @@ class Orchestrator:
         self._events_out: asyncio.Queue[dict[str, Any]] = asyncio.Queue()
         self.rejected_results = 0
         self._nonce = secrets.token_hex(6)  # task ids `<nonce>/<stage>/<attempt>`: unique to this generation
-        self.current: dict[str, Any] | None = None  # the stage in flight (for fault injection)
         # broker loss: reconnect with backoff for up to reconnect_timeout_s, then wait up to
         # rejoin_timeout_s for the stage's device to be back online before resuming it
         self.reconnect_timeout_s, self.rejoin_timeout_s = reconnect_timeout_s, rejoin_timeout_s
@@ -443,7 +442,6 @@ class Orchestrator:
                       total_steps=n_total, tensors=tensors, meta={"scheduler": self.scheduler, "sched": scalars,
                             "task": f"{self._nonce}/{i}/{attempt}"})
         data = encode(msg, pad_to_bytes=self.payload_bytes)
-        self.current = {"device": dev, "stage": i, "attempt": attempt, "steps": steps, "phase": "download"}
         await self.emit("stage_started", device=dev, steps=steps, stage=i, attempt=attempt, bytes=len(data),
                         predicted=predicted)
         t_pub = time.time()
@@ -480,7 +478,6 @@ class Orchestrator:
                     return None, "offline", self._wasted(pw, t_pub, t_recv_dev)
                 if st.get("state") == "computing" and st.get("stage") == i and st.get("attempt") == attempt:
                     t_recv_dev = float(st.get("t_recv", t_in))
-                    self.current = {**self.current, "phase": "compute"}
                     await self.emit("downloaded", device=dev, steps=steps, stage=i, t_down_s=t_recv_dev - t_pub,
                                     predicted_t_down_s=cost.t_down_s)
                 continue
@@ -513,7 +510,6 @@ class Orchestrator:
             await self.emit("uploaded", device=dev, steps=steps, stage=i, t_up_s=t_up, energy_j=e_j,
                             predicted_t_up_s=cost.t_up_s)
             self._last_result = res
-            self.current = None
             return rec, "", 0.0
 
     @staticmethod
