@@ -55,7 +55,7 @@ def test_mosquitto_acl_becomes_amqtt_topic_acl(tmp_path: Path) -> None:
     acl = tmp_path / "acl"
     acl.write_text("# per-device\nuser dev01\ntopic read tb/r1/dev/dev01/task\ntopic write tb/r1/dev/dev01/result\n"
                    "user server\ntopic readwrite tb/r1/#\n")
-    conf = _amqtt_conf("198.18.0.1", 1883, None, acl, None)
+    conf = _amqtt_conf("198.18.0.1", 1883, None, acl)
     plug = conf["plugins"]["amqtt.plugins.topic_checking.TopicAccessControlListPlugin"]
     assert plug["subscribe-acl"] == {"dev01": ["tb/r1/dev/dev01/task"], "server": ["tb/r1/#"]}
     assert plug["publish-acl"] == {"dev01": ["tb/r1/dev/dev01/result"], "server": ["tb/r1/#"]}
