@@ -38,7 +38,7 @@ from testbed.emulation.shaping import (
     read_back,
 )
 from testbed.errors import ResourceError, ShapingError
-from testbed.model.names import SERVER_ID, STATE_ROOT
+from testbed.model.names import SERVER_ID
 from testbed.model.profiles import load_profiles
 from testbed.model.radio import DeviceLink, compute_links, link_for_position
 from testbed.model.topology import Topology, place
@@ -399,7 +399,9 @@ class Emulation:
         """Start the MQTT broker in the server namespace (listening on 198.18.0.1:1883)."""
         if self.broker is not None:
             return self.broker
-        state = self.state_dir or STATE_ROOT / self.run_id
+        from testbed.emulation.runs import ensure_run_dir
+
+        state = self.state_dir or ensure_run_dir(self.run_id)  # marked ours: `testbed down` may remove it
         procs = tuple(self.cg.procs_files(self.run_id, SERVER_ID)) if self.cg is not None else ()
         self.broker = await start_broker(
             self.backend.netns(SERVER_ID), SERVER_ADDRESS, state / "broker", password_file=password_file,

@@ -76,6 +76,7 @@ def run(
     (or, with --method split, cut the UNet over two devices), write result.json,
     events.jsonl, logs and the image, tear down."""
     from testbed.emulation.runs import new_run_id
+    from testbed.model.names import check_run_id
     from testbed.composition.runner import Runner
     from testbed.composition.split_runner import SplitRun
 
@@ -86,6 +87,8 @@ def run(
     runner_cls = SplitRun if method == "split" else Runner
 
     topo = load_topology(file, seed=seed)
+    if run_id is not None:  # it names out/<run> below, before anything else checks it
+        check_run_id(run_id, "--run")
     rid = run_id or new_run_id()
     out_path = out_dir or Path("out") / rid
     progress = _Progress()
