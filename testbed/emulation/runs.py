@@ -41,6 +41,7 @@ __all__ = [
     "write_state",
     "write_topology",
     "known_runs",
+    "run_objects",
     "resolve_run",
     "cleanup_run",
     "CleanupFailed",
@@ -137,19 +138,42 @@ def _root_link_names() -> list[str]:
         return []
 
 
-def known_runs(cg: Cgroups | None = None) -> list[str]:
-    runs: set[str] = set()
+def run_objects(cg: Cgroups | None = None) -> dict[str, list[str]]:
+    """Run id -> what of it exists on this host: its state directory, namespaces
+    (tb-<run>-*), host link (tb<run>h), cgroups (testbed/<run>), docker containers and
+    networks (label testbed.run). What `testbed down --all` removes, and what the test
+    suite refuses to start over."""
+    found: dict[str, list[str]] = {}
+
+    def add(run: str, what: str) -> None:
+        if RUN_ID_RE.fullmatch(run):
+            found.setdefault(run, []).append(what)
+
     if RUN_ROOT.is_dir():
-        runs |= {p.name for p in RUN_ROOT.iterdir() if p.is_dir()}
-    runs |= {m.group(1) for n in list_netns("tb-") if (m := _NS_RE.match(n))}
-    runs |= {m.group(1) for n in _root_link_names() if (m := _LINK_RE.match(n))}
+        for p in RUN_ROOT.iterdir():
+            if p.is_dir():
+                add(p.name, f"state {p}")
+    for n in list_netns("tb-"):
+        if m := _NS_RE.match(n):
+            add(m.group(1), f"netns {n}")
+    for n in _root_link_names():
+        if m := _LINK_RE.match(n):
+            add(m.group(1), f"link {n}")
     try:
         cg = cg or detect_cgroups()
-        runs |= set(cg.runs())
+        for r in cg.runs():
+            add(r, f"cgroup testbed/{r}")
     except ResourceError:
         pass
-    runs |= set(_docker_runs())
-    return sorted(r for r in runs if RUN_ID_RE.fullmatch(r))
+    for r, objects in _docker_runs().items():
+        for what in objects:
+            add(r, what)
+    return found
+
+
+def known_runs(cg: Cgroups | None = None) -> list[str]:
+    """The ids of every run that left something on this host (see run_objects)."""
+    return sorted(run_objects(cg))
 
 
 def resolve_run(run_id: str | None) -> str:
@@ -201,15 +225,15 @@ def _pids_naming(text: str) -> set[int]:
     return pids
 
 
-def _docker_runs() -> list[str]:
-    """Runs that have containers or networks labelled testbed.run (none without docker)."""
+def _docker_runs() -> dict[str, list[str]]:
+    """Run id -> its containers and networks labelled testbed.run (none without docker)."""
     try:
         from testbed.emulation.docker.cleanup import docker_runs
         from testbed.emulation.docker.image import docker_client
 
-        return list(docker_runs(docker_client(timeout_s=10)))
+        return docker_runs(docker_client(timeout_s=10))
     except (ImportError, ResourceError):
-        return []
+        return {}
 
 
 async def _remove_docker(run_id: str) -> list[str]:

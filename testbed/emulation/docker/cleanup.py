@@ -14,17 +14,21 @@ A failure is a ResourceError naming the object and the fix, never a silent lefto
 from __future__ import annotations
 
 import asyncio
+import errno
 import time
 from concurrent.futures import ThreadPoolExecutor
 
 import docker
 import docker.errors
+from pyroute2 import IPRoute
+from pyroute2.netlink.exceptions import NetlinkError
 
 from testbed.emulation.docker.image import docker_client
-from testbed.emulation.docker.spec import RUN_LABEL
+from testbed.emulation.docker.spec import RUN_LABEL, bridge_name
 from testbed.errors import ResourceError
+from testbed.model.names import CELL_NET, HOST_ADDRESS, RUN_ID_RE
 
-__all__ = ["docker_runs", "remove_docker_run", "remove_network"]
+__all__ = ["docker_runs", "remove_docker_run", "remove_network", "release_host_side"]
 
 _THREADS = 8
 _CONTAINERS_GONE_S = 60.0  # docker rm -f of 21 containers on 2 busy cores: a few seconds
@@ -33,13 +37,14 @@ _TOTAL_S = 150.0
 
 
 def docker_runs(client: docker.DockerClient | None = None) -> dict[str, list[str]]:
-    """Run id -> container names of every docker run on this host (labels)."""
+    """Run id -> objects ("container NAME", "network NAME") of every docker run on this
+    host, found by the label testbed.run."""
     client = client or docker_client()
     out: dict[str, list[str]] = {}
     for c in client.containers.list(all=True, filters={"label": RUN_LABEL}):
-        out.setdefault(c.labels.get(RUN_LABEL, "?"), []).append(c.name)
+        out.setdefault(c.labels.get(RUN_LABEL, "?"), []).append(f"container {c.name}")
     for n in client.networks.list(filters={"label": RUN_LABEL}):
-        out.setdefault(n.attrs.get("Labels", {}).get(RUN_LABEL, "?"), [])
+        out.setdefault((n.attrs.get("Labels") or {}).get(RUN_LABEL, "?"), []).append(f"network {n.name}")
     return out
 
 
@@ -103,6 +108,29 @@ def remove_network(client: docker.DockerClient, name: str, endpoint_names: list[
         delay = min(delay * 2, 2.0)
 
 
+def release_host_side(run_id: str) -> list[str]:
+    """Drop what the testbed added to the run's docker bridge: the host's /32 and the route
+    to the cell. Done before the network is removed, so that a network docker fails to
+    remove does not keep the host's route to 198.18.0.0/16 from the next run."""
+    removed: list[str] = []
+    with IPRoute() as ipr:
+        found = ipr.link_lookup(ifname=bridge_name(run_id))
+        if not found:
+            return removed
+        try:
+            ipr.route("del", dst=CELL_NET, oif=found[0])
+            removed.append(f"route {CELL_NET} via {bridge_name(run_id)}")
+        except NetlinkError as e:
+            if e.code not in (errno.ESRCH, errno.ENOENT):  # no such route: another run holds it
+                raise
+        try:
+            ipr.addr("del", index=found[0], address=HOST_ADDRESS, prefixlen=32)
+        except NetlinkError as e:
+            if e.code not in (errno.EADDRNOTAVAIL, errno.ENODEV):
+                raise
+    return removed
+
+
 def _remove_sync(client: docker.DockerClient, run_id: str | None) -> list[str]:
     flt = {"label": f"{RUN_LABEL}={run_id}" if run_id else RUN_LABEL}
     removed: list[str] = []
@@ -112,6 +140,9 @@ def _remove_sync(client: docker.DockerClient, run_id: str | None) -> list[str]:
         removed += [r for r in ex.map(_remove_container, containers) if r]
     _wait_containers_gone(client, flt, _CONTAINERS_GONE_S)
     for n in client.networks.list(filters=flt):
+        run = (n.attrs.get("Labels") or {}).get(RUN_LABEL, "")
+        if RUN_ID_RE.fullmatch(run):
+            removed += release_host_side(run)
         if remove_network(client, n.name, names):
             removed.append(f"network {n.name}")
     return removed
