@@ -19,8 +19,8 @@ import signal
 import threading
 import time
 import uuid
-from pathlib import Path
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 from testbed.emulation.backend import check_run_id, remove_host_links
