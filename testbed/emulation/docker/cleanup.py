@@ -148,10 +148,18 @@ def _detach_one_by_one(client: docker.DockerClient, networks: list) -> None:
                 pass  # stopped or gone meanwhile: its removal releases the endpoint
 
 
+def _inspect(client: docker.DockerClient, network_id: str):
+    """The network with its endpoints (a list entry has none), None when it is gone."""
+    try:
+        return client.networks.get(network_id)
+    except docker.errors.NotFound:
+        return None
+
+
 def _remove_sync(client: docker.DockerClient, run_id: str | None) -> list[str]:
     flt = {"label": f"{RUN_LABEL}={run_id}" if run_id else RUN_LABEL}
     removed: list[str] = []
-    networks = [client.networks.get(n.id) for n in client.networks.list(filters=flt)]  # with their endpoints
+    networks = [n for n in (_inspect(client, n.id) for n in client.networks.list(filters=flt)) if n is not None]
     for n in networks:
         run = (n.attrs.get("Labels") or {}).get(RUN_LABEL, "")
         if RUN_ID_RE.fullmatch(run):
