@@ -91,6 +91,58 @@ def test_a_network_already_gone_is_not_an_error():
     assert remove_network(client, "tb-x", []) is False
 
 
+def test_teardown_detaches_every_container_one_at_a_time_before_removing_any(monkeypatch):
+    """The order that kept docker's endpoint count right (bench/docker_teardown.py)."""
+    from testbed.emulation.docker import cleanup
+
+    log: list[tuple[str, str]] = []
+    names = [f"tb-x-dev{i:02d}" for i in range(1, 6)]
+
+    class Ctr:
+        def __init__(self, name):
+            self.name = name
+
+        def remove(self, force=False):
+            log.append(("remove", self.name))
+
+    class Net:
+        id = name = "tb-x"
+        attrs = {"Labels": {"testbed.run": "x"}, "Containers": {n: {"Name": n} for n in names}}
+
+        def remove(self):
+            log.append(("network rm", self.name))
+
+    class Client:
+        class containers:
+            @staticmethod
+            def list(all, filters):
+                gone = {n for k, n in log if k == "remove"}
+                return [Ctr(n) for n in names if n not in gone]
+
+        class networks:
+            @staticmethod
+            def list(filters):
+                return [Net()]
+
+            @staticmethod
+            def get(name):
+                if ("network rm", "tb-x") in log:
+                    raise docker.errors.NotFound("gone")
+                return Net()
+
+        class api:
+            @staticmethod
+            def disconnect_container_from_network(container, net, force=False):
+                log.append(("disconnect", container))
+
+    monkeypatch.setattr(cleanup, "release_host_side", lambda run: [])
+    removed = cleanup._remove_sync(Client(), "x")
+    kinds = [k for k, _ in log]
+    assert kinds[:5] == ["disconnect"] * 5 and [n for _, n in log[:5]] == names  # one by one, first
+    assert sorted(n for k, n in log if k == "remove") == names and kinds[-1] == "network rm"
+    assert "network tb-x" in removed and sum(x.startswith("container ") for x in removed) == 5
+
+
 def test_an_error_inside_the_cleanup_thread_reaches_the_caller():
     async def boom():
         raise ResourceError("docker network tb-x: has active endpoints")
