@@ -1,6 +1,15 @@
-"""Test tiers: pure by default; `root`, `docker`, `gpu` markers skip with a
-reason when the resource is missing — unless TESTBED_REQUIRE names it (CI sets
+"""Test tiers: pure by default; `root`, `docker`, `gpu` markers skip with a reason when the
+resource is missing — unless TESTBED_REQUIRE names it (CI sets
 TESTBED_REQUIRE=root,docker,mosquitto), in which case the missing resource FAILS the test.
+
+Leftovers: the suite refuses to start over what earlier testbed runs left on this host
+(namespaces tb-<run>-*, host links tb<run>h, cgroups testbed/<run>, docker objects labelled
+testbed.run, /run/testbed/<run>/): stale objects make tests fail in cascade (a docker
+network on 198.18.0.0/16 blocks every docker test). `testbed down --all` removes them.
+TESTBED_ALLOW_LEFTOVERS=1 skips the check, for two suites running on one machine at the
+same time (each sees the other's live runs); CI runs alone and keeps it. Every run id a
+test gets from `unique_run_id` is torn down after the test, also when it failed, and in
+the strict mode the session fails if anything of the testbed is left at its end.
 """
 
 from __future__ import annotations
@@ -75,10 +84,67 @@ def pytest_runtest_setup(item: pytest.Item) -> None:
         pytest.skip(why)
 
 
+def _allow_leftovers() -> bool:
+    return os.environ.get("TESTBED_ALLOW_LEFTOVERS", "") == "1"
+
+
+_handed_out: set[str] = set()  # run ids given to tests by `unique_run_id`
+_started_clean = False
+
+
+def _describe(objects: dict[str, list[str]]) -> str:
+    return "; ".join(f"run {r}: {', '.join(sorted(o)[:4])}{', ...' if len(o) > 4 else ''}"
+                     for r, o in sorted(objects.items()))
+
+
+def pytest_sessionstart(session: pytest.Session) -> None:
+    global _started_clean
+    if _allow_leftovers():
+        return
+    from testbed.emulation.runs import run_objects
+
+    found = run_objects()
+    if found:
+        pytest.exit(
+            f"testbed objects are left on this host ({_describe(found)}); they would make tests fail in cascade. "
+            "Remove them with `sudo testbed down --all` (or, when another test suite is running on this machine "
+            "right now, set TESTBED_ALLOW_LEFTOVERS=1)", returncode=pytest.ExitCode.USAGE_ERROR)
+    _started_clean = True
+
+
+def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    """Strict mode, after a clean start: anything of the testbed left now is this suite's
+    leak. It fails the session; what the suite's own run ids left is removed."""
+    if not _started_clean:
+        return
+    from testbed.emulation.runs import cleanup_run, run_objects
+
+    found = run_objects()
+    if not found:
+        return
+    for run in sorted(set(found) & _handed_out):
+        try:
+            cleanup_run(run)
+        except Exception:  # noqa: BLE001 - reported below either way
+            pass
+    session.config.get_terminal_writer().line(
+        f"\ntests left testbed objects behind: {_describe(found)}; `sudo testbed down --all` removes them", red=True)
+    session.exitstatus = pytest.ExitCode.TESTS_FAILED
+
+
 @pytest.fixture
-def unique_run_id() -> str:
-    """A short run id unique to the test (run ids go into 15-character interface names)."""
-    return "t" + uuid.uuid4().hex[:5]
+def unique_run_id():
+    """A short run id unique to the test (run ids go into 15-character interface names).
+    As root, whatever the test made under it (namespaces, links, cgroups, containers,
+    networks, state) is removed afterwards, also when the test failed; a removal that
+    fails is an error of the test."""
+    run_id = "t" + uuid.uuid4().hex[:5]
+    _handed_out.add(run_id)
+    yield run_id
+    if os.geteuid() == 0:
+        from testbed.emulation.runs import cleanup_run
+
+        cleanup_run(run_id)
 
 
 @pytest.fixture

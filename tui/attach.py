@@ -8,20 +8,25 @@ Every run's server is 198.18.0.1, and only one run at a time holds the host's ro
 host. For another, `mosquitto_sub` is started inside the run's server namespace by the
 emulation library (`testbed.emulation.procs.spawn_in`) and its output is read line by
 line; the TUI itself never enters a namespace. Each message is one JSON event (a dict).
+The observer's password never goes on mosquitto_sub's command line (where `ps` shows it):
+mosquitto_sub reads it from its options file `$XDG_CONFIG_HOME/mosquitto_sub`, written
+0600 in a private temporary directory.
 """
 
 from __future__ import annotations
 
 import asyncio
 import json
+import os
 import shutil
 import tempfile
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
+from testbed.emulation.owned_dirs import mark_owned, remove_owned_dir
 from testbed.errors import RelayError, ResourceError
-from testbed.model.names import STATE_ROOT
+from testbed.model.names import STATE_ROOT, check_run_id
 
 __all__ = ["DEFAULT_STATE_ROOT", "read_observer", "server_netns", "follow_events", "follow_events_in_netns"]
 
@@ -31,7 +36,7 @@ DEFAULT_STATE_ROOT = STATE_ROOT
 
 def read_observer(run: str, state_root: Path = DEFAULT_STATE_ROOT) -> dict[str, Any]:
     """The observer credentials of `run`; errors say what to check."""
-    path = Path(state_root) / run / "observer.json"
+    path = Path(state_root) / check_run_id(run) / "observer.json"
     try:
         info = json.loads(path.read_text())
     except FileNotFoundError:
@@ -75,7 +80,7 @@ def server_netns(run: str, state_root: Path = DEFAULT_STATE_ROOT) -> str | None:
     """The run's server namespace when the host cannot reach its broker (another run holds
     the host's route), else None (connect from the host)."""
     try:
-        state = json.loads((Path(state_root) / run / "state.json").read_text())
+        state = json.loads((Path(state_root) / check_run_id(run) / "state.json").read_text())
     except (OSError, ValueError):
         return None
     if state.get("host_route", True):
@@ -93,12 +98,13 @@ async def follow_events_in_netns(info: dict[str, Any], netns: str | None, *,
 
     if shutil.which("mosquitto_sub") is None:
         raise ResourceError("attach: mosquitto_sub is missing (apt-get install mosquitto-clients)")
-    tmp = Path(tempfile.mkdtemp(prefix="tb-attach-"))
+    tmp = mark_owned(Path(tempfile.mkdtemp(prefix="tb-attach-")))  # 0700, ours
     out = tmp / "events.jsonl"
-    argv = ["mosquitto_sub", "-h", str(info["host"]), "-p", str(info["port"]), "-u", info["username"],
-            "-P", info["password"], "-t", info["topic"], "-q", "1"]
-    proc = await asyncio.to_thread(spawn_in, netns, argv, None, out)
+    argv = ["mosquitto_sub", "-h", str(info["host"]), "-p", str(info["port"]), "-t", info["topic"], "-q", "1"]
+    proc = None
     try:
+        _write_options_file(tmp / "mosquitto_sub", info)
+        proc = await asyncio.to_thread(spawn_in, netns, argv, {"XDG_CONFIG_HOME": str(tmp)}, out)
         with open(out, "rb") as f:
             buf = b""
             while True:
@@ -120,9 +126,22 @@ async def follow_events_in_netns(info: dict[str, Any], netns: str | None, *,
                     if isinstance(ev, dict):
                         yield ev
     finally:
-        proc.terminate()
-        try:
-            await asyncio.to_thread(proc.wait, 5)
-        except Exception:  # noqa: BLE001 - it is ours; end it for sure
-            proc.kill()
-        shutil.rmtree(tmp, ignore_errors=True)
+        if proc is not None:
+            proc.terminate()
+            try:
+                await asyncio.to_thread(proc.wait, 5)
+            except Exception:  # noqa: BLE001 - it is ours; end it for sure
+                proc.kill()
+        remove_owned_dir(tmp, tmp.parent)
+
+
+def _write_options_file(path: Path, info: dict[str, Any]) -> None:
+    """mosquitto_sub's options file (one option per line), 0600: the credentials' only copy
+    outside observer.json."""
+    user, password = str(info["username"]), str(info["password"])
+    if any(c in "\r\n" for c in user + password):
+        raise ResourceError(f"run {info.get('run')!r}: the observer's user name or password spans lines; "
+                            "observer.json is damaged (rerun the generation to rewrite it)")
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "w") as f:
+        f.write(f"-u {user}\n-P {password}\n")

@@ -43,7 +43,7 @@ from testbed.composition.strategies import Collaboration, PlanContext, RelaySett
 from testbed.composition.strategies.split import largest_message_bytes
 from testbed.emulation.cell import BrokerSettings, Cell
 from testbed.errors import ResourceError, RunFailedError, TopologyError
-from testbed.model.names import MQTT_PORT, SERVER_ADDRESS, SERVER_ID
+from testbed.model.names import MQTT_PORT, SERVER_ADDRESS, SERVER_ID, STATE_ROOT
 from testbed.model.profiles import load_profiles
 from testbed.model.radio import DeviceLink, compute_links
 from testbed.model.topology import FaultSpec, Topology, place
@@ -275,7 +275,9 @@ class RunSession:
             finally:
                 self.cell = None
         if self._owns_state and self.state_dir is not None:
-            shutil.rmtree(self.state_dir, ignore_errors=True)
+            from testbed.emulation.owned_dirs import remove_owned_dir
+
+            remove_owned_dir(self.state_dir, STATE_ROOT)
         self.events.close()
 
     @property

@@ -40,7 +40,7 @@ from testbed.emulation.shaping import (
     read_back,
 )
 from testbed.errors import ResourceError, ShapingError
-from testbed.model.names import SERVER_ADDRESS, SERVER_ID, STATE_ROOT, check_run_id
+from testbed.model.names import SERVER_ADDRESS, SERVER_ID, check_run_id
 from testbed.model.profiles import load_profiles
 from testbed.model.radio import DeviceLink, compute_links, link_for_position
 from testbed.model.topology import Topology, place
@@ -108,7 +108,7 @@ class Emulation:
         self.shaping_enabled = shaping
         self.limits_enabled = cgroups
         self.mobility_enabled = mobility
-        self.state_dir = state_dir or STATE_ROOT / self.run_id
+        self.state_dir = state_dir  # None: the run's own directory, made (marked ours) when needed
         self.netem = False
         self.warnings: list[str] = []
         self.nodes: dict[str, NodeState] = {}
@@ -396,9 +396,12 @@ class Emulation:
         """Start the MQTT broker in the server node (listening on 198.18.0.1); one at a time."""
         if self._broker is not None:
             return self._broker
+        from testbed.emulation.runs import ensure_run_dir
+
         server = self.nodes[SERVER_ID]
+        state = self.state_dir or ensure_run_dir(self.run_id)  # marked ours: `testbed down` may remove it
         self._broker = await start_broker(
-            server.netns, SERVER_ADDRESS, self.state_dir / "broker", settings or BrokerSettings(),
+            server.netns, SERVER_ADDRESS, state / "broker", settings or BrokerSettings(),
             spawn=lambda argv, log: self.backend.spawn(SERVER_ID, argv, None, log),
         )
         return self._broker

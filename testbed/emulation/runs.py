@@ -1,10 +1,12 @@
 """Run state under /run/testbed/<run>/ and the cleanup of a run, alive or crashed.
 
-A run's directory (mode 0700) holds state.json (the status document, written by the
-supervisor), supervisor.pid, logs and secrets/. `cleanup_run` removes everything a run
-can leave — processes in its cgroups or namespaces, the host link, namespaces, cgroups,
-the directory — whether or not its supervisor is still alive; `known_runs` finds runs by
-their state directories and kernel object names (tb-<run>-*, tb<run>h, testbed/<run>).
+A run's directory (mode 0711, with the owned-directory marker) holds state.json (the status
+document, written by the supervisor), supervisor.pid, logs and secrets/. `cleanup_run`
+removes everything a run can leave — processes in its cgroups or namespaces, the host link,
+containers and networks, namespaces, cgroups, the directory — whether or not its supervisor
+is still alive; a step that fails does not stop the others, and the failures are raised
+together at the end (CleanupFailed). `known_runs` finds runs by their state directories and
+kernel object names (tb-<run>-*, tb<run>h, testbed/<run>, docker label testbed.run).
 """
 
 from __future__ import annotations
@@ -13,11 +15,11 @@ import asyncio
 import json
 import os
 import re
-import shutil
 import signal
 import threading
 import time
 import uuid
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -25,27 +27,41 @@ from testbed.emulation.backend import remove_host_links
 from testbed.model.names import check_run_id
 from testbed.emulation.cgroups import Cgroups, detect_cgroups
 from testbed.emulation.nsutil import NETNS_DIR, list_netns, pids_in_netns, remove_netns
+from testbed.emulation.owned_dirs import make_owned_dir, remove_owned_dir
 from testbed.emulation.procs import pid_alive, stop_pid_sync
 from testbed.errors import ResourceError
-from testbed.model.names import STATE_ROOT
+from testbed.model.names import RUN_ID_CHARS, RUN_ID_RE, STATE_ROOT
 
 __all__ = [
     "RUN_ROOT",
     "new_run_id",
     "run_dir",
     "make_run_dir",
+    "ensure_run_dir",
     "read_state",
     "write_state",
     "write_topology",
     "known_runs",
+    "run_objects",
     "resolve_run",
     "cleanup_run",
+    "CleanupFailed",
     "supervisor_pid",
 ]
 
 RUN_ROOT = STATE_ROOT
-_NS_RE = re.compile(r"^tb-([a-z0-9]{1,7})-")
-_LINK_RE = re.compile(r"^tb([a-z0-9]{1,7})h$")
+_NS_RE = re.compile(rf"^tb-({RUN_ID_CHARS})-")
+_LINK_RE = re.compile(rf"^tb({RUN_ID_CHARS})h$")
+
+
+class CleanupFailed(ResourceError):
+    """Some of a run's objects could not be removed; `removed` lists what was."""
+
+    def __init__(self, run_id: str, failures: list[str], removed: list[str]):
+        super().__init__(f"run {run_id}: could not remove {'; '.join(failures)}")
+        self.run_id = run_id
+        self.failures = failures
+        self.removed = removed
 
 
 def new_run_id() -> str:
@@ -62,11 +78,23 @@ def make_run_dir(run_id: str) -> Path:
     try:
         # 0711: others may traverse (the broker, dropped to its own user, reaches its own
         # directory) but not list; state.json, secrets/ and logs/ stay root-only
-        d.mkdir(mode=0o711)
+        make_owned_dir(d, mode=0o711)
     except FileExistsError:
         raise ResourceError(f"run {run_id!r} already exists ({d}); pick another --run or `testbed down --run {run_id}`") from None
     (d / "secrets").mkdir(mode=0o700)
     (d / "logs").mkdir(mode=0o700)
+    return d
+
+
+def ensure_run_dir(run_id: str) -> Path:
+    """The run's directory, made (marked ours) when nobody has made it yet: for cells used
+    without `testbed up` / a runner, which still keep broker files there."""
+    d = run_dir(run_id)
+    if not d.is_dir():
+        try:
+            make_run_dir(run_id)
+        except ResourceError:  # made meanwhile by another process of the run
+            pass
     return d
 
 
@@ -111,19 +139,42 @@ def _root_link_names() -> list[str]:
         return []
 
 
-def known_runs(cg: Cgroups | None = None) -> list[str]:
-    runs: set[str] = set()
+def run_objects(cg: Cgroups | None = None) -> dict[str, list[str]]:
+    """Run id -> what of it exists on this host: its state directory, namespaces
+    (tb-<run>-*), host link (tb<run>h), cgroups (testbed/<run>), docker containers and
+    networks (label testbed.run). What `testbed down --all` removes, and what the test
+    suite refuses to start over."""
+    found: dict[str, list[str]] = {}
+
+    def add(run: str, what: str) -> None:
+        if RUN_ID_RE.fullmatch(run):
+            found.setdefault(run, []).append(what)
+
     if RUN_ROOT.is_dir():
-        runs |= {p.name for p in RUN_ROOT.iterdir() if p.is_dir()}
-    runs |= {m.group(1) for n in list_netns("tb-") if (m := _NS_RE.match(n))}
-    runs |= {m.group(1) for n in _root_link_names() if (m := _LINK_RE.match(n))}
+        for p in RUN_ROOT.iterdir():
+            if p.is_dir():
+                add(p.name, f"state {p}")
+    for n in list_netns("tb-"):
+        if m := _NS_RE.match(n):
+            add(m.group(1), f"netns {n}")
+    for n in _root_link_names():
+        if m := _LINK_RE.match(n):
+            add(m.group(1), f"link {n}")
     try:
         cg = cg or detect_cgroups()
-        runs |= set(cg.runs())
+        for r in cg.runs():
+            add(r, f"cgroup testbed/{r}")
     except ResourceError:
         pass
-    runs |= set(_docker_runs())
-    return sorted(r for r in runs if re.fullmatch(r"[a-z0-9]{1,7}", r))
+    for r, objects in _docker_runs().items():
+        for what in objects:
+            add(r, what)
+    return found
+
+
+def known_runs(cg: Cgroups | None = None) -> list[str]:
+    """The ids of every run that left something on this host (see run_objects)."""
+    return sorted(run_objects(cg))
 
 
 def resolve_run(run_id: str | None) -> str:
@@ -153,15 +204,15 @@ def _pids_naming(text: str) -> set[int]:
     return pids
 
 
-def _docker_runs() -> list[str]:
-    """Runs that have containers or networks labelled testbed.run (none without docker)."""
+def _docker_runs() -> dict[str, list[str]]:
+    """Run id -> its containers and networks labelled testbed.run (none without docker)."""
     try:
         from testbed.emulation.docker.cleanup import docker_runs
         from testbed.emulation.docker.image import docker_client
 
-        return list(docker_runs(docker_client(timeout_s=10)))
+        return docker_runs(docker_client(timeout_s=10))
     except (ImportError, ResourceError):
-        return []
+        return {}
 
 
 async def _remove_docker(run_id: str) -> list[str]:
@@ -173,48 +224,86 @@ async def _remove_docker(run_id: str) -> list[str]:
 
 
 def _run_sync(coro):
-    """Run a coroutine to completion from sync code, even inside a running event loop."""
-    box: list = []
-    t = threading.Thread(target=lambda: box.append(asyncio.run(coro)))
+    """Run a coroutine to completion from sync code, even inside a running event loop; its
+    exception is raised here (not printed by the thread and lost)."""
+    box: dict[str, Any] = {}
+
+    def body() -> None:
+        try:
+            box["result"] = asyncio.run(coro)
+        except BaseException as e:  # noqa: BLE001 - handed to the caller below
+            box["error"] = e
+
+    t = threading.Thread(target=body, name="tb-cleanup")
     t.start()
     t.join()
-    return box[0] if box else []
+    if "error" in box:
+        raise box["error"]
+    return box.get("result", [])
+
+
+def _attempt(what: str, step: Callable[[], list[str]], removed: list[str], failures: list[str]) -> None:
+    """One cleanup step: what it removed goes to `removed`, its error to `failures`."""
+    try:
+        removed += step()
+    except Exception as e:  # noqa: BLE001 - every other step must still run; reported together
+        failures.append(f"{what} ({e})")
 
 
 def cleanup_run(run_id: str, supervisor_timeout_s: float = 30.0) -> list[str]:
-    """Tear a run down completely; returns what was removed (empty when nothing was left)."""
+    """Tear a run down completely; returns what was removed (empty when nothing was left).
+
+    Every step runs even when an earlier one failed; CleanupFailed (exit 4) then names
+    every failure and carries what was removed.
+    """
     check_run_id(run_id)
     removed: list[str] = []
-    pid = supervisor_pid(run_id)
-    if pid is not None:
-        os.kill(pid, signal.SIGTERM)
-        deadline = time.monotonic() + supervisor_timeout_s
-        while pid_alive(pid) and time.monotonic() < deadline:
-            time.sleep(0.05)
-        if pid_alive(pid):
-            stop_pid_sync(pid, timeout_s=1.0)
-        removed.append(f"supervisor {pid}")
-    # processes: in the run's cgroups and namespaces
+    failures: list[str] = []
+    _attempt("supervisor", lambda: _stop_supervisor(run_id, supervisor_timeout_s), removed, failures)
     try:
         cg: Cgroups | None = detect_cgroups()
     except ResourceError:
         cg = None
+    _attempt("processes", lambda: _stop_processes(run_id, cg), removed, failures)
+    _attempt("host links", lambda: _run_sync(remove_host_links(run_id)), removed, failures)
+    _attempt("docker containers and networks", lambda: _run_sync(_remove_docker(run_id)), removed, failures)
+    for name in list_netns(f"tb-{run_id}-"):
+        _attempt(f"netns {name}", lambda name=name: [f"netns {name}"] if remove_netns(name) else [], removed, failures)
+    if cg is not None and run_id in cg.runs():
+        _attempt(f"cgroup testbed/{run_id}", lambda: _remove_cgroup(cg, run_id), removed, failures)
+    d = RUN_ROOT / run_id
+    _attempt(f"state {d}", lambda: [f"state {d}"] if remove_owned_dir(d, RUN_ROOT) else [], removed, failures)
+    if failures:
+        raise CleanupFailed(run_id, failures, removed)
+    return removed
+
+
+def _stop_supervisor(run_id: str, timeout_s: float) -> list[str]:
+    pid = supervisor_pid(run_id)
+    if pid is None:
+        return []
+    try:
+        os.kill(pid, signal.SIGTERM)
+    except ProcessLookupError:
+        return []
+    deadline = time.monotonic() + timeout_s
+    while pid_alive(pid) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    if pid_alive(pid):
+        stop_pid_sync(pid, timeout_s=1.0)
+    return [f"supervisor {pid}"]
+
+
+def _remove_cgroup(cg: Cgroups, run_id: str) -> list[str]:
+    cg.remove(run_id)
+    return [f"cgroup testbed/{run_id}"]
+
+
+def _stop_processes(run_id: str, cg: Cgroups | None) -> list[str]:
+    """Processes in the run's cgroups and namespaces, and host-side helpers naming its state."""
     victims = set(cg.pids(run_id)) if cg is not None else set()
     victims |= pids_in_netns([NETNS_DIR / n for n in list_netns(f"tb-{run_id}-")])
     victims |= _pids_naming(f"{RUN_ROOT / run_id}/")  # host-side helpers (the agent template) of a crashed run
     for p in sorted(victims):
         stop_pid_sync(p, timeout_s=2.0)
-        removed.append(f"process {p}")
-    removed += _run_sync(remove_host_links(run_id))
-    removed += _run_sync(_remove_docker(run_id))
-    for name in list_netns(f"tb-{run_id}-"):
-        if remove_netns(name):
-            removed.append(f"netns {name}")
-    if cg is not None and run_id in cg.runs():
-        cg.remove(run_id)
-        removed.append(f"cgroup testbed/{run_id}")
-    d = RUN_ROOT / run_id
-    if d.exists():
-        shutil.rmtree(d, ignore_errors=True)
-        removed.append(f"state {d}")
-    return removed
+    return [f"process {p}" for p in sorted(victims)]

@@ -1,7 +1,9 @@
-"""The names every layer shares, each rule defined once: run ids, node ids, the state
-root, the broker port, the edge server's id and the address plan.
+"""The names every layer shares, each rule defined once: run ids, topology names and
+device ids, the state root, the broker port, the edge server's id and the address plan.
 
 Run ids go into 15-character interface names (`tb<run>h`), hence 1-7 characters.
+Topology names and device ids go into file, directory, namespace, container and topic
+names, hence letters, digits and `-` only, never a leading `-`, `.` or `/`.
 Everything that builds a path, an interface, a cgroup, a topic or a container name from
 user text checks it against these patterns first.
 """
@@ -15,8 +17,12 @@ from pathlib import Path
 from testbed.errors import InputError
 
 __all__ = [
+    "RUN_ID_CHARS",
     "RUN_ID_RE",
     "check_run_id",
+    "NAME_RE",
+    "NAME_RULE",
+    "check_name",
     "STATE_ROOT",
     "MQTT_PORT",
     "SERVER_ID",
@@ -27,7 +33,13 @@ __all__ = [
 ]
 
 #: 1-7 lowercase letters or digits: run ids go into interface names of at most 15 characters.
-RUN_ID_RE = re.compile(r"^[a-z0-9]{1,7}$")
+#: RUN_ID_CHARS is the unanchored form, for patterns that find run ids inside object names.
+RUN_ID_CHARS = r"[a-z0-9]{1,7}"
+RUN_ID_RE = re.compile(rf"^{RUN_ID_CHARS}$")
+
+#: Topology names and device ids: 1-32 ASCII letters, digits or '-', not starting with '-'.
+NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9-]{0,31}$")
+NAME_RULE = "use 1-32 ASCII letters, digits or '-', starting with a letter or digit"
 
 #: Where every run keeps its state (/run/testbed/<run>/); TESTBED_RUN_ROOT moves it (tests).
 STATE_ROOT = Path(os.environ.get("TESTBED_RUN_ROOT", "/run/testbed"))
@@ -45,10 +57,23 @@ SERVER_ADDRESS = "198.18.0.1"
 HOST_ADDRESS = "198.18.255.254"
 
 
-def check_run_id(run_id: str) -> str:
-    """`run_id` when it matches RUN_ID_RE, else InputError (exit 2) naming the rule."""
+def check_run_id(run_id: str, option: str | None = None) -> str:
+    """`run_id` when it matches RUN_ID_RE, else InputError (exit 2) naming the rule (and the
+    command-line `option` it came from, when given)."""
     if not isinstance(run_id, str) or not RUN_ID_RE.fullmatch(run_id):
+        where = f"{option}: " if option else ""
         raise InputError(
-            f"run id {run_id!r}: use 1-7 lowercase letters or digits (it goes into 15-character interface names)"
+            f"{where}run id {run_id!r}: use 1-7 lowercase letters or digits (it goes into 15-character interface names)"
         )
     return run_id
+
+
+def check_name(name: object, what: str) -> str:
+    """`name` when it matches NAME_RE, else InputError (exit 2) naming `what` and the rule.
+
+    The one check for topology names and device ids: they become file and directory names
+    (compose/<name>.yml, out/sweep-<name>-...), namespaces, containers and MQTT topics.
+    """
+    if not isinstance(name, str) or not NAME_RE.fullmatch(name):
+        raise InputError(f"{what} {name!r}: {NAME_RULE} (it names files, namespaces and containers)")
+    return name

@@ -15,10 +15,10 @@ from typing import Annotated, Any, Literal
 
 import numpy as np
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from testbed.errors import InputError, TopologyError
-from testbed.model.names import RESERVED_IDS
+from testbed.model.names import NAME_RE, NAME_RULE, RESERVED_IDS
 from testbed.model.profiles import PRECISIONS, load_profiles
 
 __all__ = [
@@ -44,7 +44,17 @@ __all__ = [
     "topology_json_schema",
 ]
 
-DEVICE_ID_RE = r"^[a-z][a-z0-9-]{0,23}$"
+
+
+def _checked_name(value: str) -> str:
+    # names.NAME_RE is the one rule; the message names the fix (the loader adds file:line field)
+    if not NAME_RE.fullmatch(value):
+        raise ValueError(f"{NAME_RULE}; it names files, namespaces and containers")
+    return value
+
+
+#: A topology name or device id: checked against names.NAME_RE before anything uses it.
+Name = Annotated[str, AfterValidator(_checked_name), Field(json_schema_extra={"pattern": NAME_RE.pattern})]
 PositiveFloat = Annotated[float, Field(gt=0, allow_inf_nan=False)]
 NonNegativeFloat = Annotated[float, Field(ge=0, allow_inf_nan=False)]
 
@@ -75,7 +85,7 @@ class ServerSpec(_Model):
 class DeviceSpec(_Model):
     """One explicitly listed device; omitted fields are drawn like a pool device's."""
 
-    id: Annotated[str, Field(pattern=DEVICE_ID_RE)]
+    id: Name
     profile: str | None = None
     precision: str | None = None
     position: Position | None = None
@@ -119,10 +129,10 @@ class DevicePool(_Model):
     def _nonempty(self) -> DevicePool:
         if self.count == 0 and not self.list:
             raise ValueError("no devices: set devices.count > 0 or give devices.list entries")
-        ids = [d.id for d in self.list]
-        dupes = sorted({i for i in ids if ids.count(i) > 1})
+        ids = [d.id.lower() for d in self.list]  # DNS names (compose services) ignore case
+        dupes = sorted({d.id for d in self.list if ids.count(d.id.lower()) > 1})
         if dupes:
-            raise ValueError(f"duplicate device ids {dupes}; every id must be unique")
+            raise ValueError(f"duplicate device ids {dupes}; every id must be unique (ignoring case)")
         return self
 
 
@@ -205,7 +215,7 @@ class FaultSpec(_Model):
     """A fault injected during a run (see the README's fault section)."""
 
     kind: Literal["kill", "broker-restart", "link-flap", "rate-drop", "slow"]
-    device: Annotated[str, Field(pattern=DEVICE_ID_RE)] | None = None
+    device: Name | None = None
     at_s: NonNegativeFloat | None = None
     at_stage: Annotated[int, Field(ge=0)] | None = None
     duration_s: PositiveFloat | None = None
@@ -232,7 +242,7 @@ class Bound(_Model):
 class Topology(_Model):
     """A whole scenario: the cell, its nodes, the radio, the workload and the budgets."""
 
-    name: str = "unnamed"
+    name: Name = "unnamed"
     seed: Annotated[int, Field(ge=0, le=2**32 - 1)] = 1
     area: Area = Area()
     server: ServerSpec = ServerSpec()
@@ -299,7 +309,7 @@ def _unknown(what: str, name: str, known: dict[str, Any]) -> str:
 def _device_ids(pool: DevicePool) -> list[str]:
     """The ids `place()` gives: explicit ones, then dev01, dev02... for `count` (no draws)."""
     ids = [d.id for d in pool.list]
-    taken = set(ids)
+    taken = {i.lower() for i in ids}  # ids are unique ignoring case (DNS names)
     width, n = max(2, len(str(pool.count))), 0
     while len(ids) < len(pool.list) + pool.count:
         n += 1
@@ -394,9 +404,15 @@ def _format_validation(err: ValidationError, node: yaml.Node | None, source: str
         elif item["type"] == "missing":
             msg = "is required"
         elif "input" in item and item["type"] not in ("model_type",):
-            msg = f"{item['input']!r}: {msg}" if not isinstance(item["input"], (dict, list)) else msg
+            msg = f"{_shown(item['input'])}: {msg}" if not isinstance(item["input"], (dict, list)) else msg
         lines.append(_format_one(source, node, loc, msg))
     return "\n".join(lines)
+
+
+def _shown(value: Any, limit: int = 60) -> str:
+    """repr of a bad value, cut when long (a 300-character name need not fill the terminal)."""
+    text = repr(value)
+    return text if len(text) <= limit else f"{text[:limit]}... ({len(str(value))} characters)"
 
 
 def _format_one(source: str, node: yaml.Node | None, loc: tuple[Any, ...], msg: str) -> str:
@@ -513,7 +529,7 @@ def place(topo: Topology) -> Placement:
         else:
             x, y = draw_position()
         devices.append(PlacedDevice(id=spec.id, profile=profile, precision=precision, x_m=x, y_m=y))
-    taken = {d.id for d in devices}
+    taken = {d.id.lower() for d in devices}  # ids are unique ignoring case (DNS names)
     width = max(2, len(str(pool.count)))
     n = 0
     while len(devices) < len(pool.list) + pool.count:

@@ -37,10 +37,7 @@ def up(
     if backend not in ("netns", "docker"):
         raise ResourceError(f"backend {backend!r} is not available; use --backend netns or docker")
     load_topology(file, seed=seed)  # bad input fails here, before anything is made
-    try:
-        run_id = check_run_id(run) if run else new_run_id()
-    except InputError as e:
-        raise InputError(f"--run: {e}") from None
+    run_id = check_run_id(run, "--run") if run else new_run_id()
     require_root()
     d = make_run_dir(run_id)
     argv = [sys.executable, "-m", "testbed.composition.supervisor", run_id, str(file.resolve()), "--backend", backend]
@@ -121,15 +118,20 @@ def status(
     # broker; the TUI's attach mode uses it.
     observer = read_state(run_id, "observer.json")
     if as_json:
-        keep = ("warnings", "cell", "broker", "host_route", "mobility", "topology", "seed", "up_s", "timings_s")
-        print_json({k: state[k] for k in ("run", "backend", "netem", "nodes")} | {k: state[k] for k in keep if k in state}
-                   | ({"observer": {k: v for k, v in observer.items() if k != "password"}} if observer else {}))
+        print_json({k: state[k] for k in ("run", "backend", "netem", "nodes")} | {
+            k: state[k] for k in ("warnings", "cell", "broker", "host_route", "mobility", "topology", "seed", "up_s",
+                                  "timings_s") if k in state}
+            | ({"observer": {k: v for k, v in observer.items() if k != "password"}
+                             | {"credentials": str(run_dir(run_id) / "observer.json")}} if observer else {}))
         return
     _print_status(state)
     if observer:
-        out.print(f"events: {observer['topic']} at {observer['host']}:{observer['port']}, read-only account "
-                  f"{observer['username']} (password in {run_dir(run_id) / 'observer.json'}, root only); "
-                  f"follow them with `testbed tui --attach {run_id}`", highlight=False, soft_wrap=True)
+        # the password stays in the 0600 file: never printed, never on a command line
+        out.print(
+            f"observer (read-only events on {observer['topic']}, {observer['host']}:{observer['port']}): "
+            f"`testbed tui --attach {run_id}`; credentials in {run_dir(run_id) / 'observer.json'} (root only)",
+            highlight=False, soft_wrap=True,
+        )
     else:
         out.print("this cell has no broker (brought up with --no-broker)")
 
@@ -139,13 +141,16 @@ def down(
     all_runs: bool = typer.Option(False, "--all", help="remove every run, also what crashed runs left"),
     as_json: bool = typer.Option(False, "--json", help="print only a JSON document on stdout"),
 ) -> None:
-    """Tear a run down (idempotent): processes, namespaces, links, qdiscs, cgroups, secrets."""
+    """Tear a run down (idempotent): processes, namespaces, links, qdiscs, cgroups, containers,
+    networks, secrets. Exits 4 naming what could not be removed (after removing the rest)."""
+    from testbed.emulation.runs import CleanupFailed, cleanup_run, known_runs, resolve_run
     from testbed.model.names import check_run_id
-    from testbed.emulation.runs import cleanup_run, known_runs, resolve_run
 
-    require_root()
+    if run is not None:
+        check_run_id(run, "--run")
     if all_runs and run:
-        raise ResourceError("give either --run ID or --all, not both")
+        raise InputError("give either --run ID or --all, not both")
+    require_root()
     if all_runs:
         runs = known_runs()
     else:
@@ -157,17 +162,26 @@ def down(
             elif run is None:
                 raise
             else:
-                runs = [check_run_id(run)]
-    removed = {r: cleanup_run(r) for r in runs}
+                runs = [run]
+    removed: dict[str, list[str]] = {}
+    failed: dict[str, list[str]] = {}
+    for r in runs:
+        try:
+            removed[r] = cleanup_run(r)
+        except CleanupFailed as e:  # the other runs are still removed; all failures reported below
+            removed[r], failed[r] = e.removed, e.failures
     if as_json:
-        print_json({"removed": removed})
-        return
-    if not any(removed.values()):
-        out.print("nothing to remove")
-    for r, items in removed.items():
-        if items:
-            out.print(f"run {r}: removed {len(items)} objects ({', '.join(items[:6])}{', ...' if len(items) > 6 else ''})",
-                      highlight=False)
+        print_json({"removed": removed} | ({"failed": failed} if failed else {}))
+    else:
+        if not any(removed.values()) and not failed:
+            out.print("nothing to remove")
+        for r, items in removed.items():
+            if items:
+                out.print(f"run {r}: removed {len(items)} objects "
+                          f"({', '.join(items[:6])}{', ...' if len(items) > 6 else ''})", highlight=False)
+    if failed:
+        raise ResourceError("; ".join(f"run {r}: could not remove {'; '.join(f)}" for r, f in failed.items())
+                            + "; fix the cause and run `testbed down` again (`--all` also clears stale docker networks)")
 
 
 def register(app: typer.Typer) -> None:

@@ -78,11 +78,14 @@ def run(
     from testbed.composition.session import RunSession
     from testbed.composition.strategies import make_strategy
     from testbed.emulation.runs import new_run_id
+    from testbed.model.names import check_run_id
 
     collab = make_strategy(method, strategy)
     if method == "split" and fail:
         raise InputError("--fail applies to multistage runs; split diffusion has no checkpoint to recover from")
     topo = load_topology(file, seed=seed)
+    if run_id is not None:  # it names out/<run> below, before anything else checks it
+        check_run_id(run_id, "--run")
     rid = run_id or new_run_id()
     out_path = out_dir or Path("out") / rid
     progress = _Progress()

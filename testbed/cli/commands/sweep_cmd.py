@@ -31,6 +31,7 @@ def sweep(
     from testbed.experiments.sweep import QUICK, SweepConfig, parse_floats, parse_runs, run_sweep
     from testbed.experiments.claims import claims_markdown, evaluate_claims
     from testbed.experiments.plots import write_figures
+    from testbed.model.names import check_name
     from testbed.model.topology import load_topology
 
     topo = load_topology(file)
@@ -38,7 +39,8 @@ def sweep(
     e_list = parse_floats(emax, "--emax") if emax else list(QUICK["e_max_j"] if quick else (50.0, 100.0, 150.0, 200.0))
     n_seeds = seeds if seeds is not None else (QUICK["seeds"] if quick else 3)
     specs = parse_runs(runs)
-    out_path = out_dir or Path("out") / f"sweep-{topo.name}-{time.strftime('%Y%m%d-%H%M%S')}"
+    name = check_name(topo.name, "topology name")  # it names the default output folder
+    out_path = out_dir or Path("out") / f"sweep-{name}-{time.strftime('%Y%m%d-%H%M%S')}"
     cfg = SweepConfig(file=file, t_max_s=t_list, e_max_j=e_list, seeds=list(range(1, n_seeds + 1)), runs=specs,
                       out_dir=out_path, backend=backend)
     err.print(f"sweep {topo.name}: T_max {t_list} s x E_max {e_list} J x {n_seeds} seeds x "

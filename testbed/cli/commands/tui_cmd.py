@@ -7,6 +7,7 @@ from pathlib import Path
 import typer
 
 from testbed.errors import TopologyError
+from testbed.model.names import check_run_id
 
 __all__ = ["register"]
 
@@ -23,6 +24,8 @@ def tui(
     from tui.attach import DEFAULT_STATE_ROOT
 
     state_root = state_root or DEFAULT_STATE_ROOT
+    if attach is not None:  # it names a directory below
+        check_run_id(attach, "--attach")
 
     if file is None:
         if attach is None:

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import asyncio
 import os
-import shutil
 import time
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -49,6 +48,7 @@ from testbed.emulation.docker.spec import (
     network_plan,
 )
 from testbed.emulation.nsutil import open_iproute
+from testbed.emulation.owned_dirs import make_owned_dir, remove_owned_dir
 from testbed.errors import ResourceError
 from testbed.model.names import CELL_NET, HOST_ADDRESS, STATE_ROOT, check_run_id
 
@@ -152,8 +152,8 @@ class DockerBackend:
             states.add(str(Path(self.state_dir).resolve()))
         for d in states:
             if not Path(d).exists():
-                Path(d).mkdir(mode=0o700, parents=True)
-                self._made_dirs.append(Path(d))
+                Path(d).parent.mkdir(mode=0o755, parents=True, exist_ok=True)
+                self._made_dirs.append(make_owned_dir(Path(d)))  # marked: destroy() may remove it
         gpus = self._gpus if self._gpus is not None else detect_gpus()
         self._make_network(client)
         plans = []
@@ -339,8 +339,8 @@ class DockerBackend:
                 pass
         removed = await remove_docker_run(self.run, self._client)
         for d in self._made_dirs:
-            shutil.rmtree(d, ignore_errors=True)
-            removed.append(f"state {d}")
+            if remove_owned_dir(d, d.parent):  # only what create() made and marked
+                removed.append(f"state {d}")
         self._made_dirs.clear()
         self._ids.clear()
         self._pids.clear()
