@@ -1,7 +1,7 @@
 """The edge server's side of split diffusion: one UNet evaluation per step across two devices.
 
 The scheduler loop is the diffusion workload's own (`run_stage`), run in a worker thread
-with its UNet call replaced by a network round trip (STYLE.md #7: the loop stays visible):
+with its UNet call replaced by a network round trip (the loop stays visible):
 
     server --task{x_in, t, cond} padded to payload_bytes--> head     (head segment)
     head --result{features} padded to SD1.5's cut size--> server
@@ -271,7 +271,8 @@ class SplitOrchestrator:
             overrun_s=head.overrun_s + tail.overrun_s, cmp_real_s=head.cmp_real_s + tail.cmp_real_s,
             bytes_features=head.wire_bytes, bytes_latent=tail.wire_bytes,
             predicted={"t_down_s": c.t_lat_down_s + c.t_feat_down_s, "t_cmp_s": c.t_head_cmp_s + c.t_tail_cmp_s,
-                       "t_up_s": c.t_feat_up_s + c.t_noise_up_s, "energy_j": c.energy_j},
+                       "t_up_s": c.t_feat_up_s + c.t_noise_up_s, "t_handling_s": c.t_handling_s,
+                       "energy_j": c.energy_j},
         )
         self._records.append(rec)
         doc = rec.to_json()
