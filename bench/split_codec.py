@@ -147,11 +147,11 @@ async def _emulated_hops(generations: int) -> list[dict]:
     """Feature hops of split runs on small.yaml: measured time beyond the link model."""
     from testbed.composition.split_runner import SplitRun
     from testbed.model.profiles import load_profiles
-    from testbed.model.topology import load_topology
+    from testbed.model.topology import load_topology, place
 
     topo = load_topology(REPO / "topologies" / "small.yaml")
     profiles = load_profiles()
-    cores = {d.id: profiles[d.profile].cpu_cores for d in topo.devices}
+    cores = {d.id: profiles[d.profile].cpu_cores for d in place(topo).devices}
     hops = []
     with tempfile.TemporaryDirectory() as out:
         async with SplitRun(topo, out_dir=Path(out)) as r:

@@ -103,6 +103,8 @@ def publish(sweep_dir: Path, docs_dir: Path) -> list[Path]:
     doc_path = docs_dir / DOC
     if not doc_path.is_file():
         raise InputError(f"--publish {docs_dir}: no {DOC} there; give the repository's docs folder")
+    for name in BLOCKS:  # every block has its place before anything is written
+        generated_block(doc_path.read_text(), name)
     figures_dir = docs_dir / "figures"
     figures_dir.mkdir(parents=True, exist_ok=True)
     for name in COPIED:

@@ -160,8 +160,9 @@ def decode(
 ) -> Message:
     """Parse and validate a relay message; raise RelayError naming what is wrong.
 
-    The tensors are read-only views on `data` (copy one before writing to it). `expect` maps tensor names that must be present to their exact dtype and shape; other
-    tensors are allowed only with an allowed dtype, rank <= 6 and (with `max_tensor_bytes`)
+    The tensors are read-only views on `data` (copy one before writing to it). `expect`
+    maps tensor names that must be present to their exact dtype and shape; other tensors
+    are allowed only with an allowed dtype, rank <= 6 and (with `max_tensor_bytes`)
     bounded size.
     """
     n = len(data)
