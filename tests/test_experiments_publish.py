@@ -12,9 +12,8 @@ from PIL import Image
 
 from testbed.errors import InputError
 from testbed.experiments.claims import claims_markdown
-from testbed.experiments.energy_grid import energy_needs
 from testbed.experiments.plots import FIGURES
-from testbed.experiments.publish import BLOCKS, generated_block, publish, render_blocks
+from testbed.experiments.publish import BLOCKS, binding_needs, generated_block, publish, render_blocks
 from testbed.experiments.sweep import CSV_COLUMNS, column_labels
 
 REPO = Path(__file__).resolve().parent.parent
@@ -88,7 +87,7 @@ def test_the_repository_docs_quote_their_sweep_verbatim():
     """docs/reproducing.md's generated blocks are exactly what docs/figures renders to."""
     figures = DOCS / "figures"
     sweep = json.loads((figures / "sweep.json").read_text())
-    needs = energy_needs(REPO / sweep["topology"], sweep["seeds"], sweep["t_max_s"])
+    needs = binding_needs(sweep, REPO)
     text = (DOCS / "reproducing.md").read_text()
     for name, body in render_blocks(figures, needs).items():
         assert generated_block(text, name) == body, f"docs/reproducing.md block {name!r} is stale: republish"

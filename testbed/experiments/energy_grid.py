@@ -62,7 +62,10 @@ def binding_markdown(needs: list[dict[str, Any]]) -> str:
         cells = []
         for key in _METHODS:
             vals = [r[key] for r in needs if r["t_max_s"] == t and r[key] is not None]
-            cells.append(f"{min(vals):.0f}-{max(vals):.0f}" if vals else "infeasible")
+            cell = f"{min(vals):.0f}-{max(vals):.0f}" if vals else "infeasible"
+            if vals and len(vals) < len(seeds):
+                cell += f" ({len(vals)} of {len(seeds)} seeds fit T_max)"
+            cells.append(cell)
         lines.append(f"| {t:g} | {' | '.join(cells)} |")
     spread = f"seeds {seeds[0]}-{seeds[-1]}" if seeds else "no seeds"
     lines.append("")

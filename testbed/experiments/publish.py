@@ -21,9 +21,9 @@ from testbed.errors import InputError
 from testbed.experiments.claims import claims_markdown, write_claims
 from testbed.experiments.energy_grid import binding_markdown, energy_needs
 from testbed.experiments.plots import write_figures
-from testbed.experiments.sweep import read_rows
+from testbed.experiments.sweep import FULL, read_rows
 
-__all__ = ["BLOCKS", "publish", "generated_block", "render_blocks", "replace_blocks"]
+__all__ = ["BLOCKS", "binding_needs", "publish", "generated_block", "render_blocks", "replace_blocks"]
 
 BLOCKS = ("claims", "budgets", "energy", "columns")
 DOC = "reproducing.md"
@@ -94,6 +94,17 @@ def render_blocks(figures_dir: Path, needs: list[dict[str, Any]] | None = None) 
     return blocks
 
 
+def binding_needs(sweep: dict[str, Any], root: Path) -> list[dict[str, Any]]:
+    """The energy table's numbers: the sweep's topology (a path relative to `root`) on the
+    default sweep's seeds and every T_max of it or the sweep — modelled, so cheap to widen."""
+    topology = root / sweep["topology"]
+    if not topology.is_file():
+        raise InputError(f"sweep.json names topology {sweep['topology']}, which is not under {root}; publish "
+                         "from the folder the sweep ran in (its path is relative to that)")
+    seeds = range(1, FULL["seeds"] + 1)
+    return energy_needs(topology, seeds, sorted(set(FULL["t_max_s"]) | set(sweep["t_max_s"])))
+
+
 def publish(sweep_dir: Path, docs_dir: Path) -> list[Path]:
     """Copy a finished sweep into docs_dir/figures and regenerate docs_dir/reproducing.md's blocks."""
     sweep_dir, docs_dir = Path(sweep_dir), Path(docs_dir)
@@ -117,10 +128,6 @@ def publish(sweep_dir: Path, docs_dir: Path) -> list[Path]:
     paths = write_figures(figures_dir / "results.csv", figures_dir, sweep)
     shutil.rmtree(figures_dir / "images", ignore_errors=True)  # the figure holds them
     write_claims(rows, figures_dir / "claims.json", {k: sweep.get(k) for k in ("topology", "commit", "seeds")})
-    topology = Path(sweep["topology"])
-    if not topology.is_file():
-        raise InputError(f"sweep.json names topology {topology}, which is not there; publish from the folder "
-                         "the sweep ran in (its path is relative to that)")
-    needs = energy_needs(topology, sweep["seeds"], sweep["t_max_s"])
+    needs = binding_needs(sweep, Path("."))
     doc_path.write_text(replace_blocks(doc_path.read_text(), render_blocks(figures_dir, needs)))
     return [*paths, figures_dir / "claims.json", doc_path]
