@@ -72,6 +72,13 @@ def test_publish_regenerates_figures_claims_and_the_docs_tables(tmp_path):
     assert not (figures / "images").exists()  # fig4d holds the images
 
 
+def test_a_dirty_tree_stays_visible_in_the_short_commit():
+    from testbed.experiments.plots import short_commit
+
+    assert short_commit("0123456789abcdef-dirty") == "0123456789ab-dirty"
+    assert short_commit("0123456789abcdef") == "0123456789ab" and short_commit(None) == "unknown"
+
+
 def test_publish_names_what_is_missing(tmp_path):
     _fake_sweep(tmp_path / "sweep")
     (tmp_path / "docs").mkdir()

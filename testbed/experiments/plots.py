@@ -25,7 +25,7 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["aggregate", "provenance", "quality", "reference_budget", "write_figures", "FIGURES"]
+__all__ = ["aggregate", "provenance", "quality", "reference_budget", "short_commit", "write_figures", "FIGURES"]
 
 FIGURES = ("fig4a_quality_vs_tmax.png", "fig4b_quality_vs_emax.png", "fig4c_time_breakdown.png", "fig4d_images.png")
 _ORDER = ("multi-stage w/ DS", "multi-stage w/o DS", "split")
@@ -218,8 +218,14 @@ def provenance(source: dict[str, Any], rows: list[dict[str, Any]]) -> str:
     seeds = sorted({int(r["seed"]) for r in rows})
     where = Path(str(source.get("topology", "?"))).name
     when = source.get("started_utc", "?")
-    return (f"{where}, seeds {seeds[0]}-{seeds[-1]}, testbed commit {str(source.get('commit') or 'unknown')[:12]}, "
+    return (f"{where}, seeds {seeds[0]}-{seeds[-1]}, testbed commit {short_commit(source.get('commit'))}, "
             f"{when} UTC. MS-SSIM and t_tran measured; t_cmp {_cmp_kind(rows)}.")
+
+
+def short_commit(commit: str | None) -> str:
+    """12 hex digits, keeping a '-dirty' mark (uncommitted changes when the sweep ran)."""
+    sha, _, mark = str(commit or "unknown").partition("-")
+    return sha[:12] + (f"-{mark}" if mark else "")
 
 
 def _save(fig: Any, path: Path, caption: str, source: dict[str, Any] | None) -> Path:

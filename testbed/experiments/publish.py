@@ -20,7 +20,7 @@ from typing import Any
 from testbed.errors import InputError
 from testbed.experiments.claims import claims_markdown, write_claims
 from testbed.experiments.energy_grid import binding_markdown, energy_needs
-from testbed.experiments.plots import write_figures
+from testbed.experiments.plots import short_commit, write_figures
 from testbed.experiments.sweep import FULL, read_rows
 
 __all__ = ["BLOCKS", "binding_needs", "publish", "generated_block", "render_blocks", "replace_blocks"]
@@ -58,7 +58,7 @@ def _provenance(sweep: dict[str, Any]) -> str:
             f"{', '.join(f'{t:g}' for t in sweep.get('t_max_s', []))} s x E_max "
             f"{', '.join(f'{e:g}' for e in sweep.get('e_max_j', []))} J x seeds "
             f"{seeds[0] if seeds else '?'}-{seeds[-1] if seeds else '?'}, commit "
-            f"`{str(sweep.get('commit') or 'unknown')[:12]}`, {sweep.get('started_utc', '?')} UTC, "
+            f"`{short_commit(sweep.get('commit'))}`, {sweep.get('started_utc', '?')} UTC, "
             f"{sweep.get('elapsed_s', 0):.0f} s on {sweep.get('cores', '?')} cores "
             f"(load average {sweep.get('load_average_at_end', '?')} at the end).")
 
