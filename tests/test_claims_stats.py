@@ -120,6 +120,7 @@ def test_claim2_needs_every_budget_point():
     assert c2["verdict"] == "does not hold"
     failed = c2["conditions"][0]["failed_at"]
     assert len(failed) == 1 and failed[0].startswith("T_max 4 s, E_max 50 J")
+    assert f"fails at {failed[0]}" in claims_markdown([c2])  # the table says why
 
 
 def test_claim3_is_a_trend_over_every_tmax_not_the_endpoints():

@@ -194,7 +194,10 @@ def _num(x: float | None) -> str:
 def _row(label: str, statement: str, verdict_: str, part: dict[str, Any]) -> str:
     ci, t = part.get("interval"), part["test"]
     interval = f"[{_num(ci['low'])}, {_num(ci['high'])}]" if ci else "none (< 2 seeds)"
-    return (f"| {label} | {statement} | {verdict_} | {part['n_seeds']} | {_num(part['effect'])} {interval} | "
+    failed = [f"{c['what']} fails at {'; '.join(c['failed_at'])}" for c in part.get("conditions", [])
+              if not c["holds"]]
+    why = f" ({'; '.join(failed)})" if failed else ""
+    return (f"| {label} | {statement} | {verdict_}{why} | {part['n_seeds']} | {_num(part['effect'])} {interval} | "
             f"{t['for']} / {t['against']} / {t['ties']}, p = {t['p_value']:.2g} | {part['effect_what']} |")
 
 
