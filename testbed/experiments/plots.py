@@ -4,7 +4,8 @@
   (min-max band, +/- 1 std bars) over seeds, one line per method;
 - fig4b_quality_vs_emax.png: the same vs E_max at the reference T_max;
 - fig4c_time_breakdown.png: share of transmission vs computation time per method as
-  T_max grows (stacked bars, mean over seeds of measured t_tran and t_cmp);
+  T_max grows (stacked bars; sums over seeds of measured t_tran and of t_cmp, which is
+  emulated in `compute: profile`);
 - fig4d_images.png: each method's image at every T_max (first seed, reference E_max) —
   same prompt and same initial noise within a seed.
 
