@@ -1,6 +1,6 @@
 """Time of `testbed sweep FILE --quick` (the issue's target: under 10 minutes on 2 cores),
 printed side by side with the target, plus the split of the time between emulation
-bring-up and runs, and the claims the sweep measured.
+bring-up and runs, how many runs met their budgets, and the claims' verdicts.
 
     .venv/bin/python bench/sweep_quick.py [topologies/paper.yaml] [--out DIR]
 """
@@ -38,9 +38,11 @@ def main() -> None:
     print(f"{'sweep --quick (wall)':<28}{wall:>10.1f}{TARGET_S:>10.0f}{wall / TARGET_S:>8.2f}")
     print(f"{'  of which emulation up':<28}{doc['setup_s']:>10.1f}")
     print(f"{'  per run (mean)':<28}{(doc['elapsed_s'] - doc['setup_s']) / max(1, doc['runs']):>10.2f}")
+    for key, b in doc["budgets"].items():
+        ran = b["runs"] - b["infeasible"]
+        print(f"{key}: {b['within_t_max']} of {ran} runs within T_max (measured), {b['infeasible']} infeasible")
     for c in doc["claims"]:
-        print(f"claim {c['number']}: {'holds' if c['holds'] else 'does NOT hold' if c['holds'] is False else 'n/a'}"
-              f" — {c['measured']}")
+        print(f"claim {c['id']}: {c['verdict']} ({c['n_seeds']} seeds, effect {c['effect']}) — {c['statement']}")
 
 
 if __name__ == "__main__":

@@ -1,8 +1,9 @@
-"""Sweep plumbing (pure): option parsing, CSV rows from result documents, figures, claims logic."""
+"""Sweep plumbing (pure): option parsing, CSV rows and their labels from result documents, figures."""
 
 from __future__ import annotations
 
 import csv
+import json
 
 import pytest
 
@@ -11,13 +12,14 @@ from testbed.experiments.sweep import (
     CSV_COLUMNS,
     RunSpec,
     SweepConfig,
+    budget_summary,
+    column_labels,
     parse_floats,
     parse_runs,
     read_rows,
     result_row,
     run_sweep,
 )
-from testbed.experiments.claims import claims_markdown, evaluate_claims
 from testbed.experiments.plots import FIGURES, aggregate, write_figures
 
 
@@ -48,12 +50,40 @@ DOC = {
 }
 
 
-def test_result_row_takes_measured_times_from_stages():
-    row = result_row(DOC, RunSpec("multistage", "dp"), 2.0, 200.0, 3, "images/x.png")
-    assert set(row) == set(CSV_COLUMNS)
-    assert row["selected_count"] == 2 and row["total_steps"] == 10
+def test_result_row_takes_the_runs_own_numbers_from_stages():
+    doc = {**DOC, "stages": [dict(s, cmp_real_s=0.02) for s in DOC["stages"]], "meta": {"compute": "profile"}}
+    row = result_row(doc, RunSpec("multistage", "dp"), 2.0, 200.0, 3, "images/x.png")
+    assert list(row) == CSV_COLUMNS
+    assert row["selected_count"] == 2 and row["total_steps"] == 10 and row["compute"] == "profile"
     assert row["t_tran_s"] == pytest.approx(0.20) and row["t_cmp_s"] == pytest.approx(0.95)
+    assert row["cmp_real_s"] == pytest.approx(0.04)
     assert row["overrun_s"] == pytest.approx(0.1) and row["ms_ssim"] == 0.81 and row["feasible"] == 1
+
+
+def test_every_column_says_what_it_is():
+    from testbed.composition.meta import KINDS
+
+    for compute, t_cmp in (("profile", "emulated"), ("real", "measured")):
+        doc = column_labels(compute)
+        cols = {c["name"]: c for c in doc["columns"]}
+        assert list(cols) == CSV_COLUMNS and set(doc["kinds"]) >= set(KINDS)
+        assert all(c["kind"] in doc["kinds"] and c["what"] for c in cols.values())
+        assert cols["t_cmp_s"]["kind"] == t_cmp
+        assert cols["cmp_real_s"]["kind"] == "measured" and cols["latency_s"]["kind"] == "measured"
+        assert cols["energy_j"]["kind"] == "modelled" and cols["predicted_latency_s"]["kind"] == "modelled"
+        assert cols["t_max_s"]["kind"] == "setting" and cols["feasible"]["kind"] == "record"
+
+
+def test_budget_summary_counts_runs_within_their_budgets():
+    rows = [
+        {"method": "split", "strategy": "best-pair", "t_max_s": 1.0, "e_max_j": 50.0, "feasible": 1,
+         "latency_s": 1.04, "energy_j": 20.0},
+        {"method": "split", "strategy": "best-pair", "t_max_s": 2.0, "e_max_j": 50.0, "feasible": 1,
+         "latency_s": 1.9, "energy_j": 51.0},
+        {"method": "split", "strategy": "best-pair", "t_max_s": 0.5, "e_max_j": 50.0, "feasible": 0,
+         "latency_s": None, "energy_j": None},
+    ]
+    assert budget_summary(rows) == {"split": {"runs": 3, "infeasible": 1, "within_t_max": 1, "within_e_max": 1}}
 
 
 def _rows(points, q):
@@ -81,24 +111,6 @@ def _paper_like(key, t, e, seed):
     return min(base, 0.99), 0.3 / t, 0.7
 
 
-def test_claims_hold_on_paper_like_rows_and_fail_when_reversed():
-    res = evaluate_claims(_rows(POINTS, _paper_like))
-    assert [c.holds for c in res] == [True, True, True]
-    assert "6 of 6 points" in res[0].measured
-
-    def reversed_(key, t, e, seed):
-        q, tt, tc = _paper_like(key, t, e, seed)
-        if key == "split":
-            return 0.99, 0.1, 0.9  # split better and compute-bound
-        if key == "multistage:dp":
-            return q - 0.2, tt, tc
-        return q, tt, tc
-
-    res = evaluate_claims(_rows(POINTS, reversed_))
-    assert [c.holds for c in res] == [False, False, False]
-    assert "| 1 |" in claims_markdown(res) and "**no**" in claims_markdown(res)
-
-
 def test_infeasible_runs_count_as_zero_quality():
     def q(key, t, e, seed):
         if key == "split" and t == 1.0:
@@ -108,11 +120,6 @@ def test_infeasible_runs_count_as_zero_quality():
     agg = aggregate(_rows(POINTS, q), "t_max_s", "e_max_j", 200.0)
     first = agg["split"][0]
     assert first["x"] == 1.0 and first["mean"] == 0.0 and first["infeasible"] == 2
-
-
-def test_claims_without_the_needed_runs_are_not_judged():
-    rows = [r for r in _rows(POINTS, _paper_like) if r["method"] == "split"]
-    assert [c.holds for c in evaluate_claims(rows)] == [None, None, None]
 
 
 async def test_sweep_writes_csv_rows_and_figures(tmp_path):
@@ -167,7 +174,16 @@ async def test_sweep_writes_csv_rows_and_figures(tmp_path):
     assert len(outcome.jsonl_path.read_text().splitlines()) == 12
     with open(outcome.csv_path) as f:
         assert next(csv.reader(f)) == CSV_COLUMNS
+    labels = json.loads((cfg.out_dir / "columns.json").read_text())
+    assert [c["name"] for c in labels["columns"]] == CSV_COLUMNS and labels["compute"] == "profile"
+    record = json.loads((cfg.out_dir / "sweep.json").read_text())
+    assert record["seeds"] == [1, 2] and record["runs"] == ["multistage:dp", "multistage:random", "split"]
+    assert record["budgets"]["split"] == {"runs": 4, "infeasible": 2, "within_t_max": 2, "within_e_max": 2}
     paths = write_figures(outcome.csv_path)
     assert [p.name for p in paths] == list(FIGURES)
+    from PIL import Image
+
     for p in paths:
         assert p.stat().st_size > 5000 and p.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+        text = Image.open(p).text  # provenance rides in the PNG: the commit and the caption
+        assert text["Source"] == str(record["commit"]) and "t_cmp emulated" in text["Description"]

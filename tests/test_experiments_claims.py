@@ -1,26 +1,24 @@
-"""The paper's three claims, checked from measured numbers of a reduced Fig. 4 sweep on the
-emulation (paper.yaml with 8 devices, T_max {1, 2, 4} s, E_max 200 J, one seed; real
-relays, real split agents, shaped links). About two minutes on two cores.
+"""The paper's claims from measured numbers of a reduced Fig. 4 sweep on the emulation
+(paper.yaml with 8 devices, T_max {1, 2, 4} s, E_max 200 J, one seed; real relays, real
+split agents, shaped links). About two minutes on two cores.
 
-Claims 1 and 3 must hold. Claim 2 (w/ DS beats w/o DS in MS-SSIM) does not hold on this
-cell at T_max 4 s (README "Reproducing the paper"): the DP maximizes the paper's quality
-proxy, the total model size, and picks two large-precision Xaviers (10 steps) where the
-random order fits three smaller models (15 steps) — and the tiny model's quality follows
-steps, not precision. What is asserted for claim 2 is what the paper's selection promises
-and the runs measured: at every point the devices that ran under w/ DS add up to at least
-the model size of those under w/o DS; the MS-SSIM verdict is reported, not asserted.
+One seed is one placement: the claims' statistics cannot be definite (verdicts are
+`inconclusive`; the default sweep runs 5 seeds). What one seed does show, and what is
+asserted: multi-stage (w/ DS) beats split at every T_max, and multi-stage's transmission
+share falls over T_max while split's stays above one half — measured, from the runs' own
+stage records. Claim 2 is not asserted: on this cell the DP's larger models buy fewer
+steps than the random order's (docs/reproducing.md).
 """
 
 from __future__ import annotations
 
-import json
-import warnings
 from pathlib import Path
 
 import pytest
 
-from testbed.experiments.sweep import SweepConfig, parse_runs, run_sweep
-from testbed.experiments.claims import claims_markdown, evaluate_claims, tran_share_by_tmax
+from testbed.experiments.claims import claims_markdown, evaluate_claims
+from testbed.experiments.stats import verdict
+from testbed.experiments.sweep import SweepConfig, parse_runs, read_rows, run_sweep
 
 REPO = Path(__file__).resolve().parent.parent
 REDUCED = REPO / "topologies" / "scenarios" / "sweeps" / "fig4-small.yaml"
@@ -31,26 +29,19 @@ async def test_paper_claims_on_a_reduced_sweep(tmp_path):
     cfg = SweepConfig(file=REDUCED, t_max_s=[1.0, 2.0, 4.0], e_max_j=[200.0], seeds=[1],
                       runs=parse_runs("multistage:dp,multistage:random,split"), out_dir=tmp_path)
     outcome = await run_sweep(cfg)
-    rows = outcome.rows
+    rows = read_rows(outcome.csv_path)
     assert len(rows) == cfg.total == 9
-    # every number below was measured: each feasible row has measured times from its stages
-    for r in rows:
+    for r in rows:  # each feasible row carries its run's own measured and emulated times
         if r["feasible"]:
-            assert r["t_tran_s"] > 0 and r["t_cmp_s"] > 0 and r["total_steps"] >= 1 and r["latency_s"] > 0
-    claims = {c.number: c for c in evaluate_claims(rows)}
+            assert r["compute"] == "profile" and r["latency_s"] > 0 and r["total_steps"] >= 1
+            assert r["t_tran_s"] > 0 and r["t_cmp_s"] > 0 and r["cmp_real_s"] > 0
+    claims = {c["id"]: c for c in evaluate_claims(rows)}
     table = claims_markdown(list(claims.values()))
-    assert claims[1].holds is True, table
-    assert claims[3].holds is True, table
-    # claim 3 in numbers: multi-stage's share falls from the smallest to the largest T_max,
-    # split's stays above one half
-    ms = tran_share_by_tmax(rows, "multistage:dp", 200.0)
-    sp = tran_share_by_tmax(rows, "split", 200.0)
-    assert ms[1.0] > ms[4.0] and min(sp.values()) > 0.5, table
-    # claim 2: the selection's objective, from the runs' own documents
-    docs = [json.loads(line) for line in outcome.jsonl_path.read_text().splitlines()]
-    size = {(d["strategy"], d["t_max_s"]): d.get("objective_mb", 0.0)
-            for d in docs if d.get("method") == "multistage"}
-    for t in cfg.t_max_s:
-        assert size[("dp", t)] >= size[("random", t)] - 1e-6, (t, size)
-    if not claims[2].holds:
-        warnings.warn(f"claim 2 (MS-SSIM) does not hold on the reduced cell: {claims[2].measured}", stacklevel=1)
+    assert all(c["n_seeds"] <= 1 and c["verdict"] == "inconclusive" == verdict(c) for c in claims.values()), table
+    # claim 1: w/ DS above split at every T_max where either produced an image
+    c1 = claims[1]["test"]
+    assert c1["n"] >= 1 and c1["for"] == c1["n"], table
+    # claim 3: multi-stage's share falls over every pair of T_max values; split's stays above 1/2
+    trend, split_high = claims[3]["parts"]
+    assert trend["test"]["n"] == 3 and trend["test"]["for"] >= 2 and trend["effect"] < 0, table
+    assert split_high["test"]["for"] == split_high["test"]["n"] >= 1 and split_high["conditions"][0]["holds"], table

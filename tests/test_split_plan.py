@@ -11,7 +11,14 @@ import pytest
 from testbed.errors import InfeasibleError
 from testbed.model.profiles import load_profiles, step_time_s
 from testbed.model.radio import compute_links
-from testbed.selection.split_plan import HEAD_FLOP_SHARE, activation_bytes, pair_cost, plan_split
+from testbed.selection.split_plan import (
+    HANDLING_S_PER_MB,
+    HEAD_FLOP_SHARE,
+    activation_bytes,
+    handling_s,
+    pair_cost,
+    plan_split,
+)
 from testbed.model.topology import load_topology, place
 
 REPO = Path(__file__).resolve().parent.parent
@@ -39,8 +46,34 @@ def test_pair_cost_components_follow_links_and_profiles(paper):
     prof = load_profiles()
     assert c.t_head_cmp_s == pytest.approx(HEAD_FLOP_SHARE[256] * step_time_s(prof[h.profile], 256, h.precision))
     assert c.t_tail_cmp_s == pytest.approx((1 - HEAD_FLOP_SHARE[256]) * step_time_s(prof[t.profile], 256, t.precision))
-    assert c.latency_s == pytest.approx(c.t_tran_s + c.t_head_cmp_s + c.t_tail_cmp_s)
+    # the features are handled (encoded, relayed, decoded) outside the links, each end
+    # under its CPU quota
+    cores = prof[h.profile].cpu_cores, prof[t.profile].cpu_cores
+    assert c.t_handling_s > 0
+    assert c.t_handling_s == pytest.approx(sum(handling_s(FEATS[h.precision], q) for q in cores))
+    assert c.latency_s == pytest.approx(c.t_tran_s + c.t_head_cmp_s + c.t_tail_cmp_s + c.t_handling_s)
     assert c.energy_j == pytest.approx(c.e_head_j + c.e_tail_j) and c.energy_j > 0
+
+
+def test_handling_grows_with_size_and_a_smaller_quota():
+    mb7 = 7_000_000
+    assert handling_s(mb7, 1.0) == pytest.approx(HANDLING_S_PER_MB * 7)
+    assert handling_s(mb7, 4.0) == handling_s(mb7, 1.0)  # one Python thread: more cores do not help
+    assert handling_s(mb7, 0.5) == pytest.approx(1.5 * handling_s(mb7, 1.0))
+    assert handling_s(2 * mb7, 1.0) == pytest.approx(2 * handling_s(mb7, 1.0))
+
+
+def test_the_step_count_includes_handling(paper):
+    """A budget that fits N steps by link and compute time alone but not with handling
+    gets fewer steps: the plan counts every term it predicts."""
+    topo, links = paper
+    plan = plan_split(topo, links, 4.0, 1000.0, fbytes)
+    c = plan.step
+    bare = c.latency_s - c.t_handling_s
+    t_max = (plan.steps + 1) * (bare + c.latency_s) / 2  # between N+1 bare steps and N+1 full steps
+    fewer = plan_split(topo, links, t_max, 1000.0, fbytes, candidates=[c.head, c.tail])
+    assert math.floor(t_max / bare) == plan.steps + 1 and fewer.steps == plan.steps
+    assert fewer.predicted_latency_s <= t_max
 
 
 def test_plan_does_the_most_steps_of_any_pair_and_fits_both_budgets(paper):
@@ -56,7 +89,7 @@ def test_plan_does_the_most_steps_of_any_pair_and_fits_both_budgets(paper):
 
 def test_steps_grow_with_tmax_and_split_is_transmission_bound(paper):
     topo, links = paper
-    steps = [plan_split(topo, links, t, 1000.0, fbytes).steps for t in (1.0, 2.0, 4.0, 8.0)]
+    steps = [plan_split(topo, links, t, 1000.0, fbytes).steps for t in (2.0, 4.0, 8.0, 16.0)]
     assert steps == sorted(steps) and steps[-1] > steps[0]
     plan = plan_split(topo, links, 4.0, 1000.0, fbytes)
     assert plan.step.t_tran_s / plan.step.latency_s > 0.5

@@ -159,3 +159,77 @@ def test_flipped_bytes_are_rejected_or_decode_consistently(pos, xor):
     assert np.isfinite(got.tensors["latent"]).all()
     assert 0 <= got.steps[0] < got.steps[1] <= got.total_steps == 10
     assert got.run == RUN and got.device == "dev01" and got.kind == "task" and got.wire_bytes == len(_VALID)
+
+
+# -- decoding without copies (split diffusion moves 7-14 MB per message) -------------------------
+
+def _offset_in(arr: np.ndarray, data) -> int:
+    return arr.__array_interface__["data"][0] - np.frombuffer(data, np.uint8).__array_interface__["data"][0]
+
+
+@pytest.mark.parametrize("frozen", [True, False])
+def test_decoded_tensors_are_read_only_views_on_the_message(frozen):
+    data = encode(_msg(), pad_to_bytes=262144)
+    data = bytes(data) if frozen else data
+    got = _dec(data)
+    for arr in got.tensors.values():
+        assert np.shares_memory(arr, np.frombuffer(data, np.uint8))  # no copy of the payload
+        assert not arr.flags.writeable  # a bytearray's view too: the message is read-only
+        assert _offset_in(arr, data) % 8 == 0  # the encoder aligns the body
+    with pytest.raises(ValueError):
+        got.tensors["latent"][0, 0, 0, 0] = 1.0
+
+
+def _with_body(body: bytes) -> bytes:
+    """A valid message around a hand-made safetensors body (the header agrees with it)."""
+    m = _msg()
+    good = bytes(encode(m, pad_to_bytes=0))
+    hlen = struct.unpack(">I", good[4:8])[0]
+    header = json.loads(good[8 : 8 + hlen])
+    header.update(body_bytes=len(body), pad_bytes=0)
+    raw = json.dumps(header).encode()
+    return MAGIC + struct.pack(">I", len(raw)) + raw + body
+
+
+def _body(index: dict, data: bytes) -> bytes:
+    raw = json.dumps(index).encode()
+    return struct.pack("<Q", len(raw)) + raw + data
+
+
+LATENT = np.arange(64, dtype=np.float32).reshape(1, 1, 8, 8)
+LABELS = np.array([7], dtype=np.int64)
+
+
+def _index(**override):
+    idx = {"latent": {"dtype": "F32", "shape": [1, 1, 8, 8], "data_offsets": [0, 256]},
+           "cond.class_labels": {"dtype": "I64", "shape": [1], "data_offsets": [256, 264]}}
+    for name, spec in override.items():
+        idx[name.replace("__", ".")] = spec
+    return idx
+
+
+def test_a_hand_made_safetensors_body_decodes_like_the_librarys():
+    from safetensors.numpy import save
+
+    ours = _dec(_with_body(_body(_index(), LATENT.tobytes() + LABELS.tobytes())))
+    lib = _dec(_with_body(save({"latent": LATENT, "cond.class_labels": LABELS}, metadata={"by": "safetensors"})))
+    for got in (ours, lib):
+        np.testing.assert_array_equal(got.tensors["latent"], LATENT)
+        assert got.tensors["cond.class_labels"].tolist() == [7]
+
+
+@pytest.mark.parametrize("index, data, match", [
+    (_index(latent={"dtype": "F32", "shape": [1, 1, 8, 8], "data_offsets": [8, 264]}), None, "starts at"),  # hole
+    (_index(cond__class_labels={"dtype": "I64", "shape": [1], "data_offsets": [248, 256]}), None, "starts at"),
+    (_index(latent={"dtype": "F32", "shape": [1, 1, 8, 4], "data_offsets": [0, 256]}), None, "span"),
+    (_index(latent={"dtype": "BF16", "shape": [1, 1, 8, 16], "data_offsets": [0, 256]}), None, "dtype"),
+    (_index(latent={"dtype": "F32", "shape": [1, 1, 8, 8], "data_offsets": [0, 256], "x": 1}), None, "exactly"),
+    (_index(latent={"dtype": "F32", "shape": [1, 1, 8, 8], "data_offsets": [0, 99999]}), None, "outside"),
+    (_index(), LATENT.tobytes() + LABELS.tobytes() + b"\0" * 8, "fill"),  # bytes nobody owns
+    ({**_index(), "__metadata__": {"k": 1}}, None, "__metadata__"),
+])
+def test_the_safetensors_index_is_checked_like_the_library_does(index, data, match):
+    body = _body(index, data if data is not None else LATENT.tobytes() + LABELS.tobytes())
+    with pytest.raises(RelayError, match="not valid safetensors") as e:
+        _dec(_with_body(body))
+    assert match in str(e.value)

@@ -1,8 +1,10 @@
 """The `meta` block of a run's result: what a reader needs to trust the numbers.
 
 Model and precisions actually computed in (fp16 runs as bfloat16 on a CPU), compute mode,
-whether a delay path (netem) was active, seeds, payload sizes, versions and the project's
-git commit. Part of the composition layer (session.py).
+whether a delay path (netem) was active, seeds, payload sizes, versions, the project's
+git commit, and `labels`: what each number of the result is — measured on this machine,
+emulated (a profile's time the run waited out) or modelled (a formula). Part of the
+composition layer (session.py); the sweep's CSV, figures and the TUI take the same labels.
 """
 
 from __future__ import annotations
@@ -14,9 +16,42 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
-__all__ = ["run_meta", "git_commit", "versions"]
+__all__ = ["EMULATED", "KINDS", "MEASURED", "MODELLED", "number_labels", "run_meta", "git_commit", "versions"]
 
 _REPO = Path(__file__).resolve().parents[2]
+
+MEASURED, EMULATED, MODELLED = "measured", "emulated", "modelled"
+#: What each kind of number means.
+KINDS = {
+    MEASURED: "measured on this machine (wall clock of the emulated run, or computed from its image)",
+    EMULATED: "emulated: a device profile's time that the run waited out (compute: profile)",
+    MODELLED: "modelled: a formula over profiles and link rates, not a measurement",
+}
+
+
+def number_labels(compute: str) -> dict[str, dict[str, str]]:
+    """{field: {"kind", "how"}} for the numbers of a result document (and its stages)."""
+    if compute == "profile":
+        t_cmp = (EMULATED, "the profile's SD1.5 time for the stage's steps: the device waits out the rest of it "
+                           "after the local model's real work (cmp_real_s); longer work shows as overrun_s")
+    else:
+        t_cmp = (MEASURED, "the local model's compute on this CPU, receipt to result")
+    labels = {
+        "latency_s": (MEASURED, "wall clock from the first task's publish to the last result's receipt"),
+        "t_down_s": (MEASURED, "agent receive - server publish, over the shaped link"),
+        "t_up_s": (MEASURED, "server receive - agent send, over the shaped link"),
+        "t_tran_s": (MEASURED, "sum of t_down_s + t_up_s"),
+        "t_relay_s": (MEASURED, "the server's store-and-forward time between two hops (split)"),
+        "t_cmp_s": t_cmp,
+        "cmp_real_s": (MEASURED, "the local (tiny) model's real compute on this CPU"),
+        "overrun_s": (MEASURED, "real work beyond the profile's time (compute: profile)"),
+        "energy_j": (MODELLED, "profile powers x measured times: compute power x t_cmp + radio rx power x t_down "
+                               "+ radio tx power x t_up"),
+        "predicted_latency_s": (MODELLED, "the cost model's prediction the selection decided on"),
+        "predicted_energy_j": (MODELLED, "the cost model's prediction the selection decided on"),
+        "ms_ssim": (MEASURED, "MS-SSIM of the run's image against the fp32 reference image"),
+    }
+    return {k: {"kind": kind, "how": how} for k, (kind, how) in labels.items()}
 
 
 def git_commit() -> str | None:
@@ -91,7 +126,8 @@ def run_meta(topo: Any, cell: Any, outcome: Any, model: Any, image: dict[str, An
         "broker": getattr(broker, "kind", None),
         "timing": "wall clock (time.time) of one kernel: t_down = agent receive - server publish, "
                   "t_cmp = agent send - agent receive, t_up = server receive - agent send",
-        "energy": "profile compute power x t_cmp + radio rx power x t_down + radio tx power x t_up",
+        "energy": "modelled: profile compute power x t_cmp + radio rx power x t_down + radio tx power x t_up",
+        "labels": number_labels(wl.compute),
         "versions": versions(getattr(broker, "kind", None)),
         "git_commit": git_commit(),
     }

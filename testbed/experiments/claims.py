@@ -1,116 +1,215 @@
-"""The paper's three claims (section IV-B), judged from a sweep's measured rows.
+"""The paper's claims (section IV-B) as statistics over a sweep's rows; `claims.json`.
 
-Pure. Each claim compares means over seeds of measured numbers at equal budgets:
+Pure, apart from `write_claims`. Four claims with fixed ids, each judged by paired units
+over seeds (testbed/experiments/stats.py: a sign test over the units, a bootstrap
+interval over seeds, one verdict rule):
 
-1. multi-stage (w/ DS) beats split: higher MS-SSIM at every (T_max, E_max) point where
-   at least one of them produced an image;
-2. with device selection beats without: w/ DS not below w/o DS by more than TIE (0.01
-   MS-SSIM: two selections with the same step count differ only by their precisions) at
-   any point, and higher on average over the points;
-3. multi-stage's transmission share falls as T_max grows (at the reference E_max: the
-   share at the smallest T_max is above the share at the largest), while split's share
-   stays above one half at every T_max.
+1. multi-stage (w/ DS) beats split: units are the (T_max, E_max, seed) points where
+   either produced an image; the unit is the MS-SSIM difference w/ DS - split.
+2. with device selection beats without: the same units, w/ DS - w/o DS; it also needs
+   w/ DS's mean >= w/o DS's mean at every (T_max, E_max) point.
+3. multi-stage's transmission share falls with T_max while split's stays high, at the
+   reference E_max (the paper's 200 J, else the loosest swept): (a) a trend over every
+   T_max — units are w/ DS's share differences share(T_j) - share(T_i) for every pair
+   T_i < T_j within a seed, the effect the mean per-seed least-squares slope; (b) split's
+   share - 1/2 per run, and its mean above 1/2 at every T_max. Both parts must hold.
+4. quality rises with T_max: w/ DS's MS-SSIM at the reference E_max, as a trend like 3a.
 
-A run with no image within the budgets counts as MS-SSIM 0 (experiments_plots).
+A run with no image within its budgets counts as MS-SSIM 0. The transmission share is
+measured t_tran / (t_tran + t_cmp), where t_cmp is emulated in `compute: profile`.
 """
 
 from __future__ import annotations
 
+import json
 from collections import defaultdict
-from dataclasses import dataclass
+from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from testbed.experiments.plots import _quality, reference_budget
+from testbed.experiments.plots import quality, reference_budget
+from testbed.experiments.stats import ALPHA, MIN_SEEDS, Evidence, ols_slope, pair_signs, verdict
 
-__all__ = ["ClaimResult", "evaluate_claims", "claims_markdown", "tran_share_by_tmax"]
+__all__ = ["CLAIMS", "evaluate_claims", "claims_doc", "claims_markdown", "write_claims", "tran_share"]
 
 DS, NO_DS, SPLIT = "multistage:dp", "multistage:random", "split"
-TIE = 0.01
+CLAIMS = {
+    1: "multi-stage (w/ DS) beats split diffusion at equal T_max and E_max",
+    2: "with device selection (w/ DS) beats without (w/o DS)",
+    3: "multi-stage's transmission share falls as T_max grows, while split's stays high",
+    4: "quality rises with T_max",
+}
+
+Row = dict[str, Any]
 
 
-@dataclass(frozen=True)
-class ClaimResult:
-    number: int
-    claim: str
-    holds: bool | None  # None: the sweep lacks the runs to judge it
-    measured: str
-
-
-def _key(r: dict[str, Any]) -> str:
+def _key(r: Row) -> str:
     return "split" if r["method"] == "split" else f"{r['method']}:{r['strategy']}"
 
 
-def _mean_quality(rows: list[dict[str, Any]]) -> dict[tuple[str, float, float], float]:
-    g: dict[tuple[str, float, float], list[float]] = defaultdict(list)
+def tran_share(r: Row) -> float | None:
+    """t_tran / (t_tran + t_cmp) of a run with an image (None otherwise)."""
+    if not r.get("feasible"):
+        return None
+    tt, tc = float(r.get("t_tran_s") or 0), float(r.get("t_cmp_s") or 0)
+    return tt / (tt + tc) if tt + tc > 0 else None
+
+
+def _by_point(rows: list[Row], key: str) -> dict[tuple[float, float, int], Row]:
+    return {(float(r["t_max_s"]), float(r["e_max_j"]), int(r["seed"])): r for r in rows if _key(r) == key}
+
+
+def _paired(rows: list[Row], a: str, b: str, statement: str) -> Evidence:
+    """Units: MS-SSIM of `a` minus `b` at the same budgets and seed, where either has an image."""
+    ra, rb = _by_point(rows, a), _by_point(rows, b)
+    units: dict[int, list[float]] = defaultdict(list)
+    for pt in sorted(ra.keys() & rb.keys()):
+        if ra[pt].get("feasible") or rb[pt].get("feasible"):
+            units[pt[2]].append(quality(ra[pt]) - quality(rb[pt]))
+    values = [v for vs in units.values() for v in vs]
+    return Evidence(
+        statement=statement, alternative="greater", effect=float(np.mean(values)) if values else None,
+        effect_what=f"mean MS-SSIM difference, {_label(a)} - {_label(b)}",
+        units="(T_max, E_max, seed) points where either method produced an image", unit_values=dict(units),
+        effect_by_seed=dict(units), note="" if values else f"the sweep has no paired {a} and {b} runs")
+
+
+def _label(key: str) -> str:
+    return {DS: "w/ DS", NO_DS: "w/o DS", SPLIT: "split"}.get(key, key)
+
+
+def _point_means(rows: list[Row], key: str, value: Callable[[Row], float | None],
+                 group: Callable[[Row], Any]) -> dict[Any, float]:
+    acc: dict[Any, list[float]] = defaultdict(list)
     for r in rows:
-        g[(_key(r), float(r["t_max_s"]), float(r["e_max_j"]))].append(_quality(r))
-    return {k: float(np.mean(v)) for k, v in g.items()}
+        v = value(r) if _key(r) == key else None
+        if v is not None:
+            acc[group(r)].append(v)
+    return {g: float(np.mean(vs)) for g, vs in sorted(acc.items())}
 
 
-def tran_share_by_tmax(rows: list[dict[str, Any]], key: str, e_max_j: float) -> dict[float, float]:
-    """Measured t_tran / (t_tran + t_cmp), summed over seeds, per T_max (feasible runs)."""
-    acc: dict[float, list[float]] = defaultdict(lambda: [0.0, 0.0])
+def _trend(rows: list[Row], key: str, value: Callable[[Row], float | None], e_ref: float, alternative: str,
+           statement: str, what: str) -> Evidence:
+    """A trend over every T_max at E_max = e_ref: units are value(T_j) - value(T_i) for every
+    pair T_i < T_j within a seed; the effect is the mean per-seed least-squares slope."""
+    series: dict[int, list[tuple[float, float]]] = defaultdict(list)
     for r in rows:
-        if _key(r) == key and float(r["e_max_j"]) == e_max_j and r.get("feasible"):
-            acc[float(r["t_max_s"])][0] += float(r["t_tran_s"] or 0)
-            acc[float(r["t_max_s"])][1] += float(r["t_cmp_s"] or 0)
-    return {t: a / (a + c) for t, (a, c) in sorted(acc.items()) if a + c > 0}
+        v = value(r) if _key(r) == key and float(r["e_max_j"]) == e_ref else None
+        if v is not None:
+            series[int(r["seed"])].append((float(r["t_max_s"]), v))
+    units, slopes = {}, {}
+    for seed, pts in sorted(series.items()):
+        xs, ys = [p[0] for p in pts], [p[1] for p in pts]
+        slope = ols_slope(xs, ys)
+        if slope is not None:
+            units[seed], slopes[seed] = pair_signs(xs, ys), [slope]
+    all_slopes = [s[0] for s in slopes.values()]
+    return Evidence(
+        statement=statement, alternative=alternative, effect=float(np.mean(all_slopes)) if all_slopes else None,
+        effect_what=f"mean per-seed least-squares slope of {what} over T_max (per second), E_max {e_ref:g} J",
+        units=f"{what}(T_j) - {what}(T_i) for every T_i < T_j within a seed, E_max {e_ref:g} J",
+        unit_values=units, effect_by_seed=slopes,
+        note="" if slopes else f"needs {key} runs at >= 2 T_max values with E_max {e_ref:g} J")
 
 
-def _compare(q: dict, a: str, b: str) -> tuple[list[tuple[float, float, float, float]], int]:
-    pts = sorted({(t, e) for (k, t, e) in q if k == a} & {(t, e) for (k, t, e) in q if k == b})
-    return [(t, e, q[(a, t, e)], q[(b, t, e)]) for t, e in pts], len(pts)
+def _e_ref(rows: list[Row]) -> float:
+    return reference_budget(sorted({float(r["e_max_j"]) for r in rows}), 200.0)
 
 
-def evaluate_claims(rows: list[dict[str, Any]]) -> list[ClaimResult]:
-    q = _mean_quality(rows)
-    out: list[ClaimResult] = []
+def evaluate_claims(rows: list[Row]) -> list[dict[str, Any]]:
+    """The four claims as JSON-ready dicts (id, statement, verdict, n_seeds, effect, interval, test, ...)."""
+    out: list[dict[str, Any]] = []
+    ev1 = _paired(rows, DS, SPLIT, CLAIMS[1])
+    out.append({"id": 1, **ev1.to_json()})
 
-    pts, n = _compare(q, DS, SPLIT)
-    text1 = "multi-stage (w/ DS) beats split at equal T_max and E_max"
-    if n:
-        judged = [(t, e, a, b) for t, e, a, b in pts if a > 0 or b > 0]
-        wins = sum(1 for _, _, a, b in judged if a > b)
-        margin = float(np.mean([a - b for _, _, a, b in judged])) if judged else 0.0
-        out.append(ClaimResult(1, text1, bool(judged) and wins == len(judged),
-                               f"higher MS-SSIM at {wins} of {len(judged)} points; mean margin {margin:+.3f}"))
-    else:
-        out.append(ClaimResult(1, text1, None, "sweep lacks multistage:dp or split runs"))
+    ev2 = _paired(rows, DS, NO_DS, CLAIMS[2])
+    point = lambda r: (float(r["t_max_s"]), float(r["e_max_j"]))  # noqa: E731
+    m_ds, m_rnd = _point_means(rows, DS, quality, point), _point_means(rows, NO_DS, quality, point)
+    below = [f"T_max {t:g} s, E_max {e:g} J: {m_ds[(t, e)]:.3f} < {m_rnd[(t, e)]:.3f}"
+             for (t, e) in sorted(m_ds.keys() & m_rnd.keys()) if m_ds[(t, e)] < m_rnd[(t, e)]]
+    ev2.conditions.append({"what": "w/ DS's mean MS-SSIM >= w/o DS's at every (T_max, E_max) point",
+                           "holds": not below, "failed_at": below})
+    out.append({"id": 2, **ev2.to_json()})
 
-    pts, n = _compare(q, DS, NO_DS)
-    text2 = "with device selection (w/ DS) beats without (w/o DS)"
-    if n:
-        ge = sum(1 for _, _, a, b in pts if a >= b - TIE)
-        gt = sum(1 for _, _, a, b in pts if a > b + TIE)
-        ma, mb = float(np.mean([a for *_, a, _ in pts])), float(np.mean([b for *_, b in pts]))
-        out.append(ClaimResult(2, text2, ge == n and ma > mb,
-                               f"w/ DS >= w/o DS - {TIE:g} at {ge} of {n} points (higher at {gt}); mean MS-SSIM "
-                               f"{ma:.3f} vs {mb:.3f}"))
-    else:
-        out.append(ClaimResult(2, text2, None, "sweep lacks multistage:dp or multistage:random runs"))
+    e_ref = _e_ref(rows) if rows else 200.0
+    at_ref = [r for r in rows if float(r["e_max_j"]) == e_ref]
+    ev3a = _trend(rows, DS, tran_share, e_ref, "less",
+                  "multi-stage (w/ DS)'s transmission share falls as T_max grows", "share")
+    split_units: dict[int, list[float]] = defaultdict(list)
+    for r in at_ref:
+        s = tran_share(r) if _key(r) == SPLIT else None
+        if s is not None:
+            split_units[int(r["seed"])].append(s - 0.5)
+    flat = [v for vs in split_units.values() for v in vs]
+    ev3b = Evidence(
+        statement="split's transmission share stays above one half at every T_max", alternative="greater",
+        effect=float(np.mean(flat)) if flat else None,
+        effect_what=f"mean transmission share of split runs minus 1/2, E_max {e_ref:g} J",
+        units=f"split runs with an image at E_max {e_ref:g} J (share - 1/2)", unit_values=dict(split_units),
+        effect_by_seed=dict(split_units), note="" if flat else "the sweep has no split run with an image")
+    low = [f"T_max {t:g} s: {m:.2f}" for t, m in
+           _point_means(at_ref, SPLIT, tran_share, lambda r: float(r["t_max_s"])).items() if m <= 0.5]
+    ev3b.conditions.append({"what": "split's mean share > 1/2 at every T_max", "holds": not low, "failed_at": low})
+    parts = [ev3a.to_json(), ev3b.to_json()]
+    claim3 = {"id": 3, **{k: v for k, v in parts[0].items() if k != "statement"}, "statement": CLAIMS[3],
+              "parts": parts}
+    claim3["verdict"] = verdict(claim3)
+    out.append(claim3)
 
-    text3 = "multi-stage's transmission share falls as T_max grows; split stays dominated by transmission"
-    e_vals = sorted({float(r["e_max_j"]) for r in rows})
-    if e_vals:
-        e_ref = reference_budget(e_vals, 200.0)
-        ms, sp = tran_share_by_tmax(rows, DS, e_ref), tran_share_by_tmax(rows, SPLIT, e_ref)
-        if len(ms) >= 2 and sp:
-            ts = sorted(ms)
-            falls = ms[ts[0]] > ms[ts[-1]]
-            dominated = min(sp.values()) > 0.5
-            fmt = lambda d: ", ".join(f"{t:g} s: {100 * v:.0f}%" for t, v in d.items())  # noqa: E731
-            out.append(ClaimResult(3, text3, falls and dominated,
-                                   f"transmission share at E_max {e_ref:g} J — multi-stage {fmt(ms)}; split {fmt(sp)}"))
-        else:
-            out.append(ClaimResult(3, text3, None, "needs multistage:dp at >= 2 T_max values and split runs"))
-    return out
+    ev4 = _trend(rows, DS, quality, e_ref, "greater", CLAIMS[4] + f" (multi-stage w/ DS, E_max {e_ref:g} J)",
+                 "MS-SSIM")
+    out.append({"id": 4, **ev4.to_json()})
+    return [_ordered(c) for c in out]
 
 
-def claims_markdown(results: list[ClaimResult]) -> str:
-    lines = ["| # | paper's claim | holds here? | measured |", "| --- | --- | --- | --- |"]
-    for c in results:
-        verdict = "n/a" if c.holds is None else ("yes" if c.holds else "**no**")
-        lines.append(f"| {c.number} | {c.claim} | {verdict} | {c.measured} |")
+def _ordered(c: dict[str, Any]) -> dict[str, Any]:
+    head = ("id", "statement", "verdict", "n_seeds", "effect", "effect_what", "interval", "test")
+    return {**{k: c[k] for k in head if k in c}, **{k: v for k, v in c.items() if k not in head}}
+
+
+def claims_doc(rows: list[Row], source: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The claims.json document: the claims plus the rule and where the rows came from."""
+    return {
+        "claims": evaluate_claims(rows),
+        "rule": (f"holds: sign test p < {ALPHA} and the bootstrap interval wholly on the claimed side of 0 "
+                 "(and every condition holds); does not hold: a condition fails, the sign test favours the "
+                 f"other side (p < {ALPHA}) or the interval does not reach past 0 on the claimed side; "
+                 f"inconclusive otherwise, and always with fewer than {MIN_SEEDS} seeds"),
+        "source": source or {},
+    }
+
+
+def write_claims(rows: list[Row], path: Path, source: dict[str, Any] | None = None) -> dict[str, Any]:
+    doc = claims_doc(rows, source)
+    Path(path).write_text(json.dumps(doc, indent=2) + "\n")
+    return doc
+
+
+def _num(x: float | None) -> str:
+    return "n/a" if x is None else f"{x:+.3g}"
+
+
+def _row(label: str, statement: str, verdict_: str, part: dict[str, Any]) -> str:
+    ci, t = part.get("interval"), part["test"]
+    interval = f"[{_num(ci['low'])}, {_num(ci['high'])}]" if ci else "none (< 2 seeds)"
+    failed = [f"{c['what']} fails at {'; '.join(c['failed_at'])}" for c in part.get("conditions", [])
+              if not c["holds"]]
+    why = f" ({'; '.join(failed)})" if failed else ""
+    return (f"| {label} | {statement} | {verdict_}{why} | {part['n_seeds']} | {_num(part['effect'])} {interval} | "
+            f"{t['for']} / {t['against']} / {t['ties']}, p = {t['p_value']:.2g} | {part['effect_what']} |")
+
+
+def claims_markdown(claims: list[dict[str, Any]]) -> str:
+    """The claims table (docs/reproducing.md quotes it verbatim)."""
+    lines = ["| # | claim | verdict | seeds | effect [95 % interval] | sign test: for / against / tied | effect is |",
+             "| --- | --- | --- | --- | --- | --- | --- |"]
+    for c in claims:
+        if "parts" not in c:
+            lines.append(_row(str(c["id"]), c["statement"], f"**{c['verdict']}**", c))
+            continue
+        lines.append(f"| {c['id']} | {c['statement']} | **{c['verdict']}** | | | | both parts must hold |")
+        for i, part in enumerate(c["parts"]):
+            lines.append(_row(f"{c['id']}{'abcdefgh'[i]}", part["statement"], part["verdict"], part))
     return "\n".join(lines)

@@ -7,7 +7,8 @@ not hold, `format_report()` renders every bound (held or not) as a table-like di
 
 A key is a metric of the result: a top-level field (`latency_s`, `energy_j`, `ms_ssim`,
 `recovered`, ...), a derived metric (`DERIVED`: `selected_count`, `steps_total`,
-`t_tran_s`, `t_cmp_s`, `t_tran_share`, `overrun_s`, `stages_count`, `devices_used`), or a
+`t_tran_s`, `t_cmp_s`, `cmp_real_s`, `t_tran_share`, `overrun_s`, `stages_count`,
+`devices_used`), or a
 dotted path into the document (`meta.emulation.setup_s`, `stages.0.t_cmp_s`). Booleans
 count as 0/1; a list is measured by its length; an empty bound `{}` only asks that the
 field be present (any value, e.g. `recovered.0.took_over: {}`).
@@ -37,7 +38,8 @@ DERIVED: dict[str, str] = {
     "stages_count": "number of stage records (split: one per denoising step)",
     "steps_total": "denoising steps done in total (stages[].steps: a count or a [start, end) range)",
     "t_tran_s": "time on the air: sum of stages[].t_down_s + t_up_s",
-    "t_cmp_s": "compute time: sum of stages[].t_cmp_s",
+    "t_cmp_s": "compute time: sum of stages[].t_cmp_s (emulated in compute: profile)",
+    "cmp_real_s": "the local model's real compute on this CPU: sum of stages[].cmp_real_s (measured)",
     "t_tran_share": "t_tran_s / (t_tran_s + t_cmp_s)",
     "overrun_s": "sum of stages[].overrun_s (real compute slower than the profile)",
     "devices_used": "distinct devices that ran a stage (split: head and tail)",
@@ -87,6 +89,7 @@ def derived_metrics(result: Mapping[str, Any]) -> dict[str, float]:
         "steps_total": float(sum(_steps(s.get("steps")) for s in stages)),
         "t_tran_s": t_tran,
         "t_cmp_s": t_cmp,
+        "cmp_real_s": sum(_num(s.get("cmp_real_s")) or 0.0 for s in stages),
         "t_tran_share": t_tran / (t_tran + t_cmp) if (t_tran + t_cmp) > 0 else 0.0,
         "overrun_s": sum(_num(s.get("overrun_s")) or 0.0 for s in stages),
         "devices_used": float(len(devices)),

@@ -4,23 +4,29 @@
   (min-max band, +/- 1 std bars) over seeds, one line per method;
 - fig4b_quality_vs_emax.png: the same vs E_max at the reference T_max;
 - fig4c_time_breakdown.png: share of transmission vs computation time per method as
-  T_max grows (stacked bars, mean over seeds of measured t_tran and t_cmp);
+  T_max grows (stacked bars; sums over seeds of measured t_tran and of t_cmp, which is
+  emulated in `compute: profile`);
 - fig4d_images.png: each method's image at every T_max (first seed, reference E_max) —
   same prompt and same initial noise within a seed.
 
 A run whose budgets admit no stage delivers no image: it counts as MS-SSIM 0 in the means
 (marked with an open marker) — "nothing within the budget" is the worst quality.
+
+Every axis says what its numbers are (measured, emulated or modelled; columns.json), and
+every figure carries its provenance — topology, seeds, the commit that produced it — in
+a caption and in the PNG's text chunks (Source: the commit; Description: the caption).
 """
 
 from __future__ import annotations
 
+import json
 from collections import defaultdict
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-__all__ = ["aggregate", "reference_budget", "write_figures", "FIGURES"]
+__all__ = ["aggregate", "provenance", "quality", "reference_budget", "short_commit", "write_figures", "FIGURES"]
 
 FIGURES = ("fig4a_quality_vs_tmax.png", "fig4b_quality_vs_emax.png", "fig4c_time_breakdown.png", "fig4d_images.png")
 _ORDER = ("multi-stage w/ DS", "multi-stage w/o DS", "split")
@@ -47,7 +53,7 @@ def reference_budget(values: list[float], preferred: float) -> float:
     return preferred if preferred in values else max(values)
 
 
-def _quality(row: dict[str, Any]) -> float:
+def quality(row: dict[str, Any]) -> float:
     q = row.get("ms_ssim")
     return float(q) if row.get("feasible") and q is not None else 0.0
 
@@ -62,7 +68,7 @@ def aggregate(rows: list[dict[str, Any]], x_key: str, fixed_key: str, fixed: flo
     for label, by_x in groups.items():
         series = []
         for x in sorted(by_x):
-            qs = np.array([_quality(r) for r in by_x[x]])
+            qs = np.array([quality(r) for r in by_x[x]])
             series.append({
                 "x": x, "mean": float(qs.mean()), "std": float(qs.std()), "min": float(qs.min()),
                 "max": float(qs.max()), "n": float(len(qs)),
@@ -74,6 +80,7 @@ def aggregate(rows: list[dict[str, Any]], x_key: str, fixed_key: str, fixed: flo
 
 
 def _quality_plot(ax: Any, agg: dict[str, list[dict[str, float]]], xlabel: str, title: str) -> None:
+    """Mean MS-SSIM per method with its spread over seeds."""
     for label in [lb for lb in _ORDER if lb in agg] + sorted(set(agg) - set(_ORDER)):
         s = agg[label]
         st = _STYLE.get(label, {"color": "gray", "marker": "x"})
@@ -89,7 +96,7 @@ def _quality_plot(ax: Any, agg: dict[str, list[dict[str, float]]], xlabel: str, 
         ax.text(0.01, 0.01, "open marker: a seed had no image in budget (= 0)",
                 transform=ax.transAxes, fontsize=7, color="dimgray")
     ax.set_xlabel(xlabel)
-    ax.set_ylabel("MS-SSIM vs fp32 reference")
+    ax.set_ylabel("MS-SSIM vs fp32 reference (measured)")
     ax.set_title(title)
     ax.set_ylim(-0.02, 1.02)
     ax.grid(alpha=0.3)
@@ -97,6 +104,7 @@ def _quality_plot(ax: Any, agg: dict[str, list[dict[str, float]]], xlabel: str, 
 
 
 def _time_breakdown(ax: Any, rows: list[dict[str, Any]], e_ref: float, t_values: list[float]) -> None:
+    """Stacked transmission / computation shares per method and T_max."""
     labels = _labels(rows)
     width = 0.8 / max(1, len(labels))
     for j, label in enumerate(labels):
@@ -112,18 +120,24 @@ def _time_breakdown(ax: Any, rows: list[dict[str, Any]], e_ref: float, t_values:
         xs = np.arange(len(t_values)) + (j - (len(labels) - 1) / 2) * width
         st = _STYLE.get(label, {"color": "gray"})
         ax.bar(xs, tran, width * 0.95, color=st["color"], edgecolor="black", lw=0.5,
-               label=f"{label}: transmission")
+               label=f"{label}: transmission (measured)")
         ax.bar(xs, cmp_, width * 0.95, bottom=tran, color=st["color"], alpha=0.35, edgecolor="black", lw=0.5,
-               hatch="//", label=f"{label}: computation")
+               hatch="//", label=f"{label}: computation ({_cmp_kind(rows)})")
         for x, v in zip(xs, tran):
             if not np.isnan(v):
                 ax.text(x, min(v, 0.93) + 0.02, f"{100 * v:.0f}%", ha="center", fontsize=8)
     ax.set_xticks(np.arange(len(t_values)), [f"{t:g}" for t in t_values])
     ax.set_xlabel("T_max (s)")
-    ax.set_ylabel("share of measured time")
+    ax.set_ylabel(f"share of t_tran (measured) + t_cmp ({_cmp_kind(rows)})")
     ax.set_ylim(0, 1.12)
     ax.set_title(f"Fig. 4(c): transmission vs computation (E_max = {e_ref:g} J)")
     ax.legend(fontsize=7, ncol=2, loc="upper center", bbox_to_anchor=(0.5, -0.13))
+
+
+def _cmp_kind(rows: list[dict[str, Any]]) -> str:
+    """What the rows' t_cmp is: the profiles' time (emulated) unless every run computed for real."""
+    modes = {r.get("compute") for r in rows}
+    return "measured" if modes == {"real"} else "emulated: profile time"
 
 
 def _images(fig: Any, rows: list[dict[str, Any]], out_dir: Path, e_ref: float, t_values: list[float]) -> None:
@@ -153,8 +167,11 @@ def _images(fig: Any, rows: list[dict[str, Any]], out_dir: Path, e_ref: float, t
     fig.suptitle(f"Fig. 4(d): generated images (seed {seed}, E_max = {e_ref:g} J; same prompt and noise)")
 
 
-def write_figures(csv_path: Path, out_dir: Path | None = None) -> list[Path]:
-    """Draw the four figures from a results.csv; returns their paths."""
+def write_figures(csv_path: Path, out_dir: Path | None = None, source: dict[str, Any] | None = None) -> list[Path]:
+    """Draw the four figures from a results.csv; returns their paths.
+
+    `source` is the sweep's record (sweep.json next to the CSV when not given): its
+    topology, seeds and commit go into every figure's caption and PNG metadata."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -167,37 +184,57 @@ def write_figures(csv_path: Path, out_dir: Path | None = None) -> list[Path]:
     rows = read_rows(csv_path)
     if not rows:
         return []
+    if source is None and (csv_path.parent / "sweep.json").is_file():
+        source = json.loads((csv_path.parent / "sweep.json").read_text())
+    caption = provenance(source or {}, rows)
     t_values = sorted({float(r["t_max_s"]) for r in rows})
     e_values = sorted({float(r["e_max_j"]) for r in rows})
     e_ref, t_ref = reference_budget(e_values, 200.0), reference_budget(t_values, 2.0)
     n_seeds = len({r["seed"] for r in rows})
     paths = []
 
-    fig, ax = plt.subplots(figsize=(6.4, 4.6), dpi=120)
+    fig, ax = plt.subplots(figsize=(6.4, 4.8), dpi=120)
     _quality_plot(ax, aggregate(rows, "t_max_s", "e_max_j", e_ref), "T_max (s)",
                   f"Fig. 4(a): quality vs T_max (E_max = {e_ref:g} J, {n_seeds} seeds)")
-    paths.append(_save(fig, out_dir / FIGURES[0]))
+    paths.append(_save(fig, out_dir / FIGURES[0], caption, source))
 
-    fig, ax = plt.subplots(figsize=(6.4, 4.6), dpi=120)
+    fig, ax = plt.subplots(figsize=(6.4, 4.8), dpi=120)
     _quality_plot(ax, aggregate(rows, "e_max_j", "t_max_s", t_ref), "E_max (J)",
                   f"Fig. 4(b): quality vs E_max (T_max = {t_ref:g} s, {n_seeds} seeds)")
-    paths.append(_save(fig, out_dir / FIGURES[1]))
+    paths.append(_save(fig, out_dir / FIGURES[1], caption, source))
 
-    fig, ax = plt.subplots(figsize=(7.5, 5.2), dpi=120)
+    fig, ax = plt.subplots(figsize=(7.5, 5.6), dpi=120)
     _time_breakdown(ax, rows, e_ref, t_values)
-    paths.append(_save(fig, out_dir / FIGURES[2]))
+    paths.append(_save(fig, out_dir / FIGURES[2], caption, source))
 
     labels = _labels(rows)
-    fig = plt.figure(figsize=(1.9 * len(t_values) + 1.2, 2.0 * len(labels) + 0.8), dpi=120)
+    fig = plt.figure(figsize=(1.9 * len(t_values) + 1.2, 2.0 * len(labels) + 1.0), dpi=120)
     _images(fig, rows, out_dir, e_ref, t_values)
-    paths.append(_save(fig, out_dir / FIGURES[3]))
+    paths.append(_save(fig, out_dir / FIGURES[3], caption, source))
     return paths
 
 
-def _save(fig: Any, path: Path) -> Path:
+def provenance(source: dict[str, Any], rows: list[dict[str, Any]]) -> str:
+    """The caption line: what was swept, from which commit, and what the numbers are."""
+    seeds = sorted({int(r["seed"]) for r in rows})
+    where = Path(str(source.get("topology", "?"))).name
+    when = source.get("started_utc", "?")
+    return (f"{where}, seeds {seeds[0]}-{seeds[-1]}, testbed commit {short_commit(source.get('commit'))}, "
+            f"{when} UTC. MS-SSIM and t_tran measured; t_cmp {_cmp_kind(rows)}.")
+
+
+def short_commit(commit: str | None) -> str:
+    """12 hex digits, keeping a '-dirty' mark (uncommitted changes when the sweep ran)."""
+    sha, _, mark = str(commit or "unknown").partition("-")
+    return sha[:12] + (f"-{mark}" if mark else "")
+
+
+def _save(fig: Any, path: Path, caption: str, source: dict[str, Any] | None) -> Path:
     import matplotlib.pyplot as plt
 
-    fig.tight_layout()
-    fig.savefig(path)
+    fig.tight_layout(rect=(0, 0.04, 1, 1))
+    fig.text(0.5, 0.008, caption, ha="center", va="bottom", fontsize=6.5, color="dimgray", wrap=True)
+    fig.savefig(path, metadata={"Title": path.stem, "Source": str((source or {}).get("commit") or "unknown"),
+                                "Description": caption, "Software": "testbed experiments.plots"})
     plt.close(fig)
     return path

@@ -2,11 +2,13 @@
 
 `run_sweep(SweepConfig)` brings up one cell per seed and runs every method and budget
 point on it (link rates do not depend on the budgets), each for real through the run
-owner (`testbed.composition.session.RunSession`), and writes, as it goes, `results.csv`
-(one row per run), `results.jsonl` (each run's full result document) and the images;
-`plots.write_figures` then draws fig4a-fig4d from the CSV. Nothing here computes a result from formulas: every number is
-a run's measurement. A point whose budgets admit not even one stage (or one split step)
-is a row with `feasible` 0 and no MS-SSIM.
+owner (`testbed.composition.session.RunSession`), and writes, as it goes, `results.csv` (one row per run), `results.jsonl` (each run's
+full result document), the images, `columns.json` (what every CSV column is: a setting,
+a record of the run, or a number measured, emulated or modelled) and `sweep.json` (the
+configuration, the commit, the machine's load, and how many runs met their budgets).
+Nothing here computes a result from formulas: every row is a run's own numbers. A point
+whose budgets admit not even one stage (or one split step) is a row with `feasible` 0
+and no MS-SSIM.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ import csv
 import itertools
 import json
 import math
+import os
 import time
 from collections.abc import Callable, Sequence
 from contextlib import AbstractAsyncContextManager
@@ -24,6 +27,7 @@ from typing import Any
 
 import numpy as np
 
+from testbed.composition.meta import KINDS, git_commit, number_labels
 from testbed.errors import InfeasibleError, TopologyError
 from testbed.experiments.expectations import derived_metrics
 from testbed.model.topology import Topology, load_topology
@@ -31,7 +35,10 @@ from testbed.model.topology import Topology, load_topology
 __all__ = [
     "CSV_COLUMNS",
     "DEFAULT_RUNS",
+    "FULL",
     "QUICK",
+    "column_labels",
+    "budget_summary",
     "RunSpec",
     "SweepConfig",
     "SweepOutcome",
@@ -42,14 +49,40 @@ __all__ = [
     "run_sweep",
 ]
 
-CSV_COLUMNS = [
-    "method", "strategy", "t_max_s", "e_max_j", "seed", "selected_count", "total_steps", "latency_s", "energy_j",
-    "t_tran_s", "t_cmp_s", "ms_ssim", "feasible", "predicted_latency_s", "overrun_s", "selected", "run", "image",
-    "error",
-]
+SETTING, RECORD = "setting", "record"
+#: results.csv, in order: (column, kind, what). A kind of None is the result's own label
+#: (testbed.composition.meta.number_labels), which depends on the compute mode.
+_COLUMNS: tuple[tuple[str, str | None, str], ...] = (
+    ("method", SETTING, "multistage or split"),
+    ("strategy", SETTING, "device selection (dp = w/ DS, random = w/o DS; split: best-pair)"),
+    ("t_max_s", SETTING, "latency budget T_max (s)"),
+    ("e_max_j", SETTING, "energy budget E_max (J)"),
+    ("seed", SETTING, "placement, precision draw, LOS draw and initial noise"),
+    ("compute", SETTING, "profile: compute times are the profiles' (emulated); real: measured"),
+    ("selected_count", RECORD, "devices selected"),
+    ("total_steps", RECORD, "denoising steps done"),
+    ("latency_s", None, "end-to-end latency (s)"),
+    ("energy_j", None, "energy of the run (J)"),
+    ("t_tran_s", None, "transmission time, sum of t_down + t_up over stages (s)"),
+    ("t_cmp_s", None, "computation time, sum over stages (s)"),
+    ("cmp_real_s", None, "the local model's real compute on this CPU, sum over stages (s)"),
+    ("ms_ssim", None, "MS-SSIM against the fp32 50-step reference (empty: no image within the budgets)"),
+    ("feasible", RECORD, "1: the run produced an image within the plan; 0: not even one stage/step fits"),
+    ("predicted_latency_s", None, "latency the plan predicted (s)"),
+    ("overrun_s", None, "real work beyond the profile's time, summed over stages (s)"),
+    ("selected", RECORD, "the devices in relay order (split: head, tail)"),
+    ("run", RECORD, "the emulation's run id"),
+    ("image", RECORD, "the image, relative to the sweep folder"),
+    ("error", RECORD, "why an infeasible point is infeasible"),
+)
+CSV_COLUMNS = [name for name, _, _ in _COLUMNS]
 DEFAULT_RUNS = "multistage:dp,multistage:random,split"
-#: `--quick`: T_max {1, 2, 4} s x E_max {100, 200} J x the three runs x seeds 1..2.
-QUICK = {"t_max_s": (1.0, 2.0, 4.0), "e_max_j": (100.0, 200.0), "seeds": 2}
+#: `--quick`: T_max {1, 2, 4} s x E_max {50, 200} J x the three runs x seeds 1..2. At 50 J
+#: the energy budget binds multi-stage from T_max 2 s on (docs/reproducing.md).
+QUICK = {"t_max_s": (1.0, 2.0, 4.0), "e_max_j": (50.0, 200.0), "seeds": 2}
+#: the default sweep: E_max from where energy binds at every T_max (25 J) to where it binds
+#: at none (200 J, the paper's default); 5 seeds, enough for a sign test and a bootstrap.
+FULL = {"t_max_s": (1.0, 2.0, 3.0, 4.0), "e_max_j": (25.0, 50.0, 100.0, 200.0), "seeds": 5}
 _LABELS = {"multistage:dp": "multi-stage w/ DS", "multistage:random": "multi-stage w/o DS", "split": "split"}
 
 
@@ -147,27 +180,57 @@ def _fmt_num(v: Any) -> str:
     return f"{v:g}" if isinstance(v, float) else str(v)
 
 
+def column_labels(compute: str) -> dict[str, Any]:
+    """columns.json: what every results.csv column is, for this compute mode."""
+    labels = number_labels(compute)
+    kinds = {SETTING: "what the sweep asked for", RECORD: "what the run did (counted, not timed)", **KINDS}
+    return {
+        "compute": compute,
+        "columns": [{"name": name, "kind": kind or labels[name]["kind"],
+                     "what": what if kind else f"{what}; {labels[name]['how']}"} for name, kind, what in _COLUMNS],
+        "kinds": kinds,
+    }
+
+
 def result_row(doc: dict[str, Any], spec: RunSpec, t_max_s: float, e_max_j: float, seed: int,
                image: str = "") -> dict[str, Any]:
-    """One CSV row from a run's result document (times and energy as measured)."""
+    """One CSV row from a run's result document (its own numbers; columns.json says what each is)."""
     d = derived_metrics(doc)
     q = doc.get("ms_ssim")
     return {
         "method": spec.method, "strategy": spec.strategy, "t_max_s": t_max_s, "e_max_j": e_max_j, "seed": seed,
+        "compute": (doc.get("meta") or {}).get("compute", ""),
         "selected_count": int(d["selected_count"]), "total_steps": int(d["steps_total"]),
         "latency_s": float(doc.get("latency_s") or 0.0), "energy_j": float(doc.get("energy_j") or 0.0),
-        "t_tran_s": d["t_tran_s"], "t_cmp_s": d["t_cmp_s"],
+        "t_tran_s": d["t_tran_s"], "t_cmp_s": d["t_cmp_s"], "cmp_real_s": d["cmp_real_s"],
         "ms_ssim": float(q) if isinstance(q, (int, float)) else "", "feasible": 1,
         "predicted_latency_s": doc.get("predicted_latency_s", ""), "overrun_s": d["overrun_s"],
         "selected": " ".join(doc.get("selected") or []), "run": doc.get("run", ""), "image": image, "error": "",
     }
 
 
-def _infeasible_row(spec: RunSpec, t_max_s: float, e_max_j: float, seed: int, why: str) -> dict[str, Any]:
+def _infeasible_row(spec: RunSpec, t_max_s: float, e_max_j: float, seed: int, compute: str,
+                    why: str) -> dict[str, Any]:
     row = {k: "" for k in CSV_COLUMNS}
     row.update(method=spec.method, strategy=spec.strategy, t_max_s=t_max_s, e_max_j=e_max_j, seed=seed,
-               selected_count=0, total_steps=0, feasible=0, error=why)
+               compute=compute, selected_count=0, total_steps=0, feasible=0, error=why)
     return row
+
+
+def budget_summary(rows: list[dict[str, Any]]) -> dict[str, dict[str, int]]:
+    """Per method: runs, infeasible points, and runs whose measured latency / modelled
+    energy stayed within their budgets (the issue's acceptance counts these)."""
+    out: dict[str, dict[str, int]] = {}
+    for r in rows:
+        s = out.setdefault(RunSpec(r["method"], r["strategy"]).key,
+                           {"runs": 0, "infeasible": 0, "within_t_max": 0, "within_e_max": 0})
+        s["runs"] += 1
+        if not r.get("feasible"):
+            s["infeasible"] += 1
+            continue
+        s["within_t_max"] += int(float(r["latency_s"]) <= float(r["t_max_s"]))
+        s["within_e_max"] += int(float(r["energy_j"]) <= float(r["e_max_j"]))
+    return out
 
 
 def read_rows(path: Path) -> list[dict[str, Any]]:
@@ -179,7 +242,7 @@ def read_rows(path: Path) -> list[dict[str, Any]]:
             for k, v in raw.items():
                 if v == "":
                     row[k] = None
-                elif k in ("method", "strategy", "selected", "run", "image", "error"):
+                elif k in ("method", "strategy", "compute", "selected", "run", "image", "error"):
                     row[k] = v
                 else:
                     row[k] = float(v) if any(c in v for c in ".eE") or k in ("t_max_s", "e_max_j") else int(v)
@@ -248,6 +311,9 @@ async def run_sweep(
     cfg.out_dir.mkdir(parents=True, exist_ok=True)
     (cfg.out_dir / "images").mkdir(exist_ok=True)
     csv_path, jsonl_path = cfg.out_dir / "results.csv", cfg.out_dir / "results.jsonl"
+    compute = load_topology(cfg.file).workload.compute
+    (cfg.out_dir / "columns.json").write_text(json.dumps(column_labels(compute), indent=2) + "\n")
+    started = time.time()
     rows: list[dict[str, Any]] = []
     t0 = time.perf_counter()
     setup_s = 0.0
@@ -264,7 +330,7 @@ async def run_sweep(
                 for (t_max, e_max), spec in itertools.product(cfg.points(), cfg.runs):
                     if on_status:
                         on_status(f"seed {seed} {spec.label}: T_max {t_max:g} s, E_max {e_max:g} J")
-                    row, doc = await _one(session, spec, t_max, e_max, seed, cfg.out_dir)
+                    row, doc = await _one(session, spec, t_max, e_max, seed, cfg.out_dir, compute)
                     writer.writerow({k: _fmt_num(v) for k, v in row.items()})
                     fc.flush()
                     fj.write(json.dumps(doc, default=_json_default) + "\n")
@@ -272,19 +338,36 @@ async def run_sweep(
                     rows.append(row)
                     if on_row:
                         on_row(row)
-    return SweepOutcome(rows=rows, csv_path=csv_path, jsonl_path=jsonl_path,
-                        elapsed_s=time.perf_counter() - t0, setup_s=setup_s)
+    outcome = SweepOutcome(rows=rows, csv_path=csv_path, jsonl_path=jsonl_path,
+                           elapsed_s=time.perf_counter() - t0, setup_s=setup_s)
+    write_sweep_record(cfg, outcome, started)
+    return outcome
+
+
+def write_sweep_record(cfg: SweepConfig, outcome: SweepOutcome, started: float) -> dict[str, Any]:
+    """sweep.json: what was swept, from which commit, on what machine and load, and how
+    many runs met their budgets (figure captions and the docs quote it)."""
+    doc = {
+        "topology": str(cfg.file), "t_max_s": list(cfg.t_max_s), "e_max_j": list(cfg.e_max_j),
+        "seeds": list(cfg.seeds), "runs": [s.key for s in cfg.runs], "backend": cfg.backend,
+        "commit": git_commit(), "started_utc": time.strftime("%Y-%m-%d %H:%M", time.gmtime(started)),
+        "elapsed_s": round(outcome.elapsed_s, 1), "setup_s": round(outcome.setup_s, 1),
+        "cores": os.cpu_count(), "load_average_at_end": round(os.getloadavg()[0], 1),
+        "budgets": budget_summary(outcome.rows),
+    }
+    (cfg.out_dir / "sweep.json").write_text(json.dumps(doc, indent=2) + "\n")
+    return doc
 
 
 async def _one(session: Any, spec: RunSpec, t_max: float, e_max: float, seed: int,
-               out_dir: Path) -> tuple[dict[str, Any], dict[str, Any]]:
+               out_dir: Path, compute: str) -> tuple[dict[str, Any], dict[str, Any]]:
     """One point: (CSV row, JSONL document); the image saved under images/."""
     from PIL import Image
 
     try:
         res = await session.run(spec.method, strategy=spec.strategy, t_max_s=t_max, e_max_j=e_max)
     except InfeasibleError as e:
-        return (_infeasible_row(spec, t_max, e_max, seed, str(e)),
+        return (_infeasible_row(spec, t_max, e_max, seed, compute, str(e)),
                 {"method": spec.method, "strategy": spec.strategy, "t_max_s": t_max, "e_max_j": e_max,
                  "seed": seed, "infeasible": str(e)})
     doc = res.to_json()

@@ -1,7 +1,7 @@
 """The relay protocol: wire format, topics, credentials/ACLs, device agent, edge-server orchestrator.
 
 Sockets only (docs/design.md, layers): nothing here touches the kernel or imports `emulation/`;
-`testbed/composition/runner.py` composes the two.
+`testbed/composition/` (the run owner) composes the two.
 """
 
 from testbed.relay import topics

@@ -272,7 +272,8 @@ class SplitOrchestrator:
             overrun_s=head.overrun_s + tail.overrun_s, cmp_real_s=head.cmp_real_s + tail.cmp_real_s,
             bytes_features=head.wire_bytes, bytes_latent=tail.wire_bytes,
             predicted={"t_down_s": c.t_lat_down_s + c.t_feat_down_s, "t_cmp_s": c.t_head_cmp_s + c.t_tail_cmp_s,
-                       "t_up_s": c.t_feat_up_s + c.t_noise_up_s, "energy_j": c.energy_j},
+                       "t_up_s": c.t_feat_up_s + c.t_noise_up_s, "t_handling_s": c.t_handling_s,
+                       "energy_j": c.energy_j},
         )
         self._records.append(rec)
         doc = rec.to_json()

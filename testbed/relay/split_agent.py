@@ -7,8 +7,9 @@ result topic). Each task asks for one segment of one denoising step:
     role head: tensors x_in, t, cond.* -> conv_in + time embedding + down blocks -> features
     role tail: the features (relayed by the server) -> mid + up blocks + conv_out -> noise
 
-The segment's real computation is padded to its share of the profile's step time
-(`meta.share` x `step_time_s`, `compute: profile`), overruns recorded, never hidden. The
+In `compute: profile` the segment takes its share of the profile's step time
+(`meta.share` x `step_time_s`) counted from the task's receipt, as the multi-stage agent
+does (decoding is inside that time); overruns are recorded, never hidden. The
 result goes up zero-padded to `meta.pad_to` bytes: SD1.5's cut tensors for the head, the
 relayed latent size for the tail. One agent serves whichever role the server's plan
 gives its device.
@@ -121,13 +122,11 @@ class SplitAgent(Agent):
         except Exception as e:  # noqa: BLE001 - a model failure must not kill the agent
             log.exception("step %d %s failed: %s", task.stage, role, e)
             return
+        # compute: profile — like the multi-stage agent, the segment takes its share of the
+        # profile's step time from the task's arrival (decode included) to the result's
+        # departure; work that took longer is recorded as overrun, never hidden
         profile_s = self.cfg.step_time_s * float(share) if self.cfg.compute == "profile" else None
-        overrun_s = 0.0
-        if profile_s is not None:
-            if real_s < profile_s:
-                await asyncio.sleep(profile_s - (time.time() - t0))
-            else:
-                overrun_s = real_s - profile_s
+        overrun_s = await _pad_from_receipt(t_recv, profile_s) if profile_s is not None else 0.0
         meta = {"role": role, "t_recv": t_recv, "t_cmp_start": t0, "cmp_real_s": real_s,
                 "cmp_profile_s": profile_s, "overrun_s": overrun_s, "precision": self.cfg.precision,
                 "t_send": time.time()}
@@ -138,6 +137,16 @@ class SplitAgent(Agent):
         self.served += 1
         log.info("step %d %s: real %.3f s, padded to %s, sent %d bytes", task.stage, role, real_s,
                  f"{profile_s:.3f} s" if profile_s is not None else "-", len(data))
+
+
+async def _pad_from_receipt(t_recv: float, profile_s: float) -> float:
+    """Sleep until `t_recv + profile_s`; return how late the work already was (overrun, s)."""
+    late_s = time.time() - (t_recv + profile_s)
+    if late_s >= 0:
+        return late_s
+    while (left := t_recv + profile_s - time.time()) > 0:  # the loop's clock may wake early
+        await asyncio.sleep(left)
+    return 0.0
 
 
 def task_handler(agent: Agent) -> Any:

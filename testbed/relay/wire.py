@@ -7,8 +7,14 @@ padding is zero bytes that bring a multi-stage message up to the workload's
 `payload_bytes` (the paper's 256 KB), so the link carries what the paper's link carries.
 The header states `body_bytes` and `pad_bytes`; the decoder checks that they add up, that
 the padding is zeros, and checks the size limit, run id, kind, step range and every
-tensor's dtype and shape before anything uses it. Nothing is ever unpickled:
-safetensors parses only a JSON index and raw little-endian arrays.
+tensor's dtype and shape before anything uses it. Nothing is ever unpickled: the body is
+a JSON index and raw little-endian arrays.
+
+Split diffusion moves 7-14 MB per message, so neither side copies the payload: `encode`
+builds the message in one zero-filled buffer (the padding costs no writes) and `decode`
+returns read-only numpy views on the received bytes (`_safetensors_views` parses the
+safetensors index itself, with the library's rules: contiguous, complete, exact sizes).
+The encoder pads the JSON header with spaces so that the body starts 8-byte aligned.
 """
 
 from __future__ import annotations
@@ -20,7 +26,6 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
-from safetensors.numpy import load as _st_load
 from safetensors.numpy import save as _st_save
 
 from testbed.errors import RelayError
@@ -50,6 +55,9 @@ ALLOWED_DTYPES = ("float32", "float16", "int64", "int32")
 _MAX_RANK = 6
 _MAX_TENSORS = 64
 _PREFIX = struct.Struct(">4sI")
+_ST_LEN = struct.Struct("<Q")
+#: safetensors dtype tags of the relayable dtypes (little-endian on the wire)
+_ST_DTYPES = {"F32": "float32", "F16": "float16", "I64": "int64", "I32": "int32"}
 
 
 @dataclass(frozen=True)
@@ -82,11 +90,12 @@ def _dtype_name(a: np.ndarray) -> str:
     return str(a.dtype)
 
 
-def encode(msg: Message, *, pad_to_bytes: int = 0) -> bytes:
+def encode(msg: Message, *, pad_to_bytes: int = 0) -> bytearray:
     """Serialise a message; zero-pad it up to `pad_to_bytes` when it is shorter.
 
-    A message longer than `pad_to_bytes` is sent as is (its `pad_bytes` is 0); the caller
-    records `wire_bytes` to see that the payload target was exceeded.
+    Returns a bytes-like buffer (publish it as is). A message longer than `pad_to_bytes`
+    is sent as is (its `pad_bytes` is 0); the caller records `wire_bytes` to see that the
+    payload target was exceeded.
     """
     if msg.kind not in KINDS:
         raise RelayError(f"message kind {msg.kind!r}: must be one of {KINDS}")
@@ -108,23 +117,30 @@ def encode(msg: Message, *, pad_to_bytes: int = 0) -> bytes:
         "body_bytes": len(body),
         "pad_bytes": 0,
     }
-    raw = json.dumps(header, separators=(",", ":"), allow_nan=False).encode()
-    base = _PREFIX.size + len(raw) + len(body)
     # pad_bytes is part of the header, so its digits change the header's length: iterate.
     pad = 0
     for _ in range(4):
         header["pad_bytes"] = pad
-        raw = json.dumps(header, separators=(",", ":"), allow_nan=False).encode()
-        base = _PREFIX.size + len(raw) + len(body)
-        want = max(0, pad_to_bytes - base)
+        raw = _aligned_header(header)
+        want = max(0, pad_to_bytes - (_PREFIX.size + len(raw) + len(body)))
         if want == pad:
             break
         pad = want
     if len(raw) > MAX_HEADER_BYTES:
         raise RelayError(f"message header is {len(raw)} bytes (limit {MAX_HEADER_BYTES}); meta is too large")
-    out = _PREFIX.pack(MAGIC, len(raw)) + raw + body + bytes(pad)
+    start = _PREFIX.size + len(raw)
+    out = bytearray(start + len(body) + pad)  # zero-filled: the padding is already in place
+    _PREFIX.pack_into(out, 0, MAGIC, len(raw))
+    out[_PREFIX.size:start] = raw
+    out[start:start + len(body)] = body
     msg.body_bytes, msg.pad_bytes, msg.wire_bytes = len(body), pad, len(out)
     return out
+
+
+def _aligned_header(header: dict[str, Any]) -> bytes:
+    """The header's JSON, space-padded so that prefix + header ends on an 8-byte boundary."""
+    raw = json.dumps(header, separators=(",", ":"), allow_nan=False).encode()
+    return raw + b" " * (-(_PREFIX.size + len(raw)) % 8)
 
 
 def _need(cond: bool, what: str) -> None:
@@ -133,7 +149,7 @@ def _need(cond: bool, what: str) -> None:
 
 
 def decode(
-    data: bytes,
+    data: bytes | bytearray | memoryview,
     *,
     max_bytes: int,
     run: str,
@@ -145,8 +161,9 @@ def decode(
 ) -> Message:
     """Parse and validate a relay message; raise RelayError naming what is wrong.
 
-    `expect` maps tensor names that must be present to their exact dtype and shape; other
-    tensors are allowed only with an allowed dtype, rank <= 6 and (with `max_tensor_bytes`)
+    The tensors are read-only views on `data` (copy one before writing to it). `expect`
+    maps tensor names that must be present to their exact dtype and shape; other tensors
+    are allowed only with an allowed dtype, rank <= 6 and (with `max_tensor_bytes`)
     bounded size.
     """
     n = len(data)
@@ -190,8 +207,8 @@ def decode(
         f"prefix + header {hlen} + body {body_bytes} + padding {pad_bytes} != message length {n}",
     )
     start = _PREFIX.size + hlen
-    pad = data[start + body_bytes :]
-    _need(pad.count(0) == len(pad), "padding holds non-zero bytes")  # 10x faster than any() on MBs
+    _need(not np.frombuffer(data, np.uint8, count=pad_bytes, offset=start + body_bytes).any(),
+          "padding holds non-zero bytes")
     specs = header.get("tensors")
     _need(isinstance(specs, dict) and len(specs) <= _MAX_TENSORS, f"tensors must be an object of <= {_MAX_TENSORS}")
     for name, spec in specs.items():
@@ -203,13 +220,7 @@ def decode(
             and all(type(d) is int and d >= 0 for d in spec["shape"]),
             f"tensor {name!r}: bad spec {spec!r} (dtype in {ALLOWED_DTYPES}, shape of <= {_MAX_RANK} ints)",
         )
-    if body_bytes:
-        try:
-            tensors = _st_load(bytes(data[start : start + body_bytes]))
-        except Exception as e:  # noqa: BLE001 - any parser failure on untrusted bytes is a rejection
-            raise RelayError(f"rejected relay message: body is not valid safetensors ({e})") from None
-    else:
-        tensors = {}
+    tensors = _safetensors_views(data, start, body_bytes, max_tensor_bytes) if body_bytes else {}
     _need(set(tensors) == set(specs), f"body tensors {sorted(tensors)} differ from the header's {sorted(specs)}")
     for name, arr in tensors.items():
         spec = specs[name]
@@ -217,10 +228,8 @@ def decode(
             _dtype_name(arr) == spec["dtype"] and list(arr.shape) == spec["shape"],
             f"tensor {name!r} is {arr.dtype}{list(arr.shape)}, header says {spec['dtype']}{spec['shape']}",
         )
-        if max_tensor_bytes is not None:
-            _need(arr.nbytes <= max_tensor_bytes, f"tensor {name!r} has {arr.nbytes} bytes > {max_tensor_bytes}")
         if arr.dtype.kind == "f":
-            _need(bool(np.isfinite(arr.astype(np.float32)).all()), f"tensor {name!r} holds NaN or infinity")
+            _need(bool(np.isfinite(arr).all()), f"tensor {name!r} holds NaN or infinity")
     for name, want in (expect or {}).items():
         _need(name in tensors, f"tensor {name!r} is missing")
         got = tensors[name]
@@ -242,6 +251,68 @@ def decode(
         pad_bytes=pad_bytes,
         wire_bytes=n,
     )
+
+
+def _safetensors_views(data: Any, start: int, length: int, max_tensor_bytes: int | None) -> dict[str, np.ndarray]:
+    """The tensors of the safetensors blob `data[start:start+length]` as read-only views.
+
+    The format: u64 little-endian index length, a JSON index {name: {dtype, shape,
+    data_offsets: [begin, end]}, "__metadata__"?: {str: str}}, then the arrays. Like the
+    safetensors library, the arrays must fill the data section exactly, back to back.
+    """
+
+    def bad(what: str) -> RelayError:
+        return RelayError(f"rejected relay message: body is not valid safetensors ({what})")
+
+    if length < _ST_LEN.size:
+        raise bad(f"{length} bytes is shorter than its 8-byte index length")
+    (n,) = _ST_LEN.unpack_from(data, start)
+    if n > min(length - _ST_LEN.size, MAX_HEADER_BYTES):
+        raise bad(f"index length {n} does not fit the {length}-byte body")
+    try:
+        index = json.loads(bytes(data[start + _ST_LEN.size : start + _ST_LEN.size + n]).decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
+        raise bad(f"index is not UTF-8 JSON: {e.__class__.__name__}") from None
+    if not isinstance(index, dict):
+        raise bad("index is not a JSON object")
+    meta = index.pop("__metadata__", {})
+    if not (isinstance(meta, dict) and all(isinstance(v, str) for v in meta.values())):
+        raise bad("__metadata__ must map strings to strings")
+    base, size = start + _ST_LEN.size + n, length - _ST_LEN.size - n
+    entries = []
+    for name, spec in index.items():
+        if not isinstance(spec, dict) or set(spec) != {"dtype", "shape", "data_offsets"}:
+            raise bad(f"tensor {name!r}: entry must have exactly dtype, shape, data_offsets")
+        dtype, shape, offsets = spec["dtype"], spec["shape"], spec["data_offsets"]
+        if dtype not in _ST_DTYPES:
+            raise bad(f"tensor {name!r}: dtype {dtype!r} is not one of {sorted(_ST_DTYPES)}")
+        if not (isinstance(shape, list) and len(shape) <= _MAX_RANK and all(type(d) is int and d >= 0 for d in shape)):
+            raise bad(f"tensor {name!r}: shape {shape!r} must be <= {_MAX_RANK} non-negative integers")
+        if not (isinstance(offsets, list) and len(offsets) == 2 and all(type(o) is int for o in offsets)
+                and 0 <= offsets[0] <= offsets[1] <= size):
+            raise bad(f"tensor {name!r}: data_offsets {offsets!r} outside the {size}-byte data section")
+        dt = np.dtype(_ST_DTYPES[dtype]).newbyteorder("<")
+        nbytes = math.prod(shape) * dt.itemsize
+        if nbytes != offsets[1] - offsets[0]:
+            raise bad(f"tensor {name!r}: {dtype}{shape} is {nbytes} bytes, its data_offsets span "
+                      f"{offsets[1] - offsets[0]}")
+        if max_tensor_bytes is not None and nbytes > max_tensor_bytes:
+            raise RelayError(f"rejected relay message: tensor {name!r} has {nbytes} bytes > {max_tensor_bytes}")
+        entries.append((offsets[0], offsets[1], name, dt, shape))
+    entries.sort(key=lambda e: (e[0], e[1]))
+    end = 0
+    for begin, stop, name, _, _ in entries:
+        if begin != end:
+            raise bad(f"tensor {name!r} starts at {begin}, not where the previous one ends ({end})")
+        end = stop
+    if end != size:
+        raise bad(f"the tensors fill {end} of the {size}-byte data section")
+    out: dict[str, np.ndarray] = {}
+    for begin, _, name, dt, shape in entries:
+        arr = np.frombuffer(data, dt, count=math.prod(shape), offset=base + begin).reshape(shape)
+        arr.flags.writeable = False  # a bytearray's view would be writable: the message is read-only
+        out[name] = arr
+    return out
 
 
 def split_state(prefix: str, state: dict[str, Any]) -> tuple[dict[str, np.ndarray], dict[str, Any]]:

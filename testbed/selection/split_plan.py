@@ -17,12 +17,18 @@ Per-step cost of a pair (head h, tail t), with eta = link efficiency (selection.
 
     t_step = L*8/(r_down_h*eta) + s*T_h + F_h*8/(r_up_h*eta)      (head: latent in, compute, features out)
            + F_h*8/(r_down_t*eta) + (1-s)*T_t + L*8/(r_up_t*eta)  (tail: features in, compute, noise out)
+           + H(F_h, q_h) + H(F_h, q_t)                            (handling the features outside the links)
     e_step = P_rx,h*. + P_cmp,h*s*T_h + P_tx,h*. + P_rx,t*. + P_cmp,t*(1-s)*T_t + P_tx,t*.
 
 with L = payload_bytes, F_h the feature bytes, T the profile's SD1.5 step time at the
 device's precision and s = HEAD_FLOP_SHARE (the head's share of the UNet's FLOPs, counted
-with torch's FlopCounterMode on SD1.5 on the meta device: bench/sweep_split_flops.py).
-The run does N = floor(min(T_max / t_step, E_max / e_step)) steps, an N-step schedule.
+with torch's FlopCounterMode on SD1.5 on the meta device: bench/sweep_split_flops.py);
+every transfer also pays the cost model's fixed per-message time. H(F, q) =
+HANDLING_S_PER_MB x F x (1/2 + 1/(2 min(1, q))) is what a feature message costs outside
+the link (encode, decode, MQTT clients, broker) with the device's half under its CPU
+quota q, calibrated by bench/split_codec.py. The run does
+N = floor(min(T_max / t_step, E_max / e_step)) steps, an N-step schedule. All of these
+are modelled numbers; the run measures its own.
 
 The pair: every ordered pair of distinct devices is scored; the chosen one does the most
 steps, then has the largest total model size (the paper's quality proxy), then the
@@ -41,10 +47,27 @@ from testbed.model.radio import DeviceLink
 from testbed.selection.costs import DEFAULT_LINK_EFFICIENCY, DEFAULT_MESSAGE_OVERHEAD_S, model_size_mb
 from testbed.model.topology import Topology
 
-__all__ = ["HEAD_FLOP_SHARE", "SplitStepCost", "SplitPlan", "activation_bytes", "pair_cost", "plan_split"]
+__all__ = ["HANDLING_S_PER_MB", "HEAD_FLOP_SHARE", "SplitStepCost", "SplitPlan",
+           "activation_bytes", "handling_s", "pair_cost", "plan_split"]
 
 #: Share of SD1.5's UNet FLOPs (CFG batch 2) in the head segment, by image resolution.
 HEAD_FLOP_SHARE: dict[int, float] = {256: 0.300, 512: 0.310}
+
+#: What a feature message costs beyond the cost model's link time — wire encode and
+#: decode, the MQTT clients, the broker and the transport of a multi-MB message over the
+#: emulated link — in seconds per MB per unit of the quota factor (handling_s). Calibrated
+#: by `bench/split_codec.py --emulated`, apart from the sweeps it is judged on: the median
+#: of 30 feature hops of split runs on topologies/small.yaml (0.0131 s/MB, load average
+#: ~6 on this 2-core VM shared with other jobs). The same bench puts the floor, an idle
+#: loopback without a link, at 0.0044 s/MB: most of the rest is the busy host.
+HANDLING_S_PER_MB = 0.013
+
+
+def handling_s(nbytes: int, device_cores: float = 1.0) -> float:
+    """Modelled seconds one message of `nbytes` costs outside the link: half the work is
+    the server's, half the device's, which runs under its CPU quota (Python's share of it
+    is one thread: quotas above one core do not speed it up)."""
+    return HANDLING_S_PER_MB * nbytes / 1e6 * (0.5 + 0.5 / min(1.0, device_cores))
 
 
 def activation_bytes(precision: str) -> int:
@@ -70,11 +93,12 @@ class SplitStepCost:
     e_head_j: float
     e_tail_j: float
     size_mb: float
+    t_handling_s: float = 0.0  # the two feature messages outside the link (handling_s)
 
     @property
     def latency_s(self) -> float:
         return (self.t_lat_down_s + self.t_head_cmp_s + self.t_feat_up_s
-                + self.t_feat_down_s + self.t_tail_cmp_s + self.t_noise_up_s)
+                + self.t_feat_down_s + self.t_tail_cmp_s + self.t_noise_up_s + self.t_handling_s)
 
     @property
     def energy_j(self) -> float:
@@ -160,13 +184,20 @@ def pair_cost(
     t_feat_down = tx_s(fbytes, tail.rate_down_mbps, tail.id)
     t_tail = (1 - share) * step_time_s(pt, wl.resolution_px, tail.precision)
     t_noise_up = tx_s(lbytes, tail.rate_up_mbps, tail.id)
+    # the features leave the head and reach the tail: each end handles one copy under its
+    # quota; measured, this time lands in the head's t_up, the server's t_relay and the
+    # tail's t_down/t_cmp, so it is charged at the radio powers of those hops
+    h_up, h_down = handling_s(fbytes, ph.cpu_cores), handling_s(fbytes, pt.cpu_cores)
     return SplitStepCost(
         head=head.id, tail=tail.id, feature_bytes=fbytes, latent_bytes=lbytes,
         t_lat_down_s=t_lat_down, t_head_cmp_s=t_head, t_feat_up_s=t_feat_up,
         t_feat_down_s=t_feat_down, t_tail_cmp_s=t_tail, t_noise_up_s=t_noise_up,
-        e_head_j=ph.radio_rx_power_w * t_lat_down + ph.compute_power_w * t_head + ph.radio_tx_power_w * t_feat_up,
-        e_tail_j=pt.radio_rx_power_w * t_feat_down + pt.compute_power_w * t_tail + pt.radio_tx_power_w * t_noise_up,
+        e_head_j=ph.radio_rx_power_w * t_lat_down + ph.compute_power_w * t_head
+        + ph.radio_tx_power_w * (t_feat_up + h_up),
+        e_tail_j=pt.radio_rx_power_w * (t_feat_down + h_down) + pt.compute_power_w * t_tail
+        + pt.radio_tx_power_w * t_noise_up,
         size_mb=model_size_mb(head.precision) + model_size_mb(tail.precision),
+        t_handling_s=h_up + h_down,
     )
 
 
@@ -210,7 +241,8 @@ def plan_split(
         raise InfeasibleError(
             f"split diffusion: not one step fits T_max {t_max_s:g} s and E_max {e_max_j:g} J; the cheapest pair "
             f"({fastest.head} > {fastest.tail}) needs {fastest.latency_s:.3g} s and {fastest.energy_j:.3g} J per "
-            f"step ({fastest.t_tran_s:.3g} s of it moving {fastest.feature_bytes / 1e6:.1f} MB of features); "
+            f"step ({fastest.t_tran_s:.3g} s of it on the links, {fastest.t_handling_s:.3g} s handling "
+            f"{fastest.feature_bytes / 1e6:.1f} MB of features twice); "
             "raise --tmax / --emax"
         )
     return SplitPlan(head=cost.head, tail=cost.tail, steps=n, t_max_s=float(t_max_s), e_max_j=float(e_max_j),

@@ -1,43 +1,96 @@
-"""`testbed sweep`: reproduce Fig. 4 — every budget point, seed and method run on the emulation."""
+"""`testbed sweep`: reproduce Fig. 4 — every budget point, seed and method run on the emulation —
+and judge the paper's claims from it (claims.json); `--publish docs` regenerates the docs."""
 
 from __future__ import annotations
 
 import asyncio
+import json
 import time
 from pathlib import Path
 
 import typer
 
 from testbed.cli.console import err, out, print_json
+from testbed.errors import InputError
 
 
 def sweep(
-    file: Path = typer.Argument(..., help="topology YAML file (e.g. topologies/paper.yaml)"),
-    tmax: str | None = typer.Option(None, "--tmax", help="T_max values in seconds, e.g. 1,2,3,4"),
-    emax: str | None = typer.Option(None, "--emax", help="E_max values in joules, e.g. 50,100,200"),
+    file: Path | None = typer.Argument(None, help="topology YAML file (e.g. topologies/paper.yaml); "
+                                                  "not with --from"),
+    tmax: str | None = typer.Option(None, "--tmax", help="T_max values in seconds (default 1,2,3,4)"),
+    emax: str | None = typer.Option(None, "--emax", help="E_max values in joules (default 25,50,100,200: from "
+                                                         "binding at every T_max to binding at none)"),
     seeds: int | None = typer.Option(None, "--seeds", min=1, max=100,
-                                     help="repeat each point with seeds 1..N (placement, precisions, noise)"),
+                                     help="repeat each point with seeds 1..N (default 5; --quick 2)"),
     runs: str = typer.Option("multistage:dp,multistage:random,split", "--runs",
                              help="method:strategy pairs; method is multistage or split"),
-    quick: bool = typer.Option(False, "--quick", help="T_max {1,2,4} x E_max {100,200} x 2 seeds"),
+    quick: bool = typer.Option(False, "--quick", help="T_max {1,2,4} x E_max {50,200} x 2 seeds"),
     out_dir: Path | None = typer.Option(None, "--out", help="output folder (default out/sweep-<name>-<time>)"),
     backend: str = typer.Option("netns", "--backend", help="emulation backend"),
     no_figures: bool = typer.Option(False, "--no-figures", help="write results only"),
+    from_dir: Path | None = typer.Option(None, "--from", help="judge and plot a finished sweep's folder "
+                                                              "instead of running one"),
+    publish_to: Path | None = typer.Option(None, "--publish", help="then regenerate DOCS/figures and the "
+                                                                  "tables of DOCS/reproducing.md (e.g. docs)"),
     as_json: bool = typer.Option(False, "--json", help="print only a JSON summary on stdout"),
 ) -> None:
-    """Run T_max x E_max x seeds x methods on the emulation; write results.csv, results.jsonl and fig4a-d."""
+    """Run T_max x E_max x seeds x methods on the emulation; write results.csv, results.jsonl, claims.json and fig4a-d."""
+    from testbed.experiments.claims import claims_markdown, write_claims
+    from testbed.experiments.plots import write_figures
+    from testbed.experiments.sweep import budget_summary, read_rows
+
+    if (file is None) == (from_dir is None):
+        raise InputError("give a topology FILE to run a sweep, or --from DIR to judge a finished one (not both)")
+    if from_dir is not None:
+        if not (from_dir / "results.csv").is_file():
+            raise InputError(f"--from {from_dir}: no results.csv; give the folder of a finished `testbed sweep`")
+        out_path, rows, summary = from_dir, read_rows(from_dir / "results.csv"), None
+    else:
+        out_path, summary = _run(file, tmax, emax, seeds, runs, quick, out_dir, backend)
+        rows = read_rows(out_path / "results.csv")
+    figures = [] if no_figures else write_figures(out_path / "results.csv", out_path)
+    sweep_doc = json.loads((out_path / "sweep.json").read_text()) if (out_path / "sweep.json").is_file() else {}
+    claims = write_claims(rows, out_path / "claims.json",
+                          {k: sweep_doc.get(k) for k in ("topology", "commit", "seeds")})["claims"]
+    published = []
+    if publish_to is not None:
+        from testbed.experiments.publish import publish
+
+        published = publish(out_path, publish_to)
+    budgets = budget_summary(rows)
+    if as_json:
+        print_json({"out_dir": str(out_path), "runs": len(rows), **(summary or {}),
+                    "csv": str(out_path / "results.csv"), "claims_json": str(out_path / "claims.json"),
+                    "figures": [str(p) for p in figures], "published": [str(p) for p in published],
+                    "budgets": budgets, "claims": claims})
+        return
+    if summary:
+        out.print(f"{len(rows)} runs in {summary['elapsed_s']:.0f} s (emulation bring-up {summary['setup_s']:.0f} s)")
+    out.print(f"results: {out_path / 'results.csv'} (columns.json says what each column is), "
+              f"{out_path / 'claims.json'}")
+    for key, b in budgets.items():
+        ran = b["runs"] - b["infeasible"]
+        out.print(f"{key}: {b['within_t_max']} of {ran} runs within T_max (measured), {b['within_e_max']} within "
+                  f"E_max (modelled); {b['infeasible']} infeasible points", highlight=False)
+    for p in [*figures, *published]:
+        out.print(f"wrote: {p}")
+    out.print(claims_markdown(claims), highlight=False, markup=False)
+
+
+def _run(file: Path, tmax: str | None, emax: str | None, seeds: int | None, runs: str, quick: bool,
+         out_dir: Path | None, backend: str) -> tuple[Path, dict]:
+    """Run the sweep with a progress bar; (its folder, timings)."""
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-    from testbed.experiments.sweep import QUICK, SweepConfig, parse_floats, parse_runs, run_sweep
-    from testbed.experiments.claims import claims_markdown, evaluate_claims
-    from testbed.experiments.plots import write_figures
+    from testbed.experiments.sweep import FULL, QUICK, SweepConfig, parse_floats, parse_runs, run_sweep
     from testbed.model.names import check_name
     from testbed.model.topology import load_topology
 
+    grid = QUICK if quick else FULL
     topo = load_topology(file)
-    t_list = parse_floats(tmax, "--tmax") if tmax else list(QUICK["t_max_s"] if quick else (1.0, 2.0, 3.0, 4.0))
-    e_list = parse_floats(emax, "--emax") if emax else list(QUICK["e_max_j"] if quick else (50.0, 100.0, 150.0, 200.0))
-    n_seeds = seeds if seeds is not None else (QUICK["seeds"] if quick else 3)
+    t_list = parse_floats(tmax, "--tmax") if tmax else list(grid["t_max_s"])
+    e_list = parse_floats(emax, "--emax") if emax else list(grid["e_max_j"])
+    n_seeds = seeds if seeds is not None else grid["seeds"]
     specs = parse_runs(runs)
     name = check_name(topo.name, "topology name")  # it names the default output folder
     out_path = out_dir or Path("out") / f"sweep-{name}-{time.strftime('%Y%m%d-%H%M%S')}"
@@ -61,20 +114,7 @@ def sweep(
         outcome = asyncio.run(run_sweep(cfg, on_row=on_row,
                                         on_status=lambda s: progress.update(task, description=s)))
         progress.update(task, description="done")
-    figures = [] if no_figures else write_figures(outcome.csv_path, out_path)
-    claims = evaluate_claims(outcome.rows)
-    if as_json:
-        print_json({"out_dir": str(out_path), "runs": len(outcome.rows), "elapsed_s": outcome.elapsed_s,
-                    "setup_s": outcome.setup_s, "csv": str(outcome.csv_path), "jsonl": str(outcome.jsonl_path),
-                    "figures": [str(p) for p in figures],
-                    "claims": [{"number": c.number, "claim": c.claim, "holds": c.holds, "measured": c.measured}
-                               for c in claims]})
-        return
-    out.print(f"{len(outcome.rows)} runs in {outcome.elapsed_s:.0f} s (emulation bring-up {outcome.setup_s:.0f} s)")
-    out.print(f"results: {outcome.csv_path}, {outcome.jsonl_path}")
-    for p in figures:
-        out.print(f"figure: {p}")
-    out.print(claims_markdown(claims), highlight=False, markup=False)
+    return out_path, {"elapsed_s": outcome.elapsed_s, "setup_s": outcome.setup_s}
 
 
 def register(app: typer.Typer) -> None:
