@@ -85,17 +85,17 @@ class ArgvSampler:
 
 
 async def test_no_password_on_any_command_line_during_a_run_and_an_attach(topologies, tmp_path, unique_run_id):
-    from testbed.composition.runner import Runner
+    from testbed.composition.session import RunSession
     from tui.attach import follow_events_in_netns, read_observer
 
     topo = load_topology(topologies / "small.yaml")
     got: list[dict] = []
-    async with Runner(topo, run_id=unique_run_id, out_dir=tmp_path / "out") as r:
+    async with RunSession(topo, run_id=unique_run_id, out_dir=tmp_path / "out") as r:
         creds = r.creds
         secrets = [creds.server.password, creds.observer.password, *(c.password for c in creds.devices.values())]
         run_dir = str(Path("/run/testbed") / unique_run_id) + "/"
         info = read_observer(unique_run_id)
-        netns = r.emu.nodes["server"].netns  # the mosquitto_sub path of attach, inside the server namespace
+        netns = r.cell.nodes["server"].netns  # the mosquitto_sub path of attach, inside the server namespace
 
         async def attach() -> None:
             async with contextlib.aclosing(follow_events_in_netns(info, netns)) as events:

@@ -50,7 +50,7 @@ async def _serve_one(monkeypatch, decode_s: float, compute_s: float) -> dict:
     cfg = AgentConfig(run=RUN, device="dev01", broker_host="127.0.0.1", broker_port=1, username="u", password="p",
                       compute="profile", step_time_s=2.0, max_message_bytes=1 << 20)
     client = FakeClient()
-    await SplitAgent(cfg, FakeModel(compute_s), roles=("head",))._handle(client, bytes(_task(share=0.3)))
+    await SplitAgent(cfg, FakeModel(compute_s), roles=("head",)).handle(client, bytes(_task(share=0.3)))
     assert len(client.sent) == 1
     res = decode(client.sent[0], max_bytes=1 << 20, run=RUN, kind="result", device="dev01")
     assert len(client.sent[0]) == 4096 and set(res.tensors) == {"sample", "emb"}
