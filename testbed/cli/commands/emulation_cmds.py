@@ -89,6 +89,7 @@ def up(
 def _print_status(state: dict) -> None:
     cell = state.get("cell") or {}
     title = (f"run {state['run']} ({state['backend']}), netem: {'yes' if state['netem'] else 'no'}, "
+             f"impairments: {(state.get('impairments') or {}).get('path', 'none')}, "
              f"shared cell: {'on' if cell.get('shared_capacity') else 'off'}")
     if state.get("broker"):
         b = state["broker"]
@@ -121,7 +122,7 @@ def status(
     observer = read_state(run_id, "observer.json")
     if as_json:
         print_json({k: state[k] for k in ("run", "backend", "netem", "nodes")} | {
-            k: state[k] for k in ("warnings", "cell", "broker", "host_route", "mobility", "topology", "seed") if k in state}
+            k: state[k] for k in ("warnings", "impairments", "cell", "broker", "host_route", "mobility", "topology", "seed") if k in state}
             | ({"observer": observer} if observer else {}))
         return
     _print_status(state)

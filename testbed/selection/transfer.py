@@ -1,0 +1,96 @@
+"""How long one message takes over a TCP connection on a shaped, delayed, lossy link. Pure.
+
+From the sender's first byte to the receiver's last (what the relay measures as t_down /
+t_up, without the per-message overhead of costs.py):
+
+    T = slow start at the link's RTT          (Linux: initial window 10 segments, RFC 6928,
+                                              doubling each round trip; the connection is
+                                              idle between messages, so every message
+                                              starts from it again, RFC 2861 / RFC 5681)
+      + P(a loss) x one RTT of fast recovery  (SACK repairs a window's losses in one RTT)
+      + the rest at min(link rate, loss-limited rate)
+      + the one-way delay of the last segment
+
+With loss p in the data direction the short-flow composition of Cardwell, Savage and
+Anderson ("Modeling TCP Latency", IEEE INFOCOM 2000) applies: slow start carries the
+expected E[d_ss] = (1 - (1-p)^d)(1-p)/p + 1 of the message's d segments before the first
+loss, the rest flows at the steady-state rate of Mathis, Semke, Mahdavi and Ott ("The
+Macroscopic Behavior of the TCP Congestion Avoidance Algorithm", ACM CCR 27(3), 1997):
+
+    B = MSS / RTT * sqrt(3 / (2 p))           (one ACK per segment's worth of cwnd growth:
+                                              Linux counts acknowledged segments)
+
+or CUBIC's larger rate where its own response function gives more (RFC 9438 §5: average
+window (C (3+beta) / (4 (1-beta)))^(1/4) (RTT^3 / p^3)^(1/4), C = 0.4, beta = 0.7); in a
+cell's RTTs that is never the case, so Mathis's holds. Loss of ACKs is not modelled
+(cumulative ACKs absorb it). Jitter counts at its upper bound: flows are kept in order,
+so a segment waits for the slowest earlier one.
+
+With no delay and no loss the result is exactly payload / rate.
+"""
+
+from __future__ import annotations
+
+import math
+
+from testbed.model.impairments import Impairment
+
+__all__ = ["MSS_BYTES", "INITIAL_WINDOW_SEGMENTS", "rtt_s", "loss_limited_rate_bps", "slow_start_time_s",
+           "tcp_transfer_time_s"]
+
+MSS_BYTES = 1448  # 1500-byte MTU - 20 IP - 20 TCP - 12 timestamp option
+INITIAL_WINDOW_SEGMENTS = 10
+_CUBIC_C, _CUBIC_BETA = 0.4, 0.7
+
+
+def rtt_s(forward: Impairment, reverse: Impairment, goodput_bps: float) -> float:
+    """The round trip a segment and its ACK see: both one-way delays at their jitter's upper
+    bound, plus one segment's time on the bottleneck."""
+    return ((forward.delay_ms + forward.jitter_ms + reverse.delay_ms + reverse.jitter_ms) / 1e3
+            + MSS_BYTES * 8 / goodput_bps)
+
+
+def loss_limited_rate_bps(loss: float, rtt: float) -> float:
+    """Steady-state TCP goodput at random segment loss `loss` (0-1): Mathis et al. 1997, or
+    CUBIC's response function where that is larger (RFC 9438)."""
+    if loss <= 0:
+        return math.inf
+    reno = MSS_BYTES * 8 / rtt * math.sqrt(1.5 / loss)
+    cubic_window = ((_CUBIC_C * (3 + _CUBIC_BETA) / (4 * (1 - _CUBIC_BETA))) ** 0.25
+                    * (rtt ** 3 / loss ** 3) ** 0.25)
+    return max(reno, cubic_window * MSS_BYTES * 8 / rtt)
+
+
+def slow_start_time_s(n_bytes: float, goodput_bps: float, rtt: float) -> float:
+    """Time to send `n_bytes` from the initial window: rounds of one RTT while the doubling
+    window is below the bandwidth-delay product, then the link's rate."""
+    t, sent, window = 0.0, 0.0, float(INITIAL_WINDOW_SEGMENTS * MSS_BYTES)
+    bdp = goodput_bps * rtt / 8
+    while n_bytes - sent > window and window < bdp:
+        t += rtt
+        sent += window
+        window *= 2
+    return t + (n_bytes - sent) * 8 / goodput_bps
+
+
+def tcp_transfer_time_s(payload_bytes: int, goodput_bps: float, forward: Impairment,
+                        reverse: Impairment = Impairment()) -> float:
+    """Seconds from the first byte sent to the last byte received (module docstring).
+
+    `goodput_bps`: payload bits per second the shaped link carries; `forward`: the
+    direction of the data; `reverse`: the direction of the ACKs."""
+    if payload_bytes <= 0:
+        return 0.0
+    rtt = rtt_s(forward, reverse, goodput_bps)
+    one_way = (forward.delay_ms + forward.jitter_ms) / 1e3
+    p = forward.loss_pct / 100
+    if p <= 0:
+        return slow_start_time_s(payload_bytes, goodput_bps, rtt) + one_way
+    segments = math.ceil(payload_bytes / MSS_BYTES)
+    survive_all = (1 - p) ** segments
+    in_slow_start = min(segments, (1 - survive_all) * (1 - p) / p + 1)
+    t = slow_start_time_s(in_slow_start * MSS_BYTES, goodput_bps, rtt)
+    t += (1 - survive_all) * rtt
+    rest_bytes = max(0.0, payload_bytes - in_slow_start * MSS_BYTES)
+    t += rest_bytes * 8 / min(goodput_bps, loss_limited_rate_bps(p, rtt))
+    return t + one_way
