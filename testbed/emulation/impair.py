@@ -18,6 +18,13 @@ Two paths, chosen once per cell (recorded as `path` in the status):
 
 `none`: no link has an impairment (nothing is installed; a later change picks a path).
 A requested impairment that cannot be applied raises ResourceError naming what is missing.
+
+TCP congestion control: once a cell has impairments, every node's namespace uses Reno
+(`net.ipv4.tcp_congestion_control`), whatever the host's default is (this VM's is BBR,
+which ignores random loss): the cost model's loss-limited rate is Reno's (Mathis et al.),
+CUBIC — the usual default on devices — behaves like Reno at a cell's RTTs (RFC 9438's
+Reno-friendly region), and only Reno and the host's allowed list can be set inside a
+namespace (tcp_allowed_congestion_control; CUBIC is not on it here).
 Rules in a device's namespace vanish with it; `close()` stops the delayer (it holds a
 socket in every namespace it serves) and removes the server's chain.
 
@@ -39,7 +46,7 @@ from typing import Any, Literal
 from pyroute2.netlink.exceptions import NetlinkError
 
 from testbed.emulation.delayer import DelayerHandle
-from testbed.emulation.nsutil import netns_path, open_iproute
+from testbed.emulation.nsutil import in_netns, netns_path, open_iproute
 from testbed.emulation.shaping import Qdisc, ShapingPlan, handle_str, leaf_handle, mbps_to_bps, queue_packets
 from testbed.errors import ResourceError
 from testbed.model.impairments import Impairment, LinkImpairment
@@ -58,6 +65,7 @@ __all__ = [
 
 ImpairPath = Literal["netem", "nfqueue+iptables", "none"]
 CHAIN = "TB-IMPAIR"
+CONGESTION_CONTROL = "reno"
 DEVICE_QUEUE = 0
 _FRAME_BYTES = 1514
 _NETEM_MAJOR_OFFSET = 0x8000  # netem leaves get their own handles: `replace` grafts them over the pfifo
@@ -232,6 +240,7 @@ class Impairer:
     path: ImpairPath = "none"
     current: dict[str, LinkImpairment] = field(default_factory=dict)
     delayer: DelayerHandle | None = None
+    congestion_control: str | None = None  # None: the host's default (no impairment yet)
     _hooked: set[str] = field(default_factory=set)
     _queues: set[tuple[str, int]] = field(default_factory=set)
     _leaves: list[NetemLeaf] = field(default_factory=list)
@@ -262,11 +271,24 @@ class Impairer:
                 self.current.update(changed)
                 return
             self.path = self._choose_path()
+            await self._set_congestion_control()
         if self.path == "netem":
             await self._apply_netem(changed, rates or {})
         else:
             await self._apply_fallback(changed)
         self.current.update(changed)
+
+    async def _set_congestion_control(self) -> None:
+        def write() -> None:
+            Path("/proc/sys/net/ipv4/tcp_congestion_control").write_text(CONGESTION_CONTROL)
+
+        for netns in [self.server_netns, *(link.netns for link in self.links)]:
+            try:
+                await asyncio.to_thread(in_netns, netns, write)
+            except OSError as e:
+                raise ResourceError(f"{netns}: cannot set net.ipv4.tcp_congestion_control={CONGESTION_CONTROL} "
+                                    f"({e.strerror}); the impairment model needs a loss-based TCP") from None
+        self.congestion_control = CONGESTION_CONTROL
 
     # -- netem ----------------------------------------------------------------------------
     async def _apply_netem(self, changed: Mapping[str, LinkImpairment], rates: Mapping[str, tuple[float, float]]) -> None:
@@ -349,6 +371,7 @@ class Impairer:
         return {
             "path": self.path,
             "delayer_pid": self.delayer.pid if self.delayer is not None else None,
+            "tcp_congestion_control": self.congestion_control or "host default",
             "devices": {dev: imp.to_json() for dev, imp in self.current.items() if not imp.is_zero},
         }
 

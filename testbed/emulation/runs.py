@@ -4,7 +4,8 @@ A run's directory (mode 0700) holds state.json (the status document, written by 
 supervisor), supervisor.pid, logs and secrets/. `cleanup_run` removes everything a run
 can leave — processes in its cgroups or namespaces, the host link, namespaces, cgroups,
 the directory — whether or not its supervisor is still alive; `known_runs` finds runs by
-their state directories and kernel object names (tb-<run>-*, tb<run>h, testbed/<run>).
+their state directories, kernel object names (tb-<run>-*, tb<run>h, testbed/<run>) and
+delayer processes (`testbed-delayer <run>`, which keep the namespaces they serve alive).
 """
 
 from __future__ import annotations
@@ -122,6 +123,7 @@ def known_runs(cg: Cgroups | None = None) -> list[str]:
     except ResourceError:
         pass
     runs |= set(_docker_runs())
+    runs |= set(delayer_pids().values())
     return sorted(r for r in runs if re.fullmatch(r"[a-z0-9]{1,7}", r))
 
 
@@ -174,6 +176,30 @@ def _pids_naming(text: str) -> set[int]:
     return pids
 
 
+def delayer_pids(run_id: str | None = None) -> dict[int, str]:
+    """Delayer processes (pid -> run) by their title `testbed-delayer <run>`, or by their
+    command line while they start (`python -m testbed.emulation.delayer <run>`)."""
+    from testbed.emulation.delayer import PROCESS_TITLE
+
+    found: dict[int, str] = {}
+    for p in os.listdir("/proc"):
+        if not p.isdigit():
+            continue
+        try:
+            args = Path(f"/proc/{p}/cmdline").read_bytes().decode(errors="replace").split("\0")
+        except OSError:
+            continue
+        words = " ".join(args).split()
+        run = None
+        if words[:1] == [PROCESS_TITLE] and len(words) > 1:
+            run = words[1]
+        elif "testbed.emulation.delayer" in words and words.index("testbed.emulation.delayer") + 1 < len(words):
+            run = words[words.index("testbed.emulation.delayer") + 1]
+        if run is not None and (run_id is None or run == run_id):
+            found[int(p)] = run
+    return found
+
+
 def _docker_runs() -> list[str]:
     """Runs that have containers or networks labelled testbed.run (none without docker)."""
     try:
@@ -223,6 +249,7 @@ def cleanup_run(run_id: str, supervisor_timeout_s: float = 30.0) -> list[str]:
     victims = set(cg.pids(run_id)) if cg is not None else set()
     victims |= _pids_in_netns([NETNS_DIR / n for n in list_netns(f"tb-{run_id}-")])
     victims |= _pids_naming(f"{RUN_ROOT / run_id}/")  # host-side helpers (the agent template) of a crashed run
+    victims |= set(delayer_pids(run_id))  # it exits with its owner; one that did not would keep the namespaces
     for p in sorted(victims):
         stop_pid_sync(p, timeout_s=2.0)
         removed.append(f"process {p}")

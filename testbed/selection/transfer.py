@@ -1,30 +1,38 @@
 """How long one message takes over a TCP connection on a shaped, delayed, lossy link. Pure.
 
 From the sender's first byte to the receiver's last (what the relay measures as t_down /
-t_up, without the per-message overhead of costs.py):
+t_up, without the per-message overhead of costs.py), for a message that starts from the
+initial window — the first on its connection, as a relay stage's latent is on its agent's
+MQTT connection (or one after an idle of several RTOs, RFC 2861):
 
-    T = slow start at the link's RTT          (Linux: initial window 10 segments, RFC 6928,
-                                              doubling each round trip; the connection is
-                                              idle between messages, so every message
-                                              starts from it again, RFC 2861 / RFC 5681)
+    T = slow start at the link's RTT          (initial window 10 segments, RFC 6928,
+                                              doubling each round trip, until the window
+                                              covers the bandwidth-delay product)
       + P(a loss) x one RTT of fast recovery  (SACK repairs a window's losses in one RTT)
-      + the rest at min(link rate, loss-limited rate)
+      + congestion avoidance for the rest     (from half the window the loss hit, +1
+                                              segment per RTT; after the 1/p segments
+                                              that follow a loss on average, at the
+                                              steady-state loss-limited rate)
       + the one-way delay of the last segment
 
-With loss p in the data direction the short-flow composition of Cardwell, Savage and
-Anderson ("Modeling TCP Latency", IEEE INFOCOM 2000) applies: slow start carries the
-expected E[d_ss] = (1 - (1-p)^d)(1-p)/p + 1 of the message's d segments before the first
-loss, the rest flows at the steady-state rate of Mathis, Semke, Mahdavi and Ott ("The
-Macroscopic Behavior of the TCP Congestion Avoidance Algorithm", ACM CCR 27(3), 1997):
+With loss p in the data direction this is the short-flow composition of Cardwell, Savage
+and Anderson ("Modeling TCP Latency", IEEE INFOCOM 2000): slow start carries the expected
+E[d_ss] = (1 - (1-p)^d)(1-p)/p + 1 of the message's d segments before the first loss and
+ends at window E[W_ss] = (E[d_ss] + w_1) / 2; the steady state is the rate of Mathis,
+Semke, Mahdavi and Ott ("The Macroscopic Behavior of the TCP Congestion Avoidance
+Algorithm", ACM CCR 27(3), 1997):
 
-    B = MSS / RTT * sqrt(3 / (2 p))           (one ACK per segment's worth of cwnd growth:
-                                              Linux counts acknowledged segments)
+    B = MSS / RTT * sqrt(3 / (2 p))           (cwnd grows per acknowledged segment in
+                                              Linux, so no delayed-ACK factor)
 
-or CUBIC's larger rate where its own response function gives more (RFC 9438 §5: average
-window (C (3+beta) / (4 (1-beta)))^(1/4) (RTT^3 / p^3)^(1/4), C = 0.4, beta = 0.7); in a
-cell's RTTs that is never the case, so Mathis's holds. Loss of ACKs is not modelled
-(cumulative ACKs absorb it). Jitter counts at its upper bound: flows are kept in order,
-so a segment waits for the slowest earlier one.
+or CUBIC's where its response function gives more (RFC 9438 §5: average window
+(C (3+beta) / (4 (1-beta)))^(1/4) (RTT^3 / p^3)^(1/4), C = 0.4, beta = 0.7; in a cell's RTTs
+that is never the case). Cardwell et al. send the rest at the steady-state rate straight
+away; a short message does not live long enough to reach it, so the congestion-avoidance
+rounds from the halved window come first. Loss of ACKs is not modelled (cumulative ACKs
+absorb it), nor timeouts (SACK, RACK and tail-loss probes make them rare at these
+windows). Jitter counts at its upper bound: flows are kept in order, so a segment waits
+for the slowest earlier one.
 
 With no delay and no loss the result is exactly payload / rate.
 """
@@ -36,7 +44,7 @@ import math
 from testbed.model.impairments import Impairment
 
 __all__ = ["MSS_BYTES", "INITIAL_WINDOW_SEGMENTS", "rtt_s", "loss_limited_rate_bps", "slow_start_time_s",
-           "tcp_transfer_time_s"]
+           "congestion_avoidance_time_s", "tcp_transfer_time_s"]
 
 MSS_BYTES = 1448  # 1500-byte MTU - 20 IP - 20 TCP - 12 timestamp option
 INITIAL_WINDOW_SEGMENTS = 10
@@ -73,6 +81,23 @@ def slow_start_time_s(n_bytes: float, goodput_bps: float, rtt: float) -> float:
     return t + (n_bytes - sent) * 8 / goodput_bps
 
 
+def congestion_avoidance_time_s(segments: float, window: float, goodput_bps: float, rtt: float,
+                                loss: float) -> float:
+    """Time to send `segments` in congestion avoidance from `window` (segments): +1 segment
+    per RTT until the window covers the bandwidth-delay product (then the link's rate),
+    and after the 1/loss segments that follow a loss on average, the loss-limited rate."""
+    seg_bits = MSS_BYTES * 8
+    bdp_segments = goodput_bps * rtt / seg_bits
+    transient = min(segments, 1 / loss) if loss > 0 else segments
+    t, sent = 0.0, 0.0
+    while transient - sent > window and window < bdp_segments:
+        t += rtt
+        sent += window
+        window += 1
+    t += (transient - sent) * seg_bits / goodput_bps
+    return t + (segments - transient) * seg_bits / min(goodput_bps, loss_limited_rate_bps(loss, rtt))
+
+
 def tcp_transfer_time_s(payload_bytes: int, goodput_bps: float, forward: Impairment,
                         reverse: Impairment = Impairment()) -> float:
     """Seconds from the first byte sent to the last byte received (module docstring).
@@ -90,7 +115,10 @@ def tcp_transfer_time_s(payload_bytes: int, goodput_bps: float, forward: Impairm
     survive_all = (1 - p) ** segments
     in_slow_start = min(segments, (1 - survive_all) * (1 - p) / p + 1)
     t = slow_start_time_s(in_slow_start * MSS_BYTES, goodput_bps, rtt)
+    if in_slow_start >= segments:
+        return t + one_way
+    bdp_segments = goodput_bps * rtt / (MSS_BYTES * 8)
+    window_at_loss = min(bdp_segments, (in_slow_start + INITIAL_WINDOW_SEGMENTS) / 2)
     t += (1 - survive_all) * rtt
-    rest_bytes = max(0.0, payload_bytes - in_slow_start * MSS_BYTES)
-    t += rest_bytes * 8 / min(goodput_bps, loss_limited_rate_bps(p, rtt))
+    t += congestion_avoidance_time_s(segments - in_slow_start, max(2.0, window_at_loss / 2), goodput_bps, rtt, p)
     return t + one_way
