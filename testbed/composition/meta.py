@@ -1,7 +1,7 @@
 """The `meta` block of a run's result: what a reader needs to trust the numbers.
 
 Model and precisions actually computed in (fp16 runs as bfloat16 on a CPU), compute mode,
-whether a delay path (netem) was active, seeds, payload sizes, versions and the project's
+which path applied link delay and loss (netem, nfqueue+iptables or none), seeds, payload sizes, versions and the project's
 git commit. Part of the composition layer (runner.py).
 """
 
@@ -80,7 +80,8 @@ def run_meta(topo: Any, emu: Any, broker: Any, outcome: Any, model: Any, image: 
         "image_shape": image.get("image_shape"),
         "backend": getattr(getattr(emu, "backend", None), "name", None),
         "netem": bool(getattr(emu, "netem", False)),
-        "delay_path": "netem" if getattr(emu, "netem", False) else "none (no added propagation delay)",
+        "delay_path": (getattr(emu, "impair", None).status()["path"] if getattr(emu, "impair", None) is not None
+                       else "none"),  # netem | nfqueue+iptables | none (docs/links.md)
         "shaping": "htb",
         "warnings": list(getattr(emu, "warnings", [])),
         "broker": getattr(broker, "kind", None),
