@@ -9,10 +9,10 @@ MQTT connection (or one after an idle of several RTOs, RFC 2861):
                                               doubling each round trip, until the window
                                               covers the bandwidth-delay product)
       + P(a loss) x one RTT of fast recovery  (SACK repairs a window's losses in one RTT)
-      + congestion avoidance for the rest     (from half the window the loss hit, +1
-                                              segment per RTT; after the 1/p segments
-                                              that follow a loss on average, at the
-                                              steady-state loss-limited rate)
+      + congestion avoidance for the rest     (from ssthresh, +1 segment per RTT; after
+                                              the 1/p segments that follow a loss on
+                                              average, at the steady-state loss-limited
+                                              rate)
       + the one-way delay of the last segment
 
 With loss p in the data direction this is the short-flow composition of Cardwell, Savage
@@ -29,7 +29,9 @@ or CUBIC's where its response function gives more (RFC 9438 §5: average window
 (C (3+beta) / (4 (1-beta)))^(1/4) (RTT^3 / p^3)^(1/4), C = 0.4, beta = 0.7; in a cell's RTTs
 that is never the case). Cardwell et al. send the rest at the steady-state rate straight
 away; a short message does not live long enough to reach it, so the congestion-avoidance
-rounds from the halved window come first. Loss of ACKs is not modelled (cumulative ACKs
+rounds come first. They start at ssthresh = half the window when the loss is detected,
+an RTT after the lost segment left: slow start went on growing the window by the segments
+acknowledged before the hole (half a round on average), so ssthresh = 0.75 E[W_ss]. Loss of ACKs is not modelled (cumulative ACKs
 absorb it), nor timeouts (SACK, RACK and tail-loss probes make them rare at these
 windows). Jitter counts at its upper bound: flows are kept in order, so a segment waits
 for the slowest earlier one.
@@ -120,5 +122,6 @@ def tcp_transfer_time_s(payload_bytes: int, goodput_bps: float, forward: Impairm
     bdp_segments = goodput_bps * rtt / (MSS_BYTES * 8)
     window_at_loss = min(bdp_segments, (in_slow_start + INITIAL_WINDOW_SEGMENTS) / 2)
     t += (1 - survive_all) * rtt
-    t += congestion_avoidance_time_s(segments - in_slow_start, max(2.0, window_at_loss / 2), goodput_bps, rtt, p)
+    ssthresh = max(2.0, 0.75 * window_at_loss)  # half of 1.5 x the window: see the module docstring
+    t += congestion_avoidance_time_s(segments - in_slow_start, ssthresh, goodput_bps, rtt, p)
     return t + one_way
