@@ -15,6 +15,9 @@ CLI (`testbed run --fail DEV`), the TUI and bench/faults.py (`FaultInjector.inje
                     duration_s (default: the rest of the run)
     slow            lower the device's CPU quota to `value` cores (default 0.05) for
                     duration_s (default: the rest of the run)
+    delay, loss     set the device's one-way delay to `value` ms (default 50) / its loss
+                    to `value` % (default 5), both directions, for duration_s (default:
+                    the rest of the run); the other impairments stay (docs/links.md)
 
 When: `at_s` seconds after the relay starts, or `at_stage` N — in the middle of stage N's
 computation (half its predicted compute time after the device received the latent).
@@ -44,12 +47,12 @@ __all__ = [
     "parse_fault",
 ]
 
-FAULT_KINDS = ("kill", "broker-restart", "link-flap", "rate-drop", "slow")
+FAULT_KINDS = ("kill", "broker-restart", "link-flap", "rate-drop", "slow", "delay", "loss")
 #: None: the fault lasts until the run ends (the emulation is torn down or `close()` restores it)
 DEFAULT_DURATION_S: dict[str, float | None] = {"kill": None, "broker-restart": 1.0, "link-flap": 3.0,
-                                               "rate-drop": None, "slow": None}
-DEFAULT_VALUE: dict[str, float | None] = {"rate-drop": 0.01, "slow": 0.05}
-_DEVICE_KINDS = ("kill", "link-flap", "rate-drop", "slow")
+                                               "rate-drop": None, "slow": None, "delay": None, "loss": None}
+DEFAULT_VALUE: dict[str, float | None] = {"rate-drop": 0.01, "slow": 0.05, "delay": 50.0, "loss": 5.0}
+_DEVICE_KINDS = ("kill", "link-flap", "rate-drop", "slow", "delay", "loss")
 
 
 @dataclass
@@ -232,6 +235,26 @@ class FaultInjector:
             raise ResourceError(f"rate-drop {dev}: shaping is off in this emulation")
         await emu.set_link(dev, val, val)
         return lambda: emu.set_link(dev, *old)
+
+    async def _delay(self, emu: Any, dev: str, val: float) -> Callable[[], Awaitable[None]]:
+        return await self._impair(emu, dev, delay_ms=val)
+
+    async def _loss(self, emu: Any, dev: str, val: float) -> Callable[[], Awaitable[None]]:
+        return await self._impair(emu, dev, loss_pct=val)
+
+    async def _impair(self, emu: Any, dev: str, **change: float) -> Callable[[], Awaitable[None]]:
+        from dataclasses import replace
+
+        from testbed.model.impairments import LinkImpairment
+
+        if not hasattr(emu, "set_impairments"):
+            raise ResourceError(f"{next(iter(change))} {dev}: this cell cannot change link impairments from here "
+                                "(a `testbed up` cell takes them through its owner)")
+        old = emu.impairments[dev]
+        jitter = min(old.up.jitter_ms, change.get("delay_ms", old.up.delay_ms))  # jitter never exceeds the delay
+        new = LinkImpairment(replace(old.up, jitter_ms=jitter, **change), replace(old.down, jitter_ms=jitter, **change))
+        await emu.set_impairments({dev: new})
+        return lambda: emu.set_impairments({dev: old})
 
     async def _slow(self, emu: Any, dev: str, val: float) -> Callable[[], Awaitable[None]]:
         from testbed.emulation.cgroups import CgroupLimits

@@ -242,7 +242,7 @@ class MobilityConfig(_Model):
 class FaultSpec(_Model):
     """A fault injected during a run (see the README's fault section)."""
 
-    kind: Literal["kill", "broker-restart", "link-flap", "rate-drop", "slow"]
+    kind: Literal["kill", "broker-restart", "link-flap", "rate-drop", "slow", "delay", "loss"]
     device: Annotated[str, Field(pattern=DEVICE_ID_RE)] | None = None
     at_s: NonNegativeFloat | None = None
     at_stage: Annotated[int, Field(ge=0)] | None = None
@@ -257,8 +257,11 @@ class FaultSpec(_Model):
             raise ValueError("broker-restart takes no device (the broker runs on the edge server)")
         if self.kind == "kill" and self.duration_s is not None:
             raise ValueError("kill takes no duration_s (a killed agent stays dead)")
-        if self.value is not None and self.kind not in ("rate-drop", "slow"):
-            raise ValueError(f"{self.kind} takes no value (only rate-drop: Mbit/s, slow: CPU cores)")
+        if self.value is not None and self.kind not in ("rate-drop", "slow", "delay", "loss"):
+            raise ValueError(f"{self.kind} takes no value (only rate-drop: Mbit/s, slow: CPU cores, "
+                             "delay: ms one way, loss: %)")
+        if self.kind == "loss" and self.value is not None and self.value >= 100:
+            raise ValueError(f"loss value {self.value:g} %: must be below 100 (a cut link is link-flap)")
         return self
 
 
