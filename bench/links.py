@@ -9,7 +9,10 @@
 3. transfer prediction: 256 KB messages, each the first on its TCP connection (as a relay
    stage's latent is on its agent's MQTT connection: the window starts from the initial
    one), one way (first byte sent -> last byte received), vs the cost model
-   (selection/transfer.py) over delay {5, 20, 50} ms x loss {0, 0.5, 2} %, at 100 Mbit/s.
+   (selection/transfer.py) over delay {5, 20, 50} ms x loss {0, 0.5, 2} %, at 100 Mbit/s;
+4. radio: topologies/paper-radio.yaml, the cell-edge device (lowest SNR) and the central
+   one (highest): measured and predicted 256 KB transfers, with and without the
+   radio-derived impairments.
 
     sudo .venv/bin/python bench/links.py [--messages 8] [--only ping,cost,predict] [--json]
 """
@@ -198,6 +201,37 @@ async def bench_predict(messages: int) -> list[dict]:
     return rows
 
 
+async def bench_radio(messages: int) -> list[dict]:
+    from testbed.emulation import Emulation
+    from testbed.model.topology import load_topology
+    from testbed.selection import device_costs
+    from testbed.selection.costs import DEFAULT_MESSAGE_OVERHEAD_S
+
+    topo = load_topology(REPO / "topologies/paper-radio.yaml")
+    plain = topo.model_copy(update={"links": None})
+    rows = []
+    async with Emulation(topo, "l" + uuid.uuid4().hex[:5], cgroups=False, mobility=False) as emu:
+        by_snr = sorted(emu.links, key=lambda lk: lk.snr_up_db)
+        server = emu.nodes["server"]
+        predicted = {c.id: c for c in device_costs(topo, emu.links)}
+        unimpaired = {c.id: c for c in device_costs(plain, emu.links)}
+        for where, link in (("edge", by_snr[0]), ("centre", by_snr[-1])):
+            dev = emu.nodes[link.id]
+            down = await asyncio.to_thread(one_way_times, dev.netns, dev.address, server.netns, messages)
+            up = await asyncio.to_thread(one_way_times, server.netns, server.address, dev.netns, messages)
+            imp = emu.impairments[link.id]
+            c, u = predicted[link.id], unimpaired[link.id]
+            rows.append({"where": where, "device": link.id, "snr_up_db": link.snr_up_db, "snr_down_db": link.snr_down_db,
+                         "rate_up_mbps": link.rate_up_mbps, "rate_down_mbps": link.rate_down_mbps,
+                         "rtt_added_ms": imp.rtt_ms, "loss_up_pct": imp.up.loss_pct, "loss_down_pct": imp.down.loss_pct,
+                         "measured_down_s": statistics.mean(down), "measured_up_s": statistics.mean(up),
+                         "predicted_down_s": c.t_down_s - DEFAULT_MESSAGE_OVERHEAD_S,
+                         "predicted_up_s": c.t_up_s - DEFAULT_MESSAGE_OVERHEAD_S,
+                         "unimpaired_down_s": u.t_down_s - DEFAULT_MESSAGE_OVERHEAD_S,
+                         "unimpaired_up_s": u.t_up_s - DEFAULT_MESSAGE_OVERHEAD_S})
+    return rows
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--sink")
@@ -207,7 +241,7 @@ def main() -> int:
     ap.add_argument("--messages", type=int, default=8, help="256 KB messages per direction and grid point")
     ap.add_argument("--pings", type=int, default=1000)
     ap.add_argument("--seconds", type=float, default=8.0, help="iperf3 seconds per rate")
-    ap.add_argument("--only", default="ping,cost,predict")
+    ap.add_argument("--only", default="ping,cost,predict,radio")
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args()
     if args.sink:
@@ -228,6 +262,8 @@ def main() -> int:
         doc["cost"] = asyncio.run(bench_cost(args.seconds))
     if "predict" in parts:
         doc["predict"] = asyncio.run(bench_predict(args.messages))
+    if "radio" in parts:
+        doc["radio"] = asyncio.run(bench_radio(args.messages))
     doc["wall_s"] = time.perf_counter() - t0
     if args.json:
         print(json.dumps(doc, indent=2))
@@ -249,6 +285,12 @@ def main() -> int:
         pooled_p = sum(r["predicted_s"] for r in doc["predict"])
         pooled_m = sum(r["measured_mean_s"] for r in doc["predict"])
         print(f"pooled: |sum measured - sum predicted| / sum predicted = {abs(pooled_m - pooled_p) / pooled_p:.3f}")
+    for r in doc.get("radio", []):
+        print(f"paper-radio {r['where']:6} {r['device']}: SNR up/down {r['snr_up_db']:.1f}/{r['snr_down_db']:.1f} dB, "
+              f"{r['rate_up_mbps']:.1f}/{r['rate_down_mbps']:.1f} Mbit/s, +{r['rtt_added_ms']:.1f} ms RTT, loss "
+              f"{r['loss_up_pct']:.3f}/{r['loss_down_pct']:.3f} %: 256 KB down {r['measured_down_s']:.3f} s "
+              f"(predicted {r['predicted_down_s']:.3f}, without impairments {r['unimpaired_down_s']:.3f}), "
+              f"up {r['measured_up_s']:.3f} s (predicted {r['predicted_up_s']:.3f}, without {r['unimpaired_up_s']:.3f})")
     print(f"({doc['wall_s']:.0f} s)")
     return 0
 

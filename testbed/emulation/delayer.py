@@ -34,6 +34,7 @@ import threading
 import time
 from typing import Any
 
+from testbed.emulation.nfqueue import flow_key
 from testbed.errors import ResourceError
 
 __all__ = ["PROCESS_TITLE", "DelayerHandle", "Delayer", "main"]
@@ -94,18 +95,20 @@ class Delayer:
 
     # -- packets ------------------------------------------------------------------------
     def receive(self, netns: str, now: float) -> None:
-        from testbed.emulation.nfqueue import flow_key
-
-        for p in self.sockets[netns].read():
-            delay, jitter = self.queues.get((netns, p.queue), (0.0, 0.0))
+        heap, last_due, queues = self._heap, self._last_due, self.queues
+        packets = self.sockets[netns].read()
+        self.packets += len(packets)
+        for p in packets:
+            delay, jitter = queues.get((netns, p.queue), (0.0, 0.0))
             due = now + delay + (self._rng.uniform(-jitter, jitter) if jitter else 0.0)
             flow = (netns, flow_key(p.head))
-            due = max(due, self._last_due.get(flow, 0.0))  # never overtake the flow's earlier packets
-            self._last_due[flow] = due
+            prev = last_due.get(flow, 0.0)
+            if prev > due:  # never overtake the flow's earlier packets
+                due = prev
+            last_due[flow] = due
             self._seq += 1
-            heapq.heappush(self._heap, (due, self._seq, netns, p.queue, p.packet_id))
-            self.packets += 1
-        self.max_held = max(self.max_held, len(self._heap))
+            heapq.heappush(heap, (due, self._seq, netns, p.queue, p.packet_id))
+        self.max_held = max(self.max_held, len(heap))
 
     def release(self, now: float, everything: bool = False) -> None:
         due_now: dict[str, list[tuple[int, int]]] = {}
@@ -137,12 +140,16 @@ class Delayer:
         os.set_blocking(control_fd, False)
         pending = b""
         next_sweep = time.monotonic() + _FLOW_SWEEP_S
+        by_fd: dict[int, str] = {}
+        fds = [control_fd]
         while not stop.is_set():
+            if len(by_fd) != len(self.sockets):  # a namespace was added
+                by_fd = {s.fileno(): ns for ns, s in self.sockets.items()}
+                fds = [control_fd, *by_fd]
             now = time.monotonic()
             timeout = max(0.0, self._heap[0][0] - now) if self._heap else _FLOW_SWEEP_S
-            by_fd = {s.fileno(): ns for ns, s in self.sockets.items()}
             try:
-                ready, _, _ = select.select([control_fd, *by_fd], [], [], timeout)
+                ready, _, _ = select.select(fds, [], [], timeout)
             except InterruptedError:
                 continue
             now = time.monotonic()

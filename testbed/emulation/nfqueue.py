@@ -81,35 +81,35 @@ def verdict_message(queue: int, packet_id: int, verdict: int = NF_ACCEPT) -> byt
                     _NLM_F_REQUEST)
 
 
-def _attrs(buf: bytes, start: int, end: int) -> Iterator[tuple[int, bytes]]:
-    while start + _ATTR.size <= end:
-        n, kind = _ATTR.unpack_from(buf, start)
-        if n < _ATTR.size:
-            return
-        yield kind & _NLA_TYPE_MASK, buf[start + _ATTR.size:start + n]
-        start += (n + 3) & ~3
-
-
 def parse_messages(buf: bytes) -> Iterator[QueuedPacket | tuple[int, int]]:
-    """Queued packets, and (seq, errno) for netlink acknowledgements (errno 0 = success)."""
-    off = 0
-    while off + _HDR.size <= len(buf):
+    """Queued packets, and (seq, errno) for netlink acknowledgements (errno 0 = success).
+
+    Hot path of the delayer (one call per packet): attributes are walked inline."""
+    off, end = 0, len(buf)
+    packet_type = (_NFNL_SUBSYS_QUEUE << 8) | _MSG_PACKET
+    while off + 16 <= end:
         length, mtype, _flags, seq, _pid = _HDR.unpack_from(buf, off)
-        if length < _HDR.size:
+        if length < 16:
             return
-        if mtype == _NLMSG_ERROR:
-            (code,) = struct.unpack_from("=i", buf, off + _HDR.size)
-            yield seq, -code
-        elif mtype == (_NFNL_SUBSYS_QUEUE << 8) | _MSG_PACKET:
-            _fam, _ver, queue = _NFGEN.unpack_from(buf, off + _HDR.size)
+        if mtype == packet_type:
+            queue = (buf[off + 18] << 8) | buf[off + 19]
             packet_id, head = None, b""
-            for kind, payload in _attrs(buf, off + _HDR.size + _NFGEN.size, off + length):
+            a, stop = off + 20, off + length
+            while a + 4 <= stop:
+                n, kind = _ATTR.unpack_from(buf, a)
+                if n < 4:
+                    break
+                kind &= _NLA_TYPE_MASK
                 if kind == _ATTR_PACKET_HDR:
-                    (packet_id,) = struct.unpack_from("!I", payload)
+                    packet_id = int.from_bytes(buf[a + 4:a + 8], "big")
                 elif kind == _ATTR_PAYLOAD:
-                    head = payload
+                    head = buf[a + 4:a + n]
+                a += (n + 3) & ~3
             if packet_id is not None:
                 yield QueuedPacket(queue, packet_id, head)
+        elif mtype == _NLMSG_ERROR:
+            (code,) = struct.unpack_from("=i", buf, off + 16)
+            yield seq, -code
         off += (length + 3) & ~3
 
 
