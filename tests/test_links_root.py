@@ -178,3 +178,28 @@ def test_a_stray_delayer_is_found_and_stopped(run_id: str) -> None:
         if stray.poll() is None:
             stray.kill()
             stray.wait()
+
+
+async def test_mobility_rederives_radio_impairments(run_id: str) -> None:
+    import asyncio
+
+    topo = parse_topology("""
+name: moving
+devices:
+  list:
+    - {id: dev01, position: {x_m: 10, y_m: 10}}
+radio: {los: nlos}
+links: {impairments: radio}
+mobility: {speed_mps: 60, interval_s: 0.2}
+""")
+    async with Emulation(topo, run_id, cgroups=False) as emu:
+        first = emu.impairments["dev01"]
+        assert first.up.delay_ms > 5  # at the cell edge: retransmissions
+        seen = {first}
+        for _ in range(30):
+            await asyncio.sleep(0.2)
+            seen.add(emu.impairments["dev01"])
+            if len(seen) > 2:
+                break
+        assert len(seen) > 2, "the radio-derived impairments never changed while the device moved"
+        assert emu.status()["impairments"]["devices"]["dev01"] == emu.impairments["dev01"].to_json()
