@@ -30,7 +30,7 @@ def test_netem_leaves_replace_the_impaired_devices_pfifos_in_both_directions():
     # the 100 ms queue at 50 Mbit/s (413 frames) plus 20 ms in flight (83 frames)
     assert down.limit_packets == 413 + 83
     assert down.handle >> 16 != plan.classes["dev01"] & 0xFFFF  # its own handle: `replace` grafts it
-    gone = replaced_pfifos(plan, leaves)
+    gone = replaced_pfifos(plan.ops, leaves)
     assert {(q.ifname, q.parent) for q in gone} == {("br", plan.classes["dev01"]), ("ifb", plan.classes["dev01"])}
     assert all(isinstance(q, Qdisc) and q.kind == "pfifo" for q in gone)
 
@@ -162,3 +162,49 @@ def test_bad_commands_are_answered_not_fatal():
     assert d._command(b'{"op": "set", "netns": "ns", "queue": 0, "delay_ms": 5}') == {"ok": True}
     assert d.queues[("ns", 0)] == (0.005, 0.0)
     assert {"packets", "cpu_s", "late_us_mean"} <= set(d._command(b'{"op": "stats"}'))
+
+
+async def test_impairer_netem_path_grafts_regrafts_and_restores(monkeypatch):
+    """The netem path's bookkeeping, with the pyroute2 calls captured (no sch_netem here)."""
+    from testbed.emulation import impair
+    from testbed.emulation.impair import ImpairedLink, Impairer
+    from testbed.emulation.shaping import plan_rates
+
+    calls: list[tuple[list, list]] = []
+
+    async def fake_apply(netns, leaves, restore=()):
+        calls.append((list(leaves), list(restore)))
+
+    async def no_cc(self):
+        self.congestion_control = "reno"
+
+    monkeypatch.setattr(impair, "_apply_netem", fake_apply)
+    monkeypatch.setattr(Impairer, "_set_congestion_control", no_cc)
+    plan = cell()
+    links = [ImpairedLink("dev01", "198.18.0.10", "ns1", 0), ImpairedLink("dev02", "198.18.0.11", "ns2", 1)]
+    imp = Impairer("r1", "nss", "198.18.0.1", links, netem_available=True, shaping=plan)
+    rates = {"dev01": (20.0, 50.0), "dev02": (20.0, 50.0)}
+    await imp.apply({"dev01": LinkImpairment.symmetric(20, 0, 1), "dev02": LinkImpairment()}, rates)
+    assert imp.path == "netem" and imp.delayer is None
+    leaves, restore = calls[-1]
+    assert len(leaves) == 2 and restore == []
+    in_kernel = imp.shaping_ops_in_kernel(plan.ops)
+    assert len(in_kernel) == len(plan.ops) - 2  # dev01's two pfifos are netem now
+    # a rate change replaces the pfifo leaves: netem goes back on, sized for the new rate
+    slower = {"dev01": (5.0, 5.0), "dev02": (20.0, 50.0)}
+    new_ops = plan_rates("br", "ifb", [LinkRate(d, f"198.18.0.1{i}", u, dn) for i, (d, (u, dn)) in enumerate(slower.items())],
+                         plan.classes, None, None)
+    keyed = {(type(o).__name__, o.ifname, getattr(o, "classid", getattr(o, "handle", None))): o for o in new_ops}
+    plan2 = type(plan)(plan.down_ifname, plan.up_ifname,
+                       tuple(keyed.get((type(o).__name__, o.ifname, getattr(o, "classid", getattr(o, "handle", None))), o)
+                             for o in plan.ops), plan.classes)
+    await imp.after_rate_change(slower, plan2)
+    leaves2, _ = calls[-1]
+    assert max(x.limit_packets for x in leaves2) < min(x.limit_packets for x in leaves)
+    # clearing the impairment puts the plain pfifo back in both directions
+    await imp.apply({"dev01": LinkImpairment()}, slower)
+    leaves3, restore3 = calls[-1]
+    assert leaves3 == [] and {(q.ifname, q.parent) for q in restore3} == {("br", plan.classes["dev01"]),
+                                                                           ("ifb", plan.classes["dev01"])}
+    assert imp.shaping_ops_in_kernel(plan2.ops) == list(plan2.ops)
+    assert imp.status()["devices"] == {}

@@ -285,11 +285,11 @@ class Emulation:
             changed = [c for c in new if c not in old]
             async with open_iproute(ns) as ipr:
                 await change_rates(ipr, changed)
-            if self.impair is not None:
-                await self.impair.after_rate_change(self._rates())
             keyed = {_key(c): c for c in new}
             self.plan = ShapingPlan(self.plan.down_ifname, self.plan.up_ifname,
                                     tuple(keyed.get(_key(op), op) for op in self.plan.ops), self.plan.classes)
+            if self.impair is not None:
+                await self.impair.after_rate_change(self._rates(), self.plan)
 
     async def set_link(self, device_id: str, up_mbps: float, down_mbps: float) -> None:
         await self.set_links({device_id: (up_mbps, down_mbps)})

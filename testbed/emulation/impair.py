@@ -133,10 +133,10 @@ def plan_netem(plan: ShapingPlan, impairments: Mapping[str, LinkImpairment],
     return leaves
 
 
-def replaced_pfifos(plan: ShapingPlan, leaves: Iterable[NetemLeaf]) -> set[Qdisc]:
-    """The shaping plan's pfifo leaves that netem leaves stand in for (not in the kernel)."""
+def replaced_pfifos(ops: Iterable[Any], leaves: Iterable[NetemLeaf]) -> list[Qdisc]:
+    """The shaping ops' pfifo leaves that netem leaves stand in for (not in the kernel)."""
     taken = {(leaf.ifname, leaf.parent) for leaf in leaves}
-    return {op for op in plan.ops if isinstance(op, Qdisc) and op.kind == "pfifo" and (op.ifname, op.parent) in taken}
+    return [op for op in ops if isinstance(op, Qdisc) and op.kind == "pfifo" and (op.ifname, op.parent) in taken]
 
 
 async def _apply_netem(netns: str, leaves: Sequence[NetemLeaf], restore: Sequence[Qdisc] = ()) -> None:
@@ -303,18 +303,18 @@ class Impairer:
                 {(op.ifname, op.parent) for op in [*leaves, *restore]}]
         self._leaves = keep + leaves
 
-    async def after_rate_change(self, rates: Mapping[str, tuple[float, float]]) -> None:
+    async def after_rate_change(self, rates: Mapping[str, tuple[float, float]], plan: ShapingPlan) -> None:
         """Rates changed (shaping replaced the devices' pfifo leaves): put netem back."""
-        if self.path == "netem" and self.shaping is not None:
+        self.shaping = plan
+        if self.path == "netem":
             leaves = plan_netem(self.shaping, self.current, rates)
             await _apply_netem(self.server_netns, leaves)
             self._leaves = leaves
 
     def shaping_ops_in_kernel(self, ops: Iterable[Any]) -> list[Any]:
         """The shaping plan's ops as the kernel holds them with these netem leaves."""
-        if self.shaping is None:
-            return list(ops)
-        gone = replaced_pfifos(self.shaping, self._leaves)
+        ops = list(ops)
+        gone = replaced_pfifos(ops, self._leaves)
         return [op for op in ops if op not in gone]
 
     async def verify(self) -> list[str]:
