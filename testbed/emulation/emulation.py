@@ -379,7 +379,8 @@ class Emulation:
                 self.nodes[dev].x_m, self.nodes[dev].y_m = x, y
                 rows.append({"id": dev, "x_m": x, "y_m": y, "distance_m": d, "rate_up_mbps": up, "rate_down_mbps": down})
             await self.set_links(rates)
-            await self.set_impairments(impaired)  # changes nothing unless links: {impairments: radio}
+            if self.topology.links is not None and self.topology.links.impairments == "radio":
+                await self.set_impairments(impaired)  # fixed ones do not move (and faults' changes stay)
             update = LinkUpdate(time.monotonic() - t0, tuple(rows))
             for q in self._subscribers:
                 if q.full():
