@@ -15,6 +15,9 @@ events), `testbed fault`, the TUI and bench/faults.py (`inject`).
                     duration_s (default: the rest of the run)
     slow            lower the device's CPU quota to `value` cores (default 0.05) for
                     duration_s (default: the rest of the run)
+    delay, loss     set the device's one-way delay to `value` ms (default 50) / its loss
+                    to `value` % (default 5), both directions, for duration_s (default:
+                    the rest of the run); the other impairments stay (docs/links.md)
 
 When: `at_s` seconds after the relay starts, or `at_stage` N — in the middle of stage N's
 computation (half its predicted compute time after the device received the latent).
@@ -42,12 +45,12 @@ __all__ = [
     "parse_fault",
 ]
 
-FAULT_KINDS = ("kill", "broker-restart", "link-flap", "rate-drop", "slow")
+FAULT_KINDS = ("kill", "broker-restart", "link-flap", "rate-drop", "slow", "delay", "loss")
 #: None: the fault lasts until the run ends (the emulation is torn down or `close()` restores it)
 DEFAULT_DURATION_S: dict[str, float | None] = {"kill": None, "broker-restart": 1.0, "link-flap": 3.0,
-                                               "rate-drop": None, "slow": None}
-DEFAULT_VALUE: dict[str, float | None] = {"rate-drop": 0.01, "slow": 0.05}
-_DEVICE_KINDS = ("kill", "link-flap", "rate-drop", "slow")
+                                               "rate-drop": None, "slow": None, "delay": None, "loss": None}
+DEFAULT_VALUE: dict[str, float | None] = {"rate-drop": 0.01, "slow": 0.05, "delay": 50.0, "loss": 5.0}
+_DEVICE_KINDS = ("kill", "link-flap", "rate-drop", "slow", "delay", "loss")
 
 
 @dataclass
@@ -224,6 +227,23 @@ class FaultInjector:
         await cell.set_link(dev, val, val)
         return lambda: cell.set_link(dev, *old)
 
+    async def _delay(self, cell: Cell, dev: str, val: float) -> Callable[[], Awaitable[None]]:
+        return await self._impair(cell, dev, delay_ms=val)
+
+    async def _loss(self, cell: Cell, dev: str, val: float) -> Callable[[], Awaitable[None]]:
+        return await self._impair(cell, dev, loss_pct=val)
+
+    async def _impair(self, cell: Cell, dev: str, **change: float) -> Callable[[], Awaitable[None]]:
+        from dataclasses import replace
+
+        from testbed.model.impairments import LinkImpairment
+
+        old = cell.impairments[dev]
+        jitter = min(old.up.jitter_ms, change.get("delay_ms", old.up.delay_ms))  # jitter never exceeds the delay
+        new = LinkImpairment(replace(old.up, jitter_ms=jitter, **change), replace(old.down, jitter_ms=jitter, **change))
+        await cell.set_impairments({dev: new})
+        return lambda: cell.set_impairments({dev: old})
+
     async def _slow(self, cell: Cell, dev: str, val: float) -> Callable[[], Awaitable[None]]:
         old = cell.nodes[dev].cpu_quota_cores
         if old is None:
@@ -242,5 +262,5 @@ class FaultInjector:
 
         return start
 
-    _APPLY = {"kill": _kill, "link-flap": _link_flap, "rate-drop": _rate_drop, "slow": _slow,
-              "broker-restart": _broker_restart}
+    _APPLY = {"kill": _kill, "link-flap": _link_flap, "rate-drop": _rate_drop, "slow": _slow, "delay": _delay,
+              "loss": _loss, "broker-restart": _broker_restart}

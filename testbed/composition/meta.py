@@ -1,8 +1,8 @@
 """The `meta` block of a run's result: what a reader needs to trust the numbers.
 
 Model and precisions actually computed in (fp16 runs as bfloat16 on a CPU), compute mode,
-whether a delay path (netem) was active, seeds, payload sizes, versions, the project's
-git commit, and `labels`: what each number of the result is — measured on this machine,
+which path applied link delay and loss (netem, nfqueue+iptables or none), seeds, payload
+sizes, versions, the project's git commit, and `labels`: what each number of the result is — measured on this machine,
 emulated (a profile's time the run waited out) or modelled (a formula). Part of the
 composition layer (session.py); the sweep's CSV, figures and the TUI take the same labels.
 """
@@ -120,7 +120,8 @@ def run_meta(topo: Any, cell: Any, outcome: Any, model: Any, image: dict[str, An
         "image_shape": image.get("image_shape"),
         "backend": cell.backend_name,
         "netem": bool(status.get("netem")),
-        "delay_path": "netem" if status.get("netem") else "none (no added propagation delay)",
+        "delay_path": (status.get("impairments") or {}).get("path", "none"),  # netem | nfqueue+iptables | none
+        "impairments": (status.get("impairments") or {}),
         "shaping": "htb",
         "warnings": list(cell.warnings),
         "broker": getattr(broker, "kind", None),

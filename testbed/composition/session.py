@@ -433,7 +433,8 @@ class RunSession:
         self.events.open(out / "events.jsonl" if out is not None else None)
         await self.server_model()  # (its imports first: plans may import diffusers too)
         history = self.history.load() if self.history is not None else {}
-        ctx = PlanContext(self.topology, self.current_links(), self.t_max_s, self.e_max_j, self.topology.seed, history)
+        ctx = PlanContext(self.topology, self.current_links(), self.t_max_s, self.e_max_j, self.topology.seed, history,
+                          cell.impairments)
         plan = collab.plan(ctx)
         specs = list(self.topology.faults if faults is None else faults)
         if fail is not None:

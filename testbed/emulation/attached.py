@@ -19,6 +19,7 @@ from testbed.emulation.broker import BrokerHandle
 from testbed.emulation.cell import BrokerSettings, Cell, LinkUpdate, NodeJoin, NodeState
 from testbed.emulation.control import Handler, call, call_sync
 from testbed.errors import ResourceError
+from testbed.model.impairments import LinkImpairment
 from testbed.model.names import STATE_ROOT, check_run_id
 from testbed.model.radio import DeviceLink
 
@@ -36,7 +37,8 @@ def cell_handlers(cell: Cell) -> dict[str, Handler]:
     def describe() -> dict[str, Any]:
         broker = cell.broker
         return {"run": cell.run_id, "backend": cell.backend_name, "links": [lk.model_dump() for lk in cell.links],
-                "status": cell.status(), "broker": broker.to_json() if broker is not None else None}
+                "status": cell.status(), "broker": broker.to_json() if broker is not None else None,
+                "impairments": {dev: imp.to_json() for dev, imp in cell.impairments.items()}}
 
     def changes(fn: Callable[..., Any]) -> Handler:
         async def handler(**kw: Any) -> dict[str, Any]:
@@ -47,6 +49,9 @@ def cell_handlers(cell: Cell) -> dict[str, Handler]:
 
     async def set_links(rates: dict[str, list[float]]) -> None:
         await cell.set_links({dev: (float(r[0]), float(r[1])) for dev, r in rates.items()})
+
+    async def set_impairments(impairments: dict[str, dict[str, Any]]) -> None:
+        await cell.set_impairments({dev: LinkImpairment.from_json(v) for dev, v in impairments.items()})
 
     async def join(node_id: str) -> dict[str, Any]:
         return (await cell.join(node_id)).to_json()
@@ -65,6 +70,7 @@ def cell_handlers(cell: Cell) -> dict[str, Handler]:
         "describe": status,
         "set_links": changes(set_links),
         "set_link": changes(cell.set_link),
+        "set_impairments": changes(set_impairments),
         "cut_link": changes(cell.cut_link),
         "restore_link": changes(cell.restore_link),
         "set_cpu": changes(cell.set_cpu),
@@ -91,6 +97,7 @@ class AttachedCell:
         self.warnings: list[str] = []
         self._broker: BrokerHandle | None = None
         self._status: dict[str, Any] = {}
+        self._impairments: dict[str, LinkImpairment] = {}
         self._callbacks: list[Callable[[LinkUpdate], None]] = []
         self._poller: asyncio.Task | None = None
         self._apply(doc)
@@ -108,6 +115,7 @@ class AttachedCell:
         self.nodes = {n["id"]: NodeState.from_json(n) for n in self._status["nodes"]}
         self.warnings = list(self._status.get("warnings") or [])
         self._broker = BrokerHandle.from_json(doc["broker"]) if doc.get("broker") else None
+        self._impairments = {dev: LinkImpairment.from_json(v) for dev, v in (doc.get("impairments") or {}).items()}
         return doc
 
     async def _change(self, op: str, **args: Any) -> None:
@@ -129,6 +137,13 @@ class AttachedCell:
 
     async def set_link(self, device_id: str, up_mbps: float, down_mbps: float) -> None:
         await self._change("set_link", device_id=device_id, up_mbps=up_mbps, down_mbps=down_mbps)
+
+    @property
+    def impairments(self) -> dict[str, LinkImpairment]:
+        return dict(self._impairments)
+
+    async def set_impairments(self, impairments: dict[str, LinkImpairment]) -> None:
+        await self._change("set_impairments", impairments={d: i.to_json() for d, i in impairments.items()})
 
     async def cut_link(self, device_id: str) -> None:
         await self._change("cut_link", device_id=device_id)

@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, Protocol, runtime_checkable
 
+from testbed.model.impairments import LinkImpairment
 from testbed.model.names import MQTT_PORT
 from testbed.model.radio import DeviceLink
 
@@ -123,6 +124,15 @@ class Cell(Protocol):
     # links --------------------------------------------------------------------------
     async def set_links(self, rates: dict[str, tuple[float, float]]) -> None: ...
     async def set_link(self, device_id: str, up_mbps: float, down_mbps: float) -> None: ...
+    @property
+    def impairments(self) -> dict[str, LinkImpairment]:
+        """Every device's delay, jitter and loss per direction, as applied now."""
+        ...
+
+    async def set_impairments(self, impairments: dict[str, LinkImpairment]) -> None:
+        """Change devices' delay, jitter and loss live (docs/links.md)."""
+        ...
+
     async def cut_link(self, device_id: str) -> None: ...
     async def restore_link(self, device_id: str) -> None: ...
     def on_update(self, callback: Callable[[LinkUpdate], None]) -> None:

@@ -17,6 +17,7 @@ from typing import Any
 from testbed.emulation.broker import BrokerHandle, start_broker
 from testbed.emulation.cell import BrokerSettings, LinkUpdate, NodeJoin, NodeState, restart_broker
 from testbed.errors import ResourceError
+from testbed.model.impairments import LinkImpairment
 from testbed.model.names import SERVER_ID, check_run_id
 from testbed.model.radio import DeviceLink
 
@@ -60,6 +61,13 @@ class ComposeCell:
 
     async def set_link(self, device_id: str, up_mbps: float, down_mbps: float) -> None:
         await self.set_links({device_id: (up_mbps, down_mbps)})
+
+    @property
+    def impairments(self) -> dict[str, LinkImpairment]:
+        return {lk.id: LinkImpairment() for lk in self.links}
+
+    async def set_impairments(self, impairments: dict[str, LinkImpairment]) -> None:
+        raise self._elsewhere("set_impairments", "each device service would need netem in its own container")
 
     async def cut_link(self, device_id: str) -> None:
         raise self._elsewhere("cut_link", f"use `docker network disconnect` on {device_id}'s container")

@@ -25,6 +25,7 @@ from testbed.emulation.backend import Backend, NetnsBackend, NodeSpec, device_ad
 from testbed.emulation.broker import BrokerHandle, start_broker
 from testbed.emulation.cell import BrokerSettings, LinkUpdate, NodeJoin, NodeState, restart_broker
 from testbed.emulation.cgroups import Cgroups
+from testbed.emulation.impair import ImpairedLink, Impairer, ImpairPath
 from testbed.emulation.mobility import RandomWaypoint
 from testbed.emulation.nsutil import open_iproute
 from testbed.emulation.procs import stop_pid
@@ -40,6 +41,7 @@ from testbed.emulation.shaping import (
     read_back,
 )
 from testbed.errors import ResourceError, ShapingError
+from testbed.model.impairments import LinkImpairment, device_impairment, link_impairments
 from testbed.model.names import SERVER_ADDRESS, SERVER_ID, check_run_id
 from testbed.model.profiles import load_profiles
 from testbed.model.radio import DeviceLink, compute_links, link_for_position
@@ -100,6 +102,7 @@ class Emulation:
         gso_off: bool = True,
         state_dir: Path | None = None,
         cgroup_impl: Cgroups | None = None,
+        impair_path: ImpairPath | None = None,
     ):
         self.topology = topology
         self.run_id = check_run_id(run_id)
@@ -110,6 +113,8 @@ class Emulation:
         self.mobility_enabled = mobility
         self.state_dir = state_dir  # None: the run's own directory, made (marked ours) when needed
         self.netem = False
+        self.impair: Impairer | None = None
+        self._impair_path = impair_path  # None: netem where the kernel has it, else nfqueue+iptables
         self.warnings: list[str] = []
         self.nodes: dict[str, NodeState] = {}
         self.links: list[DeviceLink] = []
@@ -179,11 +184,14 @@ class Emulation:
                 await apply_plan(ipr, self.plan.ops)
             self.timings_s["shaping_s"] = time.perf_counter() - t0
         self.netem = await detect_netem(self.backend.netns(SERVER_ID))
-        if not self.netem:
-            self.warnings.append(
-                "sch_netem is not available in this kernel: links have no added delay, jitter or loss "
-                "(propagation in a 500 m cell is ~2 us); recorded as netem: false"
-            )
+        t0 = time.perf_counter()
+        self.impair = Impairer(
+            self.run_id, self.backend.netns(SERVER_ID), SERVER_ADDRESS,
+            [ImpairedLink(s.id, s.address, self.backend.netns(s.id), s.index) for s in self._specs[1:]],
+            self.netem, self.plan, (self.state_dir / "logs" / "delayer.log") if self.state_dir else None,
+            self._impair_path)
+        await self.impair.apply(link_impairments(topo, self.links), self._rates())
+        self.timings_s["impairments_s"] = time.perf_counter() - t0
         if self.mobility_enabled and topo.mobility is not None and self.shaping_enabled:
             self._mobility_task = asyncio.create_task(self._mobility_loop(), name=f"tb-{self.run_id}-mobility")
 
@@ -196,6 +204,8 @@ class Emulation:
                 await self._mobility_task
             self._mobility_task = None
         await self.stop_broker()
+        if self.impair is not None:  # before the namespaces: the delayer holds a socket in each
+            problems += await self.impair.close()
         for node_id in list(self.nodes):
             try:
                 await self._stop_processes(node_id)
@@ -245,9 +255,37 @@ class Emulation:
             keyed = {_key(c): c for c in new}
             self.plan = ShapingPlan(self.plan.down_ifname, self.plan.up_ifname,
                                     tuple(keyed.get(_key(op), op) for op in self.plan.ops), self.plan.classes)
+            if self.impair is not None:
+                await self.impair.after_rate_change(self._rates(), self.plan)
 
     async def set_link(self, device_id: str, up_mbps: float, down_mbps: float) -> None:
         await self.set_links({device_id: (up_mbps, down_mbps)})
+
+    def _rates(self) -> dict[str, tuple[float, float]]:
+        return {n.id: (n.rate_up_mbps, n.rate_down_mbps) for n in self.nodes.values()  # type: ignore[misc]
+                if n.role == "device" and n.rate_up_mbps is not None}
+
+    @property
+    def impairments(self) -> dict[str, LinkImpairment]:
+        """Every device's impairments as applied now (delay, jitter, loss per direction)."""
+        current = self.impair.current if self.impair is not None else {}
+        return {dev: current.get(dev, LinkImpairment()) for dev in self.device_ids()}
+
+    async def set_impairments(self, impairments: dict[str, LinkImpairment]) -> None:
+        """Change several devices' delay, jitter and loss live (per direction)."""
+        for dev in impairments:
+            self._device(dev)
+        assert self.impair is not None, "the emulation is not up"
+        async with self._shape_lock:
+            await self.impair.apply(impairments, self._rates())
+
+    async def set_impairment(self, device_id: str, delay_ms: float, jitter_ms: float = 0.0,
+                             loss_pct: float = 0.0) -> None:
+        """One device's delay, jitter and loss, the same in both directions."""
+        if not (0 <= jitter_ms <= delay_ms <= 10_000 and 0 <= loss_pct < 100):
+            raise ResourceError(f"set_impairment {device_id}: need 0 <= jitter_ms <= delay_ms <= 10000 and "
+                                f"0 <= loss_pct < 100 (got {delay_ms}, {jitter_ms}, {loss_pct})")
+        await self.set_impairments({device_id: LinkImpairment.symmetric(delay_ms, jitter_ms, loss_pct)})
 
     async def read_back(self) -> list:
         ns, down, up = self.backend.shaping_target()
@@ -258,7 +296,8 @@ class Emulation:
         """Differences between the plan and the kernel (empty = as planned)."""
         if self.plan is None:
             return []
-        return diff_plan(self.plan.ops, await self.read_back())
+        planned = self.impair.shaping_ops_in_kernel(self.plan.ops) if self.impair else self.plan.ops
+        return diff_plan(planned, await self.read_back()) + (await self.impair.verify() if self.impair else [])
 
     async def cut_link(self, device_id: str) -> None:
         node = self._device(device_id)
@@ -302,15 +341,19 @@ class Emulation:
             await asyncio.sleep(cfg.interval_s)
             positions = walk.step(cfg.interval_s)
             rates: dict[str, tuple[float, float]] = {}
+            impaired: dict[str, LinkImpairment] = {}
             rows = []
             for dev, (x, y) in positions.items():
                 d = math.hypot(x - server.x_m, y - server.y_m)
                 link = by_id[dev]
-                _, _, _, up, down = link_for_position(self.topology.radio, d, link.los, link.shadowing_db)
+                _, snr_up, snr_down, up, down = link_for_position(self.topology.radio, d, link.los, link.shadowing_db)
                 rates[dev] = (up, down)
+                impaired[dev] = device_impairment(self.topology, dev, snr_up, snr_down)
                 self.nodes[dev].x_m, self.nodes[dev].y_m = x, y
                 rows.append({"id": dev, "x_m": x, "y_m": y, "distance_m": d, "rate_up_mbps": up, "rate_down_mbps": down})
             await self.set_links(rates)
+            if self.topology.links is not None and self.topology.links.impairments == "radio":
+                await self.set_impairments(impaired)  # fixed ones do not move (and faults' changes stay)
             update = LinkUpdate(time.monotonic() - t0, tuple(rows))
             for q in self._subscribers:
                 if q.full():
@@ -424,6 +467,7 @@ class Emulation:
             "run": self.run_id,
             "backend": self.backend.name,
             "netem": self.netem,
+            "impairments": self.impair.status() if self.impair is not None else {"path": "none"},
             "warnings": list(self.warnings),
             "host_route": self.backend.host_route,
             "cell": {"shared_capacity": self.topology.cell.shared_capacity,

@@ -6,7 +6,8 @@ removes everything a run can leave — processes in its cgroups or namespaces, t
 containers and networks, namespaces, cgroups, the directory — whether or not its supervisor
 is still alive; a step that fails does not stop the others, and the failures are raised
 together at the end (CleanupFailed). `known_runs` finds runs by their state directories and
-kernel object names (tb-<run>-*, tb<run>h, testbed/<run>, docker label testbed.run).
+kernel object names (tb-<run>-*, tb<run>h, testbed/<run>, docker label testbed.run) and
+delayer processes (`testbed-delayer <run>`, which keep the namespaces they serve alive).
 """
 
 from __future__ import annotations
@@ -169,6 +170,8 @@ def run_objects(cg: Cgroups | None = None) -> dict[str, list[str]]:
     for r, objects in _docker_runs().items():
         for what in objects:
             add(r, what)
+    for pid, r in delayer_pids().items():  # it keeps the namespaces it serves alive
+        add(r, f"delayer {pid}")
     return found
 
 
@@ -206,6 +209,32 @@ def _pids_naming(text: str) -> set[int]:
 
 def _docker_runs() -> dict[str, list[str]]:
     """Run id -> its containers and networks labelled testbed.run (none without docker)."""
+def delayer_pids(run_id: str | None = None) -> dict[int, str]:
+    """Delayer processes (pid -> run) by their title `testbed-delayer <run>`, or by their
+    command line while they start (`python -m testbed.emulation.delayer <run>`)."""
+    from testbed.emulation.delayer import PROCESS_TITLE
+
+    found: dict[int, str] = {}
+    for p in os.listdir("/proc"):
+        if not p.isdigit():
+            continue
+        try:
+            args = Path(f"/proc/{p}/cmdline").read_bytes().decode(errors="replace").split("\0")
+        except OSError:
+            continue
+        words = " ".join(args).split()
+        run = None
+        if words[:1] == [PROCESS_TITLE] and len(words) > 1:
+            run = words[1]
+        elif "testbed.emulation.delayer" in words and words.index("testbed.emulation.delayer") + 1 < len(words):
+            run = words[words.index("testbed.emulation.delayer") + 1]
+        if run is not None and (run_id is None or run == run_id):
+            found[int(p)] = run
+    return found
+
+
+def _docker_runs() -> list[str]:
+    """Runs that have containers or networks labelled testbed.run (none without docker)."""
     try:
         from testbed.emulation.docker.cleanup import docker_runs
         from testbed.emulation.docker.image import docker_client
@@ -304,6 +333,7 @@ def _stop_processes(run_id: str, cg: Cgroups | None) -> list[str]:
     victims = set(cg.pids(run_id)) if cg is not None else set()
     victims |= pids_in_netns([NETNS_DIR / n for n in list_netns(f"tb-{run_id}-")])
     victims |= _pids_naming(f"{RUN_ROOT / run_id}/")  # host-side helpers (the agent template) of a crashed run
+    victims |= set(delayer_pids(run_id))  # it exits with its owner; one that did not would keep the namespaces
     for p in sorted(victims):
         stop_pid_sync(p, timeout_s=2.0)
     return [f"process {p}" for p in sorted(victims)]

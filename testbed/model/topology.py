@@ -33,6 +33,8 @@ __all__ = [
     "CellConfig",
     "MobilityConfig",
     "FaultSpec",
+    "LinkOverride",
+    "LinksConfig",
     "Bound",
     "Topology",
     "PlacedDevice",
@@ -82,6 +84,41 @@ class ServerSpec(_Model):
     profile: str = "edge-server-a5000"
 
 
+DelayMs = Annotated[float, Field(ge=0, le=10_000, allow_inf_nan=False)]
+LossPct = Annotated[float, Field(ge=0, lt=100, allow_inf_nan=False)]
+
+
+class LinkOverride(_Model):
+    """A device's own link impairments (`link:`); a field left out keeps the cell's value."""
+
+    delay_ms: DelayMs | None = Field(None, description="one-way delay added in each direction, ms")
+    jitter_ms: DelayMs | None = Field(None, description="uniform jitter +- around the delay, ms (<= delay_ms)")
+    loss_pct: LossPct | None = Field(None, description="random packet loss per direction, %")
+
+
+class LinksConfig(_Model):
+    """Cell-wide link impairments (`links:`), added in each direction of every device link
+    (RTT grows by 2 x delay_ms); `impairments: radio` derives delay and loss from each
+    link's SNR instead (docs/links.md). No `links:` block: no impairments."""
+
+    impairments: Literal["fixed", "radio"] = "fixed"
+    delay_ms: DelayMs = Field(0.0, description="one-way delay added in each direction, ms")
+    jitter_ms: DelayMs = Field(0.0, description="uniform jitter +- around the delay, ms (<= delay_ms)")
+    loss_pct: LossPct = Field(0.0, description="random packet loss per direction, %")
+
+    @model_validator(mode="after")
+    def _consistent(self) -> LinksConfig:
+        if self.impairments == "radio":
+            given = [k for k in ("delay_ms", "jitter_ms", "loss_pct") if k in self.model_fields_set]
+            if given:
+                raise ValueError(f"{', '.join(given)}: with impairments: radio, delay and loss come from each "
+                                 "link's SNR; remove them or set impairments: fixed (a device's link: still overrides)")
+        elif self.jitter_ms > self.delay_ms:
+            raise ValueError(f"jitter_ms={self.jitter_ms:g} exceeds delay_ms={self.delay_ms:g}; "
+                             "the delay would go negative: lower jitter_ms or raise delay_ms")
+        return self
+
+
 class DeviceSpec(_Model):
     """One explicitly listed device; omitted fields are drawn like a pool device's."""
 
@@ -89,6 +126,7 @@ class DeviceSpec(_Model):
     profile: str | None = None
     precision: str | None = None
     position: Position | None = None
+    link: LinkOverride | None = None
 
 
 class DevicePool(_Model):
@@ -214,7 +252,7 @@ class MobilityConfig(_Model):
 class FaultSpec(_Model):
     """A fault injected during a run (see the README's fault section)."""
 
-    kind: Literal["kill", "broker-restart", "link-flap", "rate-drop", "slow"]
+    kind: Literal["kill", "broker-restart", "link-flap", "rate-drop", "slow", "delay", "loss"]
     device: Name | None = None
     at_s: NonNegativeFloat | None = None
     at_stage: Annotated[int, Field(ge=0)] | None = None
@@ -229,8 +267,11 @@ class FaultSpec(_Model):
             raise ValueError("broker-restart takes no device (the broker runs on the edge server)")
         if self.kind == "kill" and self.duration_s is not None:
             raise ValueError("kill takes no duration_s (a killed agent stays dead)")
-        if self.value is not None and self.kind not in ("rate-drop", "slow"):
-            raise ValueError(f"{self.kind} takes no value (only rate-drop: Mbit/s, slow: CPU cores)")
+        if self.value is not None and self.kind not in ("rate-drop", "slow", "delay", "loss"):
+            raise ValueError(f"{self.kind} takes no value (only rate-drop: Mbit/s, slow: CPU cores, "
+                             "delay: ms one way, loss: %)")
+        if self.kind == "loss" and self.value is not None and self.value >= 100:
+            raise ValueError(f"loss value {self.value:g} %: must be below 100 (a cut link is link-flap)")
         return self
 
 
@@ -252,6 +293,7 @@ class Topology(_Model):
     budgets: Budgets = Budgets()
     cell: CellConfig = CellConfig()
     mobility: MobilityConfig | None = None
+    links: LinksConfig | None = None
     faults: list[FaultSpec] = Field(default_factory=list)
     expect: dict[str, Bound] = Field(default_factory=dict)
 
@@ -278,11 +320,39 @@ class Topology(_Model):
                 )
             if d.position is not None:
                 _check_inside(self.area, d.position, ("devices", "list", i, "position"))
+            if d.link is not None:
+                self._check_link_override(i, d.link)
         ids = _device_ids(self.devices) if self.faults else []
         for i, f in enumerate(self.faults):
             if f.device is not None and f.device not in ids:
                 raise _located(("faults", i, "device"), _unknown("device", f.device, dict.fromkeys(ids)))
         return self
+
+    def _check_link_override(self, i: int, link: LinkOverride) -> None:
+        """A device's jitter may not exceed the delay it ends up with (a radio delay is at least
+        the model's base delay, data/radio_links.yaml)."""
+        if link.jitter_ms is None:
+            return
+        cell = self.links
+        if link.delay_ms is not None:
+            delay = link.delay_ms
+        elif cell is not None and cell.impairments == "radio":
+            from testbed.model.impairments import load_radio_link_params
+
+            delay = min(load_radio_link_params().base_delay_ms.values())
+        else:
+            delay = cell.delay_ms if cell is not None else 0.0
+        if link.jitter_ms > delay:
+            raise _located(("devices", "list", i, "link", "jitter_ms"),
+                           f"{link.jitter_ms:g} exceeds this device's delay of {delay:g} ms; the delay would go "
+                           "negative: lower jitter_ms or set the device's delay_ms")
+
+    def link_override(self, device_id: str) -> LinkOverride | None:
+        """The `link:` of a listed device (None for generated devices and devices without one)."""
+        for d in self.devices.list:
+            if d.id == device_id:
+                return d.link
+        return None
 
     @property
     def server_position(self) -> Position:

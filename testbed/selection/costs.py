@@ -4,10 +4,16 @@ Pure. A device's latency and energy for its stage are additive and do not
 depend on where it sits in the relay order: every stage downloads one latent from the
 edge server (the first one: the initial noise), runs K steps and uploads the result.
 
-    T_down = payload_bytes * 8 / (rate_down * link_efficiency) + message_overhead_s
+    T_down = tcp(payload_bytes, rate_down * link_efficiency, down, up) + message_overhead_s
     T_cmp  = K * step_time(resolution, precision)
-    T_up   = payload_bytes * 8 / (rate_up * link_efficiency) + message_overhead_s
+    T_up   = tcp(payload_bytes, rate_up * link_efficiency, up, down) + message_overhead_s
     E_down = P_rx * T_down      E_cmp = P_cmp * T_cmp      E_up = P_tx * T_up
+
+`tcp(...)` is the time of one message over TCP on the link (selection/transfer.py): slow
+start at the link's RTT, loss through Mathis et al. 1997 (Cardwell et al. 2000 for the
+short-flow part), the link's impairments (model/impairments.py: the topology's `links:`,
+`link:` overrides or the radio model) in the data direction and the ACKs' direction.
+Without impairments it is exactly payload_bytes * 8 / (rate * link_efficiency).
 
 `link_efficiency` is the share of the shaped PHY rate that arrives as application payload:
 HTB on veth delivered 0.96-0.97 of the configured rate to TCP (1448 payload bytes per
@@ -30,9 +36,11 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 
 from testbed.errors import TopologyError
+from testbed.model.impairments import LinkImpairment, link_impairments
 from testbed.model.profiles import load_profiles, model_size_bytes, step_time_s
 from testbed.model.radio import DeviceLink
 from testbed.model.topology import Topology
+from testbed.selection.transfer import tcp_transfer_time_s
 
 __all__ = ["DEFAULT_LINK_EFFICIENCY", "DEFAULT_MESSAGE_OVERHEAD_S", "DeviceCost", "device_costs", "model_size_mb"]
 
@@ -98,8 +106,12 @@ def device_costs(
     sizes_mb: Mapping[str, float] | None = None,
     link_efficiency: float = DEFAULT_LINK_EFFICIENCY,
     message_overhead_s: float = DEFAULT_MESSAGE_OVERHEAD_S,
+    impairments: Mapping[str, LinkImpairment] | None = None,
 ) -> list[DeviceCost]:
     """The stage cost of every device with a link, in link order.
+
+    `impairments` (device id -> delay, jitter, loss per direction) overrides what the
+    topology gives (`model.impairments.link_impairments`), e.g. a live cell's current ones.
 
     `sizes_mb` overrides model sizes: a key may be a device id (that device) or a
     precision (every device of it); device ids win. Without it, S_j is the SD1.5 UNet
@@ -111,8 +123,8 @@ def device_costs(
         raise TopologyError(f"message_overhead_s={message_overhead_s:g} must be in [0, 10) s, e.g. 0.003")
     profiles = load_profiles()
     wl = topo.workload
-    bits = wl.payload_bytes * 8
     sizes = dict(sizes_mb or {})
+    impaired = link_impairments(topo, links) | dict(impairments or {})
     out: list[DeviceCost] = []
     for link in links:
         prof = profiles[link.profile]
@@ -123,8 +135,11 @@ def device_costs(
             t_cmp = wl.steps_per_stage * step_time_s(prof, wl.resolution_px, link.precision)
         except KeyError as e:
             raise TopologyError(f"device {link.id}: {e.args[0]}; add it to data/profiles.yaml") from None
-        t_down = bits / (link.rate_down_mbps * 1e6 * link_efficiency) + message_overhead_s
-        t_up = bits / (link.rate_up_mbps * 1e6 * link_efficiency) + message_overhead_s
+        imp = impaired[link.id]
+        t_down = tcp_transfer_time_s(wl.payload_bytes, link.rate_down_mbps * 1e6 * link_efficiency,
+                                     imp.down, imp.up) + message_overhead_s
+        t_up = tcp_transfer_time_s(wl.payload_bytes, link.rate_up_mbps * 1e6 * link_efficiency,
+                                   imp.up, imp.down) + message_overhead_s
         if link.id in sizes:
             size = sizes[link.id]
         elif link.precision in sizes:

@@ -13,7 +13,9 @@ size of SD1.5's cut tensors (the 12 skip connections + the bottleneck) at the wo
 resolution, in the head's activation dtype (fp32 for fp32 models, fp16 otherwise) with
 classifier-free guidance's batch of 2 — the tiny model computes, SD1.5's traffic crosses.
 
-Per-step cost of a pair (head h, tail t), with eta = link efficiency (selection.costs):
+Per-step cost of a pair (head h, tail t), with eta = link efficiency (selection.costs);
+on impaired links (topology `links:`) each X*8/(r*eta) is the TCP transfer time of
+selection/transfer.py instead (slow start at the RTT, loss):
 
     t_step = L*8/(r_down_h*eta) + s*T_h + F_h*8/(r_up_h*eta)      (head: latent in, compute, features out)
            + F_h*8/(r_down_t*eta) + (1-s)*T_t + L*8/(r_up_t*eta)  (tail: features in, compute, noise out)
@@ -39,12 +41,15 @@ from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass
-from typing import Any, Callable
+from collections.abc import Callable, Mapping
+from typing import Any
 
 from testbed.errors import InfeasibleError, TopologyError
+from testbed.model.impairments import LinkImpairment, device_impairment
 from testbed.model.profiles import load_profiles, step_time_s
 from testbed.model.radio import DeviceLink
 from testbed.selection.costs import DEFAULT_LINK_EFFICIENCY, DEFAULT_MESSAGE_OVERHEAD_S, model_size_mb
+from testbed.selection.transfer import tcp_transfer_time_s
 from testbed.model.topology import Topology
 
 __all__ = ["HANDLING_S_PER_MB", "HEAD_FLOP_SHARE", "SplitStepCost", "SplitPlan",
@@ -164,8 +169,10 @@ def pair_cost(
     tail: DeviceLink,
     feature_bytes: Callable[[str], int],
     link_efficiency: float = DEFAULT_LINK_EFFICIENCY,
+    impairments: Mapping[str, LinkImpairment] | None = None,
 ) -> SplitStepCost:
-    """Predicted per-step cost of splitting the UNet between `head` and `tail`."""
+    """Predicted per-step cost of splitting the UNet between `head` and `tail` (with the
+    links' `impairments` when given, e.g. a live cell's; else the topology's)."""
     profiles = load_profiles()
     wl = topo.workload
     share = _head_share(wl.resolution_px)
@@ -173,17 +180,22 @@ def pair_cost(
     fbytes = int(feature_bytes(head.precision))
     lbytes = int(wl.payload_bytes)
 
-    def tx_s(nbytes: int, rate_mbps: float, who: str) -> float:
-        if not rate_mbps > 0:
-            raise TopologyError(f"device {who}: link rate {rate_mbps:g} Mbit/s; the device has no usable link")
-        return nbytes * 8 / (rate_mbps * 1e6 * link_efficiency) + DEFAULT_MESSAGE_OVERHEAD_S
+    imp = {lk.id: (impairments or {}).get(lk.id) or device_impairment(topo, lk.id, lk.snr_up_db, lk.snr_down_db)
+           for lk in (head, tail)}
 
-    t_lat_down = tx_s(lbytes, head.rate_down_mbps, head.id)
+    def tx_s(nbytes: int, link: DeviceLink, direction: str) -> float:
+        rate_mbps = link.rate_up_mbps if direction == "up" else link.rate_down_mbps
+        if not rate_mbps > 0:
+            raise TopologyError(f"device {link.id}: link rate {rate_mbps:g} Mbit/s; the device has no usable link")
+        fwd, rev = (imp[link.id].up, imp[link.id].down) if direction == "up" else (imp[link.id].down, imp[link.id].up)
+        return tcp_transfer_time_s(nbytes, rate_mbps * 1e6 * link_efficiency, fwd, rev) + DEFAULT_MESSAGE_OVERHEAD_S
+
+    t_lat_down = tx_s(lbytes, head, "down")
     t_head = share * step_time_s(ph, wl.resolution_px, head.precision)
-    t_feat_up = tx_s(fbytes, head.rate_up_mbps, head.id)
-    t_feat_down = tx_s(fbytes, tail.rate_down_mbps, tail.id)
+    t_feat_up = tx_s(fbytes, head, "up")
+    t_feat_down = tx_s(fbytes, tail, "down")
     t_tail = (1 - share) * step_time_s(pt, wl.resolution_px, tail.precision)
-    t_noise_up = tx_s(lbytes, tail.rate_up_mbps, tail.id)
+    t_noise_up = tx_s(lbytes, tail, "up")
     # the features leave the head and reach the tail: each end handles one copy under its
     # quota; measured, this time lands in the head's t_up, the server's t_relay and the
     # tail's t_down/t_cmp, so it is charged at the radio powers of those hops
@@ -209,6 +221,7 @@ def plan_split(
     feature_bytes: Callable[[str], int],
     candidates: list[str] | None = None,
     link_efficiency: float = DEFAULT_LINK_EFFICIENCY,
+    impairments: Mapping[str, LinkImpairment] | None = None,
 ) -> SplitPlan:
     """The best (head, tail) pair among `candidates` (default: every device) and its step count.
 
@@ -227,7 +240,7 @@ def plan_split(
         for t in pool:
             if h.id == t.id:
                 continue
-            c = pair_cost(topo, h, t, feature_bytes, link_efficiency)
+            c = pair_cost(topo, h, t, feature_bytes, link_efficiency, impairments)
             n = c.steps_within(t_max_s, e_max_j)
             n_pairs += 1
             key = (n, c.size_mb, -c.latency_s)
@@ -236,7 +249,7 @@ def plan_split(
     assert best is not None
     _, cost, n = best
     if n == 0:
-        fastest = min((pair_cost(topo, h, t, feature_bytes, link_efficiency) for h in pool for t in pool
+        fastest = min((pair_cost(topo, h, t, feature_bytes, link_efficiency, impairments) for h in pool for t in pool
                        if h.id != t.id), key=lambda c: max(c.latency_s / t_max_s, c.energy_j / e_max_j))
         raise InfeasibleError(
             f"split diffusion: not one step fits T_max {t_max_s:g} s and E_max {e_max_j:g} J; the cheapest pair "

@@ -86,6 +86,7 @@ def up(
 def _print_status(state: dict) -> None:
     cell = state.get("cell") or {}
     title = (f"run {state['run']} ({state['backend']}), netem: {'yes' if state['netem'] else 'no'}, "
+             f"impairments: {(state.get('impairments') or {}).get('path', 'none')}, "
              f"shared cell: {'on' if cell.get('shared_capacity') else 'off'}")
     if state.get("broker"):
         b = state["broker"]
@@ -119,7 +120,7 @@ def status(
     observer = read_state(run_id, "observer.json")
     if as_json:
         print_json({k: state[k] for k in ("run", "backend", "netem", "nodes")} | {
-            k: state[k] for k in ("warnings", "cell", "broker", "host_route", "mobility", "topology", "seed", "up_s",
+            k: state[k] for k in ("warnings", "impairments", "cell", "broker", "host_route", "mobility", "topology", "seed", "up_s",
                                   "timings_s") if k in state}
             | ({"observer": {k: v for k, v in observer.items() if k != "password"}
                              | {"credentials": str(run_dir(run_id) / "observer.json")}} if observer else {}))

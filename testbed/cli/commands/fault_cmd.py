@@ -22,7 +22,7 @@ from testbed.errors import TopologyError
 
 
 def fault(
-    kind: str = typer.Argument(..., help="kill, broker-restart, link-flap, rate-drop or slow"),
+    kind: str = typer.Argument(..., help="kill, broker-restart, link-flap, rate-drop, slow, delay or loss"),
     device: str | None = typer.Argument(None, help="device id (not for broker-restart)"),
     run: str | None = typer.Option(None, "--run", help="run id (default: the only run that is up)"),
     duration_s: float | None = typer.Option(None, "--duration", help="seconds until the fault is undone "

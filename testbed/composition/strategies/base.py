@@ -15,6 +15,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Protocol
 
+from testbed.model.impairments import LinkImpairment
 from testbed.model.radio import DeviceLink
 from testbed.model.topology import Topology
 
@@ -29,6 +30,7 @@ class PlanContext:
     e_max_j: float
     seed: int
     history: dict[str, float] = field(default_factory=dict)  # energy each device has spent so far (J)
+    impairments: dict[str, LinkImpairment] = field(default_factory=dict)  # delay, jitter, loss applied now
 
 
 class Plan(Protocol):

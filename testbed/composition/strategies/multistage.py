@@ -65,7 +65,7 @@ class Multistage:
         self.order = list(order) if order is not None else None
 
     def plan(self, ctx: PlanContext) -> MultistagePlan:
-        costs = device_costs(ctx.topology, ctx.links)
+        costs = device_costs(ctx.topology, ctx.links, impairments=ctx.impairments)
         if self.order is not None:
             sel = fixed_selection(costs, self.order, ctx.t_max_s, ctx.e_max_j)
         else:

@@ -45,7 +45,7 @@ class Split:
 
     def plan(self, ctx: PlanContext) -> SplitPlan:
         fbytes = feature_bytes_fn(ctx.topology.workload.resolution_px)
-        return plan_split(ctx.topology, ctx.links, ctx.t_max_s, ctx.e_max_j, fbytes)
+        return plan_split(ctx.topology, ctx.links, ctx.t_max_s, ctx.e_max_j, fbytes, impairments=ctx.impairments)
 
     async def execute(self, run: RunContext, plan: SplitPlan) -> Outcome:
         from testbed.relay.split import SplitOrchestrator

@@ -1,0 +1,299 @@
+"""Link impairments (issue 14), measured side by side; needs root, leaves nothing behind.
+
+1. added delay and loss vs configured: `ping -U` RTT (user-to-user: plain ping timestamps
+   replies before netfilter holds them) and ping loss from the server's namespace, vs
+   2 x delay_ms and 1 - (1 - loss)^2;
+2. the delayer's cost: iperf3 through a 20 ms link at 10, 50 and 100 Mbit/s (downlink;
+   data and ACKs both pass the delayer): its CPU seconds per second of traffic (of one
+   core) and the packets per second it holds and releases;
+3. transfer prediction: 256 KB messages, each the first on its TCP connection (as a relay
+   stage's latent is on its agent's MQTT connection: the window starts from the initial
+   one), one way (first byte sent -> last byte received), vs the cost model
+   (selection/transfer.py) over delay {5, 20, 50} ms x loss {0, 0.5, 2} %, at 100 Mbit/s;
+4. radio: topologies/paper-radio.yaml, the cell-edge device (lowest SNR) and the central
+   one (highest): measured and predicted 256 KB transfers, with and without the
+   radio-derived impairments.
+
+    sudo .venv/bin/python bench/links.py [--messages 8] [--only ping,cost,predict] [--json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import re
+import socket
+import statistics
+import struct
+import subprocess
+import sys
+import time
+import uuid
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+PAYLOAD_BYTES = 262144
+PORT = 5611
+IPERF_PORT = 5612
+GRID_DELAY_MS = (5, 20, 50)
+GRID_LOSS_PCT = (0, 0.5, 2)
+RATE_MBPS = 100.0
+_HEAD = struct.Struct("!dI")  # send time (epoch s), payload length
+
+
+# --- message peers (run inside the namespaces) -------------------------------------------
+def _recv_exact(s: socket.socket, n: int) -> bytes:
+    buf = bytearray()
+    while len(buf) < n:
+        chunk = s.recv(min(1 << 20, n - len(buf)))
+        if not chunk:
+            raise ConnectionError("peer closed")
+        buf += chunk
+    return bytes(buf)
+
+
+def sink(address: str, count: int) -> None:
+    """Receive `count` messages, one per connection; print each one's one-way time."""
+    ls = socket.create_server((address, PORT))
+    ls.settimeout(60)
+    times = []
+    for _ in range(count):
+        conn, _ = ls.accept()
+        conn.settimeout(120)
+        t_sent, n = _HEAD.unpack(_recv_exact(conn, _HEAD.size))
+        _recv_exact(conn, n)
+        times.append(time.time() - t_sent)
+        conn.sendall(b"k")
+        conn.close()
+    print(json.dumps(times))
+
+
+def source(address: str, count: int, gap_s: float) -> None:
+    payload = b"\0" * PAYLOAD_BYTES
+    for _ in range(count):
+        time.sleep(gap_s)
+        s = socket.create_connection((address, PORT), timeout=60)
+        s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        s.settimeout(120)
+        s.sendall(_HEAD.pack(time.time(), PAYLOAD_BYTES) + payload)
+        _recv_exact(s, 1)
+        s.close()
+
+
+# --- driver ------------------------------------------------------------------------------
+def _ns(ns: str, *argv: str) -> list[str]:
+    return ["nsenter", f"--net={ns}", *argv]
+
+
+def _wait_listen(ns: str, port: int) -> None:
+    for _ in range(200):
+        if subprocess.run(_ns(ns, "ss", "-ltnH", f"sport = :{port}"), capture_output=True, text=True).stdout.strip():
+            return
+        time.sleep(0.03)
+    raise RuntimeError(f"nothing listens on :{port} in {ns}")
+
+
+def one_way_times(rx_ns: str, rx_addr: str, tx_ns: str, count: int, gap_s: float = 0.1) -> list[float]:
+    me = os.path.abspath(__file__)
+    rx = subprocess.Popen(_ns(rx_ns, sys.executable, me, "--sink", rx_addr, "--count", str(count)),
+                          stdout=subprocess.PIPE, text=True)
+    try:
+        _wait_listen(rx_ns, PORT)
+        subprocess.run(_ns(tx_ns, sys.executable, me, "--source", rx_addr, "--count", str(count), "--gap", str(gap_s)),
+                       check=True, timeout=600)
+        out, _ = rx.communicate(timeout=60)
+        return json.loads(out)
+    finally:
+        if rx.poll() is None:
+            rx.kill()
+            rx.wait()
+
+
+def ping(server_ns: str, address: str, count: int, interval_s: float = 0.005) -> tuple[float, int]:
+    """(mean RTT ms, packets lost) of `ping -U` from the server's namespace."""
+    r = subprocess.run(_ns(server_ns, "ping", "-U", "-q", "-c", str(count), "-i", str(interval_s), "-W", "2", address),
+                       capture_output=True, text=True, timeout=count * interval_s + 60)
+    sent, got = map(int, re.search(r"(\d+) packets transmitted, (\d+) received", r.stdout).groups())
+    m = re.search(r"= [\d.]+/([\d.]+)/", r.stdout)
+    return (float(m.group(1)) if m else float("nan")), sent - got
+
+
+def iperf_mbps(server_ns: str, dev_ns: str, dev_addr: str, seconds: float) -> float:
+    """Downlink goodput (server -> device) in Mbit/s."""
+    srv = subprocess.Popen(_ns(dev_ns, "iperf3", "-s", "-1", "-B", dev_addr, "-p", str(IPERF_PORT)),
+                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        _wait_listen(dev_ns, IPERF_PORT)
+        r = subprocess.run(_ns(server_ns, "iperf3", "-c", dev_addr, "-p", str(IPERF_PORT), "-t", str(seconds), "-J"),
+                           capture_output=True, text=True, timeout=seconds + 30)
+        return json.loads(r.stdout)["end"]["sum_received"]["bits_per_second"] / 1e6
+    finally:
+        srv.kill()
+        srv.wait()
+
+
+def _topology(delay_ms: float, loss_pct: float, rate_mbps: float):
+    from testbed.model.topology import parse_topology
+
+    return parse_topology(
+        "name: bench-links\ndevices:\n  list:\n    - {id: dev01, position: {x_m: 300, y_m: 250}}\n"
+        f"radio: {{los: los, rate_cap_mbps: {rate_mbps}}}\n"
+        f"links: {{delay_ms: {delay_ms}, loss_pct: {loss_pct}}}\n")
+
+
+async def bench_ping(count: int) -> list[dict]:
+    from testbed.emulation import Emulation
+
+    rows = []
+    for delay, loss in ((20, 0), (20, 2), (5, 0.5)):
+        async with Emulation(_topology(delay, loss, RATE_MBPS), "l" + uuid.uuid4().hex[:5], cgroups=False) as emu:
+            rtt, lost = await asyncio.to_thread(ping, emu.nodes["server"].netns, emu.nodes["dev01"].address, count)
+        rows.append({"delay_ms": delay, "loss_pct": loss, "rtt_configured_ms": 2 * delay, "rtt_measured_ms": rtt,
+                     "loss_configured": 1 - (1 - loss / 100) ** 2, "loss_measured": lost / count, "packets": count})
+    return rows
+
+
+async def bench_cost(seconds: float) -> list[dict]:
+    from testbed.emulation import Emulation
+
+    rows = []
+    for rate in (10, 50, 100):
+        async with Emulation(_topology(20, 0, rate), "l" + uuid.uuid4().hex[:5], cgroups=False) as emu:
+            dev = emu.nodes["dev01"]
+            before = await asyncio.to_thread(emu.impair.delayer_stats)
+            t0 = time.monotonic()
+            mbps = await asyncio.to_thread(iperf_mbps, emu.nodes["server"].netns, dev.netns, dev.address, seconds)
+            wall = time.monotonic() - t0
+            after = await asyncio.to_thread(emu.impair.delayer_stats)
+        rows.append({"rate_mbps": rate, "goodput_mbps": mbps, "wall_s": wall,
+                     "cpu_share": (after["cpu_s"] - before["cpu_s"]) / wall,
+                     "packets_per_s": (after["packets"] - before["packets"]) / wall,
+                     "late_us_mean": after["late_us_mean"], "scheduling": after["scheduling"]})
+    return rows
+
+
+async def bench_predict(messages: int) -> list[dict]:
+    from testbed.emulation import Emulation
+    from testbed.model.impairments import Impairment
+    from testbed.selection.costs import DEFAULT_LINK_EFFICIENCY
+    from testbed.selection.transfer import tcp_transfer_time_s
+
+    rows = []
+    for delay in GRID_DELAY_MS:
+        for loss in GRID_LOSS_PCT:
+            topo = _topology(delay, loss, RATE_MBPS)
+            async with Emulation(topo, "l" + uuid.uuid4().hex[:5], cgroups=False) as emu:
+                server, dev = emu.nodes["server"], emu.nodes["dev01"]
+                down = await asyncio.to_thread(one_way_times, dev.netns, dev.address, server.netns, messages)
+                up = await asyncio.to_thread(one_way_times, server.netns, server.address, dev.netns, messages)
+                rate = dev.rate_down_mbps
+            imp = Impairment(delay, 0, loss)
+            predicted = tcp_transfer_time_s(PAYLOAD_BYTES, rate * 1e6 * DEFAULT_LINK_EFFICIENCY, imp, imp)
+            measured = statistics.mean(down + up)
+            rows.append({"delay_ms": delay, "loss_pct": loss, "rate_mbps": rate, "messages": 2 * messages,
+                         "predicted_s": predicted, "measured_mean_s": measured,
+                         "measured_median_s": statistics.median(down + up),
+                         "error": (measured - predicted) / predicted})
+    return rows
+
+
+async def bench_radio(messages: int) -> list[dict]:
+    from testbed.emulation import Emulation
+    from testbed.model.topology import load_topology
+    from testbed.selection import device_costs
+    from testbed.selection.costs import DEFAULT_MESSAGE_OVERHEAD_S
+
+    topo = load_topology(REPO / "topologies/paper-radio.yaml")
+    plain = topo.model_copy(update={"links": None})
+    rows = []
+    async with Emulation(topo, "l" + uuid.uuid4().hex[:5], cgroups=False, mobility=False) as emu:
+        by_snr = sorted(emu.links, key=lambda lk: lk.snr_up_db)
+        server = emu.nodes["server"]
+        predicted = {c.id: c for c in device_costs(topo, emu.links)}
+        unimpaired = {c.id: c for c in device_costs(plain, emu.links)}
+        for where, link in (("edge", by_snr[0]), ("centre", by_snr[-1])):
+            dev = emu.nodes[link.id]
+            down = await asyncio.to_thread(one_way_times, dev.netns, dev.address, server.netns, messages)
+            up = await asyncio.to_thread(one_way_times, server.netns, server.address, dev.netns, messages)
+            imp = emu.impairments[link.id]
+            c, u = predicted[link.id], unimpaired[link.id]
+            rows.append({"where": where, "device": link.id, "snr_up_db": link.snr_up_db, "snr_down_db": link.snr_down_db,
+                         "rate_up_mbps": link.rate_up_mbps, "rate_down_mbps": link.rate_down_mbps,
+                         "rtt_added_ms": imp.rtt_ms, "loss_up_pct": imp.up.loss_pct, "loss_down_pct": imp.down.loss_pct,
+                         "measured_down_s": statistics.mean(down), "measured_up_s": statistics.mean(up),
+                         "predicted_down_s": c.t_down_s - DEFAULT_MESSAGE_OVERHEAD_S,
+                         "predicted_up_s": c.t_up_s - DEFAULT_MESSAGE_OVERHEAD_S,
+                         "unimpaired_down_s": u.t_down_s - DEFAULT_MESSAGE_OVERHEAD_S,
+                         "unimpaired_up_s": u.t_up_s - DEFAULT_MESSAGE_OVERHEAD_S})
+    return rows
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--sink")
+    ap.add_argument("--source")
+    ap.add_argument("--count", type=int, default=5)
+    ap.add_argument("--gap", type=float, default=0.1)
+    ap.add_argument("--messages", type=int, default=8, help="256 KB messages per direction and grid point")
+    ap.add_argument("--pings", type=int, default=1000)
+    ap.add_argument("--seconds", type=float, default=8.0, help="iperf3 seconds per rate")
+    ap.add_argument("--only", default="ping,cost,predict,radio")
+    ap.add_argument("--json", action="store_true")
+    args = ap.parse_args()
+    if args.sink:
+        sink(args.sink, args.count)
+        return 0
+    if args.source:
+        source(args.source, args.count, args.gap)
+        return 0
+    if os.geteuid() != 0:
+        print("bench/links.py needs root", file=sys.stderr)
+        return 4
+    parts = set(args.only.split(","))
+    t0 = time.perf_counter()
+    doc: dict = {"load_avg_1m": os.getloadavg()[0]}
+    if "ping" in parts:
+        doc["ping"] = asyncio.run(bench_ping(args.pings))
+    if "cost" in parts:
+        doc["cost"] = asyncio.run(bench_cost(args.seconds))
+    if "predict" in parts:
+        doc["predict"] = asyncio.run(bench_predict(args.messages))
+    if "radio" in parts:
+        doc["radio"] = asyncio.run(bench_radio(args.messages))
+    doc["wall_s"] = time.perf_counter() - t0
+    if args.json:
+        print(json.dumps(doc, indent=2))
+        return 0
+    print(f"load average at start {doc['load_avg_1m']:.1f}; all numbers measured on this machine")
+    for r in doc.get("ping", []):
+        print(f"ping -U  delay {r['delay_ms']:>4g} ms loss {r['loss_pct']:>3g} %: RTT {r['rtt_measured_ms']:7.2f} ms "
+              f"(configured {r['rtt_configured_ms']:g}, ratio {r['rtt_measured_ms'] / r['rtt_configured_ms']:.3f}); "
+              f"loss {r['loss_measured']:.4f} of {r['packets']} (configured {r['loss_configured']:.4f})")
+    for r in doc.get("cost", []):
+        print(f"delayer  {r['rate_mbps']:>4g} Mbit/s link, 20 ms: goodput {r['goodput_mbps']:6.1f} Mbit/s, "
+              f"{r['packets_per_s']:7.0f} packets/s, CPU {100 * r['cpu_share']:5.1f} % of a core, "
+              f"late {r['late_us_mean']:.0f} us mean ({r['scheduling']})")
+    if doc.get("predict"):
+        print(f"{'delay ms':>8} {'loss %':>6} | {'predicted s':>11} {'measured s':>10} {'median s':>9} {'error':>7}")
+        for r in doc["predict"]:
+            print(f"{r['delay_ms']:8g} {r['loss_pct']:6g} | {r['predicted_s']:11.3f} {r['measured_mean_s']:10.3f} "
+                  f"{r['measured_median_s']:9.3f} {100 * r['error']:+6.1f}%")
+        pooled_p = sum(r["predicted_s"] for r in doc["predict"])
+        pooled_m = sum(r["measured_mean_s"] for r in doc["predict"])
+        print(f"pooled: |sum measured - sum predicted| / sum predicted = {abs(pooled_m - pooled_p) / pooled_p:.3f}")
+    for r in doc.get("radio", []):
+        print(f"paper-radio {r['where']:6} {r['device']}: SNR up/down {r['snr_up_db']:.1f}/{r['snr_down_db']:.1f} dB, "
+              f"{r['rate_up_mbps']:.1f}/{r['rate_down_mbps']:.1f} Mbit/s, +{r['rtt_added_ms']:.1f} ms RTT, loss "
+              f"{r['loss_up_pct']:.3f}/{r['loss_down_pct']:.3f} %: 256 KB down {r['measured_down_s']:.3f} s "
+              f"(predicted {r['predicted_down_s']:.3f}, without impairments {r['unimpaired_down_s']:.3f}), "
+              f"up {r['measured_up_s']:.3f} s (predicted {r['predicted_up_s']:.3f}, without {r['unimpaired_up_s']:.3f})")
+    print(f"({doc['wall_s']:.0f} s)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
