@@ -203,3 +203,27 @@ mobility: {speed_mps: 60, interval_s: 0.2}
                 break
         assert len(seen) > 2, "the radio-derived impairments never changed while the device moved"
         assert emu.status()["impairments"]["devices"]["dev01"] == emu.impairments["dev01"].to_json()
+
+
+def test_fault_delay_on_an_up_cell_goes_through_its_owner(run_id: str, topologies: Path) -> None:
+    """`testbed fault delay DEV --value MS --run ID` on a `testbed up` cell: the supervisor
+    applies it (status shows it, ping sees it), and undoes it after --duration."""
+    tb = [sys.executable, "-m", "testbed.cli"]
+    up = subprocess.run([*tb, "up", str(topologies / "small.yaml"), "--run", run_id, "--no-broker"],
+                        capture_output=True, text=True, timeout=180)
+    assert up.returncode == 0, up.stderr[-2000:]
+    try:
+        fault = subprocess.Popen([*tb, "fault", "delay", "dev01", "--value", "30", "--duration", "6", "--run", run_id],
+                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        time.sleep(2.5)
+        st = json.loads(subprocess.run([*tb, "status", "--run", run_id, "--json"], capture_output=True, text=True,
+                                       timeout=60).stdout)
+        nodes = {n["id"]: n for n in st["nodes"]}
+        assert st["impairments"]["path"] in ("netem", "nfqueue+iptables")
+        rtt, lost = ping(nodes["server"]["netns"], nodes["dev01"]["address"], 40, 0.02)
+        assert 55 <= rtt <= 75 and lost == 0, rtt  # 2 x 30 ms
+        assert fault.wait(timeout=30) == 0, fault.stderr.read()
+        rtt, _ = ping(nodes["server"]["netns"], nodes["dev01"]["address"], 40, 0.02)
+        assert rtt < 10, rtt  # undone
+    finally:
+        subprocess.run([*tb, "down", "--run", run_id], capture_output=True, timeout=120)
