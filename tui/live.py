@@ -21,7 +21,7 @@ from textual.widgets import Static
 from testbed.errors import TestbedError
 from tui.attach import follow_events, follow_events_in_netns, read_observer, server_netns
 from tui.imageview import ImageView
-from tui.results import load_images
+from tui.results import load_image
 from tui.runpanel import RunPanel
 from tui.state import RunView
 
@@ -34,7 +34,7 @@ QUIT_TEARDOWN_S = 90.0
 OUT_ROOT = Path("out")
 
 _LOG_STYLE = {"device_offline": "bold red", "recovered": "bold yellow", "run_finished": "bold green",
-              "run_failed": "bold red", "deadline_missed": "red", "error": "bold red", "fault_injected": "bold red",
+              "run_failed": "bold red", "deadline_missed": "red", "fault_injected": "bold red",
               "selection": "bold blue"}
 
 
@@ -253,11 +253,9 @@ class LiveMixin:
             failed = [st for st in self.run_view.stages if st.device == rec.get("device") and st.phase == "failed"]
             if failed and isinstance(rec.get("energy_j"), (int, float)):
                 failed[0].energy_j = float(rec["energy_j"])
-        gen, ref = load_images(result, doc)
+        gen = load_image(result, doc)
         self.query_one("#generated", ImageView).set_image(gen)
-        if ref is not None:
-            self.query_one("#reference", ImageView).set_image(ref)
-        elif gen is not None:
+        if gen is not None:
             self._load_reference(doc)
         ms = doc.get("ms_ssim")
         t = Text()

@@ -1,6 +1,4 @@
-"""The final images of a run as uint8 arrays: the generated one and the reference (full
-precision, full steps, same seed and prompt), from a RunResult or its JSON document.
-"""
+"""The final image of a run as a uint8 array, from a RunResult or its JSON document."""
 
 from __future__ import annotations
 
@@ -9,7 +7,7 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["load_images", "read_image"]
+__all__ = ["load_image", "read_image"]
 
 
 def read_image(src: Any) -> np.ndarray | None:
@@ -27,15 +25,7 @@ def read_image(src: Any) -> np.ndarray | None:
         return np.asarray(im.convert("RGB"))
 
 
-def _first(*vals: Any) -> Any:
-    return next((v for v in vals if v is not None), None)
-
-
-def load_images(result: Any, doc: dict[str, Any]) -> tuple[np.ndarray | None, np.ndarray | None]:
-    meta = doc.get("meta") or {}
-    gen = _first(getattr(result, "image_array", None), getattr(result, "image_rgb", None))
-    ref = _first(getattr(result, "reference_array", None), getattr(result, "reference_rgb", None))
-    gen = read_image(gen if gen is not None else _first(doc.get("image"), meta.get("image")))
-    ref = read_image(ref if ref is not None else _first(doc.get("reference"), doc.get("reference_image"),
-                                                        meta.get("reference"), meta.get("reference_image")))
-    return gen, ref
+def load_image(result: Any, doc: dict[str, Any]) -> np.ndarray | None:
+    """The run's image from the RunResult, or from its result document's path."""
+    gen = getattr(result, "image_array", None)
+    return read_image(gen if gen is not None else doc.get("image"))

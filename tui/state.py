@@ -193,7 +193,7 @@ class RunView:
             idx = int(ev["stage"]) + 1 if isinstance(ev.get("stage"), int) else len(self.stages) + 1
             stage = StageView(index=idx, device=dev, steps=(int(a), int(b)),
                               predicted=dict(ev.get("predicted") or {}), attempt=int(ev.get("attempt") or 1))
-            stage.recovered = stage.attempt > 1 or bool(ev.get("recovery"))
+            stage.recovered = stage.attempt > 1
             self.stages.append(stage)
         elif kind == "split_step" and dev:  # split diffusion: one finished record per denoising step
             a, b = (steps or (0, 0))[:2]
@@ -221,14 +221,12 @@ class RunView:
             self.failed_devices.add(dev)
             if stage and stage.phase != "done":
                 stage.phase = "failed"
-        elif kind == "device_online" and dev:
-            self.offline.discard(dev)
         elif kind == "run_finished":
             self.finished = True
-            self.result = dict(ev.get("result") or ev)
-        elif kind in ("run_failed", "error"):
+            self.result = dict(ev)
+        elif kind == "run_failed":
             self.finished = True
-            self.failed = str(ev.get("error") or ev.get("message") or kind)
+            self.failed = str(ev.get("error") or kind)
         line = _log_line(rel, kind, ev)
         self.log.append(line)
         return line
@@ -242,7 +240,7 @@ def _num(ev: dict[str, Any], *keys: str) -> float | None:
     return None
 
 
-_SKIP = {"type", "ts", "run", "device", "steps", "predicted", "result", "seq", "record", "plan"}
+_SKIP = {"type", "ts", "run", "device", "steps", "predicted", "seq", "record", "plan"}
 
 
 def _log_line(rel: float | None, kind: str, ev: dict[str, Any]) -> str:

@@ -42,7 +42,7 @@ from testbed.composition.meta import run_meta
 from testbed.composition.strategies import Collaboration, PlanContext, RelaySettings, make_strategy
 from testbed.composition.strategies.split import largest_message_bytes
 from testbed.emulation.cell import BrokerSettings, Cell
-from testbed.errors import ResourceError, RunFailedError, TopologyError
+from testbed.errors import ResourceError, RunFailedError, TestbedError, TopologyError
 from testbed.model.names import MQTT_PORT, SERVER_ADDRESS, SERVER_ID, STATE_ROOT
 from testbed.model.profiles import load_profiles
 from testbed.model.radio import DeviceLink, compute_links
@@ -453,6 +453,9 @@ class RunSession:
             self.events.listeners.append(injector.feed)
             try:
                 outcome = await collab.execute(self, plan)
+            except TestbedError as e:
+                self.emit("run_failed", None, error=str(e), exit_code=e.exit_code)  # observers stop following
+                raise
             finally:
                 self.events.listeners.remove(injector.feed)
                 await injector.close()

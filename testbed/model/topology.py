@@ -337,7 +337,7 @@ class Topology(_Model):
         if link.delay_ms is not None:
             delay = link.delay_ms
         elif cell is not None and cell.impairments == "radio":
-            from testbed.model.impairments import load_radio_link_params
+            from testbed.model.radio_links import load_radio_link_params
 
             delay = min(load_radio_link_params().base_delay_ms.values())
         else:

@@ -5,7 +5,7 @@ An event is a JSON object: `type`, `ts` (epoch seconds), `run`, `device` (or nul
 run owner makes) and the type's own fields. Types in use: agents_online, selection,
 run_started, stage_started, downloaded, computed, uploaded, device_offline,
 deadline_missed, stage_interrupted, recovered, result_rejected, broker_lost, broker_back,
-relay_finished, run_finished, fault_injected, fault_restored, fault_failed, split_step,
+relay_finished, run_finished, run_failed, fault_injected, fault_restored, fault_failed, split_step,
 reselected.
 """
 
