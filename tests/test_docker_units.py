@@ -167,3 +167,28 @@ def test_no_daemon_is_a_resource_error_that_says_how_to_start_one(monkeypatch, t
     with pytest.raises(ResourceError, match="start-dockerd") as e:
         docker_client(timeout_s=5)
     assert e.value.exit_code == 4
+
+
+@pytest.mark.parametrize("euid", [pytest.param(0, marks=pytest.mark.root), 1000])
+def test_compose_gives_each_device_its_config_readable_by_its_agent_alone(tmp_path: Path, monkeypatch, euid) -> None:
+    """As root each config is its agent's uid's (0400); otherwise 0444 inside the 0700 state
+    directory (docker-compose bind-mounts the file as it is)."""
+    import os
+
+    from testbed.composition import compose_server
+    from testbed.emulation.node_uids import deployment_uids
+
+    me = os.geteuid()
+    monkeypatch.setattr(compose_server.os, "geteuid", lambda: euid)
+    topologies = Path(__file__).resolve().parent.parent / "topologies"
+    scen = compose_server.write_scenario(topologies / "small.yaml", tmp_path)
+    assert scen.state_dir.stat().st_mode & 0o777 == 0o700
+    doc = yaml.safe_load(scen.compose_file.read_text())
+    uids = deployment_uids(scen.devices)
+    for dev in scen.devices:
+        cfg = scen.state_dir / "agents" / f"{dev}.json"
+        st = cfg.stat()
+        assert (st.st_mode & 0o777, st.st_uid) == ((0o400, uids[dev]) if euid == 0 else (0o444, me))
+        assert doc["secrets"][f"agent-{dev}"] == {"file": str(cfg)}
+        cmd = doc["services"][dev]["command"]
+        assert cmd[cmd.index("--user") + 1] == str(uids[dev]) and cmd[-1] == "/run/secrets/agent.json"
