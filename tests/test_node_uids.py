@@ -69,6 +69,11 @@ def test_uids_in_use_by_a_process_are_skipped(root: Path, monkeypatch) -> None:
     assert got == {"dev01": RUN_UIDS.start + 2}
 
 
+def test_uids_a_passwd_or_group_entry_names_are_skipped(root: Path, monkeypatch) -> None:
+    monkeypatch.setattr(node_uids, "_named", lambda: {RUN_UIDS.start})
+    assert allocate_uids(_run(root, "ra"), ["dev01"], root) == {"dev01": RUN_UIDS.start + 1}
+
+
 def test_an_exhausted_range_is_a_resource_error(root: Path, monkeypatch) -> None:
     monkeypatch.setattr(node_uids, "RUN_UIDS", range(RUN_UIDS.start, RUN_UIDS.start + 2))
     with pytest.raises(ResourceError, match="no free node uid"):

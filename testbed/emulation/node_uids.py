@@ -72,14 +72,10 @@ def pids_running_as(uids: set[int]) -> set[int]:
     return {pid for pid, ids in _process_uids().items() if uids & set(ids[:2])} if uids else set()
 
 
-def _named(uid: int) -> bool:
-    for lookup in (pwd.getpwuid, grp.getgrgid):
-        try:
-            lookup(uid)
-            return True
-        except KeyError:
-            pass
-    return False
+def _named() -> set[int]:
+    """Uids and gids that passwd or group entries name (read once: a lookup per candidate
+    costs 0.5 ms)."""
+    return {p.pw_uid for p in pwd.getpwall()} | {g.gr_gid for g in grp.getgrall()}
 
 
 def _recorded(root: Path, except_dir: Path) -> set[int]:
@@ -104,8 +100,8 @@ def allocate_uids(state_dir: Path, nodes: list[str], root: Path | None = None) -
         have = read_uids(state_dir)
         missing = [n for n in nodes if n not in have]
         if missing:
-            taken = _recorded(root, state_dir) | uids_in_use() | set(have.values())
-            free = (u for u in RUN_UIDS if u not in taken and not _named(u))
+            taken = _recorded(root, state_dir) | uids_in_use() | set(have.values()) | _named()
+            free = (u for u in RUN_UIDS if u not in taken)
             for node in missing:
                 uid = next(free, None)
                 if uid is None:
