@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -118,3 +119,20 @@ def test_dropping_leaves_one_uid_no_group_no_capability_and_no_new_privs() -> No
     assert status["Groups"].strip() == ""
     assert int(status["CapEff"], 16) == int(status["CapPrm"], 16) == 0
     assert status["NoNewPrivs"].strip() == "1"
+
+
+@pytest.mark.root
+def test_down_stops_what_still_runs_as_one_of_the_runs_uids(unique_run_id: str) -> None:
+    """Outside any cgroup or namespace of the run: found by its uid alone."""
+    from testbed.emulation.runs import cleanup_run, make_run_dir
+
+    uid = allocate_uids(make_run_dir(unique_run_id), ["dev01"])["dev01"]
+    proc = subprocess.Popen(["sleep", "60"], user=uid, group=uid, extra_groups=[], start_new_session=True)
+    try:
+        removed = cleanup_run(unique_run_id)
+        assert proc.wait(timeout=10) is not None
+        assert f"process {proc.pid}" in removed
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()

@@ -2,9 +2,8 @@
 
 A run's directory (mode 0711, with the owned-directory marker) holds state.json (the status
 document, written by the supervisor), supervisor.pid, logs/ and secrets/ (0700), agents/
-(0711: each agent reaches its own 0400 config, lists nothing) and node-uids.json (the
-agents' uids, node_uids.py). Everything but the agents' own configs is root's alone. `cleanup_run`
-removes everything a run can leave — processes in its cgroups or namespaces, the host link,
+(0711: each agent reaches its own 0400 config and lists nothing) and node-uids.json (the
+agents' uids, node_uids.py); docs/security.md has every mode. `cleanup_run` removes everything a run can leave — processes in its cgroups or namespaces, the host link,
 containers and networks, namespaces, cgroups, the directory — whether or not its supervisor
 is still alive; a step that fails does not stop the others, and the failures are raised
 together at the end (CleanupFailed). `known_runs` finds runs by their state directories and
