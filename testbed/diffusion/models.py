@@ -20,7 +20,7 @@ import torch
 
 from testbed.diffusion.digits import DIGITS_NULL_CLASS, digits_decode
 from testbed.diffusion.quantize import canonical_precision, compute_dtype, make_variant, model_size_bytes
-from testbed.diffusion.tiny import TINY_GUIDANCE_SCALE, tiny_decode
+from testbed.diffusion.tiny import tiny_decode
 from testbed.errors import InputError, ResourceError, WorkloadError
 from testbed.model.prompts import parse_digit_prompt
 
@@ -112,14 +112,16 @@ class _Embedded:
     train_command: str
     unet_class: str  # a diffusers class name
     text_encoder: bool
+    guidance_scale: float
 
 
 def _embedded_models() -> dict[str, _Embedded]:
     from testbed.diffusion.digits import DIGITS_WEIGHTS_PATH
-    from testbed.diffusion.tiny import TINY_WEIGHTS_PATH
+    from testbed.diffusion.tiny import TINY_GUIDANCE_SCALE, TINY_WEIGHTS_PATH
 
-    return {"tiny": _Embedded(TINY_WEIGHTS_PATH, "testbed train-tiny", "UNet2DConditionModel", True),
-            "digits": _Embedded(DIGITS_WEIGHTS_PATH, "testbed train-tiny --model digits", "UNet2DModel", False)}
+    return {"tiny": _Embedded(TINY_WEIGHTS_PATH, "testbed train-tiny", "UNet2DConditionModel", True,
+                              TINY_GUIDANCE_SCALE),
+            "digits": _Embedded(DIGITS_WEIGHTS_PATH, "testbed train-tiny --model digits", "UNet2DModel", False, 2.0)}
 
 
 EMBEDDED_MODELS = ("tiny", "digits")
@@ -195,7 +197,7 @@ def load_model(name: str = "tiny", precision: str = "fp32", device: str = "cpu")
             name=name, kind=name, precision=p, device=device, unet=unet, scheduler_config=scfg,
             latent_shape=(c.in_channels, c.sample_size, c.sample_size), has_cfg=True,
             size_bytes=model_size_bytes(unet), reference_steps=EMBEDDED_REFERENCE_STEPS,
-            default_guidance_scale=TINY_GUIDANCE_SCALE if name == "tiny" else 2.0, fingerprint=fp,
+            default_guidance_scale=_embedded_models()[name].guidance_scale, fingerprint=fp,
             text_encoder=None if text is None else text.to(device),
         )
     unet, scfg, fp, d = load_base_unet(name)

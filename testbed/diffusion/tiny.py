@@ -28,6 +28,7 @@ __all__ = [
     "TINY_GUIDANCE_SCALE",
     "TINY_IMAGE_PX",
     "TINY_PATCH",
+    "TINY_SCHEDULER_CONFIG",
     "TINY_TEXT_CONFIG",
     "TINY_UNET_CONFIG",
     "TINY_WEIGHTS_PATH",
@@ -40,9 +41,15 @@ __all__ = [
 
 TINY_IMAGE_PX = 32
 TINY_PATCH = 2  # latent = 2 x 2 pixel patches: 3 * 4 channels at 16 x 16
-TINY_GUIDANCE_SCALE = 3.0
+TINY_GUIDANCE_SCALE = 1.5
 TINY_WEIGHTS_PATH = Path(__file__).resolve().parent.parent / "data" / "tiny_unet.safetensors"
 _TEXT_DIM = 64
+
+# The embedded schedule, but v-prediction: with epsilon prediction the loss at high noise hardly
+# depends on the image (x0's error weighs alpha_bar / (1 - alpha_bar), 2 % at t = 900), so the
+# model never learnt what is decided there, the background and which colour goes where
+# (measured: a white 2 on red for "a red 0 on a white background", DDPM 1000 steps).
+TINY_SCHEDULER_CONFIG: dict = {**EMBEDDED_SCHEDULER_CONFIG, "prediction_type": "v_prediction"}
 
 TINY_TEXT_CONFIG: dict = {
     "vocabulary": list(VOCABULARY),  # ids 3.. in this order; the loader refuses weights of another vocabulary
@@ -118,7 +125,7 @@ def train_tiny(
 ) -> dict:
     """Train text encoder and UNet together on freshly rendered prompts/images; save safetensors.
 
-    Epsilon prediction with min-SNR-gamma loss weights (converges faster on a short budget),
+    v-prediction with min-SNR-gamma loss weights (converges faster on a short budget),
     10 % empty prompts for classifier-free guidance, EMA of the weights saved. Deterministic:
     fixed seed and thread count, deterministic torch algorithms.
     """
@@ -131,9 +138,9 @@ def train_tiny(
         g = torch.Generator().manual_seed(seed)
         rng = random.Random(seed)
         model = nn.ModuleDict({"unet": build_tiny_unet(), "text": TinyTextEncoder(**TINY_TEXT_CONFIG)})
-        sched = DDPMScheduler(**EMBEDDED_SCHEDULER_CONFIG)
+        sched = DDPMScheduler(**TINY_SCHEDULER_CONFIG)
         snr = sched.alphas_cumprod / (1 - sched.alphas_cumprod)
-        weight_of_t = snr.clamp(max=min_snr_gamma) / snr  # min-SNR-gamma, epsilon prediction
+        weight_of_t = snr.clamp(max=min_snr_gamma) / (snr + 1)  # min-SNR-gamma for v-prediction
         loop = TrainingLoop(model, steps, lr, ema_decay, log)
         model.train()
         for it in range(steps):
@@ -145,9 +152,10 @@ def train_tiny(
             states, pooled = model["text"].encode(prompts)
             pred = model["unet"](sched.add_noise(x0, noise, t), t, encoder_hidden_states=states,
                                  class_labels=pooled).sample
-            loop.step(it, (weight_of_t[t] * ((pred - noise) ** 2).mean(dim=(1, 2, 3))).mean())
+            target = sched.get_velocity(x0, noise, t)
+            loop.step(it, (weight_of_t[t] * ((pred - target) ** 2).mean(dim=(1, 2, 3))).mean())
     return loop.save(out, {
-        "unet_config": TINY_UNET_CONFIG, "text_config": TINY_TEXT_CONFIG, "scheduler_config": EMBEDDED_SCHEDULER_CONFIG,
+        "unet_config": TINY_UNET_CONFIG, "text_config": TINY_TEXT_CONFIG, "scheduler_config": TINY_SCHEDULER_CONFIG,
         "train": {"steps": steps, "batch": batch, "lr": lr, "seed": seed, "threads": threads, "cond_drop": cond_drop,
                   "min_snr_gamma": min_snr_gamma, "ema_decay": ema_decay,
                   "dataset": "testbed.diffusion.glyphs (rendered, Pillow's font)"}})
