@@ -45,6 +45,19 @@ def test_round_trip_and_padding_to_payload_bytes():
     assert got.pad_bytes == m.pad_bytes and got.wire_bytes == 262144
 
 
+@pytest.mark.parametrize("digits", [2, 3, 4, 5, 6])
+def test_padding_hits_every_target_across_a_digit_boundary(digits):
+    # pad_bytes lives in the header: one digit more can cross an 8-byte alignment step and
+    # take the digit away again (a patch context of 13,509 bytes came out 8 bytes long)
+    for meta_len in range(8):  # the header's length modulo 8
+        m = _msg(meta={"scheduler": "ddim", "x": "y" * meta_len})
+        base = len(encode(m))
+        for target in range(base + 10**digits - 24, base + 10**digits + 24):
+            data = encode(m, pad_to_bytes=target)
+            assert len(data) == target == m.wire_bytes
+            assert _dec(data).pad_bytes == m.pad_bytes
+
+
 def test_message_larger_than_payload_is_not_truncated():
     m = _msg(tensors={"latent": np.zeros((1, 1, 8, 8), np.float32), "big": np.zeros(100_000, np.float32)})
     data = encode(m, pad_to_bytes=1000)

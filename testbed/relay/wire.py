@@ -118,14 +118,22 @@ def encode(msg: Message, *, pad_to_bytes: int = 0) -> bytearray:
         "pad_bytes": 0,
     }
     # pad_bytes is part of the header, so its digits change the header's length: iterate.
-    pad = 0
+    # Near a power of ten it can alternate (one digit more crosses an 8-byte alignment step,
+    # which takes the digit away again): then settle on the longer header, space-filled.
+    pad, longest = 0, 0
     for _ in range(4):
         header["pad_bytes"] = pad
         raw = _aligned_header(header)
+        longest = max(longest, len(raw))
         want = max(0, pad_to_bytes - (_PREFIX.size + len(raw) + len(body)))
         if want == pad:
             break
         pad = want
+    else:
+        pad = max(0, pad_to_bytes - (_PREFIX.size + longest + len(body)))
+        header["pad_bytes"] = pad
+        raw = _aligned_header(header)
+        raw += b" " * (longest - len(raw))
     if len(raw) > MAX_HEADER_BYTES:
         raise RelayError(f"message header is {len(raw)} bytes (limit {MAX_HEADER_BYTES}); meta is too large")
     start = _PREFIX.size + len(raw)
