@@ -120,7 +120,7 @@ async def test_change_budgets_and_select_from_the_keyboard(small):
         assert tight.selected != want.selected
         assert app.cell.chain == tight.selected
         assert tight.energy_j <= 30.0
-        assert f"/30 J" in str(app.query_one("#summary", Static).render())
+        assert "/30 J" in str(app.query_one("#summary", Static).render())
         for dev in set(want.selected) - set(tight.selected):
             assert table.text_of(dev, "sel") == ""
 
