@@ -15,7 +15,7 @@
    prints the block to paste into costs.py.
 
     .venv/bin/python bench/relay.py [--reps 3] [--seeds 1] [--json]
-    .venv/bin/python bench/relay.py --calibrate --reps 6 --skip paper
+    .venv/bin/python bench/relay.py --calibrate --reps 8 --skip paper
     .venv/bin/python bench/relay.py --skip overhead --skip small --seeds 2,3,4 --reps 3
 """
 

@@ -105,9 +105,10 @@ def _paper_ctx(margin_pct: float, t_max_s: float = 2.0) -> PlanContext:
 
 
 def test_the_plan_fills_the_budgets_less_the_margin():
-    plain, margined = Multistage("dp").plan(_paper_ctx(0.0)), Multistage("dp").plan(_paper_ctx(2.0))
-    assert margined.predicted_latency_s <= 2.0 * 0.98 < plain.predicted_latency_s <= 2.0
-    assert margined.to_json()["planned_within"] == {"t_max_s": pytest.approx(1.96), "e_max_j": pytest.approx(196.0),
+    # T_max 4 s on paper.yaml: the best chain without a margin needs more than 98 % of it
+    plain, margined = Multistage("dp").plan(_paper_ctx(0.0, 4.0)), Multistage("dp").plan(_paper_ctx(2.0, 4.0))
+    assert margined.predicted_latency_s <= 4.0 * 0.98 < plain.predicted_latency_s <= 4.0
+    assert margined.to_json()["planned_within"] == {"t_max_s": pytest.approx(3.92), "e_max_j": pytest.approx(196.0),
                                                     "margin_pct": 2.0}
 
 
