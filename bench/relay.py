@@ -74,7 +74,7 @@ def rss_kb(pid: int) -> int | None:
 def run_sample(doc: dict, facts: dict) -> dict:
     """One run's measured times next to the link-only model (tcp at the shaped rate x link
     efficiency, no per-message term), and the time between its stages: what the calibration fits."""
-    stages = []
+    stages, eff = [], DEFAULT_LINK_EFFICIENCY
     for st in doc["stages"]:
         up, down = facts["rates"][st["device"]]
         imp = facts["impairments"][st["device"]]
@@ -82,8 +82,8 @@ def run_sample(doc: dict, facts: dict) -> dict:
             "device": st["device"], "rate_mbps": min(up, down), "bytes": st["bytes_up"],
             "cores": facts["cores"][st["device"]], "overrun_s": st["overrun_s"],
             "t_down_s": st["t_down_s"], "t_up_s": st["t_up_s"], "t_cmp_s": st["t_cmp_s"],
-            "link_down_s": tcp_transfer_time_s(st["bytes_down"], down * 1e6 * DEFAULT_LINK_EFFICIENCY, imp.down, imp.up),
-            "link_up_s": tcp_transfer_time_s(st["bytes_up"], up * 1e6 * DEFAULT_LINK_EFFICIENCY, imp.up, imp.down),
+            "link_down_s": tcp_transfer_time_s(st["bytes_down"], down * 1e6 * eff, imp.down, imp.up),
+            "link_up_s": tcp_transfer_time_s(st["bytes_up"], up * 1e6 * eff, imp.up, imp.down),
             "profile_cmp_s": st["predicted"]["t_cmp_s"] - RELAY_CALIBRATION.pad_late_s,
         })
     return {"stages": stages,
@@ -243,7 +243,8 @@ def _print(report: dict) -> None:
                   f"{run['latency_meas_s']:>10.3f} {run['latency_err'] * 100:>5.1f}% {str(run['within_t_max']):>7}")
         errs = [run["transfer_err"] for run in p["runs"]]
         print(f"{p['topology']:>8} {p['seed']:>4} transfer error median {statistics.median(errs) * 100:.1f} %; "
-              f"agents online after {p['agents_online_s']:.1f} s (template ready after {p['template_start_s'] or 0:.1f} s)")
+              f"agents online after {p['agents_online_s']:.1f} s "
+              f"(template ready after {p['template_start_s'] or 0:.1f} s)")
     m = report.get("memory")
     if m:
         print(f"\nmemory, paper scenario ({m['agents']} agents, target < 6 GB total PSS)")

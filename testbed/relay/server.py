@@ -442,9 +442,8 @@ class Orchestrator:
         pool = [d for d in self.costs if d not in used and d in self.online]
         n_left = len(self.order) - i
         charged_s = time.time() - t_start
-        t_left, e_left = self.t_max_s - charged_s, self.e_max_j - energy_j
         try:
-            chain = list(self.replan(pool, n_left, t_left, e_left))
+            chain = list(self.replan(pool, n_left, self.t_max_s - charged_s, self.e_max_j - energy_j))
         except InfeasibleError as e:  # (the run owner reports it as run_failed)
             raise RunFailedError(
                 f"recovery impossible: {dev} failed stage {i} ({why}) after {charged_s:.3f} s and {energy_j:.1f} J "
@@ -456,8 +455,8 @@ class Orchestrator:
         r = self._charge(Recovery(device=dev, steps=steps, stage=i, reason=why, took_over=chain[0],
                                   detected_after_s=charged_s, energy_j=wasted_j), chain, charged_s, energy_j)
         await self.emit("reselected", device=chain[0], steps=(steps[0], n_total), stage=i, failed=dev, reason=why,
-                        chain=chain, relay_order=list(self.order), charged_s=r.charged_s, charged_j=r.charged_j, t_left_s=r.t_left_s,
-                        e_left_j=r.e_left_j, predicted_latency_s=r.predicted_latency_s,
+                        chain=chain, relay_order=list(self.order), charged_s=r.charged_s, charged_j=r.charged_j,
+                        t_left_s=r.t_left_s, e_left_j=r.e_left_j, predicted_latency_s=r.predicted_latency_s,
                         predicted_energy_j=r.predicted_energy_j)
         await self.emit("recovered", device=chain[0], steps=steps, failed=dev, reason=why, stage=i,
                         checkpoint_step=steps[0])
