@@ -3,11 +3,20 @@
 1. Stage runner overhead: a chain of stages (K steps each, scheduler state handed off) vs one
    uninterrupted diffusers loop over the same schedule, alternated in one run; prints the
    wall-time ratio (target <= 1.02) and checks that both give the same latent.
-2. Per-step time and memory of each precision variant of the tiny model (batch 1 + CFG).
+2. Per-step time and memory of each precision variant of the embedded models (batch 1 + CFG).
 3. --sd15: the same for an SD1.5-sized UNet (random weights, built from its config), each
    precision in a fresh process (peak RSS), --sd15-steps steps at --sd15-px (default 1 at 256 px).
+4. --quality: the tiny model's figures for docs/model-card.md: mean MS-SSIM against the fp32
+   50-step reference per precision and per step count, and how often the digit (an SVM trained
+   on freshly rendered glyphs) and both colours are what the prompt asks for.
+5. --grid PNG: the image grid of docs/figures (10 prompts x 4 precisions, 50 DDIM steps).
+6. --quota 1,0.25 (root, cgroups): per-step time of the tiny model's variants (CFG batch 2, one
+   thread) in a process under each CPU quota, as an agent computes under its node's quota.
 
 Usage: .venv/bin/python bench/diffusion.py [--steps 50] [--k 5] [--reps 5] [--sd15] [--json]
+       .venv/bin/python bench/diffusion.py --quality [--json]
+       .venv/bin/python bench/diffusion.py --grid docs/figures/tiny_grid.png
+       sudo .venv/bin/python bench/diffusion.py --quota 1,0.25
 """
 
 from __future__ import annotations
@@ -28,8 +37,7 @@ def plain_loop(model, latent, cond, n, kind, g):
     from testbed.diffusion import make_scheduler
 
     sched = make_scheduler(kind, n, model)
-    key = model.cond_keys[0]
-    kw = {key: torch.cat([cond[f"uncond_{key}"], cond[key]])}
+    kw = {key: torch.cat([cond[f"uncond_{key}"], cond[key]]) for key in model.cond_keys}
     x = latent * sched.init_noise_sigma
     with torch.inference_mode():
         for t in sched.timesteps:
@@ -52,7 +60,7 @@ def bench_overhead(steps: int, k: int, reps: int, kind: str) -> dict:
     from testbed.diffusion import encode_prompt, initial_latent, load_model
 
     m = load_model("tiny", "fp32")
-    cond, lat, g = encode_prompt(m, "a handwritten 7"), initial_latent(m, 0), m.default_guidance_scale
+    cond, lat, g = encode_prompt(m, "a red 7 on a white background"), initial_latent(m, 0), m.default_guidance_scale
     plain_loop(m, lat, cond, steps, kind, g)  # warm-up
     wall = {"plain": [], "chain": []}
     cpu = {"plain": [], "chain": []}
@@ -75,25 +83,147 @@ def bench_overhead(steps: int, k: int, reps: int, kind: str) -> dict:
             "max_abs_diff": float((a - b).abs().max())}
 
 
-def bench_tiny_precisions(steps: int) -> list[dict]:
+def bench_embedded_precisions(steps: int) -> list[dict]:
     import psutil
 
+    from testbed.diffusion import EMBEDDED_MODELS, PRECISIONS, encode_prompt, initial_latent, load_model, run_stage
+
+    rows = []
+    for name in EMBEDDED_MODELS:
+        for p in PRECISIONS:
+            rss0 = psutil.Process().memory_info().rss
+            m = load_model(name, p)
+            cond, lat = encode_prompt(m, "a handwritten 3"), initial_latent(m, 1)
+            run_stage(m, lat, cond, 0, 2, steps)  # warm-up
+            t0, c0 = time.perf_counter(), time.process_time()
+            run_stage(m, lat, cond, 0, steps, steps)
+            rows.append({"model": name, "precision": p, "dtype": str(m.compute_dtype).removeprefix("torch."),
+                         "size_bytes": m.size_bytes, "step_s": (time.perf_counter() - t0) / steps,
+                         "step_cpu_s": (time.process_time() - c0) / steps,
+                         "rss_delta_bytes": psutil.Process().memory_info().rss - rss0})
+            del m
+    return rows
+
+
+GRID_PROMPTS = (
+    "a handwritten 7", "a red 0 on a white background", "a yellow 1 on a blue background",
+    "a green 2 on a black background", "a blue 3 on a yellow background", "a white 4 on a red background",
+    "a black 5 on a green background", "a red 6 on a yellow background", "a blue 8 on a white background",
+    "a yellow 9 on a green background",
+)
+
+
+def tiny_images(precision: str, prompts: list[str], seeds: list[int], steps: int):
+    """(N, 32, 32, 3) uint8 images of the tiny model, prompt i with seed i, one batched run."""
+    from testbed.diffusion import decode, encode_prompt, initial_latent, load_model, run_stage
+
+    m = load_model("tiny", precision)
+    conds = [encode_prompt(m, p) for p in prompts]
+    cond = {k: torch.cat([c[k] for c in conds]) for k in conds[0]}
+    x, _ = run_stage(m, torch.cat([initial_latent(m, s) for s in seeds]), cond, 0, steps, steps)
+    return decode(m, x)
+
+
+def bench_quality(seeds: int) -> dict:
+    """MS-SSIM vs the reference per precision (50 steps) and per step count (fp32); prompt
+    fidelity (digit, colours) per precision at 20 steps over 10 digits x 3 seeds."""
+    import numpy as np
+
+    from testbed.diffusion import PRECISIONS, ms_ssim, reference_image
+    from testbed.diffusion.glyphs import fit_digit_classifier, glyph_features, read_image
+    from testbed.model.prompts import COLOURS, parse_colour_prompt
+
+    prompts = ["a blue 4 on a yellow background", "a handwritten 7", "a red 0 on a white background"]
+    doc: dict = {"seeds": seeds, "prompts": prompts, "precision": {}, "steps": {}, "fidelity": {}}
+    refs = {p: [reference_image("tiny", p, s) for s in range(seeds)] for p in prompts}
+
+    def mean_msssim(precision: str, steps: int) -> float:
+        vals = [ms_ssim(im, ref) for p in prompts
+                for im, ref in zip(tiny_images(precision, [p] * seeds, list(range(seeds)), steps), refs[p])]
+        return float(np.mean(vals))
+
+    for prec in PRECISIONS:
+        doc["precision"][prec] = mean_msssim(prec, 50)
+    for steps in (5, 10, 20):
+        doc["steps"][steps] = mean_msssim("fp32", steps)
+    doc["steps"][50] = doc["precision"]["fp32"]
+    pairs = [(ink, bg) for ink in COLOURS for bg in COLOURS if ink != bg]
+    fid_prompts = [f"a {pairs[(7 * i) % 30][0]} {i // 3} on a {pairs[(7 * i) % 30][1]} background" for i in range(30)]
+    want = [parse_colour_prompt(p) for p in fid_prompts]
+    clf = fit_digit_classifier()
+    for prec in PRECISIONS:
+        imgs = tiny_images(prec, fid_prompts, [1000 + i for i in range(30)], 20)
+        named = clf.predict(glyph_features(imgs))
+        seen = [read_image(im)[:2] for im in imgs]
+        doc["fidelity"][prec] = {
+            "digit": float(np.mean([int(n) == w.digit for n, w in zip(named, want)])),
+            "colours": float(np.mean([s == (w.background, w.ink) for s, w in zip(seen, want)]))}
+    return doc
+
+
+def quota_one(procs_files: list[str], steps: int) -> list[dict]:
+    """In a child process: join the cgroup, then time each variant's steps (wall and CPU)."""
+    for f in procs_files:
+        with open(f, "w") as fh:
+            fh.write("0")  # cgroup v1/v2: "0" moves the writing process
     from testbed.diffusion import PRECISIONS, encode_prompt, initial_latent, load_model, run_stage
 
     rows = []
     for p in PRECISIONS:
-        rss0 = psutil.Process().memory_info().rss
         m = load_model("tiny", p)
-        cond, lat = encode_prompt(m, "a handwritten 3"), initial_latent(m, 1)
+        cond, lat = encode_prompt(m, "a red 7 on a white background"), initial_latent(m, 1)
         run_stage(m, lat, cond, 0, 2, steps)  # warm-up
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         run_stage(m, lat, cond, 0, steps, steps)
-        dt = (time.perf_counter() - t0) / steps
-        rows.append({"model": "tiny", "precision": p, "dtype": str(m.compute_dtype).removeprefix("torch."),
-                     "size_bytes": m.size_bytes, "step_s": dt,
-                     "rss_delta_bytes": psutil.Process().memory_info().rss - rss0})
-        del m
+        rows.append({"precision": p, "step_s": (time.perf_counter() - t0) / steps,
+                     "step_cpu_s": (time.process_time() - c0) / steps})
     return rows
+
+
+def bench_quotas(quotas: list[float], steps: int, threads: int) -> list[dict]:
+    """Each quota in its own cgroup (testbed/bq<pid>/q<i>), removed afterwards."""
+    import os
+
+    from testbed.emulation.cgroups import CgroupLimits, detect_cgroups
+
+    cg, run = detect_cgroups(), f"bq{os.getpid() % 100000}"
+    out = []
+    try:
+        for i, cores in enumerate(quotas):
+            cg.create(run, f"q{i}", CgroupLimits(cores, None))
+            files = [str(f) for f in cg.procs_files(run, f"q{i}")]
+            r = subprocess.run([sys.executable, __file__, "--quota-one", ",".join(files), "--threads", str(threads),
+                                "--steps", str(steps)], capture_output=True, text=True, timeout=1800, check=True)
+            out += [{"cpu_quota": cores, **row} for row in json.loads(r.stdout.strip().splitlines()[-1])]
+    finally:
+        cg.remove(run)
+    return out
+
+
+def write_grid(path: str, seed: int = 0, scale: int = 4) -> None:
+    """10 prompts (rows) x 4 precisions (columns), 50 DDIM steps, each image enlarged `scale` x."""
+    import numpy as np
+    from PIL import Image, ImageDraw, ImageFont
+
+    from testbed.diffusion import PRECISIONS
+
+    cols = {p: tiny_images(p, list(GRID_PROMPTS), [seed + i for i in range(len(GRID_PROMPTS))], 50)
+            for p in PRECISIONS}
+    cell, pad, left, top = 32 * scale, 8, 330, 34
+    w = left + len(PRECISIONS) * (cell + pad)
+    h = top + len(GRID_PROMPTS) * (cell + pad)
+    canvas = Image.new("RGB", (w, h), (250, 250, 250))
+    draw, font = ImageDraw.Draw(canvas), ImageFont.load_default(size=18)
+    names = {"fp32": "fp32", "fp16": "bf16", "int8": "int8", "int4": "int4"}
+    for j, p in enumerate(PRECISIONS):
+        draw.text((left + j * (cell + pad) + cell // 2, top // 2), names[p], fill=(0, 0, 0), font=font, anchor="mm")
+    for i, prompt in enumerate(GRID_PROMPTS):
+        y = top + i * (cell + pad)
+        draw.text((8, y + cell // 2), prompt, fill=(0, 0, 0), font=font, anchor="lm")
+        for j, p in enumerate(PRECISIONS):
+            tile = Image.fromarray(np.asarray(cols[p][i])).resize((cell, cell), Image.NEAREST)
+            canvas.paste(tile, (left + j * (cell + pad), y))
+    canvas.save(path)
 
 
 def sd15_one(precision: str, px: int, steps: int) -> dict:
@@ -139,15 +269,47 @@ def main() -> None:
     ap.add_argument("--sd15-px", type=int, default=256)
     ap.add_argument("--sd15-steps", type=int, default=1)
     ap.add_argument("--sd15-one", help=argparse.SUPPRESS)
+    ap.add_argument("--quality", action="store_true", help="the tiny model's quality figures (model card)")
+    ap.add_argument("--quality-seeds", type=int, default=10)
+    ap.add_argument("--grid", help="write the tiny model's image grid (10 prompts x 4 precisions) to this PNG")
+    ap.add_argument("--quota", help="CPU quotas (cores, comma-separated) to time the tiny model's steps under")
+    ap.add_argument("--quota-one", help=argparse.SUPPRESS)
     ap.add_argument("--json", action="store_true")
     a = ap.parse_args()
     torch.set_num_threads(a.threads)
     if a.sd15_one:
         print(json.dumps(sd15_one(a.sd15_one, a.sd15_px, a.sd15_steps)))
         return
+    if a.quota_one:
+        print(json.dumps(quota_one(a.quota_one.split(","), a.steps)))
+        return
+    if a.quota:
+        rows = bench_quotas([float(q) for q in a.quota.split(",")], min(a.steps, 20), a.threads)
+        if a.json:
+            print(json.dumps(rows, indent=2))
+            return
+        print(f"{'cpu quota':>9} {'prec':5} {'s/step':>8} {'cpu s/step':>10}   (tiny, CFG batch 2, {a.threads} thread)")
+        for r in rows:
+            print(f"{r['cpu_quota']:9.2f} {r['precision']:5} {r['step_s']:8.4f} {r['step_cpu_s']:10.4f}")
+        return
+    if a.grid:
+        write_grid(a.grid)
+        print(f"wrote {a.grid}")
+        return
+    if a.quality:
+        q = bench_quality(a.quality_seeds)
+        if a.json:
+            print(json.dumps(q, indent=2))
+            return
+        print(f"tiny model, mean MS-SSIM vs fp32 50-step reference ({q['seeds']} seeds x {len(q['prompts'])} prompts)")
+        print("precision (50 steps): " + "  ".join(f"{p} {v:.3f}" for p, v in q["precision"].items()))
+        print("fp32 steps:           " + "  ".join(f"{k} {v:.3f}" for k, v in q["steps"].items()))
+        print("prompt fidelity (20 steps, 30 images): " + "  ".join(
+            f"{p} digit {f['digit']:.0%} colours {f['colours']:.0%}" for p, f in q["fidelity"].items()))
+        return
     doc = {"overhead": [bench_overhead(a.steps, a.k, a.reps, a.scheduler),
                         bench_overhead(a.steps, a.k, a.reps, "dpm")],
-           "precisions": bench_tiny_precisions(20)}
+           "precisions": bench_embedded_precisions(20)}
     if a.sd15:
         for p in ("fp32", "fp16", "int8", "int4"):
             r = subprocess.run([sys.executable, __file__, "--sd15-one", p, "--sd15-px", str(a.sd15_px),
@@ -163,12 +325,14 @@ def main() -> None:
               f"wall ratio {o['ratio']:.3f} (target <= 1.02), CPU-time ratio {o['cpu_ratio']:.3f} "
               f"(medians of adjacent pairs), "
               f"max |diff| {o['max_abs_diff']:.1e}")
-    print(f"{'model':12} {'prec':5} {'dtype':9} {'size MB':>9} {'s/step':>8} {'mem MB':>8}")
+    print(f"{'model':12} {'prec':5} {'dtype':9} {'size MB':>9} {'s/step':>8} {'cpu s/step':>10} {'mem MB':>8}")
     for r in doc["precisions"]:
         mem = r.get("peak_rss_bytes", r.get("rss_delta_bytes", 0))
+        cpu = f"{r['step_cpu_s']:10.4f}" if "step_cpu_s" in r else f"{'':10}"
         print(f"{r['model']:12} {r['precision']:5} {r['dtype']:9} {r['size_bytes'] / 1e6:9.2f} "
-              f"{r['step_s']:8.4f} {mem / 1e6:8.1f}")
-    print("mem: tiny = RSS growth while loading and running the variant; sd15 = peak RSS of its own process")
+              f"{r['step_s']:8.4f} {cpu} {mem / 1e6:8.1f}")
+    print("mem: embedded models = RSS growth while loading and running the variant; "
+          "sd15 = peak RSS of its own process")
 
 
 if __name__ == "__main__":

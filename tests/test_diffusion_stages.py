@@ -26,10 +26,8 @@ from testbed.diffusion import (
 )
 from testbed.diffusion.quantize import QuantizedWeightLayer, dequantize_per_channel, quantize_per_channel
 from testbed.diffusion.models import torch_threads
+from mini_sd import save_mini_sd
 from testbed.errors import InputError, WorkloadError
-
-SD_SCHED = {"beta_end": 0.012, "beta_schedule": "scaled_linear", "beta_start": 0.00085, "num_train_timesteps": 1000,
-            "set_alpha_to_one": False, "skip_prk_steps": True, "steps_offset": 1, "clip_sample": False}
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -40,23 +38,7 @@ def _one_thread():
 
 @pytest.fixture(scope="module")
 def mini_sd_dir(tmp_path_factory):
-    from diffusers import AutoencoderKL, UNet2DConditionModel
-
-    d = tmp_path_factory.mktemp("mini-sd")
-    torch.manual_seed(0)
-    unet = UNet2DConditionModel(
-        sample_size=8, in_channels=4, out_channels=4, layers_per_block=1, block_out_channels=(32, 64),
-        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
-        cross_attention_dim=32, attention_head_dim=8, norm_num_groups=8,
-    )
-    vae = AutoencoderKL(in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 2,
-                        up_block_types=("UpDecoderBlock2D",) * 2, block_out_channels=(8, 16), latent_channels=4,
-                        norm_num_groups=8, sample_size=16)
-    unet.save_pretrained(d / "unet")
-    vae.save_pretrained(d / "vae")
-    (d / "scheduler").mkdir()
-    (d / "scheduler" / "scheduler_config.json").write_text(json.dumps({"_class_name": "PNDMScheduler", **SD_SCHED}))
-    return d
+    return save_mini_sd(tmp_path_factory.mktemp("mini-sd"))
 
 
 @pytest.fixture(scope="module")

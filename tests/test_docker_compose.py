@@ -17,7 +17,9 @@ from pathlib import Path
 import pytest
 import yaml
 
+from testbed.emulation.docker.compose import COMPOSE_CAPS
 from testbed.emulation.docker.image import IMAGE, build_image, docker_client, host_mounts
+from testbed.emulation.node_uids import deployment_uids
 from testbed.emulation.docker.selfshape import plan_self
 from testbed.emulation.nsutil import open_iproute
 from testbed.emulation.shaping import diff_plan, read_back
@@ -59,30 +61,48 @@ def test_compose_file_is_valid_for_docker_compose_v1(scenario: dict) -> None:
     assert (state / "secrets" / "mosquitto.passwd").stat().st_mode & 0o077 == 0
     cfg = json.loads((state / "agents" / "dev01.json").read_text())
     assert cfg["broker_host"] == "server" and cfg["run"] == scenario["run"]
+    uids = deployment_uids(scenario["devices"])
+    for dev in scenario["devices"]:  # only its own config, as a secret owned by its agent's uid; no host /etc
+        svc = doc["services"][dev]
+        sources = [v["source"] for v in svc.get("volumes", [])]
+        assert "/etc" not in sources and not any(src.startswith(str(state)) for src in sources), sources
+        assert [x["source"] for x in svc["secrets"]] == [f"agent-{dev}"]
+        assert doc["secrets"][f"agent-{dev}"]["file"] == str(state / "agents" / f"{dev}.json")
+        st = (state / "agents" / f"{dev}.json").stat()
+        assert (st.st_uid, st.st_mode & 0o777) == (uids[dev], 0o400)
+        assert svc["cap_drop"] == ["ALL"] and "--user" in svc["command"]
 
 
-async def test_device_container_shapes_its_own_link(unique_run_id: str) -> None:
+async def test_device_container_shapes_its_own_link_then_runs_its_command_as_its_uid(unique_run_id: str) -> None:
+    """With only a device service's capabilities (COMPOSE_CAPS) and no host /etc: the link
+    is shaped as planned, then the command runs as the node uid, with no capability and
+    no_new_privs."""
     client = docker_client()
     build_image(client)
     mounts = [f"{m.path}:{m.path}:ro" for m in host_mounts()]
     name = f"tb-{unique_run_id}-selfshape"
     argv = [DOCKER, "run", "-d", "--rm", "--name", name, "--label", f"testbed.run={unique_run_id}", "--init",
-            "--cap-add", "NET_ADMIN", "--network", "none"]
+            "--cap-drop", "ALL", "--network", "none"]
+    for cap in COMPOSE_CAPS["device"]:
+        argv += ["--cap-add", cap]
     for m in mounts:
         argv += ["-v", m]
+    uid = deployment_uids(["dev01"])["dev01"]
     # --network none has only lo: a veth pair (this kernel has no dummy links) stands in for the cell link
     py = sys.executable
     cid = _sh(*argv, IMAGE, "sh", "-c",
               "ip link add eth0 type veth peer name peer0 && ip link set peer0 up && ip link set eth0 up && "
               f"exec {py} -m testbed.emulation.docker.selfshape --up-mbps 12.5 "
-              f'--down-mbps 40 -- sleep 60').stdout.strip()
+              f'--down-mbps 40 --user {uid} -- sleep 60').stdout.strip()
     try:
-        pid = 0
+        pid, child = 0, ""
         ops = plan_self("eth0", "ifb0", 12.5, 40.0)
         for _ in range(100):
             pid = int(_sh(DOCKER, "inspect", "-f", "{{.State.Pid}}", cid).stdout.strip() or 0)
-            comm = Path(f"/proc/{pid}/task").exists() and _sh("ps", "--ppid", str(pid), "-o", "comm=", check=False).stdout
-            if comm and "sleep" in comm:
+            kids = Path(f"/proc/{pid}/task").exists() and _sh("ps", "--ppid", str(pid), "-o", "pid=,comm=",
+                                                              check=False).stdout
+            if kids and "sleep" in kids:
+                child = kids.split()[0]
                 break
             await asyncio.sleep(0.1)
         else:
@@ -90,6 +110,9 @@ async def test_device_container_shapes_its_own_link(unique_run_id: str) -> None:
         async with open_iproute(f"/proc/{pid}/ns/net") as ipr:
             assert diff_plan(ops, await read_back(ipr, ["eth0", "ifb0"])) == []
         assert "eth0 up 12.5 Mbit/s, down 40 Mbit/s" in _sh(DOCKER, "logs", cid).stderr
+        status = dict(ln.split(":", 1) for ln in Path(f"/proc/{child}/status").read_text().splitlines())
+        assert status["Uid"].split() == [str(uid)] * 4 and status["Groups"].strip() == ""
+        assert int(status["CapEff"], 16) == 0 and status["NoNewPrivs"].strip() == "1"
     finally:
         _sh(DOCKER, "rm", "-f", cid, check=False)
 
@@ -106,6 +129,13 @@ def _check_result(state: Path) -> dict:
     return doc
 
 
+def _check_broker_on_the_cell_address(state: Path) -> None:
+    """The broker listened on the server container's cell address, never on every address."""
+    listeners = [ln.split() for ln in (state / "broker" / "mosquitto.conf").read_text().splitlines()
+                 if ln.startswith("listener ")]
+    assert len(listeners) == 1 and listeners[0][2].startswith("198.18."), listeners
+
+
 @pytest.mark.slow
 def test_docker_compose_up_runs_a_generation(scenario: dict) -> None:
     f, run = scenario["compose_file"], scenario["run"]
@@ -118,6 +148,7 @@ def test_docker_compose_up_runs_a_generation(scenario: dict) -> None:
         for dev in scenario["devices"]:
             assert f"docker_selfshape: eth0 up" in logs  # every device shaped itself
         _check_result(Path(scenario["state_dir"]))
+        _check_broker_on_the_cell_address(Path(scenario["state_dir"]))
     finally:
         _sh("docker-compose", "-p", project, "-f", f, "down", "--remove-orphans", timeout=120, check=False)
     assert _labelled(run) == []
@@ -151,6 +182,7 @@ def test_single_node_swarm_runs_a_generation(scenario: dict) -> None:
             ps = _sh(DOCKER, "stack", "ps", stack, "--no-trunc", check=False).stdout
             pytest.fail(f"no result from the stack within 600 s:\n{ps}")
         _check_result(state)
+        _check_broker_on_the_cell_address(state)
         services = _sh(DOCKER, "stack", "services", stack, "--format", "{{.Name}}").stdout.split()
         assert sorted(services) == sorted(f"{stack}_{s}" for s in ["server", *scenario["devices"]])
         net = json.loads(_sh(DOCKER, "network", "inspect", f"{stack}_cell").stdout)[0]

@@ -11,7 +11,7 @@ import pytest
 import yaml
 
 from testbed.emulation.docker.compose import ComposeNode, compose_doc
-from testbed.emulation.docker.image import host_mounts, skeleton_tar
+from testbed.emulation.docker.image import etc_files, host_mounts, skeleton_tar
 from testbed.emulation.docker.selfshape import plan_self
 from testbed.emulation.docker.spec import (
     GpuHost,
@@ -36,6 +36,15 @@ def test_container_plan_carries_profile_limits_labels_and_address() -> None:
     assert p.host_config["network_mode"] == "tb-r1" and p.host_config["init"] is True
     assert "device_requests" not in p.host_config  # no GPU on this host description
     assert p.binds == [("/usr", "/usr", True)]
+
+
+def test_containers_keep_only_the_capabilities_of_their_role_and_devices_run_as_nobody() -> None:
+    dev = container_plan("r1", NodeSpec("dev03", "device", "198.18.0.12"), "i", [])
+    srv = container_plan("r1", NodeSpec("server", "server", "198.18.0.1"), "i", [])
+    for p in (dev, srv):
+        assert p.host_config["cap_drop"] == ["ALL"] and p.host_config["security_opt"] == ["no-new-privileges"]
+    assert dev.host_config["cap_add"] == [] and dev.user == "65534:65534"  # the host shapes and forks agents
+    assert srv.host_config["cap_add"] == ["DAC_READ_SEARCH", "SETGID", "SETUID"] and srv.user is None  # the broker
 
 
 def test_gpu_requests_only_where_the_host_has_gpus_and_the_toolkit() -> None:
@@ -86,12 +95,15 @@ def test_skeleton_has_merged_usr_links_and_a_real_sbin() -> None:
     assert members["lib64"].issym() and members["lib64"].linkname == "usr/lib64"
     assert members["sbin"].isdir()  # docker mounts its init at /sbin/docker-init
     assert members["tmp"].mode == 0o1777
-    assert all(m.isdir() or m.issym() for m in members.values())  # no file content at all
+    files = {n for n, m in members.items() if not (m.isdir() or m.issym())}
+    assert files == {"etc/passwd", "etc/group", "etc/nsswitch.conf"}  # the only content: no host /etc
+    passwd = etc_files()["etc/passwd"].splitlines()
+    assert passwd[0].startswith("root:x:0:0:") and passwd[-1].startswith("nobody:x:65534:65534:")
 
 
 def test_host_mounts_are_unique_and_not_nested() -> None:
     paths = [m.path for m in host_mounts()]
-    assert "/usr" in paths and "/etc" in paths
+    assert "/usr" in paths and "/etc" not in paths  # the image brings its own minimal /etc
     assert len(paths) == len(set(paths))
     for a in paths:
         for b in paths:
@@ -101,8 +113,8 @@ def test_host_mounts_are_unique_and_not_nested() -> None:
 
 def _doc(tmp_path: Path) -> dict:
     nodes = [ComposeNode("server", "server", 1.0, 4096, ["srv"]),
-             ComposeNode("dev01", "device", 0.5, 1536, ["agent", "dev01"])]
-    return compose_doc("small", "small", nodes, "testbed-node:local", ["/usr", "/etc"], tmp_path / "small")
+             ComposeNode("dev01", "device", 0.5, 1536, ["agent", "dev01"], tmp_path / "small" / "agents" / "dev01.json")]
+    return compose_doc("small", "small", nodes, "testbed-node:local", ["/usr"], tmp_path / "small")
 
 
 def test_compose_doc_fits_compose_and_swarm(tmp_path: Path) -> None:
@@ -114,14 +126,18 @@ def test_compose_doc_fits_compose_and_swarm(tmp_path: Path) -> None:
     srv, dev = doc["services"]["server"], doc["services"]["dev01"]
     for svc in (srv, dev):
         assert svc["deploy"]["endpoint_mode"] == "dnsrr"  # no IPVS on this kernel
-        assert svc["cap_add"] == ["NET_ADMIN"] and svc["init"] is True
+        assert svc["cap_drop"] == ["ALL"] and svc["init"] is True
         assert svc["labels"]["testbed.run"] == "small"
+    assert dev["cap_add"] == ["NET_ADMIN", "SETGID", "SETUID"]  # shape, then drop to its uid
+    assert "NET_ADMIN" not in srv["cap_add"]
     assert srv["deploy"]["placement"]["constraints"] == ["node.labels.testbed.server == true"]
     assert dev["deploy"]["placement"]["constraints"] == ["node.labels.testbed.device == true"]
     assert dev["deploy"]["resources"]["limits"] == {"cpus": "0.5", "memory": "1536M"}
     state = str(tmp_path / "small")
     assert {"type": "bind", "source": state, "target": state, "read_only": False} in srv["volumes"]
-    assert {"type": "bind", "source": state, "target": state, "read_only": True} in dev["volumes"]
+    assert [v["source"] for v in dev["volumes"]] == ["/usr"]  # no state directory: only its own config
+    assert dev["secrets"] == [{"source": "agent-dev01", "target": "agent.json"}]
+    assert doc["secrets"] == {"agent-dev01": {"file": f"{state}/agents/dev01.json"}}
     assert dev["depends_on"] == ["server"]
 
 
@@ -151,3 +167,28 @@ def test_no_daemon_is_a_resource_error_that_says_how_to_start_one(monkeypatch, t
     with pytest.raises(ResourceError, match="start-dockerd") as e:
         docker_client(timeout_s=5)
     assert e.value.exit_code == 4
+
+
+@pytest.mark.parametrize("euid", [pytest.param(0, marks=pytest.mark.root), 1000])
+def test_compose_gives_each_device_its_config_readable_by_its_agent_alone(tmp_path: Path, monkeypatch, euid) -> None:
+    """As root each config is its agent's uid's (0400); otherwise 0444 inside the 0700 state
+    directory (docker-compose bind-mounts the file as it is)."""
+    import os
+
+    from testbed.composition import compose_server
+    from testbed.emulation.node_uids import deployment_uids
+
+    me = os.geteuid()
+    monkeypatch.setattr(compose_server.os, "geteuid", lambda: euid)
+    topologies = Path(__file__).resolve().parent.parent / "topologies"
+    scen = compose_server.write_scenario(topologies / "small.yaml", tmp_path)
+    assert scen.state_dir.stat().st_mode & 0o777 == 0o700
+    doc = yaml.safe_load(scen.compose_file.read_text())
+    uids = deployment_uids(scen.devices)
+    for dev in scen.devices:
+        cfg = scen.state_dir / "agents" / f"{dev}.json"
+        st = cfg.stat()
+        assert (st.st_mode & 0o777, st.st_uid) == ((0o400, uids[dev]) if euid == 0 else (0o444, me))
+        assert doc["secrets"][f"agent-{dev}"] == {"file": str(cfg)}
+        cmd = doc["services"][dev]["command"]
+        assert cmd[cmd.index("--user") + 1] == str(uids[dev]) and cmd[-1] == "/run/secrets/agent.json"

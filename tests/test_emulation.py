@@ -324,20 +324,26 @@ async def test_amqtt_fallback_broker(topologies: Path, run_id: str) -> None:
 async def test_agent_launcher_forks_agent_inside_namespace_and_cgroup(topologies: Path, run_id: str,
                                                                        tmp_path: Path) -> None:
     """The one agent launcher (testbed/composition/agents.py) forks an agent that lands in
-    its node's network namespace and cgroups (`cell.join`), retitled `testbed-agent RUN DEV`;
-    a revival forks a fresh one the same way; closing leaves no process behind."""
+    its node's network namespace and cgroups (`cell.join`) as its own uid, retitled
+    `testbed-agent RUN DEV`; a revival forks a fresh one the same way; closing leaves no
+    process behind."""
     from testbed.composition.agents import AgentLauncher
+    from testbed.emulation.node_uids import allocate_uids, hand_to
     from testbed.emulation.procs import pid_alive
+    from testbed.emulation.runs import make_run_dir
     from testbed.relay.agent import AgentConfig
 
-    state = tmp_path / "state"
+    state = make_run_dir(run_id)  # the agent, an unprivileged uid, reaches its config there
     launcher = AgentLauncher(run_id, state, tmp_path / "logs")
     try:
         async with Emulation(load_topology(topologies / "small.yaml"), run_id, state_dir=state) as emu:
-            launcher.bind(emu)
+            uid = allocate_uids(state, ["dev04"])["dev04"]
+            launcher.bind(emu, {"dev04": uid})
             # no broker: the agent keeps retrying until stopped
+            (state / "agents").mkdir(mode=0o711)
             AgentConfig(run=run_id, device="dev04", broker_host=SERVER_ADDRESS, broker_port=1883,
                         username="dev04", password="x").write(launcher.config_path("dev04"))
+            hand_to(launcher.config_path("dev04"), uid)
             node = emu.nodes["dev04"]
             for _ in ("start", "revive"):
                 pid = await launcher.spawn("dev04") if _ == "start" else await launcher.revive("dev04")
@@ -352,6 +358,8 @@ async def test_agent_launcher_forks_agent_inside_namespace_and_cgroup(topologies
                 assert f"cpu:/testbed/{run_id}/dev04" in cgroup.replace("cpu,cpuacct:", "cpu:")
                 assert pid in emu.backend.cg.pids(run_id, "dev04")
                 assert launcher.pids() == {"dev04": pid}
+                status = Path(f"/proc/{pid}/status").read_text()
+                assert f"Uid:\t{uid}\t{uid}\t{uid}\t{uid}" in status and "NoNewPrivs:\t1" in status
             template = launcher.template_pid
             await launcher.close()
             assert not pid_alive(pid) and not pid_alive(template)

@@ -205,12 +205,15 @@ async def test_broker_listens_only_on_the_server_address_and_secrets_are_private
         assert _listening(broker.pid) == [("198.18.0.1", 1883)]
         secrets = state / "secrets"
         assert stat.S_IMODE(state.stat().st_mode) & 0o066 == 0  # nobody else may list or write the run's state
-        for d in (secrets, state / "agents"):
-            assert stat.S_IMODE(d.stat().st_mode) & 0o077 == 0, d
-        files = list(secrets.iterdir()) + list((state / "agents").iterdir())
+        assert stat.S_IMODE(secrets.stat().st_mode) & 0o077 == 0
+        assert stat.S_IMODE((state / "agents").stat().st_mode) == 0o711  # agents reach their own file, list none
         assert {f.name for f in secrets.iterdir()} >= {"mosquitto.passwd", "mosquitto.acl", "credentials.json"}
-        for f in files:
-            assert stat.S_IMODE(f.stat().st_mode) == 0o600, f
+        for f in secrets.iterdir():
+            assert stat.S_IMODE(f.stat().st_mode) == 0o600 and f.stat().st_uid == 0, f
+        owners = set()
+        for f in (state / "agents").iterdir():  # each device's config: its agent's uid alone
+            assert stat.S_IMODE(f.stat().st_mode) == 0o400 and f.stat().st_uid not in (0, *owners), f
+            owners.add(f.stat().st_uid)
         creds = json.loads((secrets / "credentials.json").read_text())
         assert creds["run"] == run and creds["server"]["password"] == r.creds.server.password
         conf = Path(broker.config_path).read_text()

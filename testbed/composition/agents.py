@@ -6,10 +6,12 @@ the host's namespace); for each device the launcher sends it, over a unix socket
 agent's argv, environment and log path plus *file descriptors* (SCM_RIGHTS) of what the
 node is made of — `cell.join(device)`: its network namespace, one `cgroup.procs` per
 hierarchy, and for a container its mount, UTS and IPC namespaces. The template forks; the
-child starts its own session, joins the cgroups, enters the namespaces, retitles itself
-`testbed-agent <run> <device>` and runs the agent. The same path serves every backend,
-the first start and every revival. Forked agents share the template's pages
-(copy-on-write).
+child starts its own session, opens its log, joins the cgroups, enters the namespaces,
+then drops privileges to the device's own uid (allocated for the run, node_uids.py:
+setgroups([]), setgid, setuid, no_new_privs) and only then runs the agent, which opens
+its own config (`agents/<device>.json`, 0400, owned by that uid). The template never opens
+a config or a credential. The same path serves every backend, the first start and every
+revival. Forked agents share the template's pages (copy-on-write).
 
 One agent per device serves every collaboration method (relay/agent.py dispatches tasks
 by `meta.method`). `agent_config` is the one function that builds an agent's
@@ -19,6 +21,7 @@ by `meta.method`). `agent_config` is the one function that builds an agent's
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import signal
@@ -31,6 +34,7 @@ from typing import Any, Protocol
 
 from testbed.emulation.cell import Cell
 from testbed.emulation.control import call
+from testbed.emulation.node_uids import drop_privileges
 from testbed.errors import ResourceError
 from testbed.model.profiles import load_profiles, step_time_s
 from testbed.model.radio import DeviceLink
@@ -38,7 +42,7 @@ from testbed.model.topology import Topology
 from testbed.relay.agent import AgentConfig
 from testbed.relay.security import Credential
 
-__all__ = ["agent_config", "Agents", "AgentLauncher", "RemoteAgents", "serve_template", "AGENT_TITLE"]
+__all__ = ["agent_config", "Agents", "AgentLauncher", "RemoteAgents", "serve_template", "enter_node", "AGENT_TITLE"]
 
 AGENT_TITLE = "testbed-agent"  # processes are titled `testbed-agent <run> <device>`
 _MAX_FDS = 32  # netns + one cgroup.procs per hierarchy + a container's other namespaces
@@ -85,6 +89,7 @@ def _preload() -> None:
     import testbed.diffusion.models  # noqa: F401
     import testbed.diffusion.stages  # noqa: F401
     import testbed.relay.agent  # noqa: F401
+    import testbed.relay.split_agent  # noqa: F401 - an agent may not be able to read the interpreter's files later
     import testbed.relay.stage  # noqa: F401
 
 
@@ -97,27 +102,46 @@ def _setns(fd: int) -> None:
         raise OSError(e, f"setns: {os.strerror(e)}")
 
 
+def enter_node(fds: list[int], cgroup_fds: int, netns_fd: bool, extra_ns_fds: int) -> None:
+    """Join a node as root (what `cell.join` names, received as open files): its cgroups
+    (writing "0" to each `cgroup.procs` moves the writer), its network namespace and a
+    container's mount, UTS and IPC namespaces. Closes the files."""
+    for fd in fds[1:1 + cgroup_fds]:
+        os.write(fd, b"0")
+    if netns_fd:
+        _setns(fds[0])
+    for fd in fds[1 + cgroup_fds:1 + cgroup_fds + extra_ns_fds]:
+        _setns(fd)  # a container's mnt/uts/ipc (this child is single-threaded)
+    for fd in fds:
+        os.close(fd)
+
+
+def _close_inherited(keep: list[int]) -> None:
+    """Close every descriptor but stdin/stdout/stderr and `keep`: none of the root
+    template's files may reach the agent. (Before entering a container: its /proc does
+    not show this process.)"""
+    for fd in [int(n) for n in os.listdir("/proc/self/fd")]:
+        if fd > 2 and fd not in keep:
+            with contextlib.suppress(OSError):
+                os.close(fd)
+
+
 def _child(req: dict[str, Any], fds: list[int]) -> int:
     from setproctitle import setproctitle
 
     signal.signal(signal.SIGCHLD, signal.SIG_DFL)
     os.setsid()
-    log = os.open(req["log"], os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+    log = os.open(req["log"], os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)  # as root, on the host
     os.dup2(log, 1)
     os.dup2(log, 2)
     os.close(log)
     null = os.open(os.devnull, os.O_RDONLY)
     os.dup2(null, 0)
     os.close(null)
-    n_cg, n_ns = int(req["cgroup_fds"]), int(req["extra_ns_fds"])
-    for fd in fds[1:1 + n_cg]:  # cgroup.procs files: "0" moves the writer
-        os.write(fd, b"0")
-    if req["netns_fd"]:
-        _setns(fds[0])
-    for fd in fds[1 + n_cg:1 + n_cg + n_ns]:
-        _setns(fd)  # a container's mnt/uts/ipc (this child is single-threaded)
-    for fd in fds:
-        os.close(fd)
+    _close_inherited(keep=fds)
+    enter_node(fds, int(req["cgroup_fds"]), bool(req["netns_fd"]), int(req["extra_ns_fds"]))
+    drop_privileges(int(req["uid"]))
+    os.chdir("/")
     os.environ.update(req.get("env") or {})
     argv = [str(a) for a in req["argv"]]
     setproctitle(" ".join(argv))
@@ -125,16 +149,30 @@ def _child(req: dict[str, Any], fds: list[int]) -> int:
     from testbed.relay.agent import main
 
     try:
-        main(argv[1:])
+        main(argv[1:])  # the agent opens its own config, as its own uid
     except SystemExit as e:
         return e.code if isinstance(e.code, int) else 0
     return 0
+
+
+def _private_parent(path: str) -> Path | None:
+    """The first directory above `path` that other users cannot search, if any."""
+    for d in reversed(Path(path).resolve().parents):
+        with contextlib.suppress(OSError):
+            if not d.stat().st_mode & 0o001:
+                return d
+    return None
 
 
 def serve_template(sock_path: str) -> None:
     """The template's loop: one fork per request, answered with {"pid": N}."""
     t0 = time.perf_counter()
     _preload()
+    for where in {sys.base_prefix, sys.prefix}:
+        if (d := _private_parent(where)) is not None:  # e.g. a pyenv Python under /root (0700)
+            print(f"note: agents run as their own uids and cannot enter {d}: they can import only what this "
+                  f"template imported from {where} (install Python outside a private directory to lift this)",
+                  flush=True)
     signal.signal(signal.SIGCHLD, signal.SIG_IGN)  # the kernel reaps finished agents
     srv = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     path = Path(sock_path)
@@ -176,8 +214,9 @@ class AgentLauncher:
     """Agents of one cell, started by this process through its template.
 
     A device's agent reads `<state dir>/agents/<device>.json` (written by the run owner
-    with `agent_config`). `start()` may begin before the cell exists, so that the
-    template's imports overlap the cell's creation; `bind(cell)` comes before spawning.
+    with `agent_config`, owned by the device's uid). `start()` may begin before the cell
+    exists, so that the template's imports overlap the cell's creation; `bind(cell, uids)`
+    (the devices' uids, node_uids.py) comes before spawning.
     """
 
     def __init__(self, run_id: str, state_dir: Path, logs_dir: Path):
@@ -189,9 +228,11 @@ class AgentLauncher:
         self._ready: asyncio.Future | None = None
         self._pids: dict[str, int] = {}
         self.cell: Cell | None = None
+        self.uids: dict[str, int] = {}
 
-    def bind(self, cell: Cell) -> None:
+    def bind(self, cell: Cell, uids: dict[str, int]) -> None:
         self.cell = cell
+        self.uids = dict(uids)
 
     def config_path(self, device: str) -> Path:
         return self.state_dir / "agents" / f"{device}.json"
@@ -226,13 +267,13 @@ class AgentLauncher:
         with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
             return s.connect_ex(str(self.sock_path)) == 0
 
-    def _fork_sync(self, join: Any, argv: list[str], env: dict[str, str], log_path: Path) -> int:
+    def _fork_sync(self, join: Any, uid: int, argv: list[str], env: dict[str, str], log_path: Path) -> int:
         fds = [os.open(join.netns, os.O_RDONLY) if join.netns else os.open("/", os.O_RDONLY)]
         try:
             fds += [os.open(p, os.O_WRONLY) for p in join.cgroup_procs]
             fds += [os.open(p, os.O_RDONLY) for p in join.extra_ns]
             req = {"argv": argv, "env": env, "log": str(log_path), "cgroup_fds": len(join.cgroup_procs),
-                   "netns_fd": bool(join.netns), "extra_ns_fds": len(join.extra_ns)}
+                   "netns_fd": bool(join.netns), "extra_ns_fds": len(join.extra_ns), "uid": uid}
             with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
                 s.settimeout(30)
                 s.connect(str(self.sock_path))
@@ -247,6 +288,8 @@ class AgentLauncher:
         """Fork `device`'s agent into its node; returns its pid."""
         if self.cell is None:
             raise ResourceError("agent launcher: no cell bound")
+        if device not in self.uids:
+            raise ResourceError(f"agent launcher: no uid allocated for {device}")
         await self.start()
         join = await self.cell.join(device)
         cfg = self.config_path(device)
@@ -254,7 +297,8 @@ class AgentLauncher:
         env = {"TESTBED_AGENT_CONFIG": str(cfg), "OMP_NUM_THREADS": str(max(1, int(cores)))}
         argv = [AGENT_TITLE, self.run_id, device, "--config", str(cfg)]
         try:
-            pid = await asyncio.to_thread(self._fork_sync, join, argv, env, self.logs_dir / f"agent-{device}.log")
+            pid = await asyncio.to_thread(self._fork_sync, join, self.uids[device], argv, env,
+                                          self.logs_dir / f"agent-{device}.log")
         except (OSError, ValueError, KeyError) as e:
             raise ResourceError(f"the agent template could not start {device}'s agent: {e}; "
                                 f"see {self.logs_dir / 'agent-template.log'}") from None

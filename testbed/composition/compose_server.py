@@ -9,11 +9,18 @@ and the one agent-config builder; it serves through the run owner (session.py) o
     compose/<name>/             its state (mode 0700): topology.yaml, scenario.json,
                                 secrets/ (MQTT passwords, ACL), agents/<dev>.json,
                                 broker/ and out/ (result.json, image.png) once served
+
+Only the server container mounts the state directory. A device container gets its own
+`agents/<dev>.json` as a docker secret and runs its agent as its own uid
+(node_uids.deployment_uids): as root, `testbed compose` hands each config to that uid
+(0400); otherwise it is 0444 — the 0700 state directory keeps other users of this host out,
+and no other container has it.
 """
 
 from __future__ import annotations
 
 import asyncio
+import ipaddress
 import json
 import os
 import socket
@@ -25,11 +32,12 @@ from typing import Any
 
 import yaml
 
-from testbed.emulation.docker.compose import ComposeNode, compose_doc
+from testbed.emulation.docker.compose import SECRET_PATH, ComposeNode, compose_doc
 from testbed.emulation.docker.image import IMAGE, host_mounts, python_bin
+from testbed.emulation.node_uids import deployment_uids, hand_to
 from testbed.emulation.owned_dirs import make_owned_dir, remove_owned_dir
 from testbed.errors import RunFailedError
-from testbed.model.names import MQTT_PORT, check_name
+from testbed.model.names import CELL_NET, MQTT_PORT, check_name
 from testbed.model.profiles import load_profiles
 from testbed.model.radio import compute_links
 from testbed.relay import security
@@ -67,6 +75,16 @@ def _bin(name: str) -> str:
     return str(Path(python_bin()).with_name(name))
 
 
+def _readable_by(config: Path, uid: int) -> None:
+    """A device's config, readable by its agent's uid where docker-compose bind-mounts it
+    as it is (Swarm copies it into a secret): its own (0400) when we may chown, else 0444
+    inside the 0700 state directory."""
+    if os.geteuid() == 0:
+        hand_to(config, uid)
+    else:
+        config.chmod(0o444)
+
+
 def write_scenario(file: Path, out_dir: Path, *, run_id: str | None = None, image: str = IMAGE,
                    seed: int | None = None) -> ComposeScenario:
     """Write compose/<name>.yml and its state directory from a topology file."""
@@ -91,15 +109,17 @@ def write_scenario(file: Path, out_dir: Path, *, run_id: str | None = None, imag
     agent = _bin("testbed-agent")
     nodes = [ComposeNode("server", "server", profiles[topo.server.profile].cpu_cores,
                          profiles[topo.server.profile].memory_mb, [python_bin(), "-m", "testbed.composition.compose_server", str(state)])]
+    uids = deployment_uids([link.id for link in links])
     for link in links:
         prof = profiles[link.profile]
         c = creds.for_device(link.id)
         cfg_path = state / "agents" / f"{link.id}.json"
         agent_config(topo, link, run, c, SERVER_HOST, MQTT_PORT, prof.cpu_cores, max_msg).write(cfg_path)
+        _readable_by(cfg_path, uids[link.id])
         cmd = [python_bin(), "-m", "testbed.emulation.docker.selfshape",
                "--up-mbps", f"{link.rate_up_mbps:.3f}", "--down-mbps", f"{link.rate_down_mbps:.3f}",
-               "--", agent, run, link.id, "--config", str(cfg_path)]
-        nodes.append(ComposeNode(link.id, "device", prof.cpu_cores, prof.memory_mb, cmd))
+               "--user", str(uids[link.id]), "--", agent, run, link.id, "--config", SECRET_PATH]
+        nodes.append(ComposeNode(link.id, "device", prof.cpu_cores, prof.memory_mb, cmd, cfg_path))
     (state / "scenario.json").write_text(json.dumps({"run": run, "topology": str(state / "topology.yaml"),
                                                      "devices": [link.id for link in links]}, indent=2) + "\n")
     doc = compose_doc(run, topo.name, nodes, image, [m.path for m in host_mounts()], state)
@@ -126,8 +146,13 @@ def write_scenario(file: Path, out_dir: Path, *, run_id: str | None = None, imag
 
 
 def _cell_address() -> str:
-    """This (the server) container's address on the cell network: the broker binds it."""
-    return socket.gethostbyname(socket.gethostname())
+    """This (the server) container's address on the cell network: the broker binds it,
+    never every address (0.0.0.0) or loopback."""
+    addr = socket.gethostbyname(socket.gethostname())
+    if ipaddress.IPv4Address(addr) not in ipaddress.IPv4Network(CELL_NET):
+        raise RunFailedError(f"compose server: its host name resolves to {addr}, not an address on the cell "
+                             f"network {CELL_NET}; run it as the `server` service of the compose file")
+    return addr
 
 
 async def serve(state: Path) -> dict[str, Any]:

@@ -199,9 +199,9 @@ class RunSession:
             t0 = time.perf_counter()
             await cell.start_broker(BrokerSettings(paths["password_file"], paths["acl_file"], self.max_message_bytes))
             self.timings_s["broker_s"] = time.perf_counter() - t0
-            self._write_agent_configs()
+            uids = self._write_agent_configs()
             assert self._launcher is not None
-            self._launcher.bind(cell)
+            self._launcher.bind(cell, uids)
             self.agents = self._launcher
         self.history = EnergyHistory(self.state_dir)
         write_state(self.run_id, cell.status() | {"topology": self.topology.name, "seed": self.topology.seed})
@@ -249,13 +249,23 @@ class RunSession:
     def max_message_bytes(self) -> int:
         return max_message_bytes(self.topology)
 
-    def _write_agent_configs(self) -> None:
+    def _write_agent_configs(self) -> dict[str, int]:
+        """Each device's config, readable only by the uid allocated to its agent (0400);
+        agents/ lets them reach their own file but not list the others. The uids."""
+        from testbed.emulation.node_uids import allocate_uids, hand_to
+
         assert self.cell is not None and self.creds is not None and self.state_dir is not None
+        agents = self.state_dir / "agents"
+        agents.mkdir(mode=0o711, exist_ok=True)
+        agents.chmod(0o711)
+        uids = allocate_uids(self.state_dir, [link.id for link in self.cell.links])
         for link in self.cell.links:
             node = self.cell.nodes[link.id]
             cfg = agent_config(self.topology, link, self.run_id or "", self.creds.for_device(link.id), SERVER_ADDRESS,
                                MQTT_PORT, node.cpu_quota_cores or float(os.cpu_count() or 1), self.max_message_bytes)
-            cfg.write(self.state_dir / "agents" / f"{link.id}.json")
+            cfg.write(agents / f"{link.id}.json")
+            hand_to(agents / f"{link.id}.json", uids[link.id])
+        return uids
 
     async def close(self) -> None:
         """Tear down what this session made (agents, broker, cell, run directory)."""

@@ -6,6 +6,7 @@ scalars, so the relay's safetensors wire format carries them as they are.
 """
 
 from testbed.diffusion.models import (
+    EMBEDDED_MODELS,
     LocalModel,
     conditioning_from_embeds,
     decode,
@@ -25,9 +26,12 @@ from testbed.diffusion.split import (
     split_step,
 )
 from testbed.diffusion.stages import SCHEDULERS, make_scheduler, num_schedule_steps, run_stage
-from testbed.diffusion.tiny import parse_digit_prompt, train_tiny
+from testbed.diffusion.digits import train_digits
+from testbed.diffusion.tiny import train_tiny
+from testbed.model.prompts import parse_colour_prompt, parse_digit_prompt
 
 __all__ = [
+    "EMBEDDED_MODELS",
     "PRECISIONS",
     "SCHEDULERS",
     "SD15_UNET_CONFIG",
@@ -45,6 +49,7 @@ __all__ = [
     "ms_ssim",
     "msssim_upsample_factor",
     "num_schedule_steps",
+    "parse_colour_prompt",
     "parse_digit_prompt",
     "reference_image",
     "run_split",
@@ -52,6 +57,7 @@ __all__ = [
     "sd15_latent_bytes",
     "sd15_split_bytes_per_step",
     "split_step",
+    "train_digits",
     "train_tiny",
     "variant_sizes_bytes",
 ]

@@ -1,8 +1,9 @@
 """Run state under /run/testbed/<run>/ and the cleanup of a run, alive or crashed.
 
 A run's directory (mode 0711, with the owned-directory marker) holds state.json (the status
-document, written by the supervisor), supervisor.pid, logs and secrets/. `cleanup_run`
-removes everything a run can leave — processes in its cgroups or namespaces, the host link,
+document, written by the supervisor), supervisor.pid, logs/ and secrets/ (0700), agents/
+(0711: each agent reaches its own 0400 config and lists nothing) and node-uids.json (the
+agents' uids, node_uids.py); docs/security.md has every mode. `cleanup_run` removes everything a run can leave — processes in its cgroups or namespaces, the host link,
 containers and networks, namespaces, cgroups, the directory — whether or not its supervisor
 is still alive; a step that fails does not stop the others, and the failures are raised
 together at the end (CleanupFailed). `known_runs` finds runs by their state directories and
@@ -27,6 +28,7 @@ from typing import Any
 from testbed.emulation.backend import remove_host_links
 from testbed.model.names import check_run_id
 from testbed.emulation.cgroups import Cgroups, detect_cgroups
+from testbed.emulation.node_uids import pids_running_as, read_uids
 from testbed.emulation.nsutil import NETNS_DIR, list_netns, pids_in_netns, remove_netns
 from testbed.emulation.owned_dirs import make_owned_dir, remove_owned_dir
 from testbed.emulation.procs import pid_alive, stop_pid_sync
@@ -114,7 +116,9 @@ def write_topology(run_id: str, topo: Any) -> Path:
     import yaml
 
     path = run_dir(run_id) / "topology.yaml"
-    path.write_text(yaml.safe_dump(topo.model_dump(mode="json", exclude_none=True), sort_keys=False))
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)  # root's, like the rest of the run's state
+    with os.fdopen(fd, "w") as f:
+        f.write(yaml.safe_dump(topo.model_dump(mode="json", exclude_none=True), sort_keys=False))
     return path
 
 
@@ -207,8 +211,6 @@ def _pids_naming(text: str) -> set[int]:
     return pids
 
 
-def _docker_runs() -> dict[str, list[str]]:
-    """Run id -> its containers and networks labelled testbed.run (none without docker)."""
 def delayer_pids(run_id: str | None = None) -> dict[int, str]:
     """Delayer processes (pid -> run) by their title `testbed-delayer <run>`, or by their
     command line while they start (`python -m testbed.emulation.delayer <run>`)."""
@@ -233,8 +235,8 @@ def delayer_pids(run_id: str | None = None) -> dict[int, str]:
     return found
 
 
-def _docker_runs() -> list[str]:
-    """Runs that have containers or networks labelled testbed.run (none without docker)."""
+def _docker_runs() -> dict[str, list[str]]:
+    """Run id -> its containers and networks labelled testbed.run (none without docker)."""
     try:
         from testbed.emulation.docker.cleanup import docker_runs
         from testbed.emulation.docker.image import docker_client
@@ -329,11 +331,13 @@ def _remove_cgroup(cg: Cgroups, run_id: str) -> list[str]:
 
 
 def _stop_processes(run_id: str, cg: Cgroups | None) -> list[str]:
-    """Processes in the run's cgroups and namespaces, and host-side helpers naming its state."""
+    """Processes in the run's cgroups and namespaces, running as its node uids, and
+    host-side helpers naming its state."""
     victims = set(cg.pids(run_id)) if cg is not None else set()
     victims |= pids_in_netns([NETNS_DIR / n for n in list_netns(f"tb-{run_id}-")])
     victims |= _pids_naming(f"{RUN_ROOT / run_id}/")  # host-side helpers (the agent template) of a crashed run
     victims |= set(delayer_pids(run_id))  # it exits with its owner; one that did not would keep the namespaces
+    victims |= pids_running_as(set(read_uids(RUN_ROOT / run_id).values()))  # the run's agents, wherever they are
     for p in sorted(victims):
         stop_pid_sync(p, timeout_s=2.0)
     return [f"process {p}" for p in sorted(victims)]

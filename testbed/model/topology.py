@@ -206,7 +206,7 @@ class WorkloadConfig(_Model):
 
     model: str = Field(
         "tiny",
-        description="what the devices run: 'tiny' (embedded), 'sd15' (local weights) or a model directory; "
+        description="what the devices run: 'tiny' or 'digits' (embedded), 'sd15' (local weights) or a model directory; "
         "profile step times are always SD1.5's at resolution_px",
     )
     resolution_px: Literal[256, 512] = 256
@@ -219,13 +219,12 @@ class WorkloadConfig(_Model):
 
     @model_validator(mode="after")
     def _prompt_drawable(self) -> WorkloadConfig:
-        if self.model == "tiny":
-            from testbed.model.prompts import parse_digit_prompt
+        from testbed.model.prompts import check_prompt
 
-            try:
-                parse_digit_prompt(self.prompt)
-            except InputError as e:
-                raise _located(("prompt",), str(e)) from None
+        try:
+            check_prompt(self.model, self.prompt)
+        except InputError as e:
+            raise _located(("prompt",), str(e)) from None
         return self
 
 

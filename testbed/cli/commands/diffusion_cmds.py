@@ -1,22 +1,26 @@
-"""`testbed generate` (one local generation, no emulation) and `testbed train-tiny` (the embedded model)."""
+"""`testbed generate` (one local generation, no emulation) and `testbed train-tiny` (the embedded models)."""
 
 from __future__ import annotations
 
+import os
+import sys
 import time
 from pathlib import Path
 
 import typer
 
 from testbed.cli.console import out, print_json
-from testbed.errors import WorkloadError
+from testbed.errors import InputError, WorkloadError
 
 
 def generate(
     out_path: Path = typer.Option(..., "--out", help="PNG file to write (the image alone)"),
-    model: str = typer.Option("tiny", "--model", help="'tiny', 'sd15' (HF cache, offline) or a model directory"),
+    model: str = typer.Option("tiny", "--model", help="'tiny' (embedded, coloured digits), 'digits' (embedded, "
+                              "8x8 grey digits), 'sd15' (HF cache, offline) or a diffusers model directory"),
     precision: str = typer.Option("fp32", "--precision", help="fp32, fp16 (bf16 on CPU), int8 or int4"),
     steps: int = typer.Option(0, "--steps", help="denoising steps (0 = the model's reference steps)"),
-    prompt: str = typer.Option("a handwritten 7", "--prompt", help="text; the tiny model needs one digit"),
+    prompt: str = typer.Option("a handwritten 7", "--prompt",
+                               help="text; tiny reads 'a <colour> <digit> on a <colour> background', digits one digit"),
     seed: int = typer.Option(0, "--seed", help="seed of the initial latent"),
     scheduler: str = typer.Option("ddim", "--scheduler", help="ddim, euler, dpm or pndm"),
     guidance: float = typer.Option(-1.0, "--guidance", help="classifier-free guidance scale (<0 = model default)"),
@@ -58,26 +62,36 @@ def generate(
 
 
 def train_tiny(
-    out_path: Path = typer.Option(None, "--out", help="weights file (default: the embedded testbed/data/tiny_unet.safetensors)"),
-    steps: int = typer.Option(1200, "--steps", help="optimizer steps"),
-    batch: int = typer.Option(96, "--batch", help="batch size"),
+    model: str = typer.Option("tiny", "--model", help="which embedded model: 'tiny' (coloured digits from a prompt) "
+                              "or 'digits' (8x8 grey digits, scikit-learn's data set)"),
+    out_path: Path = typer.Option(None, "--out", help="weights file (default: the embedded one in testbed/data/)"),
+    steps: int = typer.Option(0, "--steps", help="optimizer steps (0 = the model's default: tiny 1500, digits 1200)"),
+    batch: int = typer.Option(0, "--batch", help="batch size (0 = the model's default: tiny 64, digits 96)"),
     seed: int = typer.Option(0, "--seed", help="seed (with --threads, fixes the result)"),
-    threads: int = typer.Option(1, "--threads", help="torch CPU threads (1: OpenMP threads spin when other work shares the cores)"),
+    threads: int = typer.Option(0, "--threads", help="torch CPU threads; the result depends on it "
+                                "(0 = the model's default: tiny 2, digits 1)"),
     as_json: bool = typer.Option(False, "--json", help="print only a JSON document on stdout"),
 ) -> None:
-    """Train the embedded tiny class-conditional model on scikit-learn's digits (deterministic, CPU)."""
-    from testbed.diffusion.tiny import TINY_WEIGHTS_PATH
-    from testbed.diffusion.tiny import train_tiny as _train
+    """Train an embedded model on data made on the spot (deterministic, CPU, minutes) into testbed/data/."""
+    if "torch" not in sys.modules:  # read once, when torch loads OpenMP; the results do not depend on it
+        # waiting OpenMP threads sleep instead of spinning: at load 15 on 2 cores, spinning ones
+        # burnt 4x the CPU time for the same (bit-identical) steps, measured
+        os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+    from testbed.diffusion import train_digits, train_tiny
 
-    if steps < 1 or batch < 1 or threads < 1:
-        raise WorkloadError("--steps, --batch and --threads must be >= 1")
-    summary = _train(out=out_path or TINY_WEIGHTS_PATH, steps=steps, batch=batch, seed=seed, threads=threads,
-                     log=None if as_json else out.print)
+    trainers = {"tiny": train_tiny, "digits": train_digits}
+    if model not in trainers:
+        raise InputError(f"--model {model!r}: the embedded models are {', '.join(trainers)}")
+    if steps < 0 or batch < 0 or threads < 0:
+        raise InputError("--steps, --batch and --threads must be >= 1 (or 0 for the model's default)")
+    given = {"steps": steps, "batch": batch, "threads": threads}
+    kwargs = {k: v for k, v in given.items() if v} | ({"out": out_path} if out_path else {})
+    summary = trainers[model](seed=seed, log=None if as_json else out.print, **kwargs)
     if as_json:
         print_json(summary)
         return
     out.print(f"wrote {summary['path']}: {summary['params']} parameters, loss {summary['loss']:.4f}, "
-              f"{summary['seconds']:.0f} s")
+              f"{summary['seconds']:.0f} s ({summary['cpu_seconds']:.0f} s of CPU time)")
 
 
 def register(app: typer.Typer) -> None:

@@ -10,13 +10,17 @@ Layout of run R (same addresses as the netns backend, so the relay cannot tell t
 The cell is shaped exactly as in the netns backend, by the same shaping plan, inside the
 server container's namespace (/proc/<pid>/ns/net): HTB on the egress of the server's
 eth0 (downlink), its ingress redirected to ifb0 (uplink). Containers run an idle process;
-the broker and the agents are started in them with `docker exec` (docker_exec.py).
-Every blocking SDK call runs in a worker thread; every wait is bounded.
+the broker is started in the server with `docker exec` (exec.py), the agents are forked
+into the devices by the agent launcher, each as its own uid. Containers keep only the
+capabilities their role needs (spec.NODE_CAPS), devices run as nobody, and each container
+mounts only its part of the run's state: the server its broker files, a device its own
+agent config. Every blocking SDK call runs in a worker thread; every wait is bounded.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import time
 from collections.abc import Sequence
@@ -58,8 +62,8 @@ _THREADS = 8  # parallel container starts: 4-8 threads halve the time of 20 (mea
 
 
 def run_state_dir(run_id: str) -> Path:
-    """The run's state directory on the host (/run/testbed/<run>), mounted into every
-    container at the same path: agents read their config there, the broker its files."""
+    """The run's state directory on the host (/run/testbed/<run>): each container mounts
+    only its part of it, at the same path (`_state_mounts`)."""
     return STATE_ROOT / run_id
 
 
@@ -145,29 +149,44 @@ class DockerBackend:
         mounts: list[tuple[str, str, bool]] = []
         if info is not None and info.labels.get(IMAGE_LABEL) == "node":
             mounts = [(m.path, m.path, m.read_only) for m in host_mounts()]
-        # the run's state (configs, credentials, broker files): writable for the server,
-        # read-only for devices
-        states = {str(run_state_dir(self.run))}
-        if self.state_dir is not None:
-            states.add(str(Path(self.state_dir).resolve()))
-        for d in states:
-            if not Path(d).exists():
-                Path(d).parent.mkdir(mode=0o755, parents=True, exist_ok=True)
-                self._made_dirs.append(make_owned_dir(Path(d)))  # marked: destroy() may remove it
+        state = self._state_mounts(nodes)
         gpus = self._gpus if self._gpus is not None else detect_gpus()
         self._make_network(client)
         plans = []
         for n in nodes:
             lim = n if self.with_limits else NodeSpec(n.id, n.role, n.address, n.index)
             spec = DockerNodeSpec(n.id, n.role, n.address, lim.cpu_cores, lim.memory_mb, lim.gpu_share_pct)
-            node_mounts = mounts + [(d, d, n.role != "server") for d in sorted(states)]
-            plans.append((n.id, container_plan(self.run, spec, self.image, node_mounts, gpus)))
+            plans.append((n.id, container_plan(self.run, spec, self.image, mounts + state[n.id], gpus)))
         with ThreadPoolExecutor(_THREADS, thread_name_prefix="tb-docker") as ex:
             results = list(ex.map(lambda p: self._start_container(client, *p), plans))
         for node_id, cid, pid in results:
             self._ids[node_id] = cid
             self._pids[node_id] = pid
             self._keepers[node_id] = _process_tree(pid)
+
+    def _state_mounts(self, nodes: list[NodeSpec]) -> dict[str, list[tuple[str, str, bool]]]:
+        """What of the run's state each container sees (host, container, read-only), at
+        the host's paths, made before the containers start (a bind mount needs its source):
+        the server its broker directory (writable) and secrets/ (the broker's password and
+        ACL files, read-only); a device only its own agent config, `agents/<device>.json`
+        (read-only; the run owner fills it in and hands it to the agent's uid)."""
+        state = Path(self.state_dir) if self.state_dir is not None else run_state_dir(self.run)
+        if not state.exists():
+            state.parent.mkdir(mode=0o755, parents=True, exist_ok=True)
+            self._made_dirs.append(make_owned_dir(state, mode=0o711))  # marked: destroy() may remove it
+        for sub, mode in (("broker", 0o700), ("secrets", 0o700), ("agents", 0o711)):
+            (state / sub).mkdir(mode=mode, exist_ok=True)
+        src = state.resolve()
+        out: dict[str, list[tuple[str, str, bool]]] = {}
+        for n in nodes:
+            if n.role == "server":
+                out[n.id] = [(str(src / d), str(state / d), d == "secrets") for d in ("broker", "secrets")]
+                continue
+            cfg = Path("agents") / f"{n.id}.json"
+            with contextlib.suppress(FileExistsError):  # an empty root-only placeholder until the owner writes it
+                os.close(os.open(src / cfg, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600))
+            out[n.id] = [(str(src / cfg), str(state / cfg), True)]
+        return out
 
     def _make_network(self, client: docker.DockerClient) -> None:
         plan = network_plan(self.run)
@@ -196,7 +215,7 @@ class DockerBackend:
                 {plan.network: api.create_endpoint_config(ipv4_address=plan.ipv4_address)})
             c = api.create_container(plan.image, command=plan.command, name=plan.name, hostname=plan.hostname,
                                      labels=plan.labels, environment=plan.environment, host_config=host_config,
-                                     networking_config=net_config, detach=True)
+                                     networking_config=net_config, detach=True, user=plan.user)
             api.start(c["Id"])
             pid = int(api.inspect_container(c["Id"])["State"]["Pid"])
         except docker.errors.APIError as e:

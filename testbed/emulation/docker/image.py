@@ -1,11 +1,13 @@
 """The node image without a registry: `docker import` of a skeleton root filesystem.
 
-The image holds only directories and the merged-/usr symlinks (a few hundred bytes); every
-container bind-mounts, read-only, the host's /usr and /etc, the Python installation the
-project's virtual environment is built on, the environment and the checkout, at the same
-paths. So a container runs exactly the host's interpreter and packages (torch included)
-with no copy and no pull — the image is tied to this host's layout, which its labels
-record. Users with a registry can build a self-contained image from images/Dockerfile.*.
+The image holds only directories, the merged-/usr symlinks and a minimal /etc (passwd and
+group naming root, nobody and the host's mosquitto user, nsswitch.conf): a few hundred
+bytes. Every container bind-mounts, read-only, the host's /usr, the Python installation
+the project's virtual environment is built on, the environment and the checkout, at the
+same paths — never the host's /etc. So a container runs exactly the host's interpreter and
+packages (torch included) with no copy and no pull — the image is tied to this host's
+layout, which its labels record. Users with a registry can build a self-contained image
+from images/Dockerfile.*.
 
 Also the one place that opens a docker client (`docker_client`), with daemon errors turned
 into `ResourceError`s that say how to start dockerd.
@@ -15,6 +17,7 @@ from __future__ import annotations
 
 import io
 import json
+import pwd
 import sys
 import tarfile
 from dataclasses import dataclass
@@ -32,6 +35,7 @@ __all__ = [
     "ImageInfo",
     "docker_client",
     "host_mounts",
+    "etc_files",
     "project_root",
     "skeleton_tar",
     "build_image",
@@ -93,8 +97,9 @@ def python_bin() -> str:
 
 
 def host_mounts() -> list[HostMount]:
-    """The read-only host paths a node container needs, outermost first, no duplicates."""
-    candidates = ["/usr", "/etc", sys.base_prefix, sys.prefix, str(project_root())]
+    """The read-only host paths a node container needs, outermost first, no duplicates.
+    Not /etc: the image's own minimal /etc names the users the containers need."""
+    candidates = ["/usr", sys.base_prefix, sys.prefix, str(project_root())]
     out: list[str] = []
     for p in sorted({str(Path(c).resolve()) for c in candidates}, key=lambda x: (x.count("/"), x)):
         if any(p == o or p.startswith(o.rstrip("/") + "/") for o in out):
@@ -103,8 +108,31 @@ def host_mounts() -> list[HostMount]:
     return [HostMount(p) for p in out]
 
 
+def _system_users() -> list[tuple[str, int, int]]:
+    """(name, uid, gid) of the users a container needs: root, the host's mosquitto user
+    (the broker drops to it; the files it reads are the host's, owned by that uid) and nobody."""
+    users = [("root", 0, 0)]
+    try:
+        ent = pwd.getpwnam("mosquitto")
+        users.append(("mosquitto", ent.pw_uid, ent.pw_gid))
+    except KeyError:
+        pass
+    return users + [("nobody", 65534, 65534)]
+
+
+def etc_files() -> dict[str, str]:
+    """The image's /etc: passwd, group and nsswitch.conf (files first; the hosts docker
+    writes, then its DNS)."""
+    users = _system_users()
+    return {
+        "etc/passwd": "".join(f"{n}:x:{u}:{g}::/nonexistent:/usr/sbin/nologin\n" for n, u, g in users),
+        "etc/group": "".join(f"{n}:x:{g}:\n" for n, _, g in users),
+        "etc/nsswitch.conf": "passwd: files\ngroup: files\nshadow: files\nhosts: files dns\n",
+    }
+
+
 def skeleton_tar() -> bytes:
-    """The image's whole root filesystem as an uncompressed tar (directories and links)."""
+    """The image's whole root filesystem as an uncompressed tar (directories, links, /etc)."""
     buf = io.BytesIO()
     with tarfile.open(fileobj=buf, mode="w", format=tarfile.GNU_FORMAT) as tf:
         for d in _SKELETON_DIRS + _STICKY_DIRS:
@@ -117,6 +145,10 @@ def skeleton_tar() -> bytes:
             ti.type = tarfile.SYMTYPE
             ti.linkname = target
             tf.addfile(ti)
+        for name, text in etc_files().items():
+            ti = tarfile.TarInfo(name)
+            ti.size, ti.mode = len(text.encode()), 0o644
+            tf.addfile(ti, io.BytesIO(text.encode()))
     return buf.getvalue()
 
 
@@ -125,6 +157,7 @@ def _labels() -> dict[str, str]:
         IMAGE_LABEL: "node",
         "testbed.mounts": ",".join(m.path for m in host_mounts()),
         "testbed.python": python_bin(),
+        "testbed.users": ",".join(f"{n}={u}:{g}" for n, u, g in _system_users()),
     }
 
 

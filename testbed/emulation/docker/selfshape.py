@@ -1,11 +1,15 @@
-"""Shape this container's own link, then become the given command (compose / Swarm nodes).
+"""Shape this container's own link, drop to the device's uid, then become the given
+command (compose / Swarm nodes).
 
 In a compose or Swarm deployment no host process reaches into the containers, so each
-device shapes itself (it has NET_ADMIN): uplink = HTB on the egress of its eth0, downlink
-= its eth0's ingress redirected to an IFB with HTB on the IFB's egress. The ops are the
-shaping module's typed ops, applied by the same `shape()` function as everywhere else.
+device shapes itself, as root with NET_ADMIN: uplink = HTB on the egress of its eth0,
+downlink = its eth0's ingress redirected to an IFB with HTB on the IFB's egress. The ops
+are the shaping module's typed ops, applied by the same `shape()` function as everywhere
+else. With `--user UID` it then becomes that node uid for good (node_uids.drop_privileges:
+no capability left, no_new_privs) before it execs the command, so the agent never runs as
+root.
 
-    python -m testbed.emulation.docker.selfshape --up-mbps 20 --down-mbps 50 -- CMD ARG...
+    python -m testbed.emulation.docker.selfshape --up-mbps 20 --down-mbps 50 --user UID -- CMD ARG...
 """
 
 from __future__ import annotations
@@ -17,6 +21,7 @@ import sys
 
 from pyroute2.netlink.exceptions import NetlinkError
 
+from testbed.emulation.node_uids import drop_privileges
 from testbed.emulation.nsutil import open_iproute
 from testbed.emulation.shaping import (
     CELL_CLASS,
@@ -31,7 +36,7 @@ from testbed.emulation.shaping import (
     mbps_to_bps,
     shape,
 )
-from testbed.errors import ShapingError
+from testbed.errors import ResourceError, ShapingError
 
 __all__ = ["plan_self", "shape_self", "main"]
 
@@ -78,6 +83,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--up-mbps", type=float, required=True)
     p.add_argument("--down-mbps", type=float, required=True)
     p.add_argument("--ifname", default="eth0")
+    p.add_argument("--user", type=int, default=None, help="node uid to become before running CMD")
     a = p.parse_args(args)
     try:
         asyncio.run(shape_self(a.up_mbps, a.down_mbps, a.ifname))
@@ -85,7 +91,14 @@ def main(argv: list[str] | None = None) -> None:
         print(f"docker_selfshape: {e}", file=sys.stderr)
         sys.exit(e.exit_code)
     print(f"docker_selfshape: {a.ifname} up {a.up_mbps:g} Mbit/s, down {a.down_mbps:g} Mbit/s", file=sys.stderr, flush=True)
+    if a.user is not None:
+        try:
+            drop_privileges(a.user)
+        except OSError as e:  # PermissionError included: no SETUID/SETGID capability, or not a node uid
+            print(f"docker_selfshape: cannot become uid {a.user}: {e}", file=sys.stderr)
+            sys.exit(ResourceError.exit_code)
     if cmd:
+        os.chdir("/")
         os.execvp(cmd[0], cmd)
 
 

@@ -23,6 +23,8 @@ __all__ = [
     "SUBNET",
     "GATEWAY",
     "SERVER_ADDRESS",
+    "NODE_CAPS",
+    "DEVICE_USER",
     "NodeSpec",
     "ContainerPlan",
     "GpuHost",
@@ -44,6 +46,15 @@ GATEWAY = "198.18.255.254"
 SERVER_ADDRESS = "198.18.0.1"
 MPS_PIPE_DIR = "/tmp/nvidia-mps"
 _IFNAMSIZ = 15
+
+#: Capabilities a node container keeps (every other one is dropped). The host shapes every
+#: link and forks the agents into the containers, each already its own unprivileged uid,
+#: so a device container needs none and its own processes run as nobody. The server's
+#: broker starts as root, reads its config in the mosquitto user's 0700 directory
+#: (DAC_READ_SEARCH) and drops to that user (SETGID, SETUID).
+NODE_CAPS = {"server": ("DAC_READ_SEARCH", "SETGID", "SETUID"), "device": ()}
+#: The user of a device container's own processes (its init, `docker exec`).
+DEVICE_USER = "65534:65534"
 
 
 @dataclass(frozen=True)
@@ -83,6 +94,7 @@ class ContainerPlan:
     network: str
     ipv4_address: str
     binds: list[tuple[str, str, bool]] = field(default_factory=list)  # (host, container, read_only)
+    user: str | None = None  # None: the image's (root)
 
 
 def network_name(run_id: str) -> str:
@@ -139,10 +151,12 @@ def container_plan(
     mounts: list[tuple[str, str, bool]],
     gpus: GpuHost = GpuHost(),
 ) -> ContainerPlan:
-    """The container of `node`: limits from its profile, the run's labels, its address.
+    """The container of `node`: limits from its profile, the run's labels, its address,
+    only the capabilities of NODE_CAPS, no_new_privs, a device's processes as nobody.
 
     The container's main process is an idle `sleep` under docker's init; the testbed
-    starts the broker and agents in it with `docker exec` once its link is shaped.
+    starts the broker in the server with `docker exec` and forks the agents into the
+    devices (agents.py) once the links are shaped.
     """
     ipaddress.IPv4Address(node.address)
     if ipaddress.IPv4Address(node.address) not in ipaddress.IPv4Network(SUBNET):
@@ -151,7 +165,9 @@ def container_plan(
     host_config: dict = dict(
         init=True,
         network_mode=network_name(run_id),
-        cap_add=["NET_ADMIN"],
+        cap_drop=["ALL"],
+        cap_add=list(NODE_CAPS[node.role]),
+        security_opt=["no-new-privileges"],
         restart_policy={"Name": "no"},
         log_config={"Type": "json-file", "Config": {"max-size": "1m", "max-file": "1"}},
     )
@@ -180,4 +196,5 @@ def container_plan(
         network=network_name(run_id),
         ipv4_address=node.address,
         binds=list(mounts),
+        user=DEVICE_USER if node.role == "device" else None,
     )
