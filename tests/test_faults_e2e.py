@@ -1,8 +1,10 @@
 """Every fault kind on the real thing (root): topologies/small.yaml on the netns backend, real
 `testbed-agent` processes, mosquitto with the run's ACL. One cell stays up; each test case is
-one generation with one fault from a `faults:` entry. Every run must complete with each
-step [0, 10) computed exactly once and the fault on record; recoveries go to dev03, the
-spare with the largest model whose stage fits the remaining budget.
+one generation with one fault from a `faults:` entry, through dev01 -> dev02 with budgets
+that leave room for a recovery (10 s, 400 J: the failed attempt is charged to them). Every
+run must complete with each step [0, 10) computed exactly once and the fault on record; a
+recovery re-selects the rest of the chain by the largest models that fit what is left:
+dev02 -> dev03 after a failure in stage 0, dev03 after one in stage 1.
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ def _check_exactly_once(doc: dict) -> None:
 
 async def test_each_fault_kind_is_survived(tmp_path, unique_run_id):
     from testbed.composition.session import RunSession
+    from testbed.composition.strategies import Multistage
 
     topo = load_topology(TOPOLOGY)
     events: list[dict] = []
@@ -42,7 +45,8 @@ async def test_each_fault_kind_is_survived(tmp_path, unique_run_id):
 
         async def run(**spec) -> dict:
             events.clear()
-            doc = (await r.run(faults=[FaultSpec(**spec)])).to_json()
+            doc = (await r.run(Multistage(order=["dev01", "dev02"]), t_max_s=10.0, e_max_j=400.0,
+                               faults=[FaultSpec(**spec)])).to_json()
             _check_exactly_once(doc)
             (f,) = doc["faults"]
             assert f["kind"] == spec["kind"]
@@ -50,9 +54,11 @@ async def test_each_fault_kind_is_survived(tmp_path, unique_run_id):
             assert "fault_injected" in types and [t for t in types if not t.startswith("fault_")][-1] == "run_finished"
             return doc
 
-        # a link that stays down past the stage's deadline: reassigned to dev03, link back up after
+        # a link that stays down past the stage's deadline: both stages re-selected, link back up after
         doc = await run(kind="link-flap", device="dev01", at_stage=0, duration_s=6.0)
-        assert [x["reason"] for x in doc["recovered"]] == ["deadline"] and doc["recovered"][0]["took_over"] == "dev03"
+        (rec,) = doc["recovered"]
+        assert rec["reason"] == "deadline" and rec["chain"] == ["dev02", "dev03"]
+        assert doc["relay_order"] == ["dev02", "dev03"] and rec["charged"]["latency_s"] > 4.0
         assert doc["faults"][0]["restored_t_s"] is not None  # undone before the run returned
         await quiet()
 
@@ -79,7 +85,8 @@ async def test_each_fault_kind_is_survived(tmp_path, unique_run_id):
 
         # the agent computing stage 0 is killed (no device named: the one in flight)
         doc = await run(kind="kill", at_stage=0)
-        assert [(x["device"], x["took_over"], x["reason"]) for x in doc["recovered"]] == [("dev01", "dev03", "offline")]
+        assert [(x["device"], x["took_over"], x["reason"]) for x in doc["recovered"]] == [("dev01", "dev02", "offline")]
+        assert doc["recovered"][0]["chain"] == doc["relay_order"] == ["dev02", "dev03"]
 
         # and it can be brought back for the next generation
         assert r.cell.nodes["dev01"].state == "killed"

@@ -3,8 +3,9 @@ per-run ACLs, one real `testbed-agent` process per device, the tiny model.
 
 - a run completes, its events arrive in order on tb/<run>/events, and `mosquitto_sub`
   on the host (through the host link, with the observer account) sees the same events;
-- with a device killed mid-computation the run completes, lists the recovery, and the
-  stages cover every step exactly once;
+- with a device killed mid-computation the run re-selects the rest of the chain (budgets
+  charged with what was spent), completes, lists the recovery, and the stages cover every
+  step exactly once;
 - a bad payload on a task topic is rejected and logged, and that agent keeps serving.
 """
 
@@ -95,6 +96,7 @@ async def test_small_run_completes_and_an_outside_observer_sees_the_events(topol
 
 async def test_failure_mid_stage_is_recovered_and_bad_payloads_are_rejected(topologies, tmp_path, unique_run_id):
     from testbed.composition.session import RunSession
+    from testbed.composition.strategies import Multistage
 
     run = unique_run_id[:7]
     topo = load_topology(topologies / "small.yaml")
@@ -108,15 +110,29 @@ async def test_failure_mid_stage_is_recovered_and_bad_payloads_are_rejected(topo
                     await c.publish(topics.task(run, "dev03"), junk, qos=1)
 
         await r.in_server_ns(publish_junk)
-        res = await r.run(fail="dev02")
+        # dev01 -> dev02 with room for a recovery: the failed attempt is charged to the budgets
+        # (at the default 2 s / 70 J the DP fills them, and the kill leaves too little for dev03)
+        res = await r.run(Multistage(order=["dev01", "dev02"]), t_max_s=4.0, e_max_j=200.0, fail="dev02")
     doc = res.to_json()
     _check_steps(doc)
     assert [s["device"] for s in doc["stages"]] == ["dev01", "dev03"]
     (rec,) = doc["recovered"]
     assert rec["device"] == "dev02" and rec["took_over"] == "dev03" and rec["reason"] == "offline"
     assert rec["steps"] == doc["stages"][1]["steps"]
-    types = [e["type"] for e in _events(tmp_path)]
-    assert types.index("fault_injected") < types.index("device_offline") < types.index("recovered")
+    # the kill in stage 1 re-ran the selection for the one stage left, charging what was spent
+    first = doc["stages"][0]
+    assert rec["chain"] == ["dev03"]
+    assert rec["charged"]["latency_s"] > first["t_down_s"] + first["t_cmp_s"] + first["t_up_s"]
+    assert rec["charged"]["energy_j"] == pytest.approx(first["energy_j"] + rec["energy_j"])
+    assert rec["left"]["latency_s"] == pytest.approx(doc["t_max_s"] - rec["charged"]["latency_s"])
+    assert doc["within_budget"]["latency"] == (doc["latency_s"] <= doc["t_max_s"])
+    events = _events(tmp_path)
+    types = [e["type"] for e in events]
+    assert types.index("fault_injected") < types.index("device_offline") < types.index("reselected") \
+        < types.index("recovered")
+    (resel,) = [e for e in events if e["type"] == "reselected"]
+    assert resel["chain"] == ["dev03"] and resel["failed"] == "dev02"
+    assert resel["charged_s"] == rec["charged"]["latency_s"]
     log = (tmp_path / "logs" / "agent-dev03.log").read_text()
     assert log.count("rejected relay message") == 3, log
     assert "stage 1 uploaded" in log  # ... and dev03 kept serving: it ran the recovered stage

@@ -274,9 +274,22 @@ async def test_relay_runs_every_step_once_in_order(broker):
         assert s.wire_bytes_down == s.wire_bytes_up == 65536
 
 
-async def test_offline_device_is_replaced_from_the_checkpoint(broker):
-    """dev01's agent dies mid-computation: its last will reports it offline and the
-    remaining steps go to the best remaining device from the newest checkpoint."""
+class RecordingReplan:
+    """A re-planner that records what the orchestrator asked and answers with a fixed chain
+    (or the error it is given)."""
+
+    def __init__(self, answer):
+        self.answer, self.calls = answer, []
+
+    def __call__(self, pool, stages, t_left_s, e_left_j):
+        self.calls.append({"pool": sorted(pool), "stages": stages, "t_left_s": t_left_s, "e_left_j": e_left_j})
+        if isinstance(self.answer, Exception):
+            raise self.answer
+        return list(self.answer)
+
+
+async def _run_with_crash(broker, order, victim, replan, **kw):
+    """Relay through `order`; `victim`'s agent crashes once it has the latent."""
     run, port, creds, *_ = broker
     model = CountingModel(step_s=0.05)
     agents, tasks = await _start_agents(run, port, creds, model, 0.0)
@@ -285,12 +298,11 @@ async def test_offline_device_is_replaced_from_the_checkpoint(broker):
 
     def on_event(ev):
         events.append(ev)
-        if ev["type"] == "downloaded" and ev["device"] == "dev01":
-            # a crash of dev01's process: the task dies, its socket closes, the will fires
-            loop.call_later(0.05, _crash, agents["dev01"], tasks["dev01"])
+        if ev["type"] == "downloaded" and ev["device"] == victim:
+            loop.call_later(0.05, _crash, agents[victim], tasks[victim])
 
     loop = asyncio.get_running_loop()
-    orch = _orchestrator(run, port, creds, ["dev02", "dev01"], costs, [], model.__class__())
+    orch = _orchestrator(run, port, creds, order, costs, [], CountingModel(), replan=replan, **kw)
     orch._emit_cb = on_event
     try:
         out = await orch.run()
@@ -298,6 +310,13 @@ async def test_offline_device_is_replaced_from_the_checkpoint(broker):
         for t in tasks.values():
             t.cancel()
         await asyncio.gather(*tasks.values(), return_exceptions=True)
+    return out, events
+
+
+async def test_offline_device_is_replaced_from_the_checkpoint(broker):
+    """dev01's agent dies mid-computation: its last will reports it offline and the
+    remaining steps go to the best remaining device from the newest checkpoint."""
+    out, events = await _run_with_crash(broker, ["dev02", "dev01"], "dev01", replan=None)
     assert [s.device for s in out.stages] == ["dev02", "dev03"]
     assert [s.steps for s in out.stages] == [(0, 4), (4, 8)]
     assert float(out.latent.min()) == float(out.latent.max()) == 8.0  # no step lost, none twice
@@ -352,6 +371,54 @@ async def test_recovery_impossible_fails_loudly(broker):
         for t in tasks.values():
             t.cancel()
         await asyncio.gather(*tasks.values(), return_exceptions=True)
+
+
+async def test_a_failure_re_selects_the_rest_of_the_chain_charging_what_was_spent(broker):
+    """dev01 dies in stage 0 of dev01 -> dev02: the re-planner is asked for two stages among
+    the devices that have neither run nor failed (dev02, still planned, included), under
+    T_max and E_max less what the run has spent; its chain (here reordered) runs the rest."""
+    replan = RecordingReplan(["dev03", "dev02"])
+    t0 = time.time()
+    out, events = await _run_with_crash(broker, ["dev01", "dev02"], "dev01", replan, t_max_s=10.0, e_max_j=1000.0)
+    (call,) = replan.calls
+    assert call["pool"] == ["dev02", "dev03"] and call["stages"] == 2
+    (rec,) = out.recovered
+    assert rec.chain == ["dev03", "dev02"] and rec.took_over == "dev03" and rec.reason == "offline"
+    assert 0 < rec.charged_s < time.time() - t0 and call["t_left_s"] == pytest.approx(10.0 - rec.charged_s)
+    assert rec.energy_j > 0 and rec.charged_j == pytest.approx(rec.energy_j)  # nothing completed: the failed attempt
+    assert call["e_left_j"] == pytest.approx(1000.0 - rec.charged_j)
+    assert (rec.predicted_latency_s, rec.predicted_energy_j) == (1.0, 6.0)  # the chain's two stages
+    assert [s.device for s in out.stages] == ["dev03", "dev02"] and [s.steps for s in out.stages] == [(0, 4), (4, 8)]
+    assert float(out.latent.min()) == float(out.latent.max()) == 8.0  # no step lost, none twice
+    assert out.energy_j == pytest.approx(rec.energy_j + sum(s.energy_j for s in out.stages))
+    (ev,) = [e for e in events if e["type"] == "reselected"]
+    assert ev["chain"] == ["dev03", "dev02"] and ev["failed"] == "dev01" and ev["steps"] == [0, 8]
+    assert ev["charged_s"] == rec.charged_s and ev["t_left_s"] == pytest.approx(10.0 - rec.charged_s)
+    types = [e["type"] for e in events]
+    assert types.index("device_offline") < types.index("reselected") < types.index("recovered")
+    assert rec.to_json()["chain"] == ["dev03", "dev02"] and rec.to_json()["charged"]["energy_j"] == rec.charged_j
+
+
+async def test_a_failure_in_stage_1_charges_the_completed_stage(broker):
+    replan = RecordingReplan(["dev03"])
+    out, _ = await _run_with_crash(broker, ["dev01", "dev02"], "dev02", replan, t_max_s=10.0, e_max_j=1000.0)
+    (call,) = replan.calls
+    assert call["pool"] == ["dev03"] and call["stages"] == 1  # dev01 ran stage 0, dev02 failed
+    (rec,) = out.recovered
+    first = out.stages[0]
+    assert first.device == "dev01" and rec.charged_s > first.t_down_s + first.t_cmp_s + first.t_up_s
+    assert rec.charged_j == pytest.approx(first.energy_j + rec.energy_j)
+    assert [s.device for s in out.stages] == ["dev01", "dev03"] and float(out.latent.max()) == 8.0
+
+
+async def test_no_chain_fitting_ends_the_run_with_the_reason(broker):
+    from testbed.errors import InfeasibleError, RunFailedError
+
+    replan = RecordingReplan(InfeasibleError("no chain of 1 device(s) fits the budget left (0.3 s, 9 J): ..."))
+    with pytest.raises(RunFailedError, match=r"recovery impossible: dev02 failed stage 1 \(offline\).*"
+                                             r"no chain of 1 device\(s\) fits") as e:
+        await _run_with_crash(broker, ["dev01", "dev02"], "dev02", replan)
+    assert e.value.exit_code == 5
 
 
 async def test_agent_reconnects_after_the_broker_restarts(broker, tmp_path):

@@ -40,6 +40,11 @@ def test_progress_folds_events_into_stage_rows():
     p.feed({"type": "downloaded", "device": "dev01", "stage": 0, "steps": [0, 5], "t_down_s": 0.012})
     assert p.rows[(0, "dev01")]["phase"] == "computing" and p.rows[(0, "dev01")]["t_down_s"] == 0.012
     p.feed({"type": "device_offline", "device": "dev01", "stage": 0, "steps": [0, 5]})
+    p.feed({"type": "reselected", "device": "dev03", "stage": 0, "steps": [0, 10], "failed": "dev01",
+            "chain": ["dev03", "dev02"], "predicted_latency_s": 0.95, "predicted_energy_j": 36.0, "charged_s": 0.5,
+            "charged_j": 20.0, "t_left_s": 1.5, "e_left_j": 50.0})
+    assert any(line.startswith("reselected after dev01 failed: dev03 -> dev02 for steps [0, 10]") and
+               "charged 0.500 s, 20.0 J; left 1.500 s, 50.0 J" in line for line in p.lines)
     p.feed({"type": "recovered", "device": "dev03", "stage": 0, "steps": [0, 5], "failed": "dev01"})
     assert p.rows[(0, "dev01")]["phase"] == "offline" and p.rows[(0, "dev03")]["phase"] == "took over"
     assert any("recovered: dev03" in line for line in p.lines)

@@ -24,6 +24,7 @@ from testbed.selection import (
     select,
     solvers,
 )
+from testbed.selection.costs import DEFAULT_MESSAGE_OVERHEAD_S, RELAY_CALIBRATION, RelayCalibration, planning_budgets
 from testbed.model.topology import load_topology, place
 
 TOPOLOGIES = Path(__file__).resolve().parent.parent / "topologies"
@@ -61,32 +62,61 @@ def paper():
 # --- cost model ------------------------------------------------------------------------
 
 
+#: distinct values, so that a term counted twice or in the wrong place shows
+CAL = RelayCalibration(message_overhead_s=0.002, encode_s_per_mb=0.01, decode_s_per_mb=0.03, relay_handling_s=0.004,
+                       pad_late_s=0.005)
+
+
 def test_cost_model_follows_links_profiles_and_workload(small):
-    topo, costs = small
+    topo, _ = small
     links = compute_links(topo, place(topo))
+    costs = device_costs(topo, links, calibration=CAL)
     profiles = load_profiles()
     wl = topo.workload
+    mb = wl.payload_bytes / 1e6
     for c, link in zip(costs, links, strict=True):
         prof = profiles[link.profile]
         assert c.id == link.id
-        assert c.t_down_s == pytest.approx(wl.payload_bytes * 8 / (link.rate_down_mbps * 1e6 * 0.95) + 0.001)
-        assert c.t_up_s == pytest.approx(wl.payload_bytes * 8 / (link.rate_up_mbps * 1e6 * 0.95) + 0.001)
-        assert c.t_cmp_s == pytest.approx(wl.steps_per_stage * prof.step_time_s[wl.resolution_px][link.precision])
+        assert c.t_down_s == pytest.approx(wl.payload_bytes * 8 / (link.rate_down_mbps * 1e6 * 0.95) + 0.002)
+        # the device encodes its result after stamping t_send, under its CPU quota
+        assert c.t_up_s == pytest.approx(wl.payload_bytes * 8 / (link.rate_up_mbps * 1e6 * 0.95) + 0.002
+                                         + 0.01 * mb / min(1.0, prof.cpu_cores))
+        assert c.t_cmp_s == pytest.approx(wl.steps_per_stage * prof.step_time_s[wl.resolution_px][link.precision]
+                                          + 0.005)
+        assert c.t_handling_s == pytest.approx(0.004 + (0.01 + 0.03) * mb)  # decode the result, encode the next task
         assert c.e_cmp_j == pytest.approx(prof.compute_power_w * c.t_cmp_s)
         assert c.e_down_j == pytest.approx(prof.radio_rx_power_w * c.t_down_s)
         assert c.e_up_j == pytest.approx(prof.radio_tx_power_w * c.t_up_s)
-        assert c.latency_s == pytest.approx(c.t_down_s + c.t_cmp_s + c.t_up_s)
-        assert c.energy_j == pytest.approx(c.e_down_j + c.e_cmp_j + c.e_up_j)
+        assert c.latency_s == pytest.approx(c.t_down_s + c.t_cmp_s + c.t_up_s + c.t_handling_s)
+        assert c.energy_j == pytest.approx(c.e_down_j + c.e_cmp_j + c.e_up_j)  # the server's handling: no device energy
         assert c.size_mb == pytest.approx(model_size_bytes(link.precision) / 1e6)
 
 
-def test_link_efficiency_and_size_overrides(small):
-    topo, base = small
+def test_real_compute_has_no_padding_term(small):
+    topo, _ = small
     links = compute_links(topo, place(topo))
-    ideal = device_costs(topo, links, link_efficiency=1.0, message_overhead_s=0.0)
-    for b, i in zip(base, ideal, strict=True):
-        assert b.t_up_s == pytest.approx(i.t_up_s / 0.95 + 0.001)
-        assert b.t_down_s == pytest.approx(i.t_down_s / 0.95 + 0.001)
+    real = topo.model_copy(update={"workload": topo.workload.model_copy(update={"compute": "real"})})
+    padded, unpadded = device_costs(topo, links, calibration=CAL), device_costs(real, links, calibration=CAL)
+    for p, r in zip(padded, unpadded, strict=True):
+        assert p.t_cmp_s - r.t_cmp_s == pytest.approx(CAL.pad_late_s)
+
+
+def test_the_default_calibration_is_the_documented_one(small):
+    topo, base = small
+    assert base == device_costs(topo, compute_links(topo, place(topo)), calibration=RELAY_CALIBRATION)
+    assert DEFAULT_MESSAGE_OVERHEAD_S == RELAY_CALIBRATION.message_overhead_s
+
+
+def test_link_efficiency_and_size_overrides(small):
+    topo, _ = small
+    links = compute_links(topo, place(topo))
+    base = device_costs(topo, links, calibration=CAL)
+    ideal = device_costs(topo, links, link_efficiency=1.0, message_overhead_s=0.0, calibration=CAL)
+    profiles = load_profiles()
+    for b, i, link in zip(base, ideal, links, strict=True):
+        enc = CAL.encode_s(topo.workload.payload_bytes, profiles[link.profile].cpu_cores)  # the device's, in both
+        assert b.t_down_s == pytest.approx(i.t_down_s / 0.95 + 0.002)
+        assert b.t_up_s == pytest.approx((i.t_up_s - enc) / 0.95 + enc + 0.002)
         assert b.t_cmp_s == i.t_cmp_s
     sized = device_costs(topo, links, sizes_mb={"fp16": 123.0, "dev01": 7.5})
     assert [c.size_mb for c in sized][:2] == [7.5, 123.0]
@@ -95,6 +125,14 @@ def test_link_efficiency_and_size_overrides(small):
         device_costs(topo, links, link_efficiency=1.5)
     with pytest.raises(TopologyError, match="message_overhead_s"):
         device_costs(topo, links, message_overhead_s=-1)
+
+
+def test_margin_leaves_a_share_of_each_budget_unused(small):
+    topo, _ = small
+    assert planning_budgets(topo, 2.0, 70.0) == (2.0, 70.0)  # no margin unless the topology sets one
+    margined = topo.model_copy(update={"budgets": topo.budgets.model_copy(update={"margin_pct": 2.0})})
+    t, e = planning_budgets(margined, 2.0, 70.0)
+    assert t == pytest.approx(1.96) and e == pytest.approx(68.6)
 
 
 # --- optimality ------------------------------------------------------------------------
@@ -268,9 +306,10 @@ def test_fair_is_deterministic_given_its_history_and_follows_it(paper):
 
 def test_infeasible_budgets_name_the_budget_and_the_shortfall(small):
     _, costs = small
-    with pytest.raises(InfeasibleError, match=r"T_max 0.3 s is too small by 0.122 s.*dev03"):
+    dev03 = next(c for c in costs if c.id == "dev03")  # the fastest and the most frugal
+    with pytest.raises(InfeasibleError, match=rf"T_max 0.3 s is too small by {dev03.latency_s - 0.3:.3g} s.*dev03"):
         select(costs, 0.3, 100.0)
-    with pytest.raises(InfeasibleError, match=r"E_max 10 J is too small by 6.04 J"):
+    with pytest.raises(InfeasibleError, match=rf"E_max 10 J is too small by {dev03.energy_j - 10:.3g} J"):
         select(costs, 5.0, 10.0)
     with pytest.raises(InfeasibleError, match="both budgets are too small"):
         select(costs, 0.1, 1.0)
@@ -324,10 +363,11 @@ def test_cli_options_and_table(capsys, topologies):
     assert code == 0 and "dev01 -> dev02" in out and "dev04" in out
 
 
-def test_cli_infeasible_exits_3(capsys, topologies):
+def test_cli_infeasible_exits_3(capsys, topologies, small):
     code, out, err = _cli(capsys, str(topologies / "small.yaml"), "--tmax", "0.3", "--json")
     assert code == 3 and out == ""
-    assert "T_max 0.3 s is too small by 0.122 s" in err
+    short = next(c for c in small[1] if c.id == "dev03").latency_s - 0.3
+    assert f"T_max 0.3 s is too small by {short:.3g} s" in err
 
 
 def test_many_small_devices_keep_the_dp_close_to_the_optimum():

@@ -11,6 +11,7 @@ import pytest
 from testbed.errors import InfeasibleError
 from testbed.model.profiles import load_profiles, step_time_s
 from testbed.model.radio import compute_links
+from testbed.selection.costs import DEFAULT_MESSAGE_OVERHEAD_S
 from testbed.selection.split_plan import (
     HANDLING_S_PER_MB,
     HEAD_FLOP_SHARE,
@@ -39,7 +40,7 @@ def test_pair_cost_components_follow_links_and_profiles(paper):
     topo, links = paper
     h, t = links[0], links[1]
     c = pair_cost(topo, h, t, fbytes)
-    eta, per_msg = 0.95, 0.001  # link efficiency and fixed per-message cost (selection/costs.py)
+    eta, per_msg = 0.95, DEFAULT_MESSAGE_OVERHEAD_S  # link efficiency and the calibrated per-message cost (costs.py)
     assert c.t_feat_up_s == pytest.approx(FEATS[h.precision] * 8 / (h.rate_up_mbps * 1e6 * eta) + per_msg)
     assert c.t_feat_down_s == pytest.approx(FEATS[h.precision] * 8 / (t.rate_down_mbps * 1e6 * eta) + per_msg)
     assert c.t_lat_down_s == pytest.approx(262144 * 8 / (h.rate_down_mbps * 1e6 * eta) + per_msg)

@@ -74,11 +74,12 @@ class CellModel:
     def select(self, t_max_s: float, e_max_j: float, strategy: str, seed: int) -> Any:
         """Run the selection; raises testbed.errors.InfeasibleError when nothing fits."""
         from testbed.selection import select
+        from testbed.selection.costs import planning_budgets
 
         costs = self.compute_costs()
         online = [c for c in costs if self.devices[c.id].online]
-        try:
-            sel = select(online, t_max_s, e_max_j, strategy=strategy, seed=seed)
+        try:  # the chain a run picks: the budgets less the topology's margin_pct
+            sel = select(online, *planning_budgets(self.topo, t_max_s, e_max_j), strategy=strategy, seed=seed)
         except Exception:
             self.set_chain([])
             self.selection = None

@@ -231,6 +231,9 @@ class WorkloadConfig(_Model):
 class Budgets(_Model):
     t_max_s: PositiveFloat = 2.0
     e_max_j: PositiveFloat = 200.0
+    #: share of each budget a plan leaves unused for what the cost model cannot predict
+    #: (selection/costs.py planning_budgets); runs are still judged against the full budgets
+    margin_pct: Annotated[float, Field(ge=0, le=20)] = 0.0
 
 
 class CellConfig(_Model):

@@ -10,9 +10,16 @@ real transfers:
     t_up   = server's receive time - agent's send time
 
 Energy: rx power x t_down + compute power x t_cmp + tx power x t_up (the device's profile).
-A device whose last will says "offline", or that misses its deadline, has the stage's
-steps reassigned from the checkpoint to the best remaining device (largest model) whose
-stage cost fits the remaining budget. Telemetry goes to `tb/<run>/events` and `emit`.
+
+Recovery: a device whose last will says "offline", or that misses its deadline, fails its
+stage; the orchestrator charges what the run has spent so far (the time since the relay
+started, the energy of the completed stages and of every failed attempt) and asks
+`replan` for a new chain for the remaining stages among the remaining online devices
+under what is left of T_max and E_max — the run's own selection strategy, handed in by
+the collaboration strategy (composition/strategies/multistage.py). The new chain resumes
+from the checkpoint (`reselected` and `recovered` events, `recovered[]` in the outcome);
+when no chain fits, the run fails (RunFailedError, exit 5) with the reason. Telemetry
+goes to `tb/<run>/events` and `emit`.
 """
 
 from __future__ import annotations
@@ -25,13 +32,18 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from testbed.errors import RelayError, RunFailedError
+from testbed.errors import InfeasibleError, RelayError, RunFailedError
 from testbed.relay import topics
 from testbed.relay.events import make_event
 from testbed.relay.stage import pack_task_tensors, unpack_task_tensors
 from testbed.relay.wire import Message, decode, encode
 
-__all__ = ["DevicePower", "StageRecord", "Recovery", "RelayOutcome", "Orchestrator"]
+__all__ = ["DevicePower", "StageRecord", "Recovery", "RelayOutcome", "Orchestrator", "Replan", "default_replan"]
+
+#: replan(pool, stages, t_left_s, e_left_j) -> the device ids of a new chain for the
+#: remaining `stages` stages, in relay order, from `pool` (remaining online devices) under
+#: the budgets left; raises InfeasibleError, saying why, when no chain fits.
+Replan = Callable[[list[str], int, float, float], list[str]]
 
 
 @dataclass(frozen=True)
@@ -79,13 +91,22 @@ class StageRecord:
 
 @dataclass
 class Recovery:
+    """One failed attempt and how the run went on: a re-selected chain, or (broker) the same device."""
+
     device: str
     steps: tuple[int, int]
     stage: int
     reason: str  # "offline" | "deadline" | "broker" (resumed on the same device)
     took_over: str
     detected_after_s: float
-    energy_j: float
+    energy_j: float  # what the failed attempt spent (modelled: power x measured time)
+    chain: list[str] = field(default_factory=list)  # the remaining stages' devices from here on
+    charged_s: float = 0.0  # measured time of the run when the chain was chosen
+    charged_j: float = 0.0  # energy of the completed stages and the failed attempts by then
+    t_left_s: float = 0.0  # T_max - charged_s: what the chain was chosen under
+    e_left_j: float = 0.0  # E_max - charged_j
+    predicted_latency_s: float = 0.0  # the chain's predicted time and energy
+    predicted_energy_j: float = 0.0
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -96,6 +117,10 @@ class Recovery:
             "took_over": self.took_over,
             "detected_after_s": self.detected_after_s,
             "energy_j": self.energy_j,
+            "chain": list(self.chain),
+            "charged": {"latency_s": self.charged_s, "energy_j": self.charged_j},
+            "left": {"latency_s": self.t_left_s, "energy_j": self.e_left_j},
+            "predicted": {"latency_s": self.predicted_latency_s, "energy_j": self.predicted_energy_j},
         }
 
 
@@ -117,7 +142,9 @@ class Orchestrator:
 
     `costs` are the selection's DeviceCost records of every device (the candidates for
     recovery), `relay_order` the selected ids, `model` a `stage.StageModel` used for the
-    initial latent and the conditioning, `emit(event)` receives every telemetry event.
+    initial latent and the conditioning, `emit(event)` receives every telemetry event,
+    `replan` chooses the chain after a failure (default: `default_replan(costs)`, the DP's
+    objective on the full budgets).
     """
 
     def __init__(
@@ -146,11 +173,13 @@ class Orchestrator:
         max_message_bytes: int | None = None,
         reconnect_timeout_s: float = 30.0,
         rejoin_timeout_s: float = 15.0,
+        replan: Replan | None = None,
     ):
         self.run_id = run
         self.host, self.port = broker_host, broker_port
         self.username, self.password = username, password
         self.costs = {c.id: c for c in costs}
+        self.replan = replan or default_replan(costs)
         self.order = list(relay_order)
         self.power = power
         self.model = model
@@ -358,7 +387,9 @@ class Orchestrator:
         t_start = time.time()
         energy = 0.0
         await self.emit("run_started", relay_order=self.order, total_steps=n_total, steps_per_stage=self.k)
-        for i, dev in enumerate(self.order):
+        i = 0
+        while i < len(self.order):
+            dev = self.order[i]
             steps = (i * self.k, (i + 1) * self.k)
             attempt, broker_retries = 0, 0
             while True:
@@ -373,51 +404,63 @@ class Orchestrator:
                         raise RelayError(f"stage {i} on {dev}: the broker failed it {broker_retries} times; "
                                          "see the broker log (OUT/logs/broker.log)")
                     if await self._rejoin(dev):
-                        recovered.append(Recovery(device=dev, steps=steps, stage=i, reason=why, took_over=dev,
-                                                  detected_after_s=time.time() - t_start, energy_j=wasted_j))
+                        now_s = time.time() - t_start
+                        recovered.append(self._charge(Recovery(device=dev, steps=steps, stage=i, reason=why,
+                                                               took_over=dev, detected_after_s=now_s,
+                                                               energy_j=wasted_j), self.order[i:], now_s, energy))
                         await self.emit("recovered", device=dev, steps=steps, failed=dev, reason=why, stage=i,
                                         checkpoint_step=steps[0])
                         continue
-                    why = "offline"  # it did not come back: reassign below
+                    why = "offline"  # it did not come back: re-select below
                 self.failed.add(dev)
-                detected = time.time() - t_start
-                later = self.order[i + 1:]
-                new = self._replacement(stages, later)
-                recovered.append(Recovery(device=dev, steps=steps, stage=i, reason=why, took_over=new,
-                                          detected_after_s=detected, energy_j=wasted_j))
-                await self.emit("recovered", device=new, steps=steps, failed=dev, reason=why, stage=i,
-                                checkpoint_step=steps[0])
-                self.order[i] = new
-                dev = new
+                r = await self._reselect(i, dev, steps, why, wasted_j, stages, t_start, energy, n_total)
+                recovered.append(r)
+                dev = r.took_over
             stages.append(rec)
             latent, state = rec_latent_state(self._last_result)
+            i += 1
         latency = time.time() - t_start
         await self.emit("relay_finished", latency_s=latency, energy_j=energy)
         return RelayOutcome(stages=stages, recovered=recovered, latent=latent, latency_s=latency, energy_j=energy,
                             total_steps=n_total, events=self._seq, rejected_results=self.rejected_results)
 
-    def _replacement(self, done: list[StageRecord], later: list[str]) -> str:
-        """The remaining device with the largest model whose stage fits the remaining budget.
+    def _charge(self, r: Recovery, chain: list[str], charged_s: float, energy_j: float) -> Recovery:
+        """`r` with the chain from here on and the budgets charged: `charged_s` measured since
+        the relay started, `energy_j` of the completed stages and the failed attempts so far."""
+        r.chain = list(chain)
+        r.charged_s, r.charged_j = charged_s, energy_j
+        r.t_left_s, r.e_left_j = self.t_max_s - r.charged_s, self.e_max_j - energy_j
+        r.predicted_latency_s = sum(self.costs[d].latency_s for d in chain)
+        r.predicted_energy_j = sum(self.costs[d].energy_j for d in chain)
+        return r
 
-        Remaining budget = budget - measured cost of the completed stages - predicted cost of
-        the stages still planned after this one. The failed attempt's time and energy are
-        sunk: they are reported (`recovered[].energy_j`, the run's latency and energy), not
-        charged to the replacement's choice — charging them would make most failures
-        unrecoverable by construction.
-        """
-        t_left = (self.t_max_s - sum(r.t_down_s + r.t_cmp_s + r.t_up_s for r in done)
-                  - sum(self.costs[d].latency_s for d in later))
-        e_left = self.e_max_j - sum(r.energy_j for r in done) - sum(self.costs[d].energy_j for d in later)
-        busy = set(self.order) | self.failed
-        cands = [c for d, c in self.costs.items() if d not in busy and d in self.online]
-        fit = [c for c in cands if c.latency_s <= t_left and c.energy_j <= e_left]
-        if not fit:
+    async def _reselect(self, i: int, dev: str, steps: tuple[int, int], why: str, wasted_j: float,
+                        done: list[StageRecord], t_start: float, energy_j: float, n_total: int) -> Recovery:
+        """A new chain for stages i.. after `dev` failed stage i, chosen by `replan` among the
+        online devices that have neither run a stage nor failed, under the budgets left."""
+        used = {r.device for r in done} | self.failed
+        pool = [d for d in self.costs if d not in used and d in self.online]
+        n_left = len(self.order) - i
+        charged_s = time.time() - t_start
+        try:
+            chain = list(self.replan(pool, n_left, self.t_max_s - charged_s, self.e_max_j - energy_j))
+        except InfeasibleError as e:  # (the run owner reports it as run_failed)
             raise RunFailedError(
-                f"recovery impossible: none of the {len(cands)} remaining online devices fits the remaining "
-                f"budget ({max(t_left, 0):.3f} s, {max(e_left, 0):.1f} J); raise --tmax/--emax"
-            )
-        best = max(fit, key=lambda c: (c.size_mb, -c.latency_s, c.id))
-        return best.id
+                f"recovery impossible: {dev} failed stage {i} ({why}) after {charged_s:.3f} s and {energy_j:.1f} J "
+                f"of T_max {self.t_max_s:g} s and E_max {self.e_max_j:g} J; among the {len(pool)} remaining online "
+                f"devices {e}; raise --tmax/--emax") from None
+        if len(chain) != n_left or set(chain) - set(pool):
+            raise RunFailedError(f"recovery: the re-planner returned {chain} for {n_left} stage(s) from {pool}")
+        self.order[i:] = chain
+        r = self._charge(Recovery(device=dev, steps=steps, stage=i, reason=why, took_over=chain[0],
+                                  detected_after_s=charged_s, energy_j=wasted_j), chain, charged_s, energy_j)
+        await self.emit("reselected", device=chain[0], steps=(steps[0], n_total), stage=i, failed=dev, reason=why,
+                        chain=chain, relay_order=list(self.order), charged_s=r.charged_s, charged_j=r.charged_j,
+                        t_left_s=r.t_left_s, e_left_j=r.e_left_j, predicted_latency_s=r.predicted_latency_s,
+                        predicted_energy_j=r.predicted_energy_j)
+        await self.emit("recovered", device=chain[0], steps=steps, failed=dev, reason=why, stage=i,
+                        checkpoint_step=steps[0])
+        return r
 
     def _deadline_s(self, dev: str) -> float:
         c = self.costs[dev]
@@ -533,3 +576,16 @@ def _json(payload: bytes) -> dict[str, Any]:
     except ValueError:
         return {}
     return v if isinstance(v, dict) else {}
+
+
+def default_replan(costs: list[Any]) -> Replan:
+    """Re-selection by the DP's objective (the largest total model size) on the given costs
+    and the budgets left; what an Orchestrator uses when its owner hands it no re-planner."""
+    from testbed.selection.recovery import reselect
+
+    by_id = {c.id: c for c in costs}
+
+    def replan(pool: list[str], stages: int, t_left_s: float, e_left_j: float) -> list[str]:
+        return reselect([by_id[d] for d in pool], stages, t_left_s, e_left_j, strategy="dp").selected
+
+    return replan

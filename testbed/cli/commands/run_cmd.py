@@ -31,6 +31,11 @@ class _Progress:
         if t == "selection":
             self.lines.append(f"selected {', '.join(ev['selected'])}: predicted {ev['predicted_latency_s']:.3f} s, "
                               f"{ev['predicted_energy_j']:.1f} J")
+        elif t == "reselected":
+            self.lines.append(f"reselected after {ev.get('failed')} failed: {' -> '.join(ev['chain'])} for steps "
+                              f"{ev.get('steps')}, predicted {ev['predicted_latency_s']:.3f} s, "
+                              f"{ev['predicted_energy_j']:.1f} J; charged {ev['charged_s']:.3f} s, "
+                              f"{ev['charged_j']:.1f} J; left {ev['t_left_s']:.3f} s, {ev['e_left_j']:.1f} J")
         elif t in ("device_offline", "deadline_missed", "recovered", "fault_injected"):
             extra = f" (from {ev.get('failed')}, steps {ev.get('steps')})" if t == "recovered" else ""
             self.lines.append(f"{t.replace('_', ' ')}: {dev}{extra}")
@@ -111,7 +116,8 @@ def run(
         print_json(doc)
         enforce_expectations(topo.expect, doc, topo.name, console=err)
         return
-    rec = "; ".join(f"{x['device']} {x['steps']} -> {x['took_over']} ({x['reason']})" for x in doc["recovered"])
+    rec = "; ".join(f"{x['device']} {x['steps']} -> {' -> '.join(x['chain'])} ({x['reason']}, charged "
+                    f"{x['charged']['latency_s']:.3f} s, {x['charged']['energy_j']:.1f} J)" for x in doc["recovered"])
     out.print(
         f"[bold]{doc['run']}[/]: {' -> '.join(doc['relay_order'])}, {doc['total_steps']} steps, "
         f"latency {doc['latency_s']:.3f} s (predicted {doc['predicted_latency_s']:.3f} s), "

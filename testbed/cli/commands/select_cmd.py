@@ -10,6 +10,7 @@ from rich.table import Table
 from testbed.cli.console import out, print_json
 from testbed.model.radio import compute_links
 from testbed.selection import STRATEGIES, device_costs, select
+from testbed.selection.costs import planning_budgets
 from testbed.errors import TopologyError
 from testbed.model.topology import load_topology, place
 
@@ -29,7 +30,8 @@ def select_command(
     costs = device_costs(topo, compute_links(topo, place(topo)))
     t_max = topo.budgets.t_max_s if tmax is None else tmax
     e_max = topo.budgets.e_max_j if emax is None else emax
-    sel = select(costs, t_max, e_max, strategy=strategy, seed=topo.seed)
+    # the chain `testbed run` picks: the budgets less the topology's margin_pct
+    sel = select(costs, *planning_budgets(topo, t_max, e_max), strategy=strategy, seed=topo.seed)
     if as_json:
         print_json(sel.to_json())
         return
@@ -50,6 +52,8 @@ def select_command(
         f"selected {len(sel.selected)} of {len(costs)} in relay order: {' -> '.join(sel.selected)}; "
         f"total size {sel.objective_mb:.0f} MB; latency {sel.latency_s:.3f} of {t_max:g} s; "
         f"energy {sel.energy_j:.2f} of {e_max:g} J; solved in {sel.solve_ms:.2f} ms"
+        + (f" (planned within {sel.t_max_s:.4g} s, {sel.e_max_j:.4g} J: margin {topo.budgets.margin_pct:g} %)"
+           if topo.budgets.margin_pct else "")
     )
 
 

@@ -2,8 +2,10 @@
 chain of devices, K denoising steps each, the chain chosen under T_max and E_max.
 
 `plan` runs the device selection (selection/: dp, exact, random, greedy, fair — `fair`
-with the cell's energy history); `execute` runs the edge server's orchestrator
-(relay/server.py) with checkpoint recovery.
+with the cell's energy history) under the budgets less the topology's `margin_pct`;
+`execute` runs the edge server's orchestrator (relay/server.py) with checkpoint recovery,
+handing it `replan`: the same strategy, re-run after a failure for the remaining stages
+on the remaining devices under the budgets left (selection/recovery.py).
 """
 
 from __future__ import annotations
@@ -14,6 +16,8 @@ from typing import Any, ClassVar
 from testbed.composition.strategies.base import Outcome, PlanContext, RunContext
 from testbed.errors import TopologyError
 from testbed.selection import DeviceCost, Selection, device_costs, select
+from testbed.selection.costs import planning_budgets
+from testbed.selection.recovery import reselect
 
 __all__ = ["Multistage", "MultistagePlan"]
 
@@ -24,6 +28,9 @@ _AGENT_STARTUP_S = 60.0  # per 2 CPU cores: importing torch + diffusers and load
 class MultistagePlan:
     selection: Selection
     costs: list[DeviceCost] = field(repr=False)  # every candidate: the chain and the recovery pool
+    margin_pct: float = 0.0  # the share of each budget the plan left unused (budgets.margin_pct)
+    seed: int = 0
+    history: dict[str, float] = field(default_factory=dict, repr=False)
 
     @property
     def selected(self) -> list[str]:
@@ -40,7 +47,21 @@ class MultistagePlan:
     def to_json(self) -> dict[str, Any]:
         s = self.selection
         return {"strategy": s.strategy, "selected": list(s.selected), "predicted_latency_s": s.latency_s,
-                "predicted_energy_j": s.energy_j, "objective_mb": s.objective_mb, "solve_ms": s.solve_ms}
+                "predicted_energy_j": s.energy_j, "objective_mb": s.objective_mb, "solve_ms": s.solve_ms,
+                "planned_within": {"t_max_s": s.t_max_s, "e_max_j": s.e_max_j, "margin_pct": self.margin_pct}}
+
+    def replan(self, t_max_s: float, e_max_j: float):
+        """The orchestrator's re-planner (relay/server.py Replan): this plan's strategy for
+        the remaining stages, under the budgets left less the margin the plan kept."""
+        by_id = {c.id: c for c in self.costs}
+        strategy = "dp" if self.selection.strategy == "fixed" else self.selection.strategy
+        reserve_t, reserve_e = t_max_s * self.margin_pct / 100, e_max_j * self.margin_pct / 100
+
+        def replan(pool: list[str], stages: int, t_left_s: float, e_left_j: float) -> list[str]:
+            return reselect([by_id[d] for d in pool], stages, t_left_s - reserve_t, e_left_j - reserve_e,
+                            strategy=strategy, seed=self.seed, history=self.history).selected
+
+        return replan
 
 
 def fixed_selection(costs: list[DeviceCost], order: list[str], t_max_s: float, e_max_j: float) -> Selection:
@@ -66,11 +87,12 @@ class Multistage:
 
     def plan(self, ctx: PlanContext) -> MultistagePlan:
         costs = device_costs(ctx.topology, ctx.links, impairments=ctx.impairments)
+        t_plan, e_plan = planning_budgets(ctx.topology, ctx.t_max_s, ctx.e_max_j)
         if self.order is not None:
-            sel = fixed_selection(costs, self.order, ctx.t_max_s, ctx.e_max_j)
+            sel = fixed_selection(costs, self.order, t_plan, e_plan)
         else:
-            sel = select(costs, ctx.t_max_s, ctx.e_max_j, strategy=self.strategy, seed=ctx.seed, history=ctx.history)
-        return MultistagePlan(sel, costs)
+            sel = select(costs, t_plan, e_plan, strategy=self.strategy, seed=ctx.seed, history=ctx.history)
+        return MultistagePlan(sel, costs, ctx.topology.budgets.margin_pct, ctx.seed, dict(ctx.history))
 
     async def execute(self, run: RunContext, plan: MultistagePlan) -> Outcome:
         from testbed.relay.server import Orchestrator
@@ -90,7 +112,7 @@ class Multistage:
                 payload_bytes=wl.payload_bytes, t_max_s=run.t_max_s, e_max_j=run.e_max_j, emit=run.event_sink(),
                 online_timeout_s=_AGENT_STARTUP_S + 4.0 * len(candidates),
                 deadline_factor=2.0 if profile else 20.0, deadline_slack_s=2.0 if profile else 60.0,
-                max_message_bytes=rs.max_message_bytes,
+                max_message_bytes=rs.max_message_bytes, replan=plan.replan(run.t_max_s, run.e_max_j),
             )
             return await orch.run()
 

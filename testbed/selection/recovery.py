@@ -1,0 +1,108 @@
+"""Re-selection after a failure: a chain for the generation's remaining stages, by the run's strategy.
+
+Pure. The schedule's step count is fixed when the generation starts (every message
+carries it, and the scheduler's timesteps depend on it), so the remaining steps need
+exactly `stages` more stages of K steps: the new chain has that many devices, chosen
+among the remaining ones under what is left of the budgets. Each strategy keeps its
+objective:
+
+- `dp`, `exact`: the largest total model size (the exact optimum, a 0/1 MILP with the
+  chain length as an equality: the paper's DP table has no axis for it);
+- `fair`: the same on sizes discounted by the energy history (`fair_weights`);
+- `random`: a seeded random order, each device taken while it fits, until the chain is full;
+- `greedy`: by S_j / (T_j / T_max + E_j / E_max), likewise.
+
+No chain fits: `InfeasibleError` naming the budget that is short; the orchestrator ends the
+run with it (exit 5).
+"""
+
+from __future__ import annotations
+
+import math
+import time
+
+import numpy as np
+from scipy.optimize import Bounds, LinearConstraint, milp
+
+from testbed.errors import InfeasibleError, TopologyError
+from testbed.selection import STRATEGIES, DeviceCost, Selection, fair_weights, relay_order, solvers
+
+__all__ = ["reselect"]
+
+
+def reselect(
+    costs: list[DeviceCost],
+    stages: int,
+    t_max_s: float,
+    e_max_j: float,
+    strategy: str = "dp",
+    seed: int = 0,
+    history: dict[str, float] | None = None,
+) -> Selection:
+    """Exactly `stages` devices among `costs` (in relay order) whose stages fit the budgets left."""
+    if strategy not in STRATEGIES:
+        raise TopologyError(f"unknown strategy {strategy!r}; valid: {', '.join(STRATEGIES)}")
+    if stages < 1:
+        raise TopologyError(f"stages={stages}: a re-selection is for at least one remaining stage")
+    for name, val, unit in (("T_max", t_max_s, "s"), ("E_max", e_max_j, "J")):
+        if not math.isfinite(val):
+            raise TopologyError(f"{name}={val!r} must be a finite number")
+        if val <= 0:
+            raise InfeasibleError(f"no {name} left ({val:.3g} {unit}) for the {stages} remaining stage(s)")
+    if len(costs) < stages:
+        raise InfeasibleError(f"{len(costs)} device(s) remain for {stages} remaining stage(s) of K steps")
+    t = np.array([c.latency_s for c in costs], dtype=float)
+    e = np.array([c.energy_j for c in costs], dtype=float)
+    s = np.array([c.size_mb for c in costs], dtype=float)
+    start = time.perf_counter()
+    if strategy in ("dp", "exact", "fair"):
+        v = s * fair_weights(costs, history) if strategy == "fair" else s
+        idx = _best_chain(t, e, v, t_max_s, e_max_j, stages)
+    else:
+        if strategy == "random":
+            order = np.random.default_rng(seed).permutation(len(costs))
+        else:  # greedy
+            order = np.argsort(-(s / (t / t_max_s + e / e_max_j)), kind="stable")
+        idx = solvers.first_fit(order, t, e, t_max_s, e_max_j)[:stages]
+    solve_ms = (time.perf_counter() - start) * 1e3
+    if len(idx) < stages:
+        if strategy in ("random", "greedy") and _best_chain(t, e, np.ones_like(t), t_max_s, e_max_j, stages).size:
+            raise InfeasibleError(f"the {strategy} order filled {len(idx)} of the {stages} remaining stage(s) within "
+                                  f"the budget left ({t_max_s:.3f} s, {e_max_j:.1f} J); a chain exists: --strategy dp "
+                                  "finds it")
+        raise InfeasibleError(_why_not(t, e, stages, t_max_s, e_max_j))
+    chosen = relay_order([costs[int(i)] for i in idx])
+    return Selection(strategy=strategy, t_max_s=float(t_max_s), e_max_j=float(e_max_j), devices=list(costs),
+                     selected=[c.id for c in chosen], objective_mb=float(sum(c.size_mb for c in chosen)),
+                     latency_s=float(sum(c.latency_s for c in chosen)), energy_j=float(sum(c.energy_j for c in chosen)),
+                     solve_ms=solve_ms, chosen=chosen)
+
+
+def _best_chain(t: np.ndarray, e: np.ndarray, v: np.ndarray, t_max: float, e_max: float, n: int) -> np.ndarray:
+    """max sum(v) over exactly n items with sum(t) <= t_max and sum(e) <= e_max (HiGHS);
+    empty when no n items fit. Items dominated by enough others never need to be offered."""
+    keep = solvers.prune_dominated(t, e, v, t_max, e_max)
+    if keep.size < n:
+        return np.zeros(0, dtype=np.int64)
+    tk, ek, vk = t[keep], e[keep], v[keep]
+    res = milp(c=-vk, constraints=[LinearConstraint(np.vstack([tk, ek]), -np.inf, [t_max, e_max]),
+                                   LinearConstraint(np.ones((1, keep.size)), n, n)],
+               integrality=np.ones(keep.size), bounds=Bounds(0, 1), options={"mip_rel_gap": 0.0})
+    if res.x is None:
+        return np.zeros(0, dtype=np.int64)
+    chosen = keep[np.flatnonzero(res.x > 0.5)]
+    # HiGHS accepts violations up to its feasibility tolerance: the exact sums decide
+    if chosen.size != n or not solvers.fits(t[chosen].sum(), e[chosen].sum(), t_max, e_max):
+        return np.zeros(0, dtype=np.int64)
+    return chosen
+
+
+def _why_not(t: np.ndarray, e: np.ndarray, n: int, t_max: float, e_max: float) -> str:
+    """Which budget a chain of n stages misses, from the n quickest and the n most frugal devices."""
+    fastest, frugal = float(np.sort(t)[:n].sum()), float(np.sort(e)[:n].sum())
+    what = f"no chain of {n} device(s) fits the budget left ({t_max:.3f} s, {e_max:.1f} J)"
+    if fastest > t_max * (1 + solvers.REL_TOL):
+        return f"{what}: the {n} quickest need {fastest:.3f} s"
+    if frugal > e_max * (1 + solvers.REL_TOL):
+        return f"{what}: the {n} most frugal need {frugal:.1f} J"
+    return f"{what}: each budget alone admits {n} devices, both together do not"
