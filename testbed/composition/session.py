@@ -261,12 +261,16 @@ class RunSession:
         cell = await AttachedCell.connect(self.run_id)
         self.cell = cell
         self._check_same_cell(cell.links)
-        if cell.broker is None:
-            raise RunFailedError(f"run {self.run_id} was brought up without a broker (--no-broker); "
-                                 "bring it up again without that option to run generations on it")
+        self.require_broker()
         self.creds = security.load_credentials(self.state_dir / "secrets" / "credentials.json")
         self.agents = RemoteAgents(control_path(self.run_id))
         self.history = EnergyHistory(self.state_dir)
+
+    def require_broker(self) -> None:
+        """Generations need the cell's broker (a cell can be brought up without one)."""
+        if self._need_cell().broker is None:
+            raise RunFailedError(f"run {self.run_id} was brought up without a broker (--no-broker); "
+                                 "bring it up again without that option to run generations on it")
 
     def _check_same_cell(self, links: list[DeviceLink], topo: Topology | None = None) -> None:
         topo = topo or self.topology

@@ -103,6 +103,7 @@ class CellKeeper:
         if self._generating.locked():
             raise ResourceError(f"run {self.session.run_id} is running a generation; "
                                 "ask again when it has finished (one generation at a time per cell)")
+        self.session.require_broker()
         if out_dir is not None and not Path(out_dir).is_absolute():
             raise InputError(f"generate: out_dir {out_dir!r} must be an absolute path")
         async with self._generating:
@@ -166,8 +167,7 @@ async def _main(args: argparse.Namespace) -> int:
         assert cell is not None
         keeper = CellKeeper(session, {"ready": False, "topology": os.path.abspath(args.file), "seed": topo.seed,
                                       "supervisor_pid": os.getpid()})
-        control = ControlServer(control_path(args.run), keeper.handlers(),
-                                streams={"generate": keeper.generate} if args.broker else {})
+        control = ControlServer(control_path(args.run), keeper.handlers(), streams={"generate": keeper.generate})
         await control.start()
         watcher = None
         try:
