@@ -14,8 +14,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from testbed.emulation.attached import control_path
-from testbed.emulation.control import call_stream
+from testbed.emulation.control import call_stream, control_path
 from testbed.errors import ResourceError
 from testbed.model.topology import Topology
 

@@ -16,7 +16,13 @@ selection (through the strategy's plan, with the cell's energy history) and the 
     OUT/logs/          agent-<device>.log, broker.log
 
 What it made it tears down on exit, also on errors and Ctrl-C. `testbed run`, `testbed
-sweep`, the TUI, compose's server and the `testbed up` supervisor all go through it.
+sweep`, the TUI, compose's server and the `testbed up` supervisor all go through it (the
+supervisor also runs `testbed run --run ID`'s generations: `run(topology=...)`).
+
+Start-up overlaps (a cold `testbed run`): the agent template's imports, the cell, the
+broker and the edge server's model start together; every agent is started as soon as the
+template, the cell and the broker are ready, before any plan asks for it. Where the time
+went is the result's `meta.startup` (startup.py), counted from `started_at`.
 """
 
 from __future__ import annotations

@@ -27,8 +27,9 @@ from typing import Any
 
 from testbed import errors
 from testbed.errors import ResourceError, TestbedError
+from testbed.model.names import STATE_ROOT, check_run_id
 
-__all__ = ["ControlServer", "call", "call_stream", "call_sync", "Handler", "StreamHandler"]
+__all__ = ["ControlServer", "call", "call_stream", "call_sync", "control_path", "Handler", "StreamHandler"]
 
 Handler = Callable[..., Awaitable[Any]]
 #: A streaming op: `handler(emit, **args)`; `emit(event)` sends one event line to the caller.
@@ -36,6 +37,11 @@ StreamHandler = Callable[..., Awaitable[Any]]
 _MAX_LINE = 1 << 20
 _MAX_STREAM_LINE = 64 << 20  # a generation's result document, with every stage
 _DEFAULT_TIMEOUT_S = 120.0
+
+
+def control_path(run_id: str) -> Path:
+    """Where the supervisor of an up cell serves its control socket."""
+    return STATE_ROOT / check_run_id(run_id) / "control.sock"
 
 
 class ControlServer:
