@@ -36,6 +36,14 @@ def test_importing_the_cli_imports_no_torch_diffusers_or_scipy():
     assert r.stdout.strip() == "[]"
 
 
+def test_the_program_leaves_fast_with_its_output_and_exit_code_intact(tmp_path):
+    """With torch loaded, `testbed` ends without the interpreter's teardown (os._exit): the
+    error line must still be out and the exit code right."""
+    r = subprocess.run([*TESTBED, "generate", "--model", str(tmp_path / "none"), "--out", str(tmp_path / "x.png")],
+                       capture_output=True, text=True, timeout=180, cwd=REPO)
+    assert r.returncode == 2 and "diffusers model directory" in r.stderr
+
+
 def test_command_started_at_is_the_process_start_not_after_its_imports():
     code = ("import time; from testbed.composition.startup import command_started_at; "
             "import testbed.cli; print(command_started_at(), time.time())")
