@@ -10,9 +10,11 @@ In one run (as root), on TOPOLOGY (default topologies/paper.yaml):
 
 For each it prints the medians of: the first stage (the first `stage_started` event's
 `ts` minus the wall clock just before the command was started) and the command's wall
-time, next to the targets (issue 19: cold <= 6 s / 9 s, warm <= 1.5 s / 4.5 s), then where
-the start-up time went (the medians of each run's `meta.startup` phases, seconds after
-the command started) and the machine's load average. All numbers are measured here.
+time, next to the targets (issue 19: cold <= 6 s / 9 s, warm <= 1.5 s / 4.5 s, for a
+machine at rest) and as multiples of Mininet's `up` in the same run (a gauge of how busy
+the machine was: the issue measured 0.6 s at rest), then where the start-up time went
+(the medians of each run's `meta.startup` phases, seconds after the command started) and
+the load average. All numbers are measured here.
 
 `--network` instead times the network-only `up`/`down` (namespaces, links, shaping,
 cgroups; no broker, no agents) against Mininet for `--sizes` devices.
@@ -140,12 +142,15 @@ def bench_generations(topology: Path, repeat: int) -> dict[str, Any]:
 def print_generations(res: dict[str, Any]) -> None:
     print(f"{res['topology']}: {res['devices']} devices; load average before {res['load_before'][0]:.2f}, "
           f"after {res['load_after'][0]:.2f} (2 cores)")
-    print(f"{'':6} | {'first stage s':>13} {'target':>7} | {'wall s':>7} {'target':>7} | runs (first stage, wall)")
+    mn = res["mininet_up_s"]
+    print(f"{'':6} | {'first stage s':>13} {'target':>7} {'/Mininet':>8} | {'wall s':>7} {'target':>7} {'/Mininet':>8} "
+          f"| runs (first stage, wall)")
     for path in ("cold", "warm"):
         s, (t_first, t_wall) = res[path], TARGETS[path]
         runs = ", ".join(f"({r['first_stage_s']:.2f}, {r['wall_s']:.2f})" for r in s["runs"])
-        print(f"{path:6} | {s['first_stage_s']:13.2f} {t_first:7.1f} | {s['wall_s']:7.2f} {t_wall:7.1f} | {runs}")
-    mn = res["mininet_up_s"]
+        ratio = (lambda v: f"{v / mn:8.2f}" if mn else f"{'n/a':>8}")
+        print(f"{path:6} | {s['first_stage_s']:13.2f} {t_first:7.1f} {ratio(s['first_stage_s'])} | {s['wall_s']:7.2f} "
+              f"{t_wall:7.1f} {ratio(s['wall_s'])} | {runs}")
     print(f"Mininet {res['devices']} hosts up (network only): " + (f"{mn:.2f} s" if mn is not None else
           "not available (needs Debian's mininet package under /usr/bin/python3)")
           + f"; `testbed up` with warm agents: {res['up_s']:.2f} s; the generation itself (emulated): "
