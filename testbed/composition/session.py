@@ -179,19 +179,19 @@ class RunSession:
                 return StageModel.load(self.topology.workload.model, "fp32")
 
         self._model_task = asyncio.ensure_future(asyncio.to_thread(load))
-        self._reference_for(self.topology)
+        self._reference_for(self.topology, self.clock)
 
-    def _reference_for(self, topo: Topology) -> asyncio.Future:
+    def _reference_for(self, topo: Topology, clock: StartupClock) -> asyncio.Future:
         """The MS-SSIM reference of `topo`'s workload (fp32, same prompt and seed), made in the
-        background after the server's model and kept per workload; quality.reference_image
-        also caches it on disk, so a later process reads it instead of computing it."""
+        background after the server's model (its time on `clock`) and kept per workload;
+        quality.reference_image also caches it on disk, so a later process reads it."""
         wl = topo.workload
         key = (wl.model, wl.prompt, topo.seed, wl.reference_steps, wl.scheduler)
         if key not in self._references:
             def make() -> np.ndarray:
                 from testbed.diffusion.quality import reference_image  # (torch: off this loop's thread)
 
-                with self.clock.span("reference"):
+                with clock.span("reference"):
                     return reference_image(wl.model, wl.prompt, topo.seed, steps=wl.reference_steps,
                                            scheduler_kind=wl.scheduler)
 
@@ -383,8 +383,9 @@ class RunSession:
     async def ensure_agents(self, devices: list[str]) -> None:
         """Agents of `devices` are running and online; an agent that dies at start fails the wait at once."""
         t0 = time.time()
-        if self._warmup is not None:
-            await self._warmup  # (its failure, e.g. an agent that died at start, is this wait's)
+        if self._warmup is not None:  # its failure (an agent that died at start) is this wait's; once
+            warmup, self._warmup = self._warmup, None
+            await warmup
         n = await self._ensure_online(devices)
         if self._generation_clock is not None:
             self._generation_clock.mark("agents_wait", t0)
@@ -531,7 +532,7 @@ class RunSession:
             (out / "logs").mkdir(parents=True, exist_ok=True)
         await cell.refresh()  # an attached cell: its nodes' states and rates as they are now
         self.events.open(out / "events.jsonl" if out is not None else None)
-        reference = self._reference_for(self.topology)  # in the background; needed after the generation
+        reference = self._reference_for(self.topology, startup)  # in the background; needed after the generation
         await self.server_model()  # (its imports first: plans may import diffusers too)
         with startup.span("plan"):
             history = self.history.load() if self.history is not None else {}

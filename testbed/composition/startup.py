@@ -68,7 +68,7 @@ class StartupClock:
             self.first_stage_s = round(float(ev.get("ts") or time.time()) - self.t0, 4)
 
     def to_json(self) -> dict[str, Any]:
-        doc: dict[str, Any] = {"path": self.path, "first_stage_s": self.first_stage_s,
-                               "phases": dict(self.phases)}
+        doc: dict[str, Any] = {"what": "measured wall clock here: seconds after the command started",
+                               "path": self.path, "first_stage_s": self.first_stage_s, "phases": dict(self.phases)}
         doc |= {f"{name}_s": self.seconds(name) for name in self.phases}
         return doc | self.notes
