@@ -98,7 +98,7 @@ class CellKeeper:
                        started_at: float | None = None) -> dict[str, Any]:
         """The streaming op `generate`: one generation of the caller's scenario (`topology`, a
         topology document) on this cell, its events sent to the caller as they happen; the
-        result document. One at a time: a second caller is told to wait."""
+        result document. One at a time: a second caller is told so."""
         received = time.time()
         if self._generating.locked():
             raise ResourceError(f"run {self.session.run_id} is running a generation; "
