@@ -206,10 +206,15 @@ def test_a_warm_run_is_the_supervisors_and_the_client_imports_no_torch(topologie
 
     # the scenario's own budgets apply; what configured the agents must be the cell's
     changed = load_topology(topologies / "small.yaml").model_dump(mode="json", exclude_unset=True)
-    changed["workload"]["payload_bytes"] = 131072
+    changed["budgets"] = {"t_max_s": 3.5, "e_max_j": 90.0}
     other = tmp_path / "other.yaml"
     other.write_text(json.dumps(changed))
     r, _ = _warm_run(run, other, tmp_path / "w2", tmp_path)
+    assert r.returncode == 0, r.stderr
+    assert (json.loads(r.stdout)["t_max_s"], json.loads(r.stdout)["e_max_j"]) == (3.5, 90.0)
+    changed["workload"]["payload_bytes"] = 131072
+    other.write_text(json.dumps(changed))
+    r, _ = _warm_run(run, other, tmp_path / "w2b", tmp_path)
     assert r.returncode == 2 and "workload.payload_bytes" in r.stderr and "testbed up" in r.stderr
 
     # one generation at a time on a cell: a second caller is told so, the first one finishes
