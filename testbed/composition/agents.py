@@ -77,13 +77,18 @@ class Agents(Protocol):
 
 # -- the template process ---------------------------------------------------------------
 
+_PRELOAD_ENV = "TESTBED_TEMPLATE_PRELOAD"  # "model:precision,model:precision": variants to load before forking
+
+
 def _preload() -> None:
-    """Everything an agent imports, imported once here (no torch op runs: no thread pools
-    exist at fork time)."""
+    """Everything an agent imports, imported once here, and the model variants named in
+    $TESTBED_TEMPLATE_PRELOAD made once (each forked agent takes its own, copy-on-write).
+    One torch thread: building a model then runs no parallel region, so no thread pool
+    exists at fork time (a forked child cannot use its parent's OpenMP threads)."""
     import aiomqtt  # noqa: F401
     import diffusers  # noqa: F401
     import safetensors.numpy  # noqa: F401
-    import torch  # noqa: F401
+    import torch
     from diffusers import DDIMScheduler, UNet2DModel  # noqa: F401
 
     import testbed.diffusion.models  # noqa: F401
@@ -91,6 +96,12 @@ def _preload() -> None:
     import testbed.relay.agent  # noqa: F401
     import testbed.relay.split_agent  # noqa: F401 - an agent may not be able to read the interpreter's files later
     import testbed.relay.stage  # noqa: F401
+    from testbed.relay.stage import StageModel
+
+    torch.set_num_threads(1)
+    for item in filter(None, os.environ.get(_PRELOAD_ENV, "").split(",")):
+        name, _, precision = item.partition(":")
+        StageModel.preload(name, precision)
 
 
 def _setns(fd: int) -> None:
@@ -219,8 +230,9 @@ class AgentLauncher:
     (the devices' uids, node_uids.py) comes before spawning.
     """
 
-    def __init__(self, run_id: str, state_dir: Path, logs_dir: Path):
+    def __init__(self, run_id: str, state_dir: Path, logs_dir: Path, preload: list[tuple[str, str]] | None = None):
         self.run_id = run_id
+        self.preload = list(preload or [])  # (model, precision) variants the template makes before forking
         self.state_dir, self.logs_dir = Path(state_dir), Path(logs_dir)
         self.sock_path = self.state_dir / "agent-template.sock"
         self.template_pid: int | None = None
@@ -250,8 +262,9 @@ class AgentLauncher:
         self.sock_path.unlink(missing_ok=True)
         self.logs_dir.mkdir(parents=True, exist_ok=True)
         log = self.logs_dir / "agent-template.log"
+        env = {_PRELOAD_ENV: ",".join(f"{m}:{p}" for m, p in self.preload)}
         proc = await asyncio.to_thread(spawn_in, None, [sys.executable, "-m", "testbed.composition.agents",
-                                                        str(self.sock_path)], None, log)
+                                                        str(self.sock_path)], env, log)
         self._template, self.template_pid = proc, proc.pid
         while not await asyncio.to_thread(self._accepts):
             if proc.poll() is not None:
@@ -334,15 +347,17 @@ class AgentLauncher:
     async def close(self) -> None:
         from testbed.emulation.procs import stop_pid
 
-        await asyncio.gather(*(stop_pid(p, timeout_s=2.0) for p in self._pids.values()), return_exceptions=True)
-        self._pids.clear()
         if self._ready is not None and not self._ready.done():
             self._ready.cancel()
         if self._ready is not None:
             await asyncio.gather(self._ready, return_exceptions=True)
-        if self.template_pid is not None:
-            await stop_pid(self.template_pid)
-            self.template_pid = None
+        pids = [*self._pids.values(), *([self.template_pid] if self.template_pid is not None else [])]
+        for pid in pids:  # every agent and the template exit at once, not one executor thread at a time
+            with contextlib.suppress(OSError):
+                os.killpg(pid, signal.SIGTERM)
+        await asyncio.gather(*(stop_pid(p, timeout_s=2.0) for p in pids), return_exceptions=True)
+        self._pids.clear()
+        self.template_pid = None
         self.sock_path.unlink(missing_ok=True)
 
 

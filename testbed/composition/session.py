@@ -16,7 +16,13 @@ selection (through the strategy's plan, with the cell's energy history) and the 
     OUT/logs/          agent-<device>.log, broker.log
 
 What it made it tears down on exit, also on errors and Ctrl-C. `testbed run`, `testbed
-sweep`, the TUI, compose's server and the `testbed up` supervisor all go through it.
+sweep`, the TUI, compose's server and the `testbed up` supervisor all go through it (the
+supervisor also runs `testbed run --run ID`'s generations: `run(topology=...)`).
+
+Start-up overlaps (a cold `testbed run`): the agent template's imports, the cell, the
+broker and the edge server's model start together; every agent is started as soon as the
+template, the cell and the broker are ready, before any plan asks for it. Where the time
+went is the result's `meta.startup` (startup.py), counted from `started_at`.
 """
 
 from __future__ import annotations
@@ -39,6 +45,7 @@ from testbed.composition.events import EventLog, EventPublisher
 from testbed.composition.faults import FaultInjector
 from testbed.composition.history import EnergyHistory
 from testbed.composition.meta import run_meta
+from testbed.composition.startup import StartupClock
 from testbed.composition.strategies import Collaboration, PlanContext, RelaySettings, make_strategy
 from testbed.composition.strategies.split import largest_message_bytes
 from testbed.emulation.cell import BrokerSettings, Cell
@@ -103,6 +110,7 @@ class RunSession:
         cell: Cell | None = None,
         credentials: security.RunCredentials | None = None,
         state_dir: Path | None = None,
+        started_at: float | None = None,
     ):
         if seed is not None:
             topo = topo.model_copy(update={"seed": seed})
@@ -119,17 +127,23 @@ class RunSession:
         self.agents: Agents | None = None
         self.history: EnergyHistory | None = None
         self.t_max_s, self.e_max_j = topo.budgets.t_max_s, topo.budgets.e_max_j
-        self.timings_s: dict[str, float] = {}
+        # where the start-up time goes (meta.startup), counted from `started_at`: the command's start
+        self.clock = StartupClock(started_at, path="attached" if attach else "given" if cell is not None else "cold")
+        self._generations = 0
         self._given_cell = cell is not None
         self._owns_cell = False
         self._owns_state = False
         self._launcher: AgentLauncher | None = None
         self._model_task: asyncio.Future | None = None
-        self._reference_task: asyncio.Future | None = None
+        self._references: dict[tuple, asyncio.Future] = {}  # the MS-SSIM reference of each workload
+        self._warmup: asyncio.Future | None = None  # every agent started and online (cold runs)
+        self._generation_clock: StartupClock | None = None
 
     # -- lifecycle -------------------------------------------------------------------
     async def __aenter__(self) -> RunSession:
-        t0 = time.perf_counter()
+        t0 = time.time()
+        if t0 - self.clock.t0 > 0.001:
+            self.clock.mark("cli", self.clock.t0, t0)  # the command's start to here: interpreter, imports, input
         try:
             if self.attach:
                 await self._attach()
@@ -140,36 +154,55 @@ class RunSession:
         except BaseException:
             await asyncio.shield(self.close())
             raise
-        self.timings_s["session_s"] = time.perf_counter() - t0
+        self.clock.mark("session", t0)
         return self
 
     async def __aexit__(self, *exc: object) -> None:
         await asyncio.shield(self.close())
 
+    @property
+    def timings_s(self) -> dict[str, float]:
+        """Seconds each start-up phase took (cell, broker, template, session, ...)."""
+        return {f"{name}_s": secs for name in self.clock.phases if (secs := self.clock.seconds(name)) is not None}
+
     def _template_started(self, fut: asyncio.Future) -> None:
         if not fut.cancelled() and fut.exception() is None:
-            self.timings_s["template_s"] = fut.result()
+            self.clock.mark("template", time.time() - fut.result())
 
     def _start_server_side(self) -> None:
         """The edge server's fp32 model, then the MS-SSIM reference, load in the background
         (one after the other: diffusers' lazy imports are not safe from two threads at once)."""
         from testbed.relay.stage import StageModel
 
-        wl = self.topology.workload
-        self._model_task = asyncio.ensure_future(asyncio.to_thread(StageModel.load, wl.model, "fp32"))
+        def load() -> Any:
+            with self.clock.span("server_model"):
+                return StageModel.load(self.topology.workload.model, "fp32")
 
-        async def reference() -> np.ndarray:
-            await self._model_task
-            return await asyncio.to_thread(self._reference)
+        self._model_task = asyncio.ensure_future(asyncio.to_thread(load))
+        self._reference_for(self.topology, self.clock)
 
-        self._reference_task = asyncio.ensure_future(reference())
+    def _reference_for(self, topo: Topology, clock: StartupClock) -> asyncio.Future:
+        """The MS-SSIM reference of `topo`'s workload (fp32, same prompt and seed), made in the
+        background after the server's model (its time on `clock`) and kept per workload;
+        quality.reference_image also caches it on disk, so a later process reads it."""
+        wl = topo.workload
+        key = (wl.model, wl.prompt, topo.seed, wl.reference_steps, wl.scheduler)
+        if key not in self._references:
+            def make() -> np.ndarray:
+                from testbed.diffusion.quality import reference_image  # (torch: off this loop's thread)
 
-    def _reference(self) -> np.ndarray:
-        from testbed.diffusion.quality import reference_image
+                with clock.span("reference"):
+                    return reference_image(wl.model, wl.prompt, topo.seed, steps=wl.reference_steps,
+                                           scheduler_kind=wl.scheduler)
 
-        wl = self.topology.workload
-        return reference_image(wl.model, wl.prompt, self.topology.seed, steps=wl.reference_steps,
-                               scheduler_kind=wl.scheduler)
+            async def after_model() -> np.ndarray:
+                if self._model_task is not None:
+                    with contextlib.suppress(Exception):  # its failure is reported where the model is needed
+                        await self._model_task
+                return await asyncio.to_thread(make)
+
+            self._references[key] = asyncio.ensure_future(after_model())
+        return self._references[key]
 
     async def _make(self) -> None:
         from testbed.emulation.emulation import Emulation
@@ -182,29 +215,45 @@ class RunSession:
             self._owns_state = True
         write_topology(self.run_id, self.topology)  # for `testbed tui --attach RUN`
         logs = self.state_dir / "logs"
-        if self.with_broker:  # the template's imports overlap the cell's creation
-            self._launcher = AgentLauncher(self.run_id, self.state_dir, logs)
+        if self.with_broker:  # the template's imports overlap the cell's creation and the server's model
+            self._launcher = AgentLauncher(self.run_id, self.state_dir, logs, preload=self._preloaded_variants())
             self._launcher.start().add_done_callback(self._template_started)
+            await asyncio.sleep(0)  # the template's process starts now, before this thread imports the emulation
             self._start_server_side()
-        t0 = time.perf_counter()
-        cell = Emulation(self.topology, self.run_id, backend=self.backend, state_dir=self.state_dir)
-        self.cell = cell
-        await cell.__aenter__()
+        with self.clock.span("cell"):
+            cell = Emulation(self.topology, self.run_id, backend=self.backend, state_dir=self.state_dir)
+            self.cell = cell
+            await cell.__aenter__()
         self._owns_cell = True
-        self.timings_s["cell_s"] = time.perf_counter() - t0
         if self.with_broker:
             self.creds = security.make_credentials(self.run_id, cell.device_ids())
             paths = security.write_security_files(self.state_dir / "secrets", self.creds, SERVER_ADDRESS, MQTT_PORT)
             shutil.copy2(paths["observer"], self.state_dir / "observer.json")
-            t0 = time.perf_counter()
-            await cell.start_broker(BrokerSettings(paths["password_file"], paths["acl_file"], self.max_message_bytes))
-            self.timings_s["broker_s"] = time.perf_counter() - t0
+            with self.clock.span("broker"):
+                await cell.start_broker(BrokerSettings(paths["password_file"], paths["acl_file"],
+                                                       self.max_message_bytes))
             uids = self._write_agent_configs()
             assert self._launcher is not None
             self._launcher.bind(cell, uids)
             self.agents = self._launcher
+            self._warmup = asyncio.ensure_future(self._warm_agents(cell.device_ids()))
         self.history = EnergyHistory(self.state_dir)
         write_state(self.run_id, cell.status() | {"topology": self.topology.name, "seed": self.topology.seed})
+
+    def _preloaded_variants(self) -> list[tuple[str, str]]:
+        """The model variants the agent template loads before it forks: the embedded tiny
+        model's, shared copy-on-write by every agent. A real model (SD1.5, GBs) is loaded by
+        each agent inside its node, where its memory counts against the device's limit."""
+        wl = self.topology.workload
+        if wl.model != "tiny":
+            return []
+        return [(wl.model, p) for p in sorted({lk.precision for lk in compute_links(self.topology, place(self.topology))})]
+
+    async def _warm_agents(self, devices: list[str]) -> None:
+        """Every device's agent starts as soon as the template, the cell and the broker are
+        ready, not when a plan asks for them: the first stage does not wait for 20 agents."""
+        with self.clock.span("agents"):
+            await self._ensure_online(devices)
 
     async def _attach(self) -> None:
         from testbed.emulation.attached import AttachedCell, control_path
@@ -218,20 +267,25 @@ class RunSession:
         cell = await AttachedCell.connect(self.run_id)
         self.cell = cell
         self._check_same_cell(cell.links)
-        if cell.broker is None:
-            raise RunFailedError(f"run {self.run_id} was brought up without a broker (--no-broker); "
-                                 "bring it up again without that option to run generations on it")
+        self.require_broker()
         self.creds = security.load_credentials(self.state_dir / "secrets" / "credentials.json")
         self.agents = RemoteAgents(control_path(self.run_id))
         self.history = EnergyHistory(self.state_dir)
 
-    def _check_same_cell(self, links: list[DeviceLink]) -> None:
-        mine = compute_links(self.topology, place(self.topology))
+    def require_broker(self) -> None:
+        """Generations need the cell's broker (a cell can be brought up without one)."""
+        if self._need_cell().broker is None:
+            raise RunFailedError(f"run {self.run_id} was brought up without a broker (--no-broker); "
+                                 "bring it up again without that option to run generations on it")
+
+    def _check_same_cell(self, links: list[DeviceLink], topo: Topology | None = None) -> None:
+        topo = topo or self.topology
+        mine = compute_links(topo, place(topo))
         key = (lambda lks: sorted((lk.id, round(lk.x_m, 3), round(lk.y_m, 3), lk.precision) for lk in lks))
         if key(mine) != key(links):
             raise TopologyError(
-                f"run {self.run_id} was brought up with other devices or positions than {self.topology.name!r} "
-                f"with seed {self.topology.seed}; give the topology file and --seed the cell was brought up with")
+                f"run {self.run_id} was brought up with other devices or positions than {topo.name!r} "
+                f"with seed {topo.seed}; give the topology file and --seed the cell was brought up with")
 
     async def _given(self) -> None:
         """A cell made elsewhere (compose): its credentials given, its agents external."""
@@ -269,7 +323,9 @@ class RunSession:
 
     async def close(self) -> None:
         """Tear down what this session made (agents, broker, cell, run directory)."""
-        for task in (self._model_task, self._reference_task):
+        if self._warmup is not None and not self._warmup.done():
+            self._warmup.cancel()
+        for task in (self._warmup, self._model_task, *self._references.values()):
             if task is not None:
                 with contextlib.suppress(BaseException):
                     await task  # a thread cannot be cancelled: wait for it, ignore its outcome
@@ -336,11 +392,21 @@ class RunSession:
 
     async def ensure_agents(self, devices: list[str]) -> None:
         """Agents of `devices` are running and online; an agent that dies at start fails the wait at once."""
+        t0 = time.time()
+        if self._warmup is not None:  # its failure (an agent that died at start) is this wait's; once
+            warmup, self._warmup = self._warmup, None
+            await warmup
+        n = await self._ensure_online(devices)
+        if self._generation_clock is not None:
+            self._generation_clock.mark("agents_wait", t0)
+        self.emit("agents_online", None, devices=n, waited_s=time.time() - t0)
+
+    async def _ensure_online(self, devices: list[str]) -> int:
+        """Start what is missing among `devices` (not killed) and wait until each is online; how many."""
         if self.agents is None:
             raise RunFailedError(f"run {self.run_id}: no agents (the cell has no broker)")
         cell = self._need_cell()
         devices = [d for d in devices if cell.nodes[d].state != "killed"]
-        t0 = time.monotonic()
         await self.agents.ensure(devices)
         waiting = asyncio.ensure_future(self.in_server_ns(lambda: self._wait_online(devices)))
         try:
@@ -354,7 +420,7 @@ class RunSession:
                 waiting.cancel()
                 with contextlib.suppress(BaseException):
                     await waiting
-        self.emit("agents_online", None, devices=len(devices), waited_s=time.monotonic() - t0)
+        return len(devices)
 
     def _check_agents_alive(self, devices: list[str]) -> None:
         from testbed.emulation.procs import pid_alive
@@ -428,10 +494,45 @@ class RunSession:
     # -- one generation --------------------------------------------------------------
     async def run(self, collab: Collaboration | str = "multistage", *, strategy: str = "dp",
                   t_max_s: float | None = None, e_max_j: float | None = None, faults: list[FaultSpec] | None = None,
-                  fail: str | None = None, out_dir: Path | None = None) -> RunResult:
+                  fail: str | None = None, out_dir: Path | None = None, topology: Topology | None = None,
+                  startup: StartupClock | None = None) -> RunResult:
         """One generation under the budgets (default: the topology's). `faults` (default: the
         topology's `faults:`) are injected as the run goes; `fail` kills that selected device
-        halfway through its stage's computation."""
+        halfway through its stage's computation.
+
+        `topology`: this generation's scenario on the same cell (the up cell's supervisor
+        runs other files' generations): its budgets, faults, seed-free workload fields
+        (prompt, scheduler, steps) apply; its devices and what configures the agents must be
+        the cell's. `startup`: the clock of the command that asked for it (meta.startup);
+        default: the session's own for its first generation."""
+        if topology is not None:
+            self._check_same_cell(self._need_cell().links, topology)
+            self._check_same_agents(topology)
+        if startup is None:
+            startup = self.clock if self._generations == 0 else StartupClock(path="warm")
+        self._generations += 1
+        kept, self.topology = self.topology, topology or self.topology  # what RunContext readers see
+        self._generation_clock = startup
+        self.events.listeners.append(startup.feed)
+        try:
+            return await self._generate(collab, strategy, t_max_s, e_max_j, faults, fail, out_dir, startup)
+        finally:
+            self.events.listeners.remove(startup.feed)
+            self._generation_clock = None
+            self.topology = kept
+
+    def _check_same_agents(self, topo: Topology) -> None:
+        """The warm agents were configured from the cell's workload: these fields must match."""
+        mine, theirs = self.topology.workload, topo.workload
+        differ = [f"workload.{k} is {getattr(theirs, k)!r} here but {getattr(mine, k)!r} on the cell"
+                  for k in ("model", "compute", "resolution_px", "payload_bytes") if getattr(mine, k) != getattr(theirs, k)]
+        if differ:
+            raise TopologyError(f"run {self.run_id}: {'; '.join(differ)}; its agents were configured at `testbed up`: "
+                                "bring the cell up with this file, or run it without --run")
+
+    async def _generate(self, collab: Collaboration | str, strategy: str, t_max_s: float | None,
+                        e_max_j: float | None, faults: list[FaultSpec] | None, fail: str | None,
+                        out_dir: Path | None, startup: StartupClock) -> RunResult:
         cell = self._need_cell()
         collab = make_strategy(collab, strategy) if isinstance(collab, str) else collab
         self.t_max_s = t_max_s if t_max_s is not None else self.topology.budgets.t_max_s
@@ -441,11 +542,13 @@ class RunSession:
             (out / "logs").mkdir(parents=True, exist_ok=True)
         await cell.refresh()  # an attached cell: its nodes' states and rates as they are now
         self.events.open(out / "events.jsonl" if out is not None else None)
+        reference = self._reference_for(self.topology, startup)  # in the background; needed after the generation
         await self.server_model()  # (its imports first: plans may import diffusers too)
-        history = self.history.load() if self.history is not None else {}
-        ctx = PlanContext(self.topology, self.current_links(), self.t_max_s, self.e_max_j, self.topology.seed, history,
-                          cell.impairments)
-        plan = collab.plan(ctx)
+        with startup.span("plan"):
+            history = self.history.load() if self.history is not None else {}
+            ctx = PlanContext(self.topology, self.current_links(), self.t_max_s, self.e_max_j, self.topology.seed,
+                              history, cell.impairments)
+            plan = collab.plan(ctx)
         specs = list(self.topology.faults if faults is None else faults)
         if fail is not None:
             if fail not in plan.selected:
@@ -469,10 +572,10 @@ class RunSession:
             finally:
                 self.events.listeners.remove(injector.feed)
                 await injector.close()
-            image = await asyncio.to_thread(self._image, outcome.latent, out)
+            image = await asyncio.to_thread(self._image, outcome.latent, out, await reference)
             if self.history is not None:
                 self.history.add(outcome.energy_by_device)
-            doc = self._result_doc(collab, plan, outcome, image, injector)
+            doc = self._result_doc(collab, plan, outcome, image, injector, startup)
             self.emit("run_finished", None, latency_s=outcome.latency_s, energy_j=outcome.energy_j,
                       recovered=len(outcome.recovered), ms_ssim=image["ms_ssim"], image=image["image"])
         finally:
@@ -511,7 +614,7 @@ class RunSession:
             with contextlib.suppress(BaseException):
                 await task
 
-    def _image(self, latent: Any, out: Path | None) -> dict[str, Any]:
+    def _image(self, latent: Any, out: Path | None, ref: np.ndarray) -> dict[str, Any]:
         from testbed.diffusion.quality import ms_ssim
 
         model = self._model_task.result() if self._model_task is not None else None
@@ -524,13 +627,11 @@ class RunSession:
 
             Image.fromarray(img).save(out / "image.png")
             info["image"] = str(out / "image.png")
-        assert self._reference_task is not None
-        ref = self._reference_task.result() if self._reference_task.done() else self._reference()
         info["ms_ssim"] = ms_ssim(img, ref)
         return info
 
     def _result_doc(self, collab: Collaboration, plan: Any, outcome: Any, image: dict[str, Any],
-                    injector: FaultInjector) -> dict[str, Any]:
+                    injector: FaultInjector, startup: StartupClock) -> dict[str, Any]:
         cell = self._need_cell()
         model = self._model_task.result() if self._model_task is not None else None
         doc = {
@@ -556,7 +657,7 @@ class RunSession:
             **outcome.extra,
         }
         doc["meta"] = run_meta(self.topology, cell, outcome, model, image) | {"plan": plan.to_json(),
-                                                                               "startup": dict(self.timings_s)}
+                                                                               "startup": startup.to_json()}
         return doc
 
     def _copy_logs(self, dest: Path) -> None:

@@ -2,12 +2,15 @@
 
 `testbed up` starts `python -m testbed.composition.supervisor RUN FILE [--seed N]
 [--backend B] [--no-broker]` in its own session. The supervisor opens a `RunSession` on
-the cell (namespaces or containers, shaped links, limits, the secured broker, and one
-warm agent per device), serves the cell and its agents on the control socket
-(`/run/testbed/<run>/control.sock`: `testbed run --run ID`, `testbed fault`, the TUI ask
-it), keeps `state.json` current (each node's state, whether its agent is online) and
-tears everything down on SIGTERM/SIGINT (what `testbed down` sends) or on a crash. It
-writes supervisor.pid first, then state.json (ready) or error.json.
+the cell (namespaces or containers, shaped links, limits, the secured broker, the agent
+template, one warm agent per device, the edge server's model and the MS-SSIM reference),
+serves the cell and its agents on the control socket (`/run/testbed/<run>/control.sock`:
+`testbed run --run ID`, `testbed fault`, the TUI ask it), runs generations there (the
+streaming op `generate`: `testbed run --run ID` sends its scenario and follows the
+events, without importing torch), keeps `state.json` current (each node's state, whether
+its agent is online) and tears everything down on SIGTERM/SIGINT (what `testbed down`
+sends) or on a crash. It writes supervisor.pid first, then state.json (ready) or
+error.json.
 """
 
 from __future__ import annotations
@@ -23,12 +26,15 @@ import time
 import traceback
 from typing import Any
 
+from pathlib import Path
+
 from testbed.composition.session import RunSession
+from testbed.composition.startup import StartupClock
 from testbed.emulation.attached import cell_handlers, control_path
 from testbed.emulation.control import ControlServer
 from testbed.emulation.runs import run_dir, write_state, write_topology
-from testbed.errors import TestbedError
-from testbed.model.topology import load_topology
+from testbed.errors import InputError, ResourceError, TestbedError
+from testbed.model.topology import load_topology, parse_topology
 
 __all__ = ["main"]
 
@@ -41,6 +47,7 @@ class CellKeeper:
         self.base = base
         self.online: dict[str, bool] = {}
         self._last_write = 0.0
+        self._generating = asyncio.Lock()
 
     def write(self, *_: Any) -> None:
         cell = self.session.cell
@@ -84,6 +91,34 @@ class CellKeeper:
         ops.update({"agents_ensure": then_write(agents_ensure), "agents_revive": then_write(agents_revive),
                     "agents_pids": agents_pids})
         return ops
+
+    async def generate(self, emit: Any, *, topology: dict[str, Any], method: str = "multistage",
+                       strategy: str = "dp", t_max_s: float | None = None, e_max_j: float | None = None,
+                       fail: str | None = None, out_dir: str | None = None,
+                       started_at: float | None = None) -> dict[str, Any]:
+        """The streaming op `generate`: one generation of the caller's scenario (`topology`, a
+        topology document) on this cell, its events sent to the caller as they happen; the
+        result document. One at a time: a second caller is told so."""
+        received = time.time()
+        if self._generating.locked():
+            raise ResourceError(f"run {self.session.run_id} is running a generation; "
+                                "ask again when it has finished (one generation at a time per cell)")
+        self.session.require_broker()
+        if out_dir is not None and not Path(out_dir).is_absolute():
+            raise InputError(f"generate: out_dir {out_dir!r} must be an absolute path")
+        async with self._generating:
+            topo = parse_topology(json.dumps(topology), source="the topology of `testbed run --run`")
+            clock = StartupClock(started_at if started_at is not None else received, path="warm")
+            clock.mark("cli", clock.t0, received)  # the client: its interpreter, imports and request
+            self.session.events.listeners.append(emit)
+            try:
+                res = await self.session.run(method, strategy=strategy, t_max_s=t_max_s, e_max_j=e_max_j, fail=fail,
+                                             out_dir=Path(out_dir) if out_dir else None, topology=topo,
+                                             startup=clock)
+            finally:
+                self.session.events.listeners.remove(emit)
+                self.write()
+            return res.doc
 
     async def watch_agents(self) -> None:
         """Follow the devices' retained MQTT status (online/offline) for `agent_online`."""
@@ -132,7 +167,7 @@ async def _main(args: argparse.Namespace) -> int:
         assert cell is not None
         keeper = CellKeeper(session, {"ready": False, "topology": os.path.abspath(args.file), "seed": topo.seed,
                                       "supervisor_pid": os.getpid()})
-        control = ControlServer(control_path(args.run), keeper.handlers())
+        control = ControlServer(control_path(args.run), keeper.handlers(), streams={"generate": keeper.generate})
         await control.start()
         watcher = None
         try:

@@ -2,28 +2,26 @@
 containers) and starts node processes. Everything above it sees a cell through the `Cell`
 protocol (cell.py): `Emulation` (emulation.py; netns or docker/ backend), `AttachedCell`
 (attached.py: a `testbed up` cell through its control socket), `ComposeCell` (compose.py).
+
+The names below are imported on first use: a client of the control socket (a warm
+`testbed run --run ID`, the agent template) does not pay for pyroute2.
 """
 
-from testbed.emulation.backend import Backend, NetnsBackend, NodeSpec
-from testbed.emulation.broker import BrokerHandle, start_broker
-from testbed.emulation.cell import BrokerSettings, Cell, LinkUpdate, NodeJoin, NodeState
-from testbed.emulation.cgroups import CgroupLimits, CgroupV1, CgroupV2, detect_cgroups
-from testbed.emulation.emulation import Emulation
+import importlib
+from typing import Any
 
-__all__ = [
-    "Backend",
-    "NetnsBackend",
-    "NodeSpec",
-    "Cell",
-    "Emulation",
-    "NodeState",
-    "NodeJoin",
-    "LinkUpdate",
-    "BrokerHandle",
-    "BrokerSettings",
-    "start_broker",
-    "CgroupLimits",
-    "CgroupV1",
-    "CgroupV2",
-    "detect_cgroups",
-]
+_WHERE = {
+    "Backend": "backend", "NetnsBackend": "backend", "NodeSpec": "backend",
+    "BrokerHandle": "broker", "start_broker": "broker",
+    "BrokerSettings": "cell", "Cell": "cell", "LinkUpdate": "cell", "NodeJoin": "cell", "NodeState": "cell",
+    "CgroupLimits": "cgroups", "CgroupV1": "cgroups", "CgroupV2": "cgroups", "detect_cgroups": "cgroups",
+    "Emulation": "emulation",
+}
+
+__all__ = sorted(_WHERE)
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _WHERE:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    return getattr(importlib.import_module(f"{__name__}.{_WHERE[name]}"), name)

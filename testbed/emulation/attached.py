@@ -17,17 +17,13 @@ from typing import Any
 
 from testbed.emulation.broker import BrokerHandle
 from testbed.emulation.cell import BrokerSettings, Cell, LinkUpdate, NodeJoin, NodeState
-from testbed.emulation.control import Handler, call, call_sync
+from testbed.emulation.control import Handler, call, call_sync, control_path
 from testbed.errors import ResourceError
 from testbed.model.impairments import LinkImpairment
-from testbed.model.names import STATE_ROOT, check_run_id
+from testbed.model.names import check_run_id
 from testbed.model.radio import DeviceLink
 
 __all__ = ["AttachedCell", "cell_handlers", "control_path"]
-
-
-def control_path(run_id: str) -> Path:
-    return STATE_ROOT / check_run_id(run_id) / "control.sock"
 
 
 def cell_handlers(cell: Cell) -> dict[str, Handler]:

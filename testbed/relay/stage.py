@@ -19,6 +19,8 @@ __all__ = ["LATENT", "StageModel", "pack_task_tensors", "unpack_task_tensors"]
 
 LATENT = "latent"
 
+_PRELOADED: dict[tuple[str, str], StageModel] = {}  # (model, precision) -> a variant made before a fork
+
 
 @dataclass
 class StageModel:
@@ -30,11 +32,20 @@ class StageModel:
 
     @classmethod
     def load(cls, name: str, precision: str) -> StageModel:
+        warm = _PRELOADED.pop((name, precision), None)  # a forked agent takes its template's copy once
+        if warm is not None:
+            return warm
         try:
             from testbed.diffusion.models import load_model
         except ImportError as e:  # pragma: no cover - the workload package is part of the project
             raise WorkloadError(f"the diffusion workload is not importable ({e}); reinstall the project") from None
         return cls(name=name, precision=precision, model=load_model(name, precision=precision, device="cpu"))
+
+    @classmethod
+    def preload(cls, name: str, precision: str) -> None:
+        """Load a variant now for this process's next `load` of it: an agent template loads
+        before it forks, so that each forked agent finds its model made (copy-on-write)."""
+        _PRELOADED[(name, precision)] = cls.load(name, precision)
 
     @property
     def latent_spec(self) -> TensorSpec:

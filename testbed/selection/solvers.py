@@ -16,7 +16,6 @@ import sys
 from collections.abc import Iterator
 
 import numpy as np
-from scipy.optimize import Bounds, LinearConstraint, milp
 
 __all__ = ["DEFAULT_GRID", "REL_TOL", "fits", "fits_each", "max_count", "prune_dominated", "dp", "improve", "exact", "first_fit"]
 
@@ -199,6 +198,8 @@ def exact(
 
     With `time_limit_s`, raises TimeoutError when HiGHS has not proven optimality by then.
     """
+    from scipy.optimize import Bounds, LinearConstraint, milp  # only here: scipy costs ~0.5 s to import
+
     n = t.size
     if n == 0:
         return np.zeros(0, dtype=np.int64)

@@ -1,4 +1,10 @@
-"""`testbed run FILE`: one multi-stage generation over the emulated cell, with a live display."""
+"""`testbed run FILE`: one generation over the emulated cell, with a live display.
+
+Cold (`testbed run FILE`): this process is the run owner (`RunSession`): it makes the cell,
+the broker, the agent template and the agents, runs the generation and tears it all down.
+Warm (`--run ID`): the up cell's supervisor runs it (`run_on_up_cell`); this process only
+sends the scenario and shows the events, and never imports torch.
+"""
 
 from __future__ import annotations
 
@@ -75,17 +81,19 @@ def run(
     out_dir: Path | None = typer.Option(None, "--out", help="output directory (default: out/<run id>)"),
     as_json: bool = typer.Option(False, "--json", help="print only the result JSON on stdout"),
     fail: str | None = typer.Option(None, "--fail", help="kill this selected device's agent mid-computation"),
-    run_id: str | None = typer.Option(None, "--run", help="use this running topology (testbed up)"),
+    run_id: str | None = typer.Option(None, "--run", help="run on this up cell (testbed up): its supervisor, "
+                                                          "template and warm agents do the work"),
 ) -> None:
     """Run one generation: bring the cell up, relay the latent through the selected devices
     (or, with --method split, cut the UNet over two devices), write result.json,
-    events.jsonl, logs and the image, tear down."""
-    from testbed.composition.session import RunSession
+    events.jsonl, logs and the image, tear down. With --run ID, on a cell that is up."""
+    from testbed.composition.startup import command_started_at
     from testbed.composition.strategies import make_strategy
     from testbed.emulation.runs import new_run_id
     from testbed.model.names import check_run_id
 
-    collab = make_strategy(method, strategy)
+    started_at = command_started_at()
+    make_strategy(method, strategy)  # bad --method/--strategy fail here, before anything starts
     if method == "split" and fail:
         raise InputError("--fail applies to multistage runs; split diffusion has no checkpoint to recover from")
     topo = load_topology(file, seed=seed)
@@ -96,20 +104,32 @@ def run(
     progress = _Progress()
     console = err if as_json else out
 
+    async def cold(on_event: Any) -> dict[str, Any]:
+        from testbed.composition.session import RunSession
+
+        async with RunSession(topo, run_id=rid, backend=backend, out_dir=out_path, on_event=on_event,
+                              started_at=started_at) as session:
+            console.print(f"run {rid}: cell up, {len(session.cell.links)} devices (broker {session.cell.broker.kind})")
+            res = await session.run(method, strategy=strategy, t_max_s=tmax, e_max_j=emax, fail=fail)
+        return res.to_json()
+
+    async def warm(on_event: Any) -> dict[str, Any]:
+        from testbed.composition.remote_run import run_on_up_cell
+
+        console.print(f"run {rid}: on the up cell (its supervisor and warm agents run the generation)")
+        return await run_on_up_cell(rid, topo, method=method, strategy=strategy, t_max_s=tmax, e_max_j=emax,
+                                    fail=fail, out_dir=out_path, on_event=on_event, started_at=started_at)
+
     async def go() -> dict[str, Any]:
         with Live(progress.render(), console=console, refresh_per_second=8, transient=as_json) as live:
             def on_event(ev: dict[str, Any]) -> None:
                 progress.feed(ev)
                 live.update(progress.render())
 
-            async with RunSession(topo, run_id=rid, backend=backend, out_dir=out_path, on_event=on_event,
-                                  attach=run_id is not None) as session:
-                console.print(f"run {rid}: cell {'attached' if run_id else 'up'}, {len(session.cell.links)} devices "
-                              f"(broker {session.cell.broker.kind})")
-                res = await session.run(collab, t_max_s=tmax, e_max_j=emax, fail=fail)
+            doc = await (warm(on_event) if run_id is not None else cold(on_event))
         if not console.is_terminal and not as_json:
             console.line()  # rich leaves a piped Live's last frame without its newline
-        return res.to_json()
+        return doc
 
     doc = asyncio.run(go())
     if as_json:
