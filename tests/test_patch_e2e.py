@@ -29,7 +29,7 @@ STEP_TIME_S = 0.4  # the agents' profile: a band computes 0.55 x 0.4 s
 
 def _plan(steps: int, warmup: int) -> PatchPlan:
     bands = [BandCost(device=d, index=i, task_bytes=16384, noise_bytes=8192, ctx_up_bytes=CTX_BYTES,
-                      ctx_down_bytes=CTX_BYTES, t_cmp_s=0.22, size_mb=1.0) for i, d in enumerate(DEVICES)]
+                      ctx_down_bytes=CTX_BYTES, t_cmp_s=0.22, t_handling_s=0.01, size_mb=1.0) for i, d in enumerate(DEVICES)]
     return PatchPlan(selected=list(DEVICES), n=2, steps=steps, warmup_steps=warmup, t_max_s=60.0, e_max_j=1000.0,
                      t_sync_s=1.0, t_displaced_s=0.5, t_final_s=0.3, e_sync_j=1.0, e_displaced_j=1.0, e_final_j=0.5,
                      bands=bands, flop_share=0.55,

@@ -363,8 +363,11 @@ class PatchOrchestrator(ServerLink):
             prev = float(recv)
         self._last_recv[dev] = prev
         up = self._ctx_up.pop((dev, s), [0.0, 0.0, 0.0])
-        t_down = (t_recv - t_pub) + ctx_down_air
-        t_up = (got.t_in - t_send) + up[2]
+        # the task queued behind the context relayed to this band before it: likewise
+        before = [float(recv) for _, _, recv in meta.get("ctx_received") or [] if float(recv) <= t_recv]
+        t_down = (t_recv - max([t_pub, *before])) + ctx_down_air
+        # the noise queued behind the band's context: its own air time starts when that arrived
+        t_up = (got.t_in - max(t_send, self._last_in.get(dev, 0.0))) + up[2]
         t_cmp = float(meta["t_cmp_s"])
         p = self.power[dev]
         return PatchStepRecord(

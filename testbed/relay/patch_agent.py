@@ -105,8 +105,8 @@ class PatchAgent:
         self.store: dict[tuple[int, str, int], dict[str, np.ndarray]] = {}  # (stage, point, band) -> parts
         self.received: list[list[float]] = []  # [wire bytes, t_pub, t_recv] of contexts not yet reported
         self.arrived = asyncio.Event()
-        self.running: asyncio.Task | None = None
-        self._stage: int | None = None  # the step in flight
+        self.steps: set[asyncio.Task] = set()  # steps not yet finished (the last one may be sending)
+        self.computing: int | None = None  # the step whose band is being computed
         self._result = topics.result(cfg.run, cfg.device)
         self._status = topics.status(cfg.run, cfg.device)
 
@@ -125,14 +125,16 @@ class PatchAgent:
             check_step_meta(msg.meta, self.cfg.max_message_bytes)
             if not {"x", "t"} <= set(msg.tensors):
                 raise RelayError("rejected relay message: a step task needs tensors 'x' and 't'")
-            if self.running is not None and not self.running.done():
-                raise RelayError(f"rejected relay message: step {msg.stage} while step {self._stage} runs")
+            if self.computing is not None:
+                raise RelayError(f"rejected relay message: step {msg.stage} while step {self.computing} computes")
         except RelayError as e:
             self.rejected += 1
             log.error("%s (%d bytes); dropped, still serving", e, len(payload))
             return
-        self._stage = msg.stage
-        self.running = asyncio.ensure_future(self._run_step(client, msg, t_recv))
+        self.computing = msg.stage
+        task = asyncio.ensure_future(self._run_step(client, msg, t_recv))
+        self.steps.add(task)
+        task.add_done_callback(self.steps.discard)
 
     def _store(self, msg: Message, wire_bytes: int, t_recv: float) -> None:
         sender, t_pub = msg.meta.get("from"), msg.meta.get("t_pub")
@@ -187,14 +189,13 @@ class PatchAgent:
 
         try:
             noise, real_s, overrun = await asyncio.to_thread(compute)
-            for fut in st.publishes:
-                await asyncio.wrap_future(fut)
         except Exception as e:  # noqa: BLE001 - a failed step must not kill the agent; the server times out
             log.exception("step %d band %d failed: %s", task.stage, st.index, e)
             return
         finally:
+            self.computing = None  # the next step may come as soon as the noise is out
             await status
-        t_end = time.time()
+        t_end = time.time()  # the context may still be on its way: the noise queues behind it
         rows = meta["height"] // st.n
         received, self.received = self.received, []
         out = {"noise": np.ascontiguousarray(noise, dtype=np.float32)}
@@ -208,7 +209,12 @@ class PatchAgent:
         meta_out["t_send"] = time.time()
         msg = Message(kind="result", run=task.run, device=self.cfg.device, stage=task.stage, attempt=task.attempt,
                       steps=task.steps, total_steps=task.total_steps, tensors=out, meta=meta_out)
-        await client.publish(self._result, encode(msg, pad_to_bytes=meta["pad_to"]), qos=1)
+        await client.publish(self._result, encode(msg, pad_to_bytes=meta["pad_to"]), qos=1, timeout=_PUBLISH_TIMEOUT_S)
+        for fut in st.publishes:
+            try:
+                await asyncio.wrap_future(fut)
+            except Exception as e:  # noqa: BLE001 - the other bands will miss it and the server says so
+                log.error("step %d band %d: a context message failed: %s", task.stage, st.index, e)
         self.served += 1
         log.info("step %d band %d (%s): compute %.3f s (real %.3f), waited %.3f s, context sent %d bytes",
                  task.stage, st.index, st.mode, meta_out["t_cmp_s"], meta_out["cmp_real_s"], st.waited_s, st.sent_wire)

@@ -17,16 +17,21 @@ previous step, sent while computing):
     T(X) = max(max_i X_i*8/(r_i*eta), sum_i X_i*8/(C*eta))   transfers of all N at once: each
                   at its link rate, together at most the cell's capacity C when the cell's air
                   is shared (topology `cell.shared_capacity`), else the first term alone
-    t_displaced = T(A) + max(max_i s_N*T_i + T(B), T(U) + T(D)) + H
-    t_sync      = T(A) + max_i s_N*T_i + T(U) + T(D) + T(B) + H + P * SYNC_ROUND_S
+    c_i         = max(s_N*T_i, h_i)    the band's compute window: the profile's time, or the
+                  device's handling of its U_i + D_i when longer (the device half of
+                  split_plan.handling_s under its CPU quota: in the emulation the model and the
+                  messages share that quota)
+    t_displaced = T(A) + max(max_i c_i + T(B), T(U) + T(D)) + H
+    t_sync      = T(A) + max_i c_i + T(U) + T(D) + T(B) + H + P * SYNC_ROUND_S
     t_final     = T(A) + max_i s_N*T_i + T(B)     the last step, displaced: its context has no reader
-    energy      = sum_i P_rx,i*(T(A) + T(D)) + P_cmp,i*s_N*T_i + P_tx,i*(T(B) + T(U))   (final: U = D = 0)
+    energy      = sum_i P_rx,i*(T(A) + T(D)) + P_cmp,i*c_i + P_tx,i*(T(B) + T(U))   (final: U = D = 0,
+                  c_i = s_N*T_i)
 
-H = the message handling of the context bytes outside the links (split_plan.handling_s: the
-server handles every band's bytes in turn, each device its own); P = the exchange points of
-the model that runs (its synchronous step makes one round trip per point). The scaling of
+H = the server's half of handling_s over every band's context bytes (it handles them in turn);
+P = the exchange points of the model that runs (its synchronous step makes one round trip per
+point). The scaling of
 the compute time: s_N is the share of SD1.5's UNet FLOPs one band computes, counted on the
-meta device (bench/patch_profile.py): 1/N of every layer plus the keys and values it
+meta device (bench/patch.py --sd15): 1/N of every layer plus the keys and values it
 projects from the other bands' attention inputs; halo rows are inputs of a band's
 convolutions, not rows it computes, so they add no FLOPs. All of these are modelled numbers;
 the run measures its own.
@@ -59,7 +64,7 @@ __all__ = ["CONTEXT_BYTES_FP32", "FLOP_SHARE", "LATENT_ROWS", "INPUT_HALO_ROWS",
 
 #: SD1.5's context bytes per step and band with fp32 activations (CFG batch 2): what each
 #: band sends up and receives down, by resolution, band count and band index. Counted on the
-#: meta device by `diffusion.patch.sd15_patch_profile` (bench/patch_profile.py; a test checks
+#: meta device by `diffusion.patch.sd15_patch_profile` (bench/patch.py --sd15; a test checks
 #: them): halo rows of the 3x3 convolutions, GroupNorm statistics, self-attention inputs.
 CONTEXT_BYTES_FP32: dict[int, dict[int, dict[str, tuple[int, ...]]]] = {
     256: {2: {"up": (16226048, 15980288), "down": (15980288, 16226048)},
@@ -77,9 +82,10 @@ INPUT_HALO_ROWS = 2
 #: first step has no previous-step context to reuse).
 WARMUP_STEPS = 1
 #: One exchange point of a synchronous step outside the links: a message up to the
-#: server, its relay down to the other bands, the wake-ups in between (calibrated by
-#: bench/patch_profile.py --emulated; docs/patch.md).
-SYNC_ROUND_S = 0.004
+#: server, its relay down to the other bands, the wake-ups in between. Measured: 6-15 ms
+#: on loopback and ~10-25 ms in paper.yaml runs on this 2-core VM under a load average of
+#: 6-8 (docs/patch.md, "Measured").
+SYNC_ROUND_S = 0.010
 
 
 def band_counts(resolution_px: int) -> list[int]:
@@ -97,12 +103,19 @@ class BandCost:
     noise_bytes: int
     ctx_up_bytes: int
     ctx_down_bytes: int
-    t_cmp_s: float
+    t_cmp_s: float  # the profile's compute (emulated)
+    t_handling_s: float  # the device's handling of its context messages, under its CPU quota (modelled)
     size_mb: float
 
     @property
     def id(self) -> str:  # noqa: A003 - what the fault injector keys costs by
         return self.device
+
+    @property
+    def t_busy_s(self) -> float:
+        """The band's compute window in a step with context: the profile's time, or longer
+        when handling the context takes longer (it runs on the same CPU quota as the model)."""
+        return max(self.t_cmp_s, self.t_handling_s)
 
 
 @dataclass(frozen=True)
@@ -197,9 +210,11 @@ class _Model:
 
     def band(self, d: _Device, i: int) -> BandCost:
         scale = activation_bytes(d.link.precision) / 4
+        up, down = int(self.ctx["up"][i] * scale), int(self.ctx["down"][i] * scale)
         return BandCost(device=d.link.id, index=i, task_bytes=self.task_bytes, noise_bytes=self.noise_bytes,
-                        ctx_up_bytes=int(self.ctx["up"][i] * scale), ctx_down_bytes=int(self.ctx["down"][i] * scale),
-                        t_cmp_s=self.share * d.step_s, size_mb=model_size_mb(d.link.precision))
+                        ctx_up_bytes=up, ctx_down_bytes=down, t_cmp_s=self.share * d.step_s,
+                        t_handling_s=0.5 * HANDLING_S_PER_MB * (up + down) / 1e6 / min(1.0, d.profile.cpu_cores),
+                        size_mb=model_size_mb(d.link.precision))
 
     def _transfer(self, devs: list[_Device], nbytes: list[int], direction: str, cap_mbps: float | None) -> float:
         own = []
@@ -220,25 +235,23 @@ class _Model:
         t_ctx_up = self._transfer(devs, [b.ctx_up_bytes for b in bands], "up", cap_up)
         t_ctx_down = self._transfer(devs, [b.ctx_down_bytes for b in bands], "down", cap_down)
         t_cmp = max(b.t_cmp_s for b in bands)
-        # handling outside the links (split_plan.handling_s): the server's half over every
-        # band's bytes in turn, each device's half under its CPU quota, at the same time
+        t_busy = max(b.t_busy_s for b in bands)
+        # the server handles every band's context in turn (split_plan.handling_s's server half)
         server = 0.5 * HANDLING_S_PER_MB * sum(b.ctx_up_bytes + b.ctx_down_bytes for b in bands) / 1e6
-        device = max(0.5 * HANDLING_S_PER_MB * (b.ctx_up_bytes + b.ctx_down_bytes) / 1e6 / min(1.0, d.profile.cpu_cores)
-                     for b, d in zip(bands, devs))
-        handling = server + device
-        t_disp = t_task + max(t_cmp + t_noise, t_ctx_up + t_ctx_down) + handling
-        t_sync = t_task + t_cmp + t_ctx_up + t_ctx_down + t_noise + handling + self.sync_points * SYNC_ROUND_S
+        t_disp = t_task + max(t_busy + t_noise, t_ctx_up + t_ctx_down) + server
+        t_sync = t_task + t_busy + t_ctx_up + t_ctx_down + t_noise + server + self.sync_points * SYNC_ROUND_S
         t_final = t_task + t_cmp + t_noise
 
-        def energy(ctx_down_s: float, ctx_up_s: float) -> float:  # radios on for the transfers, boards computing
-            return sum(d.profile.radio_rx_power_w * (t_task + ctx_down_s) + d.profile.compute_power_w * b.t_cmp_s
+        def energy(ctx_down_s: float, ctx_up_s: float, context: bool) -> float:  # radios on for the transfers
+            return sum(d.profile.radio_rx_power_w * (t_task + ctx_down_s)
+                       + d.profile.compute_power_w * (b.t_busy_s if context else b.t_cmp_s)
                        + d.profile.radio_tx_power_w * (t_noise + ctx_up_s) for b, d in zip(bands, devs))
 
-        e_step = energy(t_ctx_down, t_ctx_up)
+        e_step = energy(t_ctx_down, t_ctx_up, True)
         return {"bands": bands, "t_sync_s": t_sync, "t_displaced_s": t_disp, "t_final_s": t_final,
-                "e_sync_j": e_step, "e_displaced_j": e_step, "e_final_j": energy(0.0, 0.0),
-                "breakdown": {"t_task_down_s": t_task, "t_cmp_s": t_cmp, "t_noise_up_s": t_noise,
-                              "t_ctx_up_s": t_ctx_up, "t_ctx_down_s": t_ctx_down, "t_handling_s": handling}}
+                "e_sync_j": e_step, "e_displaced_j": e_step, "e_final_j": energy(0.0, 0.0, False),
+                "breakdown": {"t_task_down_s": t_task, "t_cmp_s": t_cmp, "t_busy_s": t_busy, "t_noise_up_s": t_noise,
+                              "t_ctx_up_s": t_ctx_up, "t_ctx_down_s": t_ctx_down, "t_handling_server_s": server}}
 
 
 def plan_patch(
