@@ -82,10 +82,10 @@ INPUT_HALO_ROWS = 2
 #: first step has no previous-step context to reuse).
 WARMUP_STEPS = 1
 #: One exchange point of a synchronous step outside the links: a message up to the
-#: server, its relay down to the other bands, the wake-ups in between. Measured: 6-15 ms
-#: on loopback and ~10-25 ms in paper.yaml runs on this 2-core VM under a load average of
-#: 6-8 (docs/patch.md, "Measured").
-SYNC_ROUND_S = 0.010
+#: server, its relay down to the other bands, the wake-ups in between. Measured (docs/patch.md):
+#: 6-15 ms on loopback, ~20-25 ms in paper.yaml runs, on this 2-core VM under a load average of
+#: 6-8 from other jobs; the plan takes the latter.
+SYNC_ROUND_S = 0.020
 
 
 def band_counts(resolution_px: int) -> list[int]:
