@@ -1,8 +1,9 @@
 """Patch parallelism on this machine's CPU, in one process (no network): what a band costs
 and what displaced context does to the image.
 
-1. Compute: one UNet call (CFG batch 2) of the unbroken model and of one band for N = 2, 4
-   (the band's input, its halo and the other bands' context given): real seconds per call on
+1. Compute: one UNet call (CFG batch 2) of the unbroken model and of one band for N = 2, 4,
+   on the model's latent and (--px) on larger ones, where the work outweighs Python's per-layer cost
+   (the band's input, its halo and the other bands' context given): CPU seconds per call on
    one thread, and the ratio to the unbroken call (what `cmp_real_s` per device becomes).
 2. Quality: MS-SSIM against the fp32 reference (50 steps, the run owner's), for the unbroken
    run, the synchronous patch run (must equal it) and displaced runs after W warm-up steps;
@@ -10,8 +11,11 @@ and what displaced context does to the image.
    over the same in the unbroken image (1 = no visible seam).
 3. SD1.5 (meta device, --sd15): each band's context bytes and FLOP share beside the constants
    of selection/patch_plan.py.
+4. --crossover FILE (modelled): the step counts the three plans fit on that cell as its radio
+   bandwidth grows from 20 to 400 MHz.
 
-Usage: .venv/bin/python bench/patch.py [--model tiny] [--steps 10,20] [--warmup 1,2,4] [--reps 5] [--sd15]
+Usage: .venv/bin/python bench/patch.py [--model tiny] [--px 32] [--steps 10,20] [--warmup 1,2,4] [--reps 5] [--sd15]
+                                      [--crossover topologies/paper.yaml]
 """
 
 from __future__ import annotations
@@ -24,19 +28,21 @@ import numpy as np
 import torch
 
 
-def band_call_seconds(model, n: int, reps: int) -> float:
-    """Median seconds of one band's UNet call (band 0; displaced, so no waiting)."""
+def band_call_seconds(model, n: int, reps: int, px: int | None = None) -> float:
+    """Median CPU seconds (this thread's: robust to other jobs on the host) of one band's UNet
+    call (band 0; displaced, so no waiting)."""
     from testbed.diffusion.patch import DisplacedExchange, PatchLayout, PatchUNet, run_synchronously
     from testbed.diffusion.stages import unet_conditioning
 
     cond = unet_conditioning(_cond(model), 1, True)
-    x = torch.randn(2, *model.latent_shape)
+    c, h, _ = model.latent_shape
+    x = torch.randn(2, c, px or h, px or h)  # the model's convolutions and attention take any size
     t = torch.tensor(500)
     if n == 1:
         fn = lambda: model.unet(x, t, **cond)  # noqa: E731
     else:
         punet = PatchUNet(model.unet)
-        layout = PatchLayout(model.latent_shape[1], n)
+        layout = PatchLayout(x.shape[-2], n)
         _, stale = run_synchronously(punet, x, t, cond, layout)
         xb = layout.extend(x, 0, punet.input_halo)
         fn = lambda: punet.forward(xb, t, cond, 0, layout, DisplacedExchange(0, stale))  # noqa: E731
@@ -44,9 +50,9 @@ def band_call_seconds(model, n: int, reps: int) -> float:
     with torch.inference_mode():
         fn()
         for _ in range(reps):
-            t0 = time.perf_counter()
+            t0 = time.thread_time()
             fn()
-            times.append(time.perf_counter() - t0)
+            times.append(time.thread_time() - t0)
     return statistics.median(times)
 
 
@@ -106,6 +112,40 @@ def sd15() -> None:
                       f"{FLOP_SHARE[px][n]:>6.4f}")
 
 
+def crossover(topology: str, t_values: list[float], e_max_j: float = 200.0) -> None:
+    """Modelled: the steps each method's plan fits as the cell's bandwidth grows (the radio
+    model's rates scale with it), to see where spatial collaboration overtakes temporal."""
+    from testbed.composition.strategies.patch import model_bands
+    from testbed.composition.strategies.split import feature_bytes_fn
+    from testbed.errors import InfeasibleError
+    from testbed.model.radio import compute_links
+    from testbed.model.topology import load_topology, place
+    from testbed.selection import device_costs, select
+    from testbed.selection.patch_plan import plan_patch
+    from testbed.selection.split_plan import plan_split
+
+    base = load_topology(topology)
+    _, points = model_bands(base.workload.model, base.workload.resolution_px)
+    print(f"\ncrossover (modelled, the plans' predictions): {base.name}, E_max {e_max_j:g} J, steps that fit")
+    print(f"{'MHz':>5} {'best up/down Mbit/s':>20} {'T_max':>6} {'multistage':>10} {'split':>6} {'patch':>6} {'N':>2}")
+    for mhz in (20, 50, 100, 200, 400):
+        topo = base.model_copy(update={"radio": base.radio.model_copy(update={"bandwidth_mhz": float(mhz)})})
+        links = compute_links(topo, place(topo))
+        best = max(links, key=lambda lk: lk.rate_up_mbps)
+        for t in t_values:
+            def steps(fn):
+                try:
+                    return fn()
+                except InfeasibleError:
+                    return 0, None
+            ms = steps(lambda: (len(select(device_costs(topo, links), t, e_max_j).selected)
+                                * topo.workload.steps_per_stage, None))[0]
+            sp = steps(lambda: (plan_split(topo, links, t, e_max_j, feature_bytes_fn(256)).steps, None))[0]
+            pp, n = steps(lambda: (lambda p: (p.steps, p.n))(plan_patch(topo, links, t, e_max_j, sync_points=points)))
+            print(f"{mhz:>5} {best.rate_up_mbps:>9.0f}/{best.rate_down_mbps:<10.0f} {t:>6g} {ms:>10} {sp:>6} {pp:>6} "
+                  f"{n or '-':>2}")
+
+
 def main() -> None:
     from testbed.diffusion import load_model
 
@@ -114,20 +154,27 @@ def main() -> None:
     ap.add_argument("--steps", default="10,20")
     ap.add_argument("--warmup", default="1,2,4")
     ap.add_argument("--reps", type=int, default=5)
+    ap.add_argument("--px", default="32", help="also time the model on these latent sizes (compute-bound bands)")
     ap.add_argument("--sd15", action="store_true")
+    ap.add_argument("--crossover", default="", help="a topology: the plans' step counts as the bandwidth grows")
     args = ap.parse_args()
     torch.set_num_threads(1)
     model = load_model(args.model, "fp32")
-    print(f"compute: {args.model}, one UNet call (CFG batch 2), 1 thread, median of {args.reps} (measured)")
-    print(f"{'N':>2} {'band s':>8} {'x unbroken':>10}")
-    base = band_call_seconds(model, 1, args.reps)
-    print(f"{1:>2} {base:>8.4f} {1:>10.2f}")
-    for n in (2, 4):
-        s = band_call_seconds(model, n, args.reps)
-        print(f"{n:>2} {s:>8.4f} {s / base:>10.2f}")
+    for px in (None, *(int(p) for p in args.px.split(",") if p)):
+        size = px or model.latent_shape[1]
+        print(f"compute: {args.model} on a {size}x{size} latent, one UNet call (CFG batch 2), 1 thread, "
+              f"median CPU s of {args.reps} (measured)")
+        print(f"{'N':>2} {'band CPU s':>10} {'x unbroken':>10}")
+        base = band_call_seconds(model, 1, args.reps, px)
+        print(f"{1:>2} {base:>10.4f} {1:>10.2f}")
+        for n in (2, 4):
+            s = band_call_seconds(model, n, args.reps, px)
+            print(f"{n:>2} {s:>10.4f} {s / base:>10.2f}")
     quality(args.model, [int(s) for s in args.steps.split(",")], [int(w) for w in args.warmup.split(",")])
     if args.sd15:
         sd15()
+    if args.crossover:
+        crossover(args.crossover, [2.0, 4.0, 8.0])
 
 
 if __name__ == "__main__":

@@ -6,7 +6,7 @@ UNet with the layers that mix positions replaced, so that one call computes only
 
 - every convolution wider than 1 row (`HaloConv`) takes the rows it needs beyond its band
   (1 above and 1 below for a 3x3 conv, 1 above for a stride-2 one) from its neighbours;
-- every GroupNorm (`PatchGroupNorm`) combines the per-group count, mean and sum of squared
+- every GroupNorm (`PatchGroupNorm`) combines the per-group mean and sum of squared
   deviations of all bands (Chan's parallel formula) before normalising its own;
 - every self-attention (`PatchSelfAttention`, a diffusers attention processor) attends from
   its own tokens to the keys and values of every band, made from the other bands' attention
@@ -228,7 +228,8 @@ class InputConv(nn.Module):
 
 
 class PatchGroupNorm(nn.Module):
-    """GroupNorm with statistics over every band: each contributes (count, mean, M2) per group."""
+    """GroupNorm with statistics over every band: each band gives its (mean, M2) per group
+    (equal bands: equal counts), combined with Chan's parallel formula."""
 
     def __init__(self, norm: nn.GroupNorm, key: str):
         super().__init__()
@@ -241,20 +242,19 @@ class PatchGroupNorm(nn.Module):
         b, c = x.shape[:2]
         xg = x.float().reshape(b, self.groups, -1)
         count = xg.shape[-1]
-        mean = xg.mean(dim=-1)
-        m2 = (xg - mean[..., None]).square().sum(dim=-1)
-        mine = {"all": torch.stack([torch.full_like(mean, float(count)), mean, m2], dim=-1)}
-        stats = torch.stack([s["all"].float() for s in band.exchange.exchange(self.key, mine)])  # (N, B, G, 3)
-        counts, means, m2s = stats[..., 0], stats[..., 1], stats[..., 2]
-        total = counts.sum(dim=0)
-        g_mean = (counts * means).sum(dim=0) / total
-        g_var = (m2s.sum(dim=0) + (counts * (means - g_mean).square()).sum(dim=0)) / total
-        y = (xg - g_mean[..., None]) * torch.rsqrt(g_var + self.eps)[..., None]
-        y = y.reshape(x.shape)
-        shape = (1, c) + (1,) * (x.dim() - 2)
+        var, mean = torch.var_mean(xg, dim=-1, correction=0)
+        got = band.exchange.exchange(self.key, {"all": torch.stack([mean, var * count], dim=-1)})
+        stats = torch.stack([s["all"].float() for s in got])  # (N, B, G, 2)
+        means, m2s = stats[..., 0], stats[..., 1]
+        g_mean = means.mean(dim=0)
+        g_var = (m2s.sum(dim=0) + count * (means - g_mean).square().sum(dim=0)) / (count * len(got))
+        # y = x * scale + shift per (sample, channel): one pass over the band
+        scale = torch.rsqrt(g_var + self.eps).repeat_interleave(c // self.groups, dim=1)
+        shift = -g_mean.repeat_interleave(c // self.groups, dim=1) * scale
         if self.weight is not None:
-            y = y * self.weight.reshape(shape) + self.bias.reshape(shape)
-        return y.to(x.dtype)
+            scale, shift = scale * self.weight, shift * self.weight + self.bias
+        y = torch.addcmul(shift[..., None], x.float().reshape(b, c, -1), scale[..., None])
+        return y.reshape(x.shape).to(x.dtype)
 
 
 class PatchSelfAttention:

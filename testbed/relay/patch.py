@@ -110,6 +110,7 @@ class PatchOrchestrator(ServerLink):
     """
 
     method = "patch"
+    pending_publishes = 1000  # context is relayed without waiting for the broker's acknowledgement
 
     def __init__(self, *, run: str, broker_host: str, broker_port: int, username: str, password: str,
                  plan: PatchPlan, power: dict[str, DevicePower], model: Any, prompt: str, seed: int, scheduler: str,

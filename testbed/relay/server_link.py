@@ -22,6 +22,8 @@ class ServerLink:
     `self._reader()` beside `generate()` and returns what `generate` returns."""
 
     method: ClassVar[str]
+    #: publishes in flight that are expected (patch relays context without waiting)
+    pending_publishes: ClassVar[int] = 10
 
     def __init__(self, run: str, broker_host: str, broker_port: int, username: str, password: str,
                  emit: Callable[[dict[str, Any]], None] | None, socket_options: tuple = ()):
@@ -54,6 +56,7 @@ class ServerLink:
             async with aiomqtt.Client(self.host, self.port, username=self.username, password=self.password,
                                       identifier=f"tb-{self.run_id}-server", keepalive=10, timeout=10,
                                       clean_session=True, socket_options=self._socket_options) as client:
+                client.pending_calls_threshold = self.pending_publishes  # (a warning above it)
                 self._client = client
                 await client.subscribe(f"tb/{self.run_id}/dev/+/status", qos=1)
                 await client.subscribe(f"tb/{self.run_id}/dev/+/result", qos=1)
