@@ -6,7 +6,8 @@ the embedded model.
   displaced after one synchronous step, the agents compute at the same time and never wait
   for context, and each message carries SD1.5's context bytes;
 - on the emulation (root): `--method patch` on the paper's cell with T_max 4 s runs two or
-  more devices in parallel, a record per device and step, and the result says `patch`.
+  more devices in parallel, a record per device and step, and the result says `patch`; a
+  device killed mid-run ends the run with RunFailedError (exit 5) naming it.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from pathlib import Path
 import pytest
 from mqtt_loopback import broker_and_agents
 
+from testbed.errors import RunFailedError
 from testbed.relay.patch import PatchOrchestrator
 from testbed.relay.server import DevicePower
 from testbed.selection.patch_plan import BandCost, PatchPlan
@@ -104,7 +106,10 @@ async def test_patch_run_on_the_paper_cell_within_t_max(unique_run_id, tmp_path)
     topo = load_topology(REPO / "topologies" / "paper.yaml")
     async with RunSession(topo, run_id=unique_run_id, out_dir=tmp_path) as r:
         res = await r.run("patch", t_max_s=4.0)
-    doc = res.to_json()
+        doc = res.to_json()
+        # a band lost mid-run has no other owner: the run ends (exit 5) and says why
+        with pytest.raises(RunFailedError, match=f"{doc['selected'][0]} .*(went offline|missed the deadline)"):
+            await r.run("patch", t_max_s=4.0, fail=doc["selected"][0], out_dir=tmp_path / "fail")
     plan = doc["plan"]
     assert doc["method"] == "patch" and len(doc["selected"]) == plan["n"] >= 2
     assert len(doc["stages"]) == plan["n"] * plan["steps"] == plan["n"] * doc["total_steps"]
@@ -118,3 +123,27 @@ async def test_patch_run_on_the_paper_cell_within_t_max(unique_run_id, tmp_path)
     assert plan["predicted_latency_s"] <= 4.0 and doc["latency_s"] < 2.0 * plan["predicted_latency_s"] + 1.0
     assert 0.0 <= doc["ms_ssim"] <= 1.0 and Path(doc["image"]).is_file()
     assert (tmp_path / "result.json").is_file()
+
+
+@pytest.mark.root
+@pytest.mark.docker
+@pytest.mark.slow
+def test_patch_run_with_the_docker_backend(tmp_path):
+    import json
+    import subprocess
+    import sys
+
+    r = subprocess.run([sys.executable, "-m", "testbed.cli", "run", str(REPO / "topologies" / "paper.yaml"),
+                        "--backend", "docker", "--method", "patch", "--tmax", "4", "--out", str(tmp_path), "--json"],
+                       capture_output=True, text=True, timeout=900)
+    assert r.returncode == 0, r.stderr[-3000:]
+    doc = json.loads(r.stdout)
+    assert doc["meta"]["backend"] == "docker" and doc["method"] == "patch" and len(doc["selected"]) >= 2
+    first = [x for x in doc["stages"] if x["steps"] == [0, 1]]
+    assert len(first) == len(doc["selected"])
+    assert max(x["t_cmp_start"] for x in first) < min(x["t_cmp_end"] for x in first)  # in parallel
+    for dev in doc["selected"]:  # the agents ran inside their containers
+        assert "online" in (tmp_path / "logs" / f"agent-{dev}.log").read_text()
+    leftover = subprocess.run(["docker", "ps", "-aq", "--filter", f"label=testbed.run={doc['run']}"],
+                              capture_output=True, text=True, timeout=60, check=True).stdout.split()
+    assert leftover == []

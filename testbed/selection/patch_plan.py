@@ -67,10 +67,10 @@ __all__ = ["CONTEXT_BYTES_FP32", "FLOP_SHARE", "LATENT_ROWS", "INPUT_HALO_ROWS",
 #: meta device by `diffusion.patch.sd15_patch_profile` (bench/patch.py --sd15; a test checks
 #: them): halo rows of the 3x3 convolutions, GroupNorm statistics, self-attention inputs.
 CONTEXT_BYTES_FP32: dict[int, dict[int, dict[str, tuple[int, ...]]]] = {
-    256: {2: {"up": (16226048, 15980288), "down": (15980288, 16226048)},
-          4: {"up": (10450688, 14833408, 14833408, 10204928), "down": (21849344, 26477824, 26477824, 22095104)}},
-    512: {2: {"up": (55506688, 55015168), "down": (55015168, 55506688)},
-          4: {"up": (32405248, 41170688, 41170688, 31913728), "down": (78210304, 87467264, 87467264, 78701824)}},
+    256: {2: {"up": (16210432, 15964672), "down": (15964672, 16210432)},
+          4: {"up": (10435072, 14817792, 14817792, 10189312), "down": (21802496, 26430976, 26430976, 22048256)}},
+    512: {2: {"up": (55491072, 54999552), "down": (54999552, 55491072)},
+          4: {"up": (32389632, 41155072, 41155072, 31898112), "down": (78163456, 87420416, 87420416, 78654976)}},
 }
 #: Share of SD1.5's UNet FLOPs one band computes (the same for every band), same source.
 FLOP_SHARE: dict[int, dict[int, float]] = {256: {2: 0.5261, 4: 0.2892}, 512: {2: 0.5178, 4: 0.2767}}
