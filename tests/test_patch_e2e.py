@@ -4,7 +4,8 @@ the embedded model.
 - over loopback (no root): synchronous at every step, the bands computed by two agents
   equal the unbroken run at fp32, the context crossing the broker at every exchange point;
   displaced after one synchronous step, the agents compute at the same time and never wait
-  for context, and each message carries SD1.5's context bytes;
+  for context, and each message carries SD1.5's context bytes; a later generation on the
+  same agents is exact again (no context of an earlier one leaks into it);
 - on the emulation (root): `--method patch` on the paper's cell with T_max 4 s runs two or
   more devices in parallel, a record per device and step, and the result says `patch`; a
   device killed mid-run ends the run with RunFailedError (exit 5) naming it.
@@ -95,6 +96,9 @@ async def test_patch_over_the_network_synchronous_and_displaced(loopback):
             assert a.bytes_context_up == b.bytes_context_up == 0
     diff = float((displaced.latent - ref).abs().max())
     assert 1e-4 < diff < 1.5  # stale context: not the unbroken run, but the same image's neighbourhood
+    # the same agents, a third generation: nothing of the earlier ones' context is used
+    again, _ = await _run(loopback, model, _plan(steps, warmup=steps))
+    assert float((again.latent - ref).abs().max()) < 1e-4
 
 
 @pytest.mark.root

@@ -123,6 +123,7 @@ class PatchOrchestrator(ServerLink):
         self.deadline_factor, self.deadline_slack_s = deadline_factor, deadline_slack_s
         self.max_message_bytes = max_message_bytes
         self.index_of = {dev: i for i, dev in enumerate(plan.selected)}
+        self.gen = secrets.token_hex(4)  # this generation: the agents ignore older ones' context
         self.online: set[str] = set()
         self.records: list[PatchStepRecord] = []
         self._calls = 0
@@ -159,6 +160,8 @@ class PatchOrchestrator(ServerLink):
                 try:
                     msg = decode(payload, max_bytes=self.max_message_bytes, run=self.run_id, kind="result",
                                  device=dev, max_tensor_bytes=self.max_message_bytes)
+                    if msg.meta.get("gen") != self.gen:
+                        raise RelayError(f"a result of another generation ({msg.meta.get('gen')!r})")
                     phase = msg.meta.get("phase")
                     if phase == "context":
                         self._relay(dev, msg, len(payload), t_in)
@@ -206,7 +209,8 @@ class PatchOrchestrator(ServerLink):
                 continue
             out = Message(kind="task", run=self.run_id, device=to, stage=msg.stage, attempt=1, steps=msg.steps,
                           total_steps=msg.total_steps, tensors=parts,
-                          meta={"method": "patch", "phase": "context", "from": i, "t_pub": time.time()})
+                          meta={"method": "patch", "phase": "context", "from": i, "gen": self.gen,
+                                "t_pub": time.time()})
             data = encode(out, pad_to_bytes=padded_size(parts, self._scale_down[j], limit))
             self._publish(topics.task(self.run_id, to), data)
 
@@ -294,13 +298,12 @@ class PatchOrchestrator(ServerLink):
         x = x_in.detach().float()
         cond = {f"cond.{k}": to_numpy(v) for k, v in kw.items()}
         t_arr = np.asarray(t.detach().cpu().reshape(1).numpy(), dtype=np.int64)
-        token = secrets.token_hex(4)
         for i, dev in enumerate(plan.selected):
             band = plan.bands[i]
             meta = {"method": "patch", "phase": "step", "mode": mode, "index": i, "n": plan.n,
                     "height": self.layout.height, "halo": list(self.halo), "share": plan.flop_share,
                     "ctx_scale": self._scale_up[i], "pad_to": band.noise_bytes,
-                    "publish_ctx": mode == "sync" or s < self._n_calls - 1, "wait_s": wait_s, "task": token}
+                    "publish_ctx": mode == "sync" or s < self._n_calls - 1, "wait_s": wait_s, "gen": self.gen}
             msg = Message(kind="task", run=self.run_id, device=dev, stage=s, attempt=1, steps=(s, s + 1),
                           total_steps=self._n_calls, meta=meta,
                           tensors={"x": to_numpy(self.layout.extend(x, i, self.halo)), "t": t_arr, **cond})

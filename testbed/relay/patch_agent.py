@@ -72,6 +72,7 @@ class PatchModel:
 class _Step:
     """One band's step in flight: its exchange state and its clock."""
 
+    gen: str  # the generation (the orchestrator's run of the method) the step belongs to
     stage: int
     index: int
     n: int
@@ -102,7 +103,8 @@ class PatchAgent:
         self.loop = loop
         self.rejected = 0
         self.served = 0
-        self.store: dict[tuple[int, str, int], dict[str, np.ndarray]] = {}  # (stage, point, band) -> parts
+        # (generation, stage, point, band) -> parts: a cell's agents serve generation after generation
+        self.store: dict[tuple[str, int, str, int], dict[str, np.ndarray]] = {}
         self.received: list[list[float]] = []  # [wire bytes, t_pub, t_recv] of contexts not yet reported
         self.arrived = asyncio.Event()
         self.steps: set[asyncio.Task] = set()  # steps not yet finished (the last one may be sending)
@@ -137,25 +139,26 @@ class PatchAgent:
         task.add_done_callback(self.steps.discard)
 
     def _store(self, msg: Message, wire_bytes: int, t_recv: float) -> None:
-        sender, t_pub = msg.meta.get("from"), msg.meta.get("t_pub")
-        if type(sender) is not int or not isinstance(t_pub, (int, float)):
-            raise RelayError("rejected relay message: a context needs meta.from (band) and meta.t_pub")
+        sender, t_pub, gen = msg.meta.get("from"), msg.meta.get("t_pub"), msg.meta.get("gen")
+        if type(sender) is not int or not isinstance(t_pub, (int, float)) or not isinstance(gen, str):
+            raise RelayError("rejected relay message: a context needs meta.from (band), meta.t_pub and meta.gen")
         by_point: dict[str, dict[str, np.ndarray]] = {}
         for name, arr in msg.tensors.items():
             key, part = parse_ctx_name(name)
-            by_point.setdefault(key, {})[part] = arr
+            by_point.setdefault(key, {})[part] = np.array(arr, copy=True)  # not a view: the padding goes
         for key, parts in by_point.items():  # one assignment each: the worker thread reads the store
-            self.store[(msg.stage, key, sender)] = self.store.get((msg.stage, key, sender), {}) | parts
+            k = (gen, msg.stage, key, sender)
+            self.store[k] = self.store.get(k, {}) | parts
         self.received.append([float(wire_bytes), float(t_pub), t_recv])
         self.arrived.set()
 
-    async def wait_context(self, stage: int, key: str, senders: list[int], timeout_s: float) -> list[dict]:
+    async def wait_context(self, gen: str, stage: int, key: str, senders: list[int], timeout_s: float) -> list[dict]:
         """The context of `senders` at point `key` of step `stage`, when all of it is here."""
         deadline = time.monotonic() + timeout_s
         while True:
-            missing = [j for j in senders if (stage, key, j) not in self.store]
+            missing = [j for j in senders if (gen, stage, key, j) not in self.store]
             if not missing:
-                return [self.store[(stage, key, j)] for j in senders]
+                return [self.store[(gen, stage, key, j)] for j in senders]
             left = deadline - time.monotonic()
             if left <= 0:
                 raise RelayError(f"step {stage}: no context of bands {missing} at {key} within {timeout_s:g} s")
@@ -167,12 +170,12 @@ class PatchAgent:
 
     async def _run_step(self, client: Any, task: Message, t_recv: float) -> None:
         meta = task.meta
-        st = _Step(stage=task.stage, index=meta["index"], n=meta["n"], mode=meta["mode"],
+        st = _Step(gen=meta["gen"], stage=task.stage, index=meta["index"], n=meta["n"], mode=meta["mode"],
                    publish=meta["publish_ctx"], t_recv=t_recv,
                    profile_s=self.cfg.step_time_s * float(meta["share"]) if self.cfg.compute == "profile" else None,
                    points=len(self.model.punet.points), scale=float(meta["ctx_scale"]), wait_s=float(meta["wait_s"]),
                    total_steps=task.total_steps)
-        for old in [k for k in self.store if k[0] < task.stage - 1]:  # nobody reads those any more
+        for old in [k for k in self.store if k[0] != st.gen or k[1] < task.stage - 1]:  # nobody reads those
             del self.store[old]
         status = asyncio.ensure_future(client.publish(self._status, _status_doc(
             self.cfg.device, "computing", stage=task.stage, t_recv=t_recv), qos=1))
@@ -200,7 +203,7 @@ class PatchAgent:
         received, self.received = self.received, []
         out = {"noise": np.ascontiguousarray(noise, dtype=np.float32)}
         meta_out = {
-            "phase": "noise", "index": st.index, "mode": st.mode, "t_recv": t_recv, "t_cmp_start": t0,
+            "phase": "noise", "index": st.index, "gen": st.gen, "mode": st.mode, "t_recv": t_recv, "t_cmp_start": t0,
             "t_cmp_end": t_end, "t_cmp_s": t_end - t_recv - st.waited_s, "wait_s": st.waited_s,
             "cmp_real_s": real_s, "cmp_profile_s": st.profile_s, "overrun_s": overrun,
             "ctx_sent_wire": st.sent_wire, "ctx_sent_body": st.sent_body, "ctx_received": received,
@@ -224,7 +227,7 @@ class PatchAgent:
         limit = self.cfg.max_message_bytes - _HEADROOM
         msg = Message(kind="result", run=self.cfg.run, device=self.cfg.device, stage=st.stage, attempt=1,
                       steps=(st.stage, st.stage + 1), total_steps=st.total_steps, tensors=tensors,
-                      meta={"phase": "context", "index": st.index, "t_send": time.time()})
+                      meta={"phase": "context", "index": st.index, "gen": st.gen, "t_send": time.time()})
         data = encode(msg, pad_to_bytes=padded_size(tensors, st.scale, limit))
         st.sent_wire += len(data)
         st.sent_body += msg.body_bytes
@@ -284,12 +287,12 @@ class _NetExchange:
         got[st.index] = mine
         if senders:
             store = self.agent.store  # filled on the event loop; a present entry is complete
-            parts = [store.get((stage, key, j)) for j in senders]
+            parts = [store.get((st.gen, stage, key, j)) for j in senders]
             if any(p is None for p in parts):  # not here yet: wait on the event loop
                 assert self.agent.loop is not None
                 t0 = time.time()
                 fut = asyncio.run_coroutine_threadsafe(
-                    self.agent.wait_context(stage, key, senders, st.wait_s), self.agent.loop)
+                    self.agent.wait_context(st.gen, stage, key, senders, st.wait_s), self.agent.loop)
                 parts = fut.result(timeout=st.wait_s + 5)
                 st.waited_s += time.time() - t0
             for j, p in zip(senders, parts):

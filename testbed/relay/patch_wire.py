@@ -78,6 +78,7 @@ def check_step_meta(meta: dict[str, Any], max_message_bytes: int) -> None:
         return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
 
     n, index, height = meta.get("n"), meta.get("index"), meta.get("height")
+    need(isinstance(meta.get("gen"), str) and 0 < len(meta["gen"]) <= 64, "meta.gen must be a short string")
     need(meta.get("mode") in MODES, f"meta.mode {meta.get('mode')!r} must be one of {MODES}")
     need(is_int(n) and 1 <= n <= 64, f"meta.n {n!r} must be an integer in [1, 64]")
     need(is_int(index) and 0 <= index < n, f"meta.index {index!r} must be in [0, n)")
