@@ -11,29 +11,18 @@ from __future__ import annotations
 
 import asyncio
 import json
-import socket
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import numpy as np
 import pytest
+from mqtt_loopback import broker_and_agents
 
-from testbed.relay.agent import AgentConfig
-from testbed.relay.security import make_credentials, write_security_files
 from testbed.relay.server import DevicePower
 from testbed.relay.split import SplitOrchestrator
 from testbed.selection.split_plan import SplitPlan, SplitStepCost
 
 REPO = Path(__file__).resolve().parent.parent
 needs_mosquitto = pytest.mark.mosquitto  # conftest: skips without mosquitto, fails in CI
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _plan(steps: int, feature_bytes: int) -> SplitPlan:
@@ -47,48 +36,8 @@ def _plan(steps: int, feature_bytes: int) -> SplitPlan:
 @pytest.fixture
 def loopback(tmp_path, unique_run_id):
     """mosquitto on 127.0.0.1 with the run's ACLs + two fp32 split agents (compute: real)."""
-    run, port = unique_run_id, _free_port()
-    creds = make_credentials(run, ["dev01", "dev02"])
-    paths = write_security_files(tmp_path / "state", creds, "127.0.0.1", port)
-    conf = tmp_path / "mosquitto.conf"
-    conf.write_text("user root\n" f"listener {port} 127.0.0.1\n" "allow_anonymous false\n"
-                    f"password_file {paths['password_file']}\n" f"acl_file {paths['acl_file']}\n"
-                    "persistence false\n")
-    procs = []
-    logs = []
-    try:
-        log = open(tmp_path / "mosquitto.log", "wb")  # noqa: SIM115
-        logs.append(log)
-        procs.append(subprocess.Popen(["mosquitto", "-c", str(conf)], stdout=log, stderr=subprocess.STDOUT))
-        deadline = time.monotonic() + 10
-        while True:
-            with socket.socket() as s:
-                if s.connect_ex(("127.0.0.1", port)) == 0:
-                    break
-            assert time.monotonic() < deadline, "mosquitto did not start"
-            time.sleep(0.05)
-        for dev in ("dev01", "dev02"):
-            c = creds.for_device(dev)
-            cfg = AgentConfig(run=run, device=dev, broker_host="127.0.0.1", broker_port=port, username=c.username,
-                              password=c.password, model="tiny", precision="fp32", compute="real",
-                              payload_bytes=65536, max_message_bytes=8 * 2**20, keepalive_s=2)
-            cpath = tmp_path / f"{dev}.json"
-            cfg.write(cpath)
-            log = open(tmp_path / f"{dev}.log", "wb")  # noqa: SIM115
-            logs.append(log)
-            procs.append(subprocess.Popen([sys.executable, "-m", "testbed.relay.agent", run, dev,  # serves split tasks
-                                           "--config", str(cpath)], stdout=log, stderr=subprocess.STDOUT))
-        yield run, port, creds, tmp_path
-    finally:
-        for p in reversed(procs):
-            p.terminate()
-            try:
-                p.wait(5)
-            except subprocess.TimeoutExpired:
-                p.kill()
-                p.wait()
-        for f in logs:
-            f.close()
+    with broker_and_agents(tmp_path, unique_run_id, ["dev01", "dev02"]) as lb:
+        yield lb.run, lb.port, lb.creds, lb.dir
 
 
 @needs_mosquitto

@@ -32,7 +32,7 @@ from tui.state import CellModel, RunView
 
 __all__ = ["TestbedApp", "METHODS"]
 
-METHODS = ("multistage", "split")
+METHODS = ("multistage", "split", "patch")  # testbed.composition.strategies.METHODS (not imported: startup)
 
 
 class TestbedApp(LiveMixin, App[None]):
@@ -168,8 +168,8 @@ class TestbedApp(LiveMixin, App[None]):
             t.append(f"  T {sel.latency_s:.2f}/{sel.t_max_s:g} s", style="red" if sel.latency_s > sel.t_max_s else "")
             t.append(f"  E {sel.energy_j:.1f}/{sel.e_max_j:g} J", style="red" if sel.energy_j > sel.e_max_j else "")
             t.append(f"  {sel.objective_mb / 1000:.2f} GB ({sel.strategy})")
-        if p["method"] == "split":
-            t.append("  split: the run picks its own pair", style="yellow")
+        if p["method"] != "multistage":
+            t.append(f"  {p['method']}: the run picks its own devices", style="yellow")
         self.query_one("#summary", Static).update(t)
 
     def _refresh_cell(self) -> None:

@@ -23,7 +23,7 @@ HELP_TEXT = """\
   ?        this help                   q    quit
 
 [b]Controls[/b] (top line): T_max s, E_max J, strategy (dp exact random
-greedy fair), method (multistage split), seed. Enter selects again
+greedy fair), method (multistage split patch), seed. Enter selects again
 and goes back to the devices table.
 
 [b]Cell[/b]: devices table (predicted T_j, E_j; sel = stage order), map of

@@ -118,8 +118,9 @@ class LiveMixin:
             runs = await asyncio.to_thread(importlib.import_module, "testbed.emulation.runs")
             session_mod = await asyncio.to_thread(importlib.import_module, "testbed.composition.session")
             rid = runs.new_run_id()
-            if p["method"] == "split":
-                panel.log_line("split: the pair is chosen by its step count (strategy applies to multistage)", "dim")
+            if p["method"] != "multistage":
+                panel.log_line(f"{p['method']}: the devices are chosen by their step count (strategy applies to "
+                               "multistage)", "dim")
             panel.log_line(f"run {rid}: bringing up the emulation ({self.backend}), broker and agents...", "dim")
             async with session_mod.RunSession(self.topo, run_id=rid, backend=self.backend, out_dir=OUT_ROOT / rid,
                                               on_event=self.event_from_any_thread) as session:

@@ -161,7 +161,12 @@ class RunView:
 
     @property
     def latency_s(self) -> float:
-        return sum((s.t_down_s or 0) + (s.t_cmp_s or 0) + (s.t_up_s or 0) for s in self.stages)
+        """Stages of the same steps ran in parallel (a patch run's bands): the slowest counts."""
+        by_steps: dict[tuple[int, int], float] = {}
+        for s in self.stages:
+            t = (s.t_down_s or 0) + (s.t_cmp_s or 0) + (s.t_up_s or 0)
+            by_steps[s.steps] = max(t, by_steps.get(s.steps, 0.0))
+        return sum(by_steps.values())
 
     def current(self, device: str | None) -> StageView | None:
         for s in reversed(self.stages):
@@ -174,7 +179,8 @@ class RunView:
 
         Event types are the orchestrator's (testbed/relay/server.py): run_started,
         stage_started (with `predicted`), downloaded, computed, uploaded, device_offline,
-        deadline_missed, recovered, relay_finished, run_finished / run_failed.
+        deadline_missed, recovered, relay_finished, run_finished / run_failed; split's
+        split_step and patch's patch_step (relay/split.py, relay/patch.py).
         """
         self.events += 1
         kind = str(ev.get("type", "?"))
@@ -203,6 +209,12 @@ class RunView:
                               t_down_s=_num(ev, "t_down_s"), t_cmp_s=_num(ev, "t_cmp_s"), t_up_s=_num(ev, "t_up_s"),
                               energy_j=_num(ev, "energy_j"), predicted=dict(ev.get("predicted") or {}))
             self.stages.append(stage)
+            self.energy_points.append((rel if rel is not None else float(len(self.energy_points)), self.energy_j))
+        elif kind == "patch_step" and stage:  # patch diffusion: a band's step is done (stage_started made it)
+            stage.t_down_s, stage.t_cmp_s = _num(ev, "t_down_s"), _num(ev, "t_cmp_s")
+            stage.t_up_s, stage.energy_j = _num(ev, "t_up_s"), _num(ev, "energy_j")
+            stage.overrun_s = _num(ev.get("record") or {}, "overrun_s")
+            stage.phase = "done"
             self.energy_points.append((rel if rel is not None else float(len(self.energy_points)), self.energy_j))
         elif kind == "downloaded" and stage:
             stage.t_down_s = _num(ev, "t_down_s")

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import importlib
 import json
 import os
 import signal
@@ -93,9 +94,11 @@ def _preload() -> None:
 
     import testbed.diffusion.models  # noqa: F401
     import testbed.diffusion.stages  # noqa: F401
-    import testbed.relay.agent  # noqa: F401
-    import testbed.relay.split_agent  # noqa: F401 - an agent may not be able to read the interpreter's files later
     import testbed.relay.stage  # noqa: F401
+    from testbed.relay.agent import METHOD_HANDLERS
+
+    for where in METHOD_HANDLERS.values():  # an agent (its own uid) may not read the interpreter's files later
+        importlib.import_module(where.partition(":")[0])
     from testbed.relay.stage import StageModel
 
     torch.set_num_threads(1)

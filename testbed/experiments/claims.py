@@ -46,7 +46,9 @@ Row = dict[str, Any]
 
 
 def _key(r: Row) -> str:
-    return "split" if r["method"] == "split" else f"{r['method']}:{r['strategy']}"
+    from testbed.experiments.sweep import RunSpec
+
+    return RunSpec(r["method"], r["strategy"]).key
 
 
 def tran_share(r: Row) -> float | None:

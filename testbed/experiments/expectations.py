@@ -35,8 +35,9 @@ __all__ = [
 #: Metrics computed from `stages` (and `selected`) of any run, multi-stage or split.
 DERIVED: dict[str, str] = {
     "selected_count": "number of selected devices",
-    "stages_count": "number of stage records (split: one per denoising step)",
-    "steps_total": "denoising steps done in total (stages[].steps: a count or a [start, end) range)",
+    "stages_count": "number of stage records (split: one per denoising step; patch: one per band and step)",
+    "steps_total": "denoising steps done in total (stages[].steps: a count, or a [start, end) range that counts "
+                   "once however many bands ran it)",
     "t_tran_s": "time on the air: sum of stages[].t_down_s + t_up_s",
     "t_cmp_s": "compute time: sum of stages[].t_cmp_s (emulated in compute: profile)",
     "cmp_real_s": "the local model's real compute on this CPU: sum of stages[].cmp_real_s (measured)",
@@ -86,7 +87,7 @@ def derived_metrics(result: Mapping[str, Any]) -> dict[str, float]:
     return {
         "selected_count": float(len(selected)),
         "stages_count": float(len(stages)),
-        "steps_total": float(sum(_steps(s.get("steps")) for s in stages)),
+        "steps_total": float(_steps_done(stages)),
         "t_tran_s": t_tran,
         "t_cmp_s": t_cmp,
         "cmp_real_s": sum(_num(s.get("cmp_real_s")) or 0.0 for s in stages),
@@ -96,11 +97,18 @@ def derived_metrics(result: Mapping[str, Any]) -> dict[str, float]:
     }
 
 
-def _steps(v: Any) -> int:
-    """A stage's step count: an int, or a [start, end) range as the relay records it."""
-    if isinstance(v, (list, tuple)) and len(v) == 2:
-        return max(0, int(v[1]) - int(v[0]))
-    return int(v or 0)
+def _steps_done(stages: list[Any]) -> int:
+    """Steps of the stage records: counts add up; [start, end) ranges (the relay's) count
+    each step once, so the bands of a patch run that computed one step together count 1."""
+    covered: set[int] = set()
+    counted = 0
+    for s in stages:
+        v = s.get("steps")
+        if isinstance(v, (list, tuple)) and len(v) == 2:
+            covered.update(range(int(v[0]), int(v[1])))
+        else:
+            counted += int(v or 0)
+    return counted + len(covered)
 
 
 _MISSING = object()

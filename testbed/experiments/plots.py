@@ -29,11 +29,12 @@ import numpy as np
 __all__ = ["aggregate", "provenance", "quality", "reference_budget", "short_commit", "write_figures", "FIGURES"]
 
 FIGURES = ("fig4a_quality_vs_tmax.png", "fig4b_quality_vs_emax.png", "fig4c_time_breakdown.png", "fig4d_images.png")
-_ORDER = ("multi-stage w/ DS", "multi-stage w/o DS", "split")
+_ORDER = ("multi-stage w/ DS", "multi-stage w/o DS", "split", "patch")
 _STYLE = {
     "multi-stage w/ DS": {"color": "#1f77b4", "marker": "o"},
     "multi-stage w/o DS": {"color": "#2ca02c", "marker": "s"},
     "split": {"color": "#d62728", "marker": "^"},
+    "patch": {"color": "#9467bd", "marker": "D"},
 }
 
 

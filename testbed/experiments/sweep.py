@@ -42,6 +42,7 @@ __all__ = [
     "RunSpec",
     "SweepConfig",
     "SweepOutcome",
+    "own_choice",
     "parse_runs",
     "parse_floats",
     "result_row",
@@ -53,8 +54,8 @@ SETTING, RECORD = "setting", "record"
 #: results.csv, in order: (column, kind, what). A kind of None is the result's own label
 #: (testbed.composition.meta.number_labels), which depends on the compute mode.
 _COLUMNS: tuple[tuple[str, str | None, str], ...] = (
-    ("method", SETTING, "multistage or split"),
-    ("strategy", SETTING, "device selection (dp = w/ DS, random = w/o DS; split: best-pair)"),
+    ("method", SETTING, "multistage, split or patch"),
+    ("strategy", SETTING, "device selection (dp = w/ DS, random = w/o DS; split: best-pair; patch: best-bands)"),
     ("t_max_s", SETTING, "latency budget T_max (s)"),
     ("e_max_j", SETTING, "energy budget E_max (J)"),
     ("seed", SETTING, "placement, precision draw, LOS draw and initial noise"),
@@ -70,7 +71,7 @@ _COLUMNS: tuple[tuple[str, str | None, str], ...] = (
     ("feasible", RECORD, "1: the run produced an image within the plan; 0: not even one stage/step fits"),
     ("predicted_latency_s", None, "latency the plan predicted (s)"),
     ("overrun_s", None, "real work beyond the profile's time, summed over stages (s)"),
-    ("selected", RECORD, "the devices in relay order (split: head, tail)"),
+    ("selected", RECORD, "the devices in relay order (split: head, tail; patch: band 0 first)"),
     ("run", RECORD, "the emulation's run id"),
     ("image", RECORD, "the image, relative to the sweep folder"),
     ("error", RECORD, "why an infeasible point is infeasible"),
@@ -83,19 +84,30 @@ QUICK = {"t_max_s": (1.0, 2.0, 4.0), "e_max_j": (50.0, 200.0), "seeds": 2}
 #: the default sweep: E_max from where energy binds at every T_max (25 J) to where it binds
 #: at none (200 J, the paper's default); 5 seeds, enough for a sign test and a bootstrap.
 FULL = {"t_max_s": (1.0, 2.0, 3.0, 4.0), "e_max_j": (25.0, 50.0, 100.0, 200.0), "seeds": 5}
-_LABELS = {"multistage:dp": "multi-stage w/ DS", "multistage:random": "multi-stage w/o DS", "split": "split"}
+_LABELS = {"multistage:dp": "multi-stage w/ DS", "multistage:random": "multi-stage w/o DS", "split": "split",
+           "patch": "patch"}
+
+
+def own_choice(method: str) -> str | None:
+    """How a method picks its devices when it takes no selection strategy (split's
+    "best-pair", patch's "best-bands"); None for a method that takes one (multistage)."""
+    from testbed.composition.strategies import METHODS
+
+    probe = "dp"
+    made = METHODS[method](probe).strategy
+    return None if made == probe else made
 
 
 @dataclass(frozen=True)
 class RunSpec:
-    """One compared method: `multistage:<strategy>` or `split`."""
+    """One compared method: `multistage:<strategy>`, or a method that picks its own devices."""
 
     method: str
     strategy: str
 
     @property
     def key(self) -> str:
-        return "split" if self.method == "split" else f"{self.method}:{self.strategy}"
+        return self.method if own_choice(self.method) == self.strategy else f"{self.method}:{self.strategy}"
 
     @property
     def label(self) -> str:
@@ -103,7 +115,7 @@ class RunSpec:
 
 
 def parse_runs(text: str) -> list[RunSpec]:
-    """`multistage:dp,multistage:random,split` -> RunSpecs (strategies checked against selection's)."""
+    """`multistage:dp,multistage:random,split,patch` -> RunSpecs (strategies checked against selection's)."""
     from testbed.composition.strategies import METHODS
     from testbed.selection import STRATEGIES
 
@@ -114,10 +126,12 @@ def parse_runs(text: str) -> list[RunSpec]:
         method, _, strategy = part.partition(":")
         if method not in METHODS:
             raise TopologyError(f"--runs {part!r}: method must be one of {', '.join(METHODS)} (e.g. multistage:dp)")
-        if method == "split":
-            if strategy and strategy != "best-pair":
-                raise TopologyError(f"--runs {part!r}: split takes no strategy (it picks the best pair); write 'split'")
-            strategy = "best-pair"
+        own = own_choice(method)
+        if own is not None:
+            if strategy and strategy != own:
+                raise TopologyError(f"--runs {part!r}: {method} takes no strategy (it picks its own devices, "
+                                    f"{own}); write '{method}'")
+            strategy = own
         elif strategy not in STRATEGIES:
             raise TopologyError(f"--runs {part!r}: strategy must be one of {', '.join(STRATEGIES)}")
         spec = RunSpec(method, strategy)

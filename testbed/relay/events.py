@@ -6,7 +6,7 @@ run owner makes) and the type's own fields. Types in use: agents_online, selecti
 run_started, stage_started, downloaded, computed, uploaded, device_offline,
 deadline_missed, stage_interrupted, recovered, result_rejected, broker_lost, broker_back,
 relay_finished, run_finished, run_failed, fault_injected, fault_restored, fault_failed, split_step,
-reselected.
+patch_step, reselected.
 """
 
 from __future__ import annotations

@@ -32,7 +32,7 @@ import numpy as np
 
 from testbed.errors import RelayError, RunFailedError
 from testbed.relay import topics
-from testbed.relay.events import make_event
+from testbed.relay.server_link import ServerLink
 from testbed.relay.server import DevicePower
 from testbed.selection.split_plan import SplitPlan
 from testbed.relay.wire import Message, decode, encode
@@ -111,12 +111,14 @@ class _Hop:
     wire_bytes: int
 
 
-class SplitOrchestrator:
+class SplitOrchestrator(ServerLink):
     """One split-diffusion generation over MQTT, on `plan` (head, tail, steps).
 
     `model` is the server's `LocalModel` (fp32): its scheduler config, initial latent,
     conditioning and decoder; the UNet itself is never called on the server.
     """
+
+    method = "split"
 
     def __init__(
         self,
@@ -138,32 +140,19 @@ class SplitOrchestrator:
         deadline_factor: float = 3.0,
         deadline_slack_s: float = 5.0,
     ):
-        self.run_id = run
-        self.host, self.port = broker_host, broker_port
-        self.username, self.password = username, password
+        super().__init__(run, broker_host, broker_port, username, password, emit)
         self.plan = plan
         self.power = power
         self.model = model
         self.prompt, self.seed, self.scheduler = prompt, seed, scheduler
         self.payload_bytes = payload_bytes
-        self._emit_cb = emit
         self.online_timeout_s = online_timeout_s
         self.deadline_factor, self.deadline_slack_s = deadline_factor, deadline_slack_s
         self.max_message_bytes = max(plan.step.feature_bytes, payload_bytes) + 4 * 2**20
         self.online: set[str] = set()
         self._inbox: asyncio.Queue[tuple[str, str, bytes, float]] = asyncio.Queue()
-        self._client: Any = None
-        self._seq = 0
         self._records: list[SplitStepRecord] = []
         self._n_calls = 0
-
-    async def emit(self, etype: str, **data: Any) -> None:
-        self._seq += 1
-        ev = make_event(etype, self.run_id, seq=self._seq, method="split", **data)
-        if self._client is not None:
-            await self._client.publish(topics.events(self.run_id), json.dumps(ev).encode(), qos=1)
-        if self._emit_cb is not None:
-            self._emit_cb(ev)
 
     async def _reader(self) -> None:
         async for msg in self._client.messages:
@@ -181,26 +170,7 @@ class SplitOrchestrator:
             await self._inbox.put((leaf, dev, payload, time.time()))
 
     async def run(self) -> SplitOutcome:
-        import aiomqtt
-
-        try:
-            async with aiomqtt.Client(
-                self.host, self.port, username=self.username, password=self.password,
-                identifier=f"tb-{self.run_id}-server", keepalive=10, timeout=10, clean_session=True,
-            ) as client:
-                self._client = client
-                await client.subscribe(f"tb/{self.run_id}/dev/+/status", qos=1)
-                await client.subscribe(f"tb/{self.run_id}/dev/+/result", qos=1)
-                reader = asyncio.create_task(self._reader())
-                try:
-                    return await self._generate()
-                finally:
-                    reader.cancel()
-                    await asyncio.gather(reader, return_exceptions=True)
-                    self._client = None
-        except aiomqtt.MqttError as e:
-            raise RelayError(f"split orchestrator: MQTT connection to {self.host}:{self.port} failed ({e}); "
-                             "is the broker up?") from None
+        return await self.run_connected(self._generate)
 
     async def wait_online(self, devices: list[str]) -> None:
         deadline = time.monotonic() + self.online_timeout_s

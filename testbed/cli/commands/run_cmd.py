@@ -22,7 +22,8 @@ from testbed.experiments.expectations import enforce_expectations
 from testbed.model.topology import load_topology
 
 _PHASE = {"stage_started": "downloading", "downloaded": "computing", "computed": "uploading", "uploaded": "done",
-          "device_offline": "offline", "deadline_missed": "missed deadline", "recovered": "took over"}
+          "device_offline": "offline", "deadline_missed": "missed deadline", "recovered": "took over",
+          "patch_step": "done"}
 
 
 class _Progress:
@@ -73,7 +74,8 @@ def run(
     file: Path = typer.Argument(..., help="topology YAML file"),
     backend: str = typer.Option("netns", "--backend", help="netns or docker (containers; see README \"Docker and Swarm\")"),
     method: str = typer.Option("multistage", "--method",
-                               help="multistage (the paper's relay) or split (the two-segment UNet baseline)"),
+                               help="multistage (the paper's relay), split (the two-segment UNet baseline) or "
+                                    "patch (row bands of the latent on N devices, docs/patch.md)"),
     strategy: str = typer.Option("dp", "--strategy", help="device selection: dp, exact, random, greedy, fair"),
     tmax: float | None = typer.Option(None, "--tmax", help="latency budget T_max in s (default: the topology's)"),
     emax: float | None = typer.Option(None, "--emax", help="energy budget E_max in J (default: the topology's)"),

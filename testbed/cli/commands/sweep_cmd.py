@@ -23,7 +23,7 @@ def sweep(
     seeds: int | None = typer.Option(None, "--seeds", min=1, max=100,
                                      help="repeat each point with seeds 1..N (default 5; --quick 2)"),
     runs: str = typer.Option("multistage:dp,multistage:random,split", "--runs",
-                             help="method:strategy pairs; method is multistage or split"),
+                             help="method:strategy pairs; method is multistage, split or patch"),
     quick: bool = typer.Option(False, "--quick", help="T_max {1,2,4} x E_max {50,200} x 2 seeds"),
     out_dir: Path | None = typer.Option(None, "--out", help="output folder (default out/sweep-<name>-<time>)"),
     backend: str = typer.Option("netns", "--backend", help="emulation backend"),

@@ -5,13 +5,14 @@ from __future__ import annotations
 
 from testbed.composition.strategies.base import Collaboration, Outcome, Plan, PlanContext, RelaySettings, RunContext
 from testbed.composition.strategies.multistage import Multistage
+from testbed.composition.strategies.patch import Patch
 from testbed.composition.strategies.split import Split
 from testbed.errors import InputError
 
 __all__ = ["METHODS", "make_strategy", "Collaboration", "Outcome", "Plan", "PlanContext", "RelaySettings",
-           "RunContext", "Multistage", "Split"]
+           "RunContext", "Multistage", "Split", "Patch"]
 
-METHODS: dict[str, type] = {"multistage": Multistage, "split": Split}
+METHODS: dict[str, type] = {"multistage": Multistage, "split": Split, "patch": Patch}
 
 
 def make_strategy(method: str, strategy: str = "dp") -> Collaboration:

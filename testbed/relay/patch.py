@@ -1,0 +1,396 @@
+"""The edge server's side of patch-parallel diffusion: N devices, one band of rows each.
+
+The scheduler loop is the diffusion workload's own (`run_stage`) in a worker thread, its
+UNet call replaced by one step of every band over the network (messages: patch_wire.py):
+
+    server --step task{band + input halo, t, cond}--> every device at once
+    device --context--> server --context (the parts each band needs)--> the other devices
+    device --noise{its band of the UNet output}--> server: the bands, stacked, are the UNet's
+                                                    output; CFG mix and scheduler step here
+
+The server keeps the latent (it assembles the bands every step) and relays the context the
+moment it arrives, so that a displaced step's context crosses while the bands compute. The
+first `plan.warmup_steps` steps are synchronous (each band waits at every exchange point
+for the others' context of the same step); the rest displaced (the previous step's).
+
+Every step of every band is a record (`stages[]`, with `device` and `band`), timed like the
+other methods: t_down = the task's transit (agent receipt - server publish) plus the air
+time of the context the device received since its previous result; t_cmp = the band's
+compute (emulated in `compute: profile`: the profile's step time x the band's FLOP share),
+waits for other bands excluded (`t_wait_s`); t_up = the noise's transit plus the air time of
+the context the device sent (each message: server receipt - the later of its send and the
+previous message's receipt). Energy: rx power x t_down + compute power x t_cmp + tx power x
+t_up. Bytes are wire bytes (padding included; `bytes_context_real_*`: the model's own).
+No takeover: a device that goes offline or misses its deadline ends the run with
+RunFailedError (exit 5) naming it (docs/reliability.md).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import copy
+import secrets
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from testbed.errors import RelayError, RunFailedError
+from testbed.relay import topics
+from testbed.relay.agent import SOCKET_OPTIONS
+from testbed.relay.patch_wire import json_object, padded_size, parse_ctx_name, routed, to_numpy
+from testbed.relay.server import DevicePower
+from testbed.relay.server_link import ServerLink
+from testbed.relay.wire import Message, decode, encode
+from testbed.selection.patch_plan import PatchPlan
+
+__all__ = ["PatchStepRecord", "PatchOutcome", "PatchOrchestrator"]
+
+_HEADROOM = 64 * 1024
+_PUBLISH_TIMEOUT_S = 120.0  # a large context waits behind the others on a slow link
+
+
+@dataclass
+class PatchStepRecord:
+    """One band's step: measured hops (seconds, joules, wire bytes)."""
+
+    step: int
+    device: str
+    band: int
+    mode: str
+    rows: list[int]
+    halo_rows: list[int]
+    t_down_s: float
+    t_cmp_s: float
+    t_up_s: float
+    t_wait_s: float
+    energy_j: float
+    overrun_s: float
+    cmp_real_s: float
+    t_cmp_start: float
+    t_cmp_end: float
+    bytes_down: int
+    bytes_up: int
+    bytes_context_down: int
+    bytes_context_up: int
+    bytes_context_real_up: int
+    precision: str
+    predicted: dict[str, float]
+
+    def to_json(self) -> dict[str, Any]:
+        doc = dict(self.__dict__)
+        doc["steps"] = [doc.pop("step"), self.step + 1]
+        return doc
+
+
+@dataclass
+class PatchOutcome:
+    records: list[PatchStepRecord]
+    latent: Any
+    latency_s: float
+    energy_j: float
+    total_steps: int
+    meta: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class _Noise:
+    msg: Message
+    wire_bytes: int
+    t_in: float
+
+
+class PatchOrchestrator(ServerLink):
+    """One patch-parallel generation over MQTT on `plan` (bands, devices, steps).
+
+    `model` is the server's `LocalModel` (fp32): its scheduler config, initial latent,
+    conditioning and decoder; its UNet runs once on zeros to size each band's context.
+    """
+
+    method = "patch"
+    pending_publishes = 1000  # context is relayed without waiting for the broker's acknowledgement
+
+    def __init__(self, *, run: str, broker_host: str, broker_port: int, username: str, password: str,
+                 plan: PatchPlan, power: dict[str, DevicePower], model: Any, prompt: str, seed: int, scheduler: str,
+                 emit: Callable[[dict[str, Any]], None] | None = None, online_timeout_s: float = 120.0,
+                 deadline_factor: float = 3.0, deadline_slack_s: float = 5.0, max_message_bytes: int = 64 * 2**20):
+        super().__init__(run, broker_host, broker_port, username, password, emit, SOCKET_OPTIONS)
+        self.plan, self.power, self.model = plan, power, model
+        self.prompt, self.seed, self.scheduler = prompt, seed, scheduler
+        self.online_timeout_s = online_timeout_s
+        self.deadline_factor, self.deadline_slack_s = deadline_factor, deadline_slack_s
+        self.max_message_bytes = max_message_bytes
+        self.index_of = {dev: i for i, dev in enumerate(plan.selected)}
+        self.gen = secrets.token_hex(4)  # this generation: the agents ignore older ones' context
+        self.online: set[str] = set()
+        self.records: list[PatchStepRecord] = []
+        self._calls = 0
+        self._n_calls = 0
+        self._failure: BaseException | None = None
+        self._arrived = asyncio.Event()
+        self._noise: dict[tuple[str, int], _Noise] = {}
+        self._t_pub: dict[tuple[str, int], float] = {}
+        self._task_wire: dict[tuple[str, int], int] = {}
+        self._ctx_up: dict[tuple[str, int], list[float]] = {}  # (device, step) -> [wire, body, air s]
+        self._last_in: dict[str, float] = {}
+        self._last_recv: dict[str, float] = {}
+        self._publishes: list[asyncio.Future] = []
+        self._scale_up: list[float] = []
+        self._scale_down: list[float] = []
+        self.layout: Any = None
+        self.halo = (0, 0)
+
+    # -- connection and messages -------------------------------------------------------
+    async def run(self) -> PatchOutcome:
+        return await self.run_connected(self._generate, background=lambda: list(self._publishes))
+
+    async def _reader(self) -> None:
+        async for m in self._client.messages:
+            parsed = topics.parse_device_topic(self.run_id, str(m.topic))
+            if parsed is None or parsed[0] not in self.index_of:
+                continue
+            dev, leaf = parsed
+            payload = bytes(m.payload) if m.payload is not None else b""
+            t_in = time.time()
+            if leaf == "status":
+                await self._status(dev, json_object(payload))
+            elif leaf == "result":
+                try:
+                    msg = decode(payload, max_bytes=self.max_message_bytes, run=self.run_id, kind="result",
+                                 device=dev, max_tensor_bytes=self.max_message_bytes)
+                    if msg.meta.get("gen") != self.gen:
+                        raise RelayError(f"a result of another generation ({msg.meta.get('gen')!r})")
+                    phase = msg.meta.get("phase")
+                    if phase == "context":
+                        self._relay(dev, msg, len(payload), t_in)
+                    elif phase == "noise":
+                        self._noise[(dev, msg.stage)] = _Noise(msg, len(payload), t_in)
+                        self._arrived.set()
+                    else:
+                        raise RelayError(f"meta.phase {phase!r} (context or noise)")
+                except (RelayError, KeyError, TypeError, ValueError) as e:
+                    await self.emit("result_rejected", device=dev, error=str(e))
+
+    async def _status(self, dev: str, doc: dict[str, Any]) -> None:
+        state = doc.get("state")
+        if state in ("online", "computing"):
+            self.online.add(dev)
+        if state == "computing" and isinstance(doc.get("stage"), int) and isinstance(doc.get("t_recv"), (int, float)):
+            t_pub = self._t_pub.get((dev, doc["stage"]))
+            if t_pub is not None:
+                await self.emit("downloaded", device=dev, stage=doc["stage"], steps=[doc["stage"], doc["stage"] + 1],
+                                t_down_s=float(doc["t_recv"]) - t_pub)
+        elif state == "offline":
+            self.online.discard(dev)
+            if self._calls and self._failure is None:
+                self._failure = RunFailedError(
+                    f"patch step {self._calls - 1}: {dev} (band {self.index_of[dev]}) went offline; its band has no "
+                    "other owner (no takeover, docs/reliability.md)")
+                await self.emit("device_offline", device=dev, stage=self._calls - 1)
+                self._arrived.set()
+
+    def _relay(self, dev: str, msg: Message, wire_bytes: int, t_in: float) -> None:
+        """Pass band `dev`'s context on to the bands that need it, at once."""
+        i, n = self.index_of[dev], self.plan.n
+        for name in msg.tensors:
+            parse_ctx_name(name)
+        t_send = float(msg.meta.get("t_send", t_in))
+        acc = self._ctx_up.setdefault((dev, msg.stage), [0.0, 0.0, 0.0])
+        acc[0] += wire_bytes
+        acc[1] += msg.body_bytes
+        acc[2] += max(0.0, t_in - max(t_send, self._last_in.get(dev, 0.0)))
+        self._last_in[dev] = t_in
+        limit = self.max_message_bytes - _HEADROOM
+        for j, to in enumerate(self.plan.selected):
+            parts = routed(msg.tensors, i, j, n) if j != i else {}
+            if not parts:
+                continue
+            out = Message(kind="task", run=self.run_id, device=to, stage=msg.stage, attempt=1, steps=msg.steps,
+                          total_steps=msg.total_steps, tensors=parts,
+                          meta={"method": "patch", "phase": "context", "from": i, "gen": self.gen,
+                                "t_pub": time.time()})
+            data = encode(out, pad_to_bytes=padded_size(parts, self._scale_down[j], limit))
+            self._publish(topics.task(self.run_id, to), data)
+
+    def _publish(self, topic: str, data: bytearray) -> None:
+        """Publish in call order (paho queues at the call), without waiting for the broker."""
+        self._publishes = [f for f in self._publishes if not f.done() or f.exception() is not None]
+        for f in self._publishes:
+            if f.done() and f.exception() is not None:
+                raise RelayError(f"patch orchestrator: a publish failed ({f.exception()})")
+        self._publishes.append(asyncio.ensure_future(
+            self._client.publish(topic, data, qos=1, timeout=_PUBLISH_TIMEOUT_S)))
+
+    # -- the generation ----------------------------------------------------------------
+    async def _wait_online(self) -> None:
+        deadline = time.monotonic() + self.online_timeout_s
+        while not set(self.plan.selected) <= self.online:
+            if time.monotonic() > deadline:
+                raise RelayError(f"patch devices {sorted(set(self.plan.selected) - self.online)} did not come online "
+                                 f"within {self.online_timeout_s:g} s; see their agent logs")
+            await asyncio.sleep(0.1)
+
+    def _size_context(self, cond: dict[str, Any], cfg_batch: int) -> dict[str, Any]:
+        """The model's own context bytes per band (a run on zeros) and the padding factors
+        that make each band's context SD1.5's (plan.bands)."""
+        import torch
+
+        from testbed.diffusion.patch import PatchLayout, band_profile
+        from testbed.diffusion.stages import unet_conditioning
+
+        m = self.model
+        kw = unet_conditioning(cond, 1, cfg_batch == 2)
+        full = torch.zeros(cfg_batch, *m.latent_shape)
+        prof = band_profile(copy.deepcopy(m.unet), full, torch.tensor(999), kw, self.plan.n)
+        self.layout = PatchLayout(m.latent_shape[1], self.plan.n)
+        self.halo = tuple(prof["halo"])
+        self._scale_up = [b.ctx_up_bytes / max(1, u) for b, u in zip(self.plan.bands, prof["up_bytes"])]
+        self._scale_down = [b.ctx_down_bytes / max(1, d) for b, d in zip(self.plan.bands, prof["down_bytes"])]
+        return prof
+
+    async def _generate(self) -> PatchOutcome:
+        import torch
+
+        from testbed.diffusion.models import encode_prompt, initial_latent
+        from testbed.diffusion.stages import num_schedule_steps, run_stage
+
+        plan = self.plan
+        await self._wait_online()
+        n = plan.steps
+        self._n_calls = num_schedule_steps(self.scheduler, n, self.model)
+        latent = initial_latent(self.model, self.seed)
+        cond = encode_prompt(self.model, self.prompt)
+        cfg_batch = 2 if self.model.has_cfg and self.model.default_guidance_scale > 1.0 else 1
+        prof = await asyncio.to_thread(self._size_context, cond, cfg_batch)
+        loop = asyncio.get_running_loop()
+        await self.emit("run_started", relay_order=list(plan.selected), total_steps=n, plan=plan.to_json(),
+                        bands=plan.n, halo_rows=list(self.halo), exchange_points=prof["points"])
+        timeout_s = self._deadline_s(max(plan.t_sync_s, plan.t_displaced_s)) * 2 + 10
+
+        def predict(x_in: torch.Tensor, t: torch.Tensor, kw: dict[str, torch.Tensor]) -> torch.Tensor:
+            return asyncio.run_coroutine_threadsafe(self._step(x_in, t, kw), loop).result(timeout=timeout_s)
+
+        t_start = time.time()
+        out, _ = await asyncio.to_thread(run_stage, self.model, latent, cond, 0, n, n, self.scheduler, None, None,
+                                         predict)
+        latency = time.time() - t_start
+        energy = sum(r.energy_j for r in self.records)
+        await self.emit("relay_finished", latency_s=latency, energy_j=energy)
+        return PatchOutcome(records=list(self.records), latent=out, latency_s=latency, energy_j=energy, total_steps=n,
+                            meta={"bands": plan.n, "halo_rows": list(self.halo), "exchange_points": prof["points"],
+                                  "context_real_bytes": {"up": prof["up_bytes"], "down": prof["down_bytes"]},
+                                  "context_scale": {"up": self._scale_up, "down": self._scale_down}})
+
+    def _deadline_s(self, predicted_s: float) -> float:
+        return self.deadline_factor * predicted_s + self.deadline_slack_s
+
+    async def _step(self, x_in: Any, t: Any, kw: dict[str, Any]) -> Any:
+        """One UNet evaluation, band by band over the network; the bands' outputs stacked."""
+        import torch
+
+        plan, s = self.plan, self._calls
+        self._calls += 1
+        mode = "sync" if s < plan.warmup_steps else "displaced"
+        predicted_s = plan.t_sync_s if mode == "sync" else plan.t_displaced_s
+        wait_s = self._deadline_s(predicted_s)
+        x = x_in.detach().float()
+        cond = {f"cond.{k}": to_numpy(v) for k, v in kw.items()}
+        t_arr = np.asarray(t.detach().cpu().reshape(1).numpy(), dtype=np.int64)
+        for i, dev in enumerate(plan.selected):
+            band = plan.bands[i]
+            meta = {"method": "patch", "phase": "step", "mode": mode, "index": i, "n": plan.n,
+                    "height": self.layout.height, "halo": list(self.halo), "share": plan.flop_share,
+                    "ctx_scale": self._scale_up[i], "pad_to": band.noise_bytes,
+                    "publish_ctx": mode == "sync" or s < self._n_calls - 1, "wait_s": wait_s, "gen": self.gen}
+            msg = Message(kind="task", run=self.run_id, device=dev, stage=s, attempt=1, steps=(s, s + 1),
+                          total_steps=self._n_calls, meta=meta,
+                          tensors={"x": to_numpy(self.layout.extend(x, i, self.halo)), "t": t_arr, **cond})
+            data = encode(msg, pad_to_bytes=band.task_bytes)
+            self._t_pub[(dev, s)] = time.time()
+            self._task_wire[(dev, s)] = len(data)
+            self._publish(topics.task(self.run_id, dev), data)
+            await self.emit("stage_started", device=dev, stage=s, steps=[s, s + 1], band=i, mode=mode,
+                            predicted=self._predicted(i))
+        bands = await self._collect(s, wait_s)
+        return torch.cat(bands, dim=-2)
+
+    async def _collect(self, s: int, wait_s: float) -> list[Any]:
+        """Every band's noise of step `s` (bounded), turned into records."""
+        import torch
+
+        plan = self.plan
+        deadline = time.monotonic() + wait_s
+        want = [(dev, s) for dev in plan.selected]
+        while not all(k in self._noise for k in want):
+            if self._failure is not None:
+                raise self._failure
+            left = deadline - time.monotonic()
+            if left <= 0:
+                late = [dev for dev, _ in want if (dev, s) not in self._noise]
+                await self.emit("deadline_missed", device=late[0], stage=s)
+                raise RunFailedError(f"patch step {s}: {', '.join(late)} missed the deadline ({wait_s:.1f} s); "
+                                     "a band has no other owner (no takeover, docs/reliability.md); see the agent logs")
+            self._arrived.clear()
+            try:
+                await asyncio.wait_for(self._arrived.wait(), timeout=min(left, 0.5))
+            except TimeoutError:
+                pass
+        out = []
+        for i, dev in enumerate(plan.selected):
+            got = self._noise.pop((dev, s))
+            rec = self._record(s, i, dev, got)
+            self.records.append(rec)
+            noise = got.msg.tensors.get("noise")
+            rows = self.layout.band_rows
+            if noise is None or noise.ndim != 4 or noise.shape[-2] != rows:
+                raise RunFailedError(f"patch step {s}: {dev} sent a noise band of shape "
+                                     f"{None if noise is None else list(noise.shape)}, expected {rows} rows")
+            out.append(torch.from_numpy(np.array(noise, copy=True)))
+            doc = rec.to_json()
+            await self.emit("patch_step", device=dev, steps=doc["steps"], stage=s, band=i, mode=rec.mode,
+                            t_down_s=rec.t_down_s, t_cmp_s=rec.t_cmp_s, t_up_s=rec.t_up_s, t_wait_s=rec.t_wait_s,
+                            energy_j=rec.energy_j, bytes_up=rec.bytes_up, bytes_down=rec.bytes_down,
+                            predicted=rec.predicted, record=doc)
+        return out
+
+    def _record(self, s: int, i: int, dev: str, got: _Noise) -> PatchStepRecord:
+        meta = got.msg.meta
+        t_pub = self._t_pub.pop((dev, s))
+        t_recv, t_send = float(meta["t_recv"]), float(meta["t_send"])
+        ctx_down_wire, ctx_down_air = 0, 0.0
+        prev = self._last_recv.get(dev, 0.0)
+        for wire, pub, recv in meta.get("ctx_received") or []:
+            ctx_down_wire += int(wire)
+            ctx_down_air += max(0.0, float(recv) - max(float(pub), prev))
+            prev = float(recv)
+        self._last_recv[dev] = prev
+        up = self._ctx_up.pop((dev, s), [0.0, 0.0, 0.0])
+        # the task queued behind the context relayed to this band before it: likewise
+        before = [float(recv) for _, _, recv in meta.get("ctx_received") or [] if float(recv) <= t_recv]
+        t_down = (t_recv - max([t_pub, *before])) + ctx_down_air
+        # the noise queued behind the band's context: its own air time starts when that arrived
+        t_up = (got.t_in - max(t_send, self._last_in.get(dev, 0.0))) + up[2]
+        t_cmp = float(meta["t_cmp_s"])
+        p = self.power[dev]
+        return PatchStepRecord(
+            step=s, device=dev, band=i, mode=str(meta.get("mode")), rows=list(meta.get("rows") or []),
+            halo_rows=list(self.halo), t_down_s=t_down, t_cmp_s=t_cmp, t_up_s=t_up,
+            t_wait_s=float(meta.get("wait_s") or 0.0),
+            energy_j=p.rx_w * t_down + p.compute_w * t_cmp + p.tx_w * t_up,
+            overrun_s=float(meta.get("overrun_s") or 0.0), cmp_real_s=float(meta.get("cmp_real_s") or 0.0),
+            t_cmp_start=float(meta["t_cmp_start"]), t_cmp_end=float(meta["t_cmp_end"]),
+            bytes_down=self._task_wire.pop((dev, s)) + ctx_down_wire, bytes_up=got.wire_bytes + int(up[0]),
+            bytes_context_down=ctx_down_wire, bytes_context_up=int(up[0]), bytes_context_real_up=int(up[1]),
+            precision=str(meta.get("precision", "")), predicted=self._predicted(i))
+
+    def _predicted(self, i: int) -> dict[str, float]:
+        """The plan's displaced-step terms for band i (modelled)."""
+        b, band = self.plan.breakdown, self.plan.bands[i]
+        p = self.power[band.device]
+        t_down = b.get("t_task_down_s", 0.0) + b.get("t_ctx_down_s", 0.0)
+        t_up = b.get("t_noise_up_s", 0.0) + b.get("t_ctx_up_s", 0.0)
+        return {"t_down_s": t_down, "t_cmp_s": band.t_cmp_s, "t_up_s": t_up,
+                "energy_j": p.rx_w * t_down + p.compute_w * band.t_cmp_s + p.tx_w * t_up}
+
