@@ -146,7 +146,9 @@ def test_quantized_and_half_precision_variants_patch_too():
 def test_layouts_say_what_fits():
     from testbed.diffusion import load_model
 
-    unet = load_model("tiny", "fp32").unet
+    tiny = load_model("tiny", "fp32").unet
+    assert valid_patch_counts(tiny, 16, 16) == [2, 4]  # 16 rows, two 2x downsamplings: bands of 8 or 4 rows
+    unet = load_model("digits", "fp32").unet
     assert valid_patch_counts(unet, 8, 8) == [2, 4]  # 8 rows, one 2x downsampling: bands of 4 or 2 rows
     assert PatchLayout(8, 4).rows(2) == (4, 6)
     with pytest.raises(WorkloadError, match="equal bands"):

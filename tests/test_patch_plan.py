@@ -87,4 +87,4 @@ def test_the_strategy_offers_the_band_counts_the_model_and_sd15_share():
     from testbed.composition.strategies.patch import model_bands
 
     bands, points = model_bands("tiny", 256)
-    assert bands == (2, 4) and points == 44  # 8 latent rows, one 2x downsampling; 44 exchange points
+    assert bands == (2, 4) and points == 64  # 16 latent rows, two 2x downsamplings; 64 exchange points
