@@ -18,7 +18,7 @@ async def test_a_scenario_with_model_sd15_runs_from_the_local_snapshot(topologie
                                                                         monkeypatch):
     import huggingface_hub.constants
 
-    from testbed.composition.runner import Runner
+    from testbed.composition.session import RunSession
 
     cache = tmp_path / "hub"
     repo = cache / ("models--" + SD15_REPO_IDS[0].replace("/", "--"))
@@ -32,7 +32,7 @@ async def test_a_scenario_with_model_sd15_runs_from_the_local_snapshot(topologie
     topo = load_topology(topologies / "small.yaml")
     topo = topo.model_copy(update={"workload": topo.workload.model_copy(
         update={"model": "sd15", "prompt": "a photo of a red cat on a white background"})})
-    async with Runner(topo, run_id=unique_run_id[:7], out_dir=tmp_path / "out") as r:
+    async with RunSession(topo, run_id=unique_run_id[:7], out_dir=tmp_path / "out") as r:
         res = await r.run()
     doc = res.to_json()
     assert doc["meta"]["model"] == "sd15" and doc["recovered"] == []

@@ -7,7 +7,8 @@ agent's argv, environment and log path plus *file descriptors* (SCM_RIGHTS) of w
 node is made of — `cell.join(device)`: its network namespace, one `cgroup.procs` per
 hierarchy, and for a container its mount, UTS and IPC namespaces. The template forks; the
 child starts its own session, opens its log, joins the cgroups, enters the namespaces,
-then drops privileges to the device's own uid (allocated for the run, node_uids.py:
+makes its model variant (still root: its uid may not read e.g. a Hugging Face cache under
+/root; the memory counts in the node's cgroup), then drops privileges to the device's own uid (allocated for the run, node_uids.py:
 setgroups([]), setgid, setuid, no_new_privs) and only then runs the agent, which opens
 its own config (`agents/<device>.json`, 0400, owned by that uid). The template never opens
 a config or a credential. The same path serves every backend, the first start and every
@@ -154,6 +155,8 @@ def _child(req: dict[str, Any], fds: list[int]) -> int:
     os.close(null)
     _close_inherited(keep=fds)
     enter_node(fds, int(req["cgroup_fds"]), bool(req["netns_fd"]), int(req["extra_ns_fds"]))
+    if req.get("model"):  # inside the node (its memory counts), before the uid that cannot read e.g. /root/.cache
+        _load_model(*req["model"])
     drop_privileges(int(req["uid"]))
     os.chdir("/")
     os.environ.update(req.get("env") or {})
@@ -167,6 +170,17 @@ def _child(req: dict[str, Any], fds: list[int]) -> int:
     except SystemExit as e:
         return e.code if isinstance(e.code, int) else 0
     return 0
+
+
+def _load_model(name: str, precision: str) -> None:
+    """The agent's model variant, made before privileges drop (the template's copy when it
+    made one); a failure is left to the agent, which loads again and reports it."""
+    from testbed.relay.stage import StageModel
+
+    try:
+        StageModel.preload(name, precision)
+    except Exception as e:  # noqa: BLE001 - the agent's own load says what is wrong
+        print(f"note: loading {name}/{precision} before dropping privileges failed: {e}", flush=True)
 
 
 def _private_parent(path: str) -> Path | None:
@@ -283,13 +297,14 @@ class AgentLauncher:
         with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
             return s.connect_ex(str(self.sock_path)) == 0
 
-    def _fork_sync(self, join: Any, uid: int, argv: list[str], env: dict[str, str], log_path: Path) -> int:
+    def _fork_sync(self, join: Any, uid: int, argv: list[str], env: dict[str, str], log_path: Path,
+                   model: list[str] | None = None) -> int:
         fds = [os.open(join.netns, os.O_RDONLY) if join.netns else os.open("/", os.O_RDONLY)]
         try:
             fds += [os.open(p, os.O_WRONLY) for p in join.cgroup_procs]
             fds += [os.open(p, os.O_RDONLY) for p in join.extra_ns]
             req = {"argv": argv, "env": env, "log": str(log_path), "cgroup_fds": len(join.cgroup_procs),
-                   "netns_fd": bool(join.netns), "extra_ns_fds": len(join.extra_ns), "uid": uid}
+                   "netns_fd": bool(join.netns), "extra_ns_fds": len(join.extra_ns), "uid": uid, "model": model}
             with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
                 s.settimeout(30)
                 s.connect(str(self.sock_path))
@@ -313,8 +328,13 @@ class AgentLauncher:
         env = {"TESTBED_AGENT_CONFIG": str(cfg), "OMP_NUM_THREADS": str(max(1, int(cores)))}
         argv = [AGENT_TITLE, self.run_id, device, "--config", str(cfg)]
         try:
+            doc = json.loads(cfg.read_text())
+            model = [str(doc["model"]), str(doc["precision"])]
+        except (OSError, ValueError, KeyError):
+            model = None  # the agent reports its config's problem itself
+        try:
             pid = await asyncio.to_thread(self._fork_sync, join, self.uids[device], argv, env,
-                                          self.logs_dir / f"agent-{device}.log")
+                                          self.logs_dir / f"agent-{device}.log", model)
         except (OSError, ValueError, KeyError) as e:
             raise ResourceError(f"the agent template could not start {device}'s agent: {e}; "
                                 f"see {self.logs_dir / 'agent-template.log'}") from None

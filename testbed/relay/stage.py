@@ -44,8 +44,10 @@ class StageModel:
     @classmethod
     def preload(cls, name: str, precision: str) -> None:
         """Load a variant now for this process's next `load` of it: an agent template loads
-        before it forks, so that each forked agent finds its model made (copy-on-write)."""
-        _PRELOADED[(name, precision)] = cls.load(name, precision)
+        before it forks, so that each forked agent finds its model made (copy-on-write); an
+        agent loads before it drops privileges (its uid may not read the model's files)."""
+        if (name, precision) not in _PRELOADED:
+            _PRELOADED[(name, precision)] = cls.load(name, precision)
 
     @property
     def latent_spec(self) -> TensorSpec:

@@ -26,9 +26,9 @@ def fault(
     device: str | None = typer.Argument(None, help="device id (not for broker-restart)"),
     run: str | None = typer.Option(None, "--run", help="run id (default: the only run that is up)"),
     duration_s: float | None = typer.Option(None, "--duration", help="seconds until the fault is undone "
-                                            "(default: broker-restart 1, link-flap 3; rate-drop/slow: stays)"),
+                                            "(default: broker-restart 1, link-flap 3; rate-drop/slow/delay/loss: stays)"),
     value: float | None = typer.Option(None, "--value", help="rate-drop: Mbit/s (default 0.01); slow: CPU cores "
-                                       "(default 0.05)"),
+                                       "(default 0.05); delay: one-way ms (default 50); loss: % (default 5)"),
     as_json: bool = typer.Option(False, "--json", help="print only a JSON document on stdout"),
 ) -> None:
     """Inject one fault into a running `testbed up` cell (see docs/reliability.md)."""

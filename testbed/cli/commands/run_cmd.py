@@ -87,7 +87,8 @@ def run(
                                                           "template and warm agents do the work"),
 ) -> None:
     """Run one generation: bring the cell up, relay the latent through the selected devices
-    (or, with --method split, cut the UNet over two devices), write result.json,
+    (or, with --method split, cut the UNet over two devices; with --method patch, cut the
+    latent into bands computed on N devices at once), write result.json,
     events.jsonl, logs and the image, tear down. With --run ID, on a cell that is up."""
     from testbed.composition.startup import command_started_at
     from testbed.composition.strategies import make_strategy
