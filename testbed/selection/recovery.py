@@ -22,7 +22,6 @@ import math
 import time
 
 import numpy as np
-from scipy.optimize import Bounds, LinearConstraint, milp
 
 from testbed.errors import InfeasibleError, TopologyError
 from testbed.selection import STRATEGIES, DeviceCost, Selection, fair_weights, relay_order, solvers
@@ -81,6 +80,8 @@ def reselect(
 def _best_chain(t: np.ndarray, e: np.ndarray, v: np.ndarray, t_max: float, e_max: float, n: int) -> np.ndarray:
     """max sum(v) over exactly n items with sum(t) <= t_max and sum(e) <= e_max (HiGHS);
     empty when no n items fit. Items dominated by enough others never need to be offered."""
+    from scipy.optimize import Bounds, LinearConstraint, milp  # here: ~0.5 s to import, only on a failure
+
     keep = solvers.prune_dominated(t, e, v, t_max, e_max)
     if keep.size < n:
         return np.zeros(0, dtype=np.int64)
