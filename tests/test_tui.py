@@ -248,21 +248,26 @@ async def test_help_screen_opens_and_closes(small):
         assert not isinstance(app.screen, HelpScreen)
 
 
-async def test_final_result_shows_images_and_ms_ssim(small, tmp_path):
+async def test_final_result_shows_images_and_ms_ssim(small, tmp_path, monkeypatch):
     from PIL import Image
+
+    import testbed.diffusion.quality as quality
 
     rng = np.random.default_rng(0)
     ref = rng.integers(0, 255, (64, 64, 3), dtype=np.uint8)
     gen = np.clip(ref.astype(int) + 10, 0, 255).astype(np.uint8)
     Image.fromarray(gen).save(tmp_path / "gen.png")
-    Image.fromarray(ref).save(tmp_path / "ref.png")
+    asked = []
+    monkeypatch.setattr(quality, "reference_image", lambda *a, **kw: asked.append(a) or ref)  # the disk cache's
     app = TestbedApp(small)
     async with app.run_test(size=SIZE) as pilot:
         app.show_result({"run": "tdemo", "method": "multistage", "ms_ssim": 0.8731, "latency_s": 1.62,
-                         "energy_j": 63.2, "image": str(tmp_path / "gen.png"),
-                         "meta": {"reference_image": str(tmp_path / "ref.png")}})
+                         "energy_j": 63.2, "image": str(tmp_path / "gen.png"), "seed": 5})
         await pilot.press("3")
+        await app.workers.wait_for_complete()
         await pilot.pause()
+        wl = app.topo.workload  # the reference of the result's seed, the topology's model and prompt
+        assert asked == [(wl.model, wl.prompt, 5, wl.reference_steps, wl.scheduler)]
         caption = str(app.query_one("#imgcaption", Static).render())
         assert "MS-SSIM 0.873" in caption and "latency 1.62 s" in caption
         assert np.array_equal(app.query_one("#generated").image, gen)
