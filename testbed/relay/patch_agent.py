@@ -42,12 +42,11 @@ _PUBLISH_TIMEOUT_S = 120.0  # a large context waits behind the others on a slow 
 class PatchModel:
     """A device's local model variant with the patch layers (diffusion.patch.PatchUNet)."""
 
-    def __init__(self, name: str, precision: str):
-        from testbed.diffusion import load_model
+    def __init__(self, model: Any):
         from testbed.diffusion.patch import PatchUNet
 
-        self.model = load_model(name, precision=precision, device="cpu")
-        self.punet = PatchUNet(self.model.unet, copy_unet=False)  # the agent's own copy
+        self.model = model
+        self.punet = PatchUNet(model.unet)  # a copy: the patch layers replace modules, multi-stage keeps its own
 
     def forward(self, x: np.ndarray, t: np.ndarray, cond: dict[str, np.ndarray], index: int, height: int, n: int,
                 exchange: Any) -> np.ndarray:
@@ -309,5 +308,5 @@ def _status_doc(device: str, state: str, **extra: Any) -> bytes:
 
 def task_handler(agent: Agent) -> Any:
     """The patch method's handler inside a device's agent (relay/agent.py METHOD_HANDLERS):
-    the device's model with the patch layers, loaded on the first patch message."""
-    return PatchAgent(agent.cfg, PatchModel(agent.cfg.model, agent.cfg.precision)).handle
+    the device's model with the patch layers on a copy of its UNet, made on the first patch message."""
+    return PatchAgent(agent.cfg, PatchModel(agent.model.model)).handle

@@ -37,11 +37,10 @@ ROLES = ("head", "tail")
 class SplitModel:
     """A device's local model variant cut in two (diffusion.split.SplitRunner)."""
 
-    def __init__(self, name: str, precision: str):
-        from testbed.diffusion import load_model
+    def __init__(self, model: Any):
         from testbed.diffusion.split import SplitRunner
 
-        self.model = load_model(name, precision=precision, device="cpu")
+        self.model = model  # the agent's own variant: the cut only reads its modules
         self.runner = SplitRunner(self.model.unet)
 
     @property
@@ -151,5 +150,6 @@ async def _pad_from_receipt(t_recv: float, profile_s: float) -> float:
 
 def task_handler(agent: Agent) -> Any:
     """The split method's handler inside a device's agent (relay/agent.py METHOD_HANDLERS):
-    the device's model cut in two, loaded on the first split task."""
-    return SplitAgent(agent.cfg, SplitModel(agent.cfg.model, agent.cfg.precision)).handle
+    the device's model cut in two, made on the first split task from the model the agent
+    has loaded (loading it again cost the first split step up to a second)."""
+    return SplitAgent(agent.cfg, SplitModel(agent.model.model)).handle
