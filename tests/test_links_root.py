@@ -76,12 +76,14 @@ async def test_ping_rtt_loss_and_override_from_the_server(run_id: str) -> None:
         assert 36 <= rtt <= 44, f"mean RTT {rtt} ms; configured 2 x 20 ms"
         lo, hi = stats.binom.interval(0.99, n, 1 - 0.98 ** 2)
         assert lo <= lost <= hi, f"{lost} of {n} lost; 99 % interval {lo:g}-{hi:g}"
+        # 2 x 5 ms: the user-space delayer adds a fixed 0.5-1.1 ms per pass (the queue's hand-off
+        # and wake-up; 10.97-12.26 ms measured at rest), 10-25 % of a 10 ms RTT, 5 % of 40 ms
         rtt2, lost2 = ping(server, emu.nodes["dev02"].address, 200)
-        assert 9 <= rtt2 <= 11.5 and lost2 == 0, (rtt2, lost2)
+        assert 9 <= rtt2 <= 12.5 and lost2 == 0, (rtt2, lost2)
         # live change (what mobility and faults call)
         await emu.set_impairment("dev01", 5.0, 0.0, 0.0)
         rtt3, lost3 = ping(server, emu.nodes["dev01"].address, 200)
-        assert 9 <= rtt3 <= 11.5 and lost3 == 0, (rtt3, lost3)
+        assert 9 <= rtt3 <= 12.5 and lost3 == 0, (rtt3, lost3)
         assert emu.impairments["dev01"].down == Impairment(5.0, 0.0, 0.0)
         assert await emu.verify_shaping() == []
         delayer = st["delayer_pid"]

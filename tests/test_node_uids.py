@@ -72,6 +72,7 @@ def test_uids_in_use_by_a_process_are_skipped(root: Path, monkeypatch) -> None:
 
 def test_uids_a_passwd_or_group_entry_names_are_skipped(root: Path, monkeypatch) -> None:
     monkeypatch.setattr(node_uids, "_named", lambda: {RUN_UIDS.start})
+    monkeypatch.setattr(node_uids, "uids_in_use", set)  # not this host's processes (an agent may be exiting)
     assert allocate_uids(_run(root, "ra"), ["dev01"], root) == {"dev01": RUN_UIDS.start + 1}
 
 

@@ -374,11 +374,14 @@ class AgentLauncher:
             self._ready.cancel()
         if self._ready is not None:
             await asyncio.gather(self._ready, return_exceptions=True)
-        pids = [*self._pids.values(), *([self.template_pid] if self.template_pid is not None else [])]
-        for pid in pids:  # every agent and the template exit at once, not one executor thread at a time
-            with contextlib.suppress(OSError):
-                os.killpg(pid, signal.SIGTERM)
-        await asyncio.gather(*(stop_pid(p, timeout_s=2.0) for p in pids), return_exceptions=True)
+        # Every agent at once (not one executor thread at a time), then the template: it reaps
+        # its agents (SIGCHLD ignored); gone first, it would leave them to pid 1 as zombies
+        # that still hold their uids until pid 1 gets round to them.
+        for group in (list(self._pids.values()), [self.template_pid] if self.template_pid is not None else []):
+            for pid in group:
+                with contextlib.suppress(OSError):
+                    os.killpg(pid, signal.SIGTERM)
+            await asyncio.gather(*(stop_pid(p, timeout_s=2.0) for p in group), return_exceptions=True)
         self._pids.clear()
         self.template_pid = None
         self.sock_path.unlink(missing_ok=True)
