@@ -165,8 +165,9 @@ def test_one_function_builds_agent_configs_and_one_module_writes_broker_configs(
 
 
 def test_nothing_cites_files_outside_the_repository() -> None:
-    r = subprocess.run(["git", "-C", str(REPO), "grep", "-nE", r"\.\./shared|STYLE\.md|MACHINE-NOTES|DESIGN\.md",
+    # the team's sketches beside the repository; bracketed so that this line names none of them
+    pattern = r"\.\.[/]shared|STYL[E]\.md|MACHIN[E]-NOTES|DESIG[N]\.md"
+    r = subprocess.run(["git", "-C", str(REPO), "grep", "-nE", pattern,
                         "--", "*.py", "*.md", "*.toml", "*.yaml", "Makefile", ".ci"],
                        capture_output=True, text=True)
-    hits = [ln for ln in r.stdout.splitlines() if not ln.startswith("tests/test_architecture.py")]
-    assert hits == [], "\n".join(hits)
+    assert r.stdout.splitlines() == [], r.stdout

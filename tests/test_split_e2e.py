@@ -63,17 +63,17 @@ async def test_split_over_the_network_equals_the_unsplit_run_at_fp32(loopback):
         ref, _ = run_stage(model, initial_latent(model, 5), encode_prompt(model, "a handwritten 4"), 0, n, n, "ddim")
     finally:
         torch.set_num_threads(threads)
-    assert out.total_steps == n and len(out.steps) == n
+    assert out.total_steps == n and len(out.records) == n
     # equal up to float rounding (a separate process's kernels may sum in another order;
     # 8 steps amplify a 1e-7 difference of one UNet call)
     torch.testing.assert_close(out.latent, ref, rtol=1e-4, atol=1e-4 * float(ref.abs().max()))
     assert np.abs(decode(model, out.latent).astype(int) - decode(model, ref).astype(int)).max() <= 1
-    for rec in out.steps:
+    for rec in out.records:
         # every step crossed the broker twice each way, padded as planned
         assert rec.bytes_features >= fbytes and rec.bytes_latent >= 65536
         assert rec.t_head_cmp_s > 0 and rec.t_tail_cmp_s > 0 and rec.t_feat_up_s > 0 and rec.t_feat_down_s > 0
     assert [e["steps"] for e in events if e["type"] == "split_step"] == [[i, i + 1] for i in range(n)]
-    assert json.dumps(out.steps[0].to_json())  # JSON-able stage record
+    assert json.dumps(out.records[0].to_json())  # JSON-able stage record
 
 
 @pytest.mark.root

@@ -32,7 +32,7 @@ import copy
 import secrets
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -42,11 +42,11 @@ from testbed.relay import topics
 from testbed.relay.agent import SOCKET_OPTIONS
 from testbed.relay.patch_wire import json_object, padded_size, parse_ctx_name, routed, to_numpy
 from testbed.relay.server import DevicePower
-from testbed.relay.server_link import ServerLink
+from testbed.relay.server_link import LinkOutcome, ServerLink
 from testbed.relay.wire import Message, decode, encode
 from testbed.selection.patch_plan import PatchPlan
 
-__all__ = ["PatchStepRecord", "PatchOutcome", "PatchOrchestrator"]
+__all__ = ["PatchStepRecord", "PatchOrchestrator"]
 
 _HEADROOM = 64 * 1024
 _PUBLISH_TIMEOUT_S = 120.0  # a large context waits behind the others on a slow link
@@ -83,16 +83,6 @@ class PatchStepRecord:
         doc = dict(self.__dict__)
         doc["steps"] = [doc.pop("step"), self.step + 1]
         return doc
-
-
-@dataclass
-class PatchOutcome:
-    records: list[PatchStepRecord]
-    latent: Any
-    latency_s: float
-    energy_j: float
-    total_steps: int
-    meta: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass
@@ -143,7 +133,7 @@ class PatchOrchestrator(ServerLink):
         self.halo = (0, 0)
 
     # -- connection and messages -------------------------------------------------------
-    async def run(self) -> PatchOutcome:
+    async def run(self) -> LinkOutcome:
         return await self.run_connected(self._generate, background=lambda: list(self._publishes))
 
     async def _reader(self) -> None:
@@ -250,11 +240,9 @@ class PatchOrchestrator(ServerLink):
         self._scale_down = [b.ctx_down_bytes / max(1, d) for b, d in zip(self.plan.bands, prof["down_bytes"])]
         return prof
 
-    async def _generate(self) -> PatchOutcome:
-        import torch
-
+    async def _generate(self) -> LinkOutcome:
         from testbed.diffusion.models import encode_prompt, initial_latent
-        from testbed.diffusion.stages import num_schedule_steps, run_stage
+        from testbed.diffusion.stages import num_schedule_steps
 
         plan = self.plan
         await self._wait_online()
@@ -264,24 +252,14 @@ class PatchOrchestrator(ServerLink):
         cond = encode_prompt(self.model, self.prompt)
         cfg_batch = 2 if self.model.has_cfg and self.model.default_guidance_scale > 1.0 else 1
         prof = await asyncio.to_thread(self._size_context, cond, cfg_batch)
-        loop = asyncio.get_running_loop()
         await self.emit("run_started", relay_order=list(plan.selected), total_steps=n, plan=plan.to_json(),
                         bands=plan.n, halo_rows=list(self.halo), exchange_points=prof["points"])
         timeout_s = self._deadline_s(max(plan.t_sync_s, plan.t_displaced_s)) * 2 + 10
-
-        def predict(x_in: torch.Tensor, t: torch.Tensor, kw: dict[str, torch.Tensor]) -> torch.Tensor:
-            return asyncio.run_coroutine_threadsafe(self._step(x_in, t, kw), loop).result(timeout=timeout_s)
-
-        t_start = time.time()
-        out, _ = await asyncio.to_thread(run_stage, self.model, latent, cond, 0, n, n, self.scheduler, None, None,
-                                         predict)
-        latency = time.time() - t_start
-        energy = sum(r.energy_j for r in self.records)
-        await self.emit("relay_finished", latency_s=latency, energy_j=energy)
-        return PatchOutcome(records=list(self.records), latent=out, latency_s=latency, energy_j=energy, total_steps=n,
-                            meta={"bands": plan.n, "halo_rows": list(self.halo), "exchange_points": prof["points"],
-                                  "context_real_bytes": {"up": prof["up_bytes"], "down": prof["down_bytes"]},
-                                  "context_scale": {"up": self._scale_up, "down": self._scale_down}})
+        outcome = await self.denoise(self.model, latent, cond, n, self.scheduler, timeout_s, self.records)
+        outcome.meta = {"bands": plan.n, "halo_rows": list(self.halo), "exchange_points": prof["points"],
+                        "context_real_bytes": {"up": prof["up_bytes"], "down": prof["down_bytes"]},
+                        "context_scale": {"up": self._scale_up, "down": self._scale_down}}
+        return outcome
 
     def _deadline_s(self, predicted_s: float) -> float:
         return self.deadline_factor * predicted_s + self.deadline_slack_s

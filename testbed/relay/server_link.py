@@ -7,14 +7,29 @@ from __future__ import annotations
 
 import asyncio
 import json
+import time
 from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 from testbed.errors import RelayError
 from testbed.relay import topics
 from testbed.relay.events import make_event
 
-__all__ = ["ServerLink"]
+__all__ = ["LinkOutcome", "ServerLink"]
+
+
+@dataclass
+class LinkOutcome:
+    """What a step-by-step orchestrator's generation gives back: its per-step records (the
+    method's own record type), the final latent, measured latency, energy, steps run."""
+
+    records: list[Any]
+    latent: Any
+    latency_s: float
+    energy_j: float
+    total_steps: int
+    meta: dict[str, Any] = field(default_factory=dict)
 
 
 class ServerLink:
@@ -45,6 +60,29 @@ class ServerLink:
 
     async def _reader(self) -> None:
         raise NotImplementedError
+
+    async def _step(self, x_in: Any, t: Any, kw: dict[str, Any]) -> Any:
+        """One noise prediction, asked of the devices."""
+        raise NotImplementedError
+
+    async def denoise(self, model: Any, latent: Any, cond: dict[str, Any], n: int, scheduler: str,
+                      timeout_s: float, records: list[Any]) -> LinkOutcome:
+        """The server's own scheduler loop over `n` steps (`run_stage`, on a worker thread),
+        each noise prediction asked of the devices through `self._step` on this loop; then
+        `relay_finished` with the measured latency and the energy of `records`."""
+        from testbed.diffusion.stages import run_stage
+
+        loop = asyncio.get_running_loop()
+
+        def predict(x_in: Any, t: Any, kw: dict[str, Any]) -> Any:
+            return asyncio.run_coroutine_threadsafe(self._step(x_in, t, kw), loop).result(timeout=timeout_s)
+
+        t_start = time.time()
+        out, _ = await asyncio.to_thread(run_stage, model, latent, cond, 0, n, n, scheduler, None, None, predict)
+        latency = time.time() - t_start
+        energy = sum(r.energy_j for r in records)
+        await self.emit("relay_finished", latency_s=latency, energy_j=energy)
+        return LinkOutcome(records=list(records), latent=out, latency_s=latency, energy_j=energy, total_steps=n)
 
     async def run_connected(self, generate: Callable[[], Awaitable[Any]],
                             background: Callable[[], list[Awaitable[Any]]] = list) -> Any:

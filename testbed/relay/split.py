@@ -25,19 +25,19 @@ import asyncio
 import json
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 
 from testbed.errors import RelayError, RunFailedError
 from testbed.relay import topics
-from testbed.relay.server_link import ServerLink
+from testbed.relay.server_link import LinkOutcome, ServerLink
 from testbed.relay.server import DevicePower
 from testbed.selection.split_plan import SplitPlan
 from testbed.relay.wire import Message, decode, encode
 
-__all__ = ["SplitStepRecord", "SplitOutcome", "SplitOrchestrator"]
+__all__ = ["SplitStepRecord", "SplitOrchestrator"]
 
 
 @dataclass
@@ -86,16 +86,6 @@ class SplitStepRecord:
             "tail": {"device": self.tail, "t_down_s": self.t_feat_down_s, "t_cmp_s": self.t_tail_cmp_s,
                      "t_up_s": self.t_noise_up_s, "energy_j": self.e_tail_j},
         }
-
-
-@dataclass
-class SplitOutcome:
-    steps: list[SplitStepRecord]
-    latent: Any
-    latency_s: float
-    energy_j: float
-    total_steps: int
-    meta: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass
@@ -169,7 +159,7 @@ class SplitOrchestrator(ServerLink):
                     self.online.discard(dev)
             await self._inbox.put((leaf, dev, payload, time.time()))
 
-    async def run(self) -> SplitOutcome:
+    async def run(self) -> LinkOutcome:
         return await self.run_connected(self._generate)
 
     async def wait_online(self, devices: list[str]) -> None:
@@ -184,11 +174,9 @@ class SplitOrchestrator(ServerLink):
             except TimeoutError:
                 pass
 
-    async def _generate(self) -> SplitOutcome:
-        import torch
-
+    async def _generate(self) -> LinkOutcome:
         from testbed.diffusion.models import encode_prompt, initial_latent
-        from testbed.diffusion.stages import num_schedule_steps, run_stage
+        from testbed.diffusion.stages import num_schedule_steps
 
         plan = self.plan
         await self.wait_online([plan.head, plan.tail])
@@ -198,22 +186,10 @@ class SplitOrchestrator(ServerLink):
         self._n_calls = num_schedule_steps(self.scheduler, n, self.model)
         latent = initial_latent(self.model, self.seed)
         cond = encode_prompt(self.model, self.prompt)
-        loop = asyncio.get_running_loop()
         await self.emit("run_started", relay_order=[plan.head, plan.tail], total_steps=n, plan=plan.to_json())
         timeout_s = self._deadline_s(plan.step.latency_s) * 2 + 10
-
-        def predict(x_in: torch.Tensor, t: torch.Tensor, kw: dict[str, torch.Tensor]) -> torch.Tensor:
-            fut = asyncio.run_coroutine_threadsafe(self._step(x_in, t, kw), loop)
-            return fut.result(timeout=timeout_s)
-
         self._records = []
-        t_start = time.time()
-        out, _ = await asyncio.to_thread(run_stage, self.model, latent, cond, 0, n, n, self.scheduler, None, None,
-                                         predict)
-        latency = time.time() - t_start
-        energy = sum(r.energy_j for r in self._records)
-        await self.emit("relay_finished", latency_s=latency, energy_j=energy)
-        return SplitOutcome(steps=list(self._records), latent=out, latency_s=latency, energy_j=energy, total_steps=n)
+        return await self.denoise(self.model, latent, cond, n, self.scheduler, timeout_s, self._records)
 
     def _deadline_s(self, predicted_s: float) -> float:
         return self.deadline_factor * predicted_s + self.deadline_slack_s

@@ -70,6 +70,11 @@ class RelaySettings:
     password: str
     max_message_bytes: int
 
+    def login(self) -> dict[str, Any]:
+        """The orchestrators' connection keywords (run, broker_host, broker_port, username, password)."""
+        return {"run": self.run, "broker_host": self.broker_host, "broker_port": self.broker_port,
+                "username": self.username, "password": self.password}
+
 
 class RunContext(Protocol):
     """What the run owner lends a strategy's `execute` (testbed/composition/session.py)."""

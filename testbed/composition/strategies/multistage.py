@@ -106,8 +106,7 @@ class Multistage:
 
         async def orchestrate() -> Any:
             orch = Orchestrator(
-                run=rs.run, broker_host=rs.broker_host, broker_port=rs.broker_port, username=rs.username,
-                password=rs.password, costs=plan.costs, relay_order=plan.selected, power=run.power(), model=model,
+                **rs.login(), costs=plan.costs, relay_order=plan.selected, power=run.power(), model=model,
                 steps_per_stage=wl.steps_per_stage, prompt=wl.prompt, seed=topo.seed, scheduler=wl.scheduler,
                 payload_bytes=wl.payload_bytes, t_max_s=run.t_max_s, e_max_j=run.e_max_j, emit=run.event_sink(),
                 online_timeout_s=_AGENT_STARTUP_S + 4.0 * len(candidates),

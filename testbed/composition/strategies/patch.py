@@ -65,8 +65,7 @@ class Patch:
 
         async def orchestrate() -> Any:
             orch = PatchOrchestrator(
-                run=rs.run, broker_host=rs.broker_host, broker_port=rs.broker_port, username=rs.username,
-                password=rs.password, plan=plan, power=run.power(), model=model.model, prompt=wl.prompt,
+                **rs.login(), plan=plan, power=run.power(), model=model.model, prompt=wl.prompt,
                 seed=topo.seed, scheduler=wl.scheduler, emit=run.event_sink(),
                 online_timeout_s=_AGENT_STARTUP_S + 4.0 * len(plan.selected),
                 deadline_factor=2.0 if profile else 20.0, deadline_slack_s=2.0 if profile else 60.0,

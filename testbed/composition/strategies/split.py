@@ -57,15 +57,14 @@ class Split:
 
         async def orchestrate() -> Any:
             orch = SplitOrchestrator(
-                run=rs.run, broker_host=rs.broker_host, broker_port=rs.broker_port, username=rs.username,
-                password=rs.password, plan=plan, power=run.power(), model=model.model, prompt=wl.prompt,
+                **rs.login(), plan=plan, power=run.power(), model=model.model, prompt=wl.prompt,
                 seed=topo.seed, scheduler=wl.scheduler, payload_bytes=wl.payload_bytes, emit=run.event_sink(),
             )
             return await orch.run()
 
         out = await run.in_server_ns(orchestrate)
-        stages = [r.to_json() for r in out.steps]
-        by_device = {plan.head: sum(r.e_head_j for r in out.steps), plan.tail: sum(r.e_tail_j for r in out.steps)}
+        stages = [r.to_json() for r in out.records]
+        by_device = {plan.head: sum(r.e_head_j for r in out.records), plan.tail: sum(r.e_tail_j for r in out.records)}
         return Outcome(stages=stages, latent=out.latent, latency_s=out.latency_s, energy_j=out.energy_j,
                        total_steps=out.total_steps, relay_order=[plan.head, plan.tail], energy_by_device=by_device,
                        extra={"plan": plan.to_json()})
