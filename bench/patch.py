@@ -10,7 +10,7 @@ and what displaced context does to the image.
    the seam score: mean |difference| between image rows on either side of a band boundary
    over the same in the unbroken image (1 = no visible seam).
 3. SD1.5 (meta device, --sd15): each band's context bytes and FLOP share beside the constants
-   of selection/patch_plan.py.
+   of methods/patch/plan.py.
 4. --crossover FILE (modelled): the step counts the three plans fit on that cell as its radio
    bandwidth grows from 20 to 400 MHz.
 
@@ -97,9 +97,9 @@ def quality(model_name: str, steps_list: list[int], warmups: list[int], seed: in
 
 def sd15() -> None:
     from testbed.diffusion.patch import sd15_patch_profile
-    from testbed.selection.patch_plan import CONTEXT_BYTES_FP32, FLOP_SHARE
+    from testbed.methods.patch.plan import CONTEXT_BYTES_FP32, FLOP_SHARE
 
-    print("\nSD1.5 on the meta device (counted) vs selection/patch_plan.py (constants)")
+    print("\nSD1.5 on the meta device (counted) vs methods/patch/plan.py (constants)")
     print(f"{'px':>4} {'N':>2} {'band':>4} {'up MB':>7} {'const':>7} {'down MB':>8} {'const':>7} {'FLOP share':>10} "
           f"{'const':>6}")
     for px in (256, 512):
@@ -115,14 +115,14 @@ def sd15() -> None:
 def crossover(topology: str, t_values: list[float], e_max_j: float = 200.0) -> None:
     """Modelled: the steps each method's plan fits as the cell's bandwidth grows (the radio
     model's rates scale with it), to see where spatial collaboration overtakes temporal."""
-    from testbed.composition.strategies.patch import model_bands
-    from testbed.composition.strategies.split import feature_bytes_fn
+    from testbed.methods.patch.strategy import model_bands
+    from testbed.methods.split.sizes import feature_bytes_fn
     from testbed.errors import InfeasibleError
     from testbed.model.radio import compute_links
     from testbed.model.topology import load_topology, place
     from testbed.selection import device_costs, select
-    from testbed.selection.patch_plan import plan_patch
-    from testbed.selection.split_plan import plan_split
+    from testbed.methods.patch.plan import plan_patch
+    from testbed.methods.split.plan import plan_split
 
     base = load_topology(topology)
     _, points = model_bands(base.workload.model, base.workload.resolution_px)

@@ -37,7 +37,7 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 from testbed.composition.session import RunSession  # noqa: E402
-from testbed.composition.strategies import Multistage  # noqa: E402
+from testbed.methods.multistage.strategy import Multistage  # noqa: E402
 from testbed.model.impairments import link_impairments  # noqa: E402
 from testbed.model.profiles import load_profiles  # noqa: E402
 from testbed.model.topology import load_topology  # noqa: E402

@@ -1,5 +1,5 @@
 """Per-message handling cost of split diffusion's messages, by size: the calibration of
-`selection/split_plan.py`'s handling term (kept apart from the sweeps it is judged on:
+`methods/split/plan.py`'s handling term (kept apart from the sweeps it is judged on:
 loopback, and topologies/small.yaml — never paper.yaml).
 
 For the latent (256 KB) and SD1.5's cut tensors at 256 px (7.0 MB fp16, 13.9 MB fp32
@@ -14,7 +14,7 @@ heads), with the tiny model's real features as the body and the rest zero paddin
    per message — the handling's floor, on an idle loopback with unconstrained processes;
 4. with --emulated (root): split generations on topologies/small.yaml's shaped cell; for
    every feature hop, what it took beyond the cost model's link time (the hop's predicted
-   t_feat_up / t_feat_down), per MB and per unit of split_plan's quota factor
+   t_feat_up / t_feat_down), per MB and per unit of handling_s's quota factor
    (1/2 + 1/(2 min(1, q))). Their median is what HANDLING_S_PER_MB is set to: it holds
    the encoding, the clients, the broker and the transport of a multi-MB message over
    the emulated link as this machine runs them — printed next to the constant.
@@ -44,7 +44,7 @@ sys.path.insert(0, str(REPO))
 
 from testbed.diffusion.split import sd15_split_bytes_per_step  # noqa: E402
 from testbed.relay.wire import Message, decode, encode  # noqa: E402
-from testbed.selection.split_plan import HANDLING_S_PER_MB, handling_s  # noqa: E402
+from testbed.methods.split.plan import HANDLING_S_PER_MB, handling_s  # noqa: E402
 
 SIZES = {"latent 256 KB": 262144, "features fp16 head": sd15_split_bytes_per_step(256, 2, 2),
          "features fp32 head": sd15_split_bytes_per_step(256, 4, 2)}
@@ -200,7 +200,7 @@ def main() -> None:
               f"{r['copying_decode_ms']:>9.2f}{r['copying_decode_ms'] / r['decode_ms']:>7.1f}{r['relay_ms']:>8.1f}"
               f"{r['handling_ms']:>10.1f}{r['plan_ms']:>7.1f}")
     print("ratio = copying decode / decode (views); handling = encode + decode + loopback relay;"
-          " plan = split_plan.handling_s")
+          " plan = selection.costs.handling_s")
     if hops:
         print(f"small.yaml feature hops ({len(hops)}; ms):")
         print(f"{'role':<6}{'device':<8}{'MB':>6}{'measured':>10}{'link':>8}{'excess':>8}{'s/MB/factor':>13}")

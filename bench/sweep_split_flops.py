@@ -1,5 +1,5 @@
 """Head share of SD1.5's UNet FLOPs (CFG batch 2) at 256 and 512 px, counted on the meta
-device, side by side with the constant the split plan uses (relay/split_plan.HEAD_FLOP_SHARE).
+device, side by side with the constant the split plan uses (methods/split/plan.py HEAD_FLOP_SHARE).
 
     .venv/bin/python bench/sweep_split_flops.py
 """
@@ -33,7 +33,7 @@ def head_share(resolution_px: int) -> tuple[float, float, float]:
 
 
 def main() -> None:
-    from testbed.selection.split_plan import HEAD_FLOP_SHARE
+    from testbed.methods.split.plan import HEAD_FLOP_SHARE
 
     print(f"{'px':>5} {'head GFLOP':>11} {'tail GFLOP':>11} {'measured':>9} {'constant':>9} {'ratio':>6}")
     for px in (256, 512):

@@ -1,6 +1,6 @@
 """A run's broker and device agents on 127.0.0.1, no emulation (tests of orchestrators over
 the network without root): mosquitto with the run's credentials and ACL, one agent process
-per device (`python -m testbed.relay.agent`, the embedded model at fp32)."""
+per device (`python -m testbed.methods.device`, the embedded model at fp32)."""
 
 from __future__ import annotations
 
@@ -66,7 +66,7 @@ def broker_and_agents(tmp_path: Path, run: str, devices: list[str], max_message_
             cfg.write(cpath)
             log = open(tmp_path / f"{dev}.log", "wb")  # noqa: SIM115
             logs.append(log)
-            procs.append(subprocess.Popen([sys.executable, "-m", "testbed.relay.agent", run, dev,  # serves every method
+            procs.append(subprocess.Popen([sys.executable, "-m", "testbed.methods.device", run, dev,  # serves every method
                                            "--config", str(cpath)], stdout=log, stderr=subprocess.STDOUT))
         yield Loopback(run, port, creds, tmp_path)
     finally:

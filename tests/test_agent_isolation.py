@@ -21,7 +21,7 @@ from pathlib import Path
 
 import pytest
 
-from testbed.composition.agents import enter_node
+from testbed.composition.template import enter_node
 from testbed.emulation.node_uids import NODE_UIDS, drop_privileges
 from testbed.model.topology import load_topology
 
@@ -136,18 +136,20 @@ async def _isolation(session, container: bool) -> None:
 
 async def test_netns_agents_are_distinct_uids_and_cannot_read_other_devices_or_the_server(
         topologies, tmp_path, unique_run_id):
+    from testbed.composition.cells import MadeCell
     from testbed.composition.session import RunSession
 
-    async with RunSession(load_topology(topologies / "small.yaml"), run_id=unique_run_id,
+    async with RunSession(load_topology(topologies / "small.yaml"), MadeCell(unique_run_id),
                           out_dir=tmp_path / "out") as session:
         await _isolation(session, container=False)
 
 
 @pytest.mark.docker
 async def test_docker_agents_are_distinct_uids_and_see_only_their_own_config(topologies, tmp_path, unique_run_id):
+    from testbed.composition.cells import MadeCell
     from testbed.composition.session import RunSession
 
-    async with RunSession(load_topology(topologies / "small.yaml"), run_id=unique_run_id, backend="docker",
+    async with RunSession(load_topology(topologies / "small.yaml"), MadeCell(unique_run_id, backend="docker"),
                           out_dir=tmp_path / "out") as session:
         await _isolation(session, container=True)
         _check_containers(unique_run_id, session.state_dir, session.cell.device_ids())

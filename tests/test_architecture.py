@@ -5,7 +5,11 @@
 - no module reads another object's private names (`obj._x`, `getattr(obj, "_x")` where
   obj is not `self` or `cls`), a library's included;
 - one module writes a broker configuration, one function builds an agent's AgentConfig;
-- code and docs cite no file outside the repository.
+- code and docs cite no file outside the repository;
+- methods are closed plug-ins: outside the registry (testbed/methods/__init__.py) and the
+  methods' own folders nothing compares a method's name or lists the methods;
+- the run owner stays in small parts: no module of testbed/composition over 350 lines, no
+  class there with more than 15 instance attributes.
 """
 
 from __future__ import annotations
@@ -92,8 +96,9 @@ def test_the_import_graph_has_no_circle() -> None:
 def test_emulation_and_relay_do_not_import_each_other_or_the_composition_layer() -> None:
     bad = []
     for m, targets in _graph().items():
-        for layer, forbidden in (("testbed.emulation", ("testbed.relay", "testbed.composition")),
-                                 ("testbed.relay", ("testbed.emulation", "testbed.composition"))):
+        for layer, forbidden in (("testbed.emulation", ("testbed.relay", "testbed.methods", "testbed.composition")),
+                                 ("testbed.relay", ("testbed.emulation", "testbed.methods", "testbed.composition")),
+                                 ("testbed.methods", ("testbed.emulation", "testbed.composition"))):
             if m == layer or m.startswith(layer + "."):
                 bad += [f"{m} -> {t}" for t in targets if any(t == f or t.startswith(f + ".") for f in forbidden)]
     assert bad == []
@@ -101,7 +106,8 @@ def test_emulation_and_relay_do_not_import_each_other_or_the_composition_layer()
 
 def test_the_lower_layers_do_not_import_the_upper_ones() -> None:
     order = ["testbed.errors", "testbed.model", "testbed.selection", "testbed.diffusion", "testbed.relay",
-             "testbed.emulation", "testbed.composition", "testbed.experiments", ("testbed.cli", "tui")]
+             "testbed.methods", "testbed.emulation", "testbed.composition", "testbed.experiments",
+             ("testbed.cli", "tui")]
 
     def layer(m: str) -> int | None:
         for i, ps in enumerate(order):
@@ -171,3 +177,57 @@ def test_nothing_cites_files_outside_the_repository() -> None:
                         "--", "*.py", "*.md", "*.toml", "*.yaml", "Makefile", ".ci"],
                        capture_output=True, text=True)
     assert r.stdout.splitlines() == [], r.stdout
+
+
+def _method_names() -> set[str]:
+    from testbed.methods import METHODS
+
+    return set(METHODS)
+
+
+def _outside_the_methods(path: Path) -> bool:
+    rel = path.relative_to(REPO).as_posix()
+    return not rel.startswith("testbed/methods/")
+
+
+def test_nothing_outside_the_methods_branches_on_a_methods_name() -> None:
+    """`== "split"`, `!= "multistage"`, `in ("split", "patch")`: the registry answers instead."""
+    names, hits = _method_names(), []
+    for p in filter(_outside_the_methods, _modules().values()):
+        for node in ast.walk(ast.parse(p.read_text())):
+            if not isinstance(node, ast.Compare):
+                continue
+            consts = [n for n in [node.left, *node.comparators] for n in ([n] if not isinstance(n, (ast.Tuple, ast.List,
+                      ast.Set)) else n.elts) if isinstance(n, ast.Constant) and n.value in names]
+            if consts:
+                hits.append(f"{p.relative_to(REPO)}:{node.lineno} {ast.unparse(node)[:80]}")
+    assert hits == [], "branches on a method's name outside testbed/methods:\n" + "\n".join(hits)
+
+
+def test_the_methods_are_listed_once() -> None:
+    """No tuple, list, set or dict outside testbed/methods names two or more methods."""
+    names, hits = _method_names(), []
+    for p in filter(_outside_the_methods, _modules().values()):
+        for node in ast.walk(ast.parse(p.read_text())):
+            elts = node.elts if isinstance(node, (ast.Tuple, ast.List, ast.Set)) else (
+                node.keys if isinstance(node, ast.Dict) else [])
+            named = {e.value for e in elts if isinstance(e, ast.Constant) and e.value in names}
+            if len(named) >= 2:
+                hits.append(f"{p.relative_to(REPO)}:{node.lineno} {ast.unparse(node)[:80]}")
+    assert hits == [], "the methods written out again:\n" + "\n".join(hits)
+
+
+def test_the_run_owner_is_in_small_parts() -> None:
+    big, crowded = [], []
+    for p in sorted((REPO / "testbed" / "composition").rglob("*.py")):
+        text = p.read_text()
+        if len(text.splitlines()) > 350:
+            big.append(f"{p.relative_to(REPO)}: {len(text.splitlines())} lines")
+        for cls in (n for n in ast.walk(ast.parse(text)) if isinstance(n, ast.ClassDef)):
+            attrs = {t.attr for n in ast.walk(cls) for t in (n.targets if isinstance(n, ast.Assign) else
+                     [n.target] if isinstance(n, (ast.AnnAssign, ast.AugAssign)) else [])
+                     for t in ([t] if not isinstance(t, ast.Tuple) else t.elts)
+                     if isinstance(t, ast.Attribute) and isinstance(t.value, ast.Name) and t.value.id == "self"}
+            if len(attrs) > 15:
+                crowded.append(f"{p.relative_to(REPO)}: {cls.name} has {len(attrs)} instance attributes")
+    assert big == [] and crowded == [], "\n".join(big + crowded)

@@ -18,6 +18,7 @@ async def test_a_scenario_with_model_sd15_runs_from_the_local_snapshot(topologie
                                                                         monkeypatch):
     import huggingface_hub.constants
 
+    from testbed.composition.cells import MadeCell
     from testbed.composition.session import RunSession
 
     cache = tmp_path / "hub"
@@ -32,7 +33,7 @@ async def test_a_scenario_with_model_sd15_runs_from_the_local_snapshot(topologie
     topo = load_topology(topologies / "small.yaml")
     topo = topo.model_copy(update={"workload": topo.workload.model_copy(
         update={"model": "sd15", "prompt": "a photo of a red cat on a white background"})})
-    async with RunSession(topo, run_id=unique_run_id[:7], out_dir=tmp_path / "out") as r:
+    async with RunSession(topo, MadeCell(unique_run_id[:7]), out_dir=tmp_path / "out") as r:
         res = await r.run()
     doc = res.to_json()
     assert doc["meta"]["model"] == "sd15" and doc["recovered"] == []

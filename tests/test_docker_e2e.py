@@ -97,11 +97,12 @@ async def test_a_device_revived_after_a_kill_fault_runs_in_its_container_under_i
     import time
 
     from testbed.composition.faults import FaultInjector
+    from testbed.composition.cells import MadeCell
     from testbed.composition.session import RunSession
     from testbed.model.topology import load_topology
 
     topo = load_topology(topologies / "small.yaml")
-    async with RunSession(topo, run_id=unique_run_id, backend="docker", out_dir=tmp_path) as s:
+    async with RunSession(topo, MadeCell(unique_run_id, backend="docker"), out_dir=tmp_path) as s:
         cell = s.cell
         await s.ensure_agents(["dev04"])
         old = s.agents.pids()["dev04"]

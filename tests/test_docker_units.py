@@ -175,7 +175,7 @@ def test_compose_gives_each_device_its_config_readable_by_its_agent_alone(tmp_pa
     directory (docker-compose bind-mounts the file as it is)."""
     import os
 
-    from testbed.composition import compose_server
+    from testbed.composition import deployment as compose_server
     from testbed.emulation.node_uids import deployment_uids
 
     me = os.geteuid()

@@ -7,6 +7,8 @@ import json
 
 import pytest
 
+from testbed.methods import run_key
+
 from testbed.errors import InfeasibleError, TopologyError
 from testbed.experiments.sweep import (
     CSV_COLUMNS,
@@ -150,10 +152,10 @@ async def test_sweep_writes_csv_rows_and_figures(tmp_path):
         async def __aexit__(self, *exc):
             return None
 
-        async def run(self, method, *, strategy, t_max_s, e_max_j):
+        async def run(self, method, *, selector, t_max_s, e_max_j):
             if t_max_s < 1:
                 raise InfeasibleError("T_max too small")
-            key = "split" if method == "split" else f"{method}:{strategy}"
+            key = run_key(method, selector)
             return Res(t_max_s, e_max_j, self.topo.seed, key)
 
     topo_file = tmp_path / "t.yaml"

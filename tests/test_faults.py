@@ -15,15 +15,19 @@ import json
 import socket
 import subprocess
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 
 from testbed.errors import RelayError, TopologyError
 from testbed.composition.faults import FaultInjector, parse_fault
+from testbed.methods import agent_handlers
+from testbed.methods.multistage.orchestrator import MultistageOrchestrator
 from testbed.relay.agent import Agent, AgentConfig
+from testbed.relay.orchestrator import DevicePower, Job, RelaySettings, Timing
 from testbed.relay.security import make_credentials, write_security_files
-from testbed.relay.server import DevicePower, Orchestrator
+from testbed.selection.recovery import reselect
 from testbed.model.topology import parse_topology
 from test_relay_protocol import CountingModel, Cost  # the counting model: each step adds 1
 
@@ -90,18 +94,29 @@ def _agent(run: str, b: LocalBroker, dev: str, model) -> Agent:
     c = b.creds.for_device(dev)
     return Agent(AgentConfig(run=run, device=dev, broker_host="127.0.0.1", broker_port=b.port, username=c.username,
                              password=c.password, step_time_s=0.0, payload_bytes=16384,
-                             max_message_bytes=2**20, keepalive_s=2), model)
+                             max_message_bytes=2**20, keepalive_s=2), model, agent_handlers())
 
 
-def _orchestrator(run, b, order, costs, events, **kw) -> Orchestrator:
-    args = dict(run=run, broker_host="127.0.0.1", broker_port=b.port, username=b.creds.server.username,
-                password=b.creds.server.password, costs=costs, relay_order=order,
-                power={c.id: DevicePower(10.0, 1.0, 0.5) for c in costs}, model=CountingModel(), steps_per_stage=4,
-                prompt="p", seed=1, scheduler="ddim", payload_bytes=16384, t_max_s=30.0, e_max_j=1000.0,
-                emit=events.append, online_timeout_s=10.0, deadline_factor=2.0, deadline_slack_s=3.0,
-                max_message_bytes=2**20)
-    args.update(kw)
-    return Orchestrator(**args)
+@dataclass
+class _Plan:
+    costs: list
+    selected: list
+
+    def replan(self, t_max_s, e_max_j):
+        by_id = {c.id: c for c in self.costs}
+        return lambda pool, stages, t_left_s, e_left_j: reselect([by_id[d] for d in pool], stages, t_left_s,
+                                                                 e_left_j).selected
+
+
+def _orchestrator(run, b, order, costs, events, *, emit=None, reconnect_timeout_s: float = 30.0,
+                  rejoin_timeout_s: float = 15.0) -> MultistageOrchestrator:
+    settings = RelaySettings(run, "127.0.0.1", b.port, b.creds.server.username, b.creds.server.password, 2**20)
+    timing = Timing(online_timeout_s=10.0, deadline_factor=2.0, deadline_slack_s=3.0,
+                    reconnect_timeout_s=reconnect_timeout_s, rejoin_timeout_s=rejoin_timeout_s)
+    return MultistageOrchestrator(settings, Job(CountingModel(), "p", 1, "ddim", 16384),
+                                  {c.id: DevicePower(10.0, 1.0, 0.5) for c in costs}, plan=_Plan(costs, order),
+                                  steps_per_stage=4, t_max_s=30.0, e_max_j=1000.0, emit=emit or events.append,
+                                  timing=timing)
 
 
 @needs_mosquitto

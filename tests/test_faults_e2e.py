@@ -29,12 +29,13 @@ def _check_exactly_once(doc: dict) -> None:
 
 
 async def test_each_fault_kind_is_survived(tmp_path, unique_run_id):
+    from testbed.composition.cells import MadeCell
     from testbed.composition.session import RunSession
-    from testbed.composition.strategies import Multistage
+    from testbed.methods.multistage.strategy import Multistage
 
     topo = load_topology(TOPOLOGY)
     events: list[dict] = []
-    async with RunSession(topo, run_id=unique_run_id, out_dir=tmp_path, on_event=events.append) as r:
+    async with RunSession(topo, MadeCell(unique_run_id), out_dir=tmp_path, on_event=events.append) as r:
         await r.ensure_agents(r.cell.device_ids())
 
         async def quiet() -> None:
@@ -103,11 +104,12 @@ async def test_recovery_impossible_ends_with_exit_5_naming_the_cause(tmp_path, u
     """Both spares (dev03, dev04) killed first, then dev01 mid-stage: no device remains,
     the run fails loudly (RunFailedError, exit 5) instead of hanging or returning a
     partial image."""
+    from testbed.composition.cells import MadeCell
     from testbed.composition.session import RunSession
     from testbed.errors import RunFailedError
 
     topo = load_topology(TOPOLOGY)
-    async with RunSession(topo, run_id=unique_run_id, out_dir=tmp_path) as r:
+    async with RunSession(topo, MadeCell(unique_run_id), out_dir=tmp_path) as r:
         await r.ensure_agents(r.cell.device_ids())
         with pytest.raises(RunFailedError, match="recovery impossible") as e:
             await r.run(faults=[FaultSpec(kind="kill", device="dev03", at_s=0.0),

@@ -85,12 +85,13 @@ class ArgvSampler:
 
 
 async def test_no_password_on_any_command_line_during_a_run_and_an_attach(topologies, tmp_path, unique_run_id):
+    from testbed.composition.cells import MadeCell
     from testbed.composition.session import RunSession
     from tui.attach import follow_events_in_netns, read_observer
 
     topo = load_topology(topologies / "small.yaml")
     got: list[dict] = []
-    async with RunSession(topo, run_id=unique_run_id, out_dir=tmp_path / "out") as r:
+    async with RunSession(topo, MadeCell(unique_run_id), out_dir=tmp_path / "out") as r:
         creds = r.creds
         secrets = [creds.server.password, creds.observer.password, *(c.password for c in creds.devices.values())]
         run_dir = str(Path("/run/testbed") / unique_run_id) + "/"

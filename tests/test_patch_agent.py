@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from testbed.relay.agent import AgentConfig
-from testbed.relay.patch_agent import PatchAgent
+from testbed.methods.patch.agent import PatchHandler
 from testbed.relay.wire import Message, decode, encode
 
 RUN = "tpa1"
@@ -63,7 +63,7 @@ def _context(gen: str, stage: int, value: float) -> bytes:
     return bytes(encode(msg))
 
 
-async def _finish(agent: PatchAgent) -> None:
+async def _finish(agent: PatchHandler) -> None:
     await asyncio.wait_for(asyncio.gather(*agent.steps), timeout=30)
 
 
@@ -73,7 +73,7 @@ def _sent(client: FakeClient) -> list[Message]:
 
 
 async def test_a_step_sends_its_context_then_its_band_on_the_profiles_time():
-    agent, client = PatchAgent(_cfg(compute="profile", step_time_s=1.0), FakeModel(0.05)), FakeClient()
+    agent, client = PatchHandler(_cfg(compute="profile", step_time_s=1.0), FakeModel(0.05)), FakeClient()
     await agent.handle(client, _context("g1", 0, 2.0))  # the other band was faster
     t0 = time.time()
     await agent.handle(client, _step())
@@ -89,7 +89,7 @@ async def test_a_step_sends_its_context_then_its_band_on_the_profiles_time():
 
 
 async def test_context_of_another_generation_is_not_used():
-    agent, client = PatchAgent(_cfg(compute="real"), FakeModel()), FakeClient()
+    agent, client = PatchHandler(_cfg(compute="real"), FakeModel()), FakeClient()
     await agent.handle(client, _context("old", 0, 5.0))  # a previous generation on the same agent
     await agent.handle(client, _step(gen="new", wait_s=0.3))
     await _finish(agent)
@@ -103,7 +103,7 @@ async def test_context_of_another_generation_is_not_used():
 
 
 async def test_bad_messages_are_dropped_and_counted():
-    agent, client = PatchAgent(_cfg(compute="real"), FakeModel(0.3)), FakeClient()
+    agent, client = PatchHandler(_cfg(compute="real"), FakeModel(0.3)), FakeClient()
     for bad in (_step(mode="bogus"), _step(share=2), _step(gen=""), b"junk"):
         await agent.handle(client, bad)
     ctx = Message(kind="task", run=RUN, device="dev01", stage=0, attempt=1, steps=(0, 1), total_steps=4,

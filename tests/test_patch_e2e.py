@@ -20,9 +20,10 @@ import pytest
 from mqtt_loopback import broker_and_agents
 
 from testbed.errors import RunFailedError
-from testbed.relay.patch import PatchOrchestrator
-from testbed.relay.server import DevicePower
-from testbed.selection.patch_plan import BandCost, PatchPlan
+from testbed.methods.patch.orchestrator import PatchOrchestrator
+from testbed.relay.orchestrator import DevicePower, Job, RelaySettings, Timing
+from testbed.relay.stage import StageModel
+from testbed.methods.patch.plan import BandCost, PatchPlan
 
 REPO = Path(__file__).resolve().parent.parent
 DEVICES = ["dev01", "dev02"]
@@ -49,10 +50,10 @@ def loopback(tmp_path, unique_run_id):
 async def _run(lb, model, plan: PatchPlan):
     events: list[dict] = []
     orch = PatchOrchestrator(
-        run=lb.run, broker_host="127.0.0.1", broker_port=lb.port, username="server",
-        password=lb.creds.server.password, plan=plan, power={d: DevicePower(10.0, 2.0, 1.0) for d in DEVICES},
-        model=model, prompt="a handwritten 4", seed=5, scheduler="ddim", emit=events.append, online_timeout_s=180,
-        deadline_factor=20, deadline_slack_s=60, max_message_bytes=8 * 2**20)
+        RelaySettings(lb.run, "127.0.0.1", lb.port, "server", lb.creds.server.password, 8 * 2**20),
+        Job(StageModel("tiny", "fp32", model), "a handwritten 4", 5, "ddim", 65536),
+        {d: DevicePower(10.0, 2.0, 1.0) for d in DEVICES}, plan=plan, emit=events.append,
+        timing=Timing(online_timeout_s=180, deadline_factor=20, deadline_slack_s=60))
     return await asyncio.wait_for(orch.run(), timeout=300), events
 
 
@@ -105,11 +106,12 @@ async def test_patch_over_the_network_synchronous_and_displaced(loopback):
 @pytest.mark.root
 @pytest.mark.mosquitto
 async def test_patch_run_on_the_paper_cell_within_t_max(unique_run_id, tmp_path):
+    from testbed.composition.cells import MadeCell
     from testbed.composition.session import RunSession
     from testbed.model.topology import load_topology
 
     topo = load_topology(REPO / "topologies" / "paper.yaml")
-    async with RunSession(topo, run_id=unique_run_id, out_dir=tmp_path) as r:
+    async with RunSession(topo, MadeCell(unique_run_id), out_dir=tmp_path) as r:
         res = await r.run("patch", t_max_s=4.0)
         doc = res.to_json()
         # a band lost mid-run has no other owner: the run ends (exit 5) and says why

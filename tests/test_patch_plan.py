@@ -1,4 +1,4 @@
-"""The patch-parallel plan (selection/patch_plan.py): band count, devices and steps under
+"""The patch-parallel plan (methods/patch/plan.py): band count, devices and steps under
 T_max and E_max, SD1.5's context sizes and FLOP shares, and the strategy's choice of N."""
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ import pytest
 from testbed.errors import InfeasibleError
 from testbed.model.radio import compute_links
 from testbed.model.topology import load_topology, place
-from testbed.selection.patch_plan import CONTEXT_BYTES_FP32, FLOP_SHARE, plan_patch
+from testbed.methods.patch.plan import CONTEXT_BYTES_FP32, FLOP_SHARE, plan_patch
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -84,7 +84,7 @@ def test_what_does_not_fit_says_why():
 
 
 def test_the_strategy_offers_the_band_counts_the_model_and_sd15_share():
-    from testbed.composition.strategies.patch import model_bands
+    from testbed.methods.patch.strategy import model_bands
 
     bands, points = model_bands("tiny", 256)
     assert bands == (2, 4) and points == 64  # 16 latent rows, two 2x downsamplings; 64 exchange points

@@ -10,7 +10,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from testbed.composition.strategies import Multistage, PlanContext
+from testbed.methods.base import PlanContext
+from testbed.methods.multistage.strategy import Multistage
 from testbed.errors import InfeasibleError, TopologyError
 from testbed.model.radio import compute_links
 from testbed.model.topology import load_topology, place
@@ -89,7 +90,7 @@ def test_errors_say_what_is_short():
         reselect(costs[:2], 3, 5.0, 100.0)
     with pytest.raises(InfeasibleError, match=r"no T_max left \(-0.2 s\)"):
         reselect(costs, 1, -0.2, 100.0)
-    with pytest.raises(TopologyError, match="unknown strategy"):
+    with pytest.raises(TopologyError, match="unknown selector"):
         reselect(costs, 1, 1.0, 1.0, "magic")
     # a chain exists, but the baseline's order blocks it: say so instead of "nothing fits"
     blocker = _costs([0.9, 0.5, 0.5], [1.0, 1.0, 1.0], [5, 1, 1])

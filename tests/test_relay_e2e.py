@@ -37,12 +37,13 @@ def _check_steps(doc: dict) -> None:
 
 
 async def test_small_run_completes_and_an_outside_observer_sees_the_events(topologies, tmp_path, unique_run_id):
+    from testbed.composition.cells import AttachedCellSource, MadeCell
     from testbed.composition.session import RunSession
 
     run = unique_run_id[:7]
     topo = load_topology(topologies / "small.yaml")
     seen: list[dict] = []
-    async with RunSession(topo, run_id=run, out_dir=tmp_path, on_event=seen.append) as r:
+    async with RunSession(topo, MadeCell(run), out_dir=tmp_path, on_event=seen.append) as r:
         obs = json.loads((Path("/run/testbed") / run / "observer.json").read_text())
         assert (Path("/run/testbed") / run / "observer.json").stat().st_mode & 0o077 == 0
         assert load_topology(Path("/run/testbed") / run / "topology.yaml") == topo  # for tui --attach RUN
@@ -95,12 +96,13 @@ async def test_small_run_completes_and_an_outside_observer_sees_the_events(topol
 
 
 async def test_failure_mid_stage_is_recovered_and_bad_payloads_are_rejected(topologies, tmp_path, unique_run_id):
+    from testbed.composition.cells import AttachedCellSource, MadeCell
     from testbed.composition.session import RunSession
-    from testbed.composition.strategies import Multistage
+    from testbed.methods.multistage.strategy import Multistage
 
     run = unique_run_id[:7]
     topo = load_topology(topologies / "small.yaml")
-    async with RunSession(topo, run_id=run, out_dir=tmp_path) as r:
+    async with RunSession(topo, MadeCell(run), out_dir=tmp_path) as r:
         await r.ensure_agents(r.cell.device_ids())
 
         async def publish_junk() -> None:  # garbage on dev03's task topic, with the server's own credentials
@@ -144,6 +146,7 @@ async def test_run_on_a_cell_that_testbed_up_keeps_alive(topologies, tmp_path, u
     import subprocess
     import sys
 
+    from testbed.composition.cells import AttachedCellSource, MadeCell
     from testbed.composition.session import RunSession
     from testbed.emulation.attached import control_path
     from testbed.emulation.control import call_sync
@@ -158,7 +161,7 @@ async def test_run_on_a_cell_that_testbed_up_keeps_alive(topologies, tmp_path, u
         assert load_topology(Path("/run/testbed") / run / "topology.yaml") == topo  # written by up's supervisor
         agents = call_sync(control_path(run), "agents_pids")
         assert sorted(agents) == ["dev01", "dev02", "dev03", "dev04"]  # warm: up started them
-        async with RunSession(topo, run_id=run, out_dir=tmp_path, attach=True) as r:
+        async with RunSession(topo, AttachedCellSource(run), out_dir=tmp_path) as r:
             assert r.cell.broker.port == 1883  # the cell's own broker
             doc = (await r.run()).to_json()
         _check_steps(doc)

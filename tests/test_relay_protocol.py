@@ -21,7 +21,10 @@ import pytest
 from testbed.relay import topics
 from testbed.relay.agent import Agent, AgentConfig, threads_for_quota
 from testbed.relay.security import acl_text, make_credentials, password_line, write_security_files
-from testbed.relay.server import DevicePower, Orchestrator
+from testbed.methods import agent_handlers
+from testbed.methods.multistage.orchestrator import MultistageOrchestrator
+from testbed.relay.orchestrator import DevicePower, Job, RelaySettings, Timing
+from testbed.selection.recovery import reselect
 from testbed.relay.wire import Message, TensorSpec, decode, encode
 
 pytestmark = pytest.mark.mosquitto  # conftest: skips without mosquitto, fails in CI
@@ -200,7 +203,7 @@ async def test_wrong_password_is_refused(broker):
 async def test_agent_rejects_bad_payloads_logs_them_and_keeps_serving(broker, caplog):
     run, port, creds, *_ = broker
     model = CountingModel()
-    agent = Agent(_agent_cfg(run, port, creds, "dev01"), model)
+    agent = _agent(_agent_cfg(run, port, creds, "dev01"), model)
     task = asyncio.create_task(agent.serve())
     try:
         async with _client(port, creds.server) as server:
@@ -212,7 +215,7 @@ async def test_agent_rejects_bad_payloads_logs_them_and_keeps_serving(broker, ca
                         break
             good = Message(kind="task", run=run, device="dev01", stage=0, attempt=1, steps=(0, 3), total_steps=6,
                            tensors={"latent": np.zeros(SHAPE, np.float32), "cond.class_labels": np.array([7])},
-                           meta={"scheduler": "ddim", "sched": {}})
+                           meta={"method": "multistage", "scheduler": "ddim", "sched": {}})
             bad = [b"", b"garbage", encode(good)[:-3], encode(Message(**{**good.__dict__, "run": "zzz"})),
                    encode(Message(**{**good.__dict__, "tensors": {"latent": np.zeros((1, 2, 8, 8), np.float32)}}))]
             for b in bad:
@@ -235,17 +238,39 @@ async def test_agent_rejects_bad_payloads_logs_them_and_keeps_serving(broker, ca
         await asyncio.gather(task, return_exceptions=True)
 
 
-def _orchestrator(run, port, creds, order, costs, events, model, **kw) -> Orchestrator:
-    return Orchestrator(
-        run=run, broker_host="127.0.0.1", broker_port=port, username="server", password=creds.server.password,
-        costs=costs, relay_order=order, power={c.id: DevicePower(10.0, 2.0, 1.0) for c in costs}, model=model,
-        steps_per_stage=4, prompt="a handwritten 7", seed=1, scheduler="ddim", payload_bytes=65536,
-        t_max_s=kw.pop("t_max_s", 10.0), e_max_j=kw.pop("e_max_j", 1000.0), emit=events.append,
-        online_timeout_s=10, **kw)
+@dataclass
+class _Plan:
+    """What the orchestrator reads of a multi-stage plan: the chain, the candidates, `replan`
+    (the given one, or the DP's re-selection on the costs)."""
+
+    costs: list
+    selected: list
+    given: object = None
+
+    def replan(self, t_max_s, e_max_j):
+        if self.given is not None:
+            return self.given
+        by_id = {c.id: c for c in self.costs}
+        return lambda pool, stages, t_left_s, e_left_j: reselect([by_id[d] for d in pool], stages, t_left_s,
+                                                                 e_left_j).selected
+
+
+def _orchestrator(run, port, creds, order, costs, events, model, *, replan=None, t_max_s=10.0, e_max_j=1000.0,
+                  deadline_factor=2.0, deadline_slack_s=2.0) -> MultistageOrchestrator:
+    settings = RelaySettings(run, "127.0.0.1", port, "server", creds.server.password, 65536 + 4 * 2**20)
+    job = Job(model, "a handwritten 7", 1, "ddim", 65536)
+    return MultistageOrchestrator(
+        settings, job, {c.id: DevicePower(10.0, 2.0, 1.0) for c in costs}, plan=_Plan(costs, order, replan),
+        steps_per_stage=4, t_max_s=t_max_s, e_max_j=e_max_j, emit=events.append,
+        timing=Timing(online_timeout_s=10, deadline_factor=deadline_factor, deadline_slack_s=deadline_slack_s))
+
+
+def _agent(cfg, model) -> Agent:
+    return Agent(cfg, model, agent_handlers())
 
 
 async def _start_agents(run, port, creds, model, step_time_s):
-    agents = {d: Agent(_agent_cfg(run, port, creds, d, step_time_s=step_time_s), model) for d in DEVICES}
+    agents = {d: _agent(_agent_cfg(run, port, creds, d, step_time_s=step_time_s), model) for d in DEVICES}
     return agents, {d: asyncio.create_task(a.serve()) for d, a in agents.items()}
 
 
@@ -331,8 +356,8 @@ async def test_deadline_miss_is_recovered_and_late_result_ignored(broker):
     run, port, creds, *_ = broker
     slow = CountingModel(step_s=0.3)  # 4 steps = 1.2 s, far past dev01's deadline
     fast = CountingModel()
-    a1 = Agent(_agent_cfg(run, port, creds, "dev01", step_time_s=0.0), slow)
-    a3 = Agent(_agent_cfg(run, port, creds, "dev03", step_time_s=0.0), fast)
+    a1 = _agent(_agent_cfg(run, port, creds, "dev01", step_time_s=0.0), slow)
+    a3 = _agent(_agent_cfg(run, port, creds, "dev03", step_time_s=0.0), fast)
     tasks = [asyncio.create_task(a1.serve()), asyncio.create_task(a3.serve())]
     costs = [Cost("dev01", 4, 0.1, 3), Cost("dev03", 1, 0.1, 3)]
     events: list[dict] = []
@@ -423,7 +448,7 @@ async def test_no_chain_fitting_ends_the_run_with_the_reason(broker):
 
 async def test_agent_reconnects_after_the_broker_restarts(broker, tmp_path):
     run, port, creds, paths, box = broker
-    agent = Agent(_agent_cfg(run, port, creds, "dev01", step_time_s=0.0), CountingModel())
+    agent = _agent(_agent_cfg(run, port, creds, "dev01", step_time_s=0.0), CountingModel())
     task = asyncio.create_task(agent.serve())
     try:
         async def serve_one(stage: int) -> Message:
@@ -438,7 +463,7 @@ async def test_agent_reconnects_after_the_broker_restarts(broker, tmp_path):
                                        steps=(stage * 2, stage * 2 + 2), total_steps=4,
                                        tensors={"latent": np.zeros(SHAPE, np.float32),
                                                 "cond.class_labels": np.array([7])},
-                                       meta={"sched": {"next_step": stage * 2}})
+                                       meta={"method": "multistage", "sched": {"next_step": stage * 2}})
                     await server.publish(topics.task(run, "dev01"), encode(task_msg), qos=1)
                     async for m in server.messages:
                         if str(m.topic).endswith("/result"):

@@ -51,9 +51,11 @@ def test_progress_folds_events_into_stage_rows():
     assert p.render().row_count == 2
 
 
-def test_split_has_no_fault_to_recover_from(topologies, capsys):
-    code, err = _invoke(capsys, str(topologies / "small.yaml"), "--method", "split", "--fail", "dev01")
-    assert code == 2 and "--fail applies to multistage" in err
+@pytest.mark.parametrize("name", ["split", "patch"])
+def test_methods_without_recovery_take_no_fault_to_recover_from(topologies, capsys, name):
+    code, err = _invoke(capsys, str(topologies / "small.yaml"), "--method", name, "--fail", "dev01")
+    assert code == 2 and "--fail applies to methods that recover from a lost device (multistage)" in err
+    assert f"{name}: " in err  # and why this one does not
 
 
 @pytest.mark.root

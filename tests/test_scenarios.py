@@ -40,12 +40,13 @@ def test_scenarios_exist_with_a_failure_and_mobility():
 @pytest.mark.root
 @pytest.mark.parametrize("path", SCENARIOS, ids=[p.stem for p in SCENARIOS])
 async def test_scenario_meets_its_expectations(path, unique_run_id, tmp_path):
+    from testbed.composition.cells import MadeCell
     from testbed.composition.session import RunSession
 
     topo = load_topology(path)
     fail = _kill_target(topo)
     moves = []
-    async with RunSession(topo, run_id=unique_run_id, out_dir=tmp_path) as r:
+    async with RunSession(topo, MadeCell(unique_run_id), out_dir=tmp_path) as r:
         if topo.mobility is not None:
             r.cell.on_update(moves.append)
         res = await r.run()  # the scenario's own faults (`fail=` would move its kill to mid-stage)

@@ -191,12 +191,13 @@ def _listening(pid: int) -> list[tuple[str, int]]:
 @pytest.mark.root
 async def test_broker_listens_only_on_the_server_address_and_secrets_are_private_then_gone(
         topologies, tmp_path, unique_run_id):
+    from testbed.composition.cells import MadeCell
     from testbed.composition.session import RunSession, max_message_bytes
     from testbed.model.topology import load_topology
 
     run = unique_run_id
     state = Path("/run/testbed") / run
-    async with RunSession(load_topology(topologies / "small.yaml"), run_id=run, out_dir=tmp_path) as r:
+    async with RunSession(load_topology(topologies / "small.yaml"), MadeCell(run), out_dir=tmp_path) as r:
         broker = r.cell.broker
         assert broker.kind == "mosquitto"
         # the broker's namespace is the server's, not the host's

@@ -317,7 +317,7 @@ def test_infeasible_budgets_name_the_budget_and_the_shortfall(small):
         select([], 1.0, 1.0)
     with pytest.raises(InfeasibleError, match="E_max -1 leaves no budget"):
         select(costs, 2.0, -1.0)
-    with pytest.raises(TopologyError, match="unknown strategy"):
+    with pytest.raises(TopologyError, match="unknown selector"):
         select(costs, 2.0, 70.0, "magic")
 
 
@@ -341,23 +341,24 @@ def test_cli_json_shape(capsys, topologies):
     code, out, _ = _cli(capsys, str(topologies / "small.yaml"), "--json")
     assert code == 0
     doc = json.loads(out)
-    assert set(doc) == {"t_max_s", "e_max_j", "strategy", "devices", "selected", "objective_mb", "latency_s",
+    assert set(doc) == {"t_max_s", "e_max_j", "selector", "strategy", "devices", "selected", "objective_mb", "latency_s",
                         "energy_j", "solve_ms"}
     assert [d["id"] for d in doc["devices"]] == ["dev01", "dev02", "dev03", "dev04"]
     assert all(set(d) == {"id", "size_mb", "latency_s", "energy_j", "t_down_s", "t_cmp_s", "t_up_s"}
                for d in doc["devices"])
-    assert doc["selected"] == ["dev01", "dev02"] and doc["strategy"] == "dp"
+    assert doc["selected"] == ["dev01", "dev02"] and doc["selector"] == doc["strategy"] == "dp"
     chosen = [d for d in doc["devices"] if d["id"] in doc["selected"]]
     assert doc["latency_s"] == pytest.approx(sum(d["latency_s"] for d in chosen))
     assert doc["objective_mb"] == pytest.approx(sum(d["size_mb"] for d in chosen))
     assert doc["latency_s"] <= doc["t_max_s"] and doc["energy_j"] <= doc["e_max_j"]
 
 
-def test_cli_options_and_table(capsys, topologies):
+@pytest.mark.parametrize("option", ["--selector", "--strategy"])  # --strategy: the older name, kept
+def test_cli_options_and_table(capsys, topologies, option):
     code, out, _ = _cli(capsys, str(topologies / "small.yaml"), "--json", "--tmax", "0.5", "--emax", "17",
-                        "--strategy", "exact")
+                        option, "exact")
     doc = json.loads(out)
-    assert (code, doc["t_max_s"], doc["e_max_j"], doc["strategy"], doc["selected"]) == (0, 0.5, 17.0, "exact",
+    assert (code, doc["t_max_s"], doc["e_max_j"], doc["selector"], doc["selected"]) == (0, 0.5, 17.0, "exact",
                                                                                       ["dev03"])
     code, out, _ = _cli(capsys, str(topologies / "small.yaml"))
     assert code == 0 and "dev01 -> dev02" in out and "dev04" in out

@@ -9,9 +9,9 @@ import time
 import numpy as np
 import pytest
 
-from testbed.relay import split_agent
+from testbed.methods.split import agent as split_agent
 from testbed.relay.agent import AgentConfig
-from testbed.relay.split_agent import SplitAgent
+from testbed.methods.split.agent import SplitHandler
 from testbed.relay.wire import Message, decode, encode
 
 RUN = "tsa1"
@@ -50,7 +50,7 @@ async def _serve_one(monkeypatch, decode_s: float, compute_s: float) -> dict:
     cfg = AgentConfig(run=RUN, device="dev01", broker_host="127.0.0.1", broker_port=1, username="u", password="p",
                       compute="profile", step_time_s=2.0, max_message_bytes=1 << 20)
     client = FakeClient()
-    await SplitAgent(cfg, FakeModel(compute_s), roles=("head",)).handle(client, bytes(_task(share=0.3)))
+    await SplitHandler(cfg, FakeModel(compute_s), roles=("head",)).handle(client, bytes(_task(share=0.3)))
     assert len(client.sent) == 1
     res = decode(client.sent[0], max_bytes=1 << 20, run=RUN, kind="result", device="dev01")
     assert len(client.sent[0]) == 4096 and set(res.tensors) == {"sample", "emb"}

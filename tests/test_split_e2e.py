@@ -17,9 +17,10 @@ import numpy as np
 import pytest
 from mqtt_loopback import broker_and_agents
 
-from testbed.relay.server import DevicePower
-from testbed.relay.split import SplitOrchestrator
-from testbed.selection.split_plan import SplitPlan, SplitStepCost
+from testbed.relay.orchestrator import DevicePower, Job, RelaySettings, Timing
+from testbed.relay.stage import StageModel
+from testbed.methods.split.orchestrator import SplitOrchestrator
+from testbed.methods.split.plan import SplitPlan, SplitStepCost
 
 REPO = Path(__file__).resolve().parent.parent
 needs_mosquitto = pytest.mark.mosquitto  # conftest: skips without mosquitto, fails in CI
@@ -51,11 +52,10 @@ async def test_split_over_the_network_equals_the_unsplit_run_at_fp32(loopback):
     n, fbytes = 8, 3 * 2**20
     events = []
     orch = SplitOrchestrator(
-        run=run, broker_host="127.0.0.1", broker_port=port, username="server", password=creds.server.password,
-        plan=_plan(n, fbytes), power={d: DevicePower(10.0, 2.0, 1.0) for d in ("dev01", "dev02")}, model=model,
-        prompt="a handwritten 4", seed=5, scheduler="ddim", payload_bytes=65536, emit=events.append,
-        online_timeout_s=120,
-    )
+        RelaySettings(run, "127.0.0.1", port, "server", creds.server.password, max(fbytes, 65536) + 4 * 2**20),
+        Job(StageModel("tiny", "fp32", model), "a handwritten 4", 5, "ddim", 65536),
+        {d: DevicePower(10.0, 2.0, 1.0) for d in ("dev01", "dev02")}, plan=_plan(n, fbytes), emit=events.append,
+        timing=Timing(online_timeout_s=120, deadline_factor=3.0, deadline_slack_s=5.0))
     out = await asyncio.wait_for(orch.run(), timeout=240)
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # as the agents (1-core quota): same kernels, same summation order
@@ -78,11 +78,12 @@ async def test_split_over_the_network_equals_the_unsplit_run_at_fp32(loopback):
 
 @pytest.mark.root
 async def test_split_run_on_the_emulation_moves_features_over_shaped_links(unique_run_id, tmp_path):
+    from testbed.composition.cells import MadeCell
     from testbed.composition.session import RunSession
     from testbed.model.topology import load_topology
 
     topo = load_topology(REPO / "topologies" / "small.yaml")
-    async with RunSession(topo, run_id=unique_run_id, out_dir=tmp_path) as r:
+    async with RunSession(topo, MadeCell(unique_run_id), out_dir=tmp_path) as r:
         res = await r.run("split", t_max_s=3.0, e_max_j=70.0)
     doc = res.to_json()
     plan = doc["meta"]["plan"]

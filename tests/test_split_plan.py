@@ -11,15 +11,8 @@ import pytest
 from testbed.errors import InfeasibleError
 from testbed.model.profiles import load_profiles, step_time_s
 from testbed.model.radio import compute_links
-from testbed.selection.costs import DEFAULT_MESSAGE_OVERHEAD_S
-from testbed.selection.split_plan import (
-    HANDLING_S_PER_MB,
-    HEAD_FLOP_SHARE,
-    activation_bytes,
-    handling_s,
-    pair_cost,
-    plan_split,
-)
+from testbed.methods.split.plan import HEAD_FLOP_SHARE, pair_cost, plan_split
+from testbed.selection.costs import DEFAULT_MESSAGE_OVERHEAD_S, HANDLING_S_PER_MB, activation_bytes, handling_s
 from testbed.model.topology import load_topology, place
 
 REPO = Path(__file__).resolve().parent.parent

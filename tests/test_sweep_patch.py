@@ -6,7 +6,8 @@ from __future__ import annotations
 import pytest
 
 from testbed.errors import TopologyError
-from testbed.experiments.sweep import RunSpec, own_choice, parse_runs, read_rows, result_row
+from testbed.experiments.sweep import RunSpec, parse_runs, read_rows, result_row
+from testbed.methods import method
 
 PATCH_DOC = {
     "run": "r2", "method": "patch", "strategy": "best-bands", "selected": ["dev01", "dev02"], "total_steps": 3,
@@ -17,9 +18,13 @@ PATCH_DOC = {
 }
 
 
-def test_methods_that_pick_their_own_devices_take_no_strategy():
-    assert own_choice("multistage") is None
-    assert own_choice("split") == "best-pair" and own_choice("patch") == "best-bands"
+def test_methods_that_pick_their_own_devices_take_no_selector():
+    assert method("multistage").own_selector is None
+    assert method("split").own_selector == "best-pair" and method("patch").own_selector == "best-bands"
+    # and their strategy objects say so themselves (the registry and the class agree)
+    for name in ("multistage", "split", "patch"):
+        spec = method(name)
+        assert spec.make().selector == spec.selector_for(None)
     specs = parse_runs("multistage:dp,split,patch")
     assert [s.key for s in specs] == ["multistage:dp", "split", "patch"]
     assert specs[2] == RunSpec("patch", "best-bands") and specs[2].label == "patch"

@@ -41,7 +41,7 @@ def _costs(topo):
 
 def relay_events(topo, chain: list[str], run: str = "tdemo", slow: float = 1.1, kill: str | None = None,
                  spare: str | None = None) -> list[dict]:
-    """The orchestrator's event sequence (testbed/relay/server.py) for `chain`, with measured
+    """The orchestrator's event sequence (testbed/methods/multistage/orchestrator.py) for `chain`, with measured
     times `slow` x the predicted ones; `kill` goes offline mid-stage and `spare` takes over."""
     costs = _costs(topo)
     k = topo.workload.steps_per_stage
@@ -133,15 +133,15 @@ async def test_change_budgets_and_select_from_the_keyboard(small):
         assert all(table.text_of(d, "sel") == "" for d in app.cell.devices)
 
 
-async def test_strategy_control_changes_selection(small):
+async def test_selector_control_changes_selection(small):
     app = TestbedApp(small)
     async with app.run_test(size=SIZE) as pilot:
         await app.costs_ready.wait()
-        app.query_one("#strategy").value = "greedy"
+        app.query_one("#selector").value = "greedy"
         await pilot.press("s")
         await pilot.pause()
         want = select(list(_costs(small).values()), small.budgets.t_max_s, small.budgets.e_max_j, "greedy", small.seed)
-        assert app.cell.selection.strategy == "greedy"
+        assert app.cell.selection.selector == "greedy"
         assert app.cell.chain == want.selected
 
 

@@ -9,7 +9,7 @@ import pytest
 from textual.widgets import Select
 
 from testbed.model.topology import load_topology
-from tui.app import METHODS, TestbedApp
+from tui.app import TestbedApp
 from tui.state import RunView
 
 SIZE = (80, 24)
@@ -29,10 +29,16 @@ def _band_events(steps: int) -> list[dict]:
     return evs
 
 
-def test_the_method_selector_offers_every_method():
-    from testbed.composition.strategies import METHODS as REGISTERED
+async def test_the_method_selector_offers_every_registered_method(topologies: Path):
+    from testbed.methods import methods
 
-    assert METHODS == tuple(REGISTERED)
+    app = TestbedApp(load_topology(topologies / "small.yaml"))
+    async with app.run_test(size=SIZE) as pilot:
+        await pilot.pause()
+        for spec in methods():
+            app.query_one("#method", Select).value = spec.name  # an option the Select does not have raises
+            await pilot.pause()
+            assert app.params()["method"] == spec.name
 
 
 def test_bands_are_stages_and_count_once_in_the_latency():

@@ -20,6 +20,8 @@ from textual.containers import Horizontal, Vertical
 from textual.widgets import DataTable, Footer, Input, Label, Select, Static, TabbedContent, TabPane, Tabs
 
 from testbed.errors import TestbedError
+from testbed.methods import method, methods
+from testbed.model.names import SELECTORS
 from testbed.model.topology import Topology
 from tui.attach import DEFAULT_STATE_ROOT
 from tui.cellmap import CellMap
@@ -30,9 +32,7 @@ from tui.live import LiveMixin
 from tui.runpanel import RunPanel
 from tui.state import CellModel, RunView
 
-__all__ = ["TestbedApp", "METHODS"]
-
-METHODS = ("multistage", "split", "patch")  # testbed.composition.strategies.METHODS (not imported: startup)
+__all__ = ["TestbedApp"]
 
 
 class TestbedApp(LiveMixin, App[None]):
@@ -78,8 +78,9 @@ class TestbedApp(LiveMixin, App[None]):
             yield Label("E_max J")
             yield Input(f"{b.e_max_j:g}", id="emax", compact=True, restrict=r"[0-9.]*", max_length=8)
             # the full list arrives with testbed.selection (scipy), imported after the first screen
-            yield Select([("dp", "dp")], value="dp", id="strategy", compact=True, allow_blank=False)
-            yield Select([(m, m) for m in METHODS], value="multistage", id="method", compact=True, allow_blank=False)
+            yield Select([(s, s) for s in SELECTORS], value="dp", id="selector", compact=True, allow_blank=False)
+            yield Select([(m.name, m.name) for m in methods()], value="multistage", id="method", compact=True,
+                         allow_blank=False)
             yield Label("seed")
             yield Input(str(self.topo.seed), id="seed", compact=True, restrict=r"[0-9]*", max_length=10)
         yield Static(id="summary")
@@ -119,12 +120,8 @@ class TestbedApp(LiveMixin, App[None]):
     @work(exclusive=True, group="costs")
     async def _load_costs(self) -> None:
         """Import the selection library off the event loop (scipy takes ~1 s), then fill in
-        the predicted costs and the strategy list: the first screen does not wait for it."""
-        mod = await asyncio.to_thread(importlib.import_module, "testbed.selection")
-        strategy = self.query_one("#strategy", Select)
-        current = strategy.value
-        strategy.set_options([(s, s) for s in mod.STRATEGIES])
-        strategy.value = current if current in mod.STRATEGIES else mod.STRATEGIES[0]
+        the predicted costs: the first screen does not wait for it."""
+        await asyncio.to_thread(importlib.import_module, "testbed.selection")
         try:
             self.cell.compute_costs()
         except TestbedError as e:
@@ -145,7 +142,7 @@ class TestbedApp(LiveMixin, App[None]):
             if key != "seed" and not val > 0:
                 raise ValueError(f"{key}: must be positive, got {raw!r}")
             out[key] = val
-        out["strategy"] = self.query_one("#strategy", Select).value
+        out["selector"] = self.query_one("#selector", Select).value
         out["method"] = self.query_one("#method", Select).value
         return out
 
@@ -161,15 +158,16 @@ class TestbedApp(LiveMixin, App[None]):
             t.append(note, style="bold red")
         elif sel is None:
             t.append(f"{len(self.cell.devices)} devices; s selects under T_max {p['t_max_s']:g} s, "
-                     f"E_max {p['e_max_j']:g} J ({p['strategy']}); r runs")
+                     f"E_max {p['e_max_j']:g} J ({p['selector']}); r runs")
         else:
             t.append("chain ", style="bold")
             t.append(" → ".join(sel.selected) or "(empty)", style="bold blue")
             t.append(f"  T {sel.latency_s:.2f}/{sel.t_max_s:g} s", style="red" if sel.latency_s > sel.t_max_s else "")
             t.append(f"  E {sel.energy_j:.1f}/{sel.e_max_j:g} J", style="red" if sel.energy_j > sel.e_max_j else "")
-            t.append(f"  {sel.objective_mb / 1000:.2f} GB ({sel.strategy})")
-        if p["method"] != "multistage":
-            t.append(f"  {p['method']}: the run picks its own devices", style="yellow")
+            t.append(f"  {sel.objective_mb / 1000:.2f} GB ({sel.selector})")
+        own = method(p["method"]).own_selector
+        if own is not None:
+            t.append(f"  {p['method']}: the run picks its own devices ({own})", style="yellow")
         self.query_one("#summary", Static).update(t)
 
     def _refresh_cell(self) -> None:
@@ -230,7 +228,7 @@ class TestbedApp(LiveMixin, App[None]):
         try:
             p = self.params()
             self.apply_seed(p["seed"])
-            self.cell.select(p["t_max_s"], p["e_max_j"], p["strategy"], p["seed"])
+            self.cell.select(p["t_max_s"], p["e_max_j"], p["selector"], p["seed"])
         except ValueError as e:
             self._show_summary(str(e))
             return

@@ -8,13 +8,16 @@ from textual.containers import VerticalScroll
 from textual.screen import ModalScreen
 from textual.widgets import Static
 
+from testbed.methods import methods
+from testbed.model.names import SELECTORS
+
 __all__ = ["HelpScreen", "HELP_TEXT"]
 
-HELP_TEXT = """\
+HELP_TEXT_TEMPLATE = """\
 [b]testbed TUI[/b] — device selection and live runs of multi-stage diffusion
 
 [b]Keys[/b]
-  s        select devices under T_max / E_max (chosen strategy)
+  s        select devices under T_max / E_max (chosen selector)
   r        run it in the emulation (netns backend, needs root)
   k        kill the highlighted device during a run (recovery)
   c        cut / restore the highlighted device's link during a run
@@ -22,9 +25,9 @@ HELP_TEXT = """\
   up/down  highlight a device          esc  back to the table
   ?        this help                   q    quit
 
-[b]Controls[/b] (top line): T_max s, E_max J, strategy (dp exact random
-greedy fair), method (multistage split patch), seed. Enter selects again
-and goes back to the devices table.
+[b]Controls[/b] (top line): T_max s, E_max J, device selector
+({selectors}), method ({methods}),
+seed. Enter selects again and goes back to the devices table.
 
 [b]Cell[/b]: devices table (predicted T_j, E_j; sel = stage order), map of
 the cell to scale (◉ server, O orin, X xavier; colour = precision;
@@ -37,6 +40,7 @@ reference, with MS-SSIM.
 the CLI through its MQTT events topic (read-only; s r k c are off).
 
 [dim]Esc or ? closes this screen; q quits.[/dim]"""
+HELP_TEXT = HELP_TEXT_TEMPLATE.format(selectors=" ".join(SELECTORS), methods=" ".join(m.name for m in methods()))
 
 
 class HelpScreen(ModalScreen[None]):

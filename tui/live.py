@@ -19,6 +19,7 @@ from textual import work
 from textual.widgets import Static
 
 from testbed.errors import TestbedError
+from testbed.methods import method
 from tui.attach import follow_events, follow_events_in_netns, read_observer, server_netns
 from tui.imageview import ImageView
 from tui.results import load_image
@@ -118,16 +119,18 @@ class LiveMixin:
             runs = await asyncio.to_thread(importlib.import_module, "testbed.emulation.runs")
             session_mod = await asyncio.to_thread(importlib.import_module, "testbed.composition.session")
             rid = runs.new_run_id()
-            if p["method"] != "multistage":
-                panel.log_line(f"{p['method']}: the devices are chosen by their step count (strategy applies to "
-                               "multistage)", "dim")
+            own = method(p["method"]).own_selector
+            if own is not None:
+                panel.log_line(f"{p['method']}: the run picks its own devices ({own}); the selector applies to "
+                               "methods that take one", "dim")
             panel.log_line(f"run {rid}: bringing up the emulation ({self.backend}), broker and agents...", "dim")
-            async with session_mod.RunSession(self.topo, run_id=rid, backend=self.backend, out_dir=OUT_ROOT / rid,
-                                              on_event=self.event_from_any_thread) as session:
+            cells = await asyncio.to_thread(importlib.import_module, "testbed.composition.cells")
+            async with session_mod.RunSession(self.topo, cells.MadeCell(rid, backend=self.backend),
+                                              out_dir=OUT_ROOT / rid, on_event=self.event_from_any_thread) as session:
                 self.runner = session
                 session.cell.on_update(lambda u: self.event_from_any_thread(
                     {"type": "positions", "positions": {d["id"]: d for d in u.devices}}))
-                result = await session.run(p["method"], strategy=p["strategy"], t_max_s=p["t_max_s"],
+                result = await session.run(p["method"], selector=p["selector"], t_max_s=p["t_max_s"],
                                            e_max_j=p["e_max_j"])
                 self.show_result(result)
         except TestbedError as e:

@@ -71,7 +71,7 @@ class CellModel:
             row.t_j_s, row.e_j_j, row.size_mb = c.latency_s, c.energy_j, c.size_mb
         return self.costs
 
-    def select(self, t_max_s: float, e_max_j: float, strategy: str, seed: int) -> Any:
+    def select(self, t_max_s: float, e_max_j: float, selector: str, seed: int) -> Any:
         """Run the selection; raises testbed.errors.InfeasibleError when nothing fits."""
         from testbed.selection import select
         from testbed.selection.costs import planning_budgets
@@ -79,7 +79,7 @@ class CellModel:
         costs = self.compute_costs()
         online = [c for c in costs if self.devices[c.id].online]
         try:  # the chain a run picks: the budgets less the topology's margin_pct
-            sel = select(online, *planning_budgets(self.topo, t_max_s, e_max_j), strategy=strategy, seed=seed)
+            sel = select(online, *planning_budgets(self.topo, t_max_s, e_max_j), selector=selector, seed=seed)
         except Exception:
             self.set_chain([])
             self.selection = None
@@ -177,10 +177,10 @@ class RunView:
     def apply(self, ev: dict[str, Any]) -> str:
         """Fold one event in; returns the log line it produced (also appended to `log`).
 
-        Event types are the orchestrator's (testbed/relay/server.py): run_started,
+        Event types are the orchestrator's (testbed/methods/multistage/orchestrator.py): run_started,
         stage_started (with `predicted`), downloaded, computed, uploaded, device_offline,
         deadline_missed, recovered, relay_finished, run_finished / run_failed; split's
-        split_step and patch's patch_step (relay/split.py, relay/patch.py).
+        split_step and patch's patch_step (methods/split/orchestrator.py, methods/patch/orchestrator.py).
         """
         self.events += 1
         kind = str(ev.get("type", "?"))

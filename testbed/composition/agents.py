@@ -1,53 +1,42 @@
-"""The one agent launcher: a template process forks each device's agent into its node.
-
-Importing torch and diffusers costs seconds of CPU per process; 20 fresh agents on 2
-cores would take minutes to come up. One template per cell imports them once (it runs in
-the host's namespace); for each device the launcher sends it, over a unix socket, the
-agent's argv, environment and log path plus *file descriptors* (SCM_RIGHTS) of what the
-node is made of — `cell.join(device)`: its network namespace, one `cgroup.procs` per
-hierarchy, and for a container its mount, UTS and IPC namespaces. The template forks; the
-child starts its own session, opens its log, joins the cgroups, enters the namespaces,
-makes its model variant (still root: its uid may not read e.g. a Hugging Face cache under
-/root; the memory counts in the node's cgroup), then drops privileges to the device's own uid (allocated for the run, node_uids.py:
-setgroups([]), setgid, setuid, no_new_privs) and only then runs the agent, which opens
-its own config (`agents/<device>.json`, 0400, owned by that uid). The template never opens
-a config or a credential. The same path serves every backend, the first start and every
-revival. Forked agents share the template's pages (copy-on-write).
+"""The agents of a run: the one launcher (through the agent template), the up cell's, a
+deployment's — and the one function that builds an agent's config.
 
 One agent per device serves every collaboration method (relay/agent.py dispatches tasks
-by `meta.method`). `agent_config` is the one function that builds an agent's
-`AgentConfig`.
+by `meta.method`, methods/device.py hands it the registry's handlers). `AgentLauncher`
+starts the template (template.py) and asks it to fork each device's agent into its node —
+on every backend, for the first start and every revival. `agent_config` is the one
+function that builds an `AgentConfig`; `write_agent_configs` writes each device's, readable
+only by the uid allocated to its agent.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import importlib
 import json
 import os
 import signal
 import socket
 import sys
 import time
-import traceback
 from pathlib import Path
 from typing import Any, Protocol
 
+from testbed.composition.template import PRELOAD_ENV
 from testbed.emulation.cell import Cell
 from testbed.emulation.control import call
-from testbed.emulation.node_uids import drop_privileges
 from testbed.errors import ResourceError
+from testbed.model.names import MQTT_PORT, SERVER_ADDRESS
 from testbed.model.profiles import load_profiles, step_time_s
 from testbed.model.radio import DeviceLink
 from testbed.model.topology import Topology
 from testbed.relay.agent import AgentConfig
-from testbed.relay.security import Credential
+from testbed.relay.security import Credential, RunCredentials
 
-__all__ = ["agent_config", "Agents", "AgentLauncher", "RemoteAgents", "serve_template", "enter_node", "AGENT_TITLE"]
+__all__ = ["agent_config", "write_agent_configs", "Agents", "AgentLauncher", "RemoteAgents", "ExternalAgents",
+           "AGENT_TITLE"]
 
 AGENT_TITLE = "testbed-agent"  # processes are titled `testbed-agent <run> <device>`
-_MAX_FDS = 32  # netns + one cgroup.procs per hierarchy + a container's other namespaces
 
 
 def agent_config(topo: Topology, link: DeviceLink, run_id: str, cred: Credential, broker_host: str,
@@ -60,6 +49,25 @@ def agent_config(topo: Topology, link: DeviceLink, run_id: str, cred: Credential
                        username=cred.username, password=cred.password, model=wl.model, precision=link.precision,
                        compute=wl.compute, step_time_s=step_time_s(prof, wl.resolution_px, link.precision),
                        cpu_cores=cpu_cores, payload_bytes=wl.payload_bytes, max_message_bytes=max_message_bytes)
+
+
+def write_agent_configs(state_dir: Path, topo: Topology, cell: Cell, run_id: str, creds: RunCredentials,
+                        max_message_bytes: int) -> dict[str, int]:
+    """Each device's config, readable only by the uid allocated to its agent (0400);
+    agents/ lets them reach their own file but not list the others. The uids."""
+    from testbed.emulation.node_uids import allocate_uids, hand_to
+
+    agents = state_dir / "agents"
+    agents.mkdir(mode=0o711, exist_ok=True)
+    agents.chmod(0o711)
+    uids = allocate_uids(state_dir, [link.id for link in cell.links])
+    for link in cell.links:
+        node = cell.nodes[link.id]
+        cfg = agent_config(topo, link, run_id, creds.for_device(link.id), SERVER_ADDRESS, MQTT_PORT,
+                           node.cpu_quota_cores or float(os.cpu_count() or 1), max_message_bytes)
+        cfg.write(agents / f"{link.id}.json")
+        hand_to(agents / f"{link.id}.json", uids[link.id])
+    return uids
 
 
 class Agents(Protocol):
@@ -75,165 +83,6 @@ class Agents(Protocol):
 
     def pids(self) -> dict[str, int]: ...
     async def close(self) -> None: ...
-
-
-# -- the template process ---------------------------------------------------------------
-
-_PRELOAD_ENV = "TESTBED_TEMPLATE_PRELOAD"  # "model:precision,model:precision": variants to load before forking
-
-
-def _preload() -> None:
-    """Everything an agent imports, imported once here, and the model variants named in
-    $TESTBED_TEMPLATE_PRELOAD made once (each forked agent takes its own, copy-on-write).
-    One torch thread: building a model then runs no parallel region, so no thread pool
-    exists at fork time (a forked child cannot use its parent's OpenMP threads)."""
-    import aiomqtt  # noqa: F401
-    import diffusers  # noqa: F401
-    import safetensors.numpy  # noqa: F401
-    import torch
-    from diffusers import DDIMScheduler, UNet2DModel  # noqa: F401
-
-    import testbed.diffusion.models  # noqa: F401
-    import testbed.diffusion.stages  # noqa: F401
-    import testbed.relay.stage  # noqa: F401
-    from testbed.relay.agent import METHOD_HANDLERS
-
-    for where in METHOD_HANDLERS.values():  # an agent (its own uid) may not read the interpreter's files later
-        importlib.import_module(where.partition(":")[0])
-    from testbed.relay.stage import StageModel
-
-    torch.set_num_threads(1)
-    for item in filter(None, os.environ.get(_PRELOAD_ENV, "").split(",")):
-        name, _, precision = item.partition(":")
-        StageModel.preload(name, precision)
-
-
-def _setns(fd: int) -> None:
-    import ctypes
-
-    libc = ctypes.CDLL(None, use_errno=True)
-    if libc.setns(fd, 0) != 0:
-        e = ctypes.get_errno()
-        raise OSError(e, f"setns: {os.strerror(e)}")
-
-
-def enter_node(fds: list[int], cgroup_fds: int, netns_fd: bool, extra_ns_fds: int) -> None:
-    """Join a node as root (what `cell.join` names, received as open files): its cgroups
-    (writing "0" to each `cgroup.procs` moves the writer), its network namespace and a
-    container's mount, UTS and IPC namespaces. Closes the files."""
-    for fd in fds[1:1 + cgroup_fds]:
-        os.write(fd, b"0")
-    if netns_fd:
-        _setns(fds[0])
-    for fd in fds[1 + cgroup_fds:1 + cgroup_fds + extra_ns_fds]:
-        _setns(fd)  # a container's mnt/uts/ipc (this child is single-threaded)
-    for fd in fds:
-        os.close(fd)
-
-
-def _close_inherited(keep: list[int]) -> None:
-    """Close every descriptor but stdin/stdout/stderr and `keep`: none of the root
-    template's files may reach the agent. (Before entering a container: its /proc does
-    not show this process.)"""
-    for fd in [int(n) for n in os.listdir("/proc/self/fd")]:
-        if fd > 2 and fd not in keep:
-            with contextlib.suppress(OSError):
-                os.close(fd)
-
-
-def _child(req: dict[str, Any], fds: list[int]) -> int:
-    from setproctitle import setproctitle
-
-    signal.signal(signal.SIGCHLD, signal.SIG_DFL)
-    os.setsid()
-    log = os.open(req["log"], os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)  # as root, on the host
-    os.dup2(log, 1)
-    os.dup2(log, 2)
-    os.close(log)
-    null = os.open(os.devnull, os.O_RDONLY)
-    os.dup2(null, 0)
-    os.close(null)
-    _close_inherited(keep=fds)
-    enter_node(fds, int(req["cgroup_fds"]), bool(req["netns_fd"]), int(req["extra_ns_fds"]))
-    if req.get("model"):  # inside the node (its memory counts), before the uid that cannot read e.g. /root/.cache
-        _load_model(*req["model"])
-    drop_privileges(int(req["uid"]))
-    os.chdir("/")
-    os.environ.update(req.get("env") or {})
-    argv = [str(a) for a in req["argv"]]
-    setproctitle(" ".join(argv))
-    sys.argv = argv
-    from testbed.relay.agent import main
-
-    try:
-        main(argv[1:])  # the agent opens its own config, as its own uid
-    except SystemExit as e:
-        return e.code if isinstance(e.code, int) else 0
-    return 0
-
-
-def _load_model(name: str, precision: str) -> None:
-    """The agent's model variant, made before privileges drop (the template's copy when it
-    made one); a failure is left to the agent, which loads again and reports it."""
-    from testbed.relay.stage import StageModel
-
-    try:
-        StageModel.preload(name, precision)
-    except Exception as e:  # noqa: BLE001 - the agent's own load says what is wrong
-        print(f"note: loading {name}/{precision} before dropping privileges failed: {e}", flush=True)
-
-
-def _private_parent(path: str) -> Path | None:
-    """The first directory above `path` that other users cannot search, if any."""
-    for d in reversed(Path(path).resolve().parents):
-        with contextlib.suppress(OSError):
-            if not d.stat().st_mode & 0o001:
-                return d
-    return None
-
-
-def serve_template(sock_path: str) -> None:
-    """The template's loop: one fork per request, answered with {"pid": N}."""
-    t0 = time.perf_counter()
-    _preload()
-    for where in {sys.base_prefix, sys.prefix}:
-        if (d := _private_parent(where)) is not None:  # e.g. a pyenv Python under /root (0700)
-            print(f"note: agents run as their own uids and cannot enter {d}: they can import only what this "
-                  f"template imported from {where} (install Python outside a private directory to lift this)",
-                  flush=True)
-    signal.signal(signal.SIGCHLD, signal.SIG_IGN)  # the kernel reaps finished agents
-    srv = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    path = Path(sock_path)
-    path.unlink(missing_ok=True)
-    srv.bind(str(path))
-    os.chmod(path, 0o600)
-    srv.listen(64)
-    print(f"agent template ready in {time.perf_counter() - t0:.2f} s (pid {os.getpid()})", flush=True)
-    while True:
-        conn, _ = srv.accept()
-        with conn:
-            try:
-                msg, fds, _flags, _addr = socket.recv_fds(conn, 65536, _MAX_FDS)
-                if not msg:  # a readiness probe: connected and closed
-                    continue
-                req = json.loads(msg)
-            except (OSError, ValueError) as e:
-                print(f"bad request: {e}", flush=True)
-                continue
-            pid = os.fork()
-            if pid == 0:
-                code = 1
-                try:
-                    srv.close()
-                    conn.close()
-                    code = _child(req, fds)
-                except BaseException:  # noqa: BLE001 - the child must never return into the loop
-                    traceback.print_exc()
-                finally:
-                    os._exit(code)
-            for fd in fds:
-                os.close(fd)
-            conn.sendall(json.dumps({"pid": pid}).encode())
 
 
 # -- the launcher ------------------------------------------------------------------------
@@ -279,8 +128,8 @@ class AgentLauncher:
         self.sock_path.unlink(missing_ok=True)
         self.logs_dir.mkdir(parents=True, exist_ok=True)
         log = self.logs_dir / "agent-template.log"
-        env = {_PRELOAD_ENV: ",".join(f"{m}:{p}" for m, p in self.preload)}
-        proc = await asyncio.to_thread(spawn_in, None, [sys.executable, "-m", "testbed.composition.agents",
+        env = {PRELOAD_ENV: ",".join(f"{m}:{p}" for m, p in self.preload)}
+        proc = await asyncio.to_thread(spawn_in, None, [sys.executable, "-m", "testbed.composition.template",
                                                         str(self.sock_path)], env, log)
         self._template, self.template_pid = proc, proc.pid
         while not await asyncio.to_thread(self._accepts):
@@ -408,5 +257,17 @@ class RemoteAgents:
         """The agents stay with their cell."""
 
 
-if __name__ == "__main__":
-    serve_template(sys.argv[1])
+class ExternalAgents:
+    """Agents that someone else starts (compose/Swarm device services)."""
+
+    async def ensure(self, devices: list[str]) -> None:
+        """They start with their containers; the orchestrator waits for them online."""
+
+    async def revive(self, device: str) -> int:
+        raise ResourceError(f"revive {device}: in a compose/Swarm deployment restart its container (`docker start`)")
+
+    def pids(self) -> dict[str, int]:
+        return {}
+
+    async def close(self) -> None:
+        """Nothing to stop: they are the deployment's."""

@@ -12,13 +12,13 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
 
 from testbed.relay.events import make_event
 
-__all__ = ["EventLog", "EventPublisher"]
+__all__ = ["EventLog", "EventPublisher", "publishing"]
 
 Listener = Callable[[dict[str, Any]], None]
 
@@ -115,3 +115,35 @@ class EventPublisher:
 
     def close(self) -> None:
         self.publish(None)
+
+
+@contextlib.asynccontextmanager
+async def publishing(log: EventLog, settings: Any, in_server_ns: Callable[[Callable[[], Any]], Any],
+                     ) -> AsyncIterator[None]:
+    """The run owner's publisher for one generation (`settings`: relay RelaySettings, or None
+    without a broker): serving on a loop in the edge server's namespace while the body runs,
+    closed after it (best effort: the events are in events.jsonl in any case)."""
+    if settings is None:
+        yield
+        return
+    pub = EventPublisher(settings.broker_host, settings.broker_port, settings.username, settings.password,
+                         settings.run)
+    loop = asyncio.get_running_loop()
+    ready = loop.create_future()
+    task = asyncio.ensure_future(in_server_ns(lambda: pub.serve(lambda: loop.call_soon_threadsafe(ready.set_result,
+                                                                                                    None))))
+    await asyncio.wait({task, ready}, return_when=asyncio.FIRST_COMPLETED)
+    if task.done():
+        task.result()  # it failed before it could serve: say why
+    log.publisher = pub
+    try:
+        yield
+    finally:
+        pub.close()
+        log.publisher = None
+        try:
+            await asyncio.wait_for(asyncio.shield(task), timeout=10)
+        except (TimeoutError, Exception):  # noqa: BLE001 - best effort: the events are in events.jsonl
+            task.cancel()
+            with contextlib.suppress(BaseException):
+                await task

@@ -21,7 +21,7 @@ from testbed.model.topology import Topology
 __all__ = ["run_on_up_cell"]
 
 
-async def run_on_up_cell(run_id: str, topo: Topology, *, method: str = "multistage", strategy: str = "dp",
+async def run_on_up_cell(run_id: str, topo: Topology, *, method: str = "multistage", selector: str | None = None,
                          t_max_s: float | None = None, e_max_j: float | None = None, fail: str | None = None,
                          out_dir: Path | None = None, on_event: Callable[[dict[str, Any]], None] | None = None,
                          started_at: float | None = None) -> dict[str, Any]:
@@ -32,6 +32,6 @@ async def run_on_up_cell(run_id: str, topo: Topology, *, method: str = "multista
                             f"start it with `testbed up FILE --run {run_id}`, or run without --run")
     doc = topo.model_dump(mode="json", exclude_unset=True)  # what the file said; the supervisor validates it again
     return await call_stream(path, "generate", on_event or (lambda _ev: None), topology=doc, method=method,
-                             strategy=strategy, t_max_s=t_max_s, e_max_j=e_max_j, fail=fail,
+                             selector=selector, t_max_s=t_max_s, e_max_j=e_max_j, fail=fail,
                              out_dir=str(Path(out_dir).resolve()) if out_dir is not None else None,
                              started_at=started_at)

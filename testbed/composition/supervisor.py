@@ -28,6 +28,7 @@ from typing import Any
 
 from pathlib import Path
 
+from testbed.composition.cells import MadeCell
 from testbed.composition.session import RunSession
 from testbed.composition.startup import StartupClock
 from testbed.emulation.attached import cell_handlers, control_path
@@ -93,7 +94,7 @@ class CellKeeper:
         return ops
 
     async def generate(self, emit: Any, *, topology: dict[str, Any], method: str = "multistage",
-                       strategy: str = "dp", t_max_s: float | None = None, e_max_j: float | None = None,
+                       selector: str | None = None, t_max_s: float | None = None, e_max_j: float | None = None,
                        fail: str | None = None, out_dir: str | None = None,
                        started_at: float | None = None) -> dict[str, Any]:
         """The streaming op `generate`: one generation of the caller's scenario (`topology`, a
@@ -112,7 +113,7 @@ class CellKeeper:
             clock.mark("cli", clock.t0, received)  # the client: its interpreter, imports and request
             self.session.events.listeners.append(emit)
             try:
-                res = await self.session.run(method, strategy=strategy, t_max_s=t_max_s, e_max_j=e_max_j, fail=fail,
+                res = await self.session.run(method, selector=selector, t_max_s=t_max_s, e_max_j=e_max_j, fail=fail,
                                              out_dir=Path(out_dir) if out_dir else None, topology=topo,
                                              startup=clock)
             finally:
@@ -140,7 +141,7 @@ class CellKeeper:
                     async with aiomqtt.Client(rs.broker_host, rs.broker_port, username=rs.username,
                                               password=rs.password, identifier=f"tb-{rs.run}-keeper",
                                               keepalive=10, timeout=10) as client:
-                        await client.subscribe(f"tb/{rs.run}/dev/+/status", qos=1)
+                        await client.subscribe(topics.device_leaf_filter(rs.run, "status"), qos=1)
                         async for m in client.messages:
                             parsed = topics.parse_device_topic(rs.run, str(m.topic))
                             with contextlib.suppress(ValueError, AttributeError, TypeError):
@@ -161,8 +162,8 @@ async def _main(args: argparse.Namespace) -> int:
     topo = load_topology(args.file, seed=args.seed)
     t0 = time.perf_counter()
     write_topology(args.run, topo)
-    async with RunSession(topo, run_id=args.run, backend=args.backend, broker=args.broker,
-                          state_dir=run_dir(args.run)) as session:
+    source = MadeCell(args.run, backend=args.backend, broker=args.broker, state_dir=run_dir(args.run))
+    async with RunSession(topo, source) as session:
         cell = session.cell
         assert cell is not None
         keeper = CellKeeper(session, {"ready": False, "topology": os.path.abspath(args.file), "seed": topo.seed,

@@ -1,7 +1,7 @@
 """Emulation layer: the only code that touches the kernel (namespaces, tc, cgroups,
 containers) and starts node processes. Everything above it sees a cell through the `Cell`
 protocol (cell.py): `Emulation` (emulation.py; netns or docker/ backend), `AttachedCell`
-(attached.py: a `testbed up` cell through its control socket), `ComposeCell` (compose.py).
+(attached.py: a `testbed up` cell through its control socket), `DeployedCell` (compose.py).
 
 The names below are imported on first use: a client of the control socket (a warm
 `testbed run --run ID`, the agent template) does not pay for pyroute2.

@@ -2,7 +2,7 @@
 
 Implemented in full by `Emulation` (a cell this process makes, on the netns or docker
 backend), `AttachedCell` (a cell that `testbed up` keeps alive, reached through its
-supervisor's control socket) and `ComposeCell` (the server container's view of a
+supervisor's control socket) and `DeployedCell` (the server container's view of a
 compose/Swarm deployment). See docs/design.md, "The cell".
 """
 

@@ -103,8 +103,10 @@ class Emulation:
         state_dir: Path | None = None,
         cgroup_impl: Cgroups | None = None,
         impair_path: ImpairPath | None = None,
+        links: list[DeviceLink] | None = None,
     ):
         self.topology = topology
+        self._given_links = links  # computed by the caller from this topology (the run owner computes them once)
         self.run_id = check_run_id(run_id)
         self.backend: Backend = backend if not isinstance(backend, str) else make_backend(
             backend, run_id, gso_off=gso_off, limits=cgroups, cgroups=cgroup_impl, state_dir=state_dir)
@@ -148,7 +150,7 @@ class Emulation:
     async def _up(self) -> None:
         topo = self.topology
         placement = place(topo)
-        self.links = compute_links(topo, placement)
+        self.links = list(self._given_links) if self._given_links is not None else compute_links(topo, placement)
         profiles = load_profiles()
         if any(link.id == SERVER_ID for link in self.links):
             raise ResourceError(f"a device may not be called {SERVER_ID!r}: that id names the edge server")

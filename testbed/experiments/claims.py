@@ -46,9 +46,9 @@ Row = dict[str, Any]
 
 
 def _key(r: Row) -> str:
-    from testbed.experiments.sweep import RunSpec
+    from testbed.experiments.sweep import row_key
 
-    return RunSpec(r["method"], r["strategy"]).key
+    return row_key(r)
 
 
 def tran_share(r: Row) -> float | None:

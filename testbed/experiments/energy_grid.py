@@ -17,36 +17,34 @@ from testbed.errors import InfeasibleError
 __all__ = ["energy_needs", "binding_markdown"]
 
 UNLIMITED_J = 1e12
-_METHODS = {"dp": "w/ DS", "random": "w/o DS", "split": "split"}
+#: the compared runs whose plans need no model to be built (patch's sizes its bands from the UNet)
+RUNS = "multistage:dp,multistage:random,split"
 
 
-def energy_needs(file: Path, seeds: Sequence[int], t_values: Sequence[float]) -> list[dict[str, Any]]:
-    """Per (seed, T_max): the predicted energy (J) of the plan each method makes with no
-    energy limit (None where not even one stage or step fits T_max)."""
-    from testbed.diffusion.split import sd15_split_bytes_per_step
+def energy_needs(file: Path, seeds: Sequence[int], t_values: Sequence[float],
+                 runs: str = RUNS) -> list[dict[str, Any]]:
+    """Per (seed, T_max): the predicted energy (J) of the plan each compared run makes with no
+    energy limit, keyed by its label (None where not even one stage or step fits T_max)."""
+    from testbed.experiments.sweep import parse_runs
+    from testbed.methods import method
+    from testbed.methods.base import PlanContext
     from testbed.model.radio import compute_links
     from testbed.model.topology import load_topology, place
-    from testbed.selection import device_costs, select
-    from testbed.selection.split_plan import activation_bytes, plan_split
 
+    specs = parse_runs(runs)
     out = []
     for seed in seeds:
         topo = load_topology(file, seed=seed)
         links = compute_links(topo, place(topo))
-        costs = device_costs(topo, links)
-        res = topo.workload.resolution_px
-        fbytes = lambda p, res=res: sd15_split_bytes_per_step(res, activation_bytes(p), 2)  # noqa: E731
         for t in t_values:
             row: dict[str, Any] = {"seed": seed, "t_max_s": float(t)}
-            for strategy in ("dp", "random"):
+            for spec in specs:
+                collab = method(spec.method).make(spec.selector)  # the plan `testbed run` makes (margin kept)
                 try:
-                    row[strategy] = select(costs, t, UNLIMITED_J, strategy=strategy, seed=seed).energy_j
+                    plan = collab.plan(PlanContext(topo, links, float(t), UNLIMITED_J, seed))
+                    row[spec.label] = plan.predicted_energy_j
                 except InfeasibleError:
-                    row[strategy] = None
-            try:
-                row["split"] = plan_split(topo, links, t, UNLIMITED_J, fbytes).predicted_energy_j
-            except InfeasibleError:
-                row["split"] = None
+                    row[spec.label] = None
             out.append(row)
     return out
 
@@ -56,11 +54,12 @@ def binding_markdown(needs: list[dict[str, Any]]) -> str:
     seeds — E_max below the max binds at least one seed, below the min binds every seed."""
     t_values = sorted({r["t_max_s"] for r in needs})
     seeds = sorted({r["seed"] for r in needs})
-    lines = [f"| T_max (s) | {' | '.join(f'{lbl}: energy needed (J)' for lbl in _METHODS.values())} |",
-             "| --- |" + " --- |" * len(_METHODS)]
+    labels = [k for k in (needs[0] if needs else {}) if k not in ("seed", "t_max_s")]
+    lines = [f"| T_max (s) | {' | '.join(f'{lbl}: energy needed (J)' for lbl in labels)} |",
+             "| --- |" + " --- |" * len(labels)]
     for t in t_values:
         cells = []
-        for key in _METHODS:
+        for key in labels:
             vals = [r[key] for r in needs if r["t_max_s"] == t and r[key] is not None]
             cell = f"{min(vals):.0f}-{max(vals):.0f}" if vals else "infeasible"
             if vals and len(vals) < len(seeds):

@@ -26,27 +26,39 @@ from typing import Any
 
 import numpy as np
 
+from testbed.methods import METHODS, line_for, method
+
 __all__ = ["aggregate", "provenance", "quality", "reference_budget", "short_commit", "write_figures", "FIGURES"]
 
 FIGURES = ("fig4a_quality_vs_tmax.png", "fig4b_quality_vs_emax.png", "fig4c_time_breakdown.png", "fig4d_images.png")
-_ORDER = ("multi-stage w/ DS", "multi-stage w/o DS", "split", "patch")
-_STYLE = {
-    "multi-stage w/ DS": {"color": "#1f77b4", "marker": "o"},
-    "multi-stage w/o DS": {"color": "#2ca02c", "marker": "s"},
-    "split": {"color": "#d62728", "marker": "^"},
-    "patch": {"color": "#9467bd", "marker": "D"},
-}
+def _selector(row: dict[str, Any]) -> str:
+    return row.get("selector") or row["strategy"]
 
 
 def _label(row: dict[str, Any]) -> str:
-    from testbed.experiments.sweep import RunSpec
+    return line_for(row["method"], _selector(row)).label
 
-    return RunSpec(row["method"], row["strategy"]).label
+
+def _rank(row: dict[str, Any]) -> tuple[int, int]:
+    """Methods in the registry's order; a method's lines in the order it lists them."""
+    names, spec = list(METHODS), method(row["method"])
+    keys = list(spec.lines)
+    sel = _selector(row)
+    return names.index(spec.name), keys.index(sel) if sel in keys else len(keys)
 
 
 def _labels(rows: list[dict[str, Any]]) -> list[str]:
-    present = {_label(r) for r in rows}
-    return [lb for lb in _ORDER if lb in present] + sorted(present - set(_ORDER))
+    ranked = sorted({(_rank(r), _label(r)) for r in rows})
+    return list(dict.fromkeys(label for _, label in ranked))
+
+
+def _styles(rows: list[dict[str, Any]]) -> dict[str, dict[str, str]]:
+    """label -> the registry's colour and marker for it."""
+    out = {}
+    for r in rows:
+        ln = line_for(r["method"], _selector(r))
+        out[ln.label] = {"color": ln.color, "marker": ln.marker}
+    return out
 
 
 def reference_budget(values: list[float], preferred: float) -> float:
@@ -80,11 +92,13 @@ def aggregate(rows: list[dict[str, Any]], x_key: str, fixed_key: str, fixed: flo
     return out
 
 
-def _quality_plot(ax: Any, agg: dict[str, list[dict[str, float]]], xlabel: str, title: str) -> None:
+def _quality_plot(ax: Any, rows: list[dict[str, Any]], agg: dict[str, list[dict[str, float]]], xlabel: str,
+                  title: str) -> None:
     """Mean MS-SSIM per method with its spread over seeds."""
-    for label in [lb for lb in _ORDER if lb in agg] + sorted(set(agg) - set(_ORDER)):
+    styles = _styles(rows)
+    for label in [lb for lb in _labels(rows) if lb in agg]:
         s = agg[label]
-        st = _STYLE.get(label, {"color": "gray", "marker": "x"})
+        st = styles.get(label, {"color": "gray", "marker": "x"})
         x = [p["x"] for p in s]
         m = np.array([p["mean"] for p in s])
         ax.fill_between(x, [p["min"] for p in s], [p["max"] for p in s], color=st["color"], alpha=0.15, lw=0)
@@ -119,7 +133,7 @@ def _time_breakdown(ax: Any, rows: list[dict[str, Any]], e_ref: float, t_values:
             tran.append(tt / tot if tot else np.nan)
             cmp_.append(tc / tot if tot else np.nan)
         xs = np.arange(len(t_values)) + (j - (len(labels) - 1) / 2) * width
-        st = _STYLE.get(label, {"color": "gray"})
+        st = _styles(rows).get(label, {"color": "gray"})
         ax.bar(xs, tran, width * 0.95, color=st["color"], edgecolor="black", lw=0.5,
                label=f"{label}: transmission (measured)")
         ax.bar(xs, cmp_, width * 0.95, bottom=tran, color=st["color"], alpha=0.35, edgecolor="black", lw=0.5,
@@ -195,12 +209,12 @@ def write_figures(csv_path: Path, out_dir: Path | None = None, source: dict[str,
     paths = []
 
     fig, ax = plt.subplots(figsize=(6.4, 4.8), dpi=120)
-    _quality_plot(ax, aggregate(rows, "t_max_s", "e_max_j", e_ref), "T_max (s)",
+    _quality_plot(ax, rows, aggregate(rows, "t_max_s", "e_max_j", e_ref), "T_max (s)",
                   f"Fig. 4(a): quality vs T_max (E_max = {e_ref:g} J, {n_seeds} seeds)")
     paths.append(_save(fig, out_dir / FIGURES[0], caption, source))
 
     fig, ax = plt.subplots(figsize=(6.4, 4.8), dpi=120)
-    _quality_plot(ax, aggregate(rows, "e_max_j", "t_max_s", t_ref), "E_max (J)",
+    _quality_plot(ax, rows, aggregate(rows, "e_max_j", "t_max_s", t_ref), "E_max (J)",
                   f"Fig. 4(b): quality vs E_max (T_max = {t_ref:g} s, {n_seeds} seeds)")
     paths.append(_save(fig, out_dir / FIGURES[1], caption, source))
 

@@ -30,6 +30,8 @@ import numpy as np
 from testbed.composition.meta import KINDS, git_commit, number_labels
 from testbed.errors import InfeasibleError, TopologyError
 from testbed.experiments.expectations import derived_metrics
+from testbed.methods import METHODS, line_for, method, run_key
+from testbed.model.names import SELECTORS
 from testbed.model.topology import Topology, load_topology
 
 __all__ = [
@@ -42,11 +44,11 @@ __all__ = [
     "RunSpec",
     "SweepConfig",
     "SweepOutcome",
-    "own_choice",
     "parse_runs",
     "parse_floats",
     "result_row",
     "read_rows",
+    "row_key",
     "run_sweep",
 ]
 
@@ -54,8 +56,9 @@ SETTING, RECORD = "setting", "record"
 #: results.csv, in order: (column, kind, what). A kind of None is the result's own label
 #: (testbed.composition.meta.number_labels), which depends on the compute mode.
 _COLUMNS: tuple[tuple[str, str | None, str], ...] = (
-    ("method", SETTING, "multistage, split or patch"),
-    ("strategy", SETTING, "device selection (dp = w/ DS, random = w/o DS; split: best-pair; patch: best-bands)"),
+    ("method", SETTING, "the collaboration method (testbed.methods: multistage, split, patch, ...)"),
+    ("strategy", SETTING, "the device selector (dp = w/ DS, random = w/o DS; a method's own choice such as split's "
+                          "best-pair); the older name of `selector`"),
     ("t_max_s", SETTING, "latency budget T_max (s)"),
     ("e_max_j", SETTING, "energy budget E_max (J)"),
     ("seed", SETTING, "placement, precision draw, LOS draw and initial noise"),
@@ -75,6 +78,7 @@ _COLUMNS: tuple[tuple[str, str | None, str], ...] = (
     ("run", RECORD, "the emulation's run id"),
     ("image", RECORD, "the image, relative to the sweep folder"),
     ("error", RECORD, "why an infeasible point is infeasible"),
+    ("selector", SETTING, "the device selector (same as `strategy`, its older name)"),
 )
 CSV_COLUMNS = [name for name, _, _ in _COLUMNS]
 DEFAULT_RUNS = "multistage:dp,multistage:random,split"
@@ -84,57 +88,43 @@ QUICK = {"t_max_s": (1.0, 2.0, 4.0), "e_max_j": (50.0, 200.0), "seeds": 2}
 #: the default sweep: E_max from where energy binds at every T_max (25 J) to where it binds
 #: at none (200 J, the paper's default); 5 seeds, enough for a sign test and a bootstrap.
 FULL = {"t_max_s": (1.0, 2.0, 3.0, 4.0), "e_max_j": (25.0, 50.0, 100.0, 200.0), "seeds": 5}
-_LABELS = {"multistage:dp": "multi-stage w/ DS", "multistage:random": "multi-stage w/o DS", "split": "split",
-           "patch": "patch"}
-
-
-def own_choice(method: str) -> str | None:
-    """How a method picks its devices when it takes no selection strategy (split's
-    "best-pair", patch's "best-bands"); None for a method that takes one (multistage)."""
-    from testbed.composition.strategies import METHODS
-
-    probe = "dp"
-    made = METHODS[method](probe).strategy
-    return None if made == probe else made
 
 
 @dataclass(frozen=True)
 class RunSpec:
-    """One compared method: `multistage:<strategy>`, or a method that picks its own devices."""
+    """One compared run: a method with a device selector (`multistage:dp`), or a method that
+    picks its own devices (`split`)."""
 
     method: str
-    strategy: str
+    selector: str
 
     @property
     def key(self) -> str:
-        return self.method if own_choice(self.method) == self.strategy else f"{self.method}:{self.strategy}"
+        return run_key(self.method, self.selector)
 
     @property
     def label(self) -> str:
-        return _LABELS.get(self.key, self.key)
+        return line_for(self.method, self.selector).label
 
 
 def parse_runs(text: str) -> list[RunSpec]:
-    """`multistage:dp,multistage:random,split,patch` -> RunSpecs (strategies checked against selection's)."""
-    from testbed.composition.strategies import METHODS
-    from testbed.selection import STRATEGIES
-
+    """`multistage:dp,multistage:random,split,patch` -> RunSpecs (checked against the registries)."""
     specs: list[RunSpec] = []
     for part in (p.strip() for p in text.split(",")):
         if not part:
             continue
-        method, _, strategy = part.partition(":")
-        if method not in METHODS:
+        name, _, selector = part.partition(":")
+        if name not in METHODS:
             raise TopologyError(f"--runs {part!r}: method must be one of {', '.join(METHODS)} (e.g. multistage:dp)")
-        own = own_choice(method)
+        own = method(name).own_selector
         if own is not None:
-            if strategy and strategy != own:
-                raise TopologyError(f"--runs {part!r}: {method} takes no strategy (it picks its own devices, "
-                                    f"{own}); write '{method}'")
-            strategy = own
-        elif strategy not in STRATEGIES:
-            raise TopologyError(f"--runs {part!r}: strategy must be one of {', '.join(STRATEGIES)}")
-        spec = RunSpec(method, strategy)
+            if selector and selector != own:
+                raise TopologyError(f"--runs {part!r}: {name} takes no selector (it picks its own devices, "
+                                    f"{own}); write '{name}'")
+            selector = own
+        elif selector not in SELECTORS:
+            raise TopologyError(f"--runs {part!r}: the selector must be one of {', '.join(SELECTORS)}")
+        spec = RunSpec(name, selector)
         if spec in specs:
             raise TopologyError(f"--runs lists {spec.key} twice")
         specs.append(spec)
@@ -211,8 +201,9 @@ def result_row(doc: dict[str, Any], spec: RunSpec, t_max_s: float, e_max_j: floa
     """One CSV row from a run's result document (its own numbers; columns.json says what each is)."""
     d = derived_metrics(doc)
     q = doc.get("ms_ssim")
-    return {
-        "method": spec.method, "strategy": spec.strategy, "t_max_s": t_max_s, "e_max_j": e_max_j, "seed": seed,
+    row = {
+        "method": spec.method, "strategy": spec.selector, "selector": spec.selector, "t_max_s": t_max_s,
+        "e_max_j": e_max_j, "seed": seed,
         "compute": (doc.get("meta") or {}).get("compute", ""),
         "selected_count": int(d["selected_count"]), "total_steps": int(d["steps_total"]),
         "latency_s": float(doc.get("latency_s") or 0.0), "energy_j": float(doc.get("energy_j") or 0.0),
@@ -221,12 +212,14 @@ def result_row(doc: dict[str, Any], spec: RunSpec, t_max_s: float, e_max_j: floa
         "predicted_latency_s": doc.get("predicted_latency_s", ""), "overrun_s": d["overrun_s"],
         "selected": " ".join(doc.get("selected") or []), "run": doc.get("run", ""), "image": image, "error": "",
     }
+    return {k: row[k] for k in CSV_COLUMNS}
 
 
 def _infeasible_row(spec: RunSpec, t_max_s: float, e_max_j: float, seed: int, compute: str,
                     why: str) -> dict[str, Any]:
     row = {k: "" for k in CSV_COLUMNS}
-    row.update(method=spec.method, strategy=spec.strategy, t_max_s=t_max_s, e_max_j=e_max_j, seed=seed,
+    row.update(method=spec.method, strategy=spec.selector, selector=spec.selector, t_max_s=t_max_s, e_max_j=e_max_j,
+               seed=seed,
                compute=compute, selected_count=0, total_steps=0, feasible=0, error=why)
     return row
 
@@ -236,7 +229,7 @@ def budget_summary(rows: list[dict[str, Any]]) -> dict[str, dict[str, int]]:
     energy stayed within their budgets (the issue's acceptance counts these)."""
     out: dict[str, dict[str, int]] = {}
     for r in rows:
-        s = out.setdefault(RunSpec(r["method"], r["strategy"]).key,
+        s = out.setdefault(row_key(r),
                            {"runs": 0, "infeasible": 0, "within_t_max": 0, "within_e_max": 0})
         s["runs"] += 1
         if not r.get("feasible"):
@@ -256,12 +249,18 @@ def read_rows(path: Path) -> list[dict[str, Any]]:
             for k, v in raw.items():
                 if v == "":
                     row[k] = None
-                elif k in ("method", "strategy", "compute", "selected", "run", "image", "error"):
+                elif k in ("method", "strategy", "selector", "compute", "selected", "run", "image", "error"):
                     row[k] = v
                 else:
                     row[k] = float(v) if any(c in v for c in ".eE") or k in ("t_max_s", "e_max_j") else int(v)
+            row.setdefault("selector", row.get("strategy"))  # a sweep from before `selector` was written
             rows.append(row)
     return rows
+
+
+def row_key(row: dict[str, Any]) -> str:
+    """The compared run a CSV row belongs to (`multistage:dp`, `split`)."""
+    return RunSpec(row["method"], row.get("selector") or row["strategy"]).key
 
 
 # -- running -------------------------------------------------------------------------------
@@ -273,9 +272,10 @@ def default_factory(backend: str = "netns") -> SessionFactory:
     """(topology, run id, output folder) -> a run owner (`RunSession`) on a fresh cell."""
 
     def make(topo: Topology, run_id: str, out_dir: Path) -> AbstractAsyncContextManager[Any]:
+        from testbed.composition.cells import MadeCell
         from testbed.composition.session import RunSession
 
-        return RunSession(topo, run_id=run_id, backend=backend, out_dir=out_dir)
+        return RunSession(topo, MadeCell(run_id, backend=backend), out_dir=out_dir)
 
     return make
 
@@ -379,10 +379,11 @@ async def _one(session: Any, spec: RunSpec, t_max: float, e_max: float, seed: in
     from PIL import Image
 
     try:
-        res = await session.run(spec.method, strategy=spec.strategy, t_max_s=t_max, e_max_j=e_max)
+        res = await session.run(spec.method, selector=spec.selector, t_max_s=t_max, e_max_j=e_max)
     except InfeasibleError as e:
         return (_infeasible_row(spec, t_max, e_max, seed, compute, str(e)),
-                {"method": spec.method, "strategy": spec.strategy, "t_max_s": t_max, "e_max_j": e_max,
+                {"method": spec.method, "selector": spec.selector, "strategy": spec.selector, "t_max_s": t_max,
+                 "e_max_j": e_max,
                  "seed": seed, "infeasible": str(e)})
     doc = res.to_json()
     img = _image_array(res, doc)

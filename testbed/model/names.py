@@ -25,6 +25,7 @@ __all__ = [
     "check_name",
     "STATE_ROOT",
     "MQTT_PORT",
+    "SELECTORS",
     "SERVER_ID",
     "RESERVED_IDS",
     "SERVER_ADDRESS",
@@ -48,6 +49,10 @@ STATE_ROOT = Path(os.environ.get("TESTBED_RUN_ROOT", "/run/testbed"))
 MQTT_PORT = 1883
 
 #: The edge server's node id; it and the observer's MQTT user name are not device ids.
+#: The device selectors (selection/__init__.py `select`): the paper's DP, the MILP
+#: reference, "w/o DS" (random), a greedy density order, and the DP discounted by spent energy.
+SELECTORS = ("dp", "exact", "random", "greedy", "fair")
+
 SERVER_ID = "server"
 RESERVED_IDS = (SERVER_ID, "observer")
 

@@ -1,13 +1,15 @@
-"""The device agent: `testbed-agent <run> <device>` runs one relay stage per task message.
+"""The device agent: one process per device that serves every collaboration method's tasks.
 
 Started inside the device's node (namespace or container, under its cgroup). It loads its
 local model variant, connects to the broker with its own credentials (last will: retained
-"offline" on its status topic), publishes "online", and serves its task topic: decode and
-validate the message (wire.py), tell the server it started computing, run the stage,
-pad to the profile time in `compute: profile` mode (recording any overrun: a slower real
-computation is never reported as the profile time), and upload the result padded to the
-workload's payload size. Bad payloads are logged and dropped; the agent keeps serving and
-reconnects with backoff when the broker goes away.
+"offline" on its status topic), publishes "online", and serves its task topic: each task's
+`meta.method` picks the method's handler (methods/<name>/agent.py, named by the method
+registry and handed in by whoever starts the agent: methods/device.py), made on the
+method's first task. A handler decodes and validates its tasks (wire.py), computes, pads
+to the profile's time in `compute: profile` mode (recording any overrun: a slower real
+computation is never reported as the profile time) and uploads its result. Bad payloads
+are logged and dropped; the agent keeps serving and reconnects with backoff when the
+broker goes away.
 
 Configuration: a JSON file (0600, written by the runner) named by `--config`, the
 TESTBED_AGENT_CONFIG variable, or /run/testbed/<run>/agents/<device>.json.
@@ -27,14 +29,16 @@ import sys
 import time
 from dataclasses import dataclass, fields
 from pathlib import Path
+from collections.abc import Mapping
 from typing import Any
 
 from testbed.errors import RelayError, TestbedError
 from testbed.model.names import STATE_ROOT
 from testbed.relay import topics
-from testbed.relay.wire import Message, decode, encode, peek_meta
+from testbed.relay.wire import peek_meta
 
-__all__ = ["AgentConfig", "Agent", "agent_config_path", "threads_for_quota", "main"]
+__all__ = ["AgentConfig", "Agent", "Handlers", "status_doc", "agent_config_path", "threads_for_quota", "pad_to_profile",
+           "torch_threads", "run_agent", "main"]
 
 log = logging.getLogger("testbed.agent")
 
@@ -47,11 +51,10 @@ log = logging.getLogger("testbed.agent")
 #: such messages at every layer).
 SOCKET_OPTIONS = ((socket.SOL_SOCKET, socket.SO_SNDBUF, 4 * 2**20), (socket.IPPROTO_TCP, socket.TCP_NODELAY, 1))
 
-#: Task handlers of the collaboration methods besides multi-stage, by `meta.method`:
-#: "module:factory", factory(agent) -> async handler(client, payload). One agent process
-#: per device serves every method; a new method adds its line here.
-METHOD_HANDLERS = {"split": "testbed.relay.split_agent:task_handler",
-                   "patch": "testbed.relay.patch_agent:task_handler"}
+#: handlers[method] = "module:factory"; factory(agent) -> a handler object with
+#: `async handle(client, payload)` and counters `served`, `rejected` (methods/device.py
+#: builds this table from the method registry).
+Handlers = Mapping[str, str]
 
 
 @dataclass(frozen=True)
@@ -103,19 +106,29 @@ class Agent:
     """One device's relay loop. `model` is a `stage.StageModel` (or anything with
     `latent_spec` and `run(...)`)."""
 
-    def __init__(self, cfg: AgentConfig, model: Any):
+    def __init__(self, cfg: AgentConfig, model: Any, handlers: Handlers):
         self.cfg = cfg
         self.model = model
-        self.served = 0
-        self.rejected = 0
+        self.handlers = dict(handlers)
         self.client: Any = None  # the connected aiomqtt client, while connected
-        self._task = topics.task(cfg.run, cfg.device)
-        self._result = topics.result(cfg.run, cfg.device)
-        self._status = topics.status(cfg.run, cfg.device)
-        self._handlers: dict[str, Any] = {}
+        self.task_topic = topics.task(cfg.run, cfg.device)
+        self.result_topic = topics.result(cfg.run, cfg.device)
+        self.status_topic = topics.status(cfg.run, cfg.device)
+        self._made: dict[str, Any] = {}
+        self._rejected = 0
 
-    def _status_doc(self, state: str, **extra: Any) -> bytes:
-        return json.dumps({"state": state, "device": self.cfg.device, "pid": os.getpid(), "ts": time.time(), **extra}).encode()
+    @property
+    def served(self) -> int:
+        """Results handed to the broker client, over every method."""
+        return sum(h.served for h in self._made.values())
+
+    @property
+    def rejected(self) -> int:
+        """Tasks dropped as malformed, over every method (and those naming none)."""
+        return self._rejected + sum(h.rejected for h in self._made.values())
+
+    def status_doc(self, state: str, **extra: Any) -> bytes:
+        return status_doc(self.cfg.device, state, **extra)
 
     async def serve(self, *, max_reconnects: int | None = None) -> None:
         """Serve tasks until cancelled; reconnect with exponential backoff (0.2 s .. 5 s)."""
@@ -125,7 +138,7 @@ class Agent:
         failures = 0
         while True:
             try:
-                will = aiomqtt.Will(self._status, self._status_doc("offline"), qos=1, retain=True)
+                will = aiomqtt.Will(self.status_topic, self.status_doc("offline"), qos=1, retain=True)
                 async with aiomqtt.Client(
                     self.cfg.broker_host,
                     self.cfg.broker_port,
@@ -139,9 +152,9 @@ class Agent:
                     socket_options=SOCKET_OPTIONS,
                 ) as client:
                     self.client = client
-                    await client.subscribe(self._task, qos=1)
-                    await client.publish(self._status, self._status_doc("online"), qos=1, retain=True)
-                    log.info("online: serving %s", self._task)
+                    await client.subscribe(self.task_topic, qos=1)
+                    await client.publish(self.status_topic, self.status_doc("online"), qos=1, retain=True)
+                    log.info("online: serving %s", self.task_topic)
                     backoff, failures = 0.2, 0
                     async for msg in client.messages:
                         await self.handle(client, bytes(msg.payload) if msg.payload is not None else b"")
@@ -154,122 +167,43 @@ class Agent:
                 backoff = min(backoff * 2, 5.0)
 
     async def handle(self, client: Any, payload: bytes) -> None:
-        """One task message: dispatched by its `meta.method` (multi-stage by default)."""
-        method = peek_meta(payload).get("method", "multistage")
-        if method != "multistage":
-            handler = await self._handler(method)
-            if handler is not None:
-                await handler(client, payload)
-            return
-        await self._handle_stage(client, payload)
+        """One task message, handed to the handler its `meta.method` names."""
+        handler = await self._handler(peek_meta(payload).get("method"))
+        if handler is not None:
+            await handler.handle(client, payload)
 
     async def _handler(self, method: Any) -> Any:
-        """The task handler of another collaboration method (made on its first task)."""
-        if method not in self._handlers:
-            where = METHOD_HANDLERS.get(method) if isinstance(method, str) else None
-            if where is None:
-                self.rejected += 1
-                log.error("rejected relay message: unknown method %r (known: multistage, %s); dropped",
-                          method, ", ".join(METHOD_HANDLERS))
-                return None
-            module, _, factory = where.partition(":")
+        """The method's handler (made on its first task)."""
+        if not isinstance(method, str) or method not in self.handlers:
+            self._rejected += 1
+            log.error("rejected relay message: meta.method %r (this agent serves %s); dropped",
+                      method if isinstance(method, str) else type(method).__name__, ", ".join(self.handlers))
+            return None
+        if method not in self._made:
+            module, _, factory = self.handlers[method].partition(":")
             make = getattr(importlib.import_module(module), factory)
-            self._handlers[method] = await asyncio.to_thread(make, self)
-        return self._handlers[method]
-
-    async def _handle_stage(self, client: Any, payload: bytes) -> None:
-        t_recv = time.time()
-        try:
-            task = decode(
-                payload,
-                max_bytes=self.cfg.max_message_bytes,
-                run=self.cfg.run,
-                kind="task",
-                device=self.cfg.device,
-                expect={"latent": self.model.latent_spec},
-                max_tensor_bytes=self.cfg.max_message_bytes,
-            )
-            sched_kind = task.meta.get("scheduler", "ddim")
-            if not isinstance(sched_kind, str):
-                raise RelayError("rejected relay message: meta.scheduler must be a string")
-            sched_scalars = task.meta.get("sched", {})
-            if not isinstance(sched_scalars, dict):
-                raise RelayError("rejected relay message: meta.sched must be an object")
-        except RelayError as e:
-            self.rejected += 1
-            log.error("%s (%d bytes on %s); dropped, still serving", e, len(payload), self._task)
-            return
-        a, b = task.steps
-        log.info("stage %d attempt %d: steps [%d, %d) of %d, %d bytes", task.stage, task.attempt, a, b,
-                 task.total_steps, len(payload))
-        # tell the server (in the background: the computation starts at once)
-        status = asyncio.ensure_future(client.publish(
-            self._status,
-            self._status_doc("computing", stage=task.stage, attempt=task.attempt, steps=[a, b], t_recv=t_recv),
-            qos=1,
-        ))
-        try:
-            out_msg = await self._compute(task, sched_kind, sched_scalars, t_recv)
-        except TestbedError as e:
-            log.error("stage %d failed: %s", task.stage, e)
-            return
-        except Exception as e:  # noqa: BLE001 - a model failure must not kill the agent
-            log.exception("stage %d failed: %s", task.stage, e)
-            return
-        finally:
-            await status
-        out_msg.meta["t_send"] = time.time()
-        data = encode(out_msg, pad_to_bytes=self.cfg.payload_bytes)
-        await client.publish(self._result, data, qos=1)
-        self.served += 1
-        log.info("stage %d uploaded: %d bytes (%d padding)", task.stage, len(data), out_msg.pad_bytes)
-
-    async def _compute(self, task: Message, sched_kind: str, sched_scalars: dict, t_recv: float) -> Message:
-        from testbed.relay.stage import pack_task_tensors, unpack_task_tensors
-
-        latent, cond, state = unpack_task_tensors(task.tensors, sched_scalars)
-        a, b = task.steps
-        t0 = time.time()
-        new_latent, new_state = await asyncio.to_thread(
-            self.model.run, latent, cond, a, b, task.total_steps, sched_kind, state
-        )
-        real_s = time.time() - t0
-        tensors, scalars = pack_task_tensors(new_latent, {}, new_state)
-        # compute: profile — the stage takes the profile's time from the task's arrival to the
-        # result's departure; work that took longer is recorded as overrun, never hidden
-        profile_s = self.cfg.step_time_s * (b - a) if self.cfg.compute == "profile" else None
-        overrun_s = 0.0
-        if profile_s is not None:
-            late_s = time.time() - (t_recv + profile_s)
-            if late_s < 0:
-                while (left := t_recv + profile_s - time.time()) > 0:  # the loop's clock may wake early
-                    await asyncio.sleep(left)
-            else:
-                overrun_s = late_s
-                log.warning("stage %d: real work %.3f s (compute %.3f s) overran the profile's %.3f s", task.stage,
-                            time.time() - t_recv, real_s, profile_s)
-        t1 = time.time()
-        meta = {
-            "sched": scalars,
-            "scheduler": sched_kind,
-            "t_recv": t_recv,
-            "t_cmp_start": t0,
-            "t_cmp_end": t1,
-            "cmp_real_s": real_s,
-            "cmp_profile_s": profile_s,
-            "overrun_s": overrun_s,
-            "compute": self.cfg.compute,
-            "model": self.cfg.model,
-            "precision": self.cfg.precision,
-            "compute_dtype": getattr(self.model, "compute_dtype", None),
-            "threads": _torch_threads(),
-            "task": task.meta.get("task"),  # echo the task's id: the server takes only the result of what it sent
-        }
-        return Message(kind="result", run=task.run, device=self.cfg.device, stage=task.stage, attempt=task.attempt,
-                       steps=task.steps, total_steps=task.total_steps, tensors=tensors, meta=meta)
+            self._made[method] = await asyncio.to_thread(make, self)
+        return self._made[method]
 
 
-def _torch_threads() -> int | None:
+async def pad_to_profile(t_recv: float, profile_s: float) -> float:
+    """`compute: profile`: the work takes the profile's time from the task's arrival to the
+    result's departure — sleep until `t_recv + profile_s`, or return how late it already is
+    (the overrun: slower real work is recorded, never hidden)."""
+    late_s = time.time() - (t_recv + profile_s)
+    if late_s >= 0:
+        return late_s
+    while (left := t_recv + profile_s - time.time()) > 0:  # the loop's clock may wake early
+        await asyncio.sleep(left)
+    return 0.0
+
+
+def status_doc(device: str, state: str, **extra: Any) -> bytes:
+    """A device's status message (what the orchestrator's one door parses)."""
+    return json.dumps({"state": state, "device": device, "pid": os.getpid(), "ts": time.time(), **extra}).encode()
+
+
+def torch_threads() -> int | None:
     mod = sys.modules.get("torch")
     return int(mod.get_num_threads()) if mod is not None else None
 
@@ -286,7 +220,7 @@ def set_threads(cpu_cores: float) -> int:
     return n
 
 
-def run_agent(cfg: AgentConfig) -> None:
+def run_agent(cfg: AgentConfig, handlers: Handlers) -> None:
     """Load the model, set threads, serve forever (the console script's body)."""
     from testbed.relay.stage import StageModel
 
@@ -295,10 +229,11 @@ def run_agent(cfg: AgentConfig) -> None:
     model = StageModel.load(cfg.model, cfg.precision)
     log.info("%s: model %s/%s loaded in %.2f s, %d torch threads (quota %.2f cores), compute %s",
              cfg.device, cfg.model, cfg.precision, time.time() - t0, n, cfg.cpu_cores, cfg.compute)
-    asyncio.run(Agent(cfg, model).serve())
+    asyncio.run(Agent(cfg, model, handlers).serve())
 
 
-def main(argv: list[str] | None = None) -> None:
+def main(argv: list[str] | None, handlers: Handlers) -> None:
+    """`testbed-agent RUN DEVICE [--config FILE]` serving `handlers` (methods/device.py)."""
     p = argparse.ArgumentParser(prog="testbed-agent", description="testbed device agent (started by the runner)")
     p.add_argument("run")
     p.add_argument("device")
@@ -311,13 +246,10 @@ def main(argv: list[str] | None = None) -> None:
         cfg = AgentConfig.from_file(path)
         if (cfg.run, cfg.device) != (args.run, args.device):
             raise RelayError(f"agent config {path} is for {cfg.run}/{cfg.device}, not {args.run}/{args.device}")
-        run_agent(cfg)
+        run_agent(cfg, handlers)
     except TestbedError as e:
         log.error("%s", e)
         sys.exit(e.exit_code)
     except KeyboardInterrupt:
         sys.exit(130)
 
-
-if __name__ == "__main__":
-    main()

@@ -15,7 +15,7 @@ import numpy as np
 from testbed.errors import WorkloadError
 from testbed.relay.wire import TensorSpec, join_state, split_state
 
-__all__ = ["LATENT", "StageModel", "pack_task_tensors", "unpack_task_tensors"]
+__all__ = ["LATENT", "StageModel", "pack_task_tensors", "unpack_task_tensors", "to_numpy"]
 
 LATENT = "latent"
 
@@ -65,12 +65,12 @@ class StageModel:
     def initial(self, seed: int) -> np.ndarray:
         from testbed.diffusion.models import initial_latent
 
-        return _np(initial_latent(self.model, seed))
+        return to_numpy(initial_latent(self.model, seed))
 
     def encode(self, prompt: str) -> dict[str, np.ndarray]:
         from testbed.diffusion.models import encode_prompt
 
-        return {k: _np(v) for k, v in encode_prompt(self.model, prompt).items()}
+        return {k: to_numpy(v) for k, v in encode_prompt(self.model, prompt).items()}
 
     def run(
         self,
@@ -94,7 +94,7 @@ class StageModel:
                        for k, v in state.items()}
         out, new_state = run_stage(self.model, t_latent, t_cond, start, end, total_steps,
                                    scheduler_kind=scheduler_kind, scheduler_state=t_state)
-        return _np(out).astype(np.float32, copy=False), dict(new_state or {})
+        return to_numpy(out).astype(np.float32, copy=False), dict(new_state or {})
 
     def decode(self, latent: np.ndarray) -> np.ndarray:
         import torch
@@ -104,7 +104,8 @@ class StageModel:
         return np.asarray(decode(self.model, torch.from_numpy(np.array(latent, copy=True))))
 
 
-def _np(t: Any) -> np.ndarray:
+def to_numpy(t: Any) -> np.ndarray:
+    """A torch tensor (or array) as a relayable array: bfloat16/float16 widen to float32, exactly."""
     if hasattr(t, "detach"):
         import torch
 

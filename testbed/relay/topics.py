@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from testbed.model.names import RUN_ID_RE, check_run_id
 
-__all__ = ["RUN_ID_RE", "check_run_id", "task", "result", "status", "events", "device_root", "parse_device_topic"]
+__all__ = ["RUN_ID_RE", "check_run_id", "task", "result", "status", "events", "device_leaf_filter", "device_root", "parse_device_topic"]
 
 
 
@@ -28,6 +28,11 @@ def result(run: str, device: str) -> str:
 
 def status(run: str, device: str) -> str:
     return f"{device_root(run, device)}/status"
+
+
+def device_leaf_filter(run: str, leaf: str) -> str:
+    """The subscription filter for one leaf of every device: `tb/<run>/dev/+/<leaf>`."""
+    return f"tb/{run}/dev/+/{leaf}"
 
 
 def events(run: str) -> str:

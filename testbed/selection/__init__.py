@@ -3,7 +3,7 @@
 Pure. Maximize the total model size sum S_j subject to sum T_j <= T_max and
 sum E_j <= E_max, where T_j = T_down + T_cmp + T_up and E_j likewise (`costs.py`).
 
-Strategies (`select(..., strategy=)`):
+Selectors (`select(..., selector=)`), the device-selection algorithms:
 - `dp`: the paper's constraint-discretized DP (`solvers.dp`), plus exact k-dominance
   pruning before it and an exact-cost add/swap local search after it;
 - `exact`: the MILP optimum (HiGHS), the reference the DP is measured against;
@@ -28,6 +28,7 @@ from typing import Any
 import numpy as np
 
 from testbed.errors import InfeasibleError, TopologyError
+from testbed.model.names import SELECTORS
 from testbed.selection import solvers
 from testbed.selection.costs import DEFAULT_LINK_EFFICIENCY, DeviceCost, device_costs, model_size_mb
 from testbed.selection.solvers import DEFAULT_GRID
@@ -36,6 +37,7 @@ __all__ = [
     "DEFAULT_GRID",
     "DEFAULT_LINK_EFFICIENCY",
     "FAIR_BETA",
+    "SELECTORS",
     "STRATEGIES",
     "DeviceCost",
     "Selection",
@@ -46,7 +48,7 @@ __all__ = [
     "select",
 ]
 
-STRATEGIES = ("dp", "exact", "random", "greedy", "fair")
+STRATEGIES = SELECTORS  # the older name (`--strategy`, result.json `strategy`)
 
 #: Strength of the fairness discount: weight 1 / (1 + FAIR_BETA * h_j / mean(h)).
 #: 2: on a 4-device cell whose largest model is 4x the next ones (topologies/small.yaml),
@@ -58,7 +60,7 @@ FAIR_BETA = 2.0
 class Selection:
     """The chosen devices (in relay order) among all candidates, and what they cost."""
 
-    strategy: str
+    selector: str
     t_max_s: float
     e_max_j: float
     devices: list[DeviceCost]
@@ -74,7 +76,8 @@ class Selection:
         return {
             "t_max_s": self.t_max_s,
             "e_max_j": self.e_max_j,
-            "strategy": self.strategy,
+            "selector": self.selector,
+            "strategy": self.selector,  # the older name, kept for scripts
             "devices": [
                 {
                     "id": d.id,
@@ -101,7 +104,7 @@ def relay_order(chosen: list[DeviceCost]) -> list[DeviceCost]:
 
 
 def fair_weights(costs: list[DeviceCost], history: dict[str, float] | None, beta: float = FAIR_BETA) -> np.ndarray:
-    """Per-device value multipliers of the `fair` strategy (1 when nobody has spent anything)."""
+    """Per-device value multipliers of the `fair` selector (1 when nobody has spent anything)."""
     h = np.array([max(0.0, float((history or {}).get(c.id, 0.0))) for c in costs])
     mean = h.mean() if h.size else 0.0
     if mean <= 0:
@@ -113,7 +116,7 @@ def select(
     costs: list[DeviceCost],
     t_max_s: float,
     e_max_j: float,
-    strategy: str = "dp",
+    selector: str = "dp",
     seed: int = 0,
     history: dict[str, float] | None = None,
     grid: int | tuple[int, int] = DEFAULT_GRID,
@@ -121,10 +124,10 @@ def select(
     """Choose devices among `costs` (any subset of a topology's) under the two budgets.
 
     Raises InfeasibleError, naming the budget that is too small and by how much, when not
-    even one device fits; TopologyError on a bad strategy or budget.
+    even one device fits; TopologyError on a bad selector or budget.
     """
-    if strategy not in STRATEGIES:
-        raise TopologyError(f"unknown strategy {strategy!r}; valid: {', '.join(STRATEGIES)}")
+    if selector not in SELECTORS:
+        raise TopologyError(f"unknown selector {selector!r}; valid: {', '.join(SELECTORS)}")
     for name, val in (("T_max", t_max_s), ("E_max", e_max_j)):
         if not math.isfinite(val):
             raise TopologyError(f"{name}={val!r} must be a finite number")
@@ -138,13 +141,13 @@ def select(
     e = np.array([c.energy_j for c in costs], dtype=float)
     s = np.array([c.size_mb for c in costs], dtype=float)
     start = time.perf_counter()
-    if strategy == "dp":
+    if selector == "dp":
         idx = _dp(t, e, s, t_max_s, e_max_j, grid)
-    elif strategy == "fair":
+    elif selector == "fair":
         idx = _dp(t, e, s * fair_weights(costs, history), t_max_s, e_max_j, grid)
-    elif strategy == "exact":
+    elif selector == "exact":
         idx = solvers.exact(t, e, s, t_max_s, e_max_j)
-    elif strategy == "random":
+    elif selector == "random":
         idx = solvers.first_fit(np.random.default_rng(seed).permutation(len(costs)), t, e, t_max_s, e_max_j)
     else:  # greedy
         density = s / (t / t_max_s + e / e_max_j)
@@ -152,7 +155,7 @@ def select(
     solve_ms = (time.perf_counter() - start) * 1e3
     chosen = relay_order([costs[int(i)] for i in idx])
     return Selection(
-        strategy=strategy,
+        selector=selector,
         t_max_s=float(t_max_s),
         e_max_j=float(e_max_j),
         devices=list(costs),

@@ -55,7 +55,8 @@ from testbed.model.topology import Topology
 from testbed.selection.transfer import tcp_transfer_time_s
 
 __all__ = ["DEFAULT_LINK_EFFICIENCY", "DEFAULT_MESSAGE_OVERHEAD_S", "RELAY_CALIBRATION", "RelayCalibration",
-           "DeviceCost", "device_costs", "model_size_mb", "planning_budgets"]
+           "DeviceCost", "device_costs", "model_size_mb", "planning_budgets", "HANDLING_S_PER_MB", "handling_s",
+           "activation_bytes"]
 
 DEFAULT_LINK_EFFICIENCY = 0.95
 
@@ -133,21 +134,10 @@ class DeviceCost:
         t_handling_s: float = 0.0,
     ) -> DeviceCost:
         """A cost whose totals are the sums of its parts."""
-        return DeviceCost(
-            id=id,
-            size_mb=size_mb,
-            latency_s=t_down_s + t_cmp_s + t_up_s + t_handling_s,
-            energy_j=e_down_j + e_cmp_j + e_up_j,
-            t_down_s=t_down_s,
-            t_cmp_s=t_cmp_s,
-            t_up_s=t_up_s,
-            e_down_j=e_down_j,
-            e_cmp_j=e_cmp_j,
-            e_up_j=e_up_j,
-            profile=profile,
-            precision=precision,
-            t_handling_s=t_handling_s,
-        )
+        return DeviceCost(id=id, size_mb=size_mb, latency_s=t_down_s + t_cmp_s + t_up_s + t_handling_s,
+                          energy_j=e_down_j + e_cmp_j + e_up_j, t_down_s=t_down_s, t_cmp_s=t_cmp_s, t_up_s=t_up_s,
+                          e_down_j=e_down_j, e_cmp_j=e_cmp_j, e_up_j=e_up_j, profile=profile, precision=precision,
+                          t_handling_s=t_handling_s)
 
 
 def model_size_mb(precision: str) -> float:
@@ -235,3 +225,26 @@ def planning_budgets(topo: Topology, t_max_s: float, e_max_j: float) -> tuple[fl
     its budgets is judged against T_max and E_max themselves."""
     keep = 1.0 - topo.budgets.margin_pct / 100.0
     return t_max_s * keep, e_max_j * keep
+
+
+#: What a tensor message of split or patch (megabytes of activations) costs beyond the
+#: cost model's link time — wire encode and decode, the MQTT clients, the broker and the
+#: transport of a multi-MB message over the emulated link — in seconds per MB per unit of the quota factor (handling_s). Calibrated
+#: by `bench/split_codec.py --emulated`, apart from the sweeps it is judged on: the median
+#: of 30 feature hops of split runs on topologies/small.yaml (0.0131 s/MB, load average
+#: ~6 on this 2-core VM shared with other jobs). The same bench puts the floor, an idle
+#: loopback without a link, at 0.0044 s/MB: most of the rest is the busy host.
+HANDLING_S_PER_MB = 0.013
+
+
+def handling_s(nbytes: int, device_cores: float = 1.0) -> float:
+    """Modelled seconds one message of `nbytes` costs outside the link: half the work is
+    the server's, half the device's, which runs under its CPU quota (Python's share of it
+    is one thread: quotas above one core do not speed it up)."""
+    return HANDLING_S_PER_MB * nbytes / 1e6 * (0.5 + 0.5 / min(1.0, device_cores))
+
+
+def activation_bytes(precision: str) -> int:
+    """Bytes per activation on the head: fp32 models compute in fp32, the others in fp16
+    (int8/int4 variants quantize weights only)."""
+    return 4 if precision == "fp32" else 2

@@ -1,9 +1,9 @@
-"""Re-selection after a failure: a chain for the generation's remaining stages, by the run's strategy.
+"""Re-selection after a failure: a chain for the generation's remaining stages, by the run's selector.
 
 Pure. The schedule's step count is fixed when the generation starts (every message
 carries it, and the scheduler's timesteps depend on it), so the remaining steps need
 exactly `stages` more stages of K steps: the new chain has that many devices, chosen
-among the remaining ones under what is left of the budgets. Each strategy keeps its
+among the remaining ones under what is left of the budgets. Each selector keeps its
 objective:
 
 - `dp`, `exact`: the largest total model size (the exact optimum, a 0/1 MILP with the
@@ -24,7 +24,7 @@ import time
 import numpy as np
 
 from testbed.errors import InfeasibleError, TopologyError
-from testbed.selection import STRATEGIES, DeviceCost, Selection, fair_weights, relay_order, solvers
+from testbed.selection import SELECTORS, DeviceCost, Selection, fair_weights, relay_order, solvers
 
 __all__ = ["reselect"]
 
@@ -34,13 +34,13 @@ def reselect(
     stages: int,
     t_max_s: float,
     e_max_j: float,
-    strategy: str = "dp",
+    selector: str = "dp",
     seed: int = 0,
     history: dict[str, float] | None = None,
 ) -> Selection:
     """Exactly `stages` devices among `costs` (in relay order) whose stages fit the budgets left."""
-    if strategy not in STRATEGIES:
-        raise TopologyError(f"unknown strategy {strategy!r}; valid: {', '.join(STRATEGIES)}")
+    if selector not in SELECTORS:
+        raise TopologyError(f"unknown selector {selector!r}; valid: {', '.join(SELECTORS)}")
     if stages < 1:
         raise TopologyError(f"stages={stages}: a re-selection is for at least one remaining stage")
     for name, val, unit in (("T_max", t_max_s, "s"), ("E_max", e_max_j, "J")):
@@ -54,24 +54,24 @@ def reselect(
     e = np.array([c.energy_j for c in costs], dtype=float)
     s = np.array([c.size_mb for c in costs], dtype=float)
     start = time.perf_counter()
-    if strategy in ("dp", "exact", "fair"):
-        v = s * fair_weights(costs, history) if strategy == "fair" else s
+    if selector in ("dp", "exact", "fair"):
+        v = s * fair_weights(costs, history) if selector == "fair" else s
         idx = _best_chain(t, e, v, t_max_s, e_max_j, stages)
     else:
-        if strategy == "random":
+        if selector == "random":
             order = np.random.default_rng(seed).permutation(len(costs))
         else:  # greedy
             order = np.argsort(-(s / (t / t_max_s + e / e_max_j)), kind="stable")
         idx = solvers.first_fit(order, t, e, t_max_s, e_max_j)[:stages]
     solve_ms = (time.perf_counter() - start) * 1e3
     if len(idx) < stages:
-        if strategy in ("random", "greedy") and _best_chain(t, e, np.ones_like(t), t_max_s, e_max_j, stages).size:
-            raise InfeasibleError(f"the {strategy} order filled {len(idx)} of the {stages} remaining stage(s) within "
-                                  f"the budget left ({t_max_s:.3f} s, {e_max_j:.1f} J); a chain exists: --strategy dp "
+        if selector in ("random", "greedy") and _best_chain(t, e, np.ones_like(t), t_max_s, e_max_j, stages).size:
+            raise InfeasibleError(f"the {selector} order filled {len(idx)} of the {stages} remaining stage(s) within "
+                                  f"the budget left ({t_max_s:.3f} s, {e_max_j:.1f} J); a chain exists: --selector dp "
                                   "finds it")
         raise InfeasibleError(_why_not(t, e, stages, t_max_s, e_max_j))
     chosen = relay_order([costs[int(i)] for i in idx])
-    return Selection(strategy=strategy, t_max_s=float(t_max_s), e_max_j=float(e_max_j), devices=list(costs),
+    return Selection(selector=selector, t_max_s=float(t_max_s), e_max_j=float(e_max_j), devices=list(costs),
                      selected=[c.id for c in chosen], objective_mb=float(sum(c.size_mb for c in chosen)),
                      latency_s=float(sum(c.latency_s for c in chosen)), energy_j=float(sum(c.energy_j for c in chosen)),
                      solve_ms=solve_ms, chosen=chosen)

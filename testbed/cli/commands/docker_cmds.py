@@ -54,7 +54,7 @@ def compose(
     as_json: bool = typer.Option(False, "--json", help="print only a JSON document on stdout"),
 ) -> None:
     """Write compose/<name>.yml: the scenario for `docker-compose up` and `docker stack deploy`."""
-    from testbed.composition.compose_server import write_scenario
+    from testbed.composition.deployment import write_scenario
     from testbed.model.names import check_run_id
 
     scen = write_scenario(file, out_dir, run_id=check_run_id(run) if run else None, seed=seed)

@@ -16,10 +16,14 @@ import typer
 from rich.live import Live
 from rich.table import Table
 
+from testbed import methods
 from testbed.cli.console import err, out, print_json
 from testbed.errors import InputError
 from testbed.experiments.expectations import enforce_expectations
+from testbed.model.names import SELECTORS
 from testbed.model.topology import load_topology
+
+METHOD_HELP = "; ".join(f"{m.name}: {m.summary}" for m in methods.methods())
 
 _PHASE = {"stage_started": "downloading", "downloaded": "computing", "computed": "uploading", "uploaded": "done",
           "device_offline": "offline", "deadline_missed": "missed deadline", "recovered": "took over",
@@ -73,10 +77,10 @@ class _Progress:
 def run(
     file: Path = typer.Argument(..., help="topology YAML file"),
     backend: str = typer.Option("netns", "--backend", help="netns or docker (containers; see README \"Docker and Swarm\")"),
-    method: str = typer.Option("multistage", "--method",
-                               help="multistage (the paper's relay), split (the two-segment UNet baseline) or "
-                                    "patch (row bands of the latent on N devices, docs/patch.md)"),
-    strategy: str = typer.Option("dp", "--strategy", help="device selection: dp, exact, random, greedy, fair"),
+    method: str = typer.Option("multistage", "--method", help=METHOD_HELP),
+    selector: str | None = typer.Option(None, "--selector", "--strategy",
+                                        help=f"device selector: {', '.join(SELECTORS)} (default dp; --strategy is "
+                                             "its older name); methods that pick their own devices take none"),
     tmax: float | None = typer.Option(None, "--tmax", help="latency budget T_max in s (default: the topology's)"),
     emax: float | None = typer.Option(None, "--emax", help="energy budget E_max in J (default: the topology's)"),
     seed: int | None = typer.Option(None, "--seed", help="override the topology's seed"),
@@ -91,14 +95,16 @@ def run(
     latent into bands computed on N devices at once), write result.json,
     events.jsonl, logs and the image, tear down. With --run ID, on a cell that is up."""
     from testbed.composition.startup import command_started_at
-    from testbed.composition.strategies import make_strategy
     from testbed.emulation.runs import new_run_id
     from testbed.model.names import check_run_id
 
     started_at = command_started_at()
-    make_strategy(method, strategy)  # bad --method/--strategy fail here, before anything starts
-    if method == "split" and fail:
-        raise InputError("--fail applies to multistage runs; split diffusion has no checkpoint to recover from")
+    spec = methods.method(method)
+    spec.make(selector)  # bad --method/--selector fail here, before anything starts
+    if fail and not spec.recovers:
+        raise InputError(f"--fail applies to methods that recover from a lost device "
+                         f"({', '.join(m.name for m in methods.methods() if m.recovers)}); "
+                         f"{method}: {spec.notes.get('recovery', 'no recovery')}")
     topo = load_topology(file, seed=seed)
     if run_id is not None:  # it names out/<run> below, before anything else checks it
         check_run_id(run_id, "--run")
@@ -108,19 +114,20 @@ def run(
     console = err if as_json else out
 
     async def cold(on_event: Any) -> dict[str, Any]:
+        from testbed.composition.cells import MadeCell
         from testbed.composition.session import RunSession
 
-        async with RunSession(topo, run_id=rid, backend=backend, out_dir=out_path, on_event=on_event,
+        async with RunSession(topo, MadeCell(rid, backend=backend), out_dir=out_path, on_event=on_event,
                               started_at=started_at) as session:
             console.print(f"run {rid}: cell up, {len(session.cell.links)} devices (broker {session.cell.broker.kind})")
-            res = await session.run(method, strategy=strategy, t_max_s=tmax, e_max_j=emax, fail=fail)
+            res = await session.run(method, selector=selector, t_max_s=tmax, e_max_j=emax, fail=fail)
         return res.to_json()
 
     async def warm(on_event: Any) -> dict[str, Any]:
         from testbed.composition.remote_run import run_on_up_cell
 
         console.print(f"run {rid}: on the up cell (its supervisor and warm agents run the generation)")
-        return await run_on_up_cell(rid, topo, method=method, strategy=strategy, t_max_s=tmax, e_max_j=emax,
+        return await run_on_up_cell(rid, topo, method=method, selector=selector, t_max_s=tmax, e_max_j=emax,
                                     fail=fail, out_dir=out_path, on_event=on_event, started_at=started_at)
 
     async def go() -> dict[str, Any]:

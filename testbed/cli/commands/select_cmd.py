@@ -9,7 +9,7 @@ from rich.table import Table
 
 from testbed.cli.console import out, print_json
 from testbed.model.radio import compute_links
-from testbed.selection import STRATEGIES, device_costs, select
+from testbed.selection import SELECTORS, device_costs, select
 from testbed.selection.costs import planning_budgets
 from testbed.errors import TopologyError
 from testbed.model.topology import load_topology, place
@@ -20,23 +20,24 @@ def select_command(
     seed: int | None = typer.Option(None, "--seed", help="override the file's seed (placement; random baseline)"),
     tmax: float | None = typer.Option(None, "--tmax", help="latency budget T_max in seconds (default: the file's)"),
     emax: float | None = typer.Option(None, "--emax", help="energy budget E_max in joules (default: the file's)"),
-    strategy: str = typer.Option("dp", "--strategy", help=f"one of {', '.join(STRATEGIES)}"),
+    selector: str = typer.Option("dp", "--selector", "--strategy",
+                                 help=f"device selector: one of {', '.join(SELECTORS)} (--strategy: its older name)"),
     as_json: bool = typer.Option(False, "--json", help="print only a JSON document on stdout"),
 ) -> None:
     """Select devices: maximize total model size under T_max and E_max (paper section IV-A)."""
-    if strategy not in STRATEGIES:
-        raise TopologyError(f"--strategy {strategy!r} is unknown; valid: {', '.join(STRATEGIES)}")
+    if selector not in SELECTORS:
+        raise TopologyError(f"--selector {selector!r} is unknown; valid: {', '.join(SELECTORS)}")
     topo = load_topology(file, seed=seed)
     costs = device_costs(topo, compute_links(topo, place(topo)))
-    t_max = topo.budgets.t_max_s if tmax is None else tmax
-    e_max = topo.budgets.e_max_j if emax is None else emax
+    t_max_s = topo.budgets.t_max_s if tmax is None else tmax
+    e_max_j = topo.budgets.e_max_j if emax is None else emax
     # the chain `testbed run` picks: the budgets less the topology's margin_pct
-    sel = select(costs, *planning_budgets(topo, t_max, e_max), strategy=strategy, seed=topo.seed)
+    sel = select(costs, *planning_budgets(topo, t_max_s, e_max_j), selector=selector, seed=topo.seed)
     if as_json:
         print_json(sel.to_json())
         return
     order = {dev_id: n for n, dev_id in enumerate(sel.selected, start=1)}
-    table = Table(title=f"{topo.name}: {len(costs)} candidates, strategy {strategy}, seed {topo.seed}")
+    table = Table(title=f"{topo.name}: {len(costs)} candidates, selector {selector}, seed {topo.seed}")
     for col in ("stage", "id", "profile", "prec", "size MB", "T s", "T_down", "T_cmp", "T_up", "E J"):
         table.add_column(col, justify="left" if col in ("id", "profile", "prec") else "right")
     for c in costs:
@@ -50,8 +51,8 @@ def select_command(
     out.print(table)
     out.print(
         f"selected {len(sel.selected)} of {len(costs)} in relay order: {' -> '.join(sel.selected)}; "
-        f"total size {sel.objective_mb:.0f} MB; latency {sel.latency_s:.3f} of {t_max:g} s; "
-        f"energy {sel.energy_j:.2f} of {e_max:g} J; solved in {sel.solve_ms:.2f} ms"
+        f"total size {sel.objective_mb:.0f} MB; latency {sel.latency_s:.3f} of {t_max_s:g} s; "
+        f"energy {sel.energy_j:.2f} of {e_max_j:g} J; solved in {sel.solve_ms:.2f} ms"
         + (f" (planned within {sel.t_max_s:.4g} s, {sel.e_max_j:.4g} J: margin {topo.budgets.margin_pct:g} %)"
            if topo.budgets.margin_pct else "")
     )

@@ -10,8 +10,11 @@ from pathlib import Path
 
 import typer
 
+from testbed import methods
 from testbed.cli.console import err, out, print_json
 from testbed.errors import InputError
+
+_METHOD_NAMES = ", ".join(m.name for m in methods.methods())
 
 
 def sweep(
@@ -23,7 +26,8 @@ def sweep(
     seeds: int | None = typer.Option(None, "--seeds", min=1, max=100,
                                      help="repeat each point with seeds 1..N (default 5; --quick 2)"),
     runs: str = typer.Option("multistage:dp,multistage:random,split", "--runs",
-                             help="method:strategy pairs; method is multistage, split or patch"),
+                             help="the compared runs: method:selector for a method that takes a device selector "
+                                  f"(e.g. multistage:dp), the method alone otherwise; methods: {_METHOD_NAMES}"),
     quick: bool = typer.Option(False, "--quick", help="T_max {1,2,4} x E_max {50,200} x 2 seeds"),
     out_dir: Path | None = typer.Option(None, "--out", help="output folder (default out/sweep-<name>-<time>)"),
     backend: str = typer.Option("netns", "--backend", help="emulation backend"),
@@ -105,7 +109,7 @@ def _run(file: Path, tmax: str | None, emax: str | None, seeds: int | None, runs
         def on_row(row: dict) -> None:
             q = row["ms_ssim"]
             progress.console.print(
-                f"  seed {row['seed']} {row['method']}:{row['strategy']} T_max {row['t_max_s']:g} E_max "
+                f"  seed {row['seed']} {row['method']}:{row['selector']} T_max {row['t_max_s']:g} E_max "
                 f"{row['e_max_j']:g}: " + (f"MS-SSIM {q:.3f}, {row['total_steps']} steps, "
                                              f"{row['latency_s']:.2f} s, {row['energy_j']:.1f} J"
                                              if row["feasible"] else "infeasible"), highlight=False)

@@ -3,7 +3,7 @@ bands, one per device, every device running the whole UNet on its band at every 
 the other bands' context (DistriFusion's displaced patch parallelism; docs/patch.md).
 
 `plan` picks N, the devices and the step count that fit the budgets
-(selection/patch_plan.py); `execute` runs the patch orchestrator (relay/patch.py).
+(plan.py); `execute` runs the patch orchestrator (orchestrator.py).
 """
 
 from __future__ import annotations
@@ -11,14 +11,13 @@ from __future__ import annotations
 import functools
 from typing import Any, ClassVar
 
-from testbed.composition.strategies.base import Outcome, PlanContext, RunContext
+from testbed.methods.base import Outcome, PlanContext, RunContext, energy_by_device
 from testbed.errors import WorkloadError
-from testbed.selection.patch_plan import LATENT_ROWS, WARMUP_STEPS, PatchPlan, band_counts, plan_patch
+from testbed.methods.patch.plan import LATENT_ROWS, WARMUP_STEPS, PatchPlan, band_counts, plan_patch
 
 __all__ = ["Patch", "BAND_CHOICE", "model_bands"]
 
 BAND_CHOICE = "best-bands"
-_AGENT_STARTUP_S = 60.0  # per 2 CPU cores: importing torch + diffusers and loading a model
 
 
 @functools.lru_cache(maxsize=8)
@@ -37,12 +36,13 @@ def model_bands(model: str, resolution_px: int) -> tuple[tuple[int, ...], int]:
 
 
 class Patch:
-    """`Patch()`; `warmup_steps` synchronous steps come first (default 1, as planned)."""
+    """`Patch()`; `warmup_steps` synchronous steps come first (default 1, as planned). N and
+    the devices are chosen by their step count: device selectors do not apply."""
 
-    method: ClassVar[str] = "patch"
+    name: ClassVar[str] = "patch"
+    selector = BAND_CHOICE
 
-    def __init__(self, strategy: str = BAND_CHOICE, warmup_steps: int = WARMUP_STEPS):
-        self.strategy = BAND_CHOICE  # N and the devices are chosen by their step count; selection strategies do not apply
+    def __init__(self, warmup_steps: int = WARMUP_STEPS):
         self.warmup_steps = warmup_steps
 
     def plan(self, ctx: PlanContext) -> PatchPlan:
@@ -55,28 +55,13 @@ class Patch:
                           sync_points=points, warmup_steps=self.warmup_steps, impairments=ctx.impairments)
 
     async def execute(self, run: RunContext, plan: PatchPlan) -> Outcome:
-        from testbed.relay.patch import PatchOrchestrator
+        from testbed.methods.patch.orchestrator import PatchOrchestrator
 
-        topo, wl = run.topology, run.topology.workload
-        await run.ensure_agents(plan.selected)
-        model = await run.server_model()
-        rs = run.relay_settings()
-        profile = wl.compute == "profile"
-
-        async def orchestrate() -> Any:
-            orch = PatchOrchestrator(
-                **rs.login(), plan=plan, power=run.power(), model=model.model, prompt=wl.prompt,
-                seed=topo.seed, scheduler=wl.scheduler, emit=run.event_sink(),
-                online_timeout_s=_AGENT_STARTUP_S + 4.0 * len(plan.selected),
-                deadline_factor=2.0 if profile else 20.0, deadline_slack_s=2.0 if profile else 60.0,
-                max_message_bytes=rs.max_message_bytes,
-            )
-            return await orch.run()
-
-        out = await run.in_server_ns(orchestrate)
-        by_device: dict[str, float] = {}
-        for r in out.records:
-            by_device[r.device] = by_device.get(r.device, 0.0) + r.energy_j
+        await run.services.ensure_agents(plan.selected)
+        timing = run.timing(len(plan.selected))
+        out = await run.orchestrate(lambda settings, job, power: PatchOrchestrator(
+            settings, job, power, plan=plan, emit=run.services.event_sink(), timing=timing))
         return Outcome(stages=[r.to_json() for r in out.records], latent=out.latent, latency_s=out.latency_s,
                        energy_j=out.energy_j, total_steps=out.total_steps, relay_order=list(plan.selected),
-                       energy_by_device=by_device, extra={"plan": plan.to_json(), "patch": out.meta})
+                       energy_by_device=energy_by_device([(r.device, r.energy_j) for r in out.records]),
+                       extra={"plan": plan.to_json(), "patch": out.meta})

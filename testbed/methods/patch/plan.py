@@ -19,7 +19,7 @@ previous step, sent while computing):
                   is shared (topology `cell.shared_capacity`), else the first term alone
     c_i         = max(s_N*T_i, h_i)    the band's compute window: the profile's time, or the
                   device's handling of its U_i + D_i when longer (the device half of
-                  split_plan.handling_s under its CPU quota: in the emulation the model and the
+                  selection/costs.py handling_s under its CPU quota: in the emulation the model and the
                   messages share that quota)
     t_displaced = T(A) + max(max_i c_i + T(B), T(U) + T(D)) + H
     t_sync      = T(A) + max_i c_i + T(U) + T(D) + T(B) + H + P * SYNC_ROUND_S
@@ -55,8 +55,8 @@ from testbed.model.impairments import LinkImpairment, device_impairment
 from testbed.model.profiles import Profile, load_profiles, step_time_s
 from testbed.model.radio import DeviceLink
 from testbed.model.topology import Topology
-from testbed.selection.costs import DEFAULT_LINK_EFFICIENCY, DEFAULT_MESSAGE_OVERHEAD_S, model_size_mb
-from testbed.selection.split_plan import HANDLING_S_PER_MB, activation_bytes
+from testbed.selection.costs import (DEFAULT_LINK_EFFICIENCY, DEFAULT_MESSAGE_OVERHEAD_S, HANDLING_S_PER_MB,
+                                     activation_bytes, model_size_mb)
 from testbed.selection.transfer import tcp_transfer_time_s
 
 __all__ = ["CONTEXT_BYTES_FP32", "FLOP_SHARE", "LATENT_ROWS", "INPUT_HALO_ROWS", "SYNC_ROUND_S",
@@ -153,6 +153,11 @@ class PatchPlan:
         """Per device what the fault injector reads (`t_cmp_s`: one step's compute)."""
         return list(self.bands)
 
+    @property
+    def can_recover(self) -> bool:
+        """A band has no other owner (no takeover, docs/reliability.md)."""
+        return False
+
     def to_json(self) -> dict[str, Any]:
         return {
             "selected": list(self.selected), "n": self.n, "steps": self.steps, "warmup_steps": self.warmup_steps,
@@ -236,7 +241,7 @@ class _Model:
         t_ctx_down = self._transfer(devs, [b.ctx_down_bytes for b in bands], "down", cap_down)
         t_cmp = max(b.t_cmp_s for b in bands)
         t_busy = max(b.t_busy_s for b in bands)
-        # the server handles every band's context in turn (split_plan.handling_s's server half)
+        # the server handles every band's context in turn (selection/costs.py handling_s's server half)
         server = 0.5 * HANDLING_S_PER_MB * sum(b.ctx_up_bytes + b.ctx_down_bytes for b in bands) / 1e6
         t_disp = t_task + max(t_busy + t_noise, t_ctx_up + t_ctx_down) + server
         t_sync = t_task + t_busy + t_ctx_up + t_ctx_down + t_noise + server + self.sync_points * SYNC_ROUND_S

@@ -28,11 +28,12 @@ import numpy as np
 
 from testbed.errors import RelayError
 from testbed.relay import topics
-from testbed.relay.agent import Agent, AgentConfig
-from testbed.relay.patch_wire import check_step_meta, ctx_name, group_of, padded_size, parse_ctx_name, to_numpy
+from testbed.relay.agent import Agent, AgentConfig, status_doc
+from testbed.methods.patch.wire import check_step_meta, ctx_name, group_of, padded_size, parse_ctx_name
+from testbed.relay.stage import to_numpy
 from testbed.relay.wire import Message, decode, encode
 
-__all__ = ["PatchModel", "PatchAgent", "task_handler"]
+__all__ = ["PatchModel", "PatchHandler", "task_handler"]
 
 log = logging.getLogger("testbed.patch_agent")
 _HEADROOM = 64 * 1024  # a context message's padding stays this far below the size limit
@@ -93,7 +94,7 @@ class _Step:
     publishes: list[concurrent.futures.Future] = field(default_factory=list)
 
 
-class PatchAgent:
+class PatchHandler:
     """The state of the patch method on one device: contexts received, the step in flight."""
 
     def __init__(self, cfg: AgentConfig, model: Any, loop: asyncio.AbstractEventLoop | None = None):
@@ -176,7 +177,7 @@ class PatchAgent:
                    total_steps=task.total_steps)
         for old in [k for k in self.store if k[0] != st.gen or k[1] < task.stage - 1]:  # nobody reads those
             del self.store[old]
-        status = asyncio.ensure_future(client.publish(self._status, _status_doc(
+        status = asyncio.ensure_future(client.publish(self._status, status_doc(
             self.cfg.device, "computing", stage=task.stage, t_recv=t_recv), qos=1))
         cond = {k[5:]: v for k, v in task.tensors.items() if k.startswith("cond.")}
         exchange = _NetExchange(self, client, st)
@@ -238,7 +239,7 @@ class PatchAgent:
 class _NetExchange:
     """diffusion.patch's Exchange over MQTT, called on the worker thread of one step."""
 
-    def __init__(self, agent: PatchAgent, client: Any, st: _Step):
+    def __init__(self, agent: PatchHandler, client: Any, st: _Step):
         self.agent, self.client, self.st = agent, client, st
 
     def pace_to(self, fraction: float) -> float:
@@ -299,14 +300,7 @@ class _NetExchange:
         return got
 
 
-def _status_doc(device: str, state: str, **extra: Any) -> bytes:
-    import json
-    import os
-
-    return json.dumps({"state": state, "device": device, "pid": os.getpid(), "ts": time.time(), **extra}).encode()
-
-
-def task_handler(agent: Agent) -> Any:
-    """The patch method's handler inside a device's agent (relay/agent.py METHOD_HANDLERS):
-    the device's model with the patch layers on a copy of its UNet, made on the first patch message."""
-    return PatchAgent(agent.cfg, PatchModel(agent.model.model)).handle
+def task_handler(agent: Agent) -> PatchHandler:
+    """The patch method's handler inside a device's agent: the device's model with the
+    patch layers on a copy of its UNet, made on the first patch message."""
+    return PatchHandler(agent.cfg, PatchModel(agent.model.model))

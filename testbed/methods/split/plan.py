@@ -48,38 +48,15 @@ from testbed.errors import InfeasibleError, TopologyError
 from testbed.model.impairments import LinkImpairment, device_impairment
 from testbed.model.profiles import load_profiles, step_time_s
 from testbed.model.radio import DeviceLink
-from testbed.selection.costs import DEFAULT_LINK_EFFICIENCY, DEFAULT_MESSAGE_OVERHEAD_S, model_size_mb
+from testbed.selection.costs import (DEFAULT_LINK_EFFICIENCY, DEFAULT_MESSAGE_OVERHEAD_S, activation_bytes,
+                                     handling_s, model_size_mb)
 from testbed.selection.transfer import tcp_transfer_time_s
 from testbed.model.topology import Topology
 
-__all__ = ["HANDLING_S_PER_MB", "HEAD_FLOP_SHARE", "SplitStepCost", "SplitPlan",
-           "activation_bytes", "handling_s", "pair_cost", "plan_split"]
+__all__ = ["HEAD_FLOP_SHARE", "SplitStepCost", "SplitPlan", "pair_cost", "plan_split"]
 
 #: Share of SD1.5's UNet FLOPs (CFG batch 2) in the head segment, by image resolution.
 HEAD_FLOP_SHARE: dict[int, float] = {256: 0.300, 512: 0.310}
-
-#: What a feature message costs beyond the cost model's link time — wire encode and
-#: decode, the MQTT clients, the broker and the transport of a multi-MB message over the
-#: emulated link — in seconds per MB per unit of the quota factor (handling_s). Calibrated
-#: by `bench/split_codec.py --emulated`, apart from the sweeps it is judged on: the median
-#: of 30 feature hops of split runs on topologies/small.yaml (0.0131 s/MB, load average
-#: ~6 on this 2-core VM shared with other jobs). The same bench puts the floor, an idle
-#: loopback without a link, at 0.0044 s/MB: most of the rest is the busy host.
-HANDLING_S_PER_MB = 0.013
-
-
-def handling_s(nbytes: int, device_cores: float = 1.0) -> float:
-    """Modelled seconds one message of `nbytes` costs outside the link: half the work is
-    the server's, half the device's, which runs under its CPU quota (Python's share of it
-    is one thread: quotas above one core do not speed it up)."""
-    return HANDLING_S_PER_MB * nbytes / 1e6 * (0.5 + 0.5 / min(1.0, device_cores))
-
-
-def activation_bytes(precision: str) -> int:
-    """Bytes per activation on the head: fp32 models compute in fp32, the others in fp16
-    (int8/int4 variants quantize weights only)."""
-    return 4 if precision == "fp32" else 2
-
 
 @dataclass(frozen=True)
 class SplitStepCost:
@@ -138,6 +115,16 @@ class SplitPlan:
     @property
     def predicted_latency_s(self) -> float:
         return self.steps * self.step.latency_s
+
+    @property
+    def costs(self) -> list[Any]:
+        """No per-device stage costs: a split step is one pair's."""
+        return []
+
+    @property
+    def can_recover(self) -> bool:
+        """Split inference has no checkpoint a third device could continue from."""
+        return False
 
     @property
     def predicted_energy_j(self) -> float:

@@ -1,4 +1,4 @@
-"""`ComposeCell`: the `Cell` as the server container of a compose/Swarm deployment sees it.
+"""`DeployedCell`: the `Cell` as the server container of a compose/Swarm deployment sees it.
 
 In `docker-compose up` or `docker stack deploy` each device is a service that shapes its
 own link and runs its own agent (testbed/emulation/docker/compose.py writes them): the
@@ -21,10 +21,10 @@ from testbed.model.impairments import LinkImpairment
 from testbed.model.names import SERVER_ID, check_run_id
 from testbed.model.radio import DeviceLink
 
-__all__ = ["ComposeCell"]
+__all__ = ["DeployedCell"]
 
 
-class ComposeCell:
+class DeployedCell:
     def __init__(self, run_id: str, links: list[DeviceLink], state_dir: Path, host: str, server_profile: str = ""):
         self.run_id = check_run_id(run_id)
         self.backend_name = "compose"

@@ -38,15 +38,14 @@ from typing import Any
 import numpy as np
 
 from testbed.errors import RelayError, RunFailedError
-from testbed.relay import topics
+from testbed.methods.patch.plan import PatchPlan
+from testbed.methods.patch.wire import padded_size, parse_ctx_name, routed
 from testbed.relay.agent import SOCKET_OPTIONS
-from testbed.relay.patch_wire import json_object, padded_size, parse_ctx_name, routed, to_numpy
-from testbed.relay.server import DevicePower
-from testbed.relay.server_link import LinkOutcome, ServerLink
-from testbed.relay.wire import Message, decode, encode
-from testbed.selection.patch_plan import PatchPlan
+from testbed.relay.orchestrator import DeviceStatus, DevicePower, Job, Orchestrator, RelaySettings, Timing
+from testbed.relay.stage import to_numpy
+from testbed.relay.wire import Message
 
-__all__ = ["PatchStepRecord", "PatchOrchestrator"]
+__all__ = ["PatchStepRecord", "PatchOutcome", "PatchOrchestrator"]
 
 _HEADROOM = 64 * 1024
 _PUBLISH_TIMEOUT_S = 120.0  # a large context waits behind the others on a slow link
@@ -92,136 +91,114 @@ class _Noise:
     t_in: float
 
 
-class PatchOrchestrator(ServerLink):
-    """One patch-parallel generation over MQTT on `plan` (bands, devices, steps).
+@dataclass
+class PatchOutcome:
+    records: list[PatchStepRecord]
+    latent: Any
+    latency_s: float
+    energy_j: float
+    total_steps: int
+    meta: dict[str, Any]
 
-    `model` is the server's `LocalModel` (fp32): its scheduler config, initial latent,
-    conditioning and decoder; its UNet runs once on zeros to size each band's context.
-    """
+
+class PatchOrchestrator(Orchestrator):
+    """One patch-parallel generation over MQTT on `plan` (bands, devices, steps). The job's
+    model is the server's fp32 model: its scheduler config, initial latent, conditioning and
+    decoder; its UNet runs once on zeros to size each band's context."""
 
     method = "patch"
     pending_publishes = 1000  # context is relayed without waiting for the broker's acknowledgement
+    socket_options = SOCKET_OPTIONS
 
-    def __init__(self, *, run: str, broker_host: str, broker_port: int, username: str, password: str,
-                 plan: PatchPlan, power: dict[str, DevicePower], model: Any, prompt: str, seed: int, scheduler: str,
-                 emit: Callable[[dict[str, Any]], None] | None = None, online_timeout_s: float = 120.0,
-                 deadline_factor: float = 3.0, deadline_slack_s: float = 5.0, max_message_bytes: int = 64 * 2**20):
-        super().__init__(run, broker_host, broker_port, username, password, emit, SOCKET_OPTIONS)
-        self.plan, self.power, self.model = plan, power, model
-        self.prompt, self.seed, self.scheduler = prompt, seed, scheduler
-        self.online_timeout_s = online_timeout_s
-        self.deadline_factor, self.deadline_slack_s = deadline_factor, deadline_slack_s
-        self.max_message_bytes = max_message_bytes
+    def __init__(self, settings: RelaySettings, job: Job, power: dict[str, DevicePower], *, plan: PatchPlan,
+                 emit: Callable[[dict[str, Any]], None] | None = None, timing: Timing = Timing()):
+        super().__init__(settings, job, power, emit=emit, timing=timing)
+        self.plan = plan
         self.index_of = {dev: i for i, dev in enumerate(plan.selected)}
         self.gen = secrets.token_hex(4)  # this generation: the agents ignore older ones' context
-        self.online: set[str] = set()
         self.records: list[PatchStepRecord] = []
-        self._calls = 0
-        self._n_calls = 0
+        self.steps = _StepClock()
+        self.context = _ContextTally()
+        self.layout: Any = None
+        self.halo = (0, 0)
         self._failure: BaseException | None = None
         self._arrived = asyncio.Event()
         self._noise: dict[tuple[str, int], _Noise] = {}
-        self._t_pub: dict[tuple[str, int], float] = {}
-        self._task_wire: dict[tuple[str, int], int] = {}
-        self._ctx_up: dict[tuple[str, int], list[float]] = {}  # (device, step) -> [wire, body, air s]
-        self._last_in: dict[str, float] = {}
-        self._last_recv: dict[str, float] = {}
         self._publishes: list[asyncio.Future] = []
-        self._scale_up: list[float] = []
-        self._scale_down: list[float] = []
-        self.layout: Any = None
-        self.halo = (0, 0)
 
     # -- connection and messages -------------------------------------------------------
-    async def run(self) -> LinkOutcome:
-        return await self.run_connected(self._generate, background=lambda: list(self._publishes))
+    def pending(self) -> list[Any]:
+        return list(self._publishes)
 
-    async def _reader(self) -> None:
-        async for m in self._client.messages:
-            parsed = topics.parse_device_topic(self.run_id, str(m.topic))
-            if parsed is None or parsed[0] not in self.index_of:
-                continue
-            dev, leaf = parsed
-            payload = bytes(m.payload) if m.payload is not None else b""
-            t_in = time.time()
-            if leaf == "status":
-                await self._status(dev, json_object(payload))
-            elif leaf == "result":
-                try:
-                    msg = decode(payload, max_bytes=self.max_message_bytes, run=self.run_id, kind="result",
-                                 device=dev, max_tensor_bytes=self.max_message_bytes)
-                    if msg.meta.get("gen") != self.gen:
-                        raise RelayError(f"a result of another generation ({msg.meta.get('gen')!r})")
-                    phase = msg.meta.get("phase")
-                    if phase == "context":
-                        self._relay(dev, msg, len(payload), t_in)
-                    elif phase == "noise":
-                        self._noise[(dev, msg.stage)] = _Noise(msg, len(payload), t_in)
-                        self._arrived.set()
-                    else:
-                        raise RelayError(f"meta.phase {phase!r} (context or noise)")
-                except (RelayError, KeyError, TypeError, ValueError) as e:
-                    await self.emit("result_rejected", device=dev, error=str(e))
-
-    async def _status(self, dev: str, doc: dict[str, Any]) -> None:
-        state = doc.get("state")
-        if state in ("online", "computing"):
-            self.online.add(dev)
-        if state == "computing" and isinstance(doc.get("stage"), int) and isinstance(doc.get("t_recv"), (int, float)):
-            t_pub = self._t_pub.get((dev, doc["stage"]))
-            if t_pub is not None:
-                await self.emit("downloaded", device=dev, stage=doc["stage"], steps=[doc["stage"], doc["stage"] + 1],
-                                t_down_s=float(doc["t_recv"]) - t_pub)
-        elif state == "offline":
-            self.online.discard(dev)
-            if self._calls and self._failure is None:
-                self._failure = RunFailedError(
-                    f"patch step {self._calls - 1}: {dev} (band {self.index_of[dev]}) went offline; its band has no "
-                    "other owner (no takeover, docs/reliability.md)")
-                await self.emit("device_offline", device=dev, stage=self._calls - 1)
+    async def on_result(self, dev: str, payload: bytes, t_in: float) -> None:
+        if dev not in self.index_of:
+            return
+        try:
+            msg = self.decode_result(dev, payload)
+            if msg.meta.get("gen") != self.gen:
+                raise RelayError(f"a result of another generation ({msg.meta.get('gen')!r})")
+            phase = msg.meta.get("phase")
+            if phase == "context":
+                self._relay(dev, msg, len(payload), t_in)
+            elif phase == "noise":
+                _check_noise_meta(msg.meta)
+                self._noise[(dev, msg.stage)] = _Noise(msg, len(payload), t_in)
                 self._arrived.set()
+            else:
+                raise RelayError(f"meta.phase {phase!r} (context or noise)")
+        except (RelayError, KeyError, TypeError, ValueError) as e:
+            await self.reject(dev, str(e))
+
+    async def on_status(self, dev: str, status: DeviceStatus, t_in: float) -> None:
+        if dev not in self.index_of:
+            return
+        if status.state == "computing" and status.stage is not None and status.t_recv is not None:
+            t_pub = self.steps.t_pub.get((dev, status.stage))
+            if t_pub is not None:
+                await self.emit("downloaded", device=dev, stage=status.stage, steps=[status.stage, status.stage + 1],
+                                t_down_s=status.t_recv - t_pub)
+        elif status.state == "offline" and self.steps.calls and self._failure is None:
+            self._fail(RunFailedError(
+                f"patch step {self.steps.calls - 1}: {dev} (band {self.index_of[dev]}) went offline; its band has no "
+                "other owner (no takeover, docs/reliability.md)"))
+            await self.emit("device_offline", device=dev, stage=self.steps.calls - 1)
+
+    async def on_broker_lost(self, error: str) -> None:
+        if self._failure is None:
+            self._fail(RunFailedError(f"patch: {error}; a band cannot resume without the others' context"))
+
+    def _fail(self, e: BaseException) -> None:
+        self._failure = e
+        self._arrived.set()
 
     def _relay(self, dev: str, msg: Message, wire_bytes: int, t_in: float) -> None:
         """Pass band `dev`'s context on to the bands that need it, at once."""
         i, n = self.index_of[dev], self.plan.n
         for name in msg.tensors:
             parse_ctx_name(name)
-        t_send = float(msg.meta.get("t_send", t_in))
-        acc = self._ctx_up.setdefault((dev, msg.stage), [0.0, 0.0, 0.0])
-        acc[0] += wire_bytes
-        acc[1] += msg.body_bytes
-        acc[2] += max(0.0, t_in - max(t_send, self._last_in.get(dev, 0.0)))
-        self._last_in[dev] = t_in
-        limit = self.max_message_bytes - _HEADROOM
+        t_send = msg.meta.get("t_send", t_in)
+        if not isinstance(t_send, (int, float)) or isinstance(t_send, bool):
+            raise RelayError(f"context meta.t_send {t_send!r} (seconds since the epoch)")
+        self.context.arrived(dev, msg.stage, wire_bytes, msg.body_bytes, float(t_send), t_in)
+        limit = self.settings.max_message_bytes - _HEADROOM
         for j, to in enumerate(self.plan.selected):
             parts = routed(msg.tensors, i, j, n) if j != i else {}
             if not parts:
                 continue
-            out = Message(kind="task", run=self.run_id, device=to, stage=msg.stage, attempt=1, steps=msg.steps,
-                          total_steps=msg.total_steps, tensors=parts,
-                          meta={"method": "patch", "phase": "context", "from": i, "gen": self.gen,
-                                "t_pub": time.time()})
-            data = encode(out, pad_to_bytes=padded_size(parts, self._scale_down[j], limit))
-            self._publish(topics.task(self.run_id, to), data)
+            data = self.task(to, stage=msg.stage, steps=msg.steps, total_steps=msg.total_steps, tensors=parts,
+                             meta={"phase": "context", "from": i, "gen": self.gen, "t_pub": time.time()},
+                             pad_to_bytes=padded_size(parts, self.context.scale_down[j], limit))
+            self._publish(to, data)
 
-    def _publish(self, topic: str, data: bytearray) -> None:
+    def _publish(self, dev: str, data: bytearray) -> None:
         """Publish in call order (paho queues at the call), without waiting for the broker."""
         self._publishes = [f for f in self._publishes if not f.done() or f.exception() is not None]
         for f in self._publishes:
             if f.done() and f.exception() is not None:
                 raise RelayError(f"patch orchestrator: a publish failed ({f.exception()})")
-        self._publishes.append(asyncio.ensure_future(
-            self._client.publish(topic, data, qos=1, timeout=_PUBLISH_TIMEOUT_S)))
+        self._publishes.append(asyncio.ensure_future(self.publish_task(dev, data, timeout=_PUBLISH_TIMEOUT_S)))
 
     # -- the generation ----------------------------------------------------------------
-    async def _wait_online(self) -> None:
-        deadline = time.monotonic() + self.online_timeout_s
-        while not set(self.plan.selected) <= self.online:
-            if time.monotonic() > deadline:
-                raise RelayError(f"patch devices {sorted(set(self.plan.selected) - self.online)} did not come online "
-                                 f"within {self.online_timeout_s:g} s; see their agent logs")
-            await asyncio.sleep(0.1)
-
     def _size_context(self, cond: dict[str, Any], cfg_batch: int) -> dict[str, Any]:
         """The model's own context bytes per band (a run on zeros) and the padding factors
         that make each band's context SD1.5's (plan.bands)."""
@@ -230,65 +207,60 @@ class PatchOrchestrator(ServerLink):
         from testbed.diffusion.patch import PatchLayout, band_profile
         from testbed.diffusion.stages import unet_conditioning
 
-        m = self.model
+        m = self.job.model.model
         kw = unet_conditioning(cond, 1, cfg_batch == 2)
         full = torch.zeros(cfg_batch, *m.latent_shape)
         prof = band_profile(copy.deepcopy(m.unet), full, torch.tensor(999), kw, self.plan.n)
         self.layout = PatchLayout(m.latent_shape[1], self.plan.n)
         self.halo = tuple(prof["halo"])
-        self._scale_up = [b.ctx_up_bytes / max(1, u) for b, u in zip(self.plan.bands, prof["up_bytes"])]
-        self._scale_down = [b.ctx_down_bytes / max(1, d) for b, d in zip(self.plan.bands, prof["down_bytes"])]
+        self.context.scale_up = [b.ctx_up_bytes / max(1, u) for b, u in zip(self.plan.bands, prof["up_bytes"])]
+        self.context.scale_down = [b.ctx_down_bytes / max(1, d) for b, d in zip(self.plan.bands, prof["down_bytes"])]
         return prof
 
-    async def _generate(self) -> LinkOutcome:
+    async def generate(self) -> PatchOutcome:
         from testbed.diffusion.models import encode_prompt, initial_latent
         from testbed.diffusion.stages import num_schedule_steps
 
-        plan = self.plan
-        await self._wait_online()
+        plan, model = self.plan, self.job.model.model
+        await self.wait_online(list(plan.selected))
         n = plan.steps
-        self._n_calls = num_schedule_steps(self.scheduler, n, self.model)
-        latent = initial_latent(self.model, self.seed)
-        cond = encode_prompt(self.model, self.prompt)
-        cfg_batch = 2 if self.model.has_cfg and self.model.default_guidance_scale > 1.0 else 1
+        self.steps.n_calls = num_schedule_steps(self.job.scheduler, n, model)
+        latent = initial_latent(model, self.job.seed)
+        cond = encode_prompt(model, self.job.prompt)
+        cfg_batch = 2 if model.has_cfg and model.default_guidance_scale > 1.0 else 1
         prof = await asyncio.to_thread(self._size_context, cond, cfg_batch)
         await self.emit("run_started", relay_order=list(plan.selected), total_steps=n, plan=plan.to_json(),
                         bands=plan.n, halo_rows=list(self.halo), exchange_points=prof["points"])
-        timeout_s = self._deadline_s(max(plan.t_sync_s, plan.t_displaced_s)) * 2 + 10
-        outcome = await self.denoise(self.model, latent, cond, n, self.scheduler, timeout_s, self.records)
-        outcome.meta = {"bands": plan.n, "halo_rows": list(self.halo), "exchange_points": prof["points"],
-                        "context_real_bytes": {"up": prof["up_bytes"], "down": prof["down_bytes"]},
-                        "context_scale": {"up": self._scale_up, "down": self._scale_down}}
-        return outcome
+        timeout_s = self.deadline_s(max(plan.t_sync_s, plan.t_displaced_s)) * 2 + 10
+        out, latency, energy = await self.denoise(latent, cond, n, timeout_s, self.records)
+        meta = {"bands": plan.n, "halo_rows": list(self.halo), "exchange_points": prof["points"],
+                "context_real_bytes": {"up": prof["up_bytes"], "down": prof["down_bytes"]},
+                "context_scale": {"up": self.context.scale_up, "down": self.context.scale_down}}
+        return PatchOutcome(list(self.records), out, latency, energy, n, meta)
 
-    def _deadline_s(self, predicted_s: float) -> float:
-        return self.deadline_factor * predicted_s + self.deadline_slack_s
-
-    async def _step(self, x_in: Any, t: Any, kw: dict[str, Any]) -> Any:
+    async def step(self, x_in: Any, t: Any, kw: dict[str, Any]) -> Any:
         """One UNet evaluation, band by band over the network; the bands' outputs stacked."""
         import torch
 
-        plan, s = self.plan, self._calls
-        self._calls += 1
+        plan, s = self.plan, self.steps.calls
+        self.steps.calls += 1
         mode = "sync" if s < plan.warmup_steps else "displaced"
         predicted_s = plan.t_sync_s if mode == "sync" else plan.t_displaced_s
-        wait_s = self._deadline_s(predicted_s)
+        wait_s = self.deadline_s(predicted_s)
         x = x_in.detach().float()
         cond = {f"cond.{k}": to_numpy(v) for k, v in kw.items()}
         t_arr = np.asarray(t.detach().cpu().reshape(1).numpy(), dtype=np.int64)
         for i, dev in enumerate(plan.selected):
             band = plan.bands[i]
-            meta = {"method": "patch", "phase": "step", "mode": mode, "index": i, "n": plan.n,
+            meta = {"phase": "step", "mode": mode, "index": i, "n": plan.n,
                     "height": self.layout.height, "halo": list(self.halo), "share": plan.flop_share,
-                    "ctx_scale": self._scale_up[i], "pad_to": band.noise_bytes,
-                    "publish_ctx": mode == "sync" or s < self._n_calls - 1, "wait_s": wait_s, "gen": self.gen}
-            msg = Message(kind="task", run=self.run_id, device=dev, stage=s, attempt=1, steps=(s, s + 1),
-                          total_steps=self._n_calls, meta=meta,
-                          tensors={"x": to_numpy(self.layout.extend(x, i, self.halo)), "t": t_arr, **cond})
-            data = encode(msg, pad_to_bytes=band.task_bytes)
-            self._t_pub[(dev, s)] = time.time()
-            self._task_wire[(dev, s)] = len(data)
-            self._publish(topics.task(self.run_id, dev), data)
+                    "ctx_scale": self.context.scale_up[i], "pad_to": band.noise_bytes,
+                    "publish_ctx": mode == "sync" or s < self.steps.n_calls - 1, "wait_s": wait_s, "gen": self.gen}
+            data = self.task(dev, stage=s, steps=(s, s + 1), total_steps=self.steps.n_calls, meta=meta,
+                             tensors={"x": to_numpy(self.layout.extend(x, i, self.halo)), "t": t_arr, **cond},
+                             pad_to_bytes=band.task_bytes)
+            self.steps.sent(dev, s, len(data))
+            self._publish(dev, data)
             await self.emit("stage_started", device=dev, stage=s, steps=[s, s + 1], band=i, mode=mode,
                             predicted=self._predicted(i))
         bands = await self._collect(s, wait_s)
@@ -335,40 +307,94 @@ class PatchOrchestrator(ServerLink):
 
     def _record(self, s: int, i: int, dev: str, got: _Noise) -> PatchStepRecord:
         meta = got.msg.meta
-        t_pub = self._t_pub.pop((dev, s))
+        t_pub, task_wire = self.steps.t_pub.pop((dev, s)), self.steps.task_wire.pop((dev, s))
         t_recv, t_send = float(meta["t_recv"]), float(meta["t_send"])
-        ctx_down_wire, ctx_down_air = 0, 0.0
-        prev = self._last_recv.get(dev, 0.0)
-        for wire, pub, recv in meta.get("ctx_received") or []:
-            ctx_down_wire += int(wire)
-            ctx_down_air += max(0.0, float(recv) - max(float(pub), prev))
-            prev = float(recv)
-        self._last_recv[dev] = prev
-        up = self._ctx_up.pop((dev, s), [0.0, 0.0, 0.0])
+        received = meta.get("ctx_received") or []
+        ctx_down_wire, ctx_down_air = self.steps.context_received(dev, received)
+        wire_up, body_up, air_up = self.context.sent_by(dev, s)
         # the task queued behind the context relayed to this band before it: likewise
-        before = [float(recv) for _, _, recv in meta.get("ctx_received") or [] if float(recv) <= t_recv]
+        before = [float(recv) for _, _, recv in received if float(recv) <= t_recv]
         t_down = (t_recv - max([t_pub, *before])) + ctx_down_air
         # the noise queued behind the band's context: its own air time starts when that arrived
-        t_up = (got.t_in - max(t_send, self._last_in.get(dev, 0.0))) + up[2]
+        t_up = (got.t_in - max(t_send, self.context.last_in.get(dev, 0.0))) + air_up
         t_cmp = float(meta["t_cmp_s"])
-        p = self.power[dev]
         return PatchStepRecord(
             step=s, device=dev, band=i, mode=str(meta.get("mode")), rows=list(meta.get("rows") or []),
             halo_rows=list(self.halo), t_down_s=t_down, t_cmp_s=t_cmp, t_up_s=t_up,
-            t_wait_s=float(meta.get("wait_s") or 0.0),
-            energy_j=p.rx_w * t_down + p.compute_w * t_cmp + p.tx_w * t_up,
+            t_wait_s=float(meta.get("wait_s") or 0.0), energy_j=self.power[dev].energy_j(t_down, t_cmp, t_up),
             overrun_s=float(meta.get("overrun_s") or 0.0), cmp_real_s=float(meta.get("cmp_real_s") or 0.0),
             t_cmp_start=float(meta["t_cmp_start"]), t_cmp_end=float(meta["t_cmp_end"]),
-            bytes_down=self._task_wire.pop((dev, s)) + ctx_down_wire, bytes_up=got.wire_bytes + int(up[0]),
-            bytes_context_down=ctx_down_wire, bytes_context_up=int(up[0]), bytes_context_real_up=int(up[1]),
+            bytes_down=task_wire + ctx_down_wire, bytes_up=got.wire_bytes + int(wire_up),
+            bytes_context_down=ctx_down_wire, bytes_context_up=int(wire_up), bytes_context_real_up=int(body_up),
             precision=str(meta.get("precision", "")), predicted=self._predicted(i))
 
     def _predicted(self, i: int) -> dict[str, float]:
         """The plan's displaced-step terms for band i (modelled)."""
         b, band = self.plan.breakdown, self.plan.bands[i]
-        p = self.power[band.device]
         t_down = b.get("t_task_down_s", 0.0) + b.get("t_ctx_down_s", 0.0)
         t_up = b.get("t_noise_up_s", 0.0) + b.get("t_ctx_up_s", 0.0)
         return {"t_down_s": t_down, "t_cmp_s": band.t_cmp_s, "t_up_s": t_up,
-                "energy_j": p.rx_w * t_down + p.compute_w * band.t_cmp_s + p.tx_w * t_up}
+                "energy_j": self.power[band.device].energy_j(t_down, band.t_cmp_s, t_up)}
 
+
+class _StepClock:
+    """Each band's step tasks: when each went out and its wire size, and the context it
+    has received (what its records are timed from)."""
+
+    def __init__(self) -> None:
+        self.calls = 0
+        self.n_calls = 0
+        self.t_pub: dict[tuple[str, int], float] = {}
+        self.task_wire: dict[tuple[str, int], int] = {}
+        self.last_recv: dict[str, float] = {}
+
+    def sent(self, dev: str, s: int, wire_bytes: int) -> None:
+        self.t_pub[(dev, s)] = time.time()
+        self.task_wire[(dev, s)] = wire_bytes
+
+    def context_received(self, dev: str, received: list) -> tuple[int, float]:
+        """(wire bytes, air seconds) of the context `dev` received since its previous result:
+        each message's air time starts at the later of its publish and the previous receipt."""
+        wire_total, air = 0, 0.0
+        prev = self.last_recv.get(dev, 0.0)
+        for wire, pub, recv in received:
+            wire_total += int(wire)
+            air += max(0.0, float(recv) - max(float(pub), prev))
+            prev = float(recv)
+        self.last_recv[dev] = prev
+        return wire_total, air
+
+
+class _ContextTally:
+    """The context each band sent the server, per step (wire and real bytes, air time), and
+    the padding factors that make each band's context SD1.5's."""
+
+    def __init__(self) -> None:
+        self.up: dict[tuple[str, int], list[float]] = {}
+        self.last_in: dict[str, float] = {}
+        self.scale_up: list[float] = []
+        self.scale_down: list[float] = []
+
+    def arrived(self, dev: str, stage: int, wire_bytes: int, body_bytes: int, t_send: float, t_in: float) -> None:
+        acc = self.up.setdefault((dev, stage), [0.0, 0.0, 0.0])
+        acc[0] += wire_bytes
+        acc[1] += body_bytes
+        acc[2] += max(0.0, t_in - max(t_send, self.last_in.get(dev, 0.0)))
+        self.last_in[dev] = t_in
+
+    def sent_by(self, dev: str, stage: int) -> tuple[float, float, float]:
+        wire, body, air = self.up.pop((dev, stage), [0.0, 0.0, 0.0])
+        return wire, body, air
+
+
+def _check_noise_meta(meta: dict[str, Any]) -> None:
+    """A band's noise result carries its timings as numbers (what its record is made of)."""
+    for key in ("t_recv", "t_send", "t_cmp_s", "t_cmp_start", "t_cmp_end"):
+        v = meta.get(key)
+        if not isinstance(v, (int, float)) or isinstance(v, bool):
+            raise RelayError(f"noise meta.{key} {v!r} (a number)")
+    received = meta.get("ctx_received") or []
+    if not isinstance(received, list) or not all(
+            isinstance(r, list) and len(r) == 3 and all(isinstance(x, (int, float)) and not isinstance(x, bool)
+                                                         for x in r) for r in received):
+        raise RelayError("noise meta.ctx_received must be a list of [wire bytes, publish s, receive s]")

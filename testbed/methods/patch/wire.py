@@ -1,6 +1,6 @@
 """What patch-parallel messages carry, beside the wire format (wire.py): the names of the
 context tensors, who receives which, how far a message is padded, and the checks on a step
-task's fields. Shared by the edge server (relay/patch.py) and the device (patch_agent.py).
+task's fields. Shared by the edge server (methods/patch/orchestrator.py) and the device (methods/patch/agent.py).
 
     step task    server -> device (task topic): meta.phase "step"; tensors x (the band with
                  its input halo), t, cond.*; padded to the band's share of payload_bytes
@@ -14,7 +14,7 @@ task's fields. Shared by the edge server (relay/patch.py) and the device (patch_
 A synchronous step sends each exchange point as soon as it is reached and waits for the
 others'; a displaced step sends the points of one UNet block together and reads the
 previous step's context. Contexts are padded so that the link carries SD1.5's bytes
-(`ctx_scale` = SD1.5's context bytes of the band / the model's own; selection/patch_plan.py).
+(`ctx_scale` = SD1.5's context bytes of the band / the model's own; methods/patch/plan.py).
 """
 
 from __future__ import annotations
@@ -29,7 +29,7 @@ from testbed.diffusion.patch import receivers
 from testbed.errors import RelayError
 
 __all__ = ["SEP", "MODES", "ctx_name", "parse_ctx_name", "group_of", "routed", "padded_size",
-           "check_step_meta", "to_numpy", "json_object"]
+           "check_step_meta", "json_object"]
 
 SEP = "|"
 MODES = ("sync", "displaced")
@@ -93,14 +93,6 @@ def check_step_meta(meta: dict[str, Any], max_message_bytes: int) -> None:
          f"meta.pad_to {meta.get('pad_to')!r} out of range")
     need(isinstance(meta.get("publish_ctx"), bool), "meta.publish_ctx must be true or false")
     need(is_num(meta.get("wait_s")) and 0 < meta["wait_s"] <= 3600, f"meta.wait_s {meta.get('wait_s')!r} out of range")
-
-
-def to_numpy(t: Any) -> np.ndarray:
-    """A torch tensor as a relayable array (bfloat16 widens to float32, exactly)."""
-    import torch
-
-    t = t.detach().cpu().contiguous()
-    return (t.float() if t.dtype == torch.bfloat16 else t).numpy()
 
 
 def json_object(payload: bytes) -> dict[str, Any]:

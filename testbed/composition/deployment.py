@@ -1,9 +1,9 @@
 """A scenario as a compose/Swarm deployment: write it (`testbed compose`), serve it (in the
-server container: `python -m testbed.composition.compose_server STATE`).
+server container: `python -m testbed.composition.deployment STATE`).
 
 It writes the files with the emulation layer's generator (emulation/docker/compose.py)
 and the one agent-config builder; it serves through the run owner (session.py) on a
-`ComposeCell`, the server container's view of the deployment.
+`DeployedCell`, the server container's view of the deployment.
 
     compose/<name>.yml          the compose/stack file
     compose/<name>/             its state (mode 0700): topology.yaml, scenario.json,
@@ -42,7 +42,7 @@ from testbed.model.profiles import load_profiles
 from testbed.model.radio import compute_links
 from testbed.relay import security
 from testbed.composition.agents import agent_config
-from testbed.composition.session import max_message_bytes
+from testbed.composition.cells import max_message_bytes
 from testbed.model.topology import Topology, load_topology, place
 
 __all__ = ["ComposeScenario", "write_scenario", "serve", "run_id_for"]
@@ -108,7 +108,7 @@ def write_scenario(file: Path, out_dir: Path, *, run_id: str | None = None, imag
     max_msg = max_message_bytes(topo)
     agent = _bin("testbed-agent")
     nodes = [ComposeNode("server", "server", profiles[topo.server.profile].cpu_cores,
-                         profiles[topo.server.profile].memory_mb, [python_bin(), "-m", "testbed.composition.compose_server", str(state)])]
+                         profiles[topo.server.profile].memory_mb, [python_bin(), "-m", "testbed.composition.deployment", str(state)])]
     uids = deployment_uids([link.id for link in links])
     for link in links:
         prof = profiles[link.profile]
@@ -157,15 +157,16 @@ def _cell_address() -> str:
 
 async def serve(state: Path) -> dict[str, Any]:
     """Broker + one generation (selection, relay through the agents), result in state/out."""
+    from testbed.composition.cells import GivenCell
     from testbed.composition.session import RunSession
-    from testbed.emulation.compose_cell import ComposeCell
+    from testbed.emulation.deployed_cell import DeployedCell
 
     state = Path(state)
     scen = json.loads((state / "scenario.json").read_text())
     topo: Topology = load_topology(scen["topology"])
-    cell = ComposeCell(scen["run"], compute_links(topo, place(topo)), state, _cell_address(), topo.server.profile)
+    cell = DeployedCell(scen["run"], compute_links(topo, place(topo)), state, _cell_address(), topo.server.profile)
     creds = security.load_credentials(state / "secrets" / "credentials.json")
-    async with RunSession(topo, cell=cell, credentials=creds, state_dir=state, out_dir=state / "out") as session:
+    async with RunSession(topo, GivenCell(cell, creds, state), out_dir=state / "out") as session:
         result = await session.run()
     return result.to_json()
 

@@ -1,11 +1,11 @@
 """Multi-stage diffusion (the paper's temporal collaboration): a latent relayed through a
 chain of devices, K denoising steps each, the chain chosen under T_max and E_max.
 
-`plan` runs the device selection (selection/: dp, exact, random, greedy, fair — `fair`
+`plan` runs the device selector (selection/: dp, exact, random, greedy, fair — `fair`
 with the cell's energy history) under the budgets less the topology's `margin_pct`;
-`execute` runs the edge server's orchestrator (relay/server.py) with checkpoint recovery,
-handing it `replan`: the same strategy, re-run after a failure for the remaining stages
-on the remaining devices under the budgets left (selection/recovery.py).
+`execute` runs the multi-stage orchestrator (orchestrator.py) with checkpoint recovery,
+whose `replan` is the same selector, re-run after a failure for the remaining stages on the
+remaining devices under the budgets left (selection/recovery.py).
 """
 
 from __future__ import annotations
@@ -13,15 +13,13 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
-from testbed.composition.strategies.base import Outcome, PlanContext, RunContext
 from testbed.errors import TopologyError
+from testbed.methods.base import Outcome, PlanContext, RunContext, energy_by_device
 from testbed.selection import DeviceCost, Selection, device_costs, select
 from testbed.selection.costs import planning_budgets
 from testbed.selection.recovery import reselect
 
-__all__ = ["Multistage", "MultistagePlan"]
-
-_AGENT_STARTUP_S = 60.0  # per 2 CPU cores: importing torch + diffusers and loading a model
+__all__ = ["Multistage", "MultistagePlan", "fixed_selection"]
 
 
 @dataclass(frozen=True)
@@ -44,22 +42,28 @@ class MultistagePlan:
     def predicted_energy_j(self) -> float:
         return self.selection.energy_j
 
+    @property
+    def can_recover(self) -> bool:
+        """A device of the chain can be replaced when a candidate is left over."""
+        return len(self.costs) > len(self.selection.selected)
+
     def to_json(self) -> dict[str, Any]:
         s = self.selection
-        return {"strategy": s.strategy, "selected": list(s.selected), "predicted_latency_s": s.latency_s,
-                "predicted_energy_j": s.energy_j, "objective_mb": s.objective_mb, "solve_ms": s.solve_ms,
+        return {"selector": s.selector, "strategy": s.selector, "selected": list(s.selected),
+                "predicted_latency_s": s.latency_s, "predicted_energy_j": s.energy_j, "objective_mb": s.objective_mb,
+                "solve_ms": s.solve_ms,
                 "planned_within": {"t_max_s": s.t_max_s, "e_max_j": s.e_max_j, "margin_pct": self.margin_pct}}
 
     def replan(self, t_max_s: float, e_max_j: float):
-        """The orchestrator's re-planner (relay/server.py Replan): this plan's strategy for
+        """The orchestrator's re-planner (orchestrator.py Replan): this plan's selector for
         the remaining stages, under the budgets left less the margin the plan kept."""
         by_id = {c.id: c for c in self.costs}
-        strategy = "dp" if self.selection.strategy == "fixed" else self.selection.strategy
+        selector = "dp" if self.selection.selector == "fixed" else self.selection.selector
         reserve_t, reserve_e = t_max_s * self.margin_pct / 100, e_max_j * self.margin_pct / 100
 
         def replan(pool: list[str], stages: int, t_left_s: float, e_left_j: float) -> list[str]:
             return reselect([by_id[d] for d in pool], stages, t_left_s - reserve_t, e_left_j - reserve_e,
-                            strategy=strategy, seed=self.seed, history=self.history).selected
+                            selector=selector, seed=self.seed, history=self.history).selected
 
         return replan
 
@@ -71,59 +75,44 @@ def fixed_selection(costs: list[DeviceCost], order: list[str], t_max_s: float, e
     if unknown:
         raise TopologyError(f"relay order names unknown or unavailable devices {unknown}; devices: {', '.join(by_id)}")
     chosen = [by_id[d] for d in order]
-    return Selection(strategy="fixed", t_max_s=t_max_s, e_max_j=e_max_j, devices=list(costs), selected=list(order),
+    return Selection(selector="fixed", t_max_s=t_max_s, e_max_j=e_max_j, devices=list(costs), selected=list(order),
                      objective_mb=sum(c.size_mb for c in chosen), latency_s=sum(c.latency_s for c in chosen),
                      energy_j=sum(c.energy_j for c in chosen), solve_ms=0.0, chosen=chosen)
 
 
 class Multistage:
-    """`Multistage(strategy="dp")`; `order=[...]` relays through given devices instead."""
+    """`Multistage("dp")`; `order=[...]` relays through given devices instead."""
 
-    method: ClassVar[str] = "multistage"
+    name: ClassVar[str] = "multistage"
 
-    def __init__(self, strategy: str = "dp", order: list[str] | None = None):
-        self.strategy = strategy if order is None else "fixed"
+    def __init__(self, selector: str = "dp", order: list[str] | None = None):
+        self.selector = selector if order is None else "fixed"
         self.order = list(order) if order is not None else None
 
     def plan(self, ctx: PlanContext) -> MultistagePlan:
         costs = device_costs(ctx.topology, ctx.links, impairments=ctx.impairments)
-        t_plan, e_plan = planning_budgets(ctx.topology, ctx.t_max_s, ctx.e_max_j)
+        t_plan_s, e_plan_j = planning_budgets(ctx.topology, ctx.t_max_s, ctx.e_max_j)
         if self.order is not None:
-            sel = fixed_selection(costs, self.order, t_plan, e_plan)
+            sel = fixed_selection(costs, self.order, t_plan_s, e_plan_j)
         else:
-            sel = select(costs, t_plan, e_plan, strategy=self.strategy, seed=ctx.seed, history=ctx.history)
+            sel = select(costs, t_plan_s, e_plan_j, selector=self.selector, seed=ctx.seed, history=ctx.history)
         return MultistagePlan(sel, costs, ctx.topology.budgets.margin_pct, ctx.seed, dict(ctx.history))
 
     async def execute(self, run: RunContext, plan: MultistagePlan) -> Outcome:
-        from testbed.relay.server import Orchestrator
+        from testbed.methods.multistage.orchestrator import MultistageOrchestrator
 
-        topo, wl = run.topology, run.topology.workload
         candidates = [c.id for c in plan.costs]
-        await run.ensure_agents(candidates)  # the chain and every device a recovery may pick
-        model = await run.server_model()
-        rs = run.relay_settings()
-        profile = wl.compute == "profile"
-
-        async def orchestrate() -> Any:
-            orch = Orchestrator(
-                **rs.login(), costs=plan.costs, relay_order=plan.selected, power=run.power(), model=model,
-                steps_per_stage=wl.steps_per_stage, prompt=wl.prompt, seed=topo.seed, scheduler=wl.scheduler,
-                payload_bytes=wl.payload_bytes, t_max_s=run.t_max_s, e_max_j=run.e_max_j, emit=run.event_sink(),
-                online_timeout_s=_AGENT_STARTUP_S + 4.0 * len(candidates),
-                deadline_factor=2.0 if profile else 20.0, deadline_slack_s=2.0 if profile else 60.0,
-                max_message_bytes=rs.max_message_bytes, replan=plan.replan(run.t_max_s, run.e_max_j),
-            )
-            return await orch.run()
-
-        out = await run.in_server_ns(orchestrate)
-        by_device: dict[str, float] = {}
-        for s in out.stages:
-            by_device[s.device] = by_device.get(s.device, 0.0) + s.energy_j
-        for r in out.recovered:  # a failed attempt's energy was spent by the device that failed
-            by_device[r.device] = by_device.get(r.device, 0.0) + r.energy_j
+        await run.services.ensure_agents(candidates)  # the chain and every device a recovery may pick
+        timing = run.timing(len(candidates))
+        wl = run.topology.workload
+        out = await run.orchestrate(lambda settings, job, power: MultistageOrchestrator(
+            settings, job, power, plan=plan, steps_per_stage=wl.steps_per_stage, t_max_s=run.t_max_s,
+            e_max_j=run.e_max_j, emit=run.services.event_sink(), timing=timing))
+        # a failed attempt's energy was spent by the device that failed
+        spent = [(s.device, s.energy_j) for s in out.stages] + [(r.device, r.energy_j) for r in out.recovered]
         return Outcome(
             stages=[s.to_json() for s in out.stages], latent=out.latent, latency_s=out.latency_s,
             energy_j=out.energy_j, total_steps=out.total_steps, relay_order=[s.device for s in out.stages],
-            energy_by_device=by_device, recovered=[r.to_json() for r in out.recovered],
+            energy_by_device=energy_by_device(spent), recovered=[r.to_json() for r in out.recovered],
             rejected_results=out.rejected_results, extra={"objective_mb": plan.selection.objective_mb},
         )

@@ -22,7 +22,6 @@ without the same two segments.
 from __future__ import annotations
 
 import asyncio
-import json
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -31,13 +30,12 @@ from typing import Any
 import numpy as np
 
 from testbed.errors import RelayError, RunFailedError
-from testbed.relay import topics
-from testbed.relay.server_link import LinkOutcome, ServerLink
-from testbed.relay.server import DevicePower
-from testbed.selection.split_plan import SplitPlan
-from testbed.relay.wire import Message, decode, encode
+from testbed.methods.split.plan import SplitPlan
+from testbed.relay.orchestrator import DevicePower, Job, Orchestrator, RelaySettings, Timing
+from testbed.relay.stage import to_numpy
+from testbed.relay.wire import Message
 
-__all__ = ["SplitStepRecord", "SplitOrchestrator"]
+__all__ = ["SplitStepRecord", "SplitOutcome", "SplitOrchestrator"]
 
 
 @dataclass
@@ -101,111 +99,59 @@ class _Hop:
     wire_bytes: int
 
 
-class SplitOrchestrator(ServerLink):
-    """One split-diffusion generation over MQTT, on `plan` (head, tail, steps).
+@dataclass
+class SplitOutcome:
+    records: list[SplitStepRecord]
+    latent: Any
+    latency_s: float
+    energy_j: float
+    total_steps: int
 
-    `model` is the server's `LocalModel` (fp32): its scheduler config, initial latent,
-    conditioning and decoder; the UNet itself is never called on the server.
-    """
+
+class SplitOrchestrator(Orchestrator):
+    """One split-diffusion generation over MQTT, on `plan` (head, tail, steps). The job's
+    model is the server's fp32 model: its scheduler config, initial latent, conditioning and
+    decoder; the UNet itself is never called on the server."""
 
     method = "split"
 
-    def __init__(
-        self,
-        *,
-        run: str,
-        broker_host: str,
-        broker_port: int,
-        username: str,
-        password: str,
-        plan: SplitPlan,
-        power: dict[str, DevicePower],
-        model: Any,
-        prompt: str,
-        seed: int,
-        scheduler: str,
-        payload_bytes: int,
-        emit: Callable[[dict[str, Any]], None] | None = None,
-        online_timeout_s: float = 120.0,
-        deadline_factor: float = 3.0,
-        deadline_slack_s: float = 5.0,
-    ):
-        super().__init__(run, broker_host, broker_port, username, password, emit)
+    def __init__(self, settings: RelaySettings, job: Job, power: dict[str, DevicePower], *, plan: SplitPlan,
+                 emit: Callable[[dict[str, Any]], None] | None = None, timing: Timing = Timing()):
+        super().__init__(settings, job, power, emit=emit, timing=timing)
         self.plan = plan
-        self.power = power
-        self.model = model
-        self.prompt, self.seed, self.scheduler = prompt, seed, scheduler
-        self.payload_bytes = payload_bytes
-        self.online_timeout_s = online_timeout_s
-        self.deadline_factor, self.deadline_slack_s = deadline_factor, deadline_slack_s
-        self.max_message_bytes = max(plan.step.feature_bytes, payload_bytes) + 4 * 2**20
-        self.online: set[str] = set()
-        self._inbox: asyncio.Queue[tuple[str, str, bytes, float]] = asyncio.Queue()
         self._records: list[SplitStepRecord] = []
         self._n_calls = 0
 
-    async def _reader(self) -> None:
-        async for msg in self._client.messages:
-            parsed = topics.parse_device_topic(self.run_id, str(msg.topic))
-            if parsed is None:
-                continue
-            dev, leaf = parsed
-            payload = bytes(msg.payload) if msg.payload is not None else b""
-            if leaf == "status":
-                state = _json(payload).get("state")
-                if state in ("online", "computing"):
-                    self.online.add(dev)
-                elif state == "offline":
-                    self.online.discard(dev)
-            await self._inbox.put((leaf, dev, payload, time.time()))
-
-    async def run(self) -> LinkOutcome:
-        return await self.run_connected(self._generate)
-
-    async def wait_online(self, devices: list[str]) -> None:
-        deadline = time.monotonic() + self.online_timeout_s
-        while not set(devices) <= self.online:
-            left = deadline - time.monotonic()
-            if left <= 0:
-                raise RelayError(f"split devices {sorted(set(devices) - self.online)} did not come online within "
-                                 f"{self.online_timeout_s:g} s; see their split agent logs")
-            try:
-                await asyncio.wait_for(self._inbox.get(), timeout=min(left, 0.5))
-            except TimeoutError:
-                pass
-
-    async def _generate(self) -> LinkOutcome:
+    async def generate(self) -> SplitOutcome:
         from testbed.diffusion.models import encode_prompt, initial_latent
         from testbed.diffusion.stages import num_schedule_steps
 
-        plan = self.plan
+        plan, model = self.plan, self.job.model.model
         await self.wait_online([plan.head, plan.tail])
-        while not self._inbox.empty():
-            self._inbox.get_nowait()
+        while not self.inbox.empty():
+            self.inbox.get_nowait()
         n = plan.steps
-        self._n_calls = num_schedule_steps(self.scheduler, n, self.model)
-        latent = initial_latent(self.model, self.seed)
-        cond = encode_prompt(self.model, self.prompt)
+        self._n_calls = num_schedule_steps(self.job.scheduler, n, model)
+        latent = initial_latent(model, self.job.seed)
+        cond = encode_prompt(model, self.job.prompt)
         await self.emit("run_started", relay_order=[plan.head, plan.tail], total_steps=n, plan=plan.to_json())
-        timeout_s = self._deadline_s(plan.step.latency_s) * 2 + 10
+        timeout_s = self.deadline_s(plan.step.latency_s) * 2 + 10
         self._records = []
-        return await self.denoise(self.model, latent, cond, n, self.scheduler, timeout_s, self._records)
+        out, latency, energy = await self.denoise(latent, cond, n, timeout_s, self._records)
+        return SplitOutcome(list(self._records), out, latency, energy, n)
 
-    def _deadline_s(self, predicted_s: float) -> float:
-        return self.deadline_factor * predicted_s + self.deadline_slack_s
-
-    async def _step(self, x_in: Any, t: Any, kw: dict[str, Any]) -> Any:
+    async def step(self, x_in: Any, t: Any, kw: dict[str, Any]) -> Any:
         import torch
 
         plan, i = self.plan, len(self._records)
         c = plan.step
-        tensors = {"x_in": _np(x_in), "t": np.asarray(t.detach().cpu().reshape(1).numpy(), dtype=np.int64)}
-        tensors.update({f"cond.{k}": _np(v) for k, v in kw.items()})
-        head = await self._hop(i, plan.head, "head", tensors, pad_task=self.payload_bytes,
+        tensors = {"x_in": to_numpy(x_in), "t": np.asarray(t.detach().cpu().reshape(1).numpy(), dtype=np.int64)}
+        tensors.update({f"cond.{k}": to_numpy(v) for k, v in kw.items()})
+        head = await self._hop(i, plan.head, "head", tensors, pad_task=self.job.payload_bytes,
                                pad_result=c.feature_bytes, share=plan.head_flop_share,
                                predicted_s=c.t_lat_down_s + c.t_head_cmp_s + c.t_feat_up_s)
         tail = await self._hop(i, plan.tail, "tail", head.msg.tensors, pad_task=c.feature_bytes,
-                               pad_result=self.payload_bytes, share=1.0 - plan.head_flop_share,
+                               pad_result=self.job.payload_bytes, share=1.0 - plan.head_flop_share,
                                predicted_s=c.t_feat_down_s + c.t_tail_cmp_s + c.t_noise_up_s)
         ph, pt = self.power[plan.head], self.power[plan.tail]
         rec = SplitStepRecord(
@@ -213,8 +159,8 @@ class SplitOrchestrator(ServerLink):
             t_lat_down_s=head.t_down_s, t_head_cmp_s=head.t_cmp_s, t_feat_up_s=head.t_up_s,
             t_relay_s=tail.t_pub - head.t_in,
             t_feat_down_s=tail.t_down_s, t_tail_cmp_s=tail.t_cmp_s, t_noise_up_s=tail.t_up_s,
-            e_head_j=ph.rx_w * head.t_down_s + ph.compute_w * head.t_cmp_s + ph.tx_w * head.t_up_s,
-            e_tail_j=pt.rx_w * tail.t_down_s + pt.compute_w * tail.t_cmp_s + pt.tx_w * tail.t_up_s,
+            e_head_j=ph.energy_j(head.t_down_s, head.t_cmp_s, head.t_up_s),
+            e_tail_j=pt.energy_j(tail.t_down_s, tail.t_cmp_s, tail.t_up_s),
             overrun_s=head.overrun_s + tail.overrun_s, cmp_real_s=head.cmp_real_s + tail.cmp_real_s,
             bytes_features=head.wire_bytes, bytes_latent=tail.wire_bytes,
             predicted={"t_down_s": c.t_lat_down_s + c.t_feat_down_s, "t_cmp_s": c.t_head_cmp_s + c.t_tail_cmp_s,
@@ -232,57 +178,51 @@ class SplitOrchestrator(ServerLink):
                    pad_result: int, share: float, predicted_s: float) -> _Hop:
         """Send one segment's task to `dev` and wait (bounded) for its result."""
         total = max(self._n_calls, i + 1)
-        msg = Message(kind="task", run=self.run_id, device=dev, stage=i, attempt=1, steps=(i, i + 1),
-                      total_steps=total, tensors=tensors,
-                      meta={"method": "split", "role": role, "share": share, "pad_to": pad_result})
-        data = encode(msg, pad_to_bytes=pad_task)
+        data = self.task(dev, stage=i, steps=(i, i + 1), total_steps=total, tensors=tensors,
+                         meta={"role": role, "share": share, "pad_to": pad_result}, pad_to_bytes=pad_task)
         t_pub = time.time()
-        await self._client.publish(topics.task(self.run_id, dev), data, qos=1)
-        deadline = time.monotonic() + self._deadline_s(predicted_s)
+        await self.publish_task(dev, data)
+        deadline_s = self.deadline_s(predicted_s)
+        deadline = time.monotonic() + deadline_s
         while True:
             left = deadline - time.monotonic()
             if left <= 0:
                 raise RunFailedError(f"split step {i}: the {role} device {dev} missed its deadline "
-                                     f"({self._deadline_s(predicted_s):.1f} s); see its split agent log")
+                                     f"({deadline_s:.1f} s); see its split agent log")
             try:
-                leaf, who, payload, t_in = await asyncio.wait_for(self._inbox.get(), timeout=left)
+                leaf, who, body, t_in = await asyncio.wait_for(self.inbox.get(), timeout=left)
             except TimeoutError:
                 continue
+            if leaf == "broker":
+                raise RunFailedError(f"split step {i}: {body}; split inference cannot resume without both segments")
             if who != dev:
                 continue
-            if leaf == "status" and _json(payload).get("state") == "offline":
+            if leaf == "status" and body.state == "offline":
                 raise RunFailedError(f"split step {i}: the {role} device {dev} went offline; split inference "
                                      "cannot continue without both segments")
             if leaf != "result":
                 continue
             try:
-                res = decode(payload, max_bytes=self.max_message_bytes, run=self.run_id, kind="result", device=dev,
-                             total_steps=total, max_tensor_bytes=self.max_message_bytes)
-                if res.stage != i or res.meta.get("role") != role:
-                    raise RelayError(f"result for step {res.stage} role {res.meta.get('role')!r}, "
-                                     f"expected step {i} role {role!r}")
-                need = {"sample", "emb"} if role == "head" else {"noise"}
-                if not need <= set(res.tensors):
-                    raise RelayError(f"{role} result lacks tensors {sorted(need - set(res.tensors))}")
-                t_recv, t_send = float(res.meta["t_recv"]), float(res.meta["t_send"])
-                overrun, real = float(res.meta.get("overrun_s") or 0.0), float(res.meta.get("cmp_real_s") or 0.0)
-            except (RelayError, KeyError, TypeError, ValueError) as e:
-                await self.emit("result_rejected", device=dev, steps=[i, i + 1], error=str(e))
+                res = self._check_result(dev, body, i, role, total)
+            except RelayError as e:
+                await self.reject(dev, str(e), steps=[i, i + 1])
                 continue
+            m = res.meta
+            t_recv, t_send = float(m["t_recv"]), float(m["t_send"])
             return _Hop(t_down_s=t_recv - t_pub, t_cmp_s=t_send - t_recv, t_up_s=t_in - t_send, t_pub=t_pub, t_in=t_in,
-                        overrun_s=overrun, cmp_real_s=real, msg=res, wire_bytes=len(payload))
+                        overrun_s=float(m.get("overrun_s") or 0.0), cmp_real_s=float(m.get("cmp_real_s") or 0.0),
+                        msg=res, wire_bytes=len(body))
 
-
-def _np(t: Any) -> np.ndarray:
-    import torch
-
-    t = t.detach().cpu().contiguous()
-    return (t.float() if t.dtype == torch.bfloat16 else t).numpy()
-
-
-def _json(payload: bytes) -> dict[str, Any]:
-    try:
-        v = json.loads(payload)
-    except ValueError:
-        return {}
-    return v if isinstance(v, dict) else {}
+    def _check_result(self, dev: str, payload: bytes, i: int, role: str, total: int) -> Message:
+        """A hop's result through the one door, then this hop's own checks."""
+        res = self.decode_result(dev, payload, total_steps=total)
+        if res.stage != i or res.meta.get("role") != role:
+            raise RelayError(f"result for step {res.stage} role {res.meta.get('role')!r}, expected step {i} role {role!r}")
+        need = {"sample", "emb"} if role == "head" else {"noise"}
+        if not need <= set(res.tensors):
+            raise RelayError(f"{role} result lacks tensors {sorted(need - set(res.tensors))}")
+        for key in ("t_recv", "t_send", "overrun_s", "cmp_real_s"):
+            v = res.meta.get(key)
+            if (v is not None or key in ("t_recv", "t_send")) and (not isinstance(v, (int, float)) or isinstance(v, bool)):
+                raise RelayError(f"result meta.{key} {v!r} (seconds)")
+        return res

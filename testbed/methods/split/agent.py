@@ -25,10 +25,12 @@ from typing import Any
 import numpy as np
 
 from testbed.errors import RelayError
-from testbed.relay.agent import Agent, AgentConfig
+from testbed.relay import topics
+from testbed.relay.agent import Agent, AgentConfig, pad_to_profile
+from testbed.relay.stage import to_numpy
 from testbed.relay.wire import Message, TensorSpec, decode, encode
 
-__all__ = ["ROLES", "SplitModel", "SplitAgent", "task_handler"]
+__all__ = ["ROLES", "SplitModel", "SplitHandler", "task_handler"]
 
 log = logging.getLogger("testbed.split_agent")
 ROLES = ("head", "tail")
@@ -60,7 +62,7 @@ class SplitModel:
                 cond[k[5:]] = c.to(dtype) if c.is_floating_point() else c
         with torch.inference_mode():
             feats = self.runner.head(x, t, cond)
-        return {k: _np(v) for k, v in feats.items()}
+        return {k: to_numpy(v) for k, v in feats.items()}
 
     def tail(self, tensors: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         import torch
@@ -72,24 +74,16 @@ class SplitModel:
             feats[k] = f.to(dtype) if f.is_floating_point() else f
         with torch.inference_mode():
             noise = self.runner.tail(feats)
-        return {"noise": _np(noise.float())}
+        return {"noise": to_numpy(noise.float())}
 
 
-def _np(t: Any) -> np.ndarray:
-    import torch
-
-    t = t.detach().cpu().contiguous()
-    if t.dtype == torch.bfloat16:
-        t = t.float()  # numpy has no bfloat16; exact widening
-    return t.numpy()
-
-
-class SplitAgent(Agent):
-    """The multi-stage agent's transport (connect, will, status, reconnect) with split tasks."""
+class SplitHandler:
+    """Split tasks on one device: the head or the tail segment of its model, per task."""
 
     def __init__(self, cfg: AgentConfig, model: SplitModel, roles: tuple[str, ...] = ROLES):
-        super().__init__(cfg, model)
-        self.roles = roles
+        self.cfg, self.model, self.roles = cfg, model, roles
+        self.served = 0
+        self.rejected = 0
 
     async def handle(self, client: Any, payload: bytes) -> None:
         t_recv = time.time()
@@ -111,7 +105,7 @@ class SplitAgent(Agent):
                 raise RelayError("rejected relay message: a tail task needs tensors 'sample' and 'emb'")
         except RelayError as e:
             self.rejected += 1
-            log.error("%s (%d bytes on %s); dropped, still serving", e, len(payload), self._task)
+            log.error("%s (%d bytes); dropped, still serving", e, len(payload))
             return
         try:
             fn = self.model.head if role == "head" else self.model.tail
@@ -125,31 +119,21 @@ class SplitAgent(Agent):
         # profile's step time from the task's arrival (decode included) to the result's
         # departure; work that took longer is recorded as overrun, never hidden
         profile_s = self.cfg.step_time_s * float(share) if self.cfg.compute == "profile" else None
-        overrun_s = await _pad_from_receipt(t_recv, profile_s) if profile_s is not None else 0.0
+        overrun_s = await pad_to_profile(t_recv, profile_s) if profile_s is not None else 0.0
         meta = {"role": role, "t_recv": t_recv, "t_cmp_start": t0, "cmp_real_s": real_s,
                 "cmp_profile_s": profile_s, "overrun_s": overrun_s, "precision": self.cfg.precision,
                 "t_send": time.time()}
         msg = Message(kind="result", run=task.run, device=self.cfg.device, stage=task.stage, attempt=task.attempt,
                       steps=task.steps, total_steps=task.total_steps, tensors=out, meta=meta)
         data = encode(msg, pad_to_bytes=pad_to)
-        await client.publish(self._result, data, qos=1)
-        self.served += 1
+        self.served += 1  # counted as it is handed over: the server may read it before the PUBACK returns
+        await client.publish(topics.result(self.cfg.run, self.cfg.device), data, qos=1)
         log.info("step %d %s: real %.3f s, padded to %s, sent %d bytes", task.stage, role, real_s,
                  f"{profile_s:.3f} s" if profile_s is not None else "-", len(data))
 
 
-async def _pad_from_receipt(t_recv: float, profile_s: float) -> float:
-    """Sleep until `t_recv + profile_s`; return how late the work already was (overrun, s)."""
-    late_s = time.time() - (t_recv + profile_s)
-    if late_s >= 0:
-        return late_s
-    while (left := t_recv + profile_s - time.time()) > 0:  # the loop's clock may wake early
-        await asyncio.sleep(left)
-    return 0.0
-
-
-def task_handler(agent: Agent) -> Any:
-    """The split method's handler inside a device's agent (relay/agent.py METHOD_HANDLERS):
-    the device's model cut in two, made on the first split task from the model the agent
-    has loaded (loading it again cost the first split step up to a second)."""
-    return SplitAgent(agent.cfg, SplitModel(agent.model.model)).handle
+def task_handler(agent: Agent) -> SplitHandler:
+    """The split method's handler inside a device's agent: the device's model cut in two,
+    made on the first split task from the model the agent has loaded (loading it again cost
+    the first split step up to a second)."""
+    return SplitHandler(agent.cfg, SplitModel(agent.model.model))

@@ -1,0 +1,203 @@
+"""Cell sources: where a run owner gets its cell, and what comes with it.
+
+A source supplies a `Rig` — the cell, the run's MQTT credentials, the agents, the energy
+history and the run's state directory — and tears down what it made:
+
+| source | the cell | its agents |
+| --- | --- | --- |
+| `MadeCell` (`testbed run FILE`, the `testbed up` supervisor, sweeps, the TUI) | `Emulation(...)`, made here, torn down at the end | `AgentLauncher`: this process's template |
+| `AttachedCellSource` (a `testbed up` cell, library users) | `AttachedCell.connect(ID)`; left up | `RemoteAgents`: the supervisor's |
+| `GivenCell` (compose/Swarm deployment's server) | made elsewhere, handed in | `ExternalAgents`: each device service starts its own |
+
+`open(topo, links, clock, started)` gets the topology, its links (computed once by the run
+owner), the start-up clock and `started()`, called once the slow background work has begun
+(the agent template's imports) so that the owner can start its own (the server's model).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import shutil
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Protocol
+
+from testbed.composition.agents import AgentLauncher, Agents, ExternalAgents, RemoteAgents, write_agent_configs
+from testbed.composition.history import EnergyHistory
+from testbed.composition.startup import StartupClock
+from testbed.emulation.cell import BrokerSettings, Cell
+from testbed.errors import RunFailedError, TopologyError
+from testbed.model.names import MQTT_PORT, SERVER_ADDRESS, STATE_ROOT
+from testbed.model.radio import DeviceLink
+from testbed.model.topology import Topology
+from testbed.relay import security
+
+__all__ = ["Rig", "CellSource", "MadeCell", "AttachedCellSource", "GivenCell", "max_message_bytes", "same_cell"]
+
+
+def max_message_bytes(topo: Topology) -> int:
+    """The broker's and the agents' size limit: the largest message any method sends, plus headroom."""
+    from testbed.methods import methods
+
+    wl = topo.workload
+    largest = [m.largest_message_bytes(wl.resolution_px) for m in methods()]
+    return max([wl.payload_bytes, *(b for b in largest if b)]) + 4 * 2**20
+
+
+@dataclass
+class Rig:
+    """What a cell source supplies a run owner."""
+
+    run_id: str
+    cell: Cell
+    credentials: security.RunCredentials | None
+    agents: Agents | None
+    history: EnergyHistory | None
+    state_dir: Path | None
+
+
+class CellSource(Protocol):
+    path: str  # how meta.startup names it: cold, attached, given
+    warms_agents: bool  # the run owner starts every device's agent as soon as the cell is up
+
+    async def open(self, topo: Topology, links: list[DeviceLink], clock: StartupClock,
+                   started: Callable[[], None]) -> Rig: ...
+    async def close(self) -> None: ...
+
+
+def same_cell(run_id: str, topo: Topology, mine: list[DeviceLink], theirs: list[DeviceLink]) -> None:
+    """A scenario for an up cell must have the cell's devices, positions and precisions."""
+    key = (lambda lks: sorted((lk.id, round(lk.x_m, 3), round(lk.y_m, 3), lk.precision) for lk in lks))
+    if key(mine) != key(theirs):
+        raise TopologyError(
+            f"run {run_id} was brought up with other devices or positions than {topo.name!r} "
+            f"with seed {topo.seed}; give the topology file and --seed the cell was brought up with")
+
+
+class MadeCell:
+    """A cell this process makes: run directory, cell (`backend`), credentials, broker, the
+    agent template and every device's agent (started at once, not when a plan asks: the
+    first stage does not wait for 20 agents). `broker=False`: the cell alone (`up --no-broker`)."""
+
+    path = "cold"
+    warms_agents = True
+
+    def __init__(self, run_id: str | None = None, *, backend: str = "netns", broker: bool = True,
+                 state_dir: Path | None = None):
+        self.run_id, self.backend, self.broker = run_id, backend, broker
+        self.state_dir = Path(state_dir) if state_dir is not None else None  # given: the up command made it
+        self._owns_state = state_dir is None
+        self._cell: Any = None
+        self._launcher: AgentLauncher | None = None
+
+    async def open(self, topo: Topology, links: list[DeviceLink], clock: StartupClock,
+                   started: Callable[[], None]) -> Rig:
+        from testbed.emulation.emulation import Emulation
+        from testbed.emulation.runs import make_run_dir, new_run_id, write_state, write_topology
+
+        run_id = self.run_id = self.run_id or new_run_id()
+        if self.state_dir is None:
+            self.state_dir = make_run_dir(run_id)
+        write_topology(run_id, topo)  # for `testbed tui --attach RUN`
+        if self.broker:  # the template's imports overlap the cell's creation and the server's model
+            self._launcher = AgentLauncher(run_id, self.state_dir, self.state_dir / "logs",
+                                           preload=_preloaded_variants(topo, links))
+            self._launcher.start().add_done_callback(  # (its result: how long the template took)
+                lambda fut: None if fut.cancelled() or fut.exception() else clock.mark("template",
+                                                                                      time.time() - fut.result()))
+            await asyncio.sleep(0)  # the template's process starts now, before this thread imports the emulation
+        started()
+        with clock.span("cell"):
+            self._cell = Emulation(topo, run_id, backend=self.backend, state_dir=self.state_dir, links=links)
+            await self._cell.__aenter__()
+        cell: Cell = self._cell
+        creds = None
+        if self.broker:
+            creds = security.make_credentials(run_id, cell.device_ids())
+            paths = security.write_security_files(self.state_dir / "secrets", creds, SERVER_ADDRESS, MQTT_PORT)
+            shutil.copy2(paths["observer"], self.state_dir / "observer.json")
+            limit = max_message_bytes(topo)
+            with clock.span("broker"):
+                await cell.start_broker(BrokerSettings(paths["password_file"], paths["acl_file"], limit))
+            assert self._launcher is not None
+            self._launcher.bind(cell, write_agent_configs(self.state_dir, topo, cell, run_id, creds, limit))
+        write_state(run_id, cell.status() | {"topology": topo.name, "seed": topo.seed})
+        return Rig(run_id, cell, creds, self._launcher, EnergyHistory(self.state_dir), self.state_dir)
+
+    async def close(self) -> None:
+        if self._launcher is not None:
+            await self._launcher.close()
+        if self._cell is not None:
+            try:
+                await self._cell.close()
+            finally:
+                self._cell = None
+        if self._owns_state and self.state_dir is not None:
+            from testbed.emulation.owned_dirs import remove_owned_dir
+
+            remove_owned_dir(self.state_dir, STATE_ROOT)
+
+
+def _preloaded_variants(topo: Topology, links: list[DeviceLink]) -> list[tuple[str, str]]:
+    """The model variants the agent template loads before it forks: the embedded tiny
+    model's, shared copy-on-write by every agent. A real model (SD1.5, GBs) is loaded by
+    each agent inside its node, where its memory counts against the device's limit."""
+    wl = topo.workload
+    if wl.model != "tiny":
+        return []
+    return [(wl.model, p) for p in sorted({lk.precision for lk in links})]
+
+
+class AttachedCellSource:
+    """A cell that `testbed up` keeps alive (its supervisor's agents and broker); left up."""
+
+    path = "attached"
+    warms_agents = False  # the up cell's supervisor keeps them warm
+
+    def __init__(self, run_id: str):
+        self.run_id = run_id
+        self._cell: Any = None
+
+    async def open(self, topo: Topology, links: list[DeviceLink], clock: StartupClock,
+                   started: Callable[[], None]) -> Rig:
+        from testbed.emulation.attached import AttachedCell, control_path
+        from testbed.emulation.runs import run_dir
+
+        started()
+        self._cell = cell = await AttachedCell.connect(self.run_id)
+        same_cell(self.run_id, topo, links, cell.links)
+        if cell.broker is None:
+            raise RunFailedError(f"run {self.run_id} was brought up without a broker (--no-broker); "
+                                 "bring it up again without that option to run generations on it")
+        state = run_dir(self.run_id)
+        creds = security.load_credentials(state / "secrets" / "credentials.json")
+        return Rig(self.run_id, cell, creds, RemoteAgents(control_path(self.run_id)), EnergyHistory(state), state)
+
+    async def close(self) -> None:
+        if self._cell is not None:
+            await self._cell.close()  # the connection only: the cell stays up
+            self._cell = None
+
+
+class GivenCell:
+    """A cell made elsewhere (a compose/Swarm deployment, seen from its server container):
+    its credentials given; its broker started here; its agents the device services'."""
+
+    path = "given"
+    warms_agents = False  # the deployment's device services start them
+
+    def __init__(self, cell: Cell, credentials: security.RunCredentials, state_dir: Path):
+        self.cell, self.credentials, self.state_dir = cell, credentials, Path(state_dir)
+
+    async def open(self, topo: Topology, links: list[DeviceLink], clock: StartupClock,
+                   started: Callable[[], None]) -> Rig:
+        started()
+        secrets = self.state_dir / "secrets"
+        await self.cell.start_broker(BrokerSettings(secrets / "mosquitto.passwd", secrets / "mosquitto.acl",
+                                                    max_message_bytes(topo)))
+        return Rig(self.cell.run_id, self.cell, self.credentials, ExternalAgents(), None, self.state_dir)
+
+    async def close(self) -> None:
+        await self.cell.close()

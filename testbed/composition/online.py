@@ -1,0 +1,87 @@
+"""Agents running and online: start what is missing, wait (bounded) for each agent's retained
+"online" status, and fail at once — naming the device and its log's last line — when an
+agent dies before it comes online."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+from testbed.composition.cells import Rig
+from testbed.errors import RelayError, RunFailedError
+from testbed.relay.orchestrator import RelaySettings, Timing, parse_status
+
+__all__ = ["ensure_online", "wait_online"]
+
+InServerNs = Callable[[Callable[[], Awaitable[Any]]], Awaitable[Any]]
+
+
+async def ensure_online(rig: Rig, devices: list[str], settings: RelaySettings, in_server_ns: InServerNs) -> int:
+    """Start what is missing among `devices` (not killed) and wait until each is online; how many."""
+    if rig.agents is None:
+        raise RunFailedError(f"run {rig.run_id}: no agents (the cell has no broker)")
+    devices = [d for d in devices if rig.cell.nodes[d].state != "killed"]
+    await rig.agents.ensure(devices)
+    waiting = asyncio.ensure_future(in_server_ns(lambda: wait_online(settings, devices)))
+    try:
+        while not waiting.done():
+            await asyncio.wait({waiting}, timeout=0.5)
+            if not waiting.done():
+                _check_alive(rig, devices)
+        waiting.result()
+    finally:
+        if not waiting.done():
+            waiting.cancel()
+            with contextlib.suppress(BaseException):
+                await waiting
+    return len(devices)
+
+
+def _check_alive(rig: Rig, devices: list[str]) -> None:
+    from testbed.emulation.procs import pid_alive
+
+    assert rig.agents is not None
+    pids = rig.agents.pids()
+    logs = rig.state_dir / "logs" if rig.state_dir is not None else Path(".")
+    for dev in devices:
+        pid = pids.get(dev)
+        if pid is not None and not pid_alive(pid):
+            log = logs / f"agent-{dev}.log"
+            lines = [ln for ln in log.read_text(errors="replace").splitlines() if ln.strip()] if log.exists() else []
+            raise RunFailedError(f"the agent of {dev} exited before coming online: "
+                                 f"{lines[-1] if lines else 'no output'} (log: {log})")
+
+
+async def wait_online(settings: RelaySettings, devices: list[str]) -> None:
+    """Until every device in `devices` has said "online" (their status is retained), within
+    the bound an orchestrator would use (Timing.for_compute's online timeout)."""
+    import aiomqtt
+
+    from testbed.relay import topics
+
+    timeout_s = Timing.for_compute("profile", len(devices)).online_timeout_s
+    want, seen = set(devices), set()
+    async with aiomqtt.Client(settings.broker_host, settings.broker_port, username=settings.username,
+                              password=settings.password, timeout=10,
+                              identifier=f"tb-{settings.run}-owner-wait") as client:
+        await client.subscribe(topics.device_leaf_filter(settings.run, "status"), qos=1)
+        try:
+            async with asyncio.timeout(timeout_s):
+                async for m in client.messages:
+                    parsed = topics.parse_device_topic(settings.run, str(m.topic))
+                    if parsed is None:
+                        continue
+                    try:
+                        state = parse_status(bytes(m.payload)).state
+                    except RelayError:
+                        continue  # a malformed status says nothing about being online
+                    if state == "online":
+                        seen.add(parsed[0])
+                    if want <= seen:
+                        return
+        except TimeoutError:
+            raise RunFailedError(f"agents {sorted(want - seen)} did not come online within {timeout_s:g} s; "
+                                 "see their logs (agent-<device>.log)") from None
