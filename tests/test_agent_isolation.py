@@ -105,7 +105,7 @@ def _tries(state: Path, dev: str, others: list[str], other_pids: list[int]) -> l
 
 
 async def _isolation(session, container: bool) -> None:
-    state = session.state_dir
+    state = session.rig.state_dir
     devices = session.cell.device_ids()
     await session.ensure_agents(devices)
     pids = session.agents.pids()
@@ -152,7 +152,7 @@ async def test_docker_agents_are_distinct_uids_and_see_only_their_own_config(top
     async with RunSession(load_topology(topologies / "small.yaml"), MadeCell(unique_run_id, backend="docker"),
                           out_dir=tmp_path / "out") as session:
         await _isolation(session, container=True)
-        _check_containers(unique_run_id, session.state_dir, session.cell.device_ids())
+        _check_containers(unique_run_id, session.rig.state_dir, session.cell.device_ids())
 
 
 def _check_containers(run: str, state: Path, devices: list[str]) -> None:

@@ -92,7 +92,7 @@ async def test_no_password_on_any_command_line_during_a_run_and_an_attach(topolo
     topo = load_topology(topologies / "small.yaml")
     got: list[dict] = []
     async with RunSession(topo, MadeCell(unique_run_id), out_dir=tmp_path / "out") as r:
-        creds = r.creds
+        creds = r.rig.credentials
         secrets = [creds.server.password, creds.observer.password, *(c.password for c in creds.devices.values())]
         run_dir = str(Path("/run/testbed") / unique_run_id) + "/"
         info = read_observer(unique_run_id)

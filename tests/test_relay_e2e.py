@@ -107,7 +107,7 @@ async def test_failure_mid_stage_is_recovered_and_bad_payloads_are_rejected(topo
 
         async def publish_junk() -> None:  # garbage on dev03's task topic, with the server's own credentials
             async with aiomqtt.Client(r.cell.broker.host, r.cell.broker.port, username="server",
-                                      password=r.creds.server.password, timeout=10) as c:
+                                      password=r.rig.credentials.server.password, timeout=10) as c:
                 for junk in (b"not a relay message", b"TBR1\x00\x00\x00\x02{}", b"\x00" * 300_000):
                     await c.publish(topics.task(run, "dev03"), junk, qos=1)
 

@@ -216,13 +216,14 @@ async def test_broker_listens_only_on_the_server_address_and_secrets_are_private
             assert stat.S_IMODE(f.stat().st_mode) == 0o400 and f.stat().st_uid not in (0, *owners), f
             owners.add(f.stat().st_uid)
         creds = json.loads((secrets / "credentials.json").read_text())
-        assert creds["run"] == run and creds["server"]["password"] == r.creds.server.password
+        password = r.rig.credentials.server.password
+        assert creds["run"] == run and creds["server"]["password"] == password
         conf = Path(broker.config_path).read_text()
         assert "allow_anonymous false" in conf and "listener 1883 198.18.0.1" in conf
         # oversized (more than the largest message any method sends): dropped
         assert f"message_size_limit {max_message_bytes(r.topology)}" in conf
     assert not state.exists()  # secrets, agent configs (with passwords) and the broker's files: removed
-    leaked = [p for p in tmp_path.rglob("*") if p.is_file() and r.creds.server.password in p.read_text(errors="ignore")]
+    leaked = [p for p in tmp_path.rglob("*") if p.is_file() and password in p.read_text(errors="ignore")]
     assert leaked == []  # the outputs (events, logs, result) never carry a password
 
 
