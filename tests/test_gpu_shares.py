@@ -240,3 +240,129 @@ async def test_a_backend_that_cannot_give_its_nodes_the_gpu_applies_nothing(bin_
     assert gpu.daemon is None and gpu.env("dev01") == {}
     assert gpu.status()["present"] and not gpu.status()["limits_applied"]
     assert "the NVIDIA container toolkit is missing" in gpu.status()["why"]
+
+
+# where the cell uses it ---------------------------------------------------------------------
+
+def test_node_join_carries_the_environment_through_json() -> None:
+    from testbed.emulation.cell import NodeJoin
+
+    j = NodeJoin("/run/netns/x", ("/sys/fs/cgroup/cpu/a/cgroup.procs",), (), {SHARE_ENV: "25"})
+    assert NodeJoin.from_json(j.to_json()) == j
+    assert NodeJoin.from_json({"netns": None}).env == {}  # a supervisor of an older run sends none
+
+
+def test_docker_container_of_a_share_uses_the_runs_daemon() -> None:
+    from testbed.emulation.docker.spec import GpuHost, NodeSpec, container_plan
+
+    pipe = "/run/testbed/r1/mps/pipe"
+    node = NodeSpec("dev01", "device", "198.18.0.10", 1.0, 1024, gpu_share_pct=50,
+                    gpu_env={SHARE_ENV: "50", PIPE_ENV: pipe})
+    p = container_plan("r1", node, "i", [], GpuHost(count=1, toolkit=True, mps_pipe_dir="/tmp/nvidia-mps"))
+    assert p.environment[SHARE_ENV] == "50" and p.environment[PIPE_ENV] == pipe
+    assert (pipe, pipe, False) in p.binds and ("/tmp/nvidia-mps", "/tmp/nvidia-mps", False) not in p.binds
+    assert p.host_config["ipc_mode"] == "host"
+    # no toolkit: the container cannot have the GPU, and gets neither request nor environment
+    bare = container_plan("r1", node, "i", [], GpuHost(count=1, toolkit=False))
+    assert "device_requests" not in bare.host_config and SHARE_ENV not in bare.environment
+
+
+def test_backends_say_whether_their_nodes_can_have_the_gpu() -> None:
+    from testbed.emulation.backend import NetnsBackend
+    from testbed.emulation.docker.backend import DockerBackend
+    from testbed.emulation.docker.spec import GpuHost
+
+    assert NetnsBackend("r1").gpu_problem() is None
+    assert "no /dev/nvidiaN" in (DockerBackend("r1", gpus=GpuHost(0, True)).gpu_problem() or "")
+    assert "container toolkit" in (DockerBackend("r1", gpus=GpuHost(1, False)).gpu_problem() or "")
+    assert DockerBackend("r1", gpus=GpuHost(1, True)).gpu_problem() is None
+
+
+def _profiles_with_shares(shares: dict[str, int]):
+    from testbed.model.profiles import load_profiles
+
+    return {name: p.model_copy(update={"gpu_share_pct": shares.get(name)}) for name, p in load_profiles().items()}
+
+
+@pytest.mark.root
+async def test_a_cell_on_a_gpu_host_gives_each_device_its_share(bin_dir: Path, unique_run_id: str,
+                                                                topologies: Path, tmp_path: Path,
+                                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    from testbed.emulation.emulation import Emulation
+    from testbed.emulation.runs import run_dir
+    from testbed.model.topology import load_topology
+
+    _smi(bin_dir)
+    _control(bin_dir)
+    monkeypatch.setenv("PATH", f"{bin_dir}{os.pathsep}{os.environ['PATH']}")
+    profiles = _profiles_with_shares({"jetson-agx-orin": 50, "jetson-agx-xavier": 25})
+    monkeypatch.setattr("testbed.emulation.emulation.load_profiles", lambda: profiles)
+    pipe = run_dir(unique_run_id) / "mps" / "pipe"
+    async with Emulation(load_topology(topologies / "small.yaml"), unique_run_id, shaping=False) as emu:
+        st = emu.status()["gpu"]
+        assert st["limits_applied"] and st["shares_pct"] == {"dev01": 50, "dev02": 50, "dev03": 50, "dev04": 25}
+        assert (await emu.join("dev04")).env == {SHARE_ENV: "25", PIPE_ENV: str(pipe)}
+        assert (await emu.join("server")).env == {}
+        out = tmp_path / "env.txt"
+        pid = await emu.spawn("dev04", [sys.executable, "-c", f"import os; open({str(out)!r}, 'w').write("
+                                        f"os.environ['{SHARE_ENV}'] + ' ' + os.environ['{PIPE_ENV}'])"])
+        assert await emu.wait(pid, 30) == 0
+        assert out.read_text() == f"25 {pipe}"
+        daemon = set(st["mps"]["pids"])
+        assert daemon and daemon == mps_pids(pipe)
+    assert not any(_running(p) for p in daemon) and not mps_pids(pipe)
+    assert emu.status()["gpu"]["limits_applied"] is False
+
+
+@pytest.mark.root
+async def test_a_cell_without_a_gpu_changes_nothing_and_says_so(bin_dir: Path, unique_run_id: str,
+                                                               topologies: Path,
+                                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    from testbed.emulation.emulation import Emulation
+    from testbed.model.topology import load_topology
+
+    monkeypatch.setenv("PATH", str(bin_dir))  # no nvidia-smi anywhere, also on a GPU host
+    monkeypatch.setattr("testbed.emulation.gpu.NVIDIA_BIN_DIRS", ())
+    profiles = _profiles_with_shares({"jetson-agx-orin": 50})
+    monkeypatch.setattr("testbed.emulation.emulation.load_profiles", lambda: profiles)
+    async with Emulation(load_topology(topologies / "small.yaml"), unique_run_id, shaping=False) as emu:
+        st = emu.status()["gpu"]
+        assert st["present"] is False and st["limits_applied"] is False and st["mps"] is None
+        assert "nvidia-smi is not on PATH" in st["why"] and "dev01 50 %" in st["why"]
+        assert (await emu.join("dev01")).env == {}
+
+
+@pytest.mark.root
+def test_testbed_down_stops_the_daemon_of_a_crashed_run(bin_dir: Path, unique_run_id: str) -> None:
+    import asyncio
+
+    from testbed.emulation.runs import cleanup_run, make_run_dir
+
+    dirs = mps_dirs(make_run_dir(unique_run_id))
+    daemon = MpsDaemon(_control(bin_dir), dirs)
+    asyncio.run(daemon.start())  # and its owner is gone without stopping it
+    pids = set(daemon.pids)
+    removed = cleanup_run(unique_run_id)
+    assert [f"mps {p}" for p in sorted(pids)] == [r for r in removed if r.startswith("mps ")]
+    assert not any(_running(p) for p in pids) and not dirs.pipe.exists()
+
+
+@pytest.mark.root
+def test_testbed_status_says_whether_gpu_limits_apply(unique_run_id: str, topologies: Path) -> None:
+    import json
+    import subprocess
+
+    def tb(*args: str) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, "-m", "testbed.cli", *args], capture_output=True, text=True, timeout=120)
+
+    up = tb("up", str(topologies / "small.yaml"), "--run", unique_run_id, "--no-broker", "--json")
+    assert up.returncode == 0, up.stderr
+    try:
+        doc = json.loads(tb("status", "--run", unique_run_id, "--json").stdout)
+        # no packaged profile has a GPU share: nothing is applied, on any host, and it says why
+        assert doc["gpu"]["limits_applied"] is False and doc["gpu"]["mps"] is None
+        assert "no device's profile has gpu_share_pct" in doc["gpu"]["why"]
+        text = tb("status", "--run", unique_run_id).stdout
+        assert "GPU limits not applied: no device's profile has gpu_share_pct" in " ".join(text.split())
+    finally:
+        assert tb("down", "--run", unique_run_id).returncode == 0
