@@ -366,3 +366,27 @@ def test_testbed_status_says_whether_gpu_limits_apply(unique_run_id: str, topolo
         assert "GPU limits not applied: no device's profile has gpu_share_pct" in " ".join(text.split())
     finally:
         assert tb("down", "--run", unique_run_id).returncode == 0
+
+
+# the profile option for measured GPU step times -------------------------------------------
+
+def test_profiles_carry_measured_gpu_step_times_only_with_their_share_and_source() -> None:
+    from pydantic import ValidationError
+
+    from testbed.model.profiles import Profile, gpu_step_time_s, load_profiles
+
+    base = load_profiles()["jetson-agx-orin"].model_dump()
+    assert base["gpu_step_s"] == {} and gpu_step_time_s(load_profiles()["jetson-agx-orin"], "sd15", "fp16") is None
+    measured = {**base, "gpu_share_pct": 25, "gpu_step_s": {"sd15": {"fp32": 0.2, "fp16": 0.08}},
+                "sources": {**base["sources"], "gpu_step_s": "measured: bench/gpu.py on an H100, 2026-12-06"}}
+    p = Profile(**measured)
+    assert gpu_step_time_s(p, "sd15", "fp16") == 0.08 and gpu_step_time_s(p, "tiny", "fp16") is None
+    bad = {
+        "unknown precision": {**measured, "gpu_step_s": {"sd15": {"fp8": 0.1}}},
+        "is not a time > 0": {**measured, "gpu_step_s": {"sd15": {"fp32": 0.0}}},
+        "set gpu_share_pct too": {**measured, "gpu_share_pct": None},
+        "needs sources.gpu_step_s": {**measured, "sources": base["sources"]},
+    }
+    for why, body in bad.items():
+        with pytest.raises(ValidationError, match=why):
+            Profile(**body)
