@@ -191,13 +191,13 @@ def step_flops(model: str, batch: int, px: int, dry: bool) -> float:
     else:
         from diffusers import UNet2DConditionModel
 
-        from testbed.diffusion.tiny import TINY_UNET_CONFIG
+        from testbed.diffusion.tiny import TINY_TEXT_CONFIG, TINY_UNET_CONFIG
 
         with torch.device(device):
             unet = UNet2DConditionModel(**TINY_UNET_CONFIG)
             c = unet.config
             x = torch.empty(batch, c.in_channels, c.sample_size, c.sample_size)
-            kw = {"encoder_hidden_states": torch.empty(batch, 8, c.cross_attention_dim),
+            kw = {"encoder_hidden_states": torch.empty(batch, TINY_TEXT_CONFIG["max_tokens"], c.cross_attention_dim),
                   "class_labels": torch.empty(batch, c.projection_class_embeddings_input_dim)}
     with torch.no_grad(), FlopCounterMode(display=False) as fc:
         unet(x, torch.full((batch,), 500, device=device), **kw)
