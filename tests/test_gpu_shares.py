@@ -390,3 +390,14 @@ def test_profiles_carry_measured_gpu_step_times_only_with_their_share_and_source
     for why, body in bad.items():
         with pytest.raises(ValidationError, match=why):
             Profile(**body)
+
+
+async def test_a_cell_without_shares_does_not_look_for_a_gpu() -> None:
+    def detect() -> GpuInfo:
+        raise AssertionError("looked for a GPU that nothing would use")
+
+    for gpu in (await CellGpu.make({"dev01": None}, detect=detect), await CellGpu.make(SHARES, False, detect=detect)):
+        await gpu.start(Path("/nonexistent"))
+        st = gpu.status()
+        assert st["present"] is None and st["limits_applied"] is False and gpu.env("dev01") == {}
+    assert "no device's profile has gpu_share_pct" in (await CellGpu.make({"dev01": None}, detect=detect)).status()["why"]

@@ -71,13 +71,15 @@ class GpuInfo:
     driver: str | None = None
     mps_control: str | None = None
     problem: str | None = "not detected"  # why no GPU is usable (None when one is)
+    looked: bool = True  # False: not looked for (nothing would use it)
 
     @property
     def present(self) -> bool:
         return bool(self.names) and self.problem is None
 
     def to_json(self) -> dict[str, Any]:
-        return {"present": self.present, "gpus": list(self.names), "driver": self.driver,
+        """`present` is null where nobody looked."""
+        return {"present": self.present if self.looked else None, "gpus": list(self.names), "driver": self.driver,
                 "mps_control": self.mps_control}
 
 
@@ -317,7 +319,11 @@ class CellGpu:
     async def make(cls, shares: Mapping[str, int | None], limits: bool = True, backend_problem:
                    Callable[[], str | None] = lambda: None,
                    detect: Callable[[], GpuInfo] = detect_gpu) -> CellGpu:
-        """Detect (off the event loop) and plan; the backend is asked only when a GPU is there."""
+        """Detect (off the event loop) and plan; nothing is looked for where no device has a
+        share or limits are off (a cell without shares starts as before), and the backend is
+        asked only when a GPU is there."""
+        if not limits or all(s is None for s in shares.values()):
+            return cls(plan_gpu(GpuInfo(problem="not looked for", looked=False), shares, limits))
         info = await asyncio.to_thread(detect)
         problem = await asyncio.to_thread(backend_problem) if info.present else None
         return cls(plan_gpu(info, shares, limits, problem))
