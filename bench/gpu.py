@@ -354,7 +354,7 @@ def _list(kind):
 def parse(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--dry-run", action="store_true", help="CPU, tiny sizes, no MPS: checks this script")
-    p.add_argument("--shares", type=_list(int), default=[100, 50, 25], help="percentages, first = the reference")
+    p.add_argument("--shares", type=_list(int), default=[100, 50, 25], help="percentages; 100 is the reference of the ratios, eager calls are timed at the first")
     p.add_argument("--models", type=_list(str), default=["tiny", "sd15"])
     p.add_argument("--precisions", type=_list(str), default=["fp32", "bf16", "int8"])
     p.add_argument("--batch", type=int, default=2, help="UNet batch: 2 = one image with guidance")
