@@ -133,15 +133,19 @@ def _replace_layers(module: nn.Module, make) -> None:
             _replace_layers(child, make)
 
 
-def make_variant(unet: nn.Module, precision: str, device: str = "cpu") -> nn.Module:
-    """Turn an fp32 UNet into the variant in place (and return it)."""
+def make_variant(unet: nn.Module, precision: str, device: str = "cpu",
+                 half_dtype: torch.dtype | None = None) -> nn.Module:
+    """Turn an fp32 UNet into the variant in place (and return it). `half_dtype` chooses
+    what fp16 computes in (default: `compute_dtype`; bfloat16 on a GPU is the other choice)."""
     p = canonical_precision(precision)
     unet.requires_grad_(False).eval()
     if p in ("int8", "int4"):
         bits = 8 if p == "int8" else 4
         _replace_layers(unet, lambda layer: QuantizedWeightLayer(layer, bits))
     elif p == "fp16":
-        dtype = compute_dtype(p, device)
+        dtype = half_dtype or compute_dtype(p, device)
+        if dtype not in (torch.float16, torch.bfloat16):
+            raise WorkloadError(f"half_dtype {dtype} is not a half precision; use torch.float16 or torch.bfloat16")
         _replace_layers(unet, lambda layer: HalfPrecisionLayer(layer, dtype))
     return unet.to(device)
 

@@ -61,6 +61,7 @@ class NodeSpec:
     cpu_cores: float | None = None  # limits; None: unlimited
     memory_mb: int | None = None
     gpu_share_pct: int | None = None
+    gpu_env: tuple[tuple[str, str], ...] = ()  # the environment of its GPU share (emulation/gpu.py); () none
 
 
 class Backend(Protocol):
@@ -87,6 +88,10 @@ class Backend(Protocol):
         ...
     def pids(self, node_id: str) -> set[int]:
         """Processes the testbed started in the node (not a container's own idle ones)."""
+        ...
+    def gpu_problem(self) -> str | None:
+        """Why this backend cannot give its nodes the host's GPU (None: it can); asked
+        only on a host with a GPU."""
         ...
 
 
@@ -222,6 +227,10 @@ class NetnsBackend:
         """Every process in the node's cgroups or its network namespace."""
         found = set(self.cg.pids(self.run, node_id)) if self.cg is not None else set()
         return found | pids_in_netns([Path(self.netns(node_id))])
+
+    def gpu_problem(self) -> str | None:
+        """None: a node's processes run in the host's mount namespace and see its GPU."""
+        return None
 
     # destroy -----------------------------------------------------------------------
     async def destroy(self) -> list[str]:

@@ -58,18 +58,23 @@ class NodeState:
 class NodeJoin:
     """What a process must enter to run inside a node: its network namespace, one
     `cgroup.procs` file per hierarchy (writing "0" moves the writer), and the other
-    namespaces of a container (mount, UTS, IPC). Paths, opened by whoever forks."""
+    namespaces of a container (mount, UTS, IPC). Paths, opened by whoever forks. `env`:
+    what the process's environment must hold for the node's limits that live there (its
+    GPU share under CUDA MPS, emulation/gpu.py; set before its first CUDA call)."""
 
     netns: str | None
     cgroup_procs: tuple[str, ...] = ()
     extra_ns: tuple[str, ...] = ()
+    env: dict[str, str] = field(default_factory=dict)
 
     def to_json(self) -> dict[str, Any]:
-        return {"netns": self.netns, "cgroup_procs": list(self.cgroup_procs), "extra_ns": list(self.extra_ns)}
+        return {"netns": self.netns, "cgroup_procs": list(self.cgroup_procs), "extra_ns": list(self.extra_ns),
+                "env": dict(self.env)}
 
     @classmethod
     def from_json(cls, d: dict[str, Any]) -> NodeJoin:
-        return cls(d.get("netns"), tuple(d.get("cgroup_procs") or ()), tuple(d.get("extra_ns") or ()))
+        return cls(d.get("netns"), tuple(d.get("cgroup_procs") or ()), tuple(d.get("extra_ns") or ()),
+                   {str(k): str(v) for k, v in (d.get("env") or {}).items()})
 
 
 @dataclass(frozen=True)

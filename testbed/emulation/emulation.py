@@ -5,13 +5,17 @@ server (namespaces or containers, by the backend), their links, the cell's shapi
 radio.compute_links), the nodes' CPU/memory limits (from the profiles), starts mobility
 when the topology has it, and on exit — also on errors and Ctrl-C — stops every process
 in its nodes and removes everything again. The backend is a parameter: shaping, mobility,
-node states and the broker are the same code on both.
+node states and the broker are the same code on both. Where the host has a GPU, devices
+whose profile has a GPU share get it through the cell's CUDA MPS daemon (gpu.py): in the
+environment that `join` and `spawn` give their processes; `status()["gpu"]` says whether
+GPU limits apply, and why not.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import math
 import os
 import time
@@ -25,6 +29,7 @@ from testbed.emulation.backend import Backend, NetnsBackend, NodeSpec, device_ad
 from testbed.emulation.broker import BrokerHandle, start_broker
 from testbed.emulation.cell import BrokerSettings, LinkUpdate, NodeJoin, NodeState, restart_broker
 from testbed.emulation.cgroups import Cgroups
+from testbed.emulation.gpu import CellGpu
 from testbed.emulation.impair import ImpairedLink, Impairer, ImpairPath
 from testbed.emulation.mobility import RandomWaypoint
 from testbed.emulation.nsutil import open_iproute
@@ -122,6 +127,7 @@ class Emulation:
         self.links: list[DeviceLink] = []
         self.plan: ShapingPlan | None = None
         self._broker: BrokerHandle | None = None
+        self.gpu: CellGpu | None = None
         self._specs: list[NodeSpec] = []
         self._procs: dict[int, Any] = {}  # pid -> Popen (or a backend's Popen-like handle)
         self._mobility_task: asyncio.Task | None = None
@@ -156,11 +162,17 @@ class Emulation:
             raise ResourceError(f"a device may not be called {SERVER_ID!r}: that id names the edge server")
         server_prof = profiles[topo.server.profile]
         lim = self.limits_enabled
+        self.gpu = await CellGpu.make({link.id: profiles[link.profile].gpu_share_pct for link in self.links},
+                                      lim, self.backend.gpu_problem)
+        if self.gpu.plan.applies:  # its pipe directory exists before a container mounts it
+            from testbed.emulation.runs import ensure_run_dir
+
+            await self.gpu.start(self.state_dir or ensure_run_dir(self.run_id))
         self._specs = [NodeSpec(SERVER_ID, "server", SERVER_ADDRESS, -1, server_prof.cpu_cores if lim else None,
                                 server_prof.memory_mb if lim else None)] + [
             NodeSpec(link.id, "device", device_address(i), i,
                      profiles[link.profile].cpu_cores if lim else None, profiles[link.profile].memory_mb if lim else None,
-                     profiles[link.profile].gpu_share_pct if lim else None)
+                     profiles[link.profile].gpu_share_pct if lim else None, tuple(sorted(self.gpu.env(link.id).items())))
             for i, link in enumerate(self.links)
         ]
         t0 = time.perf_counter()
@@ -213,6 +225,8 @@ class Emulation:
                 await self._stop_processes(node_id)
             except Exception as e:  # noqa: BLE001 - collected and reported below
                 problems.append(f"kill {node_id}: {e}")
+        if self.gpu is not None:  # after its clients
+            problems += await self.gpu.close()
         try:
             await self.backend.destroy()
         except Exception as e:  # noqa: BLE001
@@ -391,12 +405,18 @@ class Emulation:
         await self.backend.set_cpu(node.id, cpu_cores)
         node.cpu_quota_cores = cpu_cores
 
+    def _gpu_env(self, node_id: str) -> dict[str, str]:
+        return self.gpu.env(node_id) if self.gpu is not None else {}
+
     async def join(self, node_id: str) -> NodeJoin:
-        return self.backend.join(self._node(node_id).id)
+        j = self.backend.join(self._node(node_id).id)
+        return dataclasses.replace(j, env={**j.env, **self._gpu_env(node_id)})
 
     async def spawn(self, node_id: str, argv: Sequence[str], env: dict[str, str] | None = None,
                     log_path: Path | None = None) -> int:
-        """Start argv inside the node (its namespace and cgroups, or its container); returns its pid."""
+        """Start argv inside the node (its namespace and cgroups, or its container; its GPU
+        share's environment); returns its pid."""
+        env = {**self._gpu_env(node_id), **(env or {})}
         proc = await self.backend.spawn(self._node(node_id).id, list(argv), env, log_path)
         self._procs[proc.pid] = proc
         return proc.pid
@@ -475,6 +495,7 @@ class Emulation:
             "cell": {"shared_capacity": self.topology.cell.shared_capacity,
                      "capacity_up_mbps": cap_up, "capacity_down_mbps": cap_down},
             "mobility": self._mobility_task is not None,
+            "gpu": self.gpu.status() if self.gpu is not None else {"limits_applied": False, "why": "the cell is not up"},
             "broker": None if self._broker is None else {"kind": self._broker.kind, "pid": self._broker.pid,
                                                            "host": self._broker.host, "port": self._broker.port},
             "nodes": [n.to_json() for n in self.nodes.values()],

@@ -3,7 +3,8 @@
 A run's directory (mode 0711, with the owned-directory marker) holds state.json (the status
 document, written by the supervisor), supervisor.pid, logs/ and secrets/ (0700), agents/
 (0711: each agent reaches its own 0400 config and lists nothing) and node-uids.json (the
-agents' uids, node_uids.py); docs/security.md has every mode. `cleanup_run` removes everything a run can leave — processes in its cgroups or namespaces, the host link,
+agents' uids, node_uids.py) and, on a GPU host, mps/ (its CUDA MPS daemon's pipes and logs,
+gpu.py); docs/security.md has every mode. `cleanup_run` removes everything a run can leave — processes in its cgroups or namespaces, the MPS daemon, the host link,
 containers and networks, namespaces, cgroups, the directory — whether or not its supervisor
 is still alive; a step that fails does not stop the others, and the failures are raised
 together at the end (CleanupFailed). `known_runs` finds runs by their state directories and
@@ -296,6 +297,10 @@ def cleanup_run(run_id: str, supervisor_timeout_s: float = 30.0) -> list[str]:
     except ResourceError:
         cg = None
     _attempt("processes", lambda: _stop_processes(run_id, cg), removed, failures)
+    if (RUN_ROOT / run_id / "mps").is_dir():  # the cell's CUDA MPS daemon, after its clients (gpu.py)
+        from testbed.emulation.gpu import mps_dirs, stop_mps
+
+        _attempt("MPS daemon", lambda: stop_mps(mps_dirs(RUN_ROOT / run_id)), removed, failures)
     _attempt("host links", lambda: _run_sync(remove_host_links(run_id)), removed, failures)
     _attempt("docker containers and networks", lambda: _run_sync(_remove_docker(run_id)), removed, failures)
     for name in list_netns(f"tb-{run_id}-"):

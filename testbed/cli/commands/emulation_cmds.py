@@ -100,6 +100,10 @@ def _print_status(state: dict) -> None:
         table.add_row(n["id"], n["role"], n.get("state", "up"), agent, n["netns"], n["address"], f(n["rate_up_mbps"]),
                       f(n["rate_down_mbps"]), "-" if n["cpu_quota_cores"] is None else f"{n['cpu_quota_cores']:g}")
     out.print(table)
+    gpu = state.get("gpu")
+    if gpu:
+        out.print(f"GPU limits {'applied' if gpu.get('limits_applied') else 'not applied'}: {gpu.get('why')}",
+                  highlight=False, soft_wrap=True)
 
 
 def status(
@@ -120,8 +124,8 @@ def status(
     observer = read_state(run_id, "observer.json")
     if as_json:
         print_json({k: state[k] for k in ("run", "backend", "netem", "nodes")} | {
-            k: state[k] for k in ("warnings", "impairments", "cell", "broker", "host_route", "mobility", "topology", "seed", "up_s",
-                                  "timings_s") if k in state}
+            k: state[k] for k in ("warnings", "impairments", "cell", "broker", "host_route", "mobility", "gpu", "topology", "seed",
+                                  "up_s", "timings_s") if k in state}
             | ({"observer": {k: v for k, v in observer.items() if k != "password"}
                              | {"credentials": str(run_dir(run_id) / "observer.json")}} if observer else {}))
         return

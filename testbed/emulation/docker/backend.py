@@ -155,7 +155,8 @@ class DockerBackend:
         plans = []
         for n in nodes:
             lim = n if self.with_limits else NodeSpec(n.id, n.role, n.address, n.index)
-            spec = DockerNodeSpec(n.id, n.role, n.address, lim.cpu_cores, lim.memory_mb, lim.gpu_share_pct)
+            spec = DockerNodeSpec(n.id, n.role, n.address, lim.cpu_cores, lim.memory_mb, lim.gpu_share_pct,
+                                  dict(lim.gpu_env))
             plans.append((n.id, container_plan(self.run, spec, self.image, mounts + state[n.id], gpus)))
         with ThreadPoolExecutor(_THREADS, thread_name_prefix="tb-docker") as ex:
             results = list(ex.map(lambda p: self._start_container(client, *p), plans))
@@ -267,6 +268,17 @@ class DockerBackend:
         """End what `spawn` started in the node (docker exec sessions)."""
         for proc in self._procs.pop(node_id, []):
             await proc.stop()
+
+    def gpu_problem(self) -> str | None:
+        """A container sees the GPU only through a device request, which needs /dev/nvidiaN
+        and the NVIDIA container toolkit's hook on the host."""
+        gpus = self._gpus if self._gpus is not None else detect_gpus()
+        if gpus.count == 0:
+            return "no /dev/nvidiaN device for the containers"
+        if not gpus.toolkit:
+            return ("the NVIDIA container toolkit (nvidia-container-cli) is not installed, so containers cannot be "
+                    "given the GPU")
+        return None
 
     def pids(self, node_id: str) -> set[int]:
         """Processes the testbed started in the node's container: in its cgroup (agents

@@ -67,6 +67,7 @@ class NodeSpec:
     cpu_cores: float | None = None
     memory_mb: int | None = None
     gpu_share_pct: int | None = None  # CUDA MPS active-thread percentage, where a GPU exists
+    gpu_env: dict[str, str] = field(default_factory=dict)  # the run's MPS environment for it (emulation/gpu.py)
 
 
 @dataclass(frozen=True)
@@ -180,11 +181,13 @@ def container_plan(
     if gpus.usable and node.gpu_share_pct is not None:
         host_config["device_requests"] = [{"driver": "nvidia", "count": -1, "capabilities": [["gpu"]]}]
         env["CUDA_MPS_ACTIVE_THREAD_PERCENTAGE"] = str(node.gpu_share_pct)
-        if gpus.mps_pipe_dir is not None:
+        env.update(node.gpu_env)  # the run's own daemon, where it started one
+        pipe = node.gpu_env.get("CUDA_MPS_PIPE_DIRECTORY") or gpus.mps_pipe_dir
+        if pipe is not None:
             # MPS clients reach the control daemon through its pipe directory and SysV IPC
             host_config["ipc_mode"] = "host"
-            env["CUDA_MPS_PIPE_DIRECTORY"] = gpus.mps_pipe_dir
-            mounts = [*mounts, (gpus.mps_pipe_dir, gpus.mps_pipe_dir, False)]
+            env["CUDA_MPS_PIPE_DIRECTORY"] = pipe
+            mounts = [*mounts, (pipe, pipe, False)]
     return ContainerPlan(
         name=container_name(run_id, node.node_id),
         image=image,
