@@ -22,7 +22,7 @@ from typing import Any
 from pyroute2.netlink.exceptions import NetlinkError
 
 from testbed.emulation.backend import Backend, NetnsBackend, NodeSpec, device_address
-from testbed.emulation.broker import BrokerHandle, start_broker
+from testbed.emulation.broker import BrokerHandle, broker_status, start_broker
 from testbed.emulation.cell import BrokerSettings, LinkUpdate, NodeJoin, NodeState, restart_broker
 from testbed.emulation.cgroups import Cgroups
 from testbed.emulation.impair import ImpairedLink, Impairer, ImpairPath
@@ -120,6 +120,7 @@ class Emulation:
         self.links: list[DeviceLink] = []
         self.plan: ShapingPlan | None = None
         self._broker: BrokerHandle | None = None
+        self.broker_error: str | None = None  # why the last start (or restart) of the broker failed
         self._specs: list[NodeSpec] = []
         self._procs: dict[int, Any] = {}  # pid -> Popen (or a backend's Popen-like handle)
         self._mobility_task: asyncio.Task | None = None
@@ -443,10 +444,15 @@ class Emulation:
 
         server = self.nodes[SERVER_ID]
         state = self.state_dir or ensure_run_dir(self.run_id)  # marked ours: `testbed down` may remove it
-        self._broker = await start_broker(
-            server.netns, SERVER_ADDRESS, state / "broker", settings or BrokerSettings(),
-            spawn=lambda argv, log: self.backend.spawn(SERVER_ID, argv, None, log),
-        )
+        try:
+            self._broker = await start_broker(
+                server.netns, SERVER_ADDRESS, state / "broker", settings or BrokerSettings(),
+                spawn=lambda argv, log: self.backend.spawn(SERVER_ID, argv, None, log),
+            )
+        except Exception as e:
+            self.broker_error = str(e)  # the status says the broker is down, and why
+            raise
+        self.broker_error = None
         return self._broker
 
     async def stop_broker(self) -> None:
@@ -473,7 +479,6 @@ class Emulation:
             "cell": {"shared_capacity": self.topology.cell.shared_capacity,
                      "capacity_up_mbps": cap_up, "capacity_down_mbps": cap_down},
             "mobility": self._mobility_task is not None,
-            "broker": None if self._broker is None else {"kind": self._broker.kind, "pid": self._broker.pid,
-                                                           "host": self._broker.host, "port": self._broker.port},
+            **broker_status(self._broker, self.broker_error),
             "nodes": [n.to_json() for n in self.nodes.values()],
         }
