@@ -91,6 +91,8 @@ def _print_status(state: dict) -> None:
     if state.get("broker"):
         b = state["broker"]
         title += f", broker {b['kind']} {b['host']}:{b['port']}"
+    elif state.get("broker_error"):
+        title += f", broker DOWN ({state['broker_error']})"
     table = Table(title=title)
     for col in ("id", "role", "state", "agent", "netns", "address", "up Mbit/s", "down Mbit/s", "CPU cores"):
         table.add_column(col, justify="right" if "/" in col or "CPU" in col else "left")
@@ -120,8 +122,8 @@ def status(
     observer = read_state(run_id, "observer.json")
     if as_json:
         print_json({k: state[k] for k in ("run", "backend", "netem", "nodes")} | {
-            k: state[k] for k in ("warnings", "impairments", "cell", "broker", "host_route", "mobility", "topology", "seed", "up_s",
-                                  "timings_s") if k in state}
+            k: state[k] for k in ("warnings", "impairments", "cell", "broker", "broker_error", "host_route", "mobility",
+                                  "topology", "seed", "up_s", "timings_s") if k in state}
             | ({"observer": {k: v for k, v in observer.items() if k != "password"}
                              | {"credentials": str(run_dir(run_id) / "observer.json")}} if observer else {}))
         return
