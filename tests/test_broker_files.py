@@ -26,14 +26,13 @@ from pathlib import Path
 
 import pytest
 
-from testbed.emulation.cell import BrokerSettings
 from testbed.emulation.emulation import Emulation
 from testbed.emulation.nsutil import in_netns
 from testbed.emulation.runs import make_run_dir
 from testbed.errors import ResourceError
 from testbed.model.names import MQTT_PORT, SERVER_ADDRESS
 from testbed.model.topology import load_topology
-from testbed.relay.security import make_credentials, write_security_files
+from test_identities import run_accounts
 
 pytestmark = [pytest.mark.root, pytest.mark.mosquitto]
 
@@ -74,10 +73,7 @@ async def test_restart_writes_no_file_through_a_planted_link_and_a_failed_restar
     before = _snapshot(canary)
     mosq = pwd.getpwnam("mosquitto")
     async with Emulation(load_topology(topologies / "small.yaml"), run, cgroups=False, state_dir=state) as emu:
-        creds = make_credentials(run, emu.device_ids())
-        paths = write_security_files(state / "secrets", creds, SERVER_ADDRESS, MQTT_PORT, watch_port=MQTT_PORT + 1)
-        settings = BrokerSettings(paths["password_file"], paths["acl_file"], 1 << 20,
-                                  watch_password_file=paths["watch_password_file"], watch_acl_file=paths["watch_acl_file"])
+        _, _, settings = run_accounts(state, run, emu.device_ids())
         await emu.start_broker(settings)
         broker = state / "broker"
         st = os.lstat(broker)

@@ -42,6 +42,16 @@ pytestmark = [pytest.mark.root, pytest.mark.mosquitto]
 ATTACKER = Path(__file__).with_name("mqtt_attacker.py")
 
 
+def run_accounts(state: Path, run: str, devices: list[str], bound: bool = True):
+    """The run's accounts and files (relay/security.py) and the broker settings that use
+    them: with the watch listener (client ids bound) or, `bound=False`, one listener."""
+    creds = make_credentials(run, devices)
+    paths = write_security_files(state / "secrets", creds, SERVER_ADDRESS, MQTT_PORT,
+                                 watch_port=MQTT_PORT + 1 if bound else None)
+    watch = dict(watch_password_file=paths["watch_password_file"], watch_acl_file=paths["watch_acl_file"])
+    return creds, paths, BrokerSettings(paths["password_file"], paths["acl_file"], 1 << 20, **(watch if bound else {}))
+
+
 async def _hold(netns: str, cred, run: str, *, seconds: float, will_device: str | None = None,
                 subscribe: str | None = None, port: int = MQTT_PORT, identifier: str | None = None) -> dict:
     """One client inside `netns` for `seconds`: how often the broker dropped it, and the
@@ -92,12 +102,8 @@ async def test_a_device_cannot_take_over_another_connection(topologies, unique_r
     run = unique_run_id
     state = make_run_dir(run)
     async with Emulation(load_topology(topologies / "small.yaml"), run, cgroups=False, state_dir=state) as emu:
-        creds = make_credentials(run, emu.device_ids())
-        paths = write_security_files(state / "secrets", creds, SERVER_ADDRESS, MQTT_PORT,
-                                     watch_port=MQTT_PORT + 1 if bound else None)
-        watch = dict(watch_password_file=paths["watch_password_file"], watch_acl_file=paths["watch_acl_file"])
-        broker = await emu.start_broker(BrokerSettings(paths["password_file"], paths["acl_file"], 1 << 20,
-                                                       **(watch if bound else {})))
+        creds, _, settings = run_accounts(state, run, emu.device_ids(), bound)
+        broker = await emu.start_broker(settings)
         uids = allocate_uids(state, emu.device_ids())
         dev01, dev02, server_ns = emu.nodes["dev01"].netns, emu.nodes["dev02"].netns, emu.nodes["server"].netns
         victim = asyncio.ensure_future(_hold(dev02, creds.for_device("dev02"), run, seconds=7.0, will_device="dev02"))
@@ -127,10 +133,7 @@ async def test_read_only_accounts_connect_several_at_once_on_the_watch_listener(
     run = unique_run_id
     state = make_run_dir(run)
     async with Emulation(load_topology(topologies / "small.yaml"), run, cgroups=False, state_dir=state) as emu:
-        creds = make_credentials(run, emu.device_ids())
-        paths = write_security_files(state / "secrets", creds, SERVER_ADDRESS, MQTT_PORT, watch_port=MQTT_PORT + 1)
-        settings = BrokerSettings(paths["password_file"], paths["acl_file"], 1 << 20,
-                                  watch_password_file=paths["watch_password_file"], watch_acl_file=paths["watch_acl_file"])
+        creds, paths, settings = run_accounts(state, run, emu.device_ids())
         await emu.start_broker(settings)
         assert json.loads(paths["observer"].read_text())["port"] == settings.watch_port == MQTT_PORT + 1
         ns = emu.nodes["server"].netns
