@@ -32,6 +32,7 @@ def up(
 ) -> None:
     """Bring a topology up; returns while a detached supervisor keeps it alive."""
     from testbed.model.names import check_run_id
+    from testbed.emulation.environ import clean_environ
     from testbed.emulation.runs import cleanup_run, make_run_dir, new_run_id, read_state, run_dir
 
     if backend not in ("netns", "docker"):
@@ -48,7 +49,7 @@ def up(
     log = open(d / "logs" / "supervisor.log", "ab")  # noqa: SIM115 - handed to the child
     try:
         proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
-                                start_new_session=True, close_fds=True)
+                                start_new_session=True, close_fds=True, env=clean_environ(home=None))
     finally:
         log.close()
     deadline = time.monotonic() + timeout_s
