@@ -7,8 +7,8 @@ agents' uids, node_uids.py); docs/security.md has every mode. `cleanup_run` remo
 containers and networks, namespaces, cgroups, the directory — whether or not its supervisor
 is still alive; a step that fails does not stop the others, and the failures are raised
 together at the end (CleanupFailed). `known_runs` finds runs by their state directories and
-kernel object names (tb-<run>-*, tb<run>h, testbed/<run>, docker label testbed.run) and
-delayer processes (`testbed-delayer <run>`, which keep the namespaces they serve alive).
+kernel object names (tb-<run>-*, tb<run>h, testbed/<run>, docker label testbed.run, the
+host firewall's chain TB-<run>-IN) and delayer processes (`testbed-delayer <run>`, which keep the namespaces they serve alive).
 """
 
 from __future__ import annotations
@@ -18,6 +18,7 @@ import json
 import os
 import re
 import signal
+import subprocess
 import threading
 import time
 import uuid
@@ -25,6 +26,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from testbed.emulation import host_firewall
 from testbed.emulation.backend import remove_host_links
 from testbed.model.names import check_run_id
 from testbed.emulation.cgroups import Cgroups, detect_cgroups
@@ -176,7 +178,16 @@ def run_objects(cg: Cgroups | None = None) -> dict[str, list[str]]:
             add(r, what)
     for pid, r in delayer_pids().items():  # it keeps the namespaces it serves alive
         add(r, f"delayer {pid}")
+    for r in _firewall_runs():
+        add(r, f"host firewall {host_firewall.chain_name(r)}")
     return found
+
+
+def _firewall_runs() -> set[str]:
+    try:
+        return host_firewall.installed_runs()
+    except (OSError, subprocess.SubprocessError):  # no iptables here: no chain either
+        return set()
 
 
 def known_runs(cg: Cgroups | None = None) -> list[str]:
@@ -297,6 +308,7 @@ def cleanup_run(run_id: str, supervisor_timeout_s: float = 30.0) -> list[str]:
         cg = None
     _attempt("processes", lambda: _stop_processes(run_id, cg), removed, failures)
     _attempt("host links", lambda: _run_sync(remove_host_links(run_id)), removed, failures)
+    _attempt("host firewall", lambda: _run_sync(host_firewall.remove(run_id)), removed, failures)
     _attempt("docker containers and networks", lambda: _run_sync(_remove_docker(run_id)), removed, failures)
     for name in list_netns(f"tb-{run_id}-"):
         _attempt(f"netns {name}", lambda name=name: [f"netns {name}"] if remove_netns(name) else [], removed, failures)
