@@ -1,7 +1,8 @@
 """Run state under /run/testbed/<run>/ and the cleanup of a run, alive or crashed.
 
-A run's directory (mode 0711, with the owned-directory marker) holds state.json (the status
-document, written by the supervisor), supervisor.pid, logs/ and secrets/ (0700), agents/
+A run's directory (mode 0711, with the owned-directory marker) holds owner.json (whose run
+it is, ownership.py), state.json (the status document, written by the supervisor),
+supervisor.pid, logs/ and secrets/ (0700), agents/
 (0711: each agent reaches its own 0400 config and lists nothing) and node-uids.json (the
 agents' uids, node_uids.py); docs/security.md has every mode. `cleanup_run` removes everything a run can leave — processes in its cgroups or namespaces, the host link,
 containers and networks, namespaces, cgroups, the directory — whether or not its supervisor
@@ -33,6 +34,7 @@ from testbed.emulation.cgroups import Cgroups, detect_cgroups
 from testbed.emulation.node_uids import pids_running_as, read_uids
 from testbed.emulation.nsutil import NETNS_DIR, list_netns, pids_in_netns, remove_netns
 from testbed.emulation.owned_dirs import make_owned_dir, remove_owned_dir
+from testbed.emulation.ownership import is_supervisor, record_owner
 from testbed.emulation.procs import pid_alive, stop_pid_sync
 from testbed.errors import ResourceError
 from testbed.model.names import RUN_ID_CHARS, RUN_ID_RE, STATE_ROOT
@@ -86,6 +88,7 @@ def make_run_dir(run_id: str) -> Path:
         make_owned_dir(d, mode=0o711)
     except FileExistsError:
         raise ResourceError(f"run {run_id!r} already exists ({d}); pick another --run or `testbed down --run {run_id}`") from None
+    record_owner(d)  # whose it is: `testbed down --all` takes down only the caller's runs
     (d / "secrets").mkdir(mode=0o700)
     (d / "logs").mkdir(mode=0o700)
     return d
@@ -132,11 +135,14 @@ def read_state(run_id: str, name: str = "state.json") -> dict[str, Any] | None:
 
 
 def supervisor_pid(run_id: str) -> int | None:
+    """The pid of the run's supervisor while it runs; None when it is gone — also when
+    supervisor.pid names a pid that another process took since (ownership.is_supervisor)."""
+    path = run_dir(run_id) / "supervisor.pid"
     try:
-        pid = int((run_dir(run_id) / "supervisor.pid").read_text())
+        pid = int(path.read_text())
     except (FileNotFoundError, ValueError):
         return None
-    return pid if pid_alive(pid) else None
+    return pid if pid_alive(pid) and is_supervisor(pid, run_id, path) else None
 
 
 def _root_link_names() -> list[str]:

@@ -142,21 +142,30 @@ def status(
 
 def down(
     run: str | None = typer.Option(None, "--run", help="run id (default: the only run that is up)"),
-    all_runs: bool = typer.Option(False, "--all", help="remove every run, also what crashed runs left"),
+    all_runs: bool = typer.Option(False, "--all", help="remove every run of yours, also what your crashed runs left"),
+    force: bool = typer.Option(False, "--force", help="with --all: also other users' runs and leftovers of "
+                                                      "unknown owner"),
     as_json: bool = typer.Option(False, "--json", help="print only a JSON document on stdout"),
 ) -> None:
     """Tear a run down (idempotent): processes, namespaces, links, qdiscs, cgroups, containers,
     networks, secrets. Exits 4 naming what could not be removed (after removing the rest)."""
-    from testbed.emulation.runs import CleanupFailed, cleanup_run, known_runs, resolve_run
+    from testbed.emulation.ownership import caller_identity, read_owner, split_by_owner
+    from testbed.emulation.runs import RUN_ROOT, CleanupFailed, cleanup_run, known_runs, resolve_run
     from testbed.model.names import check_run_id
 
     if run is not None:
         check_run_id(run, "--run")
     if all_runs and run:
         raise InputError("give either --run ID or --all, not both")
+    if force and not all_runs:
+        raise InputError("--force goes with --all (it also takes down other users' runs)")
     require_root()
+    left: list[str] = []
     if all_runs:
-        runs = known_runs()
+        found = known_runs()
+        runs, left = split_by_owner(found, {r: read_owner(RUN_ROOT / r) for r in found}, caller_identity())
+        if force:
+            runs, left = found, []
     else:
         try:
             runs = [resolve_run(run)]
@@ -175,7 +184,7 @@ def down(
         except CleanupFailed as e:  # the other runs are still removed; all failures reported below
             removed[r], failed[r] = e.removed, e.failures
     if as_json:
-        print_json({"removed": removed} | ({"failed": failed} if failed else {}))
+        print_json({"removed": removed} | ({"failed": failed} if failed else {}) | ({"left": left} if left else {}))
     else:
         if not any(removed.values()) and not failed:
             out.print("nothing to remove")
@@ -183,6 +192,9 @@ def down(
             if items:
                 out.print(f"run {r}: removed {len(items)} objects "
                           f"({', '.join(items[:6])}{', ...' if len(items) > 6 else ''})", highlight=False)
+        if left:
+            err.print(f"left {len(left)} run(s) of other users or of unknown owner: {', '.join(left)}; "
+                      "`testbed down --run ID` takes one down, `testbed down --all --force` all", highlight=False)
     if failed:
         raise ResourceError("; ".join(f"run {r}: could not remove {'; '.join(f)}" for r, f in failed.items())
                             + "; fix the cause and run `testbed down` again (`--all` also clears stale docker networks)")
