@@ -104,9 +104,9 @@ def to_numpy(t: Any) -> np.ndarray:
 
 
 def json_object(payload: bytes) -> dict[str, Any]:
-    """A status message's JSON object ({} for anything else)."""
+    """A status message's JSON object ({} for anything else, deep nesting included)."""
     try:
         v = json.loads(payload)
-    except ValueError:
+    except (ValueError, RecursionError):
         return {}
     return v if isinstance(v, dict) else {}
