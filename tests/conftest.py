@@ -107,7 +107,8 @@ def pytest_sessionstart(session: pytest.Session) -> None:
     if found:
         pytest.exit(
             f"testbed objects are left on this host ({_describe(found)}); they would make tests fail in cascade. "
-            "Remove them with `sudo testbed down --all` (or, when another test suite is running on this machine "
+            "Remove them with `sudo testbed down --all` (add --force for other users' runs and leftovers of unknown "
+            "owner; or, when another test suite is running on this machine "
             "right now, set TESTBED_ALLOW_LEFTOVERS=1)", returncode=pytest.ExitCode.USAGE_ERROR)
     _started_clean = True
 

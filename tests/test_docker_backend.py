@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import socket
 import os
 import subprocess
 import sys
@@ -17,9 +18,11 @@ from pathlib import Path
 import pytest
 
 from testbed.emulation import Emulation
+from testbed.emulation.backend import DEVICE_PIDS_MAX
 from testbed.emulation.runs import cleanup_run
 from testbed.model.profiles import load_profiles
 from testbed.model.topology import load_topology
+from test_host_limits import _dropped
 
 pytestmark = [pytest.mark.root, pytest.mark.docker]
 
@@ -101,6 +104,20 @@ async def test_small_topology_in_containers(topologies: Path, run_id: str, tmp_p
             assert int((cg / "cpu.cfs_quota_us").read_text()) == round(prof.cpu_cores * 100_000)
             mem = emu.backend.cgroup_dir(node["id"], "memory")
             assert int((mem / "memory.limit_in_bytes").read_text()) == prof.memory_mb * 2**20
+            if node["role"] == "device":  # docker's pids_limit: a fork bomb stops in the container
+                pids = emu.backend.cgroup_dir(node["id"], "pids") / "pids.max"
+                assert pids.read_text().strip() == str(DEVICE_PIDS_MAX)
+        assert status["pids_limit"] == {"per_device": DEVICE_PIDS_MAX, "by": "docker pids_limit"}
+        # the host firewall on the network's bridge: a device's connect to a host listener dies in the chain
+        assert status["host_firewall"] == f"TB-{run_id}-IN"
+        with socket.socket() as listener:
+            listener.bind(("0.0.0.0", 0))
+            listener.listen(4)
+            before = _dropped(run_id)
+            host_probe = [sys.executable, "-c", "import socket; socket.create_connection(('198.18.255.254', "
+                          f"{listener.getsockname()[1]}), 2); print('ok')"]
+            assert "ok" not in await _exec_wait(emu, "dev01", host_probe, tmp_path / "host.log", 15)
+            assert _dropped(run_id) > before
         assert await emu.verify_shaping() == []  # the shared plan, read back from the server container
         await emu.set_cpu("dev03", 0.05)  # a "slow" fault: docker update --cpus, live
         assert int((emu.backend.cgroup_dir("dev03", "cpu") / "cpu.cfs_quota_us").read_text()) == 5000

@@ -27,8 +27,9 @@ from testbed.errors import ResourceError, ShapingError
 
 
 def test_container_plan_carries_profile_limits_labels_and_address() -> None:
-    node = NodeSpec("dev03", "device", "198.18.0.12", cpu_cores=0.5, memory_mb=1536)
+    node = NodeSpec("dev03", "device", "198.18.0.12", cpu_cores=0.5, memory_mb=1536, pids_max=512)
     p = container_plan("r1", node, "img:x", [("/usr", "/usr", True)])
+    assert p.host_config["pids_limit"] == 512  # docker's pids cgroup: a fork bomb stops in the container
     assert p.name == "tb-r1-dev03" and p.hostname == "dev03" and p.ipv4_address == "198.18.0.12"
     assert p.labels == {"testbed.run": "r1", "testbed.node": "dev03", "testbed.role": "device"}
     assert (p.host_config["cpu_quota"], p.host_config["cpu_period"]) == (50_000, 100_000)  # --cpus 0.5
@@ -36,6 +37,7 @@ def test_container_plan_carries_profile_limits_labels_and_address() -> None:
     assert p.host_config["network_mode"] == "tb-r1" and p.host_config["init"] is True
     assert "device_requests" not in p.host_config  # no GPU on this host description
     assert p.binds == [("/usr", "/usr", True)]
+    assert "pids_limit" not in container_plan("r1", NodeSpec("server", "server", "198.18.0.1"), "img:x", []).host_config
 
 
 def test_containers_keep_only_the_capabilities_of_their_role_and_devices_run_as_nobody() -> None:

@@ -10,7 +10,8 @@ import pytest
 
 from testbed.emulation.backend import device_address
 from testbed.model.names import check_run_id
-from testbed.emulation.broker import _amqtt_conf, _mosquitto_conf, parse_mosquitto_acl
+from testbed.emulation.broker import _amqtt_conf, _mosquitto_conf
+from testbed.emulation.cell import BrokerSettings
 from testbed.emulation.mobility import RandomWaypoint
 from testbed.errors import InputError, ResourceError
 from testbed.model.topology import Area, MobilityConfig
@@ -43,28 +44,41 @@ def test_random_waypoint_is_seeded_and_pauses() -> None:
 
 
 def test_mosquitto_conf_listens_on_server_only_with_credentials(tmp_path: Path) -> None:
-    conf = _mosquitto_conf("198.18.0.1", 1883, tmp_path, tmp_path / "pw", tmp_path / "acl", 1 << 20)
+    settings = BrokerSettings(tmp_path / "pw", tmp_path / "acl", 1 << 20)
+    conf = _mosquitto_conf("198.18.0.1", tmp_path / "log", settings, tmp_path / "pw", tmp_path / "acl", None, None)
     lines = conf.splitlines()
     assert "listener 1883 198.18.0.1" in lines
     assert "allow_anonymous false" in lines and f"password_file {tmp_path / 'pw'}" in lines
     assert f"acl_file {tmp_path / 'acl'}" in lines and "message_size_limit 1048576" in lines
-    assert "allow_anonymous true" in _mosquitto_conf("198.18.0.1", 1883, tmp_path, None, None, None)
+    assert "use_username_as_clientid true" not in lines and "per_listener_settings true" not in lines
+    assert "allow_anonymous true" in _mosquitto_conf("198.18.0.1", tmp_path / "log", BrokerSettings(), None, None,
+                                                     None, None)
 
 
-def test_mosquitto_acl_becomes_amqtt_topic_acl(tmp_path: Path) -> None:
-    acl = tmp_path / "acl"
-    acl.write_text("# per-device\nuser dev01\ntopic read tb/r1/dev/dev01/task\ntopic write tb/r1/dev/dev01/result\n"
-                   "user server\ntopic readwrite tb/r1/#\n")
-    conf = _amqtt_conf("198.18.0.1", 1883, None, acl)
-    plug = conf["plugins"]["amqtt.plugins.topic_checking.TopicAccessControlListPlugin"]
-    assert plug["subscribe-acl"] == {"dev01": ["tb/r1/dev/dev01/task"], "server": ["tb/r1/#"]}
-    assert plug["publish-acl"] == {"dev01": ["tb/r1/dev/dev01/result"], "server": ["tb/r1/#"]}
+def test_a_watch_listener_binds_client_ids_on_the_cell_listener(tmp_path: Path) -> None:
+    """With the watch files, the cell listener replaces every client id by its account and
+    the read-only accounts get a listener of their own (port + 1), each listener with its
+    own files; the global options come before the first listener."""
+    settings = BrokerSettings(tmp_path / "pw", tmp_path / "acl", 1 << 20, watch_password_file=tmp_path / "wpw",
+                              watch_acl_file=tmp_path / "wacl")
+    assert settings.watch_port == 1884 and BrokerSettings().watch_port is None
+    assert BrokerSettings.from_json(settings.to_json()) == settings
+    lines = _mosquitto_conf("198.18.0.1", tmp_path / "log", settings, tmp_path / "pw", tmp_path / "acl",
+                            (tmp_path / "wpw", tmp_path / "wacl"), None).splitlines()
+    cell, watch = lines.index("listener 1883 198.18.0.1"), lines.index("listener 1884 198.18.0.1")
+    assert lines.index("per_listener_settings true") < cell < watch
+    assert lines.index("message_size_limit 1048576") < cell
+    assert cell < lines.index("use_username_as_clientid true") < watch
+    assert lines[watch + 1:] == ["allow_anonymous false", f"password_file {tmp_path / 'wpw'}",
+                                 f"acl_file {tmp_path / 'wacl'}"]
+
+
+def test_amqtt_serves_anonymous_cells_and_refuses_credentials(tmp_path: Path) -> None:
+    conf = _amqtt_conf("198.18.0.1", BrokerSettings(prefer="amqtt"))
     assert conf["listeners"]["default"]["bind"] == "198.18.0.1:1883"
-
-
-def test_unsupported_acl_lines_are_refused() -> None:
-    with pytest.raises(ResourceError, match="line 1"):
-        parse_mosquitto_acl("pattern read tb/%u/#\n")
+    for settings in (BrokerSettings(tmp_path / "pw", prefer="amqtt"), BrokerSettings(acl_file=tmp_path / "a")):
+        with pytest.raises(ResourceError, match="cannot enforce the run's MQTT accounts.*install mosquitto"):
+            _amqtt_conf("198.18.0.1", settings)
 
 
 def test_run_ids_and_addresses() -> None:

@@ -102,3 +102,44 @@ def test_the_repository_docs_quote_their_sweep_verbatim():
     assert [c["id"] for c in claims["claims"]] == [1, 2, 3, 4] and claims["source"]["commit"] == sweep["commit"]
     for name in FIGURES:
         assert Image.open(figures / name).text["Source"] == sweep["commit"]
+
+
+def _rewrite_image(folder: Path, image: str) -> None:
+    """The first row's image column set to `image` (a hostile or broken results.csv)."""
+    with open(folder / "results.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    rows[0]["image"] = image
+    with open(folder / "results.csv", "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=CSV_COLUMNS)
+        w.writeheader()
+        w.writerows(rows)
+
+
+@pytest.mark.parametrize("image", ["../../secret.png", "/etc/hostname", "images/../../secret.png", "images/link.png",
+                                   "images/missing.png", "images/sub/x.png"])
+def test_publish_reads_only_the_sweeps_own_images(tmp_path, image):
+    _fake_sweep(tmp_path / "sweep")
+    (tmp_path / "secret.png").write_bytes(b"not the sweep's")
+    (tmp_path / "sweep" / "images" / "link.png").symlink_to(tmp_path / "secret.png")
+    _rewrite_image(tmp_path / "sweep", image)
+    _doc_with_markers(tmp_path / "docs")
+    with pytest.raises(InputError, match=r"results.csv row 2: image"):
+        publish(tmp_path / "sweep", tmp_path / "docs")
+    assert not (tmp_path / "docs" / "figures").exists()  # refused before anything is written
+
+
+def test_publish_never_removes_a_directory_it_did_not_make(tmp_path):
+    from testbed.errors import ResourceError
+
+    _fake_sweep(tmp_path / "sweep")
+    _doc_with_markers(tmp_path / "docs")
+    mine = tmp_path / "docs" / "figures" / "images"
+    mine.mkdir(parents=True)
+    (mine / "keep.png").write_bytes(b"the user's")
+    with pytest.raises(ResourceError, match="not made by the testbed"):
+        publish(tmp_path / "sweep", tmp_path / "docs")
+    assert (mine / "keep.png").read_bytes() == b"the user's"
+    (mine / "keep.png").unlink()
+    mine.rmdir()
+    publish(tmp_path / "sweep", tmp_path / "docs")  # its own copies: made, then removed
+    assert not mine.exists()

@@ -323,3 +323,51 @@ async def test_a_stale_result_of_an_earlier_generation_is_rejected(broker):
     assert hasattr(on_event, "t") and on_event.t.done()
     assert float(out.latent.min()) == float(out.latent.max()) == 8.0  # not 104: the stale latent was refused
     assert out.rejected_results == 1
+
+
+class _BrokerCell(_FakeCell):
+    """A cell whose broker stops but does not start again (its port taken, a bad file)."""
+
+    def __init__(self):
+        super().__init__()
+        from testbed.emulation.broker import BrokerHandle, BrokerSettings
+
+        self.broker = BrokerHandle("mosquitto", 1, "198.18.0.1", 1883, Path("c"), Path("l"), BrokerSettings())
+
+    async def stop_broker(self):
+        self.calls.append(("broker", "stop"))
+        self.broker = None
+
+    async def start_broker(self, settings):
+        from testbed.errors import ResourceError
+
+        self.calls.append(("broker", "start"))
+        raise ResourceError("mosquitto exited with code 1 at start; see broker/mosquitto.stdout.log: address in use")
+
+
+async def test_a_broker_that_does_not_come_back_is_a_failed_fault():
+    cell, events = _BrokerCell(), []
+    inj = FaultInjector(cell, lambda etype, device, **data: events.append((etype, data)))
+    await inj.inject("broker-restart", duration_s=0.05)
+    await inj.wait_restored()
+    assert cell.calls == [("broker", "stop"), ("broker", "start")]
+    assert inj.errors == ["restore broker-restart: mosquitto exited with code 1 at start; see "
+                          "broker/mosquitto.stdout.log: address in use"]
+    assert [e[0] for e in events] == ["fault_injected", "fault_failed"] and "address in use" in events[-1][1]["error"]
+
+
+def test_testbed_fault_exits_non_zero_when_the_broker_does_not_come_back(monkeypatch, capsys):
+    """The CLI side (the supervisor's cell replaced by one whose broker cannot start)."""
+    from testbed.cli import main
+    from testbed.emulation.attached import AttachedCell
+
+    async def connect(run_id):
+        return _BrokerCell()
+
+    monkeypatch.setattr(AttachedCell, "connect", staticmethod(connect))
+    monkeypatch.setattr("testbed.emulation.runs.resolve_run", lambda run: run)
+    monkeypatch.setattr("testbed.cli.commands.emulation_cmds.require_root", lambda: None)
+    with pytest.raises(SystemExit) as e:
+        main(["fault", "broker-restart", "--run", "tfault1", "--duration", "0.05"])
+    err = capsys.readouterr().err
+    assert e.value.code == 4 and "address in use" in err and "testbed status --run tfault1" in err, err

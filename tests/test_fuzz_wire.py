@@ -9,11 +9,12 @@ import json
 import struct
 
 import numpy as np
-from hypothesis import HealthCheck, given, settings
+from hypothesis import given
 from hypothesis import strategies as st
 
 from testbed.errors import RelayError
 from testbed.relay.wire import ALLOWED_DTYPES, MAGIC, Message, TensorSpec, decode, encode
+from fuzz_settings import examples
 
 RUN = "tfz1"
 LAT = TensorSpec("float32", (1, 1, 4, 4))
@@ -49,20 +50,20 @@ def _check(data: bytes) -> None:
     assert all(a.nbytes <= 1024 and str(a.dtype) in ALLOWED_DTYPES for a in m.tensors.values())
 
 
-@settings(max_examples=400, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@examples(400)
 @given(st.sampled_from(sorted(_HEADER)), json_values)
 def test_one_mutated_header_field(key, value):
     header = dict(_HEADER, **{key: value})
     _check(_frame(header, _BODY))
 
 
-@settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@examples(200)
 @given(st.dictionaries(st.sampled_from([*_HEADER, "x"]), json_values, max_size=12))
 def test_random_headers(header):
     _check(_frame(header, _BODY))
 
 
-@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@examples(300)
 @given(st.sampled_from(["float32", "float16", "int64", "int32", "F32", "BOOL", "object", ""]),
        st.lists(st.integers(min_value=0, max_value=2**40), max_size=7),
        st.lists(st.integers(min_value=0, max_value=2**40), min_size=2, max_size=2))

@@ -475,6 +475,9 @@ async def test_agent_reconnects_after_the_broker_restarts(broker, tmp_path):
         await asyncio.sleep(0.5)
         box["proc"] = _start_mosquitto(tmp_path, port, paths)
         assert (await serve_one(1)).steps == (2, 4)  # the agent came back on its own and serves
+        async with asyncio.timeout(5):  # it counts a task once its result's PUBACK is in, after the server read it
+            while agent.served < 2:
+                await asyncio.sleep(0.01)
         assert agent.served == 2
     finally:
         task.cancel()

@@ -18,6 +18,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import secrets
 import shutil
 import tempfile
 from collections.abc import AsyncIterator
@@ -60,7 +61,8 @@ async def follow_events(info: dict[str, Any]) -> AsyncIterator[dict[str, Any]]:
     try:
         async with aiomqtt.Client(
             hostname=info["host"], port=int(info["port"]), username=info["username"],
-            password=info["password"], identifier=f"tui-{info.get('run', 'x')}-{id(info) & 0xFFFF:x}",
+            password=info["password"],
+            identifier=f"tui-{info.get('run', 'x')}-{secrets.token_hex(4)}",  # each watcher its own client id
         ) as client:
             await client.subscribe(info["topic"], qos=1)
             async for msg in client.messages:

@@ -183,7 +183,11 @@ class FaultInjector:
 
     async def _restore_after(self, rec: Injected, delay_s: float) -> None:
         await asyncio.sleep(delay_s)
-        await self.restore(rec)
+        try:
+            await self.restore(rec)
+        except Exception as e:  # noqa: BLE001 - a failed undo is a failed fault: in `errors`, and an event
+            self.errors.append(f"restore {rec.kind}{f' {rec.device}' if rec.device else ''}: {e}")
+            self.emit("fault_failed", rec.device, kind=rec.kind, error=str(e))
 
     async def restore(self, rec: Injected) -> None:
         undo, rec.undo = rec.undo, None

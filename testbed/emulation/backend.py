@@ -36,11 +36,16 @@ __all__ = [
     "Backend",
     "NetnsBackend",
     "CELL_PREFIX",
+    "DEVICE_PIDS_MAX",
     "device_address",
     "remove_host_links",
 ]
 
 CELL_PREFIX = 16
+#: Processes and threads a device node may hold at once (cgroup pids.max, docker
+#: pids_limit): an agent needs a few dozen (torch's pools, asyncio's executor, MQTT); a
+#: fork bomb stops here instead of at the host's limit.
+DEVICE_PIDS_MAX = 512
 FIRST_DEVICE = int(ipaddress.IPv4Address("198.18.0.10"))
 
 
@@ -62,6 +67,7 @@ class NodeSpec:
     memory_mb: int | None = None
     gpu_share_pct: int | None = None
     gpu_env: tuple[tuple[str, str], ...] = ()  # the environment of its GPU share (emulation/gpu.py); () none
+    pids_max: int | None = None  # processes + threads; None: no limit
 
 
 class Backend(Protocol):
@@ -70,6 +76,7 @@ class Backend(Protocol):
 
     name: str
     host_route: bool
+    host_ifname: str  # the host-side interface its devices reach the host through (host_firewall.py)
 
     async def create(self, nodes: Sequence[NodeSpec]) -> None:
         """Make every node with its limits, the links between them and the host link."""
@@ -92,6 +99,11 @@ class Backend(Protocol):
     def gpu_problem(self) -> str | None:
         """Why this backend cannot give its nodes the host's GPU (None: it can); asked
         only on a host with a GPU."""
+        ...
+    @property
+    def pids_limit(self) -> str | None:
+        """What enforces NodeSpec.pids_max ("cgroup v1 pids", "docker pids_limit", ...);
+        None: nothing on this host (after create)."""
         ...
 
 
@@ -127,6 +139,14 @@ class NetnsBackend:
     @property
     def host_if(self) -> str:
         return f"tb{self.run}h"
+
+    @property
+    def host_ifname(self) -> str:
+        return self.host_if
+
+    @property
+    def pids_limit(self) -> str | None:
+        return self.cg.pids_controller if self.cg is not None else None
 
     def port(self, node: NodeSpec) -> str:
         return f"tb{self.run}d{node.index}"
@@ -200,7 +220,7 @@ class NetnsBackend:
             return
         self.cg = self.cg or detect_cgroups()
         for n in nodes:
-            await asyncio.to_thread(self.cg.create, self.run, n.id, CgroupLimits(n.cpu_cores, n.memory_mb))
+            await asyncio.to_thread(self.cg.create, self.run, n.id, CgroupLimits(n.cpu_cores, n.memory_mb, n.pids_max))
 
     async def set_link_state(self, node_id: str, up: bool) -> None:
         node = self._nodes[node_id]
@@ -211,8 +231,9 @@ class NetnsBackend:
     async def set_cpu(self, node_id: str, cpu_cores: float) -> None:
         if self.cg is None:
             raise ResourceError(f"set_cpu {node_id}: this emulation runs without cgroups (limits off)")
-        mem = self._nodes[node_id].memory_mb
-        await asyncio.to_thread(self.cg.set_limits, self.run, node_id, CgroupLimits(cpu_cores, mem))
+        node = self._nodes[node_id]
+        await asyncio.to_thread(self.cg.set_limits, self.run, node_id, CgroupLimits(cpu_cores, node.memory_mb,
+                                                                                      node.pids_max))
 
     def join(self, node_id: str) -> NodeJoin:
         procs = tuple(str(p) for p in self.cg.procs_files(self.run, node_id)) if self.cg is not None else ()

@@ -1,9 +1,12 @@
 """Start the MQTT broker inside the edge server's namespace and wait until it accepts.
 
 mosquitto when installed (listening only on the server address; the host reaches it over
-the host link), else the embedded amqtt broker. The relay layer passes a password file
-and a mosquitto-format ACL file when it wants per-device credentials; config and log live
-in the run's state directory.
+the host link), else the embedded amqtt broker — for anonymous cells only (see
+`_amqtt_conf`). The relay layer passes password and ACL files when it wants per-account
+credentials (relay/security.py), and a watch listener's files when client ids are bound
+to accounts (BrokerSettings). Config, credentials and log live in the run's
+`broker/` directory, which root owns: root never writes where the broker's user can
+(docs/security.md, "Files root writes").
 """
 
 from __future__ import annotations
@@ -13,6 +16,7 @@ import os
 import pwd
 import shutil
 import socket
+import stat
 import sys
 import time
 from dataclasses import dataclass, field
@@ -23,11 +27,15 @@ import yaml
 from testbed.emulation.cell import BrokerSettings
 from testbed.emulation.nsutil import in_netns
 from testbed.emulation.procs import spawn_in, stop_pid
+from testbed.emulation.safe_files import read_tail, write_atomic
 from testbed.errors import ResourceError
 from testbed.model.names import MQTT_PORT
 
-__all__ = ["BrokerHandle", "BrokerSettings", "start_broker", "write_broker_config", "parse_mosquitto_acl", "MQTT_PORT"]
+__all__ = ["BrokerHandle", "BrokerSettings", "start_broker", "write_broker_config", "broker_status", "MQTT_PORT",
+           "LOG_DIR"]
 
+#: The one subdirectory of broker/ that the broker's own user may write (its log).
+LOG_DIR = "log"
 
 
 @dataclass
@@ -56,68 +64,64 @@ class BrokerHandle:
     async def stop(self) -> None:
         await stop_pid(self.pid)
 
-
-def parse_mosquitto_acl(text: str) -> dict[str, dict[str, list[str]]]:
-    """mosquitto ACL (`user NAME` then `topic [read|write|readwrite] TOPIC` lines) ->
-    {user: {"publish": [...], "subscribe": [...]}} for amqtt's topic ACL plugin."""
-    acl: dict[str, dict[str, list[str]]] = {}
-    user: str | None = None
-    for n, raw in enumerate(text.splitlines(), 1):
-        line = raw.strip()
-        if not line or line.startswith("#"):
-            continue
-        parts = line.split(None, 2)
-        if parts[0] == "user" and len(parts) == 2:
-            user = parts[1]
-            acl.setdefault(user, {"publish": [], "subscribe": []})
-        elif parts[0] == "topic" and user is not None:
-            access, topic = (parts[1], parts[2]) if len(parts) == 3 else ("readwrite", parts[1])
-            if access in ("read", "readwrite"):
-                acl[user]["subscribe"].append(topic)
-            if access in ("write", "readwrite"):
-                acl[user]["publish"].append(topic)
-        else:
-            raise ResourceError(f"ACL line {n}: {line!r} is not supported by the amqtt fallback "
-                                "(only `user NAME` and `topic [read|write|readwrite] TOPIC`); install mosquitto")
-    return acl
+    def read_log(self, max_bytes: int = 1 << 20) -> str:
+        """The end of the broker's log, read without following a link the broker's user
+        may have planted in its log directory ("" when there is no plain log file)."""
+        return read_tail(self.log_path, max_bytes)
 
 
-def _mosquitto_conf(host: str, port: int, state_dir: Path, password_file: Path | None,
-                    acl_file: Path | None, max_message_bytes: int | None) -> str:
+def broker_status(handle: BrokerHandle | None, error: str | None) -> dict:
+    """The broker's part of a cell's status document: `broker` (None while it is down) and
+    `broker_error` (why its last start or restart failed; None when it did not)."""
+    b = None if handle is None else {"kind": handle.kind, "pid": handle.pid, "host": handle.host, "port": handle.port,
+                                     "watch_port": handle.settings.watch_port}
+    return {"broker": b, "broker_error": error}
+
+
+def _mosquitto_conf(host: str, log_path: Path, settings: BrokerSettings, password_file: Path | None,
+                    acl_file: Path | None, watch_files: tuple[Path, Path] | None, run_as: str | None) -> str:
     lines = [
-        f"listener {port} {host}",
         "persistence false",
-        f"log_dest file {state_dir / 'mosquitto.log'}",
+        f"log_dest file {log_path}",
         "log_type error", "log_type warning", "log_type notice",
         "connection_messages true",
         "set_tcp_nodelay true",  # relay a latent's last segment without waiting for the ACK (Nagle)
     ]
+    if run_as:
+        lines.append(f"user {run_as}")
+    if settings.max_message_bytes is not None:
+        lines.append(f"message_size_limit {settings.max_message_bytes}")
+    if watch_files is not None:
+        lines.append("per_listener_settings true")  # each listener its own accounts
+    lines.append(f"listener {settings.port} {host}")
     if password_file is not None:
         lines += ["allow_anonymous false", f"password_file {password_file}"]
     else:
         lines.append("allow_anonymous true")
     if acl_file is not None:
         lines.append(f"acl_file {acl_file}")
-    if max_message_bytes is not None:
-        lines.append(f"message_size_limit {max_message_bytes}")
+    if watch_files is not None:
+        # the client id of every connection is its account: dev01 saying "tb-r1-dev02" or
+        # "server" is still dev01, and only dev01's password can displace dev01
+        lines += ["use_username_as_clientid true",
+                  f"listener {settings.watch_port} {host}", "allow_anonymous false",
+                  f"password_file {watch_files[0]}", f"acl_file {watch_files[1]}"]
     return "\n".join(lines) + "\n"
 
 
-def _amqtt_conf(host: str, port: int, password_file: Path | None, acl_file: Path | None) -> dict:
-    plugins: dict = {}
-    if password_file is not None:
-        plugins["amqtt.plugins.authentication.FileAuthPlugin"] = {"password_file": str(password_file)}
-    else:
-        plugins["amqtt.plugins.authentication.AnonymousAuthPlugin"] = {"allow_anonymous": True}
-    if acl_file is not None:
-        acl = parse_mosquitto_acl(acl_file.read_text())
-        plugins["amqtt.plugins.topic_checking.TopicAccessControlListPlugin"] = {
-            "publish-acl": {u: a["publish"] for u, a in acl.items()},
-            "subscribe-acl": {u: a["subscribe"] for u, a in acl.items()},
-        }
-    conf: dict = {"listeners": {"default": {"type": "tcp", "bind": f"{host}:{port}"}}, "plugins": plugins}
-    # amqtt has no message size limit option: the relay's decoder checks sizes itself.
-    return conf
+def _amqtt_conf(host: str, settings: BrokerSettings) -> dict:
+    """An anonymous amqtt broker. amqtt 0.12 cannot hold a run's accounts: it reads no
+    mosquitto `$7$` hashes, and it ends (clean session) or rewrites (persistent session)
+    the session of a client id *before* it authenticates the new connection, so anyone
+    who can reach it — even with a wrong password — can disconnect any client or replace
+    its will. A cell with credentials therefore refuses it; install mosquitto."""
+    if settings.password_file is not None or settings.acl_file is not None or settings.watch_password_file is not None:
+        raise ResourceError(
+            "the amqtt fallback broker cannot enforce the run's MQTT accounts (it cannot read their password hashes "
+            "and lets any client, even one with a wrong password, take over another's client id); "
+            "install mosquitto (apt-get install mosquitto) — only anonymous test cells may use amqtt")
+    return {"listeners": {"default": {"type": "tcp", "bind": f"{host}:{settings.port}"}},
+            "plugins": {"amqtt.plugins.authentication.AnonymousAuthPlugin": {"allow_anonymous": True}}}
 
 
 def _reachable_by(path: Path, uid: int, gid: int) -> bool:
@@ -130,40 +134,60 @@ def _reachable_by(path: Path, uid: int, gid: int) -> bool:
     return True
 
 
-def _hand_to_mosquitto_user(state_dir: Path, password_file: Path | None,
-                            acl_file: Path | None) -> tuple[Path | None, Path | None, str | None]:
-    """mosquitto started as root drops to the `mosquitto` user *before* it opens its log,
-    password and ACL files. One rule for every caller: when that user exists and can reach
-    the broker directory (e.g. /run/testbed/<run>/broker, the run directory being 0711),
-    the directory becomes its own (0700) with 0600 copies of the password and ACL files and
-    the log; otherwise (no such user, or the directory lies under a private 0700 directory
-    such as a test's tmp dir or an attached generation's) mosquitto stays root
-    (`user root`) and reads the files where they are. Returns (password, acl, user line)."""
+def _broker_user(state_dir: Path) -> pwd.struct_passwd | None:
+    """The `mosquitto` user that mosquitto, started as root, drops to — when it exists and
+    can reach `state_dir` (e.g. /run/testbed/<run>/broker, the run directory being 0711).
+    None: mosquitto stays root (`user root`; no such user, or `state_dir` lies under a
+    private directory such as a test's tmp dir)."""
     if os.geteuid() != 0:
-        return password_file, acl_file, None
+        return None
     try:
         ent = pwd.getpwnam("mosquitto")
     except KeyError:
-        return password_file, acl_file, "root"
-    if not _reachable_by(state_dir, ent.pw_uid, ent.pw_gid):
-        return password_file, acl_file, "root"
-    out: list[Path | None] = []
-    for src, name in ((password_file, "passwd"), (acl_file, "acl")):
-        if src is None:
-            out.append(None)
-            continue
-        dst = state_dir / name
-        fd = os.open(dst, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        with os.fdopen(fd, "wb") as f:
-            f.write(Path(src).read_bytes())
-        os.chown(dst, ent.pw_uid, ent.pw_gid)
-        out.append(dst)
-    log = state_dir / "mosquitto.log"
-    log.touch(mode=0o600)
-    os.chown(log, ent.pw_uid, ent.pw_gid)
-    os.chown(state_dir, ent.pw_uid, ent.pw_gid)
-    state_dir.chmod(0o700)
-    return out[0], out[1], None
+        return None
+    state_dir.mkdir(parents=True, exist_ok=True)
+    return ent if _reachable_by(state_dir, ent.pw_uid, ent.pw_gid) else None
+
+
+def _own_dir(path: Path, uid: int, gid: int, mode: int) -> None:
+    """`path` is a real directory (made when missing) with this owner and mode; a link or
+    a file planted there is refused."""
+    try:
+        path.mkdir(mode=0o700)
+    except FileExistsError:
+        pass
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    except OSError as e:
+        raise ResourceError(f"broker directory {path} is not a plain directory ({e.strerror}); "
+                            "`testbed down` the run and bring it up again") from None
+    try:
+        if os.geteuid() == 0:
+            os.fchown(fd, uid, gid)
+        os.fchmod(fd, mode)
+    except OSError as e:
+        raise ResourceError(f"broker directory {path}: {e.strerror}") from None
+    finally:
+        os.close(fd)
+
+
+def _prepare_broker_dir(state_dir: Path) -> tuple[pwd.struct_passwd | None, int]:
+    """The broker directory, owned by root before anything is written into it: root:<the
+    broker user's group> 0710 (the broker traverses it and reads its files by name), and
+    its `log/` (the broker user's own, 0700): root never creates, truncates or chowns a
+    file there. A `log` that is not a real directory is refused. Returns (broker user,
+    group of its files)."""
+    ent = _broker_user(state_dir)
+    gid = ent.pw_gid if ent is not None else 0
+    _own_dir(state_dir, 0, gid, 0o710 if ent is not None else 0o700)
+    log_dir = state_dir / LOG_DIR
+    try:
+        if stat.S_ISLNK(os.lstat(log_dir).st_mode):
+            os.unlink(log_dir)  # only an older layout's broker user could have made it; root owns broker/ now
+    except FileNotFoundError:
+        pass
+    _own_dir(log_dir, ent.pw_uid if ent is not None else 0, gid, 0o700)
+    return ent, gid
 
 
 def _can_connect(host: str, port: int) -> bool:
@@ -183,28 +207,29 @@ async def start_broker(
     spawn=None,
 ) -> BrokerHandle:
     """Start the broker in `netns` (None: this process's namespace), listening on
-    host:settings.port; return once it accepts TCP. The handle keeps `settings`."""
+    host:settings.port (and settings.watch_port); return once it accepts TCP. The handle
+    keeps `settings`. A broker that exits or does not accept is a ResourceError."""
     settings = settings or BrokerSettings()
-    state_dir.mkdir(parents=True, exist_ok=True)
-    kind, argv, conf_path, log_path, stdout_log = write_broker_config(host, state_dir, settings)
+    kind, argv, conf_path, log_path, stdout_log = await asyncio.to_thread(write_broker_config, host, state_dir, settings)
     if spawn is None:
         proc = await asyncio.to_thread(spawn_in, netns, argv, None, stdout_log, cgroup_procs)
     else:  # a backend that starts processes its own way (docker exec): async (argv, log_path) -> Popen-like
         proc = await spawn(argv, stdout_log)
     handle = BrokerHandle(kind, proc.pid, host, settings.port, conf_path, log_path, settings, netns)
+    ports = [p for p in (settings.port, settings.watch_port) if p is not None]
     deadline = time.monotonic() + ready_timeout_s
     while True:
         if proc.poll() is not None:
-            tail = stdout_log.read_text(errors="replace")[-400:] if stdout_log.exists() else ""
-            if kind == "mosquitto" and log_path.exists():
-                tail += log_path.read_text(errors="replace")[-400:]
+            tail = read_tail(stdout_log, 400)
+            if kind == "mosquitto":
+                tail += handle.read_log(400)
             raise ResourceError(f"{kind} exited with code {proc.returncode} at start; see {stdout_log}: {tail.strip()}")
-        reachable = (lambda: _can_connect(host, settings.port))
+        reachable = (lambda: all(_can_connect(host, p) for p in ports))
         if await asyncio.to_thread(in_netns, netns, reachable) if netns else await asyncio.to_thread(reachable):
             return handle
         if time.monotonic() > deadline:
             await handle.stop()
-            raise ResourceError(f"{kind} did not accept connections on {host}:{settings.port} within "
+            raise ResourceError(f"{kind} did not accept connections on {host}:{'/'.join(map(str, ports))} within "
                                 f"{ready_timeout_s:g} s; see {stdout_log}")
         await asyncio.sleep(0.05)
 
@@ -213,18 +238,41 @@ def write_broker_config(host: str, state_dir: Path,
                         settings: BrokerSettings) -> tuple[str, list[str], Path, Path, Path]:
     """The one place a broker configuration is written: (kind, argv, config, log, stdout log).
 
-    mosquitto when installed (and preferred), else the embedded amqtt broker."""
+    mosquitto when installed (and preferred), else the embedded amqtt broker. Every file
+    root writes is renamed into place (safe_files.write_atomic), in a directory only root
+    may write (`_prepare_broker_dir`); the broker reads its copies of the credentials,
+    owned by root and readable by its group."""
+    state_dir = Path(state_dir)
     mosquitto = shutil.which("mosquitto") if settings.prefer == "mosquitto" else None
-    if mosquitto:
-        conf_path = state_dir / "mosquitto.conf"
-        password_file, acl_file, run_as = _hand_to_mosquitto_user(state_dir, settings.password_file,
-                                                                  settings.acl_file)
-        conf_path.write_text(_mosquitto_conf(host, settings.port, state_dir, password_file, acl_file,
-                                             settings.max_message_bytes) + (f"user {run_as}\n" if run_as else ""))
-        return ("mosquitto", [mosquitto, "-c", str(conf_path)], conf_path, state_dir / "mosquitto.log",
-                state_dir / "mosquitto.stdout.log")
-    conf_path = state_dir / "amqtt.yaml"
-    conf_path.write_text(yaml.safe_dump(_amqtt_conf(host, settings.port, settings.password_file, settings.acl_file)))
-    stdout_log = state_dir / "amqtt.stdout.log"
-    return ("amqtt", [sys.executable, "-m", "amqtt.scripts.broker_script", "-c", str(conf_path)], conf_path,
-            stdout_log, stdout_log)
+    if not mosquitto:
+        conf = _amqtt_conf(host, settings)  # refuses a cell with credentials before anything is made
+        state_dir.mkdir(parents=True, exist_ok=True)
+        _prepare_broker_dir(state_dir)
+        conf_path = write_atomic(state_dir / "amqtt.yaml", yaml.safe_dump(conf))
+        stdout_log = state_dir / "amqtt.stdout.log"
+        return ("amqtt", [sys.executable, "-m", "amqtt.scripts.broker_script", "-c", str(conf_path)], conf_path,
+                stdout_log, stdout_log)
+    state_dir.mkdir(parents=True, exist_ok=True)
+    ent, gid = _prepare_broker_dir(state_dir)
+    mode = 0o640 if ent is not None else 0o600
+
+    def copy_in(src: Path | None, name: str) -> Path | None:
+        if src is None:
+            return None
+        if ent is None:  # mosquitto stays root and reads the file where it is
+            return Path(src)
+        return write_atomic(state_dir / name, Path(src).read_bytes(), mode, 0, gid)  # ent: we are root
+
+    password_file = copy_in(settings.password_file, "passwd")
+    acl_file = copy_in(settings.acl_file, "acl")
+    watch = None
+    if settings.watch_password_file is not None:
+        if settings.watch_acl_file is None or settings.password_file is None:
+            raise ResourceError("broker: a watch listener needs its ACL file and the cell listener's password file")
+        watch = (copy_in(settings.watch_password_file, "watch.passwd"), copy_in(settings.watch_acl_file, "watch.acl"))
+    log_path = state_dir / LOG_DIR / "mosquitto.log"
+    conf_path = write_atomic(state_dir / "mosquitto.conf",
+                             _mosquitto_conf(host, log_path, settings, password_file, acl_file, watch,
+                                             None if ent is not None or os.geteuid() != 0 else "root"),
+                             mode, 0 if os.geteuid() == 0 else -1, gid if os.geteuid() == 0 else -1)
+    return "mosquitto", [mosquitto, "-c", str(conf_path)], conf_path, log_path, state_dir / "mosquitto.stdout.log"

@@ -79,24 +79,37 @@ class NodeJoin:
 
 @dataclass(frozen=True)
 class BrokerSettings:
-    """What a broker is started with; its handle keeps them, so a restart needs nothing else."""
+    """What a broker is started with; its handle keeps them, so a restart needs nothing else.
+
+    With `watch_password_file` the broker has two listeners: the cell listener on `port`,
+    where every client id is replaced by its account's name (no connection can be taken
+    over with another's client id), and the watch listener on `watch_port` (`port` + 1)
+    for the read-only accounts of those files, which may connect several at once
+    (relay/security.py names the accounts)."""
 
     password_file: Path | None = None
     acl_file: Path | None = None
     max_message_bytes: int | None = None
     port: int = MQTT_PORT
-    prefer: str = "mosquitto"  # "mosquitto" (when installed) or "amqtt"
+    prefer: str = "mosquitto"  # "mosquitto" (when installed) or "amqtt" (anonymous cells only)
+    watch_password_file: Path | None = None
+    watch_acl_file: Path | None = None
+
+    @property
+    def watch_port(self) -> int | None:
+        return self.port + 1 if self.watch_password_file is not None else None
 
     def to_json(self) -> dict[str, Any]:
-        return {"password_file": str(self.password_file) if self.password_file else None,
-                "acl_file": str(self.acl_file) if self.acl_file else None,
-                "max_message_bytes": self.max_message_bytes, "port": self.port, "prefer": self.prefer}
+        path = (lambda p: str(p) if p else None)  # noqa: E731
+        return {"password_file": path(self.password_file), "acl_file": path(self.acl_file),
+                "max_message_bytes": self.max_message_bytes, "port": self.port, "prefer": self.prefer,
+                "watch_password_file": path(self.watch_password_file), "watch_acl_file": path(self.watch_acl_file)}
 
     @classmethod
     def from_json(cls, d: dict[str, Any]) -> BrokerSettings:
-        return cls(Path(d["password_file"]) if d.get("password_file") else None,
-                   Path(d["acl_file"]) if d.get("acl_file") else None,
-                   d.get("max_message_bytes"), int(d.get("port") or MQTT_PORT), d.get("prefer") or "mosquitto")
+        path = (lambda k: Path(d[k]) if d.get(k) else None)  # noqa: E731
+        return cls(path("password_file"), path("acl_file"), d.get("max_message_bytes"), int(d.get("port") or MQTT_PORT),
+                   d.get("prefer") or "mosquitto", path("watch_password_file"), path("watch_acl_file"))
 
 
 @dataclass(frozen=True)

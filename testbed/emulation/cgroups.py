@@ -1,5 +1,8 @@
-"""CPU and memory limits per emulated node: cgroup v1 (`cpu.cfs_quota_us`,
-`memory.limit_in_bytes`) or v2 (`cpu.max`, `memory.max`), whichever the host has.
+"""CPU, memory and process-count limits per emulated node: cgroup v1 (`cpu.cfs_quota_us`,
+`memory.limit_in_bytes`, `pids.max` of the pids hierarchy) or v2 (`cpu.max`, `memory.max`,
+`pids.max`), whichever the host has. The pids controller is optional (detected at run
+time: `pids_controller` says which one limits the nodes, None when the host has none), so
+that a device's fork bomb stops at its own limit instead of the host's.
 
 Cgroup path: `testbed/<run>/<node>` under each hierarchy. `CgroupV2(root=tmpdir)` runs
 against any directory, which is how the v2 logic is tested on a v1 host.
@@ -36,6 +39,7 @@ TOP = "testbed"
 class CgroupLimits:
     cpu_cores: float | None
     memory_mb: int | None
+    pids_max: int | None = None  # processes and threads together; None: no limit
 
     def quota_us(self) -> int | None:
         if self.cpu_cores is None:
@@ -49,6 +53,7 @@ def cgroup_relpath(run_id: str, node_id: str | None = None) -> str:
 
 class Cgroups(Protocol):
     version: int
+    pids_controller: str | None  # "cgroup v1 pids", "cgroup v2 pids" or None (pids_max is not enforced)
 
     def create(self, run_id: str, node_id: str, limits: CgroupLimits) -> list[Path]: ...
     def set_limits(self, run_id: str, node_id: str, limits: CgroupLimits) -> None: ...
@@ -71,6 +76,12 @@ def _read_pids(path: Path) -> set[int]:
         return {int(x) for x in path.read_text().split()}
     except (FileNotFoundError, ProcessLookupError):
         return set()
+
+
+def _read_max(path: Path) -> int | None:
+    """A `pids.max` value: None for "max" (no limit)."""
+    v = path.read_text().strip()
+    return None if v == "max" else int(v)
 
 
 def _rmdir_tree(d: Path) -> None:
@@ -104,17 +115,19 @@ def _rmdir_tree(d: Path) -> None:
 
 
 class CgroupV1:
-    """Separate `cpu` and `memory` hierarchies (this machine)."""
+    """Separate `cpu` and `memory` hierarchies (this machine), and `pids` where mounted."""
 
     version = 1
 
     def __init__(self, root: Path = SYS_CGROUP):
         self.cpu = root / "cpu"
         self.memory = root / "memory"
+        self.pids_root = root / "pids" if (root / "pids" / "cgroup.procs").exists() else None
+        self.pids_controller = "cgroup v1 pids" if self.pids_root is not None else None
 
     def _dirs(self, run_id: str, node_id: str | None = None) -> list[Path]:
         rel = cgroup_relpath(run_id, node_id)
-        return [self.cpu / rel, self.memory / rel]
+        return [self.cpu / rel, self.memory / rel] + ([self.pids_root / rel] if self.pids_root is not None else [])
 
     def create(self, run_id: str, node_id: str, limits: CgroupLimits) -> list[Path]:
         dirs = self._dirs(run_id, node_id)
@@ -124,18 +137,21 @@ class CgroupV1:
         return dirs
 
     def set_limits(self, run_id: str, node_id: str, limits: CgroupLimits) -> None:
-        cpu, mem = self._dirs(run_id, node_id)
+        cpu, mem, *pids = self._dirs(run_id, node_id)
         _write(cpu / "cpu.cfs_period_us", str(CPU_PERIOD_US))
         q = limits.quota_us()
         _write(cpu / "cpu.cfs_quota_us", str(q if q is not None else -1))
         _write(mem / "memory.limit_in_bytes", str(limits.memory_mb * 2**20) if limits.memory_mb else "-1")
+        for d in pids:
+            _write(d / "pids.max", str(limits.pids_max) if limits.pids_max is not None else "max")
 
     def read_limits(self, run_id: str, node_id: str) -> CgroupLimits:
-        cpu, mem = self._dirs(run_id, node_id)
+        cpu, mem, *pids = self._dirs(run_id, node_id)
         q = int((cpu / "cpu.cfs_quota_us").read_text())
         p = int((cpu / "cpu.cfs_period_us").read_text())
         m = int((mem / "memory.limit_in_bytes").read_text())
-        return CgroupLimits(None if q < 0 else q / p, None if m >= 2**62 else m // 2**20)
+        n = _read_max(pids[0] / "pids.max") if pids else None
+        return CgroupLimits(None if q < 0 else q / p, None if m >= 2**62 else m // 2**20, n)
 
     def procs_files(self, run_id: str, node_id: str) -> list[Path]:
         return [d / "cgroup.procs" for d in self._dirs(run_id, node_id)]
@@ -154,9 +170,9 @@ class CgroupV1:
 
     def runs(self) -> list[str]:
         found: set[str] = set()
-        for h in (self.cpu, self.memory):
-            top = h / TOP
-            if top.is_dir():
+        for h in (self.cpu, self.memory, self.pids_root):
+            top = h / TOP if h is not None else None
+            if top is not None and top.is_dir():
                 found |= {p.name for p in top.iterdir() if p.is_dir()}
         return sorted(found)
 
@@ -168,6 +184,10 @@ class CgroupV2:
 
     def __init__(self, root: Path = SYS_CGROUP):
         self.root = root
+        ctl = root / "cgroup.controllers"
+        have = set(ctl.read_text().split()) if ctl.exists() else set()
+        self.pids_controller = "cgroup v2 pids" if "pids" in have else None
+        self._controllers = {"cpu", "memory"} | ({"pids"} if self.pids_controller else set())
 
     def _dir(self, run_id: str, node_id: str | None = None) -> Path:
         return self.root / cgroup_relpath(run_id, node_id)
@@ -175,7 +195,7 @@ class CgroupV2:
     def _enable(self, d: Path) -> None:
         ctl = d / "cgroup.subtree_control"
         have = set(ctl.read_text().split()) if ctl.exists() else set()
-        want = {"cpu", "memory"} - have
+        want = self._controllers - have
         if want:
             _write(ctl, " ".join(f"+{c}" for c in sorted(want)))
 
@@ -194,12 +214,15 @@ class CgroupV2:
         q = limits.quota_us()
         _write(d / "cpu.max", f"{q if q is not None else 'max'} {CPU_PERIOD_US}")
         _write(d / "memory.max", str(limits.memory_mb * 2**20) if limits.memory_mb else "max")
+        if self.pids_controller is not None:
+            _write(d / "pids.max", str(limits.pids_max) if limits.pids_max is not None else "max")
 
     def read_limits(self, run_id: str, node_id: str) -> CgroupLimits:
         d = self._dir(run_id, node_id)
         q, p = (d / "cpu.max").read_text().split()
         m = (d / "memory.max").read_text().strip()
-        return CgroupLimits(None if q == "max" else int(q) / int(p), None if m == "max" else int(m) // 2**20)
+        n = _read_max(d / "pids.max") if self.pids_controller is not None else None
+        return CgroupLimits(None if q == "max" else int(q) / int(p), None if m == "max" else int(m) // 2**20, n)
 
     def procs_files(self, run_id: str, node_id: str) -> list[Path]:
         return [self._dir(run_id, node_id) / "cgroup.procs"]

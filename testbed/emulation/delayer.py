@@ -34,6 +34,7 @@ import threading
 import time
 from typing import Any
 
+from testbed.emulation.environ import clean_environ
 from testbed.emulation.nfqueue import flow_key
 from testbed.errors import ResourceError
 
@@ -220,6 +221,7 @@ class DelayerHandle:
             self.proc = subprocess.Popen(
                 [sys.executable, "-m", "testbed.emulation.delayer", run_id],
                 stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=log, start_new_session=True,
+                env=clean_environ(),
             )
         finally:
             if log is not subprocess.DEVNULL:

@@ -14,7 +14,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from testbed.emulation.broker import BrokerHandle, start_broker
+from testbed.emulation.broker import BrokerHandle, broker_status, start_broker
 from testbed.emulation.cell import BrokerSettings, LinkUpdate, NodeJoin, NodeState, restart_broker
 from testbed.errors import ResourceError
 from testbed.model.impairments import LinkImpairment
@@ -39,6 +39,7 @@ class DeployedCell:
             self.nodes[lk.id] = NodeState(lk.id, "device", None, None, lk.rate_up_mbps, lk.rate_down_mbps, None, None,
                                           lk.profile, lk.x_m, lk.y_m)
         self._broker: BrokerHandle | None = None
+        self.broker_error: str | None = None
 
     def _elsewhere(self, what: str, instead: str) -> ResourceError:
         return ResourceError(f"{what}: in a compose/Swarm deployment the devices are other containers; {instead}")
@@ -53,7 +54,7 @@ class DeployedCell:
         b = self._broker
         return {"run": self.run_id, "backend": self.backend_name, "netem": False, "warnings": list(self.warnings),
                 "host_route": False, "cell": {"shared_capacity": False}, "mobility": False,
-                "broker": None if b is None else {"kind": b.kind, "pid": b.pid, "host": b.host, "port": b.port},
+                **broker_status(b, self.broker_error),
                 "nodes": [n.to_json() for n in self.nodes.values()]}
 
     async def set_links(self, rates: dict[str, tuple[float, float]]) -> None:
@@ -101,7 +102,13 @@ class DeployedCell:
     async def start_broker(self, settings: BrokerSettings | None = None) -> BrokerHandle:
         """The broker in this (the server's) container, on the cell address."""
         if self._broker is None:
-            self._broker = await start_broker(None, self.host, self.state_dir / "broker", settings or BrokerSettings())
+            try:
+                self._broker = await start_broker(None, self.host, self.state_dir / "broker",
+                                                  settings or BrokerSettings())
+            except Exception as e:
+                self.broker_error = str(e)  # the status says the broker is down, and why
+                raise
+            self.broker_error = None
         return self._broker
 
     async def stop_broker(self) -> None:

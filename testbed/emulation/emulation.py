@@ -25,8 +25,9 @@ from typing import Any
 
 from pyroute2.netlink.exceptions import NetlinkError
 
-from testbed.emulation.backend import Backend, NetnsBackend, NodeSpec, device_address
-from testbed.emulation.broker import BrokerHandle, start_broker
+from testbed.emulation import host_firewall
+from testbed.emulation.backend import DEVICE_PIDS_MAX, Backend, NetnsBackend, NodeSpec, device_address
+from testbed.emulation.broker import BrokerHandle, broker_status, start_broker
 from testbed.emulation.cell import BrokerSettings, LinkUpdate, NodeJoin, NodeState, restart_broker
 from testbed.emulation.cgroups import Cgroups
 from testbed.emulation.gpu import CellGpu
@@ -128,6 +129,8 @@ class Emulation:
         self.plan: ShapingPlan | None = None
         self._broker: BrokerHandle | None = None
         self.gpu: CellGpu | None = None
+        self.broker_error: str | None = None  # why the last start (or restart) of the broker failed
+        self._firewall: asyncio.Future | None = None  # the making of the host's per-run chain (host_firewall.py)
         self._specs: list[NodeSpec] = []
         self._procs: dict[int, Any] = {}  # pid -> Popen (or a backend's Popen-like handle)
         self._mobility_task: asyncio.Task | None = None
@@ -172,12 +175,17 @@ class Emulation:
                                 server_prof.memory_mb if lim else None)] + [
             NodeSpec(link.id, "device", device_address(i), i,
                      profiles[link.profile].cpu_cores if lim else None, profiles[link.profile].memory_mb if lim else None,
-                     profiles[link.profile].gpu_share_pct if lim else None, tuple(sorted(self.gpu.env(link.id).items())))
+                     profiles[link.profile].gpu_share_pct if lim else None, tuple(sorted(self.gpu.env(link.id).items())),
+                     DEVICE_PIDS_MAX if lim else None)
             for i, link in enumerate(self.links)
         ]
         t0 = time.perf_counter()
         await self.backend.create(self._specs)
         self.timings_s["nodes_s"] = time.perf_counter() - t0
+        self._firewall = asyncio.ensure_future(host_firewall.install(self.run_id, self.backend.host_ifname))
+        if lim and self.backend.pids_limit is None:
+            self.warnings.append(f"no pids controller on this host: a device may start processes up to the host's "
+                                 f"limit (its {DEVICE_PIDS_MAX} are not enforced)")
         self.nodes[SERVER_ID] = NodeState(
             SERVER_ID, "server", self.backend.netns(SERVER_ID), SERVER_ADDRESS, None, None,
             self._specs[0].cpu_cores, self._specs[0].memory_mb, server_prof.name,
@@ -206,6 +214,7 @@ class Emulation:
             self._impair_path)
         await self.impair.apply(link_impairments(topo, self.links), self._rates())
         self.timings_s["impairments_s"] = time.perf_counter() - t0
+        await self._firewall  # made beside the shaping: a device reaches nothing on the host from here on
         if self.mobility_enabled and topo.mobility is not None and self.shaping_enabled:
             self._mobility_task = asyncio.create_task(self._mobility_loop(), name=f"tb-{self.run_id}-mobility")
 
@@ -220,6 +229,14 @@ class Emulation:
         await self.stop_broker()
         if self.impair is not None:  # before the namespaces: the delayer holds a socket in each
             problems += await self.impair.close()
+        if self._firewall is not None:
+            with contextlib.suppress(BaseException):  # a failed install: its error was the start's
+                await self._firewall
+            try:
+                await host_firewall.remove(self.run_id)
+                self._firewall = None
+            except Exception as e:  # noqa: BLE001 - collected and reported below
+                problems.append(f"host firewall: {e}")
         for node_id in list(self.nodes):
             try:
                 await self._stop_processes(node_id)
@@ -465,10 +482,15 @@ class Emulation:
 
         server = self.nodes[SERVER_ID]
         state = self.state_dir or ensure_run_dir(self.run_id)  # marked ours: `testbed down` may remove it
-        self._broker = await start_broker(
-            server.netns, SERVER_ADDRESS, state / "broker", settings or BrokerSettings(),
-            spawn=lambda argv, log: self.backend.spawn(SERVER_ID, argv, None, log),
-        )
+        try:
+            self._broker = await start_broker(
+                server.netns, SERVER_ADDRESS, state / "broker", settings or BrokerSettings(),
+                spawn=lambda argv, log: self.backend.spawn(SERVER_ID, argv, None, log),
+            )
+        except Exception as e:
+            self.broker_error = str(e)  # the status says the broker is down, and why
+            raise
+        self.broker_error = None
         return self._broker
 
     async def stop_broker(self) -> None:
@@ -492,11 +514,13 @@ class Emulation:
             "impairments": self.impair.status() if self.impair is not None else {"path": "none"},
             "warnings": list(self.warnings),
             "host_route": self.backend.host_route,
+            "host_firewall": host_firewall.chain_name(self.run_id) if self._firewall is not None else None,
+            "pids_limit": {"per_device": DEVICE_PIDS_MAX, "by": self.backend.pids_limit}
+            if self.limits_enabled and self.backend.pids_limit else None,
             "cell": {"shared_capacity": self.topology.cell.shared_capacity,
                      "capacity_up_mbps": cap_up, "capacity_down_mbps": cap_down},
             "mobility": self._mobility_task is not None,
             "gpu": self.gpu.status() if self.gpu is not None else {"limits_applied": False, "why": "the cell is not up"},
-            "broker": None if self._broker is None else {"kind": self._broker.kind, "pid": self._broker.pid,
-                                                           "host": self._broker.host, "port": self._broker.port},
+            **broker_status(self._broker, self.broker_error),
             "nodes": [n.to_json() for n in self.nodes.values()],
         }

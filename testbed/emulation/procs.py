@@ -2,7 +2,8 @@
 
 The child enters the namespace (`setns`) and its cgroups (writes itself to
 `cgroup.procs`) before `exec`, so not even its first instruction runs outside them. Each
-child leads its own session (process group), so `stop()` ends it and its children.
+child leads its own session (process group), so `stop()` ends it and its children, and
+starts from an allow-listed environment (environ.py).
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
+from testbed.emulation.environ import clean_environ
 from testbed.emulation.nsutil import CLONE_NEWNET, netns_path
 from testbed.errors import ResourceError
 
@@ -33,7 +35,9 @@ def spawn_in(
     cwd: str | None = None,
 ) -> subprocess.Popen:
     """Start `argv` inside `netns` (name or path; None = the caller's) and the cgroups
-    whose `cgroup.procs` files are given; stdout+stderr go to `log_path`."""
+    whose `cgroup.procs` files are given; stdout+stderr go to `log_path`. Its environment
+    is the allow-listed part of this one (environ.clean_environ: no HF_TOKEN, no key, HOME
+    harmless) plus `env`."""
     if not argv:
         raise ResourceError("spawn: empty command line")
     ns_fd = os.open(netns_path(netns), os.O_RDONLY) if netns else -1
@@ -49,7 +53,7 @@ def spawn_in(
     try:
         return subprocess.Popen(
             list(argv),
-            env={**os.environ, **(env or {})},
+            env=clean_environ(env),
             stdin=subprocess.DEVNULL,
             stdout=log,
             stderr=subprocess.STDOUT,

@@ -1,15 +1,16 @@
 """Run state under /run/testbed/<run>/ and the cleanup of a run, alive or crashed.
 
-A run's directory (mode 0711, with the owned-directory marker) holds state.json (the status
-document, written by the supervisor), supervisor.pid, logs/ and secrets/ (0700), agents/
+A run's directory (mode 0711, with the owned-directory marker) holds owner.json (whose run
+it is, ownership.py), state.json (the status document, written by the supervisor),
+supervisor.pid, logs/ and secrets/ (0700), agents/
 (0711: each agent reaches its own 0400 config and lists nothing) and node-uids.json (the
 agents' uids, node_uids.py) and, on a GPU host, mps/ (its CUDA MPS daemon's pipes and logs,
 gpu.py); docs/security.md has every mode. `cleanup_run` removes everything a run can leave — processes in its cgroups or namespaces, the MPS daemon, the host link,
 containers and networks, namespaces, cgroups, the directory — whether or not its supervisor
 is still alive; a step that fails does not stop the others, and the failures are raised
 together at the end (CleanupFailed). `known_runs` finds runs by their state directories and
-kernel object names (tb-<run>-*, tb<run>h, testbed/<run>, docker label testbed.run) and
-delayer processes (`testbed-delayer <run>`, which keep the namespaces they serve alive).
+kernel object names (tb-<run>-*, tb<run>h, testbed/<run>, docker label testbed.run, the
+host firewall's chain TB-<run>-IN) and delayer processes (`testbed-delayer <run>`, which keep the namespaces they serve alive).
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ import json
 import os
 import re
 import signal
+import subprocess
 import threading
 import time
 import uuid
@@ -26,12 +28,14 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from testbed.emulation import host_firewall
 from testbed.emulation.backend import remove_host_links
 from testbed.model.names import check_run_id
 from testbed.emulation.cgroups import Cgroups, detect_cgroups
 from testbed.emulation.node_uids import pids_running_as, read_uids
 from testbed.emulation.nsutil import NETNS_DIR, list_netns, pids_in_netns, remove_netns
 from testbed.emulation.owned_dirs import make_owned_dir, remove_owned_dir
+from testbed.emulation.ownership import is_supervisor, record_owner
 from testbed.emulation.procs import pid_alive, stop_pid_sync
 from testbed.errors import ResourceError
 from testbed.model.names import RUN_ID_CHARS, RUN_ID_RE, STATE_ROOT
@@ -85,6 +89,7 @@ def make_run_dir(run_id: str) -> Path:
         make_owned_dir(d, mode=0o711)
     except FileExistsError:
         raise ResourceError(f"run {run_id!r} already exists ({d}); pick another --run or `testbed down --run {run_id}`") from None
+    record_owner(d)  # whose it is: `testbed down --all` takes down only the caller's runs
     (d / "secrets").mkdir(mode=0o700)
     (d / "logs").mkdir(mode=0o700)
     return d
@@ -131,11 +136,14 @@ def read_state(run_id: str, name: str = "state.json") -> dict[str, Any] | None:
 
 
 def supervisor_pid(run_id: str) -> int | None:
+    """The pid of the run's supervisor while it runs; None when it is gone — also when
+    supervisor.pid names a pid that another process took since (ownership.is_supervisor)."""
+    path = run_dir(run_id) / "supervisor.pid"
     try:
-        pid = int((run_dir(run_id) / "supervisor.pid").read_text())
+        pid = int(path.read_text())
     except (FileNotFoundError, ValueError):
         return None
-    return pid if pid_alive(pid) else None
+    return pid if pid_alive(pid) and is_supervisor(pid, run_id, path) else None
 
 
 def _root_link_names() -> list[str]:
@@ -177,7 +185,16 @@ def run_objects(cg: Cgroups | None = None) -> dict[str, list[str]]:
             add(r, what)
     for pid, r in delayer_pids().items():  # it keeps the namespaces it serves alive
         add(r, f"delayer {pid}")
+    for r in _firewall_runs():
+        add(r, f"host firewall {host_firewall.chain_name(r)}")
     return found
+
+
+def _firewall_runs() -> set[str]:
+    try:
+        return host_firewall.installed_runs()
+    except (OSError, subprocess.SubprocessError):  # no iptables here: no chain either
+        return set()
 
 
 def known_runs(cg: Cgroups | None = None) -> list[str]:
@@ -302,6 +319,7 @@ def cleanup_run(run_id: str, supervisor_timeout_s: float = 30.0) -> list[str]:
 
         _attempt("MPS daemon", lambda: stop_mps(mps_dirs(RUN_ROOT / run_id)), removed, failures)
     _attempt("host links", lambda: _run_sync(remove_host_links(run_id)), removed, failures)
+    _attempt("host firewall", lambda: _run_sync(host_firewall.remove(run_id)), removed, failures)
     _attempt("docker containers and networks", lambda: _run_sync(_remove_docker(run_id)), removed, failures)
     for name in list_netns(f"tb-{run_id}-"):
         _attempt(f"netns {name}", lambda name=name: [f"netns {name}"] if remove_netns(name) else [], removed, failures)

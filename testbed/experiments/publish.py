@@ -13,21 +13,24 @@ from __future__ import annotations
 
 import json
 import re
-import shutil
 from pathlib import Path
 from typing import Any
 
+from testbed.emulation.owned_dirs import make_owned_dir, remove_owned_dir
+from testbed.emulation.safe_files import write_atomic
 from testbed.errors import InputError
 from testbed.experiments.claims import claims_markdown, write_claims
 from testbed.experiments.energy_grid import binding_markdown, energy_needs
 from testbed.experiments.plots import short_commit, write_figures
 from testbed.experiments.sweep import FULL, read_rows
 
-__all__ = ["BLOCKS", "binding_needs", "publish", "generated_block", "render_blocks", "replace_blocks"]
+__all__ = ["BLOCKS", "binding_needs", "publish", "sweep_image", "generated_block", "render_blocks", "replace_blocks"]
 
 BLOCKS = ("claims", "budgets", "energy", "columns")
 DOC = "reproducing.md"
 COPIED = ("sweep.json", "columns.json", "results.csv")
+IMAGES = "images"
+_IMAGE_RE = re.compile(r"images/[A-Za-z0-9][A-Za-z0-9._-]{0,200}\.png")
 
 
 def _marks(name: str) -> tuple[str, str]:
@@ -105,8 +108,27 @@ def binding_needs(sweep: dict[str, Any], root: Path) -> list[dict[str, Any]]:
     return energy_needs(topology, seeds, sorted(set(FULL["t_max_s"]) | set(sweep["t_max_s"])))
 
 
+def sweep_image(sweep_dir: Path, image: str, row: int) -> Path:
+    """The file a results.csv row's `image` names: `images/<file>.png` inside the sweep
+    folder, a regular file reached without leaving it (no `..`, no absolute path, no link
+    out); else InputError naming the row."""
+    images = (Path(sweep_dir) / IMAGES).resolve()
+    if not _IMAGE_RE.fullmatch(image):
+        raise InputError(f"results.csv row {row}: image {image!r} is not images/<name>.png inside the sweep folder; "
+                         "publish only what `testbed sweep` wrote")
+    path = Path(sweep_dir) / image
+    real = path.resolve()
+    if real.parent != images or not real.is_file():
+        raise InputError(f"results.csv row {row}: image {image!r} is not a file inside {images}")
+    return real
+
+
 def publish(sweep_dir: Path, docs_dir: Path) -> list[Path]:
-    """Copy a finished sweep into docs_dir/figures and regenerate docs_dir/reproducing.md's blocks."""
+    """Copy a finished sweep into docs_dir/figures and regenerate docs_dir/reproducing.md's blocks.
+
+    Only the sweep's own images (`sweep_image`) are read; they are copied into
+    figures/images/, a directory made (and removed again) through owned_dirs, and every
+    file is written by rename, never through a link planted in figures/."""
     sweep_dir, docs_dir = Path(sweep_dir), Path(docs_dir)
     for name in COPIED:
         if not (sweep_dir / name).is_file():
@@ -116,17 +138,22 @@ def publish(sweep_dir: Path, docs_dir: Path) -> list[Path]:
         raise InputError(f"--publish {docs_dir}: no {DOC} there; give the repository's docs folder")
     for name in BLOCKS:  # every block has its place before anything is written
         generated_block(doc_path.read_text(), name)
+    rows = read_rows(sweep_dir / "results.csv")
+    images = {r["image"]: sweep_image(sweep_dir, r["image"], n) for n, r in enumerate(rows, 2) if r.get("image")}
     figures_dir = docs_dir / "figures"
     figures_dir.mkdir(parents=True, exist_ok=True)
     for name in COPIED:
-        shutil.copyfile(sweep_dir / name, figures_dir / name)
+        write_atomic(figures_dir / name, (sweep_dir / name).read_bytes(), 0o644)
     sweep = json.loads((sweep_dir / "sweep.json").read_text())
-    rows = read_rows(sweep_dir / "results.csv")
-    for image in {r["image"] for r in rows if r.get("image")}:  # fig4d reads the images
-        (figures_dir / image).parent.mkdir(parents=True, exist_ok=True)
-        shutil.copyfile(sweep_dir / image, figures_dir / image)
-    paths = write_figures(figures_dir / "results.csv", figures_dir, sweep)
-    shutil.rmtree(figures_dir / "images", ignore_errors=True)  # the figure holds them
+    copies = figures_dir / IMAGES
+    remove_owned_dir(copies, figures_dir)  # one an earlier publish left; a user's directory there is an error
+    make_owned_dir(copies, 0o755)
+    try:
+        for image, src in images.items():  # fig4d reads the images
+            write_atomic(figures_dir / image, src.read_bytes(), 0o644)
+        paths = write_figures(figures_dir / "results.csv", figures_dir, sweep)
+    finally:
+        remove_owned_dir(copies, figures_dir)  # the figure holds them
     write_claims(rows, figures_dir / "claims.json", {k: sweep.get(k) for k in ("topology", "commit", "seeds")})
     needs = binding_needs(sweep, Path("."))
     doc_path.write_text(replace_blocks(doc_path.read_text(), render_blocks(figures_dir, needs)))

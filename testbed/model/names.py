@@ -48,13 +48,13 @@ STATE_ROOT = Path(os.environ.get("TESTBED_RUN_ROOT", "/run/testbed"))
 #: The broker's port on the edge server.
 MQTT_PORT = 1883
 
-#: The edge server's node id; it and the observer's MQTT user name are not device ids.
 #: The device selectors (selection/__init__.py `select`): the paper's DP, the MILP
 #: reference, "w/o DS" (random), a greedy density order, and the DP discounted by spent energy.
 SELECTORS = ("dp", "exact", "random", "greedy", "fair")
 
+#: The edge server's node id; it and the other MQTT role accounts (relay/security.py) are not device ids.
 SERVER_ID = "server"
-RESERVED_IDS = (SERVER_ID, "observer")
+RESERVED_IDS = (SERVER_ID, "observer", "events", "monitor")
 
 #: The address plan (docs/design.md): the testbed's own cell network is 198.18.0.0/16.
 CELL_NET = "198.18.0.0/16"

@@ -1,17 +1,33 @@
-"""Per-run MQTT credentials and ACLs: who may read and write which relay topics.
+"""Per-run MQTT accounts, passwords and ACLs: who may read and write which relay topics.
 
-Every run gets fresh random passwords for the orchestrator (`server`), each device
-(`<device id>`) and one read-only `observer`. The mosquitto `password_file` (PBKDF2-SHA512,
-mosquitto 2's `$7$` format, generated here like `mosquitto_passwd -b`) and `acl_file`
-allow:
+Every run gets fresh random passwords (128 bits) for each role and each device. Each role
+logs in as itself, so that with the broker's client-id binding (mosquitto
+`use_username_as_clientid` on the cell listener) no two live connections share an
+account and nobody can take another's connection over:
 
-    server     read/write tb/<run>/#
-    <device>   read  tb/<run>/dev/<device>/task
-               write tb/<run>/dev/<device>/result, tb/<run>/dev/<device>/status
-    observer   read  tb/<run>/events
+    account    listener  may                                              connections
+    <device>   cell      read  tb/<run>/dev/<device>/task                 its agent
+                         write tb/<run>/dev/<device>/result, .../status   (will: its status)
+    server     cell      write tb/<run>/dev/+/task, tb/<run>/events       the orchestrator
+                         read  tb/<run>/dev/+/result, tb/<run>/dev/+/status  (one at a time)
+                         readwrite tb/<run>/server/# (its QoS-1 probe)
+    events     cell      write tb/<run>/events                            the run owner's event
+                                                                          publisher (one at a time)
+    monitor    watch     read  tb/<run>/dev/+/status                      owner-wait, keeper (many)
+    observer   watch     read  tb/<run>/events                            TUI attach (many)
 
-Files are written 0600 into the run's state directory (root-only). Nothing else may
-connect: the broker runs with `allow_anonymous false`.
+On the cell listener the broker replaces every client id by the account's name: a device
+that connects with the client id `tb-<run>-dev02` or `server` is still `dev01`, and only
+dev01's own password can displace dev01's connection. The watch listener (the cell
+listener's port + 1) serves the read-only accounts whose holders are root-side tools that
+may connect several at once; only `monitor` and `observer` can log in there.
+
+`write_security_files` writes, 0600 into the run's state directory (root-only):
+mosquitto.passwd / mosquitto.acl (every account: what a broker with one listener uses),
+watch.passwd / watch.acl (monitor and observer: the watch listener's), observer.json and
+credentials.json. Passwords are PBKDF2-SHA512 in mosquitto 2's `$7$` format (like
+`mosquitto_passwd -b`). Nothing else may connect: the broker runs with
+`allow_anonymous false`.
 """
 
 from __future__ import annotations
@@ -28,19 +44,29 @@ from testbed.relay import topics
 
 __all__ = [
     "SERVER_USER",
+    "EVENTS_USER",
+    "MONITOR_USER",
     "OBSERVER_USER",
+    "ROLE_USERS",
+    "WATCH_USERS",
     "Credential",
     "RunCredentials",
     "make_credentials",
     "password_line",
     "acl_text",
+    "watch_acl_text",
     "write_security_files",
     "write_private",
     "load_credentials",
 ]
 
-SERVER_USER = "server"
-OBSERVER_USER = "observer"
+SERVER_USER = "server"  # the orchestrator
+EVENTS_USER = "events"  # the run owner's event publisher
+MONITOR_USER = "monitor"  # read-only: every device's status
+OBSERVER_USER = "observer"  # read-only: the run's events
+ROLE_USERS = (SERVER_USER, EVENTS_USER, MONITOR_USER, OBSERVER_USER)
+#: The accounts of the watch listener (read-only; several connections each).
+WATCH_USERS = (MONITOR_USER, OBSERVER_USER)
 _PBKDF2_ITERATIONS = 101  # mosquitto_passwd's default for $7$
 
 
@@ -56,25 +82,35 @@ class RunCredentials:
     server: Credential
     observer: Credential
     devices: dict[str, Credential]
+    events: Credential | None = None  # None: credentials.json of an older run (server did it all)
+    monitor: Credential | None = None
 
     def for_device(self, device: str) -> Credential:
         return self.devices[device]
+
+    def accounts(self) -> list[Credential]:
+        """Every account of the run: roles first, then the devices."""
+        roles = [self.server, self.events, self.monitor, self.observer]
+        return [c for c in roles if c is not None] + list(self.devices.values())
 
 
 def make_credentials(run: str, device_ids: list[str]) -> RunCredentials:
     """Fresh random passwords (128 bits each) for one run."""
     for d in device_ids:
-        if d in (SERVER_USER, OBSERVER_USER):
-            raise ValueError(f"device id {d!r} collides with a reserved MQTT user name; rename the device")
+        if d in ROLE_USERS:
+            raise ValueError(f"device id {d!r} collides with a reserved MQTT user name "
+                             f"({', '.join(ROLE_USERS)}); rename the device")
 
-    def pw() -> str:
-        return secrets.token_urlsafe(16)
+    def cred(user: str) -> Credential:
+        return Credential(user, secrets.token_urlsafe(16))
 
     return RunCredentials(
         run=run,
-        server=Credential(SERVER_USER, pw()),
-        observer=Credential(OBSERVER_USER, pw()),
-        devices={d: Credential(d, pw()) for d in device_ids},
+        server=cred(SERVER_USER),
+        observer=cred(OBSERVER_USER),
+        devices={d: cred(d) for d in device_ids},
+        events=cred(EVENTS_USER),
+        monitor=cred(MONITOR_USER),
     )
 
 
@@ -85,25 +121,46 @@ def password_line(cred: Credential, salt: bytes | None = None) -> str:
     return f"{cred.username}:$7${_PBKDF2_ITERATIONS}${base64.b64encode(salt).decode()}${base64.b64encode(digest).decode()}"
 
 
+def _role_acl(run: str, user: str) -> list[str]:
+    dev = f"tb/{run}/dev/+"
+    return {
+        SERVER_USER: [f"topic write {dev}/task", f"topic read {dev}/result", f"topic read {dev}/status",
+                      f"topic write {topics.events(run)}", f"topic readwrite tb/{run}/server/#"],
+        EVENTS_USER: [f"topic write {topics.events(run)}"],
+        MONITOR_USER: [f"topic read {dev}/status"],
+        OBSERVER_USER: [f"topic read {topics.events(run)}"],
+    }[user]
+
+
 def acl_text(creds: RunCredentials) -> str:
+    """The mosquitto ACL of every account (the cell listener's, or a one-listener broker's)."""
     run = creds.run
-    lines = [f"user {SERVER_USER}", f"topic readwrite tb/{run}/#", ""]
-    lines += [f"user {OBSERVER_USER}", f"topic read {topics.events(run)}", ""]
-    for dev in creds.devices:
-        lines += [
-            f"user {dev}",
-            f"topic read {topics.task(run, dev)}",
-            f"topic write {topics.result(run, dev)}",
-            f"topic write {topics.status(run, dev)}",
-            "",
-        ]
+    lines: list[str] = []
+    for cred in creds.accounts():
+        if cred.username in ROLE_USERS:
+            rules = _role_acl(run, cred.username)
+        else:
+            dev = cred.username
+            rules = [f"topic read {topics.task(run, dev)}", f"topic write {topics.result(run, dev)}",
+                     f"topic write {topics.status(run, dev)}"]
+        lines += [f"user {cred.username}", *rules, ""]
+    return "\n".join(lines)
+
+
+def watch_acl_text(creds: RunCredentials) -> str:
+    """The watch listener's ACL: monitor and observer, read-only."""
+    lines: list[str] = []
+    for cred in (creds.monitor, creds.observer):
+        if cred is not None:
+            lines += [f"user {cred.username}", *_role_acl(creds.run, cred.username), ""]
     return "\n".join(lines)
 
 
 def write_private(path: Path, text: str) -> None:
-    """Write a file readable only by its owner (0600), never briefly world-readable."""
+    """Write a file readable only by its owner (0600), never briefly world-readable, never
+    through a symlink planted where the file goes."""
     path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o600)
     try:
         os.fchmod(fd, 0o600)
         os.write(fd, text.encode())
@@ -111,28 +168,36 @@ def write_private(path: Path, text: str) -> None:
         os.close(fd)
 
 
-def write_security_files(state_dir: Path, creds: RunCredentials, broker_host: str, broker_port: int) -> dict[str, Path]:
-    """password_file, acl_file, observer.json and credentials.json (all 0600) in `state_dir`.
+def write_security_files(state_dir: Path, creds: RunCredentials, broker_host: str, broker_port: int,
+                         *, watch_port: int | None = None) -> dict[str, Path]:
+    """The broker's password and ACL files (one-listener and watch-listener sets),
+    observer.json and credentials.json (all 0600) in `state_dir`.
 
     observer.json is what `testbed status` prints and the TUI's attach mode reads:
-    {"run", "host", "port", "username", "password", "topic"}.
+    {"run", "host", "port", "username", "password", "topic"}; its port is `watch_port`
+    when the broker has a watch listener (BrokerSettings.watch_password_file), else
+    `broker_port`.
     """
     state_dir = Path(state_dir)
     state_dir.mkdir(parents=True, exist_ok=True)
     os.chmod(state_dir, 0o700)
-    all_creds = [creds.server, creds.observer, *creds.devices.values()]
     paths = {
         "password_file": state_dir / "mosquitto.passwd",
         "acl_file": state_dir / "mosquitto.acl",
+        "watch_password_file": state_dir / "watch.passwd",
+        "watch_acl_file": state_dir / "watch.acl",
         "observer": state_dir / "observer.json",
         "credentials": state_dir / "credentials.json",
     }
-    write_private(paths["password_file"], "\n".join(password_line(c) for c in all_creds) + "\n")
+    watchers = [c for c in (creds.monitor, creds.observer) if c is not None]
+    write_private(paths["password_file"], "\n".join(password_line(c) for c in creds.accounts()) + "\n")
     write_private(paths["acl_file"], acl_text(creds))
+    write_private(paths["watch_password_file"], "\n".join(password_line(c) for c in watchers) + "\n")
+    write_private(paths["watch_acl_file"], watch_acl_text(creds))
     observer = {
         "run": creds.run,
         "host": broker_host,
-        "port": broker_port,
+        "port": watch_port if watch_port is not None else broker_port,
         "username": creds.observer.username,
         "password": creds.observer.password,
         "topic": topics.events(creds.run),
@@ -145,5 +210,6 @@ def write_security_files(state_dir: Path, creds: RunCredentials, broker_host: st
 def load_credentials(path: Path) -> RunCredentials:
     """credentials.json (written by write_security_files) back as RunCredentials."""
     d = json.loads(Path(path).read_text())
+    opt = (lambda k: Credential(**d[k]) if d.get(k) else None)  # noqa: E731 - absent in older runs' files
     return RunCredentials(d["run"], Credential(**d["server"]), Credential(**d["observer"]),
-                          {k: Credential(**v) for k, v in d["devices"].items()})
+                          {k: Credential(**v) for k, v in d["devices"].items()}, opt("events"), opt("monitor"))

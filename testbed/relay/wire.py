@@ -379,7 +379,7 @@ def peek_meta(payload: bytes) -> dict[str, Any]:
         return {}
     try:
         header = json.loads(payload[_PREFIX.size:_PREFIX.size + n])
-    except ValueError:
+    except (ValueError, RecursionError):
         return {}
     meta = header.get("meta") if isinstance(header, dict) else None
     return meta if isinstance(meta, dict) else {}

@@ -32,6 +32,7 @@ def up(
 ) -> None:
     """Bring a topology up; returns while a detached supervisor keeps it alive."""
     from testbed.model.names import check_run_id
+    from testbed.emulation.environ import clean_environ
     from testbed.emulation.runs import cleanup_run, make_run_dir, new_run_id, read_state, run_dir
 
     if backend not in ("netns", "docker"):
@@ -48,7 +49,7 @@ def up(
     log = open(d / "logs" / "supervisor.log", "ab")  # noqa: SIM115 - handed to the child
     try:
         proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
-                                start_new_session=True, close_fds=True)
+                                start_new_session=True, close_fds=True, env=clean_environ(home=None))
     finally:
         log.close()
     deadline = time.monotonic() + timeout_s
@@ -91,6 +92,8 @@ def _print_status(state: dict) -> None:
     if state.get("broker"):
         b = state["broker"]
         title += f", broker {b['kind']} {b['host']}:{b['port']}"
+    elif state.get("broker_error"):
+        title += f", broker DOWN ({state['broker_error']})"
     table = Table(title=title)
     for col in ("id", "role", "state", "agent", "netns", "address", "up Mbit/s", "down Mbit/s", "CPU cores"):
         table.add_column(col, justify="right" if "/" in col or "CPU" in col else "left")
@@ -124,8 +127,8 @@ def status(
     observer = read_state(run_id, "observer.json")
     if as_json:
         print_json({k: state[k] for k in ("run", "backend", "netem", "nodes")} | {
-            k: state[k] for k in ("warnings", "impairments", "cell", "broker", "host_route", "mobility", "gpu", "topology", "seed",
-                                  "up_s", "timings_s") if k in state}
+            k: state[k] for k in ("warnings", "impairments", "cell", "broker", "broker_error", "host_route", "mobility",
+                                  "gpu", "topology", "seed", "up_s", "timings_s") if k in state}
             | ({"observer": {k: v for k, v in observer.items() if k != "password"}
                              | {"credentials": str(run_dir(run_id) / "observer.json")}} if observer else {}))
         return
@@ -143,21 +146,30 @@ def status(
 
 def down(
     run: str | None = typer.Option(None, "--run", help="run id (default: the only run that is up)"),
-    all_runs: bool = typer.Option(False, "--all", help="remove every run, also what crashed runs left"),
+    all_runs: bool = typer.Option(False, "--all", help="remove every run of yours, also what your crashed runs left"),
+    force: bool = typer.Option(False, "--force", help="with --all: also other users' runs and leftovers of "
+                                                      "unknown owner"),
     as_json: bool = typer.Option(False, "--json", help="print only a JSON document on stdout"),
 ) -> None:
     """Tear a run down (idempotent): processes, namespaces, links, qdiscs, cgroups, containers,
     networks, secrets. Exits 4 naming what could not be removed (after removing the rest)."""
-    from testbed.emulation.runs import CleanupFailed, cleanup_run, known_runs, resolve_run
+    from testbed.emulation.ownership import caller_identity, read_owner, split_by_owner
+    from testbed.emulation.runs import RUN_ROOT, CleanupFailed, cleanup_run, known_runs, resolve_run
     from testbed.model.names import check_run_id
 
     if run is not None:
         check_run_id(run, "--run")
     if all_runs and run:
         raise InputError("give either --run ID or --all, not both")
+    if force and not all_runs:
+        raise InputError("--force goes with --all (it also takes down other users' runs)")
     require_root()
+    left: list[str] = []
     if all_runs:
-        runs = known_runs()
+        found = known_runs()
+        runs, left = split_by_owner(found, {r: read_owner(RUN_ROOT / r) for r in found}, caller_identity())
+        if force:
+            runs, left = found, []
     else:
         try:
             runs = [resolve_run(run)]
@@ -176,7 +188,7 @@ def down(
         except CleanupFailed as e:  # the other runs are still removed; all failures reported below
             removed[r], failed[r] = e.removed, e.failures
     if as_json:
-        print_json({"removed": removed} | ({"failed": failed} if failed else {}))
+        print_json({"removed": removed} | ({"failed": failed} if failed else {}) | ({"left": left} if left else {}))
     else:
         if not any(removed.values()) and not failed:
             out.print("nothing to remove")
@@ -184,6 +196,9 @@ def down(
             if items:
                 out.print(f"run {r}: removed {len(items)} objects "
                           f"({', '.join(items[:6])}{', ...' if len(items) > 6 else ''})", highlight=False)
+        if left:
+            err.print(f"left {len(left)} run(s) of other users or of unknown owner: {', '.join(left)}; "
+                      "`testbed down --run ID` takes one down, `testbed down --all --force` all", highlight=False)
     if failed:
         raise ResourceError("; ".join(f"run {r}: could not remove {'; '.join(f)}" for r, f in failed.items())
                             + "; fix the cause and run `testbed down` again (`--all` also clears stale docker networks)")

@@ -18,7 +18,7 @@ from typing import Any
 import typer
 
 from testbed.cli.console import err, out, print_json
-from testbed.errors import TopologyError
+from testbed.errors import ResourceError, TopologyError
 
 
 def fault(
@@ -61,6 +61,9 @@ def fault(
             with contextlib.suppress(Exception):
                 await inj.close()
             raise
+        if inj.errors:  # e.g. the broker did not come back: a failed fault, exit 4
+            raise ResourceError(f"testbed fault {kind}: {'; '.join(inj.errors)}; `testbed status --run {run_id}` "
+                                "shows the cell as it is now")
         return rec.to_json()
 
     try:

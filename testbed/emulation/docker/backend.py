@@ -107,6 +107,14 @@ class DockerBackend:
         return bridge_name(self.run)
 
     @property
+    def host_ifname(self) -> str:
+        return self.bridge
+
+    @property
+    def pids_limit(self) -> str | None:
+        return "docker pids_limit" if self.with_limits else None
+
+    @property
     def network(self) -> str:
         return network_name(self.run)
 
@@ -156,7 +164,7 @@ class DockerBackend:
         for n in nodes:
             lim = n if self.with_limits else NodeSpec(n.id, n.role, n.address, n.index)
             spec = DockerNodeSpec(n.id, n.role, n.address, lim.cpu_cores, lim.memory_mb, lim.gpu_share_pct,
-                                  dict(lim.gpu_env))
+                                  dict(lim.gpu_env), lim.pids_max)
             plans.append((n.id, container_plan(self.run, spec, self.image, mounts + state[n.id], gpus)))
         with ThreadPoolExecutor(_THREADS, thread_name_prefix="tb-docker") as ex:
             results = list(ex.map(lambda p: self._start_container(client, *p), plans))

@@ -68,6 +68,7 @@ class NodeSpec:
     memory_mb: int | None = None
     gpu_share_pct: int | None = None  # CUDA MPS active-thread percentage, where a GPU exists
     gpu_env: dict[str, str] = field(default_factory=dict)  # the run's MPS environment for it (emulation/gpu.py)
+    pids_max: int | None = None  # processes + threads in the container (docker pids_limit)
 
 
 @dataclass(frozen=True)
@@ -175,6 +176,8 @@ def container_plan(
     if node.cpu_cores is not None:
         host_config["cpu_period"] = CPU_PERIOD_US
         host_config["cpu_quota"] = cpu_quota_us(node.cpu_cores)
+    if node.pids_max is not None:
+        host_config["pids_limit"] = node.pids_max
     if node.memory_mb is not None:
         host_config["mem_limit"] = f"{node.memory_mb}m"
         host_config["memswap_limit"] = f"{node.memory_mb}m"  # no swap beyond the profile's memory

@@ -96,9 +96,9 @@ def check_step_meta(meta: dict[str, Any], max_message_bytes: int) -> None:
 
 
 def json_object(payload: bytes) -> dict[str, Any]:
-    """A status message's JSON object ({} for anything else)."""
+    """A status message's JSON object ({} for anything else, deep nesting included)."""
     try:
         v = json.loads(payload)
-    except ValueError:
+    except (ValueError, RecursionError):
         return {}
     return v if isinstance(v, dict) else {}
