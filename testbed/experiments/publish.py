@@ -1,7 +1,8 @@
 """Regenerate docs/figures and the tables of docs/reproducing.md from one sweep folder.
 
 `testbed sweep FILE --quick --publish docs` (run and publish) or `testbed sweep --from
-DIR --publish docs` (publish a finished sweep) draws fig4a-d into docs/figures with the
+DIR --publish docs` (publish a finished sweep; `--from docs/figures` redraws the published
+one from its stored results, keeping fig4d, whose images are not stored) draws fig4a-d into docs/figures with the
 commit in their captions and PNG metadata, writes claims.json, sweep.json, columns.json
 and results.csv beside them, and replaces the generated blocks of docs/reproducing.md —
 each between `<!-- generated:NAME -->` and `<!-- /generated:NAME -->` — with tables
@@ -118,15 +119,22 @@ def publish(sweep_dir: Path, docs_dir: Path) -> list[Path]:
         generated_block(doc_path.read_text(), name)
     figures_dir = docs_dir / "figures"
     figures_dir.mkdir(parents=True, exist_ok=True)
-    for name in COPIED:
-        shutil.copyfile(sweep_dir / name, figures_dir / name)
+    # `--from docs/figures` redraws the published sweep from its stored data: nothing to copy
+    again = sweep_dir.resolve() == figures_dir.resolve()
+    if not again:
+        for name in COPIED:
+            shutil.copyfile(sweep_dir / name, figures_dir / name)
     sweep = json.loads((sweep_dir / "sweep.json").read_text())
     rows = read_rows(sweep_dir / "results.csv")
+    copied_images = False
     for image in {r["image"] for r in rows if r.get("image")}:  # fig4d reads the images
-        (figures_dir / image).parent.mkdir(parents=True, exist_ok=True)
-        shutil.copyfile(sweep_dir / image, figures_dir / image)
-    paths = write_figures(figures_dir / "results.csv", figures_dir, sweep)
-    shutil.rmtree(figures_dir / "images", ignore_errors=True)  # the figure holds them
+        if not again and (sweep_dir / image).is_file():
+            (figures_dir / image).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(sweep_dir / image, figures_dir / image)
+            copied_images = True
+    paths = write_figures(figures_dir / "results.csv", figures_dir, sweep)  # no images: fig4d is kept
+    if copied_images:
+        shutil.rmtree(figures_dir / "images", ignore_errors=True)  # the figure holds them
     write_claims(rows, figures_dir / "claims.json", {k: sweep.get(k) for k in ("topology", "commit", "seeds")})
     needs = binding_needs(sweep, Path("."))
     doc_path.write_text(replace_blocks(doc_path.read_text(), render_blocks(figures_dir, needs)))
