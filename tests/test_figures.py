@@ -69,3 +69,22 @@ def test_the_dp_objective_is_named_where_its_quality_falls(rows):
     assert objective_note(rising, 200.0) is None
     # the published figure carries it (PNG Description, under the legend)
     assert note in Image.open(FIGURES / "fig4a_quality_vs_tmax.png").text["Description"]
+
+
+def test_publish_redraws_the_published_sweep_from_its_own_folder(tmp_path, monkeypatch):
+    """`testbed sweep --from docs/figures --publish docs` failed (it copied files onto
+    themselves and wanted images docs/ does not keep); it redraws 4(a)-(c), keeps 4(d)."""
+    import shutil
+
+    from testbed.experiments.publish import publish
+
+    docs = tmp_path / "docs"
+    shutil.copytree(FIGURES, docs / "figures")
+    shutil.copyfile(FIGURES.parent / "reproducing.md", docs / "reproducing.md")
+    (docs / "figures" / "fig4a_quality_vs_tmax.png").unlink()
+    fig4d = (docs / "figures" / "fig4d_images.png").read_bytes()
+    monkeypatch.chdir(FIGURES.parent.parent)  # sweep.json's topology path is relative to the repository
+    publish(docs / "figures", docs)
+    assert (docs / "figures" / "fig4a_quality_vs_tmax.png").is_file()
+    assert (docs / "figures" / "fig4d_images.png").read_bytes() == fig4d
+    assert (docs / "reproducing.md").read_text() == (FIGURES.parent / "reproducing.md").read_text()
