@@ -692,3 +692,14 @@ async def test_leaving_any_other_way_waits_for_the_teardown(small):
         while app.is_running:
             await asyncio.sleep(0.01)
         assert done == [True]
+
+
+def test_a_split_steps_prediction_counts_the_feature_handling():
+    """Split's plan counts the feature messages' handling outside the links (t_handling_s);
+    the stage table left it out (pred 1.075 s against the plan's 1.302 s)."""
+    rv = RunView()
+    rv.apply({"type": "split_step", "ts": 1.0, "run": "tsplit", "device": "dev17>dev09", "steps": [0, 1], "stage": 0,
+              "t_down_s": 0.2, "t_cmp_s": 0.6, "t_up_s": 0.3, "energy_j": 9.0,
+              "predicted": {"t_down_s": 0.15, "t_cmp_s": 0.6, "t_up_s": 0.325, "t_handling_s": 0.227,
+                            "energy_j": 9.3}})
+    assert rv.stages[0].predicted_latency_s == pytest.approx(1.302)

@@ -128,10 +128,13 @@ class StageView:
 
     @property
     def predicted_latency_s(self) -> float | None:
+        """Every predicted time of the stage: down, compute, up and whatever else the plan
+        counts (split's `t_handling_s`, the feature messages outside the links: without it
+        a split step's prediction fell short of the plan's)."""
         p = self.predicted
         if not all(k in p for k in ("t_down_s", "t_cmp_s", "t_up_s")):
             return None
-        return p["t_down_s"] + p["t_cmp_s"] + p["t_up_s"]
+        return sum(float(v) for k, v in p.items() if k.startswith("t_") and k.endswith("_s"))
 
 
 @dataclass
