@@ -181,7 +181,7 @@ def _time_breakdown(ax: Any, rows: list[dict[str, Any]], e_ref: float, t_values:
     ax.set_title(f"Fig. 4(c): transmission vs computation (E_max = {e_ref:g} J)")
     ax.legend(fontsize=7, ncol=2, loc="upper center", bbox_to_anchor=(0.5, -0.13))
     if short:
-        ax.text(0.995, 0.995, "3/5: 3 of 5 seeds had a plan within the budgets; infeasible: none had",
+        ax.text(0.995, 0.995, "n/N over a bar: n of N seeds had a plan within the budgets; infeasible: none had",
                 transform=ax.transAxes, ha="right", va="top", fontsize=7, color="dimgray")
 
 
