@@ -63,8 +63,11 @@ def test_two_sweeps_compare_settings_and_means_over_the_points_both_ran():
     rows_a, _, _ = load_side(SWEEP_A)[1]
     rows_b, _, _ = load_side(SWEEP_B)[1]
     common = [(r["t_max_s"], 70.0) for r in rows_a if r["method"] == "multistage" and r["strategy"] == "dp"]
-    mean = lambda rows, col: sum(r[col] for r in rows if r["strategy"] == "dp" and (r["t_max_s"], r["e_max_j"])  # noqa: E731
-                                 in common) / len(common)
+
+    def mean(rows, col):
+        dp = [r[col] for r in rows if r["strategy"] == "dp" and (r["t_max_s"], r["e_max_j"]) in common]
+        return sum(dp) / len(common)
+
     lat = _row(cmp, scope, "latency_s")
     assert lat.kind == "measured" and lat.a == pytest.approx(mean(rows_a, "latency_s"))
     assert lat.b == pytest.approx(mean(rows_b, "latency_s"))

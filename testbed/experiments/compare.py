@@ -207,7 +207,8 @@ def compare_runs(a: dict[str, Any], b: dict[str, Any], name_a: str = "a", name_b
     for i in range(max(len(sa), len(sb))):
         scope = f"stage {i + 1}"
         if i >= len(sa) or i >= len(sb):
-            (cmp.only_b if i >= len(sa) else cmp.only_a).append(f"{scope} ({(sb if i >= len(sa) else sa)[i].get('device')})")
+            longer, only = (sb, cmp.only_b) if i >= len(sa) else (sa, cmp.only_a)
+            only.append(f"{scope} ({longer[i].get('device')})")
             continue
         cmp.rows.append(Difference(scope, "device", RECORD, sa[i].get("device"), sb[i].get("device")))
         cmp.rows.append(Difference(scope, "steps", RECORD, _get(sa[i], "steps"), _get(sb[i], "steps")))
