@@ -82,10 +82,9 @@ def serve(command: str, host: str, port: int, *, title: str = "testbed tui", tok
         web.static("/static", server.statics_path, name="static"),
     ])
 
-    async def ready(_app: web.Application) -> None:
+    def listening(_banner: str) -> None:  # aiohttp calls it once the socket listens (on_startup is earlier)
         if on_ready is not None:
             on_ready(url)
 
-    app.on_startup.append(ready)
     server.initialize_logging()
-    web.run_app(app, host=host, port=port, print=None)  # Ctrl-C / SIGTERM end it; each tab's TUI quits
+    web.run_app(app, host=host, port=port, print=listening)  # Ctrl-C / SIGTERM end it; each tab's TUI quits
