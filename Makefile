@@ -6,7 +6,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 TESTBED := $(VENV)/bin/testbed
 SYSTEM_PACKAGES := python3 python3-venv python3-dev build-essential mosquitto mosquitto-clients \
-	iperf3 iproute2 iptables ethtool tmux iputils-ping
+	iperf3 iproute2 iptables ethtool tmux iputils-ping chromium chromium-driver
 # Python 3.11 is the floor; the pinned torch CPU wheel is for 3.11.
 PYTHON ?= $(shell command -v python3.11 || command -v python3)
 

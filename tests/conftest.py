@@ -1,6 +1,7 @@
-"""Test tiers: pure by default; `root`, `docker`, `gpu` markers skip with a reason when the
-resource is missing — unless TESTBED_REQUIRE names it (CI sets
-TESTBED_REQUIRE=root,docker,mosquitto), in which case the missing resource FAILS the test.
+"""Test tiers: pure by default; `root`, `docker`, `mosquitto`, `browser` (headless Chromium +
+chromedriver + selenium), `gpu` markers skip with a reason when the resource is missing —
+unless TESTBED_REQUIRE names it (CI sets TESTBED_REQUIRE=root,docker,mosquitto,browser),
+in which case the missing resource FAILS the test.
 
 Leftovers: the suite refuses to start over what earlier testbed runs left on this host
 (namespaces tb-<run>-*, host links tb<run>h, cgroups testbed/<run>, docker objects labelled
@@ -55,6 +56,17 @@ def _have_mosquitto() -> tuple[bool, str]:
     return True, ""
 
 
+def _have_browser() -> tuple[bool, str]:
+    missing = [b for b in ("chromium", "chromedriver") if shutil.which(b) is None]
+    if missing:
+        return False, f"needs {', '.join(missing)} (apt install chromium chromium-driver)"
+    try:
+        import selenium  # noqa: F401
+    except ImportError:
+        return False, "needs selenium (pip install -e '.[test]')"
+    return True, ""
+
+
 def _have_gpu() -> tuple[bool, str]:
     try:
         import torch
@@ -66,7 +78,8 @@ def _have_gpu() -> tuple[bool, str]:
     return False, "needs a CUDA GPU"
 
 
-_CHECKS = {"root": _have_root, "docker": _have_docker, "mosquitto": _have_mosquitto, "gpu": _have_gpu}
+_CHECKS = {"root": _have_root, "docker": _have_docker, "mosquitto": _have_mosquitto, "gpu": _have_gpu,
+           "browser": _have_browser}
 _cache: dict[str, tuple[bool, str]] = {}
 
 

@@ -100,3 +100,25 @@ def test_fault_command_bad_input(up_run):
                                (["kill"], 2, "name the device")):
         r = _tb("fault", *args, "--run", run)
         assert r.returncode == code and needle in r.stderr and "Traceback" not in r.stderr, (args, r.stderr)
+
+
+@pytest.mark.root
+def test_loss_fault_prints_the_link_and_status_shows_it_then_down_says_what_it_removed(up_run):
+    """Delay and loss were visible only in `status --json`: the fault, the status table and
+    `down` now say them in words."""
+    run, _ = up_run
+    r = _tb("fault", "loss", "dev02", "--run", run, "--value", "5")
+    assert r.returncode == 0, r.stderr
+    assert "dev02's link now:" in r.stdout and "loss 5.00 %" in r.stdout, r.stdout
+    r = _tb("fault", "delay", "dev01", "--run", run, "--value", "30", "--duration", "0.5")
+    assert r.returncode == 0, r.stderr
+    lines = [line for line in r.stdout.splitlines() if line.startswith("dev01's link now:")]
+    assert len(lines) == 2 and "delay 30.0 ms" in lines[0] and "delay 30.0 ms" not in lines[1], r.stdout
+    st = _tb("status", "--run", run)
+    assert st.returncode == 0, st.stderr
+    assert "delay ms" in st.stdout and "loss %" in st.stdout and "emulated" in st.stdout
+    dev02 = next(line for line in st.stdout.splitlines() if "dev02" in line)
+    assert "5.00" in dev02, st.stdout
+    d = _tb("down", "--run", run)
+    assert d.returncode == 0, d.stderr
+    assert "objects" not in d.stdout and "its supervisor" in d.stdout and "network namespaces" in d.stdout, d.stdout

@@ -85,6 +85,13 @@ BAD = {
     "bad device id": (b"devices:\n  list:\n    - {id: 'Bad Id!'}\n", "devices.list[0].id"),
     "prompt the tiny model cannot draw": (
         MIN.encode() + b"workload:\n  model: tiny\n  prompt: a cat\n", ":5 workload.prompt: prompt 'a cat'"),
+    # it used to be dropped silently: the emulation reads capacities only when the air is shared
+    "capacity without shared air": (
+        MIN.encode() + b"cell: {capacity_up_mbps: 40}\n",
+        ":3 cell.capacity_up_mbps: 40 Mbit/s caps nothing without `shared_capacity: true`"),
+    "down capacity without shared air": (
+        MIN.encode() + b"cell:\n  shared_capacity: false\n  capacity_down_mbps: 80\n",
+        "cell.capacity_down_mbps: 80 Mbit/s caps nothing"),
 }
 
 
@@ -117,6 +124,17 @@ def test_cli_validate_json_is_only_json(topologies):
             "snr_up_db", "snr_down_db", "rate_up_mbps", "rate_down_mbps"}
     assert set(doc["devices"][0]) == keys
     assert doc["server"] == {"x_m": 250.0, "y_m": 250.0}
+
+
+def test_cli_validate_shows_delay_and_loss_and_what_the_numbers_are(topologies):
+    r = _cli("validate", str(topologies / "paper-radio.yaml"))
+    assert r.returncode == 0, r.stderr
+    assert "delay ms" in r.stdout and "loss %" in r.stdout and "all modelled" in r.stdout
+    dev03 = next(line for line in r.stdout.splitlines() if "dev03" in line)  # at the cell edge: both directions
+    assert "6.4/5.2" in dev03 and "0.03/0.00" in dev03, dev03
+    doc = json.loads(_cli("validate", str(topologies / "paper-radio.yaml"), "--json").stdout)
+    assert doc["kind"] == "modelled"
+    assert doc["impairments"]["dev03"]["up"]["delay_ms"] == pytest.approx(6.38, abs=0.01)
 
 
 def test_cli_bad_input_exit_2_without_traceback(tmp_path):

@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import re
 import socket
 import subprocess
 import sys
@@ -110,7 +111,7 @@ async def test_change_budgets_and_select_from_the_keyboard(small):
             assert table.text_of(dev, "sel") == str(i)
         summary = str(app.query_one("#summary", Static).render())
         assert " → ".join(want.selected) in summary
-        assert f"E {want.energy_j:.1f}/{small.budgets.e_max_j:g} J" in summary
+        assert f"E {want.energy_j:.1f} J of {small.budgets.e_max_j:g} J" in summary
 
         # a tighter energy budget, typed into the E_max field, Enter selects again
         app.query_one("#emax", Input).focus()
@@ -120,7 +121,7 @@ async def test_change_budgets_and_select_from_the_keyboard(small):
         assert tight.selected != want.selected
         assert app.cell.chain == tight.selected
         assert tight.energy_j <= 30.0
-        assert "/30 J" in str(app.query_one("#summary", Static).render())
+        assert " of 30 J" in str(app.query_one("#summary", Static).render())
         for dev in set(want.selected) - set(tight.selected):
             assert table.text_of(dev, "sel") == ""
 
@@ -237,11 +238,11 @@ async def test_help_screen_opens_and_closes(small):
         assert isinstance(app.screen, HelpScreen)
         text = str(app.screen.query_one("#help-text", Static).render())
         # every key in the footer is explained in the help
-        shown = {"question_mark" if b.key == "question_mark" else b.key for b in TestbedApp.BINDINGS if b.show}
-        assert {"s", "r", "k", "c", "q"} <= shown
+        shown = {"esc" if b.key == "escape" else b.key for b in TestbedApp.BINDINGS if b.show}
+        assert {"s", "r", "k", "c", "q", "esc"} <= shown
         lines = text.splitlines()
-        for key in shown - {"question_mark"}:
-            assert any(line.lstrip().startswith(f"{key} ") or f"  {key}    " in line for line in lines), key
+        for key in shown - {"question_mark"}:  # the key, two spaces or more, what it does
+            assert any(re.search(rf"(^|\s){re.escape(key)}\s{{2,}}\S", line) for line in lines), key
         assert "--attach RUN" in text
         await pilot.press("escape")
         await pilot.pause()
@@ -489,3 +490,216 @@ async def test_attach_through_mosquitto_sub_reads_events_line_by_line(tmp_path, 
     # closing the stream ended its mosquitto_sub
     out = subprocess.run(["pgrep", "-f", f"mosquitto_sub .*{info['topic']}"], capture_output=True, text=True)
     assert out.stdout.strip() == ""
+
+
+# ---- focus, the chain line, where runs write (issue: what a new user sees) -------------------
+
+@pytest.mark.parametrize("tab", ["1", "2", "3"])
+async def test_a_pop_up_gives_the_keys_back_on_every_tab(small, tab):
+    """On the Image tab, ? then Esc used to leave focus in the T_max field: q did nothing,
+    1 and 2 were typed into the budget and the footer lost its keys."""
+    app = TestbedApp(small)
+    async with app.run_test(size=SIZE) as pilot:
+        await app.costs_ready.wait()
+        await pilot.press(tab, "question_mark")
+        await pilot.pause()
+        assert isinstance(app.screen, HelpScreen)
+        await pilot.press("escape")
+        await pilot.pause()
+        assert not isinstance(app.screen, HelpScreen)
+        assert not isinstance(app.focused, Input), app.focused
+        keys = {k.key for k in app.query("FooterKey")}
+        assert {"s", "r", "q"} <= keys, keys
+        await pilot.press("2" if tab != "2" else "3")
+        await pilot.pause()
+        assert app.query_one("#tabs").active == ("run" if tab != "2" else "image")
+        assert app.query_one("#tmax", Input).value == f"{small.budgets.t_max_s:g}"  # nothing typed in
+        await pilot.press("q")
+        await pilot.pause()
+        assert not app.is_running
+
+
+async def test_tabs_focus_their_own_widget_and_esc_leaves_a_field(small):
+    app = TestbedApp(small)
+    async with app.run_test(size=SIZE) as pilot:
+        await app.costs_ready.wait()
+        await pilot.press("2")
+        assert app.focused is app.query_one("#log")
+        await pilot.press("3")
+        assert app.focused is None  # every key reaches the app
+        await pilot.press("tab")  # into the controls, on purpose
+        assert isinstance(app.focused, Input)
+        assert {k.key for k in app.query("FooterKey")} >= {"escape"}  # the way out is shown
+        await pilot.press("escape")
+        assert app.focused is app.query_one("#devices") and app.query_one("#tabs").active == "cell"
+
+
+async def test_chain_line_names_the_planning_margin(topologies):
+    """`T 1.48/1.96 s` read like a typo of T_max 2: the plan fills the budgets less margin_pct."""
+    paper = load_topology(topologies / "paper.yaml")
+    assert paper.budgets.margin_pct == 2
+    app = TestbedApp(paper)
+    async with app.run_test(size=(120, 24)) as pilot:
+        await app.costs_ready.wait()
+        await pilot.press("s")
+        await pilot.pause()
+        sel = app.cell.selection
+        line = str(app.query_one("#summary", Static).render())
+        assert f"T {sel.latency_s:.2f} s of 2 s" in line and f"E {sel.energy_j:.1f} J of 200 J" in line
+        assert "\nplanned within 1.96 s, 196 J: 2 % margin" in line
+        assert "/1.96" not in line
+
+
+def _reselected_events(topo, chain: list[str], new_chain: list[str]) -> list[dict]:
+    """The orchestrator's order (relay/server.py): chain[0] fails stage 0, the run re-selects
+    `new_chain` for every stage left (`reselected`, then `recovered`), which runs."""
+    evs = relay_events(topo, chain)
+    evs = evs[:3]  # run_started, stage_started, downloaded of chain[0]
+    base = {"run": "tdemo", "steps": [0, 10], "stage": 0, "ts": 1001.0}
+    evs += [{**base, "type": "device_offline", "device": chain[0]},
+            {**base, "type": "reselected", "device": new_chain[0], "failed": chain[0], "reason": "offline",
+             "chain": new_chain, "relay_order": new_chain, "charged_s": 0.4, "charged_j": 5.0, "t_left_s": 1.6,
+             "e_left_j": 65.0, "predicted_latency_s": 1.1, "predicted_energy_j": 40.0},
+            {**base, "type": "recovered", "device": new_chain[0], "failed": chain[0], "reason": "offline",
+             "steps": [0, 5]}]
+    return evs
+
+
+async def test_chain_line_follows_the_reselected_chain(small):
+    """After a kill the chain line still showed the selection's chain."""
+    app = TestbedApp(small)
+    async with app.run_test(size=(120, 24)) as pilot:
+        await app.costs_ready.wait()
+        await pilot.press("s")
+        chain = app.cell.chain
+        new_chain = [d for d in app.cell.devices if d not in chain][:2]
+        assert len(chain) == 2 and len(new_chain) == 2
+        app._new_run(small.budgets.t_max_s, small.budgets.e_max_j)
+        app.running = True
+        for ev in _reselected_events(small, chain, new_chain):
+            app.feed_event(ev)
+        await pilot.pause()
+        line = str(app.query_one("#summary", Static).render())
+        assert f"chain {' → '.join(new_chain)} (re-selected after {chain[0]} failed)" in line
+        assert "T 1.50 s of 2 s (0.40 spent + 1.10 predicted)" in line
+        assert "E 45.0 J of 70 J (5.0 spent + 40.0 predicted)" in line
+        assert app.cell.chain == new_chain
+
+
+class _FakeSession:
+    """Stands in for RunSession (testbed.composition.session): the run returns at once, the
+    teardown takes `teardown_s` and is shielded like the real one's."""
+
+    teardown_s = 0.5
+    closed: list[str] = []
+    entered = asyncio.Event()
+    release = asyncio.Event()  # the cell is up once the test sets it
+
+    def __init__(self, topo, *, run_id, backend, out_dir, on_event):
+        self.run_id, self.out_dir = run_id, out_dir
+        self.cell = type("Cell", (), {"on_update": lambda self, cb: None})()
+
+    async def __aenter__(self):
+        _FakeSession.entered.set()
+        await _FakeSession.release.wait()  # the cell comes up
+        return self
+
+    async def __aexit__(self, *exc):
+        await asyncio.shield(self._close())
+
+    async def _close(self):
+        await asyncio.sleep(self.teardown_s)
+        _FakeSession.closed.append(self.run_id)
+
+    async def run(self, method, **_kw):
+        return {"run": self.run_id, "method": method, "ms_ssim": 0.9, "latency_s": 1.2, "energy_j": 30.0}
+
+
+@pytest.fixture
+def fake_session(monkeypatch):
+    import types
+
+    mod = types.ModuleType("testbed.composition.session")
+    mod.RunSession = _FakeSession
+    monkeypatch.setitem(sys.modules, "testbed.composition.session", mod)
+    _FakeSession.closed = []
+    _FakeSession.entered = asyncio.Event()
+    _FakeSession.release = asyncio.Event()
+    return _FakeSession
+
+
+async def test_status_line_says_starting_and_where_the_run_writes(small, tmp_path, fake_session):
+    """It kept "no run yet: press r" while the cell came up; runs wrote ./out/<run> unsaid."""
+    app = TestbedApp(small, out_root=tmp_path / "runs")
+    async with app.run_test(size=SIZE) as pilot:
+        await app.costs_ready.wait()
+        await pilot.press("s", "r")
+        await fake_session.entered.wait()
+        await pilot.pause()
+        status = str(app.query_one("#runstatus", Static).render())
+        assert "no run yet" not in status and "starting: bringing up the emulation" in status, status
+        rid = app.run_view.run_id
+        assert rid and status.startswith(f"run {rid} ")
+        where = f"{tmp_path / 'runs' / rid}/"
+        assert app.run_view.out_dir == str(tmp_path / "runs" / rid)
+        fake_session.release.set()
+        while app.running:
+            await pilot.pause(0.05)
+        log = "".join(strip.text.strip() for strip in app.query_one("#log").lines)  # wrapped lines, no spaces
+        assert f"writes{where}" in log.replace(" ", ""), log
+        assert f"wrote {where}" in str(app.query_one("#imgcaption", Static).render())
+        await pilot.press("question_mark")
+        await pilot.pause()
+        assert f"{tmp_path / 'runs'}/<run>/" in str(app.screen.query_one("#help-text", Static).render())
+
+
+async def test_quit_right_after_a_run_waits_for_its_teardown(small, tmp_path, fake_session):
+    """q pressed while a finished run's cell was being torn down cancelled the wait for it:
+    the process ended first and left the run's namespaces (seen in the browser test)."""
+    app = TestbedApp(small, out_root=tmp_path)
+    async with app.run_test(size=SIZE) as pilot:
+        await app.costs_ready.wait()
+        fake_session.release.set()
+        await pilot.press("s", "r")
+        while app.result is None:
+            await pilot.pause(0.02)
+        rid = app.result["run"]
+        await pilot.press("q")
+        while app.is_running:
+            await asyncio.sleep(0.01)
+        assert fake_session.closed == [rid]
+
+
+async def test_leaving_any_other_way_waits_for_the_teardown(small):
+    """textual-serve closes a browser tab's TUI (and SIGTERM a terminal's) with ExitApp,
+    which only cancels workers: a run's teardown must still finish first."""
+    from textual import messages
+
+    app = TestbedApp(small)
+    done = []
+
+    async def run_with_teardown():
+        try:
+            await asyncio.sleep(60)
+        finally:
+            await asyncio.sleep(0.3)
+            done.append(True)
+
+    async with app.run_test(size=SIZE) as pilot:
+        app.run_worker_handle = app.run_worker(run_with_teardown(), exclusive=True, group="run")
+        await pilot.pause(0.1)
+        app.post_message(messages.ExitApp())
+        while app.is_running:
+            await asyncio.sleep(0.01)
+        assert done == [True]
+
+
+def test_a_split_steps_prediction_counts_the_feature_handling():
+    """Split's plan counts the feature messages' handling outside the links (t_handling_s);
+    the stage table left it out (pred 1.075 s against the plan's 1.302 s)."""
+    rv = RunView()
+    rv.apply({"type": "split_step", "ts": 1.0, "run": "tsplit", "device": "dev17>dev09", "steps": [0, 1], "stage": 0,
+              "t_down_s": 0.2, "t_cmp_s": 0.6, "t_up_s": 0.3, "energy_j": 9.0,
+              "predicted": {"t_down_s": 0.15, "t_cmp_s": 0.6, "t_up_s": 0.325, "t_handling_s": 0.227,
+                            "energy_j": 9.3}})
+    assert rv.stages[0].predicted_latency_s == pytest.approx(1.302)

@@ -30,15 +30,23 @@ from tui.help import HelpScreen
 from tui.imageview import ImageView
 from tui.live import LiveMixin
 from tui.runpanel import RunPanel
-from tui.state import CellModel, RunView
+from tui.state import CellModel, RunView, budget_line
 
 __all__ = ["TestbedApp"]
+
+
+#: What each tab focuses when it is shown (None: nothing, so every key reaches the app).
+TAB_FOCUS = {"cell": "#devices", "run": "#log", "image": None}
 
 
 class TestbedApp(LiveMixin, App[None]):
     __test__ = False  # not a pytest class despite the name
     CSS_PATH = "app.tcss"
     TITLE = "testbed"
+    # When a screen comes back (a pop-up closed) with nothing focused, Textual would focus
+    # the first focusable widget: the T_max field, where q, 1, 2, 3 are typed in instead.
+    # Focus is set explicitly (on_mount, _focus_tab); pop-ups set their own AUTO_FOCUS.
+    AUTO_FOCUS = None
     BINDINGS = [
         Binding("s", "select", "Select", priority=True),
         Binding("r", "run", "Run", priority=True),
@@ -46,16 +54,18 @@ class TestbedApp(LiveMixin, App[None]):
         Binding("c", "cut", "Cut link", priority=True),
         Binding("question_mark", "help", "Help"),
         Binding("q", "quit", "Quit", priority=True),
-        Binding("escape", "focus_devices", "Devices", show=False),
+        # shown: in a control field the footer hides the letter keys (they are typed in)
+        Binding("escape", "focus_devices", "Table"),
         Binding("1", "tab('cell')", "Cell", show=False),
         Binding("2", "tab('run')", "Run", show=False),
         Binding("3", "tab('image')", "Image", show=False),
     ]
 
     def __init__(self, topo: Topology, *, source: str | None = None, attach: str | None = None,
-                 backend: str = "netns", state_root: Path = DEFAULT_STATE_ROOT) -> None:
+                 backend: str = "netns", state_root: Path = DEFAULT_STATE_ROOT, out_root: Path | None = None) -> None:
         super().__init__()
         self.topo = topo
+        self.out_root = out_root  # runs write OUT_ROOT/<run>/ (tui.live.OUT_ROOT when None)
         self.source = source
         self.attach = attach
         self.backend = backend
@@ -147,6 +157,8 @@ class TestbedApp(LiveMixin, App[None]):
         return out
 
     def _show_summary(self, note: str | None = None) -> None:
+        """The chain line: the chain (as selected, then as the run re-selects it) and its
+        predicted latency and energy against the budgets."""
         t = Text()
         sel = self.cell.selection
         try:
@@ -154,17 +166,36 @@ class TestbedApp(LiveMixin, App[None]):
         except ValueError as e:
             self.query_one("#summary", Static).update(Text(str(e), style="bold red"))
             return
+        chain = self.cell.chain or (list(sel.selected) if sel is not None else [])
+        resel = self.run_view.reselections[-1] if self.run_view.reselections else None
+        if resel is not None and resel.get("relay_order") != chain:
+            resel = None  # selected again since
         if note:
             t.append(note, style="bold red")
-        elif sel is None:
+        elif sel is None and not chain:
             t.append(f"{len(self.cell.devices)} devices; s selects under T_max {p['t_max_s']:g} s, "
                      f"E_max {p['e_max_j']:g} J ({p['selector']}); r runs")
         else:
             t.append("chain ", style="bold")
-            t.append(" → ".join(sel.selected) or "(empty)", style="bold blue")
-            t.append(f"  T {sel.latency_s:.2f}/{sel.t_max_s:g} s", style="red" if sel.latency_s > sel.t_max_s else "")
-            t.append(f"  E {sel.energy_j:.1f}/{sel.e_max_j:g} J", style="red" if sel.energy_j > sel.e_max_j else "")
-            t.append(f"  {sel.objective_mb / 1000:.2f} GB ({sel.selector})")
+            t.append(" → ".join(chain) or "(empty)", style="bold blue")
+            margin = self.topo.budgets.margin_pct
+            pieces: list[tuple[str, str]] = []
+            if resel is not None and self.run_view.t_max_s and self.run_view.e_max_j:
+                t.append(f" (re-selected after {resel.get('failed')} failed)", style="yellow")
+                spent = (float(resel.get("charged_s") or 0.0), float(resel.get("charged_j") or 0.0))
+                pieces = budget_line(spent[0] + float(resel.get("predicted_latency_s") or 0.0),
+                                     spent[1] + float(resel.get("predicted_energy_j") or 0.0),
+                                     self.run_view.t_max_s, self.run_view.e_max_j, margin, spent)
+            elif sel is not None:
+                t_max_s, e_max_j = self.cell.budgets or (sel.t_max_s, sel.e_max_j)
+                pieces = budget_line(sel.latency_s, sel.energy_j, t_max_s, e_max_j, margin)
+            t.append("  ")
+            for text, style in pieces[:2]:
+                t.append(text, style=style)
+            if sel is not None:
+                t.append(f"  {sel.objective_mb / 1000:.2f} GB ({sel.selector})")
+            for text, style in pieces[2:]:  # the planning margin, on a line of its own
+                t.append("\n" + text, style=style)
         own = method(p["method"]).own_selector
         if own is not None:
             t.append(f"  {p['method']}: the run picks its own devices ({own})", style="yellow")
@@ -214,9 +245,20 @@ class TestbedApp(LiveMixin, App[None]):
     # ---- actions -----------------------------------------------------------------------
     def action_tab(self, tab: str) -> None:
         self.query_one("#tabs", TabbedContent).active = tab
+        self._focus_tab(tab)
+
+    @on(TabbedContent.TabActivated, "#tabs")
+    def _tab_activated(self, event: TabbedContent.TabActivated) -> None:
+        self._focus_tab(event.pane.id or "cell")
+
+    def _focus_tab(self, tab: str) -> None:
+        """Focus the shown tab's own widget (or nothing): never leave focus on a hidden one,
+        which would hand it to the first control field."""
+        target = TAB_FOCUS.get(tab)
+        self.set_focus(self.query_one(target) if target else None)
 
     def action_help(self) -> None:
-        self.push_screen(HelpScreen())
+        self.push_screen(HelpScreen(self.out_root_text()))
 
     def action_select(self) -> None:
         if self.attach:

@@ -7,6 +7,7 @@ from textual.binding import Binding
 from textual.containers import VerticalScroll
 from textual.screen import ModalScreen
 from textual.widgets import Static
+from rich.markup import escape
 
 from testbed.methods import methods
 from testbed.model.names import SELECTORS
@@ -18,7 +19,8 @@ HELP_TEXT_TEMPLATE = """\
 
 [b]Keys[/b]
   s        select devices under T_max / E_max (chosen selector)
-  r        run it in the emulation (netns backend, needs root)
+  r        run it in the emulation (netns backend, needs root);
+           it writes {out}/<run>/ (testbed tui --out DIR changes it)
   k        kill the highlighted device during a run (recovery)
   c        cut / restore the highlighted device's link during a run
   1 2 3    Cell / Run / Image tab      tab  next control
@@ -40,15 +42,21 @@ reference, with MS-SSIM.
 the CLI through its MQTT events topic (read-only; s r k c are off).
 
 [dim]Esc or ? closes this screen; q quits.[/dim]"""
-HELP_TEXT = HELP_TEXT_TEMPLATE.format(selectors=" ".join(SELECTORS), methods=" ".join(m.name for m in methods()))
+HELP_TEXT = HELP_TEXT_TEMPLATE.format(selectors=" ".join(SELECTORS), methods=" ".join(m.name for m in methods()),
+                                      out="{out}")  # (filled in per screen)
 
 
 class HelpScreen(ModalScreen[None]):
+    AUTO_FOCUS = "*"  # its text scrolls with the keys (the app sets no AUTO_FOCUS)
     BINDINGS = [
         Binding("escape", "dismiss", "Close"),
         Binding("question_mark", "dismiss", "Close", show=False),
     ]
 
+    def __init__(self, out_dir: str = "out") -> None:
+        super().__init__()
+        self.out_dir = out_dir
+
     def compose(self) -> ComposeResult:
         with VerticalScroll(id="help"):
-            yield Static(HELP_TEXT, id="help-text")
+            yield Static(HELP_TEXT.replace("{out}", escape(self.out_dir)), id="help-text")

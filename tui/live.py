@@ -31,7 +31,8 @@ __all__ = ["LiveMixin", "OUT_ROOT"]
 #: How long quitting waits for a cancelled run's teardown.
 QUIT_TEARDOWN_S = 90.0
 
-#: Where runs started from the TUI write result.json, events.jsonl, image.png (like `testbed run`).
+#: Where runs started from the TUI write OUT_ROOT/<run>/ (result.json, events.jsonl, image.png,
+#: logs/), like `testbed run`'s default out/<run>; `testbed tui --out DIR` changes it.
 OUT_ROOT = Path("out")
 
 _LOG_STYLE = {"device_offline": "bold red", "recovered": "bold yellow", "run_finished": "bold green",
@@ -64,13 +65,25 @@ class LiveMixin:
     async def action_quit(self) -> None:
         """Quit; a run in progress is cancelled first and its teardown (namespaces, links,
         cgroups, broker, agents) awaited, bounded, so nothing is left behind."""
+        await self._stop_run()
+        self.exit()
+
+    async def on_exit_app(self, _message: Any) -> None:
+        """Any other way out (SIGTERM, a served TUI's browser tab closed: textual-serve asks
+        the app to exit) waits for a run's teardown too; Textual only cancels workers."""
+        await self._stop_run()
+
+    #: True while a finished run's cell is being torn down (not to be cancelled)
+    tearing_down = False
+
+    async def _stop_run(self) -> None:
         worker = getattr(self, "run_worker_handle", None)
         if worker is not None and worker.is_running:
             self.notify("stopping the run: tearing down the emulation...", timeout=30)
-            worker.cancel()
+            if not self.tearing_down:
+                worker.cancel()
             with contextlib.suppress(Exception, asyncio.CancelledError):
                 await asyncio.wait_for(worker.wait(), QUIT_TEARDOWN_S)
-        self.exit()
 
     async def action_kill(self) -> None:
         dev = self.query_one("#devices").highlighted_id
@@ -109,7 +122,17 @@ class LiveMixin:
         self.run_view = RunView(t_max_s=t_max_s, e_max_j=e_max_j)
         self.cut_links: set[str] = set()
         self.result = None
-        self.query_one("#runpanel", RunPanel).reset()
+        panel = self.query_one("#runpanel", RunPanel)
+        panel.reset()
+        panel.show(self.run_view, t_max_s, e_max_j)  # "starting", not the last run's (or "no run yet")
+
+    def out_root_text(self) -> str:
+        """The folder runs go to, as given (relative to where the TUI was started, or not)."""
+        return str(self.out_root or OUT_ROOT)
+
+    def out_dir_of(self, run_id: str) -> Path:
+        """Where a run started here writes (absolute, so that the TUI can say it)."""
+        return ((self.out_root or OUT_ROOT) / run_id).absolute()
 
     @work(exclusive=True, group="run")
     async def _run(self, p: dict[str, Any]) -> None:
@@ -119,20 +142,28 @@ class LiveMixin:
             runs = await asyncio.to_thread(importlib.import_module, "testbed.emulation.runs")
             session_mod = await asyncio.to_thread(importlib.import_module, "testbed.composition.session")
             rid = runs.new_run_id()
+            out_dir = self.out_dir_of(rid)
+            self.run_view.run_id, self.run_view.out_dir = rid, str(out_dir)
+            panel.show(self.run_view, p["t_max_s"], p["e_max_j"])
             own = method(p["method"]).own_selector
             if own is not None:
                 panel.log_line(f"{p['method']}: the run picks its own devices ({own}); the selector applies to "
                                "methods that take one", "dim")
             panel.log_line(f"run {rid}: bringing up the emulation ({self.backend}), broker and agents...", "dim")
+            panel.log_line(f"run {rid} writes {out_dir}/ (result.json, events.jsonl, image.png, logs/)", "dim")
             cells = await asyncio.to_thread(importlib.import_module, "testbed.composition.cells")
-            async with session_mod.RunSession(self.topo, cells.MadeCell(rid, backend=self.backend),
-                                              out_dir=OUT_ROOT / rid, on_event=self.event_from_any_thread) as session:
+            async with session_mod.RunSession(self.topo, cells.MadeCell(rid, backend=self.backend), out_dir=out_dir,
+                                              on_event=self.event_from_any_thread) as session:
                 self.runner = session
                 session.cell.on_update(lambda u: self.event_from_any_thread(
                     {"type": "positions", "positions": {d["id"]: d for d in u.devices}}))
                 result = await session.run(p["method"], selector=p["selector"], t_max_s=p["t_max_s"],
                                            e_max_j=p["e_max_j"])
                 self.show_result(result)
+                # leaving the block tears the cell down (shielded): a cancel now would only stop
+                # the wait for it, and the process could end before the teardown does
+                self.tearing_down = True
+                panel.log_line(f"run {rid}: tearing down the emulation...", "dim")
         except TestbedError as e:
             self._run_failed(str(e), p)
         except Exception as e:  # noqa: BLE001 - keep the TUI up; the message says what broke
@@ -140,6 +171,7 @@ class LiveMixin:
         finally:
             self.runner = None
             self.running = False
+            self.tearing_down = False
             self._refresh_cell()
 
     def _run_failed(self, msg: str, p: dict[str, Any]) -> None:
@@ -203,7 +235,8 @@ class LiveMixin:
             self._refresh_cell()
             return
         chain = ev.get("relay_order") or ev.get("selected")
-        if isinstance(chain, list) and all(isinstance(c, str) for c in chain):
+        chain_changed = isinstance(chain, list) and all(isinstance(c, str) for c in chain)
+        if chain_changed:
             self.cell.set_chain(chain)
         if kind == "recovered" and dev in self.cell.devices:
             failed = ev.get("failed")
@@ -214,6 +247,8 @@ class LiveMixin:
                 chain.append(dev)
             self.cell.set_chain(chain)
         line = self.run_view.apply(ev)
+        if chain_changed or kind in ("recovered", "reselected"):
+            self._show_summary()  # the chain line follows the run's chain, re-selections included
         panel = self.query_one("#runpanel", RunPanel)
         panel.log_line(line, _LOG_STYLE.get(str(kind), ""))
         panel.show(self.run_view, self.run_view.t_max_s, self.run_view.e_max_j)
@@ -274,10 +309,12 @@ class LiveMixin:
             t.append(f"  energy {en:.1f} J")
         if doc.get("recovered"):
             t.append(f"  recovered: {len(doc['recovered'])}", style="yellow")
+        if self.run_view.out_dir and doc.get("run") == self.run_view.run_id:
+            t.append(f"\nwrote {self.run_view.out_dir}/", style="dim")
         self.query_one("#imgcaption", Static).update(t)
         panel = self.query_one("#runpanel", RunPanel)
         if doc.get("run") != self._last_result_run:  # run_finished, then the session's result: log once
-            panel.log_line(t.plain, "bold green")
+            panel.log_line(t.plain.replace("\n", "; "), "bold green")
             self._last_result_run = doc.get("run")
         panel.show(self.run_view, self.run_view.t_max_s, self.run_view.e_max_j)
 

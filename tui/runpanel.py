@@ -71,7 +71,7 @@ class RunPanel(Vertical):
     @staticmethod
     def status_text(run: RunView, t_max_s: float | None, e_max_j: float | None) -> Text:
         t = Text()
-        t.append(f"run {run.run_id or '?'} ", style="bold")
+        t.append(f"run {run.run_id} " if run.run_id else "new run ", style="bold")
         if run.failed:
             t.append(f"FAILED: {run.failed}", style="bold red")
             return t
@@ -81,7 +81,7 @@ class RunPanel(Vertical):
         elif cur is not None:
             t.append(f"stage {cur.index} {cur.device} {cur.phase} ")
         else:
-            t.append("starting: emulation, broker, agents... ", style="dim")
+            t.append("starting: bringing up the emulation, broker, agents... ", style="yellow")
         lat = run.result.get("latency_s") if run.finished and run.result else None
         lat = lat if isinstance(lat, (int, float)) else run.latency_s
         t.append(f"│ T {lat:.2f}", style="red" if t_max_s and lat > t_max_s else "")

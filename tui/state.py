@@ -14,7 +14,7 @@ from typing import Any
 from testbed.model.radio import DeviceLink, compute_links, link_for_position
 from testbed.model.topology import Topology, place
 
-__all__ = ["DeviceRow", "CellModel", "StageView", "RunView", "PHASES", "short_profile"]
+__all__ = ["DeviceRow", "CellModel", "StageView", "RunView", "PHASES", "budget_line", "short_profile"]
 
 #: Phases of one stage, in order (the paper's T_down, T_cmp, T_up).
 PHASES = ("waiting", "download", "compute", "upload", "done")
@@ -53,6 +53,7 @@ class CellModel:
         self.devices: dict[str, DeviceRow] = {
             link.id: DeviceRow(link) for link in compute_links(topo, self.placement)}
         self.selection: Any = None  # testbed.selection.Selection
+        self.budgets: tuple[float, float] | None = None  # the T_max, E_max it was selected under
         self.costs: list[Any] = []
 
     @property
@@ -85,6 +86,7 @@ class CellModel:
             self.selection = None
             raise
         self.selection = sel
+        self.budgets = (t_max_s, e_max_j)
         self.set_chain(list(sel.selected))
         return sel
 
@@ -126,10 +128,13 @@ class StageView:
 
     @property
     def predicted_latency_s(self) -> float | None:
+        """Every predicted time of the stage: down, compute, up and whatever else the plan
+        counts (split's `t_handling_s`, the feature messages outside the links: without it
+        a split step's prediction fell short of the plan's)."""
         p = self.predicted
         if not all(k in p for k in ("t_down_s", "t_cmp_s", "t_up_s")):
             return None
-        return p["t_down_s"] + p["t_cmp_s"] + p["t_up_s"]
+        return sum(float(v) for k, v in p.items() if k.startswith("t_") and k.endswith("_s"))
 
 
 @dataclass
@@ -149,6 +154,10 @@ class RunView:
     result: dict[str, Any] | None = None
     t0: float | None = None
     events: int = 0
+    #: `reselected` events: a failed stage's new chain for the rest, with the budgets charged
+    reselections: list[dict[str, Any]] = field(default_factory=list)
+    #: where the run writes result.json, events.jsonl, image.png, logs/
+    out_dir: str | None = None
 
     @property
     def energy_j(self) -> float:
@@ -234,6 +243,8 @@ class RunView:
             self.failed_devices.add(dev)
             if stage and stage.phase != "done":
                 stage.phase = "failed"
+        elif kind == "reselected":
+            self.reselections.append(dict(ev))
         elif kind == "run_finished":
             self.finished = True
             self.result = dict(ev)
@@ -268,3 +279,22 @@ def _log_line(rel: float | None, kind: str, ev: dict[str, Any]) -> str:
             continue
         parts.append(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}")
     return " ".join(parts)
+
+
+def budget_line(latency_s: float, energy_j: float, t_max_s: float, e_max_j: float, margin_pct: float,
+                spent: tuple[float, float] | None = None) -> list[tuple[str, str]]:
+    """The predicted latency and energy against the budgets the user set, as (text, style)
+    pieces: "T 1.48 s of 2 s", "  E 61.2 J of 200 J", then, with a margin, "planned within
+    1.96 s, 196 J: 2 % margin" (the caller puts it on a line of its own).
+    A plan fills the budgets less the topology's margin_pct (selection.costs.planning_budgets);
+    said so, or the planned budget reads like a typo of T_max. `spent` (s, J): a re-selected
+    run's charged part, included in the totals and named."""
+    keep = 1.0 - margin_pct / 100.0
+    parts: list[tuple[str, str]] = []
+    how = f" ({spent[0]:.2f} spent + {latency_s - spent[0]:.2f} predicted)" if spent else ""
+    parts.append((f"T {latency_s:.2f} s of {t_max_s:g} s{how}", "red" if latency_s > t_max_s else ""))
+    how = f" ({spent[1]:.1f} spent + {energy_j - spent[1]:.1f} predicted)" if spent else ""
+    parts.append((f"  E {energy_j:.1f} J of {e_max_j:g} J{how}", "red" if energy_j > e_max_j else ""))
+    if margin_pct:
+        parts.append((f"planned within {t_max_s * keep:.3g} s, {e_max_j * keep:.3g} J: {margin_pct:g} % margin", "dim"))
+    return parts

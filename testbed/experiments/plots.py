@@ -26,9 +26,10 @@ from typing import Any
 
 import numpy as np
 
-from testbed.methods import METHODS, line_for, method
+from testbed.methods import METHODS, PAPER_RUNS, line_for, method
 
-__all__ = ["aggregate", "provenance", "quality", "reference_budget", "short_commit", "write_figures", "FIGURES"]
+__all__ = ["aggregate", "breakdown_figure", "objective_note", "provenance", "quality", "quality_figure",
+           "reference_budget", "short_commit", "write_figures", "FIGURES"]
 
 FIGURES = ("fig4a_quality_vs_tmax.png", "fig4b_quality_vs_emax.png", "fig4c_time_breakdown.png", "fig4d_images.png")
 def _selector(row: dict[str, Any]) -> str:
@@ -59,6 +60,13 @@ def _styles(rows: list[dict[str, Any]]) -> dict[str, dict[str, str]]:
         ln = line_for(r["method"], _selector(r))
         out[ln.label] = {"color": ln.color, "marker": ln.marker}
     return out
+
+
+def _is_ds(row: dict[str, Any]) -> bool:
+    """A run of the paper's multi-stage diffusion with device selection (w/ DS)."""
+    from testbed.experiments.sweep import row_key
+
+    return row_key(row) == PAPER_RUNS["ds"]
 
 
 def reference_budget(values: list[float], preferred: float) -> float:
@@ -94,7 +102,11 @@ def aggregate(rows: list[dict[str, Any]], x_key: str, fixed_key: str, fixed: flo
 
 def _quality_plot(ax: Any, rows: list[dict[str, Any]], agg: dict[str, list[dict[str, float]]], xlabel: str,
                   title: str) -> None:
-    """Mean MS-SSIM per method with its spread over seeds."""
+    """Mean MS-SSIM per method with its spread over seeds. The legend sits below the axes
+    (inside, it covered points at the right edge: split's E_max = 200 J), and explains the
+    open marker there rather than in a note over the data."""
+    from matplotlib.lines import Line2D
+
     styles = _styles(rows)
     for label in [lb for lb in _labels(rows) if lb in agg]:
         s = agg[label]
@@ -107,46 +119,91 @@ def _quality_plot(ax: Any, rows: list[dict[str, Any]], agg: dict[str, list[dict[
         for p in s:
             if p["infeasible"]:
                 ax.plot(p["x"], p["mean"], marker=st["marker"], ms=12, mfc="white", mec=st["color"], mew=1.5)
+    handles, labels = ax.get_legend_handles_labels()
     if any(p["infeasible"] for s in agg.values() for p in s):
-        ax.text(0.01, 0.01, "open marker: a seed had no image in budget (= 0)",
-                transform=ax.transAxes, fontsize=7, color="dimgray")
+        handles.append(Line2D([], [], ls="none", marker="o", ms=9, mfc="white", mec="dimgray", mew=1.5))
+        labels.append("open marker: a seed had no image within the budgets (counted as 0)")
     ax.set_xlabel(xlabel)
     ax.set_ylabel("MS-SSIM vs fp32 reference (measured)")
     ax.set_title(title)
     ax.set_ylim(-0.02, 1.02)
     ax.grid(alpha=0.3)
-    ax.legend(loc="lower right")
+    ax.legend(handles, labels, fontsize=8, ncol=2, loc="upper center", bbox_to_anchor=(0.5, -0.14))
+
+
+def objective_note(rows: list[dict[str, Any]], e_ref: float) -> str | None:
+    """Where w/ DS's quality falls as T_max grows (at E_max `e_ref`), why: the DP maximises
+    the total model size (the paper's objective), not MS-SSIM, so a larger budget can buy
+    more, smaller (quantized) models over fewer large ones. None when it never falls."""
+    ds = [r for r in rows if _is_ds(r)]
+    agg = next(iter(aggregate(ds, "t_max_s", "e_max_j", e_ref).values()), [])
+    for lo, hi in zip(agg, agg[1:]):
+        if hi["mean"] >= lo["mean"]:
+            continue
+        by_seed = {}
+        for r in rows:
+            if _is_ds(r) and r["e_max_j"] == e_ref and r.get("feasible"):
+                by_seed.setdefault(r["seed"], {})[float(r["t_max_s"])] = r
+        drops = [(quality(v[lo["x"]]) - quality(v[hi["x"]]), seed, v[lo["x"]], v[hi["x"]])
+                 for seed, v in by_seed.items() if lo["x"] in v and hi["x"] in v]
+        worst = max(drops, key=lambda d: d[0], default=None)
+        seed_part = ""
+        if worst is not None and worst[0] > 0:
+            _, seed, a, b = worst
+            seed_part = (f"; seed {seed}: {quality(b):.2f} with {b['total_steps']} steps at {hi['x']:g} s against "
+                         f"{quality(a):.2f} with {a['total_steps']} at {lo['x']:g} s")
+        return (f"w/ DS falls from {lo['mean']:.3f} at T_max {lo['x']:g} s ({lo['steps']:.0f} steps on average) to "
+                f"{hi['mean']:.3f} at {hi['x']:g} s ({hi['steps']:.0f} steps): the DP maximises total model size "
+                f"(the paper's objective), not MS-SSIM, and a larger T_max buys more, smaller (quantized) models"
+                f"{seed_part}")
+    return None
 
 
 def _time_breakdown(ax: Any, rows: list[dict[str, Any]], e_ref: float, t_values: list[float]) -> None:
-    """Stacked transmission / computation shares per method and T_max."""
+    """Stacked transmission / computation shares per method and T_max. A method with no
+    run within the budgets at a T_max gets an "infeasible" mark instead of a silent gap;
+    one that ran on only some seeds says on how many."""
     labels = _labels(rows)
     width = 0.8 / max(1, len(labels))
+    short = False  # some point ran on fewer seeds than asked (or on none)
     for j, label in enumerate(labels):
-        tran, cmp_ = [], []
+        tran, cmp_, ran, asked = [], [], [], []
         for t in t_values:
-            sel = [r for r in rows if _label(r) == label and r["t_max_s"] == t and r["e_max_j"] == e_ref
-                   and r.get("feasible")]
+            point = [r for r in rows if _label(r) == label and r["t_max_s"] == t and r["e_max_j"] == e_ref]
+            sel = [r for r in point if r.get("feasible")]
             tt = sum(float(r["t_tran_s"] or 0) for r in sel)
             tc = sum(float(r["t_cmp_s"] or 0) for r in sel)
             tot = tt + tc
             tran.append(tt / tot if tot else np.nan)
             cmp_.append(tc / tot if tot else np.nan)
+            ran.append(len(sel))
+            asked.append(len(point))
         xs = np.arange(len(t_values)) + (j - (len(labels) - 1) / 2) * width
         st = _styles(rows).get(label, {"color": "gray"})
         ax.bar(xs, tran, width * 0.95, color=st["color"], edgecolor="black", lw=0.5,
                label=f"{label}: transmission (measured)")
         ax.bar(xs, cmp_, width * 0.95, bottom=tran, color=st["color"], alpha=0.35, edgecolor="black", lw=0.5,
                hatch="//", label=f"{label}: computation ({_cmp_kind(rows)})")
-        for x, v in zip(xs, tran):
-            if not np.isnan(v):
-                ax.text(x, min(v, 0.93) + 0.02, f"{100 * v:.0f}%", ha="center", fontsize=8)
+        for x, v, n, of in zip(xs, tran, ran, asked):
+            if not of:
+                continue  # not swept: nothing to say
+            short = short or n < of
+            if np.isnan(v):
+                ax.bar(x, 1.0, width * 0.95, color="none", edgecolor=st["color"], lw=0.8, ls="--")
+                ax.text(x, 0.5, "infeasible", rotation=90, ha="center", va="center", fontsize=8, color=st["color"])
+                continue
+            ax.text(x, min(v, 0.93) + 0.02, f"{100 * v:.0f}%", ha="center", fontsize=8)
+            if n < of:
+                ax.text(x, 1.015, f"{n}/{of}", ha="center", fontsize=7, color="dimgray")
     ax.set_xticks(np.arange(len(t_values)), [f"{t:g}" for t in t_values])
     ax.set_xlabel("T_max (s)")
     ax.set_ylabel(f"share of t_tran (measured) + t_cmp ({_cmp_kind(rows)})")
     ax.set_ylim(0, 1.12)
     ax.set_title(f"Fig. 4(c): transmission vs computation (E_max = {e_ref:g} J)")
     ax.legend(fontsize=7, ncol=2, loc="upper center", bbox_to_anchor=(0.5, -0.13))
+    if short:
+        ax.text(0.995, 0.995, "n/N over a bar: n of N seeds had a plan within the budgets; infeasible: none had",
+                transform=ax.transAxes, ha="right", va="top", fontsize=7, color="dimgray")
 
 
 def _cmp_kind(rows: list[dict[str, Any]]) -> str:
@@ -208,25 +265,47 @@ def write_figures(csv_path: Path, out_dir: Path | None = None, source: dict[str,
     n_seeds = len({r["seed"] for r in rows})
     paths = []
 
-    fig, ax = plt.subplots(figsize=(6.4, 4.8), dpi=120)
-    _quality_plot(ax, rows, aggregate(rows, "t_max_s", "e_max_j", e_ref), "T_max (s)",
-                  f"Fig. 4(a): quality vs T_max (E_max = {e_ref:g} J, {n_seeds} seeds)")
-    paths.append(_save(fig, out_dir / FIGURES[0], caption, source))
-
-    fig, ax = plt.subplots(figsize=(6.4, 4.8), dpi=120)
-    _quality_plot(ax, rows, aggregate(rows, "e_max_j", "t_max_s", t_ref), "E_max (J)",
-                  f"Fig. 4(b): quality vs E_max (T_max = {t_ref:g} s, {n_seeds} seeds)")
+    fig = quality_figure(rows, "t_max_s", "e_max_j", e_ref,
+                         f"Fig. 4(a): quality vs T_max (E_max = {e_ref:g} J, {n_seeds} seeds)")
+    paths.append(_save(fig, out_dir / FIGURES[0], caption, source, note=objective_note(rows, e_ref)))
+    fig = quality_figure(rows, "e_max_j", "t_max_s", t_ref,
+                         f"Fig. 4(b): quality vs E_max (T_max = {t_ref:g} s, {n_seeds} seeds)")
     paths.append(_save(fig, out_dir / FIGURES[1], caption, source))
+    paths.append(_save(breakdown_figure(rows, e_ref, t_values), out_dir / FIGURES[2], caption, source))
 
-    fig, ax = plt.subplots(figsize=(7.5, 5.6), dpi=120)
-    _time_breakdown(ax, rows, e_ref, t_values)
-    paths.append(_save(fig, out_dir / FIGURES[2], caption, source))
-
+    if not any(r.get("image") and (out_dir / r["image"]).is_file() for r in rows):
+        return paths  # no image files (docs/figures keeps only the figure): fig4d stays as drawn
     labels = _labels(rows)
     fig = plt.figure(figsize=(1.9 * len(t_values) + 1.2, 2.0 * len(labels) + 1.0), dpi=120)
     _images(fig, rows, out_dir, e_ref, t_values)
     paths.append(_save(fig, out_dir / FIGURES[3], caption, source))
     return paths
+
+
+def quality_figure(rows: list[dict[str, Any]], x_key: str, fixed_key: str, fixed: float, title: str) -> Any:
+    """Fig. 4(a) (x_key t_max_s at E_max `fixed`) or 4(b) (e_max_j at T_max `fixed`), not saved."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    height = 6.0 if x_key == "t_max_s" else 5.6  # 4(a) carries a note under its legend
+    fig, ax = plt.subplots(figsize=(6.4, height), dpi=120)
+    _quality_plot(ax, rows, aggregate(rows, x_key, fixed_key, fixed), "T_max (s)" if x_key == "t_max_s" else "E_max (J)",
+                  title)
+    return fig
+
+
+def breakdown_figure(rows: list[dict[str, Any]], e_ref: float, t_values: list[float]) -> Any:
+    """Fig. 4(c), not saved."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7.5, 5.6), dpi=120)
+    _time_breakdown(ax, rows, e_ref, t_values)
+    return fig
 
 
 def provenance(source: dict[str, Any], rows: list[dict[str, Any]]) -> str:
@@ -244,12 +323,18 @@ def short_commit(commit: str | None) -> str:
     return sha[:12] + (f"-{mark}" if mark else "")
 
 
-def _save(fig: Any, path: Path, caption: str, source: dict[str, Any] | None) -> Path:
+def _save(fig: Any, path: Path, caption: str, source: dict[str, Any] | None, note: str | None = None) -> Path:
+    """Lay out, add the caption (and a note above it, both below the axes), write with the
+    provenance in the PNG's text chunks."""
     import matplotlib.pyplot as plt
 
-    fig.tight_layout(rect=(0, 0.04, 1, 1))
+    bottom = 0.04 + (0.10 if note else 0.0)  # the caption takes two lines, the note three
+    fig.tight_layout(rect=(0, bottom, 1, 1))
+    if note:
+        fig.text(0.5, 0.05, note, ha="center", va="bottom", fontsize=7, color="black", wrap=True)
     fig.text(0.5, 0.008, caption, ha="center", va="bottom", fontsize=6.5, color="dimgray", wrap=True)
+    description = caption + (f" Note: {note}" if note else "")
     fig.savefig(path, metadata={"Title": path.stem, "Source": str((source or {}).get("commit") or "unknown"),
-                                "Description": caption, "Software": "testbed experiments.plots"})
+                                "Description": description, "Software": "testbed experiments.plots"})
     plt.close(fig)
     return path

@@ -1,7 +1,8 @@
 """Regenerate docs/figures and the tables of docs/reproducing.md from one sweep folder.
 
 `testbed sweep FILE --quick --publish docs` (run and publish) or `testbed sweep --from
-DIR --publish docs` (publish a finished sweep) draws fig4a-d into docs/figures with the
+DIR --publish docs` (publish a finished sweep; `--from docs/figures` redraws the published
+one from its stored results, keeping fig4d, whose images are not stored) draws fig4a-d into docs/figures with the
 commit in their captions and PNG metadata, writes claims.json, sweep.json, columns.json
 and results.csv beside them, and replaces the generated blocks of docs/reproducing.md —
 each between `<!-- generated:NAME -->` and `<!-- /generated:NAME -->` — with tables
@@ -139,21 +140,26 @@ def publish(sweep_dir: Path, docs_dir: Path) -> list[Path]:
     for name in BLOCKS:  # every block has its place before anything is written
         generated_block(doc_path.read_text(), name)
     rows = read_rows(sweep_dir / "results.csv")
-    images = {r["image"]: sweep_image(sweep_dir, r["image"], n) for n, r in enumerate(rows, 2) if r.get("image")}
     figures_dir = docs_dir / "figures"
+    stored = sweep_dir.resolve() == figures_dir.resolve()  # the published sweep itself, which keeps no images
+    images = {} if stored else {r["image"]: sweep_image(sweep_dir, r["image"], n) for n, r in enumerate(rows, 2)
+                                if r.get("image")}
     figures_dir.mkdir(parents=True, exist_ok=True)
-    for name in COPIED:
-        write_atomic(figures_dir / name, (sweep_dir / name).read_bytes(), 0o644)
     sweep = json.loads((sweep_dir / "sweep.json").read_text())
-    copies = figures_dir / IMAGES
-    remove_owned_dir(copies, figures_dir)  # one an earlier publish left; a user's directory there is an error
-    make_owned_dir(copies, 0o755)
-    try:
-        for image, src in images.items():  # fig4d reads the images
-            write_atomic(figures_dir / image, src.read_bytes(), 0o644)
+    if stored:  # `--from docs/figures` redraws the published sweep from its own data (fig4d is kept as drawn)
         paths = write_figures(figures_dir / "results.csv", figures_dir, sweep)
-    finally:
-        remove_owned_dir(copies, figures_dir)  # the figure holds them
+    else:
+        for name in COPIED:
+            write_atomic(figures_dir / name, (sweep_dir / name).read_bytes(), 0o644)
+        copies = figures_dir / IMAGES
+        remove_owned_dir(copies, figures_dir)  # one an earlier publish left; a user's directory there is an error
+        make_owned_dir(copies, 0o755)
+        try:
+            for image, src in images.items():  # fig4d reads the images
+                write_atomic(figures_dir / image, src.read_bytes(), 0o644)
+            paths = write_figures(figures_dir / "results.csv", figures_dir, sweep)
+        finally:
+            remove_owned_dir(copies, figures_dir)  # the figure holds them
     write_claims(rows, figures_dir / "claims.json", {k: sweep.get(k) for k in ("topology", "commit", "seeds")})
     needs = binding_needs(sweep, Path("."))
     doc_path.write_text(replace_blocks(doc_path.read_text(), render_blocks(figures_dir, needs)))

@@ -23,7 +23,7 @@ from typing import Any
 from testbed.errors import InputError
 
 __all__ = ["MethodSpec", "Line", "METHODS", "register", "method", "methods", "load", "run_key", "line_for",
-           "agent_handlers",
+           "agent_handlers", "PAPER_RUNS",
            "PLUGINS_ENV"]
 
 PLUGINS_ENV = "TESTBED_METHODS"
@@ -126,6 +126,11 @@ for _spec in (
                notes={"recovery": "a band has no other owner (no takeover, docs/reliability.md)"}),
 ):
     register(_spec)
+
+#: The paper's compared runs (section IV): multi-stage with device selection (w/ DS), without
+#: (w/o DS), and its baseline, split diffusion. Its claims (experiments/claims.py) and the
+#: figures' notes name these roles, not methods.
+PAPER_RUNS = {"ds": "multistage:dp", "no_ds": "multistage:random", "baseline": "split"}
 
 _plugins_loaded = False
 

@@ -324,6 +324,12 @@ class Topology(_Model):
                 _check_inside(self.area, d.position, ("devices", "list", i, "position"))
             if d.link is not None:
                 self._check_link_override(i, d.link)
+        for field in ("capacity_up_mbps", "capacity_down_mbps"):
+            if getattr(self.cell, field) is not None and not self.cell.shared_capacity:
+                # the emulation and the plans read the capacities only when the air is shared
+                raise _located(("cell", field), f"{getattr(self.cell, field):g} Mbit/s caps nothing without "
+                               "`shared_capacity: true`; add `shared_capacity: true` to `cell:` (every device's "
+                               f"rate then shares this capacity) or remove {field}")
         ids = _device_ids(self.devices) if self.faults else []
         for i, f in enumerate(self.faults):
             if f.device is not None and f.device not in ids:

@@ -19,7 +19,7 @@ def image_build(
     as_json: bool = typer.Option(False, "--json", help="print only a JSON document on stdout"),
 ) -> None:
     """Make testbed-node:local: `docker import` of a skeleton root filesystem; containers
-    bind-mount the host's /usr, /etc, Python and checkout read-only (see README)."""
+    bind-mount the host's /usr, /etc, Python and checkout read-only (docs/emulation.md, "Docker and Swarm")."""
     from testbed.emulation.docker.image import build_image, docker_client, host_mounts
 
     t0 = time.perf_counter()

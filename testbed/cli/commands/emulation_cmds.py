@@ -9,9 +9,8 @@ import time
 from pathlib import Path
 
 import typer
-from rich.table import Table
-
 from testbed.cli.console import err, out, print_json
+from testbed.cli.views import describe_removed, runs_table, status_table
 from testbed.errors import InputError, ResourceError, RunFailedError, TestbedError
 from testbed.model.topology import load_topology
 
@@ -85,24 +84,7 @@ def up(
 
 
 def _print_status(state: dict) -> None:
-    cell = state.get("cell") or {}
-    title = (f"run {state['run']} ({state['backend']}), netem: {'yes' if state['netem'] else 'no'}, "
-             f"impairments: {(state.get('impairments') or {}).get('path', 'none')}, "
-             f"shared cell: {'on' if cell.get('shared_capacity') else 'off'}")
-    if state.get("broker"):
-        b = state["broker"]
-        title += f", broker {b['kind']} {b['host']}:{b['port']}"
-    elif state.get("broker_error"):
-        title += f", broker DOWN ({state['broker_error']})"
-    table = Table(title=title)
-    for col in ("id", "role", "state", "agent", "netns", "address", "up Mbit/s", "down Mbit/s", "CPU cores"):
-        table.add_column(col, justify="right" if "/" in col or "CPU" in col else "left")
-    for n in state["nodes"]:
-        f = (lambda v: "-" if v is None else f"{v:.1f}")
-        agent = "-" if n["role"] != "device" else ("online" if n.get("agent_online") else "offline")
-        table.add_row(n["id"], n["role"], n.get("state", "up"), agent, n["netns"], n["address"], f(n["rate_up_mbps"]),
-                      f(n["rate_down_mbps"]), "-" if n["cpu_quota_cores"] is None else f"{n['cpu_quota_cores']:g}")
-    out.print(table)
+    out.print(status_table(state))
     gpu = state.get("gpu")
     if gpu:
         out.print(f"GPU limits {'applied' if gpu.get('limits_applied') else 'not applied'}: {gpu.get('why')}",
@@ -113,13 +95,33 @@ def status(
     run: str | None = typer.Option(None, "--run", help="run id (default: the only run that is up)"),
     as_json: bool = typer.Option(False, "--json", help="print only a JSON document on stdout"),
 ) -> None:
-    """Show a run: nodes, namespaces, addresses, rates, CPU quotas."""
-    from testbed.emulation.runs import read_state, resolve_run, run_dir, supervisor_pid
+    """Show a run: nodes, namespaces, addresses, rates, delay and loss, CPU quotas. Without
+    --run: the only run there is; with none, says so (exit 0); with several, lists them."""
+    from testbed.emulation.runs import known_runs, read_state, run_dir, supervisor_pid
+    from testbed.model.names import check_run_id
 
-    run_id = resolve_run(run)
+    if run is not None:
+        check_run_id(run, "--run")
+    require_root()  # the state is root's (0600)
+    runs = known_runs()
+    if run is None and len(runs) != 1:
+        # a query: "nothing is up" and "these are up" are answers, not errors
+        listing = [_run_entry(r, read_state(r), supervisor_pid(r) is not None) for r in runs]
+        if as_json:
+            print_json({"runs": listing})
+        elif not listing:
+            out.print("no run is up on this host; start one with `testbed up FILE`")
+        else:
+            out.print(runs_table(listing))
+        return
+    run_id = run or runs[0]
+    if run_id not in runs:
+        raise InputError(f"--run {run_id}: no such run on this host; "
+                         + (f"runs here: {', '.join(runs)}" if runs else "no run is up (`testbed up FILE` starts one)"))
     state = read_state(run_id)
     if state is None:
-        raise ResourceError(f"run {run_id!r} has no state (not up, or still starting); `testbed down --run {run_id}` cleans it up")
+        raise RunFailedError(f"run {run_id!r} has no state (still starting, or its start failed); "
+                             f"`testbed down --run {run_id}` cleans it up")
     if supervisor_pid(run_id) is None:
         raise RunFailedError(f"run {run_id}: its supervisor is gone; `testbed down --run {run_id}` removes what it left")
     # The observer account (read-only on tb/<run>/events) exists when the cell has a
@@ -154,7 +156,7 @@ def down(
     """Tear a run down (idempotent): processes, namespaces, links, qdiscs, cgroups, containers,
     networks, secrets. Exits 4 naming what could not be removed (after removing the rest)."""
     from testbed.emulation.ownership import caller_identity, read_owner, split_by_owner
-    from testbed.emulation.runs import RUN_ROOT, CleanupFailed, cleanup_run, known_runs, resolve_run
+    from testbed.emulation.runs import RUN_ROOT, CleanupFailed, cleanup_run, known_runs, resolve_run, run_objects
     from testbed.model.names import check_run_id
 
     if run is not None:
@@ -182,6 +184,8 @@ def down(
                 runs = [run]
     removed: dict[str, list[str]] = {}
     failed: dict[str, list[str]] = {}
+    # a live run's supervisor takes its cell down itself: what existed before is what went
+    present = run_objects() if runs and not as_json else {}
     for r in runs:
         try:
             removed[r] = cleanup_run(r)
@@ -194,8 +198,8 @@ def down(
             out.print("nothing to remove")
         for r, items in removed.items():
             if items:
-                out.print(f"run {r}: removed {len(items)} objects "
-                          f"({', '.join(items[:6])}{', ...' if len(items) > 6 else ''})", highlight=False)
+                gone = items if r in failed else [*items, *present.get(r, [])]
+                out.print(f"run {r}: removed {describe_removed(gone)}", highlight=False)
         if left:
             err.print(f"left {len(left)} run(s) of other users or of unknown owner: {', '.join(left)}; "
                       "`testbed down --run ID` takes one down, `testbed down --all --force` all", highlight=False)
@@ -208,3 +212,16 @@ def register(app: typer.Typer) -> None:
     app.command()(up)
     app.command()(status)
     app.command()(down)
+
+
+def _run_entry(run_id: str, state: dict | None, supervised: bool) -> dict:
+    """One line of the runs listing (state.json's fields where the run wrote one)."""
+    if state is None:
+        what = "starting" if supervised else "leftovers: `testbed down --run " + run_id + "` removes them"
+    else:
+        what = "up" if supervised else "supervisor gone: `testbed down --run " + run_id + "`"
+    state = state or {}
+    nodes = state.get("nodes")
+    return {"run": run_id, "state": what, "backend": state.get("backend"), "topology": state.get("topology"),
+            "devices": None if nodes is None else sum(1 for n in nodes if n.get("role") == "device"),
+            "up_s": state.get("up_s")}

@@ -18,7 +18,12 @@ from typing import Any
 import typer
 
 from testbed.cli.console import err, out, print_json
+from testbed.cli.views import link_sentence
 from testbed.errors import ResourceError, TopologyError
+
+
+#: Faults that change a link's delay or loss: the command prints the link afterwards.
+LINK_KINDS = ("delay", "loss")
 
 
 def fault(
@@ -43,6 +48,7 @@ def fault(
     require_root()
     run_id = resolve_run(run)
     events: list[dict[str, Any]] = []
+    cell: AttachedCell | None = None
 
     def emit(etype: str, dev: str | None, **data: Any) -> None:
         events.append({"type": etype, "device": dev, **data})
@@ -51,10 +57,21 @@ def fault(
             out.print(f"{etype.replace('_', ' ')}: {data.get('kind', '')} {dev or ''} {extra}".strip(),
                       highlight=False)
 
+    async def show_link() -> None:
+        """The device's link as the cell applies it now (delay and loss, both directions)."""
+        assert cell is not None and device is not None
+        status = await asyncio.to_thread(cell.status)  # also refreshes cell.impairments
+        imp = cell.impairments.get(device)
+        out.print(link_sentence(device, None if imp is None else imp.to_json(),
+                                (status.get("impairments") or {}).get("path")), highlight=False)
+
     async def go() -> dict[str, Any]:
+        nonlocal cell
         cell = await AttachedCell.connect(run_id)
         inj = FaultInjector(cell, emit)
         rec = await inj.inject(spec)
+        if not as_json and kind in LINK_KINDS:
+            await show_link()
         try:
             await inj.wait_restored()  # the undo after duration_s
         except asyncio.CancelledError:  # Ctrl-C: undo now
@@ -64,6 +81,8 @@ def fault(
         if inj.errors:  # e.g. the broker did not come back: a failed fault, exit 4
             raise ResourceError(f"testbed fault {kind}: {'; '.join(inj.errors)}; `testbed status --run {run_id}` "
                                 "shows the cell as it is now")
+        if not as_json and kind in LINK_KINDS and rec.restored_t_s is not None:
+            await show_link()  # back to what it was
         return rec.to_json()
 
     try:

@@ -9,6 +9,8 @@ import typer
 from rich.table import Table
 
 from testbed.cli.console import out, print_json
+from testbed.cli.views import VALIDATE_KINDS, impairment_cells
+from testbed.model.impairments import link_impairments
 from testbed.model.radio import compute_links
 from testbed.model.topology import load_topology, place, topology_json_schema
 
@@ -22,6 +24,7 @@ def validate(
     topo = load_topology(file, seed=seed)
     placement = place(topo)
     links = compute_links(topo, placement)
+    impairments = {dev: imp.to_json() for dev, imp in link_impairments(topo, links).items()}
     if as_json:
         print_json(
             {
@@ -29,6 +32,9 @@ def validate(
                 "radio": topo.radio.model_dump(),
                 "server": {"x_m": placement.server.x_m, "y_m": placement.server.y_m},
                 "devices": [link.model_dump() for link in links],
+                # one-way delay, jitter and loss per direction (modelled: radio model or links:)
+                "impairments": impairments,
+                "kind": "modelled",
             }
         )
         return
@@ -36,16 +42,17 @@ def validate(
     table = Table(
         title=f"{topo.name}: {len(links)} devices, seed {topo.seed}, {r.model} ({r.los}), "
         f"{r.carrier_ghz:g} GHz, {r.bandwidth_mhz:g} MHz",
+        caption=VALIDATE_KINDS,
     )
     for col in ("id", "profile", "prec", "x m", "y m", "dist m", "LOS", "PL dB", "SNR up", "SNR dn",
-                "up Mbit/s", "down Mbit/s"):
+                "up Mbit/s", "down Mbit/s", "delay ms", "loss %"):
         table.add_column(col, justify="left" if col in ("id", "profile", "prec") else "right")
     for link in links:
         table.add_row(
             link.id, link.profile, link.precision, f"{link.x_m:.0f}", f"{link.y_m:.0f}",
             f"{link.distance_m:.0f}", "yes" if link.los else "no", f"{link.pathloss_db:.1f}",
             f"{link.snr_up_db:.1f}", f"{link.snr_down_db:.1f}", f"{link.rate_up_mbps:.1f}",
-            f"{link.rate_down_mbps:.1f}",
+            f"{link.rate_down_mbps:.1f}", *impairment_cells(impairments.get(link.id)),
         )
     out.print(table)
     b = topo.budgets

@@ -1,4 +1,5 @@
-"""`testbed tui [FILE] [--attach RUN]`: the interactive front end (package `tui/`)."""
+"""`testbed tui [FILE] [--attach RUN] [--out DIR] [--serve]`: the interactive front end
+(package `tui/`), in this terminal or, with --serve, in a browser (tui/web.py)."""
 
 from __future__ import annotations
 
@@ -17,6 +18,14 @@ def tui(
     attach: str | None = typer.Option(None, "--attach", metavar="RUN", help="follow a running run's events"),
     seed: int | None = typer.Option(None, "--seed", help="override the file's seed"),
     backend: str = typer.Option("netns", "--backend", help="emulation backend of runs started here"),
+    out_dir: Path = typer.Option(Path("out"), "--out", metavar="DIR",
+                                 help="runs started here write DIR/<run>/ (result.json, events.jsonl, image.png, "
+                                      "logs/), like `testbed run`'s default out/<run>"),
+    serve: bool = typer.Option(False, "--serve", help="serve the TUI to a browser (textual-serve) instead of "
+                                                      "running it in this terminal; prints the page's URL"),
+    host: str = typer.Option("127.0.0.1", "--host", help="with --serve: the address to listen on (loopback "
+                                                         "by default; another one is reachable from elsewhere)"),
+    port: int = typer.Option(8000, "--port", help="with --serve: the TCP port"),
     state_root: Path | None = typer.Option(None, "--state-root", hidden=True),
 ) -> None:
     """Select devices, run multi-stage diffusion and watch it live (keys: s r k q ?)."""
@@ -34,10 +43,36 @@ def tui(
         if not copy.is_file():
             raise TopologyError(f"run {attach!r}: no {copy}; give the run's topology FILE as well")
         file = copy
-    topo = load_topology(file, seed=seed)
+    topo = load_topology(file, seed=seed)  # bad input fails here, also before serving
+    if serve:
+        _serve(file, attach, seed, backend, out_dir, state_root, host, port)
+        return
     from tui.app import TestbedApp
 
-    TestbedApp(topo, source=str(file), attach=attach, backend=backend, state_root=state_root).run()
+    TestbedApp(topo, source=str(file), attach=attach, backend=backend, state_root=state_root, out_root=out_dir).run()
+
+
+def _serve(file: Path, attach: str | None, seed: int | None, backend: str, out_dir: Path, state_root: Path,
+           host: str, port: int) -> None:
+    """`testbed tui ... --serve`: every browser tab runs `testbed tui` with these arguments."""
+    from testbed.cli.console import err, out
+    from tui.web import check_host, check_port, serve, served_command
+
+    address, warning = check_host(host)
+    check_port(port)
+    args = [str(file.absolute()), "--backend", backend, "--out", str(out_dir.absolute()),
+            "--state-root", str(state_root)]
+    args += ["--seed", str(seed)] if seed is not None else []
+    args += ["--attach", attach] if attach is not None else []
+    if warning:
+        err.print(f"[yellow]warning:[/] {warning}", highlight=False)
+
+    def ready(url: str) -> None:
+        out.print(f"serving the TUI of {file} on {url} (each browser tab runs its own; runs write "
+                  f"{out_dir.absolute()}/<run>/); Ctrl-C stops", highlight=False, soft_wrap=True)
+        out.file.flush()  # a pipe (a test, a log) sees the URL now
+
+    serve(served_command(args), address, port, title=f"testbed tui {file.name}", on_ready=ready)
 
 
 def register(app: typer.Typer) -> None:
