@@ -76,12 +76,13 @@ def _memory_holds(pid: int, needle: bytes, max_mapping_bytes: int = 64 << 20) ->
 @pytest.mark.mosquitto
 async def test_no_agent_broker_or_template_holds_the_commands_hf_token(topologies, tmp_path, unique_run_id,
                                                                       monkeypatch):
+    from testbed.composition.cells import MadeCell
     from testbed.composition.session import RunSession
     from testbed.model.topology import load_topology
 
     monkeypatch.setenv("HF_TOKEN", TOKEN)
     assert _memory_holds(os.getpid(), TOKEN.encode())  # the probe finds it where it is
-    async with RunSession(load_topology(topologies / "small.yaml"), run_id=unique_run_id, out_dir=tmp_path) as r:
+    async with RunSession(load_topology(topologies / "small.yaml"), MadeCell(unique_run_id), out_dir=tmp_path) as r:
         await r.ensure_agents(r.cell.device_ids())
         agents = r.agents.pids()
         pids = {"broker": r.cell.broker.pid, "template": r.template_pid, **{f"agent {d}": p for d, p in agents.items()}}

@@ -20,13 +20,17 @@ from hypothesis import strategies as st
 
 from testbed.errors import RelayError
 from testbed.relay import messages
-from testbed.relay.messages import (BadMessage, PatchContextMeta, PatchNoiseMeta, SplitMeta, StageMeta, Status,
-                                    parse_result, parse_result_meta, parse_status)
-from testbed.relay.patch_wire import check_step_meta, json_object
+from testbed.methods.multistage.messages import StageMeta, stage_meta
+from testbed.methods.patch.messages import PatchContextMeta, PatchNoiseMeta, patch_meta
+from testbed.methods.patch.wire import check_step_meta, json_object
+from testbed.methods.split.messages import SplitMeta, split_meta
+from testbed.relay.messages import BadMessage, Status, parse_result, parse_result_meta, parse_status
 from testbed.relay.wire import MAGIC, Message, TensorSpec, encode, peek_meta
 from fuzz_settings import examples
 
 DEV = "dev01"
+#: each method's meta parser (its folder's messages.py)
+PARSERS = {"multistage": stage_meta, "split": split_meta, "patch": patch_meta}
 RUN = "tfz2"
 T0 = 1_796_554_339.25  # an epoch time of this decade
 
@@ -71,7 +75,7 @@ def _check_status(payload: bytes) -> None:
 
 def _check_meta(method: str, meta) -> None:
     try:
-        m = parse_result_meta(DEV, method, meta)
+        m = parse_result_meta(DEV, PARSERS[method], meta)
     except BadMessage as e:
         assert e.device == DEV and e.what == "result"
         return
@@ -150,14 +154,14 @@ def test_patch_context_lists(received):
 
 
 def test_valid_metas_parse_and_keep_their_values():
-    m = parse_result_meta(DEV, "multistage", VALID_META["multistage"])
+    m = parse_result_meta(DEV, PARSERS["multistage"], VALID_META["multistage"])
     assert isinstance(m, StageMeta) and m.task == "n1/1/1" and m.t_send - m.t_recv == pytest.approx(0.51)
-    p = parse_result_meta(DEV, "patch", VALID_META["patch"])
+    p = parse_result_meta(DEV, PARSERS["patch"], VALID_META["patch"])
     assert isinstance(p, PatchNoiseMeta) and p.ctx_received == ((900, T0 + 0.1, T0 + 0.12),) and p.rows == (8, 16)
-    c = parse_result_meta(DEV, "patch", {"phase": "context", "index": 0, "gen": "g1", "t_send": T0})
+    c = parse_result_meta(DEV, PARSERS["patch"], {"phase": "context", "index": 0, "gen": "g1", "t_send": T0})
     assert isinstance(c, PatchContextMeta)
     with pytest.raises(BadMessage, match="t_send .* is before t_recv"):
-        parse_result_meta(DEV, "split", dict(VALID_META["split"], t_send=T0 - 1))
+        parse_result_meta(DEV, PARSERS["split"], dict(VALID_META["split"], t_send=T0 - 1))
 
 
 # -- whole results through the wire decoder -----------------------------------------------
@@ -183,7 +187,7 @@ def _result(method: str, meta: dict) -> bytes:
 def test_results_end_to_end(method, key, value):
     payload = _result(method, dict(VALID_META[method], **{key: value}))
     try:
-        r = parse_result(DEV, payload, method=method, run=RUN, max_bytes=8192, total_steps=10, expect={"latent": LAT},
+        r = parse_result(DEV, payload, meta=PARSERS[method], run=RUN, max_bytes=8192, total_steps=10, expect={"latent": LAT},
                          max_tensor_bytes=1024)
     except BadMessage as e:
         assert e.device == DEV
@@ -196,7 +200,7 @@ def test_results_end_to_end(method, key, value):
 @given(st.binary(max_size=3000))
 def test_results_from_arbitrary_bytes(payload):
     with pytest.raises(BadMessage):
-        parse_result(DEV, MAGIC + payload, method="multistage", run=RUN, max_bytes=8192)
+        parse_result(DEV, MAGIC + payload, meta=stage_meta, run=RUN, max_bytes=8192)
 
 
 # -- the server's step task as a patch device reads it (patch_wire) -----------------------

@@ -174,7 +174,8 @@ class AgentLauncher:
         join = await self.cell.join(device)
         cfg = self.config_path(device)
         cores = self.cell.nodes[device].cpu_quota_cores or float(os.cpu_count() or 1)
-        env = {"TESTBED_AGENT_CONFIG": str(cfg), "OMP_NUM_THREADS": str(max(1, int(cores)))}
+        # the node's own environment first (its GPU share's CUDA MPS variables, emulation/gpu.py)
+        env = {**join.env, "TESTBED_AGENT_CONFIG": str(cfg), "OMP_NUM_THREADS": str(max(1, int(cores)))}
         argv = [AGENT_TITLE, self.run_id, device, "--config", str(cfg)]
         try:
             doc = json.loads(cfg.read_text())

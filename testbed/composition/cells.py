@@ -116,11 +116,14 @@ class MadeCell:
         creds = None
         if self.broker:
             creds = security.make_credentials(run_id, cell.device_ids())
-            paths = security.write_security_files(self.state_dir / "secrets", creds, SERVER_ADDRESS, MQTT_PORT)
+            paths = security.write_security_files(self.state_dir / "secrets", creds, SERVER_ADDRESS, MQTT_PORT,
+                                                  watch_port=MQTT_PORT + 1)
             shutil.copy2(paths["observer"], self.state_dir / "observer.json")
             limit = max_message_bytes(topo)
-            with clock.span("broker"):
-                await cell.start_broker(BrokerSettings(paths["password_file"], paths["acl_file"], limit))
+            with clock.span("broker"):  # client ids bound to accounts; watchers on a listener of their own
+                await cell.start_broker(BrokerSettings(paths["password_file"], paths["acl_file"], limit,
+                                                       watch_password_file=paths["watch_password_file"],
+                                                       watch_acl_file=paths["watch_acl_file"]))
             assert self._launcher is not None
             self._launcher.bind(cell, write_agent_configs(self.state_dir, topo, cell, run_id, creds, limit))
         write_state(run_id, cell.status() | {"topology": topo.name, "seed": topo.seed})
@@ -195,8 +198,11 @@ class GivenCell:
                    started: Callable[[], None]) -> Rig:
         started()
         secrets = self.state_dir / "secrets"
-        await self.cell.start_broker(BrokerSettings(secrets / "mosquitto.passwd", secrets / "mosquitto.acl",
-                                                    max_message_bytes(topo)))
+        watch = secrets / "watch.passwd"  # (a scenario written before watchers had a listener has none)
+        await self.cell.start_broker(BrokerSettings(
+            secrets / "mosquitto.passwd", secrets / "mosquitto.acl", max_message_bytes(topo),
+            watch_password_file=watch if watch.exists() else None,
+            watch_acl_file=secrets / "watch.acl" if watch.exists() else None))
         return Rig(self.cell.run_id, self.cell, self.credentials, ExternalAgents(), None, self.state_dir)
 
     async def close(self) -> None:

@@ -104,7 +104,7 @@ def write_scenario(file: Path, out_dir: Path, *, run_id: str | None = None, imag
         doc["seed"] = seed
         (state / "topology.yaml").write_text(yaml.safe_dump(doc, sort_keys=False))
     creds = security.make_credentials(run, [link.id for link in links])
-    security.write_security_files(state / "secrets", creds, SERVER_HOST, MQTT_PORT)
+    security.write_security_files(state / "secrets", creds, SERVER_HOST, MQTT_PORT, watch_port=MQTT_PORT + 1)
     max_msg = max_message_bytes(topo)
     agent = _bin("testbed-agent")
     nodes = [ComposeNode("server", "server", profiles[topo.server.profile].cpu_cores,

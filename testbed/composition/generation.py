@@ -71,7 +71,7 @@ class Generation:
             plan = req.collab.plan(PlanContext(topo, self.current_links(), req.t_max_s, req.e_max_j, topo.seed,
                                                history, cell.impairments))
         specs = _fault_specs(req, plan)
-        settings = self.services.relay_settings() if self.rig.credentials is not None and cell.broker else None
+        settings = self.services.relay_settings("events") if self.rig.credentials is not None and cell.broker else None
         async with publishing(self.events, settings, self.services.in_server_ns):
             self.services.emit("selection", None, method=req.collab.name, selector=req.collab.selector,
                                strategy=req.collab.selector, selected=plan.selected,

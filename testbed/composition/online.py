@@ -6,13 +6,15 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import secrets
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
 from testbed.composition.cells import Rig
-from testbed.errors import RelayError, RunFailedError
-from testbed.relay.orchestrator import RelaySettings, Timing, parse_status
+from testbed.errors import RunFailedError
+from testbed.relay.messages import BadMessage, parse_status
+from testbed.relay.orchestrator import RelaySettings, Timing
 
 __all__ = ["ensure_online", "wait_online"]
 
@@ -65,8 +67,8 @@ async def wait_online(settings: RelaySettings, devices: list[str]) -> None:
     timeout_s = Timing.for_compute("profile", len(devices)).online_timeout_s
     want, seen = set(devices), set()
     async with aiomqtt.Client(settings.broker_host, settings.broker_port, username=settings.username,
-                              password=settings.password, timeout=10,
-                              identifier=f"tb-{settings.run}-owner-wait") as client:
+                              password=settings.password, timeout=10,  # (the watch listener: several may wait)
+                              identifier=f"tb-{settings.run}-wait-{secrets.token_hex(3)}") as client:
         await client.subscribe(topics.device_leaf_filter(settings.run, "status"), qos=1)
         try:
             async with asyncio.timeout(timeout_s):
@@ -75,8 +77,8 @@ async def wait_online(settings: RelaySettings, devices: list[str]) -> None:
                     if parsed is None:
                         continue
                     try:
-                        state = parse_status(bytes(m.payload)).state
-                    except RelayError:
+                        state = parse_status(parsed[0], bytes(m.payload)).state
+                    except BadMessage:
                         continue  # a malformed status says nothing about being online
                     if state == "online":
                         seen.add(parsed[0])

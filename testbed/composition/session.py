@@ -108,7 +108,7 @@ class RunSession:
         """Every device's agent starts as soon as the template, the cell and the broker are
         ready, not when a plan asks for them: the first stage does not wait for 20 agents."""
         with self.clock.span("agents"):
-            await ensure_online(self.need_rig(), devices, self.relay_settings(), self.in_server_ns)
+            await ensure_online(self.need_rig(), devices, self.relay_settings("monitor"), self.in_server_ns)
 
     def need_rig(self) -> Rig:
         if self.rig is None:
@@ -201,12 +201,18 @@ class RunSession:
                                 "bring the cell up with this file, or run it without --run")
 
     # -- what methods borrow (methods/base.py RunServices) ---------------------------
-    def relay_settings(self) -> RelaySettings:
+    def relay_settings(self, role: str = "server") -> RelaySettings:
+        """How a role reaches the broker: `server` (the orchestrator), `events` (the run
+        owner's event publisher) on the cell listener, `monitor` (who is online) on the watch
+        listener. Each role logs in as itself: its client id is its account's."""
         rig = self.need_rig()
-        if rig.cell.broker is None or rig.credentials is None:
+        broker, creds = rig.cell.broker, rig.credentials
+        if broker is None or creds is None:
             raise RunFailedError(f"run {rig.run_id}: no broker is up")
-        return RelaySettings(rig.run_id, rig.cell.broker.host, rig.cell.broker.port, rig.credentials.server.username,
-                             rig.credentials.server.password, max_message_bytes(self.topology))
+        cred = {"server": creds.server, "events": creds.events, "monitor": creds.monitor}[role] or creds.server
+        watch = role == "monitor" and creds.monitor is not None and broker.settings.watch_port is not None
+        return RelaySettings(rig.run_id, broker.host, broker.settings.watch_port if watch else broker.port,
+                             cred.username, cred.password, max_message_bytes(self.topology))
 
     async def ensure_agents(self, devices: list[str]) -> None:
         """Agents of `devices` are running and online; an agent that dies at start fails the wait at once."""
@@ -214,7 +220,7 @@ class RunSession:
         if self._warmup is not None:  # its failure (an agent that died at start) is this wait's; once
             warmup, self._warmup = self._warmup, None
             await warmup
-        n = await ensure_online(self.need_rig(), devices, self.relay_settings(), self.in_server_ns)
+        n = await ensure_online(self.need_rig(), devices, self.relay_settings("monitor"), self.in_server_ns)
         if self._generation_clock is not None:
             self._generation_clock.mark("agents_wait", t0)
         self.emit("agents_online", None, devices=n, waited_s=time.time() - t0)

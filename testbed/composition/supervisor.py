@@ -126,6 +126,7 @@ class CellKeeper:
         import aiomqtt
 
         from testbed.relay import topics
+        from testbed.relay.messages import BadMessage, parse_status
 
         session = self.session
         loop = asyncio.get_running_loop()
@@ -135,7 +136,7 @@ class CellKeeper:
             self.write()
 
         async def follow() -> None:
-            rs = session.relay_settings()
+            rs = session.relay_settings("monitor")  # the watch listener: read-only, its own client id
             while True:
                 try:
                     async with aiomqtt.Client(rs.broker_host, rs.broker_port, username=rs.username,
@@ -144,10 +145,11 @@ class CellKeeper:
                         await client.subscribe(topics.device_leaf_filter(rs.run, "status"), qos=1)
                         async for m in client.messages:
                             parsed = topics.parse_device_topic(rs.run, str(m.topic))
-                            with contextlib.suppress(ValueError, AttributeError, TypeError):
-                                state = json.loads(bytes(m.payload)).get("state")
-                                if parsed is not None and parsed[1] == "status":
-                                    loop.call_soon_threadsafe(seen, parsed[0], str(state))
+                            if parsed is None or parsed[1] != "status":
+                                continue
+                            with contextlib.suppress(BadMessage):  # a malformed status changes nothing
+                                state = parse_status(parsed[0], bytes(m.payload)).state
+                                loop.call_soon_threadsafe(seen, parsed[0], state)
                 except aiomqtt.MqttError:
                     await asyncio.sleep(1.0)  # the broker restarts (a fault): follow it again
 

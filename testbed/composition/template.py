@@ -114,11 +114,13 @@ def _child(req: dict[str, Any], fds: list[int]) -> int:
     os.close(null)
     _close_inherited(keep=fds)
     enter_node(fds, int(req["cgroup_fds"]), bool(req["netns_fd"]), int(req["extra_ns_fds"]))
+    # the node's environment before the model: a GPU share's CUDA MPS variables apply to a
+    # CUDA context made here, as root (MPS serves one uid at a time; docs/gpu.md)
+    os.environ.update(req.get("env") or {})
     if req.get("model"):  # inside the node (its memory counts), before the uid that cannot read e.g. /root/.cache
         _load_model(*req["model"])
     drop_privileges(int(req["uid"]))
     os.chdir("/")
-    os.environ.update(req.get("env") or {})
     argv = [str(a) for a in req["argv"]]
     setproctitle(" ".join(argv))
     sys.argv = argv

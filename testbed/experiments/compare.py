@@ -235,14 +235,14 @@ def _column_kinds(columns: dict[str, Any], rows: list[dict[str, Any]]) -> dict[s
 
 
 def _spec(row: dict[str, Any]) -> str:
-    from testbed.experiments.sweep import RunSpec
+    from testbed.experiments.sweep import row_key
 
-    return RunSpec(row["method"], row["strategy"]).key
+    return row_key(row)
 
 
 def _numeric_columns(kinds: dict[str, str]) -> list[str]:
     """The columns averaged: every number but the point's own coordinates."""
-    skip = {"t_max_s", "e_max_j", "seed", "method", "strategy", "compute", "selected", "run", "image", "error"}
+    skip = {"t_max_s", "e_max_j", "seed", "method", "strategy", "selector", "compute", "selected", "run", "image", "error"}
     return [c for c in kinds if c not in skip]
 
 

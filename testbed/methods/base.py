@@ -89,7 +89,9 @@ def energy_by_device(pairs: list[tuple[str, float]]) -> dict[str, float]:
 class RunServices(Protocol):
     """What the run owner lends a method's `execute` (composition/session.py)."""
 
-    def relay_settings(self) -> RelaySettings: ...
+    def relay_settings(self, role: str = "server") -> RelaySettings:
+        """How a role (server: the orchestrator) reaches the broker, as its own account."""
+        ...
     async def ensure_agents(self, devices: list[str]) -> None:
         """Agents of these devices are running and online (bounded wait)."""
         ...

@@ -7,14 +7,13 @@ A device sends two kinds of message (relay/topics.py):
                                         and, computing, the stage/attempt/steps it took
                                         and t_recv (when the task arrived)
     result   tb/<run>/dev/<id>/result   a relay message (wire.py) whose header's `meta`
-                                        carries the timings and, by method:
-               multistage  StageMeta (t_recv, t_send, overrun_s, cmp_real_s, sched, task ...)
-               split       SplitMeta (role head | tail, t_recv, t_send ...)
-               patch       PatchNoiseMeta (phase noise: the band's timings, the contexts it
-                           received) or PatchContextMeta (phase context: gen, index, t_send)
+                                        carries the timings and what the method needs;
+                                        each method's folder types its meta
+                                        (methods/<name>/messages.py, with `Fields`)
 
-`parse_status(device, payload)` and `parse_result(device, payload, method=..., ...)` are
-what an orchestrator calls on each; nothing past them reads the raw JSON. They never raise
+`parse_status(device, payload)` and `parse_result(device, payload, meta=<the method's
+parser>, ...)` are what the orchestrator base (relay/orchestrator.py) calls on each;
+nothing past them reads the raw JSON. They never raise
 anything but BadMessage (a RelayError: a bad message fails that device's stage, the run
 goes on by recovery): JSON nested deeper than `MAX_JSON_DEPTH` is refused before it is
 parsed (no RecursionError), `NaN`/`Infinity` and numbers outside their ranges are refused
@@ -25,6 +24,7 @@ from __future__ import annotations
 
 import json
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -36,13 +36,12 @@ __all__ = [
     "MAX_STATUS_BYTES",
     "MAX_JSON_DEPTH",
     "STATES",
-    "METHODS",
     "Status",
-    "StageMeta",
-    "SplitMeta",
-    "PatchNoiseMeta",
-    "PatchContextMeta",
     "DeviceResult",
+    "Fields",
+    "MetaParser",
+    "ordered",
+    "sched_scalars",
     "json_depth_ok",
     "load_json_object",
     "parse_status",
@@ -55,7 +54,6 @@ MAX_STATUS_BYTES = 4096
 #: Nesting of any JSON a device sends (a status, a result's meta: at most 3 levels used).
 MAX_JSON_DEPTH = 8
 STATES = ("online", "computing", "offline")
-METHODS = ("multistage", "split", "patch")
 #: Timestamps are this host's wall clock (devices share it): seconds since the epoch in
 #: [2001-09-09, 2286-11-20]; durations are in [0, 1 day].
 _EPOCH_RANGE = (1e9, 1e10)
@@ -85,71 +83,11 @@ class Status:
 
 
 @dataclass(frozen=True)
-class StageMeta:
-    """A multi-stage result's meta (relay/agent.py)."""
-
-    t_recv: float
-    t_send: float
-    t_cmp_start: float | None
-    t_cmp_end: float | None
-    overrun_s: float
-    cmp_real_s: float
-    cmp_profile_s: float | None
-    precision: str
-    compute_dtype: str | None
-    task: str | None  # the task id the result answers
-    scheduler: str | None
-    sched: dict[str, Any]  # the scheduler's scalars (JSON scalars or short lists of them)
-
-
-@dataclass(frozen=True)
-class SplitMeta:
-    """A split-diffusion step result's meta (relay/split_agent.py)."""
-
-    role: str  # "head" | "tail"
-    t_recv: float
-    t_send: float
-    t_cmp_start: float | None
-    overrun_s: float
-    cmp_real_s: float
-    precision: str
-
-
-@dataclass(frozen=True)
-class PatchNoiseMeta:
-    """A patch band's noise result (relay/patch_agent.py)."""
-
-    gen: str
-    index: int
-    mode: str
-    t_recv: float
-    t_send: float
-    t_cmp_start: float
-    t_cmp_end: float
-    t_cmp_s: float
-    wait_s: float
-    overrun_s: float
-    cmp_real_s: float
-    rows: tuple[int, int]
-    ctx_received: tuple[tuple[int, float, float], ...]  # (wire bytes, published, received) per context
-    precision: str
-
-
-@dataclass(frozen=True)
-class PatchContextMeta:
-    """A patch band's context, for the server to relay (relay/patch_agent.py)."""
-
-    gen: str
-    index: int
-    t_send: float
-
-
-@dataclass(frozen=True)
 class DeviceResult:
     """A result that passed every check: the decoded message and its typed meta."""
 
     message: Message
-    meta: StageMeta | SplitMeta | PatchNoiseMeta | PatchContextMeta
+    meta: Any  # the method's typed meta (methods/<name>/messages.py)
 
 
 # -- JSON at the door -----------------------------------------------------------------------
@@ -209,8 +147,9 @@ def load_json_object(device: str, what: str, payload: bytes, max_bytes: int,
 
 
 # -- typed fields ---------------------------------------------------------------------------
-class _Fields:
-    """Typed reads of one JSON object, each failure a BadMessage naming the field."""
+class Fields:
+    """Typed reads of one JSON object, each failure a BadMessage naming the field (what a
+    method's meta parser reads its fields with)."""
 
     def __init__(self, device: str, what: str, doc: dict[str, Any], prefix: str = ""):
         self.device, self.what, self.doc, self.prefix = device, what, doc, prefix
@@ -238,6 +177,13 @@ class _Fields:
         if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or not lo <= v <= hi:
             raise self.bad(key, f"must be a number in [{lo:g}, {hi:g}], got {_short(v)}")
         return float(v)
+
+    def items(self, key: str, max_items: int = _MAX_LIST) -> list[Any]:
+        """A list field of at most `max_items` (empty when missing)."""
+        v = self._get(key, False) or []
+        if not isinstance(v, list) or len(v) > max_items:
+            raise self.bad(key, f"must be a list of at most {max_items}")
+        return v
 
     def epoch(self, key: str, required: bool = False) -> float | None:
         return self.number(key, *_EPOCH_RANGE, required=required)
@@ -271,7 +217,7 @@ def _short(v: Any) -> str:
     return r if len(r) <= 60 else r[:57] + "..."
 
 
-def _ordered(f: _Fields, earlier: str, a: float | None, later: str, b: float | None) -> None:
+def ordered(f: Fields, earlier: str, a: float | None, later: str, b: float | None) -> None:
     if a is not None and b is not None and b < a:
         raise f.bad(later, f"({b:.6f}) is before {earlier} ({a:.6f})")
 
@@ -280,7 +226,7 @@ def _ordered(f: _Fields, earlier: str, a: float | None, later: str, b: float | N
 def parse_status(device: str, payload: bytes) -> Status:
     """A device's status document (its retained online/offline, its will, computing)."""
     doc = load_json_object(device, "status", payload, MAX_STATUS_BYTES)
-    f = _Fields(device, "status", doc)
+    f = Fields(device, "status", doc)
     state = f.text("state", required=True, choices=STATES)
     speaker = f.text("device")
     if speaker is not None and speaker != device:
@@ -293,7 +239,7 @@ def parse_status(device: str, payload: bytes) -> Status:
 
 
 # -- results --------------------------------------------------------------------------------
-def _sched(f: _Fields) -> dict[str, Any]:
+def sched_scalars(f: Fields) -> dict[str, Any]:
     v = f.doc.get("sched", {})
     if not isinstance(v, dict) or len(v) > 64:
         raise f.bad("sched", "must be an object of at most 64 scalars")
@@ -310,69 +256,20 @@ def _scalar(x: Any) -> bool:
     return x is None or isinstance(x, (bool, int)) or (isinstance(x, str) and len(x) <= 256)
 
 
-def _stage_meta(f: _Fields) -> StageMeta:
-    t_recv, t_send = f.epoch("t_recv", required=True), f.epoch("t_send", required=True)
-    start, end = f.epoch("t_cmp_start"), f.epoch("t_cmp_end")
-    _ordered(f, "t_recv", t_recv, "t_send", t_send)
-    _ordered(f, "t_cmp_start", start, "t_cmp_end", end)
-    return StageMeta(t_recv, t_send, start, end, f.duration("overrun_s", default=0.0),
-                     f.duration("cmp_real_s", default=0.0), f.duration("cmp_profile_s"), f.text("precision") or "",
-                     f.text("compute_dtype"), f.text("task"), f.text("scheduler"), _sched(f))
+#: A method's meta parser: the typed meta from its fields, or BadMessage (Fields.bad)
+MetaParser = Callable[[Fields], Any]
 
 
-def _split_meta(f: _Fields) -> SplitMeta:
-    t_recv, t_send = f.epoch("t_recv", required=True), f.epoch("t_send", required=True)
-    _ordered(f, "t_recv", t_recv, "t_send", t_send)
-    return SplitMeta(f.text("role", required=True, choices=("head", "tail")), t_recv, t_send, f.epoch("t_cmp_start"),
-                     f.duration("overrun_s", default=0.0), f.duration("cmp_real_s", default=0.0),
-                     f.text("precision") or "")
-
-
-def _ctx_received(f: _Fields) -> tuple[tuple[int, float, float], ...]:
-    v = f.doc.get("ctx_received") or []
-    out = []
-    if not isinstance(v, list) or len(v) > _MAX_LIST:
-        raise f.bad("ctx_received", f"must be a list of at most {_MAX_LIST} [bytes, published, received]")
-    for i, item in enumerate(v):
-        g = _Fields(f.device, f.what, dict(zip(("bytes", "published", "received"), item))
-                    if isinstance(item, list) and len(item) == 3 else {}, f"{f.prefix}ctx_received[{i}].")
-        wire = g.integer("bytes", hi=2**40, required=True)
-        pub, recv = g.epoch("published", required=True), g.epoch("received", required=True)
-        _ordered(g, "published", pub, "received", recv)
-        out.append((wire, pub, recv))
-    return tuple(out)
-
-
-def _patch_meta(f: _Fields) -> PatchNoiseMeta | PatchContextMeta:
-    phase = f.text("phase", required=True, choices=("noise", "context"))
-    gen, index = f.text("gen", required=True, max_len=64), f.integer("index", hi=63, required=True)
-    if phase == "context":
-        return PatchContextMeta(gen, index, f.epoch("t_send", required=True))
-    t_recv, t_send = f.epoch("t_recv", required=True), f.epoch("t_send", required=True)
-    start, end = f.epoch("t_cmp_start", required=True), f.epoch("t_cmp_end", required=True)
-    _ordered(f, "t_recv", t_recv, "t_send", t_send)
-    _ordered(f, "t_cmp_start", start, "t_cmp_end", end)
-    return PatchNoiseMeta(gen, index, f.text("mode", required=True, choices=("sync", "displaced")), t_recv, t_send,
-                          start, end, f.duration("t_cmp_s", required=True), f.duration("wait_s", default=0.0),
-                          f.duration("overrun_s", default=0.0), f.duration("cmp_real_s", default=0.0),
-                          f.pair("rows", required=True), _ctx_received(f), f.text("precision") or "")
-
-
-_META = {"multistage": _stage_meta, "split": _split_meta, "patch": _patch_meta}
-
-
-def parse_result_meta(device: str, method: str, meta: Any) -> StageMeta | SplitMeta | PatchNoiseMeta | PatchContextMeta:
-    """The typed meta of a decoded result of `method` (METHODS)."""
-    if method not in _META:
-        raise ValueError(f"unknown method {method!r}; one of {METHODS}")
+def parse_result_meta(device: str, parser: MetaParser, meta: Any) -> Any:
+    """The typed meta of a decoded result, read by the method's `parser`."""
     if not isinstance(meta, dict):
         raise BadMessage(device, "result", "meta must be a JSON object")
     if not _depth_ok(meta, MAX_JSON_DEPTH):
         raise BadMessage(device, "result", f"meta nested deeper than {MAX_JSON_DEPTH}")
-    return _META[method](_Fields(device, "result", meta, "meta."))
+    return parser(Fields(device, "result", meta, "meta."))
 
 
-def parse_result(device: str, payload: bytes | bytearray | memoryview, *, method: str, run: str, max_bytes: int,
+def parse_result(device: str, payload: bytes | bytearray | memoryview, *, meta: MetaParser, run: str, max_bytes: int,
                  total_steps: int | None = None, expect: dict[str, TensorSpec] | None = None,
                  max_tensor_bytes: int | None = None) -> DeviceResult:
     """A device's result: the wire format's checks (wire.decode: size, header, tensors, run,
@@ -384,4 +281,4 @@ def parse_result(device: str, payload: bytes | bytearray | memoryview, *, method
         raise
     except RelayError as e:
         raise BadMessage(device, "result", str(e).removeprefix("rejected relay message: ")) from None
-    return DeviceResult(msg, parse_result_meta(device, method, msg.meta))
+    return DeviceResult(msg, parse_result_meta(device, meta, msg.meta))

@@ -7,9 +7,10 @@ base owns everything they share:
   result topics, read them, reconnect with backoff when the broker goes away (a method that
   can resume — multi-stage — goes on from its checkpoint; the others fail the run);
 - **the one door for device messages**: every status and result a device sends passes
-  `parse_status` / `decode_result` (size, JSON shape, types, ranges, the wire format's
-  checks) before a method sees it; what fails is a `result_rejected` event naming the
-  device and the reason, never an exception in the reader;
+  relay/messages.py (`parse_status`; `decode_result`: the wire format's checks and the
+  method's typed meta — size, JSON depth, types, ranges) before a method sees it; what
+  fails is a `status_rejected` / `result_rejected` event naming the device and the
+  reason, never an exception in the reader;
 - who is online (the devices' retained status), and `wait_online` with a bound;
 - deadlines (`Timing`: a factor of the predicted time plus slack, by compute mode);
 - task encoding (`task`: every task carries `meta.method`, which picks the device's handler);
@@ -23,7 +24,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import math
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
@@ -32,13 +32,10 @@ from typing import Any, ClassVar
 from testbed.errors import RelayError
 from testbed.relay import topics
 from testbed.relay.events import make_event
-from testbed.relay.wire import Message, decode, encode
+from testbed.relay.messages import BadMessage, DeviceResult, MetaParser, Status, parse_result, parse_status
+from testbed.relay.wire import Message, encode
 
-__all__ = ["RelaySettings", "DevicePower", "Timing", "Job", "DeviceStatus", "Orchestrator", "MAX_STATUS_BYTES"]
-
-#: A status is a small JSON object; anything longer is a device misbehaving.
-MAX_STATUS_BYTES = 4096
-_STATES = ("online", "computing", "offline")
+__all__ = ["RelaySettings", "DevicePower", "Timing", "Job", "Orchestrator"]
 
 
 @dataclass(frozen=True)
@@ -101,50 +98,14 @@ class Job:
     payload_bytes: int
 
 
-@dataclass(frozen=True)
-class DeviceStatus:
-    """A device's status message, parsed: its state and, while computing, which task."""
-
-    state: str
-    stage: int | None = None
-    attempt: int | None = None
-    t_recv: float | None = None
-
-
-def _finite(v: Any) -> bool:
-    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
-
-
-def parse_status(payload: bytes) -> DeviceStatus:
-    """A status payload as a `DeviceStatus`; RelayError saying what is wrong otherwise."""
-    if len(payload) > MAX_STATUS_BYTES:
-        raise RelayError(f"status of {len(payload)} bytes (at most {MAX_STATUS_BYTES})")
-    try:
-        doc = json.loads(payload)
-    except (ValueError, RecursionError) as e:  # (deep nesting raises RecursionError)
-        raise RelayError(f"status is not JSON ({type(e).__name__})") from None
-    if not isinstance(doc, dict):
-        raise RelayError(f"status is a JSON {type(doc).__name__}, not an object")
-    state = doc.get("state")
-    if state not in _STATES:
-        raise RelayError(f"status state {state!r} (one of {', '.join(_STATES)})")
-    if state != "computing":
-        return DeviceStatus(state)
-    stage, attempt, t_recv = doc.get("stage"), doc.get("attempt", 1), doc.get("t_recv")
-    for name, v in (("stage", stage), ("attempt", attempt)):
-        if not isinstance(v, int) or isinstance(v, bool) or not 0 <= v < 1_000_000:
-            raise RelayError(f"status {name} {v!r} (an integer from 0)")
-    if t_recv is not None and not _finite(t_recv):
-        raise RelayError(f"status t_recv {t_recv!r} (seconds since the epoch)")
-    return DeviceStatus(state, stage, attempt, float(t_recv) if t_recv is not None else None)
-
-
 class Orchestrator:
     """Base of a method's orchestrator (see the module docstring). A method implements
     `generate()` and, where it needs them, the hooks `on_status`, `on_result`,
     `on_broker_lost` and `pending()`; `run()` connects, generates and cleans up."""
 
     method: ClassVar[str]
+    #: the method's typed reading of a result's meta (methods/<name>/messages.py)
+    result_meta: ClassVar[MetaParser]
     #: resumes after a lost broker (from its checkpoint); the others fail the run
     resumes: ClassVar[bool] = False
     #: publishes in flight that are expected (patch relays context without waiting)
@@ -170,7 +131,7 @@ class Orchestrator:
     async def generate(self) -> Any:
         raise NotImplementedError
 
-    async def on_status(self, dev: str, status: DeviceStatus, t_in: float) -> None:
+    async def on_status(self, dev: str, status: Status, t_in: float) -> None:
         await self.inbox.put(("status", dev, status, t_in))
 
     async def on_result(self, dev: str, payload: bytes, t_in: float) -> None:
@@ -184,11 +145,13 @@ class Orchestrator:
         return []
 
     # -- the one door for device messages -----------------------------------------------
-    def decode_result(self, dev: str, payload: bytes, **checks: Any) -> Message:
+    def decode_result(self, dev: str, payload: bytes, **checks: Any) -> DeviceResult:
         """A device's result through the wire format's checks (size, header, tensors, run,
-        device; `checks`: total_steps, expect, ...); RelayError naming what is wrong."""
-        return decode(payload, max_bytes=self.settings.max_message_bytes, run=self.run_id, kind="result",
-                      device=dev, max_tensor_bytes=self.settings.max_message_bytes, **checks)
+        device; `checks`: total_steps, expect) and the method's typed meta; BadMessage (a
+        RelayError) naming the device and what is wrong."""
+        return parse_result(dev, payload, meta=type(self).result_meta, run=self.run_id,
+                            max_bytes=self.settings.max_message_bytes,
+                            max_tensor_bytes=self.settings.max_message_bytes, **checks)
 
     async def reject(self, dev: str, error: str, **data: Any) -> None:
         """A device message that failed its checks: counted, reported, dropped."""
@@ -314,8 +277,8 @@ class Orchestrator:
             t_in = time.time()
             if leaf == "status":
                 try:
-                    status = parse_status(payload)
-                except RelayError as e:
+                    status = parse_status(dev, payload)
+                except BadMessage as e:
                     await self.emit("status_rejected", device=dev, error=str(e))
                     continue
                 if status.state == "offline":

@@ -32,9 +32,10 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from testbed.errors import InfeasibleError, RelayError, RunFailedError
+from testbed.methods.multistage.messages import StageMeta, stage_meta
+from testbed.relay.messages import DeviceResult
 from testbed.relay.orchestrator import DevicePower, Job, Orchestrator, RelaySettings, Timing
 from testbed.relay.stage import pack_task_tensors, unpack_task_tensors
-from testbed.relay.wire import Message
 
 __all__ = ["StageRecord", "Recovery", "RelayOutcome", "MultistageOrchestrator", "Replan"]
 
@@ -137,6 +138,7 @@ class MultistageOrchestrator(Orchestrator):
     """
 
     method = "multistage"
+    result_meta = stage_meta
     resumes = True
 
     def __init__(self, settings: RelaySettings, job: Job, power: dict[str, DevicePower], *, plan: Any,
@@ -150,7 +152,7 @@ class MultistageOrchestrator(Orchestrator):
         self.t_max_s, self.e_max_j = t_max_s, e_max_j
         self.failed: set[str] = set()
         self._nonce = secrets.token_hex(6)  # task ids `<nonce>/<stage>/<attempt>`: unique to this generation
-        self._last_result: Message | None = None
+        self._last_result: DeviceResult | None = None
 
     async def _broker_lost_within(self, seconds: float) -> bool:
         deadline = time.monotonic() + seconds
@@ -326,39 +328,32 @@ class MultistageOrchestrator(Orchestrator):
             except RelayError as e:
                 await self.reject(dev, str(e), steps=steps, stage=i)
                 continue
-            m = res.meta
-            t_recv, t_send = float(m["t_recv"]), float(m["t_send"])
-            t_down, t_cmp, t_up = t_recv - t_pub, t_send - t_recv, t_in - t_send
-            overrun, real = float(m.get("overrun_s") or 0.0), float(m.get("cmp_real_s") or 0.0)
+            m: StageMeta = res.meta
+            t_down, t_cmp, t_up = m.t_recv - t_pub, m.t_send - m.t_recv, t_in - m.t_send
+            overrun, real = m.overrun_s, m.cmp_real_s
             await self.emit("computed", device=dev, steps=steps, stage=i, t_cmp_s=t_cmp, overrun_s=overrun,
                             cmp_real_s=real, predicted_t_cmp_s=cost.t_cmp_s)
             e_j = pw.energy_j(t_down, t_cmp, t_up)
             rec = StageRecord(device=dev, steps=steps, stage=i, attempt=attempt, t_down_s=t_down, t_cmp_s=t_cmp,
                               t_up_s=t_up, energy_j=e_j, overrun_s=overrun, cmp_real_s=real, predicted=predicted,
                               wire_bytes_down=len(data), wire_bytes_up=len(body),
-                              precision=str(m.get("precision", "")), compute_dtype=m.get("compute_dtype"))
+                              precision=m.precision, compute_dtype=m.compute_dtype)
             await self.emit("uploaded", device=dev, steps=steps, stage=i, t_up_s=t_up, energy_j=e_j,
                             predicted_t_up_s=cost.t_up_s)
             self._last_result = res
             return rec, "", 0.0
 
     def _check_result(self, dev: str, payload: bytes, i: int, attempt: int, steps: tuple[int, int], n_total: int,
-                      task_id: str) -> Message:
+                      task_id: str) -> DeviceResult:
         """The stage's result through the one door, then this stage's own checks."""
         res = self.decode_result(dev, payload, total_steps=n_total, expect={"latent": self.job.model.latent_spec})
-        if res.meta.get("task") != task_id:
-            raise RelayError(f"result for task {res.meta.get('task')!r}, not this generation's stage {i} "
+        msg = res.message
+        if res.meta.task != task_id:
+            raise RelayError(f"result for task {res.meta.task!r}, not this generation's stage {i} "
                              f"attempt {attempt} (a late upload of an earlier one?)")
-        if (res.stage, res.attempt, res.steps) != (i, attempt, steps):
-            raise RelayError(f"result for stage {res.stage} attempt {res.attempt} steps {list(res.steps)}, "
+        if (msg.stage, msg.attempt, msg.steps) != (i, attempt, steps):
+            raise RelayError(f"result for stage {msg.stage} attempt {msg.attempt} steps {list(msg.steps)}, "
                              f"expected stage {i} attempt {attempt} steps {list(steps)}")
-        for key in ("t_recv", "t_send"):
-            if not isinstance(res.meta.get(key), (int, float)) or isinstance(res.meta.get(key), bool):
-                raise RelayError(f"result meta.{key} {res.meta.get(key)!r} (seconds since the epoch)")
-        for key in ("overrun_s", "cmp_real_s"):
-            v = res.meta.get(key)
-            if v is not None and (not isinstance(v, (int, float)) or isinstance(v, bool)):
-                raise RelayError(f"result meta.{key} {v!r} (seconds)")
         return res
 
     @staticmethod
@@ -370,7 +365,6 @@ class MultistageOrchestrator(Orchestrator):
         return pw.rx_w * (t_recv_dev - t_pub) + pw.compute_w * (now - t_recv_dev)
 
 
-def rec_latent_state(res: Message) -> tuple[Any, dict[str, Any]]:
-    sched = res.meta.get("sched", {}) if isinstance(res.meta.get("sched"), dict) else {}
-    latent, _cond, state = unpack_task_tensors(res.tensors, sched)
+def rec_latent_state(res: DeviceResult) -> tuple[Any, dict[str, Any]]:
+    latent, _cond, state = unpack_task_tensors(res.message.tensors, res.meta.sched)
     return latent, state

@@ -41,7 +41,9 @@ from testbed.errors import RelayError, RunFailedError
 from testbed.methods.patch.plan import PatchPlan
 from testbed.methods.patch.wire import padded_size, parse_ctx_name, routed
 from testbed.relay.agent import SOCKET_OPTIONS
-from testbed.relay.orchestrator import DeviceStatus, DevicePower, Job, Orchestrator, RelaySettings, Timing
+from testbed.methods.patch.messages import PatchContextMeta, PatchNoiseMeta, patch_meta
+from testbed.relay.messages import Status
+from testbed.relay.orchestrator import DevicePower, Job, Orchestrator, RelaySettings, Timing
 from testbed.relay.stage import to_numpy
 from testbed.relay.wire import Message
 
@@ -87,6 +89,7 @@ class PatchStepRecord:
 @dataclass
 class _Noise:
     msg: Message
+    meta: PatchNoiseMeta
     wire_bytes: int
     t_in: float
 
@@ -107,6 +110,7 @@ class PatchOrchestrator(Orchestrator):
     decoder; its UNet runs once on zeros to size each band's context."""
 
     method = "patch"
+    result_meta = patch_meta
     pending_publishes = 1000  # context is relayed without waiting for the broker's acknowledgement
     socket_options = SOCKET_OPTIONS
 
@@ -134,22 +138,18 @@ class PatchOrchestrator(Orchestrator):
         if dev not in self.index_of:
             return
         try:
-            msg = self.decode_result(dev, payload)
-            if msg.meta.get("gen") != self.gen:
-                raise RelayError(f"a result of another generation ({msg.meta.get('gen')!r})")
-            phase = msg.meta.get("phase")
-            if phase == "context":
-                self._relay(dev, msg, len(payload), t_in)
-            elif phase == "noise":
-                _check_noise_meta(msg.meta)
-                self._noise[(dev, msg.stage)] = _Noise(msg, len(payload), t_in)
-                self._arrived.set()
+            res = self.decode_result(dev, payload)
+            if res.meta.gen != self.gen:
+                raise RelayError(f"a result of another generation ({res.meta.gen!r})")
+            if isinstance(res.meta, PatchContextMeta):
+                self._relay(dev, res.message, res.meta, len(payload), t_in)
             else:
-                raise RelayError(f"meta.phase {phase!r} (context or noise)")
-        except (RelayError, KeyError, TypeError, ValueError) as e:
+                self._noise[(dev, res.message.stage)] = _Noise(res.message, res.meta, len(payload), t_in)
+                self._arrived.set()
+        except RelayError as e:
             await self.reject(dev, str(e))
 
-    async def on_status(self, dev: str, status: DeviceStatus, t_in: float) -> None:
+    async def on_status(self, dev: str, status: Status, t_in: float) -> None:
         if dev not in self.index_of:
             return
         if status.state == "computing" and status.stage is not None and status.t_recv is not None:
@@ -171,15 +171,12 @@ class PatchOrchestrator(Orchestrator):
         self._failure = e
         self._arrived.set()
 
-    def _relay(self, dev: str, msg: Message, wire_bytes: int, t_in: float) -> None:
+    def _relay(self, dev: str, msg: Message, meta: PatchContextMeta, wire_bytes: int, t_in: float) -> None:
         """Pass band `dev`'s context on to the bands that need it, at once."""
         i, n = self.index_of[dev], self.plan.n
         for name in msg.tensors:
             parse_ctx_name(name)
-        t_send = msg.meta.get("t_send", t_in)
-        if not isinstance(t_send, (int, float)) or isinstance(t_send, bool):
-            raise RelayError(f"context meta.t_send {t_send!r} (seconds since the epoch)")
-        self.context.arrived(dev, msg.stage, wire_bytes, msg.body_bytes, float(t_send), t_in)
+        self.context.arrived(dev, msg.stage, wire_bytes, msg.body_bytes, meta.t_send, t_in)
         limit = self.settings.max_message_bytes - _HEADROOM
         for j, to in enumerate(self.plan.selected):
             parts = routed(msg.tensors, i, j, n) if j != i else {}
@@ -306,27 +303,23 @@ class PatchOrchestrator(Orchestrator):
         return out
 
     def _record(self, s: int, i: int, dev: str, got: _Noise) -> PatchStepRecord:
-        meta = got.msg.meta
+        meta = got.meta
         t_pub, task_wire = self.steps.t_pub.pop((dev, s)), self.steps.task_wire.pop((dev, s))
-        t_recv, t_send = float(meta["t_recv"]), float(meta["t_send"])
-        received = meta.get("ctx_received") or []
-        ctx_down_wire, ctx_down_air = self.steps.context_received(dev, received)
+        ctx_down_wire, ctx_down_air = self.steps.context_received(dev, meta.ctx_received)
         wire_up, body_up, air_up = self.context.sent_by(dev, s)
         # the task queued behind the context relayed to this band before it: likewise
-        before = [float(recv) for _, _, recv in received if float(recv) <= t_recv]
-        t_down = (t_recv - max([t_pub, *before])) + ctx_down_air
+        before = [recv for _, _, recv in meta.ctx_received if recv <= meta.t_recv]
+        t_down = (meta.t_recv - max([t_pub, *before])) + ctx_down_air
         # the noise queued behind the band's context: its own air time starts when that arrived
-        t_up = (got.t_in - max(t_send, self.context.last_in.get(dev, 0.0))) + air_up
-        t_cmp = float(meta["t_cmp_s"])
+        t_up = (got.t_in - max(meta.t_send, self.context.last_in.get(dev, 0.0))) + air_up
         return PatchStepRecord(
-            step=s, device=dev, band=i, mode=str(meta.get("mode")), rows=list(meta.get("rows") or []),
-            halo_rows=list(self.halo), t_down_s=t_down, t_cmp_s=t_cmp, t_up_s=t_up,
-            t_wait_s=float(meta.get("wait_s") or 0.0), energy_j=self.power[dev].energy_j(t_down, t_cmp, t_up),
-            overrun_s=float(meta.get("overrun_s") or 0.0), cmp_real_s=float(meta.get("cmp_real_s") or 0.0),
-            t_cmp_start=float(meta["t_cmp_start"]), t_cmp_end=float(meta["t_cmp_end"]),
+            step=s, device=dev, band=i, mode=meta.mode, rows=list(meta.rows), halo_rows=list(self.halo),
+            t_down_s=t_down, t_cmp_s=meta.t_cmp_s, t_up_s=t_up, t_wait_s=meta.wait_s,
+            energy_j=self.power[dev].energy_j(t_down, meta.t_cmp_s, t_up), overrun_s=meta.overrun_s,
+            cmp_real_s=meta.cmp_real_s, t_cmp_start=meta.t_cmp_start, t_cmp_end=meta.t_cmp_end,
             bytes_down=task_wire + ctx_down_wire, bytes_up=got.wire_bytes + int(wire_up),
             bytes_context_down=ctx_down_wire, bytes_context_up=int(wire_up), bytes_context_real_up=int(body_up),
-            precision=str(meta.get("precision", "")), predicted=self._predicted(i))
+            precision=meta.precision, predicted=self._predicted(i))
 
     def _predicted(self, i: int) -> dict[str, float]:
         """The plan's displaced-step terms for band i (modelled)."""
@@ -352,15 +345,15 @@ class _StepClock:
         self.t_pub[(dev, s)] = time.time()
         self.task_wire[(dev, s)] = wire_bytes
 
-    def context_received(self, dev: str, received: list) -> tuple[int, float]:
+    def context_received(self, dev: str, received: tuple[tuple[int, float, float], ...]) -> tuple[int, float]:
         """(wire bytes, air seconds) of the context `dev` received since its previous result:
         each message's air time starts at the later of its publish and the previous receipt."""
         wire_total, air = 0, 0.0
         prev = self.last_recv.get(dev, 0.0)
         for wire, pub, recv in received:
-            wire_total += int(wire)
-            air += max(0.0, float(recv) - max(float(pub), prev))
-            prev = float(recv)
+            wire_total += wire
+            air += max(0.0, recv - max(pub, prev))
+            prev = recv
         self.last_recv[dev] = prev
         return wire_total, air
 
@@ -385,16 +378,3 @@ class _ContextTally:
     def sent_by(self, dev: str, stage: int) -> tuple[float, float, float]:
         wire, body, air = self.up.pop((dev, stage), [0.0, 0.0, 0.0])
         return wire, body, air
-
-
-def _check_noise_meta(meta: dict[str, Any]) -> None:
-    """A band's noise result carries its timings as numbers (what its record is made of)."""
-    for key in ("t_recv", "t_send", "t_cmp_s", "t_cmp_start", "t_cmp_end"):
-        v = meta.get(key)
-        if not isinstance(v, (int, float)) or isinstance(v, bool):
-            raise RelayError(f"noise meta.{key} {v!r} (a number)")
-    received = meta.get("ctx_received") or []
-    if not isinstance(received, list) or not all(
-            isinstance(r, list) and len(r) == 3 and all(isinstance(x, (int, float)) and not isinstance(x, bool)
-                                                         for x in r) for r in received):
-        raise RelayError("noise meta.ctx_received must be a list of [wire bytes, publish s, receive s]")

@@ -30,6 +30,7 @@ from typing import Any
 import numpy as np
 
 from testbed.errors import RelayError, RunFailedError
+from testbed.methods.split.messages import SplitMeta, split_meta
 from testbed.methods.split.plan import SplitPlan
 from testbed.relay.orchestrator import DevicePower, Job, Orchestrator, RelaySettings, Timing
 from testbed.relay.stage import to_numpy
@@ -114,6 +115,7 @@ class SplitOrchestrator(Orchestrator):
     decoder; the UNet itself is never called on the server."""
 
     method = "split"
+    result_meta = split_meta
 
     def __init__(self, settings: RelaySettings, job: Job, power: dict[str, DevicePower], *, plan: SplitPlan,
                  emit: Callable[[dict[str, Any]], None] | None = None, timing: Timing = Timing()):
@@ -203,26 +205,20 @@ class SplitOrchestrator(Orchestrator):
             if leaf != "result":
                 continue
             try:
-                res = self._check_result(dev, body, i, role, total)
+                msg, m = self._check_result(dev, body, i, role, total)
             except RelayError as e:
                 await self.reject(dev, str(e), steps=[i, i + 1])
                 continue
-            m = res.meta
-            t_recv, t_send = float(m["t_recv"]), float(m["t_send"])
-            return _Hop(t_down_s=t_recv - t_pub, t_cmp_s=t_send - t_recv, t_up_s=t_in - t_send, t_pub=t_pub, t_in=t_in,
-                        overrun_s=float(m.get("overrun_s") or 0.0), cmp_real_s=float(m.get("cmp_real_s") or 0.0),
-                        msg=res, wire_bytes=len(body))
+            return _Hop(t_down_s=m.t_recv - t_pub, t_cmp_s=m.t_send - m.t_recv, t_up_s=t_in - m.t_send, t_pub=t_pub,
+                        t_in=t_in, overrun_s=m.overrun_s, cmp_real_s=m.cmp_real_s, msg=msg, wire_bytes=len(body))
 
-    def _check_result(self, dev: str, payload: bytes, i: int, role: str, total: int) -> Message:
+    def _check_result(self, dev: str, payload: bytes, i: int, role: str, total: int) -> tuple[Message, SplitMeta]:
         """A hop's result through the one door, then this hop's own checks."""
         res = self.decode_result(dev, payload, total_steps=total)
-        if res.stage != i or res.meta.get("role") != role:
-            raise RelayError(f"result for step {res.stage} role {res.meta.get('role')!r}, expected step {i} role {role!r}")
+        msg, meta = res.message, res.meta
+        if msg.stage != i or meta.role != role:
+            raise RelayError(f"result for step {msg.stage} role {meta.role!r}, expected step {i} role {role!r}")
         need = {"sample", "emb"} if role == "head" else {"noise"}
-        if not need <= set(res.tensors):
-            raise RelayError(f"{role} result lacks tensors {sorted(need - set(res.tensors))}")
-        for key in ("t_recv", "t_send", "overrun_s", "cmp_real_s"):
-            v = res.meta.get(key)
-            if (v is not None or key in ("t_recv", "t_send")) and (not isinstance(v, (int, float)) or isinstance(v, bool)):
-                raise RelayError(f"result meta.{key} {v!r} (seconds)")
-        return res
+        if not need <= set(msg.tensors):
+            raise RelayError(f"{role} result lacks tensors {sorted(need - set(msg.tensors))}")
+        return msg, meta
