@@ -369,7 +369,8 @@ def print_grid(an: dict) -> None:
         print(f"  {r['group']:<14} retransmitted segments {u['measured']['TcpRetransSegs'] / n:.2f} vs "
               f"{u['model_latents'].get('retrans_segs', 0) / n:.2f}, loss probes {u['measured']['TcpExtTCPLossProbes'] / n:.3f} vs "
               f"{u['model_latents'].get('loss_probes', 0) / n:.3f}, timeouts {u['measured']['TcpExtTCPTimeouts'] / n:.3f} vs "
-              f"{u['model_latents'].get('timeouts', 0) / n:.3f}, SACK recoveries {u['measured']['TcpExtTCPSackRecovery'] / n:.2f}")
+              f"{u['model_latents'].get('timeouts', 0) / n:.3f}, SACK recoveries {u['measured']['TcpExtTCPSackRecovery'] / n:.2f} vs "
+              f"{u['model_latents'].get('recoveries', 0) / n:.2f}")
     s = an["downlink_counters_server"]
     print(f"  server (every downlink): {s['TcpRetransSegs']} retransmitted segments, {s['TcpExtTCPLossProbes']} loss probes, "
           f"{s['TcpExtTCPTimeouts']} timeouts, {s['TcpExtTCPSackRecovery']} SACK recoveries")

@@ -34,7 +34,7 @@ from testbed.selection.tcp_sim import path_for, simulate
 from testbed.selection.transfer import INITIAL_WINDOW_SEGMENTS, MSS_BYTES, tcp_transfer_time_s
 
 __all__ = [
-    "DRAWS", "NFQUEUE_PASS_S", "RUN_QUANTILES", "STAGE_QUANTILES", "ConnectionState", "Distribution",
+    "COUNTERS", "DRAWS", "NFQUEUE_PASS_S", "RUN_QUANTILES", "STAGE_QUANTILES", "ConnectionState", "Distribution",
     "StageDistribution", "TransferDistribution", "independent_sum", "run_distribution", "stage_distributions",
     "transfer_distribution",
 ]
@@ -44,6 +44,8 @@ DRAWS = 2000
 #: What the NFQUEUE delayer adds to each pass of a packet (seconds; docs/links.md): `ping -U`
 #: through 20 ms links gave 40.70 ms for 40, the 5 ms override 10.74-12.26 ms for 10.
 NFQUEUE_PASS_S = 0.0005
+#: The model's counterparts of the kernel's counters (nstat), per message on average.
+COUNTERS = ("retrans_segs", "loss_probes", "timeouts", "recoveries")
 STAGE_QUANTILES = {"p10": 0.10, "p50": 0.50, "p90": 0.90}
 RUN_QUANTILES = {"p10": 0.10, "p50": 0.50, "p90": 0.90, "p95": 0.95}
 
@@ -106,7 +108,7 @@ class TransferDistribution(Distribution):
 
     def __init__(self, samples: np.ndarray, point: float | None = None, counters: Mapping[str, float] | None = None):
         super().__init__(samples, point)
-        self.counters = dict(counters or {"retrans_segs": 0.0, "loss_probes": 0.0, "timeouts": 0.0})
+        self.counters = dict(counters or dict.fromkeys(COUNTERS, 0.0))
 
 
 @dataclass(frozen=True)
@@ -188,8 +190,7 @@ def _cached(payload: int, goodput: float, fwd: Impairment, rev: Impairment, conn
         out = simulate(path, cwnd, ssth, rng)
         cwnd, ssth = _restart(out.cwnd_end, out.ssthresh_end)
     out = simulate(path, cwnd, ssth, rng)
-    counters = {"retrans_segs": float(out.retrans_segs.mean()), "loss_probes": float(out.loss_probes.mean()),
-                "timeouts": float(out.timeouts.mean())}
+    counters = {k: float(getattr(out, k).mean()) for k in COUNTERS}
     if n == 1:
         return TransferDistribution(np.full(draws, out.time_s[0]), point=float(out.time_s[0]), counters=counters)
     return TransferDistribution(out.time_s, counters=counters)

@@ -84,6 +84,7 @@ class SimOutcome:
     retrans_segs: np.ndarray  # TcpRetransSegs (the probes included)
     loss_probes: np.ndarray  # TcpExtTCPLossProbes
     timeouts: np.ndarray  # TcpExtTCPTimeouts
+    recoveries: np.ndarray  # TcpExtTCPSackRecovery (fast recoveries entered)
 
 
 def rto_s(rtt: float) -> float:
@@ -119,6 +120,7 @@ class _Draws:
         self.retrans = np.zeros(n, np.int64)
         self.probes = np.zeros(n, np.int64)
         self.timeouts = np.zeros(n, np.int64)
+        self.recoveries = np.zeros(n, np.int64)
 
 
 def simulate(path: TcpPath, cwnd0: np.ndarray, ssthresh0: np.ndarray, rng: np.random.Generator) -> SimOutcome:
@@ -141,7 +143,7 @@ def simulate(path: TcpPath, cwnd0: np.ndarray, ssthresh0: np.ndarray, rng: np.ra
     else:  # pragma: no cover - a bug, not a link
         raise RuntimeError("tcp_sim: a draw did not finish")
     cwnd_end = np.where(d.phase == 1, d.ssth, d.cwnd)  # leaving recovery sets cwnd = ssthresh
-    return SimOutcome(d.last_deliv, cwnd_end, d.ssth, d.retrans, d.probes, d.timeouts)
+    return SimOutcome(d.last_deliv, cwnd_end, d.ssth, d.retrans, d.probes, d.timeouts, d.recoveries)
 
 
 def _flight(d: _Draws, idx: np.ndarray, path: TcpPath, rng: np.random.Generator) -> None:
@@ -214,6 +216,7 @@ def _flight(d: _Draws, idx: np.ndarray, path: TcpPath, rng: np.random.Generator)
     new_phase = np.where(reduce, 1, np.where(phase == 1, np.where(pend > 0, 1, 0), np.where(
         (phase == 2) & (pend == 0) & (undet == 0), 0, phase)))
     d.high[idx] = np.where(reduce, sent + released.astype(np.int64), d.high[idx])
+    d.recoveries[idx] += reduce
     undet_new &= ~reduce  # this window's tail losses belong to the recovery just begun
     d.ssth[idx] = np.where(reduce, new_ssth, ssth)
     d.cwnd[idx] = new_cwnd
@@ -287,6 +290,7 @@ def _timer(d: _Draws, idx: np.ndarray, path: TcpPath, rng: np.random.Generator) 
         d.pend[p] = np.where(told, left, d.pend[p])
         d.phase[p] = np.where(told, 1, d.phase[p])
         d.high[p] = np.where(told, d.sent[p], d.high[p])
+        d.recoveries[p] += told
         d.w_next[p] = np.where(told, np.minimum(left, 2),
                                np.where(fixed, np.maximum(1, np.floor(halved)), d.w_next[p])).astype(np.int64)
         d.t[p] = np.where(told, tp + rtt + rtt / 4 + TLP_MIN_S, np.where(fixed, tp + rtt, tp))
