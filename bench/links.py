@@ -253,6 +253,27 @@ def _nstat(ns: str) -> dict[str, int]:
     return {c: int(kernel.get(c, 0)) for c in NSTAT_COUNTERS}
 
 
+def _windows(ns: str) -> list[dict]:
+    """cwnd and ssthresh (segments) of every established connection to or from the broker's
+    port, as `ss -ti` shows them."""
+    r = subprocess.run(_ns(ns, "ss", "-tinH", "state", "established"), capture_output=True, text=True, timeout=30)
+    out, pairs, head = [], [], None
+    for line in r.stdout.splitlines():
+        if line[:1].isspace() and head is not None:
+            pairs.append((head, line))
+            head = None
+        else:
+            head = line
+    for head, info in pairs:
+        addrs = head.split()[-2:]
+        if not any(a.endswith(":1883") for a in addrs):
+            continue
+        got = dict(re.findall(r"\b(cwnd|ssthresh):(\d+)", info))
+        out.append({"local": addrs[0], "peer": addrs[1], "cwnd": int(got.get("cwnd", 0)),
+                    "ssthresh": int(got["ssthresh"]) if "ssthresh" in got else None})
+    return out
+
+
 def measure_grid(file: Path, runs: int, out_dir: Path, run_id: str) -> dict:
     """Bring `file` up as `run_id`, run it `runs` times on the warm cell, tear it down."""
     tb = str(Path(sys.executable).parent / "testbed")
@@ -278,7 +299,8 @@ def measure_grid(file: Path, runs: int, out_dir: Path, run_id: str) -> dict:
                 "run": r, "load_1m": load, "recovered": result.get("recovered"),
                 "stages": [{k: s[k] for k in ("device", "attempt", "t_down_s", "t_up_s", "predicted") if k in s}
                            for s in result["stages"]],
-                "nstat": {k: {c: after[k][c] - before[k][c] for c in NSTAT_COUNTERS} for k in ns}})
+                "nstat": {k: {c: after[k][c] - before[k][c] for c in NSTAT_COUNTERS} for k in ns},
+                "windows": {k: _windows(v) for k, v in ns.items()}})
             print(f"grid run {r + 1}/{runs}: latency {result['latency_s']:.2f} s, load {load:.1f}", file=sys.stderr)
     finally:
         subprocess.run([tb, "down", "--run", run_id], capture_output=True, timeout=300)
