@@ -30,7 +30,7 @@ from testbed.model.radio import compute_links
 from testbed.model.topology import parse_topology, place
 from testbed.selection import DEFAULT_GRID, device_costs, select, solvers
 from testbed.selection.chance import latency_draws, p_within, select_chance
-from testbed.selection.stochastic import _cached, stage_distributions
+from testbed.selection.stochastic import clear_cache, stage_distributions
 
 REGIMES = {"paper": (2.0, 200.0), "loose": (6.0, 200.0), "loose+rs": (6.0, 200.0)}
 #: (I, regime, seeds). "+rs": every device gets its own random model size (300-3500 MB,
@@ -108,7 +108,7 @@ def chance_row(n_devices: int, t_max: float, seeds: int, grid: int) -> dict:
                               f"{CHANCE_LINKS}\n")
         links = compute_links(topo, place(topo))
         costs = device_costs(topo, links)
-        _cached.cache_clear()  # the model's time from cold (selection itself reuses it, cached per link state)
+        clear_cache()  # the model's time from cold (selection itself reuses it, cached per link state)
         start = time.perf_counter()
         stages = stage_distributions(topo, links, costs=costs)
         model_ms.append((time.perf_counter() - start) * 1e3)

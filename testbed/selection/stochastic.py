@@ -35,7 +35,7 @@ from testbed.selection.transfer import INITIAL_WINDOW_SEGMENTS, MSS_BYTES, tcp_t
 
 __all__ = [
     "COUNTERS", "DRAWS", "MAX_MESSAGES_BEFORE", "NFQUEUE_PASS_S", "RUN_QUANTILES", "STAGE_QUANTILES", "ConnectionState", "Distribution",
-    "StageDistribution", "TransferDistribution", "independent_sum", "run_distribution", "stage_distributions",
+    "StageDistribution", "TransferDistribution", "clear_cache", "independent_sum", "run_distribution", "stage_distributions",
     "transfer_distribution",
 ]
 
@@ -206,6 +206,11 @@ def _cached(payload: int, goodput: float, fwd: Impairment, rev: Impairment, conn
                                     end_cwnd=np.full(draws, out.cwnd_end[0]),
                                     end_ssthresh=np.full(draws, out.ssthresh_end[0]))
     return TransferDistribution(out.time_s, counters=counters, end_cwnd=out.cwnd_end, end_ssthresh=out.ssthresh_end)
+
+
+def clear_cache() -> None:
+    """Forget every cached transfer distribution (benchmarks time the model from cold)."""
+    _cached.cache_clear()
 
 
 def _passed(one: Impairment, per_pass_s: float) -> Impairment:
