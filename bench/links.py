@@ -254,8 +254,8 @@ def _nstat(ns: str) -> dict[str, int]:
 
 
 def _windows(ns: str) -> list[dict]:
-    """cwnd and ssthresh (segments) of every established connection to or from the broker's
-    port, as `ss -ti` shows them."""
+    """cwnd and ssthresh (segments), the peer's window, the receive space and the smoothed RTT
+    of every established connection to or from the broker's port, as `ss -ti` shows them."""
     r = subprocess.run(_ns(ns, "ss", "-tinH", "state", "established"), capture_output=True, text=True, timeout=30)
     out, pairs, head = [], [], None
     for line in r.stdout.splitlines():
@@ -268,9 +268,13 @@ def _windows(ns: str) -> list[dict]:
         addrs = head.split()[-2:]
         if not any(a.endswith(":1883") for a in addrs):
             continue
-        got = dict(re.findall(r"\b(cwnd|ssthresh):(\d+)", info))
+        got = dict(re.findall(r"\b(cwnd|ssthresh|snd_wnd|rcv_space):(\d+)", info))
+        rtt = re.search(r"\brtt:([\d.]+)/", info)
         out.append({"local": addrs[0], "peer": addrs[1], "cwnd": int(got.get("cwnd", 0)),
-                    "ssthresh": int(got["ssthresh"]) if "ssthresh" in got else None})
+                    "ssthresh": int(got["ssthresh"]) if "ssthresh" in got else None,
+                    "snd_wnd_bytes": int(got["snd_wnd"]) if "snd_wnd" in got else None,
+                    "rcv_space_bytes": int(got["rcv_space"]) if "rcv_space" in got else None,
+                    "srtt_ms": float(rtt.group(1)) if rtt else None})
     return out
 
 
