@@ -278,8 +278,20 @@ def _windows(ns: str) -> list[dict]:
     return out
 
 
+def pass_cost_ms(server_ns: str, nodes: list[dict], delays_ms: dict[str, float], count: int = 40) -> float:
+    """The delayer's cost per pass, measured now: `ping -U` from the server to every device,
+    (RTT - both configured delays) / 2, the median over devices."""
+    per_pass = []
+    for n in nodes:
+        if n["role"] == "device" and delays_ms.get(n["id"], 0) > 0:
+            rtt, _ = ping(server_ns, n["address"], count, 0.02)
+            per_pass.append((rtt - 2 * delays_ms[n["id"]]) / 2)
+    return statistics.median(per_pass) if per_pass else 0.0
+
+
 def measure_grid(file: Path, runs: int, out_dir: Path, run_id: str) -> dict:
-    """Bring `file` up as `run_id`, run it `runs` times on the warm cell, tear it down."""
+    """Bring `file` up as `run_id`, run it `runs` times on the warm cell, tear it down.
+    Every 10 runs, the delayer's per-pass cost is measured with `ping -U` (`pass_ms`)."""
     tb = str(Path(sys.executable).parent / "testbed")
     up = subprocess.run([tb, "up", str(file), "--run", run_id, "--json"], capture_output=True, text=True, timeout=600)
     if up.returncode:
@@ -288,7 +300,11 @@ def measure_grid(file: Path, runs: int, out_dir: Path, run_id: str) -> dict:
     doc: dict = {"topology": str(file), "run_id": run_id, "status": json.loads(up.stdout), "runs": [], "failed": []}
     try:
         ns = {n["id"]: n["netns"] for n in doc["status"]["nodes"]}
+        delays = {d: v["down"]["delay_ms"] for d, v in doc["status"]["impairments"]["devices"].items()}
+        doc["pass_ms"] = []
         for r in range(runs):
+            if r % 10 == 0:
+                doc["pass_ms"].append(pass_cost_ms(ns["server"], doc["status"]["nodes"], delays))
             before = {k: _nstat(v) for k, v in ns.items()}
             load = os.getloadavg()[0]
             out = out_dir / f"r{r:03d}"
@@ -312,8 +328,9 @@ def measure_grid(file: Path, runs: int, out_dir: Path, run_id: str) -> dict:
     return doc
 
 
-def analyse_grid(doc: dict, per_pass_s: float, replicates: int = 1000) -> dict:
-    """Predictions for every measured transfer, and the checks per grid point and pooled."""
+def analyse_grid(doc: dict, per_pass_s: float | None, replicates: int = 1000) -> dict:
+    """Predictions for every measured transfer, and the checks per grid point and pooled.
+    `per_pass_s` None: the delayer's per-pass cost measured in the run (else NFQUEUE_PASS_S)."""
     from collections import Counter, defaultdict
 
     from testbed.model.impairments import LinkImpairment
@@ -323,6 +340,11 @@ def analyse_grid(doc: dict, per_pass_s: float, replicates: int = 1000) -> dict:
     from testbed.selection.costs import DEFAULT_LINK_EFFICIENCY
     from testbed.selection.stochastic import Distribution, stage_distributions, transfer_distribution
 
+    from testbed.selection.stochastic import NFQUEUE_PASS_S
+
+    if per_pass_s is None:
+        measured = [p for p in doc.get("pass_ms", []) if p > 0]
+        per_pass_s = statistics.median(measured) / 1e3 if measured else NFQUEUE_PASS_S
     topo = load_topology(doc["topology"])
     links = {lk.id: lk for lk in compute_links(topo, place(topo))}
     imps = {d: LinkImpairment.from_json(v) for d, v in doc["status"]["impairments"]["devices"].items()}
@@ -368,15 +390,16 @@ def analyse_grid(doc: dict, per_pass_s: float, replicates: int = 1000) -> dict:
                                   "messages": sum(1 for t in pick(model) if True) // 2}
         rows.append(row)
     server = {k: sum(run["nstat"]["server"][k] for run in doc["runs"]) for k in NSTAT_COUNTERS}
-    return {"per_pass_s": per_pass_s, "runs": len(doc["runs"]), "failed": len(doc.get("failed", [])),
+    return {"per_pass_s": per_pass_s, "pass_ms_measured": doc.get("pass_ms", []), "runs": len(doc["runs"]), "failed": len(doc.get("failed", [])),
             "load_1m": [r["load_1m"] for r in doc["runs"]], "rows": rows, "downlink_counters_server": server}
 
 
 def print_grid(an: dict) -> None:
     loads = an["load_1m"]
+    passes = ", ".join(f"{p:.2f}" for p in an["pass_ms_measured"]) or "not measured"
     print(f"grid: {an['runs']} warm-cell runs ({an['failed']} failed), load average {min(loads):.1f}-{max(loads):.1f}; "
-          f"delayer per-pass cost in the model {an['per_pass_s'] * 1e3:g} ms; transfers measured on this machine, "
-          "predictions modelled")
+          f"delayer per-pass cost in the model {an['per_pass_s'] * 1e3:.2f} ms (ping -U during the run: {passes} ms); "
+          "transfers measured on this machine, predictions modelled")
     head = (f"{'grid point':<14} {'n':>4} {'meas s':>7} {'model s':>7} {'bias [95 %]':>22} {'in p10-p90':>10} "
             f"{'< p50':>6} {'point-model bias':>16} {'fresh-conn bias':>15} {'P(pass | correct)':>17}")
     print(head)
@@ -418,12 +441,11 @@ def main() -> int:
     ap.add_argument("--save", type=Path, help="grid: write the raw measurements here")
     ap.add_argument("--from", dest="from_file", type=Path, help="analyse saved grid measurements (no root needed)")
     ap.add_argument("--per-pass-ms", type=float, default=None,
-                    help="grid: the delayer's per-pass cost in the model (default: stochastic.NFQUEUE_PASS_S)")
+                    help="grid: the delayer's per-pass cost in the model (default: measured with ping -U during the "
+                         "run, else stochastic.NFQUEUE_PASS_S)")
     args = ap.parse_args()
     if args.from_file:
-        from testbed.selection.stochastic import NFQUEUE_PASS_S
-
-        per_pass = NFQUEUE_PASS_S if args.per_pass_ms is None else args.per_pass_ms / 1e3
+        per_pass = None if args.per_pass_ms is None else args.per_pass_ms / 1e3
         an = analyse_grid(json.loads(args.from_file.read_text()), per_pass)
         print(json.dumps(an, indent=2)) if args.json else print_grid(an)
         return 0
@@ -450,13 +472,11 @@ def main() -> int:
     if "grid" in parts:
         import tempfile
 
-        from testbed.selection.stochastic import NFQUEUE_PASS_S
-
         with tempfile.TemporaryDirectory(prefix="bench-grid-") as tmp:
             raw = measure_grid(args.grid_topology, args.runs, Path(tmp), "g" + uuid.uuid4().hex[:5])
         if args.save:
             args.save.write_text(json.dumps(raw, indent=1))
-        per_pass = NFQUEUE_PASS_S if args.per_pass_ms is None else args.per_pass_ms / 1e3
+        per_pass = None if args.per_pass_ms is None else args.per_pass_ms / 1e3
         doc["grid"] = analyse_grid(raw, per_pass)
     doc["wall_s"] = time.perf_counter() - t0
     if args.json:
