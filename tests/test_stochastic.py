@@ -125,8 +125,8 @@ def test_ssthresh_carried_over_a_connection():
 
 
 def test_connection_state_after_idle():
-    assert ConnectionState(40, 16).after_idle() == ConnectionState(10, 30)
-    assert ConnectionState(6, 4).after_idle() == ConnectionState(6, 4.5)
+    assert ConnectionState(41, 16).after_idle() == ConnectionState(10, 30)  # (41 >> 1) + (41 >> 2)
+    assert ConnectionState(6, 4).after_idle() == ConnectionState(6, 4)  # (6 >> 1) + (6 >> 2) = 4
     assert ConnectionState().after_idle() == ConnectionState()
     with pytest.raises(ValueError):
         ConnectionState(0.5, 10)

@@ -146,7 +146,9 @@ class ConnectionState:
 
 
 def _restart(cwnd: np.ndarray, ssth: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    return np.minimum(cwnd, INITIAL_WINDOW_SEGMENTS), np.maximum(ssth, np.floor(cwnd) * 0.75)
+    """tcp_cwnd_restart after a long idle: ssthresh = max(ssthresh, (c >> 1) + (c >> 2)), cwnd = min(IW, c)."""
+    c = np.floor(cwnd).astype(np.int64)
+    return np.minimum(cwnd, INITIAL_WINDOW_SEGMENTS), np.maximum(ssth, (c >> 1) + (c >> 2))
 
 
 def transfer_distribution(
