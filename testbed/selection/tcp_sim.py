@@ -226,7 +226,8 @@ def _flight(d: _Draws, idx: np.ndarray, path: TcpPath, rng: np.random.Generator)
     # link is free; with only repairs left, when the last SACK is back (plus RACK's
     # reordering window min_rtt/4 when fewer than 3 segments were SACKed past the hole
     # and the sender was not in recovery yet)
-    reo = np.where((after_hole < 3) & (phase == 0), rtt / 4 + TLP_MIN_S, 0.0)
+    sacked_after = np.where(n_det > 0, after_hole, dlv)  # earlier holes: all of this flight is past them
+    reo = np.where((sacked_after < 3) & (phase == 0), rtt / 4 + TLP_MIN_S, 0.0)
     t_next = np.where(sent < n, t + np.maximum(rtt, k * s), np.maximum(t + k * s, t + j * s + rtt + reo))
     d.t[idx] = t_next
     d.sent[idx] = sent
