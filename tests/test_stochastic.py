@@ -124,6 +124,17 @@ def test_ssthresh_carried_over_a_connection():
     assert low.is_point and low.mean() > transfer_distribution(L, 95e6, lossless, lossless).mean()
 
 
+def test_stage_distributions_take_the_kernel_s_windows():
+    topo = load_topology(REPO_TOPOLOGIES / "small-lossy.yaml")
+    links = compute_links(topo, place(topo))
+    low = (ConnectionState(10, 6), ConnectionState(10, 6))
+    fresh = {s.id: s for s in stage_distributions(topo, links)}
+    carried = {s.id: s for s in stage_distributions(topo, links, connections={"dev01": low, "dev02": low})}
+    assert carried["dev01"].t_up.mean() > 1.3 * fresh["dev01"].t_up.mean()
+    assert carried["dev02"].t_down.mean() > fresh["dev02"].t_down.mean()  # lossless, but a low ssthresh is slow
+    assert carried["dev03"].t_up.mean() == fresh["dev03"].t_up.mean()
+
+
 def test_connection_state_after_idle():
     assert ConnectionState(41, 16).after_idle() == ConnectionState(10, 30)  # (41 >> 1) + (41 >> 2)
     assert ConnectionState(6, 4).after_idle() == ConnectionState(6, 4)  # (6 >> 1) + (6 >> 2) = 4

@@ -274,6 +274,7 @@ def stage_distributions(
     message_overhead_s: float | None = None,
     calibration: RelayCalibration = RELAY_CALIBRATION,
     messages_before: Mapping[str, int] | int = 0,
+    connections: Mapping[str, tuple[ConnectionState, ConnectionState]] | None = None,
     per_pass_s: float = 0.0,
     draws: int = DRAWS,
     seed: int = 0,
@@ -283,7 +284,10 @@ def stage_distributions(
     each part is a point equal to that cost's term.
 
     `messages_before`: per device id (or one number for all) how many runs its agent's
-    connection has carried before this one (0: a fresh connection, as after `testbed up`)."""
+    connection has carried before this one (0: a fresh connection, as after `testbed up`).
+    `connections`: per device id the senders' windows when the messages start, (downlink:
+    the broker's socket, uplink: the agent's), e.g. read from the kernel (`ss -ti`) and
+    passed through `ConnectionState.after_idle()`; a device without one starts fresh."""
     if costs is None:
         costs = device_costs(topo, links, link_efficiency=link_efficiency, message_overhead_s=message_overhead_s,
                              impairments=impairments, calibration=calibration)
@@ -300,8 +304,11 @@ def stage_distributions(
         imp = impaired[link.id]
         before = messages_before if isinstance(messages_before, int) else int(messages_before.get(link.id, 0))
         common = dict(messages_before=before, per_pass_s=per_pass_s, draws=draws, seed=seed)
-        down = transfer_distribution(payload, link.rate_down_mbps * 1e6 * link_efficiency, imp.down, imp.up, **common)
-        up = transfer_distribution(payload, link.rate_up_mbps * 1e6 * link_efficiency, imp.up, imp.down, **common)
+        conn_down, conn_up = (connections or {}).get(link.id, (ConnectionState(), ConnectionState()))
+        down = transfer_distribution(payload, link.rate_down_mbps * 1e6 * link_efficiency, imp.down, imp.up, conn_down,
+                                     **common)
+        up = transfer_distribution(payload, link.rate_up_mbps * 1e6 * link_efficiency, imp.up, imp.down, conn_up,
+                                   **common)
         encode = calibration.encode_s(payload, profiles[link.profile].cpu_cores)
         t_down = independent_sum([down, overhead], f"{link.id}/down", seed)
         t_up = independent_sum([up, overhead, encode], f"{link.id}/up", seed)
