@@ -185,7 +185,8 @@ def verdict(doc: Mapping[str, Any]) -> str:
 def reason(doc: Mapping[str, Any], n_tests: int | None = None) -> str:
     """Why the verdict is what it is, in a sentence (`n_tests`: how many tests Holm covered)."""
     if "parts" in doc:
-        return "; ".join(f"part {'abcdefgh'[i]}: {verdict(p)}: {reason(p, n_tests)}" for i, p in enumerate(doc["parts"]))
+        return "; ".join(f"part {'abcdefgh'[i]}: {verdict(p)}: {reason(p, n_tests)}"
+                         for i, p in enumerate(doc["parts"]))
     n, test, ci = doc["n_seeds"], doc["test"], doc.get("interval")
     p_for, p_against = _p(doc)
     tally = f"{test['for']} of {test['n']} seeds for, {test['against']} against"

@@ -29,14 +29,20 @@ from testbed.model.impairments import Impairment, LinkImpairment, link_impairmen
 from testbed.model.profiles import load_profiles
 from testbed.model.radio import DeviceLink
 from testbed.model.topology import Topology
-from testbed.selection.costs import DEFAULT_LINK_EFFICIENCY, RELAY_CALIBRATION, DeviceCost, RelayCalibration, device_costs
+from testbed.selection.costs import (
+    DEFAULT_LINK_EFFICIENCY,
+    RELAY_CALIBRATION,
+    DeviceCost,
+    RelayCalibration,
+    device_costs,
+)
 from testbed.selection.tcp_sim import path_for, simulate
 from testbed.selection.transfer import INITIAL_WINDOW_SEGMENTS, MSS_BYTES, tcp_transfer_time_s
 
 __all__ = [
-    "COUNTERS", "DRAWS", "MAX_MESSAGES_BEFORE", "NFQUEUE_PASS_S", "RUN_QUANTILES", "STAGE_QUANTILES", "ConnectionState", "Distribution",
-    "StageDistribution", "TransferDistribution", "clear_cache", "independent_sum", "run_distribution", "stage_distributions",
-    "transfer_distribution",
+    "COUNTERS", "DRAWS", "MAX_MESSAGES_BEFORE", "NFQUEUE_PASS_S", "RUN_QUANTILES", "STAGE_QUANTILES",
+    "ConnectionState", "Distribution", "StageDistribution", "TransferDistribution", "clear_cache",
+    "independent_sum", "run_distribution", "stage_distributions", "transfer_distribution",
 ]
 
 #: Draws per distribution: the p90 of 2000 draws is within ~1.3 percentage points of P.
