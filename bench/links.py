@@ -12,9 +12,20 @@
    (selection/transfer.py) over delay {5, 20, 50} ms x loss {0, 0.5, 2} %, at 100 Mbit/s;
 4. radio: topologies/paper-radio.yaml, the cell-edge device (lowest SNR) and the central
    one (highest): measured and predicted 256 KB transfers, with and without the
-   radio-derived impairments.
+   radio-derived impairments;
+5. grid (issue 23): the transfer-time *distributions* (selection/stochastic.py) against
+   the relay's own transfers on a warm lossy cell (topologies/lossy-grid.yaml: three
+   delay/loss combinations): `testbed up`, then `testbed run --run ID` again and again,
+   each run's measured t_down_s / t_up_s from result.json and the kernel's counters
+   (`nstat` in every namespace: TcpRetransSegs, TcpExtTCPLossProbes, TcpExtTCPTimeouts)
+   around it. Printed per grid point and pooled: bias (mean measured / mean predicted - 1,
+   95 % bootstrap interval over runs), calibration (share inside the predicted p10-p90,
+   share below p50), the point model's bias beside it, and how often a *correct* model
+   would pass issue 23's checks with these very transfers (selection/checks.py).
 
     sudo .venv/bin/python bench/links.py [--messages 8] [--only ping,cost,predict] [--json]
+    sudo .venv/bin/python bench/links.py --only grid [--runs 30] [--save grid.json]
+    .venv/bin/python bench/links.py --from grid.json          # analyse a saved grid run again
 """
 
 from __future__ import annotations
@@ -37,6 +48,9 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 PAYLOAD_BYTES = 262144
+GRID_TOPOLOGY = REPO / "topologies/lossy-grid.yaml"
+NSTAT_COUNTERS = ("TcpRetransSegs", "TcpExtTCPLossProbes", "TcpExtTCPTimeouts", "TcpExtTCPSackRecovery",
+                  "TcpOutSegs")
 PORT = 5611
 IPERF_PORT = 5612
 GRID_DELAY_MS = (5, 20, 50)
@@ -232,6 +246,185 @@ async def bench_radio(messages: int) -> list[dict]:
     return rows
 
 
+# --- grid: distributions against the relay's transfers on a warm lossy cell --------------
+def _nstat(ns: str) -> dict[str, int]:
+    r = subprocess.run(_ns(ns, "nstat", "-asz", "--json"), capture_output=True, text=True, timeout=30, check=True)
+    kernel = json.loads(r.stdout)["kernel"]
+    return {c: int(kernel.get(c, 0)) for c in NSTAT_COUNTERS}
+
+
+def _windows(ns: str) -> list[dict]:
+    """cwnd and ssthresh (segments), the peer's window, the receive space and the smoothed RTT
+    of every established connection to or from the broker's port, as `ss -ti` shows them."""
+    r = subprocess.run(_ns(ns, "ss", "-tinH", "state", "established"), capture_output=True, text=True, timeout=30)
+    out, pairs, head = [], [], None
+    for line in r.stdout.splitlines():
+        if line[:1].isspace() and head is not None:
+            pairs.append((head, line))
+            head = None
+        else:
+            head = line
+    for head, info in pairs:
+        addrs = head.split()[-2:]
+        if not any(a.endswith(":1883") for a in addrs):
+            continue
+        got = dict(re.findall(r"\b(cwnd|ssthresh|snd_wnd|rcv_space):(\d+)", info))
+        rtt = re.search(r"\brtt:([\d.]+)/", info)
+        out.append({"local": addrs[0], "peer": addrs[1], "cwnd": int(got.get("cwnd", 0)),
+                    "ssthresh": int(got["ssthresh"]) if "ssthresh" in got else None,
+                    "snd_wnd_bytes": int(got["snd_wnd"]) if "snd_wnd" in got else None,
+                    "rcv_space_bytes": int(got["rcv_space"]) if "rcv_space" in got else None,
+                    "srtt_ms": float(rtt.group(1)) if rtt else None})
+    return out
+
+
+def pass_cost_ms(server_ns: str, nodes: list[dict], delays_ms: dict[str, float], count: int = 40) -> float:
+    """The delayer's cost per pass, measured now: `ping -U` from the server to every device,
+    (RTT - both configured delays) / 2, the median over devices."""
+    per_pass = []
+    for n in nodes:
+        if n["role"] == "device" and delays_ms.get(n["id"], 0) > 0:
+            rtt, _ = ping(server_ns, n["address"], count, 0.02)
+            per_pass.append((rtt - 2 * delays_ms[n["id"]]) / 2)
+    return statistics.median(per_pass) if per_pass else 0.0
+
+
+def measure_grid(file: Path, runs: int, out_dir: Path, run_id: str) -> dict:
+    """Bring `file` up as `run_id`, run it `runs` times on the warm cell, tear it down.
+    Every 10 runs, the delayer's per-pass cost is measured with `ping -U` (`pass_ms`)."""
+    tb = str(Path(sys.executable).parent / "testbed")
+    up = subprocess.run([tb, "up", str(file), "--run", run_id, "--json"], capture_output=True, text=True, timeout=600)
+    if up.returncode:
+        subprocess.run([tb, "down", "--run", run_id], capture_output=True, timeout=300)
+        raise RuntimeError(f"testbed up failed ({up.returncode}): {up.stderr[-2000:]}")
+    doc: dict = {"topology": str(file), "run_id": run_id, "status": json.loads(up.stdout), "runs": [], "failed": []}
+    try:
+        ns = {n["id"]: n["netns"] for n in doc["status"]["nodes"]}
+        delays = {d: v["down"]["delay_ms"] for d, v in doc["status"]["impairments"]["devices"].items()}
+        doc["pass_ms"] = []
+        for r in range(runs):
+            if r % 10 == 0:
+                doc["pass_ms"].append(pass_cost_ms(ns["server"], doc["status"]["nodes"], delays))
+            before = {k: _nstat(v) for k, v in ns.items()}
+            load = os.getloadavg()[0]
+            out = out_dir / f"r{r:03d}"
+            res = subprocess.run([tb, "run", str(file), "--run", run_id, "--out", str(out), "--json"],
+                                 capture_output=True, text=True, timeout=600)
+            after = {k: _nstat(v) for k, v in ns.items()}
+            if res.returncode:
+                doc["failed"].append({"run": r, "rc": res.returncode, "stderr": res.stderr[-2000:]})
+                continue
+            result = json.loads((out / "result.json").read_text())
+            doc["runs"].append({
+                "run": r, "load_1m": load, "recovered": result.get("recovered"),
+                "stages": [{k: s[k] for k in ("device", "attempt", "t_down_s", "t_up_s", "predicted") if k in s}
+                           for s in result["stages"]],
+                "nstat": {k: {c: after[k][c] - before[k][c] for c in NSTAT_COUNTERS} for k in ns},
+                "windows": {k: _windows(v) for k, v in ns.items()}})
+            print(f"grid run {r + 1}/{runs}: latency {result['latency_s']:.2f} s, load {load:.1f}", file=sys.stderr)
+    finally:
+        subprocess.run([tb, "down", "--run", run_id], capture_output=True, timeout=300)
+    doc["load_1m_end"] = os.getloadavg()[0]
+    return doc
+
+
+def analyse_grid(doc: dict, per_pass_s: float | None, replicates: int = 1000) -> dict:
+    """Predictions for every measured transfer, and the checks per grid point and pooled.
+    `per_pass_s` None: the delayer's per-pass cost measured in the run (else NFQUEUE_PASS_S)."""
+    from collections import Counter, defaultdict
+
+    from testbed.model.impairments import LinkImpairment
+    from testbed.model.radio import compute_links
+    from testbed.model.topology import load_topology, place
+    from testbed.selection.checks import Transfer, bias, calibration, pass_rate, passes
+    from testbed.selection.costs import DEFAULT_LINK_EFFICIENCY
+    from testbed.selection.stochastic import Distribution, stage_distributions, transfer_distribution
+
+    from testbed.selection.stochastic import NFQUEUE_PASS_S
+
+    if per_pass_s is None:
+        measured = [p for p in doc.get("pass_ms", []) if p > 0]
+        per_pass_s = statistics.median(measured) / 1e3 if measured else NFQUEUE_PASS_S
+    topo = load_topology(doc["topology"])
+    links = {lk.id: lk for lk in compute_links(topo, place(topo))}
+    imps = {d: LinkImpairment.from_json(v) for d, v in doc["status"]["impairments"]["devices"].items()}
+    seen: Counter = Counter()
+    model, point, fresh = defaultdict(list), defaultdict(list), defaultdict(list)
+    counters: dict = defaultdict(lambda: defaultdict(float))  # group -> expected uplink counters
+    groups_of: dict[str, str] = {}
+    for run in doc["runs"]:
+        devices = [s["device"] for s in run["stages"]]
+        chain = [links[d] for d in devices]
+        carried = stage_distributions(topo, chain, impairments=imps, messages_before=dict(seen), per_pass_s=per_pass_s)
+        new = stage_distributions(topo, chain, impairments=imps, per_pass_s=per_pass_s)
+        for s, c, f in zip(run["stages"], carried, new):
+            imp = imps[s["device"]]
+            g = f"{imp.up.delay_ms:g} ms, {imp.up.loss_pct:g} %"
+            groups_of[s["device"]] = g
+            cl = str(run["run"])
+            for key, pred, pred_fresh in (("t_down_s", c.t_down, f.t_down), ("t_up_s", c.t_up, f.t_up)):
+                model[g].append(Transfer(s[key], pred, cl, g))
+                fresh[g].append(Transfer(s[key], pred_fresh, cl, g))
+                point[g].append(Transfer(s[key], Distribution.point(s["predicted"][key]), cl, g))
+            link = links[s["device"]]
+            up = transfer_distribution(PAYLOAD_BYTES, link.rate_up_mbps * 1e6 * DEFAULT_LINK_EFFICIENCY, imp.up,
+                                       imp.down, messages_before=seen[s["device"]], per_pass_s=per_pass_s)
+            for k, v in up.counters.items():
+                counters[g][k] += v
+        seen.update(devices)
+    rows = []
+    for g in [*sorted(model), "pooled"]:
+        pick = (lambda d: [t for ts in d.values() for t in ts]) if g == "pooled" else (lambda d, g=g: d[g])
+        b, c = bias(pick(model)), calibration(pick(model))
+        row = {"group": g, "bias": b, "calibration": c, "passes": passes(b, c),
+               "point_bias": bias(pick(point)), "fresh_bias": bias(pick(fresh)),
+               "pass_rate_if_correct": pass_rate(pick(model), replicates=replicates)}
+        devs = [d for d, gg in groups_of.items() if gg == g or g == "pooled"]
+        measured = {k: sum(run["nstat"][d][k] for run in doc["runs"] for d in devs) for k in NSTAT_COUNTERS}
+        expected = defaultdict(float)
+        for gg, cs in counters.items():
+            if gg == g or g == "pooled":
+                for k, v in cs.items():
+                    expected[k] += v
+        row["uplink_counters"] = {"measured": measured, "model_latents": dict(expected),
+                                  "messages": sum(1 for t in pick(model) if True) // 2}
+        rows.append(row)
+    server = {k: sum(run["nstat"]["server"][k] for run in doc["runs"]) for k in NSTAT_COUNTERS}
+    return {"per_pass_s": per_pass_s, "pass_ms_measured": doc.get("pass_ms", []), "runs": len(doc["runs"]), "failed": len(doc.get("failed", [])),
+            "load_1m": [r["load_1m"] for r in doc["runs"]], "rows": rows, "downlink_counters_server": server}
+
+
+def print_grid(an: dict) -> None:
+    loads = an["load_1m"]
+    passes = ", ".join(f"{p:.2f}" for p in an["pass_ms_measured"]) or "not measured"
+    print(f"grid: {an['runs']} warm-cell runs ({an['failed']} failed), load average {min(loads):.1f}-{max(loads):.1f}; "
+          f"delayer per-pass cost in the model {an['per_pass_s'] * 1e3:.2f} ms (ping -U during the run: {passes} ms); "
+          "transfers measured on this machine, predictions modelled")
+    head = (f"{'grid point':<14} {'n':>4} {'meas s':>7} {'model s':>7} {'bias [95 %]':>22} {'in p10-p90':>10} "
+            f"{'< p50':>6} {'point-model bias':>16} {'fresh-conn bias':>15} {'P(pass | correct)':>17}")
+    print(head)
+    print("-" * len(head))
+    for r in an["rows"]:
+        b, c, pr = r["bias"], r["calibration"], r["pass_rate_if_correct"]
+        ok = "ok" if r["passes"]["all"] else "FAIL " + ",".join(k for k, v in r["passes"].items() if not v and k != "all")
+        print(f"{r['group']:<14} {b['n']:>4} {b['measured_mean_s']:>7.3f} {b['predicted_mean_s']:>7.3f} "
+              f"{100 * b['bias']:>+6.1f} % [{100 * b['low']:+5.1f}, {100 * b['high']:+5.1f}] {100 * c['inside_p10_p90']:>9.1f}% "
+              f"{100 * c['below_p50']:>5.1f}% {100 * r['point_bias']['bias']:>+15.1f}% {100 * r['fresh_bias']['bias']:>+14.1f}% "
+              f"{100 * pr['all']:>16.0f}%  {ok}")
+    print("kernel counters (nstat) per uplink message, measured (every packet of the device's socket: latents,"
+          " status and acks) vs modelled (latents only):")
+    for r in an["rows"]:
+        u, n = r["uplink_counters"], max(1, r["uplink_counters"]["messages"])
+        print(f"  {r['group']:<14} retransmitted segments {u['measured']['TcpRetransSegs'] / n:.2f} vs "
+              f"{u['model_latents'].get('retrans_segs', 0) / n:.2f}, loss probes {u['measured']['TcpExtTCPLossProbes'] / n:.3f} vs "
+              f"{u['model_latents'].get('loss_probes', 0) / n:.3f}, timeouts {u['measured']['TcpExtTCPTimeouts'] / n:.3f} vs "
+              f"{u['model_latents'].get('timeouts', 0) / n:.3f}, SACK recoveries {u['measured']['TcpExtTCPSackRecovery'] / n:.2f} vs "
+              f"{u['model_latents'].get('recoveries', 0) / n:.2f}")
+    s = an["downlink_counters_server"]
+    print(f"  server (every downlink): {s['TcpRetransSegs']} retransmitted segments, {s['TcpExtTCPLossProbes']} loss probes, "
+          f"{s['TcpExtTCPTimeouts']} timeouts, {s['TcpExtTCPSackRecovery']} SACK recoveries")
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--sink")
@@ -243,7 +436,19 @@ def main() -> int:
     ap.add_argument("--seconds", type=float, default=8.0, help="iperf3 seconds per rate")
     ap.add_argument("--only", default="ping,cost,predict,radio")
     ap.add_argument("--json", action="store_true")
+    ap.add_argument("--runs", type=int, default=30, help="grid: warm-cell runs (12 lossy transfers each)")
+    ap.add_argument("--grid-topology", type=Path, default=GRID_TOPOLOGY)
+    ap.add_argument("--save", type=Path, help="grid: write the raw measurements here")
+    ap.add_argument("--from", dest="from_file", type=Path, help="analyse saved grid measurements (no root needed)")
+    ap.add_argument("--per-pass-ms", type=float, default=None,
+                    help="grid: the delayer's per-pass cost in the model (default: measured with ping -U during the "
+                         "run, else stochastic.NFQUEUE_PASS_S)")
     args = ap.parse_args()
+    if args.from_file:
+        per_pass = None if args.per_pass_ms is None else args.per_pass_ms / 1e3
+        an = analyse_grid(json.loads(args.from_file.read_text()), per_pass)
+        print(json.dumps(an, indent=2)) if args.json else print_grid(an)
+        return 0
     if args.sink:
         sink(args.sink, args.count)
         return 0
@@ -264,6 +469,15 @@ def main() -> int:
         doc["predict"] = asyncio.run(bench_predict(args.messages))
     if "radio" in parts:
         doc["radio"] = asyncio.run(bench_radio(args.messages))
+    if "grid" in parts:
+        import tempfile
+
+        with tempfile.TemporaryDirectory(prefix="bench-grid-") as tmp:
+            raw = measure_grid(args.grid_topology, args.runs, Path(tmp), "g" + uuid.uuid4().hex[:5])
+        if args.save:
+            args.save.write_text(json.dumps(raw, indent=1))
+        per_pass = None if args.per_pass_ms is None else args.per_pass_ms / 1e3
+        doc["grid"] = analyse_grid(raw, per_pass)
     doc["wall_s"] = time.perf_counter() - t0
     if args.json:
         print(json.dumps(doc, indent=2))
@@ -291,6 +505,8 @@ def main() -> int:
               f"{r['loss_up_pct']:.3f}/{r['loss_down_pct']:.3f} %: 256 KB down {r['measured_down_s']:.3f} s "
               f"(predicted {r['predicted_down_s']:.3f}, without impairments {r['unimpaired_down_s']:.3f}), "
               f"up {r['measured_up_s']:.3f} s (predicted {r['predicted_up_s']:.3f}, without {r['unimpaired_up_s']:.3f})")
+    if doc.get("grid"):
+        print_grid(doc["grid"])
     print(f"({doc['wall_s']:.0f} s)")
     return 0
 

@@ -7,6 +7,15 @@ and a loose one (T_max 6 s, E_max 200 J: 6-10 fit) — it measures side by side 
 DP solve time, exact solve time, their ratio, the DP's worst and mean optimality gap, the
 share of DP answers that are feasible, and the mean objective of the baselines relative to
 the optimum. Run: `.venv/bin/python bench/selection.py [--quick]` (about a minute on 2 cores).
+
+A second table (issue 23) does the same for chance-constrained selection (selection/
+chance.py, P(latency <= T_max) >= 0.9 under the modelled stage distributions, energy at
+its mean) on the same kind of cells with lossy links (20 ms one way, 1 % loss each way):
+today's mean-based DP and the chance-constrained one timed side by side on the same
+instances (ms, medians, and their ratio), the modelled probability that each plan keeps
+T_max, and the chance DP's gap to the enumeration reference (`exact`, on the same draws;
+I = 12). The stage distributions are computed once per instance, before the timing
+(cached per link state; their time from cold is printed apart, `model ms`).
 """
 
 from __future__ import annotations
@@ -18,8 +27,10 @@ import time
 import numpy as np
 
 from testbed.model.radio import compute_links
-from testbed.selection import DEFAULT_GRID, device_costs, select, solvers
 from testbed.model.topology import parse_topology, place
+from testbed.selection import DEFAULT_GRID, device_costs, select, solvers
+from testbed.selection.chance import latency_draws, p_within, select_chance
+from testbed.selection.stochastic import clear_cache, stage_distributions
 
 REGIMES = {"paper": (2.0, 200.0), "loose": (6.0, 200.0), "loose+rs": (6.0, 200.0)}
 #: (I, regime, seeds). "+rs": every device gets its own random model size (300-3500 MB,
@@ -31,6 +42,10 @@ PLAN = [
     (1000, "paper", 6), (1000, "loose+rs", 6),
 ]
 EXACT_LIMIT_S = 20.0
+#: chance-constrained rows: (I, T_max s, seeds); lossy links, E_max 200 J, P = 0.9
+CHANCE_PLAN = [(12, 2.0, 20), (12, 3.0, 20), (20, 2.0, 20), (20, 3.0, 20), (20, 6.0, 10)]
+CHANCE_LINKS = "links: {delay_ms: 20, loss_pct: 1}"
+CONFIDENCE = 0.9
 
 
 def instance(n_devices: int, seed: int, random_sizes: bool = False):
@@ -84,6 +99,42 @@ def run_row(n_devices: int, regime: str, seeds: int, grid: int) -> dict:
     }
 
 
+def chance_row(n_devices: int, t_max: float, seeds: int, grid: int) -> dict:
+    """Mean-based vs chance-constrained DP on lossy cells, side by side on the same instances."""
+    e_max = 200.0
+    dp_ms, ch_ms, model_ms, p_mean, p_chance, gaps, lost = [], [], [], [], [], [], []
+    for seed in range(seeds):
+        topo = parse_topology(f"seed: {1000 + seed}\ndevices: {{count: {n_devices}}}\nradio: {{shadowing: true}}\n"
+                              f"{CHANCE_LINKS}\n")
+        links = compute_links(topo, place(topo))
+        costs = device_costs(topo, links)
+        clear_cache()  # the model's time from cold (selection itself reuses it, cached per link state)
+        start = time.perf_counter()
+        stages = stage_distributions(topo, links, costs=costs)
+        model_ms.append((time.perf_counter() - start) * 1e3)
+        draws = latency_draws(stages)
+        ids = [c.id for c in costs]
+        mean_plan = select(costs, t_max, e_max, "dp", grid=grid)
+        chance = select_chance(costs, stages, t_max, e_max, CONFIDENCE, grid=grid)
+        dp_ms.append(mean_plan.solve_ms)
+        ch_ms.append(chance.selection.solve_ms)
+        p_mean.append(p_within(draws, [ids.index(i) for i in mean_plan.selected], t_max))
+        p_chance.append(chance.p_within)
+        lost.append(1 - chance.selection.objective_mb / mean_plan.objective_mb)
+        if n_devices <= 16:
+            ref = select_chance(costs, stages, t_max, e_max, CONFIDENCE, strategy="exact")
+            gaps.append(max(0.0, 1 - chance.selection.objective_mb / ref.selection.objective_mb))
+    return {
+        "I": n_devices, "t_max_s": t_max, "seeds": seeds,
+        "dp_ms": statistics.median(dp_ms), "chance_ms": statistics.median(ch_ms),
+        "ratio": statistics.median(ch_ms) / statistics.median(dp_ms), "chance_max_ms": max(ch_ms),
+        "model_ms": statistics.median(model_ms),
+        "p_mean_plan": statistics.fmean(p_mean), "p_mean_plan_min": min(p_mean),
+        "p_chance_plan_min": min(p_chance), "size_given_up": statistics.fmean(lost) * 100,
+        "gap_max": max(gaps) * 100 if gaps else float("nan"), "gap_mean": statistics.fmean(gaps) * 100 if gaps else float("nan"),
+    }
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--grid", type=int, default=DEFAULT_GRID, help="DP cells per budget")
@@ -108,6 +159,22 @@ def main() -> None:
             f"{r['feasible']:>10.0f} {r['random']:>8.1f} {r['greedy']:>8.1f}{note}",
             flush=True,
         )
+    head = (f"{'I':>5} {'T_max':>6} {'seeds':>5} {'DP ms':>7} {'P-DP ms':>8} {'ratio':>6} {'P-DP max':>8} "
+            f"{'model ms':>9} {'P(mean plan)':>12} {'min':>5} {'P(P-DP) min':>11} {'size given up %':>15} "
+            f"{'gap max %':>9} {'gap mean %':>10}")
+    print()
+    print(f"chance-constrained selection, P(latency <= T_max) >= {CONFIDENCE:g} (modelled), lossy links "
+          f"({CHANCE_LINKS}), E_max 200 J; DP = today's mean-based DP, P-DP = chance-constrained, timed side by side "
+          "(medians); gap: to the enumeration on the same draws")
+    print(head)
+    print("-" * len(head))
+    for n_devices, t_max, seeds in CHANCE_PLAN:
+        seeds = max(2, seeds // 4) if args.quick else seeds
+        r = chance_row(n_devices, t_max, seeds, args.grid)
+        print(f"{r['I']:>5} {r['t_max_s']:>5g}s {r['seeds']:>5} {r['dp_ms']:>7.2f} {r['chance_ms']:>8.2f} "
+              f"{r['ratio']:>6.2f} {r['chance_max_ms']:>8.2f} {r['model_ms']:>9.0f} {r['p_mean_plan']:>12.2f} "
+              f"{r['p_mean_plan_min']:>5.2f} {r['p_chance_plan_min']:>11.3f} {r['size_given_up']:>15.1f} "
+              f"{r['gap_max']:>9.3f} {r['gap_mean']:>10.4f}", flush=True)
     print(f"total {time.perf_counter() - start:.0f} s")
 
 

@@ -14,10 +14,12 @@ import contextlib
 import os
 import sys
 from collections.abc import Iterator
+from dataclasses import dataclass
 
 import numpy as np
 
-__all__ = ["DEFAULT_GRID", "REL_TOL", "fits", "fits_each", "max_count", "prune_dominated", "dp", "improve", "exact", "first_fit"]
+__all__ = ["DEFAULT_GRID", "REL_TOL", "DPTable", "fits", "fits_each", "max_count", "prune_dominated", "dp", "dp_table",
+           "improve", "exact", "first_fit"]
 
 #: Cells per budget: the DP table has (DEFAULT_GRID + 1)^2 cells per device.
 DEFAULT_GRID = 150
@@ -71,6 +73,52 @@ def dp(
     t: np.ndarray, e: np.ndarray, v: np.ndarray, t_max: float, e_max: float, grid: int | tuple[int, int] = DEFAULT_GRID
 ) -> np.ndarray:
     """The paper's 3-D DP on rounded-up costs, with backtracking; every answer is feasible.
+    (`dp_table` builds the table, `DPTable.best` reads the answer; details there.)"""
+    return dp_table(t, e, v, t_max, e_max, grid).best()
+
+
+@dataclass
+class DPTable:
+    """The DP's final table: per cell the value, normalized cost and exact latency and energy
+    sums of the answer it holds, and the "taken" bits to backtrack any cell's answer."""
+
+    state: np.ndarray  # (4, cells_t, cells_e): value, cost, sum_t, sum_e
+    taken: np.ndarray  # (items, n_t, n_e) bool
+    reach: np.ndarray  # (items, 2): the table's filled extent after each item
+    items: np.ndarray  # item indices in the order the table took them
+    ct: np.ndarray  # rounded latency cells of every item
+    ce: np.ndarray  # rounded energy cells of every item
+    t_max: float
+    e_max: float
+    tol: float
+
+    def best(self) -> np.ndarray:
+        """The best cell whose exact sums fit T_max and E_max (ties: the cheaper answer)."""
+        region = self.state
+        ok = (region[2] <= self.t_max * (1 + REL_TOL)) & (region[3] <= self.e_max * (1 + REL_TOL))
+        score = np.where(ok, region[0], -np.inf)
+        tie = np.where(score >= score.max() - self.tol, region[1], np.inf)
+        a, b = np.unravel_index(int(tie.argmin()), tie.shape)
+        return self.backtrack(np.array([a]), np.array([b]))[0]
+
+    def backtrack(self, a: np.ndarray, b: np.ndarray) -> list[np.ndarray]:
+        """The answers (sorted item indices) held by the cells (a[c], b[c]), all at once."""
+        a, b = np.asarray(a, np.int64).copy(), np.asarray(b, np.int64).copy()
+        member = np.zeros((a.size, self.items.size), dtype=bool)
+        for k in range(self.items.size - 1, -1, -1):
+            a, b = np.minimum(a, self.reach[k, 0]), np.minimum(b, self.reach[k, 1])
+            take = self.taken[k, a, b]
+            member[:, k] = take
+            i = self.items[k]
+            a -= self.ct[i] * take
+            b -= self.ce[i] * take
+        return [np.sort(self.items[row]) for row in member]
+
+
+def dp_table(
+    t: np.ndarray, e: np.ndarray, v: np.ndarray, t_max: float, e_max: float, grid: int | tuple[int, int] = DEFAULT_GRID
+) -> DPTable:
+    """The paper's 3-D DP table on rounded-up costs.
 
     best[a, b] is the largest value of the items seen so far whose costs, rounded UP to
     whole cells of T_max / G_t and E_max / G_e, fit a latency cells and b energy cells;
@@ -122,20 +170,7 @@ def dp(
         take = (cand[0] > cur[0] + tol) | ((cand[0] >= cur[0] - tol) & (cand[1] < cur[1]))
         taken[k, a : r_t + 1, b : r_e + 1] = take
         np.copyto(cur, cand, where=take[None])
-    region = state[:, : r_t + 1, : r_e + 1]
-    ok = (region[2] <= t_max * (1 + REL_TOL)) & (region[3] <= e_max * (1 + REL_TOL))
-    score = np.where(ok, region[0], -np.inf)
-    tie = np.where(score >= score.max() - tol, region[1], np.inf)
-    a, b = np.unravel_index(int(tie.argmin()), tie.shape)
-    chosen = []
-    for k in range(items.size - 1, -1, -1):
-        a, b = min(a, reach[k, 0]), min(b, reach[k, 1])
-        if taken[k, a, b]:
-            i = items[k]
-            chosen.append(i)
-            a -= ct[i]
-            b -= ce[i]
-    return np.array(sorted(chosen), dtype=np.int64)
+    return DPTable(state[:, : r_t + 1, : r_e + 1], taken, reach, items, ct, ce, t_max, e_max, tol)
 
 
 def fits_each(t: np.ndarray, e: np.ndarray, t_max: float, e_max: float) -> np.ndarray:
