@@ -122,7 +122,7 @@ def chance_row(n_devices: int, t_max: float, seeds: int, grid: int) -> dict:
         p_chance.append(chance.p_within)
         lost.append(1 - chance.selection.objective_mb / mean_plan.objective_mb)
         if n_devices <= 16:
-            ref = select_chance(costs, stages, t_max, e_max, CONFIDENCE, strategy="exact")
+            ref = select_chance(costs, stages, t_max, e_max, CONFIDENCE, selector="exact")
             gaps.append(max(0.0, 1 - chance.selection.objective_mb / ref.selection.objective_mb))
     return {
         "I": n_devices, "t_max_s": t_max, "seeds": seeds,

@@ -48,7 +48,7 @@ def test_lossy_plans_keep_their_probability_and_match_the_reference(seed):
     ids = [c.id for c in costs]
     for t_max in (2.0, 3.0):
         got = select_chance(costs, stages, t_max, 200.0, 0.9)
-        ref = select_chance(costs, stages, t_max, 200.0, 0.9, strategy="exact")
+        ref = select_chance(costs, stages, t_max, 200.0, 0.9, selector="exact")
         idx = [ids.index(i) for i in got.selection.selected]
         assert got.p_within == p_within(draws, idx, t_max) >= 0.9
         assert got.selection.energy_j <= 200.0
@@ -86,7 +86,7 @@ def test_exact_reference_is_a_brute_force():
 
 def test_higher_confidence_never_buys_more():
     costs, stages = instance(10, 1002)
-    values = [select_chance(costs, stages, 3.0, 200.0, p, strategy="exact").selection.objective_mb
+    values = [select_chance(costs, stages, 3.0, 200.0, p, selector="exact").selection.objective_mb
               for p in (0.5, 0.8, 0.9, 0.99)]
     assert values == sorted(values, reverse=True) and values[0] > values[-1]
 
@@ -94,7 +94,7 @@ def test_higher_confidence_never_buys_more():
 @pytest.mark.parametrize("strategy", ["random", "greedy", "fair", "exact"])
 def test_every_strategy_keeps_both_constraints(strategy):
     costs, stages = instance(10, 1004)
-    got = select_chance(costs, stages, 2.5, 100.0, 0.9, strategy=strategy, history={"dev01": 50.0})
+    got = select_chance(costs, stages, 2.5, 100.0, 0.9, selector=strategy, history={"dev01": 50.0})
     assert got.p_within >= 0.9 and got.selection.energy_j <= 100.0 and got.selection.selected
     q = got.latency_quantiles_s
     assert list(q) == ["p10", "p50", "p90", "p95"] and q["p90"] <= 2.5

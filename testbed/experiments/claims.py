@@ -30,12 +30,15 @@ from typing import Any
 import numpy as np
 
 from testbed.experiments.plots import quality, reference_budget
+from testbed.methods import PAPER_RUNS
 from testbed.experiments.stats import ALPHA, LEVEL, MIN_SEEDS, Evidence, finalize, ols_slope, reason
 
 __all__ = ["CLAIMS", "evaluate_claims", "claims_doc", "claims_markdown", "claims_table", "claims_text",
            "write_claims", "tran_share"]
 
-DS, NO_DS, SPLIT = "multistage:dp", "multistage:random", "split"
+# the paper's compared runs, by their role (the method registry names them)
+DS, NO_DS, SPLIT = PAPER_RUNS["ds"], PAPER_RUNS["no_ds"], PAPER_RUNS["baseline"]
+_SHORT = {"ds": "w/ DS", "no_ds": "w/o DS", "baseline": "split"}  # how the claims' text calls each role
 CLAIMS = {
     1: "multi-stage (w/ DS) beats split diffusion at equal T_max and E_max",
     2: "with device selection (w/ DS) beats without (w/o DS)",
@@ -80,7 +83,7 @@ def _paired(rows: list[Row], a: str, b: str, statement: str) -> Evidence:
 
 
 def _label(key: str) -> str:
-    return {DS: "w/ DS", NO_DS: "w/o DS", SPLIT: "split"}.get(key, key)
+    return next((_SHORT[role] for role, k in PAPER_RUNS.items() if k == key), key)
 
 
 def _point_means(rows: list[Row], key: str, value: Callable[[Row], float | None],

@@ -36,7 +36,7 @@ from typing import Any
 import numpy as np
 
 from testbed.errors import InfeasibleError, TopologyError
-from testbed.selection import STRATEGIES, Selection, fair_weights, relay_order
+from testbed.selection import SELECTORS, Selection, fair_weights, relay_order
 from testbed.selection import solvers
 from testbed.selection.costs import DeviceCost
 from testbed.selection.solvers import DEFAULT_GRID, REL_TOL
@@ -88,7 +88,7 @@ def select_chance(
     t_max_s: float,
     e_max_j: float,
     confidence: float,
-    strategy: str = "dp",
+    selector: str = "dp",
     seed: int = 0,
     history: dict[str, float] | None = None,
     grid: int | tuple[int, int] = DEFAULT_GRID,
@@ -97,10 +97,10 @@ def select_chance(
     energy <= E_max, maximizing the total model size (module docstring).
 
     `stages`: the devices' StageDistributions in the order of `costs` (or their draw
-    matrix, devices x draws). Raises TopologyError on a bad confidence, strategy or budget,
+    matrix, devices x draws). Raises TopologyError on a bad confidence, selector or budget,
     InfeasibleError when no device alone keeps both constraints."""
-    if strategy not in STRATEGIES:
-        raise TopologyError(f"unknown strategy {strategy!r}; valid: {', '.join(STRATEGIES)}")
+    if selector not in SELECTORS:
+        raise TopologyError(f"unknown selector {selector!r}; valid: {', '.join(SELECTORS)}")
     if not (isinstance(confidence, (int, float)) and 0 < confidence < 1):
         raise TopologyError(f"confidence={confidence!r} must be a probability strictly between 0 and 1, e.g. 0.9")
     for name, val in (("T_max", t_max_s), ("E_max", e_max_j)):
@@ -115,13 +115,13 @@ def select_chance(
     alone = np.mean(draws <= t_max_s * (1 + REL_TOL), axis=1)
     _check_any_keeps(costs, alone, e, t_max_s, e_max_j, confidence)
     start = time.perf_counter()
-    if strategy in ("dp", "fair"):
-        weight = v * fair_weights(costs, history) if strategy == "fair" else v
+    if selector in ("dp", "fair"):
+        weight = v * fair_weights(costs, history) if selector == "fair" else v
         idx, checked = _dp_chance(draws, e, weight, t_max_s, e_max_j, confidence, grid)
-    elif strategy == "exact":
+    elif selector == "exact":
         idx, checked = exact_chance(draws, e, v, t_max_s, e_max_j, confidence)
     else:
-        if strategy == "random":
+        if selector == "random":
             order = np.random.default_rng(seed).permutation(len(costs))
         else:  # greedy: the point model's density, mean latencies
             t = draws.mean(axis=1)
@@ -131,7 +131,7 @@ def select_chance(
     chosen = relay_order([costs[int(i)] for i in idx])
     total = draws[np.asarray(idx, dtype=np.int64)].sum(axis=0)
     selection = Selection(
-        strategy=strategy, t_max_s=float(t_max_s), e_max_j=float(e_max_j), devices=list(costs),
+        selector=selector, t_max_s=float(t_max_s), e_max_j=float(e_max_j), devices=list(costs),
         selected=[c.id for c in chosen], objective_mb=float(sum(c.size_mb for c in chosen)),
         latency_s=float(sum(c.latency_s for c in chosen)), energy_j=float(sum(c.energy_j for c in chosen)),
         solve_ms=solve_ms, chosen=chosen)
@@ -252,7 +252,7 @@ def exact_chance(draws: np.ndarray, e: np.ndarray, v: np.ndarray, t_max: float, 
     n = keep.size
     if n > EXACT_MAX_DEVICES:
         raise TopologyError(f"exact chance-constrained selection enumerates subsets: {n} candidates after pruning, "
-                            f"at most {EXACT_MAX_DEVICES}; use strategy dp")
+                            f"at most {EXACT_MAX_DEVICES}; use selector dp")
     if n == 0:
         return keep, 0
     x, ek, vk = draws[keep], e[keep], v[keep]

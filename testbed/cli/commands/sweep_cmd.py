@@ -39,7 +39,7 @@ def sweep(
     as_json: bool = typer.Option(False, "--json", help="print only a JSON summary on stdout"),
 ) -> None:
     """Run T_max x E_max x seeds x methods on the emulation; write results.csv, results.jsonl, claims.json and fig4a-d."""
-    from testbed.experiments.claims import claims_markdown, write_claims
+    from testbed.experiments.claims import claims_table, write_claims
     from testbed.experiments.plots import write_figures
     from testbed.experiments.sweep import budget_summary, read_rows
 
@@ -78,7 +78,7 @@ def sweep(
                   f"E_max (modelled); {b['infeasible']} infeasible points", highlight=False)
     for p in [*figures, *published]:
         out.print(f"wrote: {p}")
-    out.print(claims_markdown(claims), highlight=False, markup=False)
+    out.print(claims_table(claims))  # every verdict with its reason, a table a terminal does not wrap
 
 
 def _run(file: Path, tmax: str | None, emax: str | None, seeds: int | None, runs: str, quick: bool,
