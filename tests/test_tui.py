@@ -595,8 +595,8 @@ class _FakeSession:
     entered = asyncio.Event()
     release = asyncio.Event()  # the cell is up once the test sets it
 
-    def __init__(self, topo, *, run_id, backend, out_dir, on_event):
-        self.run_id, self.out_dir = run_id, out_dir
+    def __init__(self, topo, source, *, out_dir, on_event):
+        self.run_id, self.out_dir = source.run_id, out_dir
         self.cell = type("Cell", (), {"on_update": lambda self, cb: None})()
 
     async def __aenter__(self):
