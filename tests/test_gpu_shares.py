@@ -321,8 +321,8 @@ async def test_a_cell_without_a_gpu_changes_nothing_and_says_so(bin_dir: Path, u
     from testbed.emulation.emulation import Emulation
     from testbed.model.topology import load_topology
 
-    monkeypatch.setenv("PATH", str(bin_dir))  # no nvidia-smi anywhere, also on a GPU host
-    monkeypatch.setattr("testbed.emulation.gpu.NVIDIA_BIN_DIRS", ())
+    # no nvidia-smi anywhere, also on a GPU host (the cell's other tools stay on PATH)
+    monkeypatch.setattr("testbed.emulation.gpu._which", lambda name, path=None: None)
     profiles = _profiles_with_shares({"jetson-agx-orin": 50})
     monkeypatch.setattr("testbed.emulation.emulation.load_profiles", lambda: profiles)
     async with Emulation(load_topology(topologies / "small.yaml"), unique_run_id, shaping=False) as emu:
