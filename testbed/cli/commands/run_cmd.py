@@ -168,15 +168,16 @@ def run(
                                     fail=fail, out_dir=out_path, on_event=on_event, started_at=started_at)
 
     async def go() -> dict[str, Any]:
-        with Live(progress.render(), console=console, refresh_per_second=8, transient=as_json) as live:
-            def on_event(ev: dict[str, Any]) -> None:
-                progress.feed(ev)
-                live.update(progress.render())
+        try:
+            with Live(progress.render(), console=console, refresh_per_second=8, transient=as_json) as live:
+                def on_event(ev: dict[str, Any]) -> None:
+                    progress.feed(ev)
+                    live.update(progress.render())
 
-            doc = await (warm(on_event) if run_id is not None else cold(on_event))
-        if not console.is_terminal and not as_json:
-            console.line()  # rich leaves a piped Live's last frame without its newline
-        return doc
+                return await (warm(on_event) if run_id is not None else cold(on_event))
+        finally:  # (an error's message too starts on a line of its own)
+            if not console.is_terminal and not as_json:
+                console.line()  # rich leaves a piped Live's last frame without its newline
 
     doc = asyncio.run(go())
     if as_json:
