@@ -121,7 +121,9 @@ def run(
     """Run one generation: bring the cell up, relay the latent through the selected devices
     (or, with --method split, cut the UNet over two devices; with --method patch, cut the
     latent into bands computed on N devices at once), write result.json,
-    events.jsonl, logs and the image, tear down. With --run ID, on a cell that is up."""
+    events.jsonl, logs and the image, tear down. With --run ID, on a cell that is up.
+    Options, and a cold run's plan, are checked before the cell comes up: bad input exits 2,
+    budgets that admit no run exit 3."""
     from testbed.composition.preflight import check_budgets, check_fail_device, check_method, plan_cold_run
     from testbed.composition.startup import command_started_at
     from testbed.emulation.runs import new_run_id, run_dir
