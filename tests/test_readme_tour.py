@@ -4,9 +4,10 @@ itself (so the test follows it); output folders go to a temporary directory and 
 id `r1` becomes a unique one. `testbed tui` runs in a pseudo-terminal: its first screen
 appears, `q` quits it.
 
-Root, mosquitto, and about 5 minutes on 2 cores at rest: the tour's `sweep --quick` runs as
-the README writes it (36 runs; the published 120-run sweep took 217 s at rest, ~1.8 s a run),
-the cold runs take 15-30 s each. On a loaded host deadlines are missed and runs fail (a
+Root, mosquitto, and about 5 minutes on 2 cores: the tour's `sweep --quick` runs as the
+README writes it (36 runs: 103 s measured under a load average of 6-10; the published 120-run
+sweep took 217 s at rest), the cold runs take 15-30 s each; the whole test took 296 s under
+a load average of 11. On a loaded host deadlines are missed and runs fail (a
 recovery that no longer fits T_max, a sweep point that fails): rerun it at rest.
 """
 
