@@ -84,10 +84,12 @@ def test_what_does_not_fit_says_why():
 
 
 def test_the_strategy_offers_the_band_counts_the_model_and_sd15_share():
-    from testbed.methods.patch.strategy import model_bands
+    from testbed.methods.patch.strategy import EMBEDDED_BANDS, counted_bands, model_bands
 
     bands, points = model_bands("tiny", 256)
     assert bands == (2, 4) and points == 64  # 16 latent rows, two 2x downsamplings; 64 exchange points
+    for (model, px), tabled in EMBEDDED_BANDS.items():  # what a plan reads without loading the model
+        assert counted_bands(model, px) == tabled, (model, px)
 
 
 #: Patch runs of the published sweep (docs/figures/results.csv: paper.yaml, netns, T_max 4 s,

@@ -203,3 +203,21 @@ def test_the_image_says_its_own_size_and_what_resolution_px_is():
     assert "resolution_px (256) is the SD1.5 resolution" in meta["resolution_note"]
     assert image_note(meta) == "32 x 32 px; times and sizes are SD1.5's at 256 px"
     assert "resolution_note" not in image_size([256, 256, 3], 256)
+
+
+@pytest.mark.parametrize("name", [m.name for m in methods.methods()])
+def test_a_cold_runs_plan_needs_no_torch(topologies, name):
+    """The plan `testbed run` makes before the cell comes up took 25 s for split (SD1.5 built
+    on the meta device for its feature sizes) and 5-15 s for patch (the model loaded for its
+    exchange points): now no torch or diffusers at all, for every method."""
+    import subprocess
+    import sys
+
+    code = ("import sys; from testbed.composition.preflight import plan_cold_run; "
+            "from testbed.model.topology import load_topology; "
+            f"plan = plan_cold_run(load_topology({str(topologies / 'paper.yaml')!r}), {name!r}, None, 4.0, None, None); "
+            "print(len(plan.selected), sorted(m for m in ('torch', 'diffusers') if m in sys.modules))")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    selected, imported = r.stdout.split(" ", 1)
+    assert int(selected) >= 2 and imported.strip() == "[]", r.stdout

@@ -3,8 +3,8 @@ selector, the `--fail` device, and — for a cold run, whose cell is the topolog
 the method's plan itself.
 
 A bad option then exits 2 and infeasible budgets exit 3 before 20 devices come up (the
-cell, the broker and the agents take seconds; the plan takes milliseconds, or the import
-of the model's library for a method whose plan reads the model). A run on an up cell is
+cell, the broker and the agents take seconds; a plan takes milliseconds and imports no
+torch). A run on an up cell is
 planned on that cell's links, rates and energy history as they are when it runs (the up
 cell's supervisor plans it), so only the inputs are checked here.
 """
