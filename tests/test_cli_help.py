@@ -54,7 +54,4 @@ def test_the_checker_finds_a_wrong_pointer():
 
 @pytest.mark.parametrize("where,text", [t for t in _help_texts() if _README.search(t[1]) or _DOC.search(t[1])])
 def test_help_pointers_name_sections_that_exist(where, text):
-    if where == "run --backend" and "README" in text:
-        pytest.xfail('run_cmd.py (issue 22, the lead\'s): --backend points to README "Docker and Swarm", which '
-                     'is docs/emulation.md\'s')
     assert _broken(text) == [], where

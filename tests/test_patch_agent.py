@@ -12,6 +12,8 @@ import torch
 
 from testbed.relay.agent import AgentConfig
 from testbed.methods.patch.agent import PatchHandler
+from testbed.methods.patch.messages import patch_meta
+from testbed.relay.messages import Fields
 from testbed.relay.wire import Message, decode, encode
 
 RUN = "tpa1"
@@ -86,6 +88,9 @@ async def test_a_step_sends_its_context_then_its_band_on_the_profiles_time():
     assert noise.meta["t_cmp_s"] == pytest.approx(0.3, abs=0.08)  # share 0.3 of a 1 s step, from receipt
     assert noise.meta["wait_s"] == 0.0 and noise.meta["cmp_real_s"] < 0.3 and noise.meta["overrun_s"] == 0.0
     assert time.time() - t0 >= 0.3 and noise.meta["rows"] == [0, 4]
+    # what the server reads of it (its typed door): the context received, bytes as an integer
+    parsed = patch_meta(Fields("dev01", "result", noise.meta))
+    assert [wire for wire, _, _ in parsed.ctx_received] == [len(_context("g1", 0, 2.0))]
 
 
 async def test_context_of_another_generation_is_not_used():

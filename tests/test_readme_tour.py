@@ -4,7 +4,11 @@ itself (so the test follows it); output folders go to a temporary directory and 
 id `r1` becomes a unique one. `testbed tui` runs in a pseudo-terminal: its first screen
 appears, `q` quits it.
 
-Root, mosquitto, and about 10 minutes (the tour's `sweep --quick` is 36 runs).
+Root, mosquitto, and about 5 minutes on 2 cores: the tour's `sweep --quick` runs as the
+README writes it (36 runs: 103 s measured under a load average of 6-10; the published 120-run
+sweep took 217 s at rest), the cold runs take 15-30 s each; the whole test took 296 s under
+a load average of 11. On a loaded host deadlines are missed and runs fail (a
+recovery that no longer fits T_max, a sweep point that fails): rerun it at rest.
 """
 
 from __future__ import annotations
@@ -94,9 +98,7 @@ def _tui_in_a_terminal(argv: list[str], cwd: Path, timeout_s: float = 120) -> tu
 
 def test_readme_tour_top_to_bottom(tmp_path, unique_run_id):
     """Each command of the tour: exit 0, and what its README comment says it shows.
-
-    Today (main 6b4e5be + the frontend branch) `run --method patch` at the default budgets
-    exits 3 ("not one step fits T_max 2 s"): the run owner's part of issue 26 changes it."""
+    (Issue 26: `run --method patch` exited 3 at the default budgets.)"""
     for name in ("out",):
         (tmp_path / name).mkdir()
     checks = {
@@ -104,9 +106,11 @@ def test_readme_tour_top_to_bottom(tmp_path, unique_run_id):
         0: lambda r, argv: ("selected" in r.stdout and "relay order" in r.stdout and "modelled" in r.stdout,
                             "the chain and each stage's cost, said to be modelled"),
         # the paper's baseline: UNet features cross the links
-        1: lambda r, argv: (_result(tmp_path, argv)["method"] == "split", "a split run's result.json"),
+        1: lambda r, argv: (_result(tmp_path, argv)["method"] == "split" and ": head dev" in r.stdout,
+                            "a split run's result.json, its head and tail on the terminal"),
         # bands of the latent on N devices at once
-        2: lambda r, argv: (_result(tmp_path, argv)["method"] == "patch", "a patch run's result.json"),
+        2: lambda r, argv: (_result(tmp_path, argv)["method"] == "patch" and " at once, " in r.stdout,
+                            "a patch run's result.json, its devices at once on the terminal"),
         # kill a chosen device mid-stage: re-selection
         3: lambda r, argv: (bool(_result(tmp_path, argv)["recovered"]) and "recovered" in r.stdout,
                             "a recovery, in result.json and on the terminal"),

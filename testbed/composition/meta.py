@@ -16,7 +16,8 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
-__all__ = ["EMULATED", "KINDS", "MEASURED", "MODELLED", "number_labels", "run_meta", "git_commit", "versions"]
+__all__ = ["EMULATED", "KINDS", "MEASURED", "MODELLED", "number_labels", "run_meta", "image_size", "git_commit",
+           "versions"]
 
 _REPO = Path(__file__).resolve().parents[2]
 
@@ -88,6 +89,21 @@ def versions(broker_kind: str | None = None) -> dict[str, Any]:
     return v
 
 
+def image_size(shape: list[int] | None, resolution_px: int) -> dict[str, Any]:
+    """The image's real size (image.png is saved as the model made it: an upscaled copy
+    would show detail the model did not make, and MS-SSIM is computed at this size), and
+    what `resolution_px` is when it differs."""
+    if not shape:
+        return {}
+    height, width = int(shape[0]), int(shape[1])
+    doc: dict[str, Any] = {"image_width_px": width, "image_height_px": height}
+    if (width, height) != (resolution_px, resolution_px):
+        doc["resolution_note"] = (f"image.png is the model's own {width} x {height} px; resolution_px "
+                                  f"({resolution_px}) is the SD1.5 resolution that the profiles' step times "
+                                  "and split's and patch's feature sizes assume")
+    return doc
+
+
 def run_meta(topo: Any, cell: Any, outcome: Any, model: Any, image: dict[str, Any]) -> dict[str, Any]:
     """What a reader needs to trust a run's numbers (see the module docstring)."""
     wl = topo.workload
@@ -118,6 +134,7 @@ def run_meta(topo: Any, cell: Any, outcome: Any, model: Any, image: dict[str, An
                              | {s["bytes_up"] for s in stages if "bytes_up" in s}),
         "rejected_results": outcome.rejected_results,
         "image_shape": image.get("image_shape"),
+        **image_size(image.get("image_shape"), wl.resolution_px),
         "backend": cell.backend_name,
         "netem": bool(status.get("netem")),
         "delay_path": (status.get("impairments") or {}).get("path", "none"),  # netem | nfqueue+iptables | none

@@ -23,10 +23,19 @@ from typing import Any
 from testbed.errors import InputError
 
 __all__ = ["MethodSpec", "Line", "METHODS", "register", "method", "methods", "load", "run_key", "line_for",
-           "agent_handlers", "PAPER_RUNS",
+           "agent_handlers", "PAPER_RUNS", "DEVICE_ARRANGEMENTS",
            "PLUGINS_ENV"]
 
 PLUGINS_ENV = "TESTBED_METHODS"
+
+#: How a method's devices work together (`MethodSpec.devices`): what it means, and how a
+#: summary lists the devices of a run (its `relay_order`) so that it reads that way.
+DEVICE_ARRANGEMENTS: dict[str, tuple[str, Any]] = {
+    "chain": ("one after another, each on its own steps", lambda d: " -> ".join(d)),
+    "head-tail": ("a head and a tail, both at every step",
+                  lambda d: ", ".join(f"{role} {dev}" for role, dev in zip(("head", "tail"), d))),
+    "parallel": ("at once, one band of the latent each", lambda d: " + ".join(d) + " at once"),
+}
 
 
 @dataclass(frozen=True)
@@ -49,7 +58,8 @@ class MethodSpec:
     payload); `recovers`: a selected device may fail mid-run (`--fail`) and the run goes on;
     `own_selector`: how it picks devices when it takes no device selector (dp, random, ...),
     e.g. "best-pair" — None for a method that takes one; `lines`: its look in tables and
-    figures, by selector ("*": any selector).
+    figures, by selector ("*": any selector); `devices`: how its devices work together, a key
+    of DEVICE_ARRANGEMENTS ("chain", "head-tail", "parallel").
     """
 
     name: str
@@ -61,6 +71,17 @@ class MethodSpec:
     own_selector: str | None = None
     largest_message: str | None = None
     notes: dict[str, str] = field(default_factory=dict)
+    devices: str = "chain"
+
+    def __post_init__(self) -> None:
+        if self.devices not in DEVICE_ARRANGEMENTS:
+            raise InputError(f"method {self.name!r}: devices={self.devices!r}; "
+                             f"use one of {', '.join(DEVICE_ARRANGEMENTS)}")
+
+    def describe_devices(self, devices: list[str]) -> str:
+        """A run's devices as this method uses them: "dev09 -> dev18" for a chain, "head
+        dev17, tail dev09" for a pair, "dev01 + dev18 at once" for bands in parallel."""
+        return DEVICE_ARRANGEMENTS[self.devices][1](list(devices))
 
     def line(self, selector: str) -> Line:
         got = self.lines.get(selector) or self.lines.get("*")
@@ -118,12 +139,12 @@ for _spec in (
     MethodSpec("split", "the two-segment UNet baseline: features cross the links at every step",
                strategy="testbed.methods.split.strategy:Split", agent_handler="testbed.methods.split.agent:task_handler",
                recovers=False, own_selector="best-pair", lines={"*": Line("split", "#d62728", "^")},
-               largest_message="testbed.methods.split.sizes:largest_message_bytes",
+               devices="head-tail", largest_message="testbed.methods.split.sizes:largest_message_bytes",
                notes={"recovery": "split inference has no checkpoint a third device could continue from"}),
     MethodSpec("patch", "row bands of the latent on N devices at once (docs/patch.md)",
                strategy="testbed.methods.patch.strategy:Patch", agent_handler="testbed.methods.patch.agent:task_handler",
                recovers=False, own_selector="best-bands", lines={"*": Line("patch", "#9467bd", "D")},
-               notes={"recovery": "a band has no other owner (no takeover, docs/reliability.md)"}),
+               devices="parallel", notes={"recovery": "a band has no other owner (no takeover, docs/reliability.md)"}),
 ):
     register(_spec)
 

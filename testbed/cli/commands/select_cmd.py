@@ -37,7 +37,8 @@ def select_command(
         print_json(sel.to_json())
         return
     order = {dev_id: n for n, dev_id in enumerate(sel.selected, start=1)}
-    table = Table(title=f"{topo.name}: {len(costs)} candidates, selector {selector}, seed {topo.seed}")
+    table = Table(title=f"{topo.name}: {len(costs)} candidates, selector {selector}, seed {topo.seed}",
+                  caption="every number modelled (profiles x link rates), not measured")
     for col in ("stage", "id", "profile", "prec", "size MB", "T s", "T_down", "T_cmp", "T_up", "E J"):
         table.add_column(col, justify="left" if col in ("id", "profile", "prec") else "right")
     for c in costs:

@@ -105,7 +105,7 @@ class PatchHandler:
         self.served = 0
         # (generation, stage, point, band) -> parts: a cell's agents serve generation after generation
         self.store: dict[tuple[str, int, str, int], dict[str, np.ndarray]] = {}
-        self.received: list[list[float]] = []  # [wire bytes (an int), t_pub, t_recv] of contexts not yet reported
+        self.received: list[list[int | float]] = []  # [wire bytes, t_pub, t_recv] of contexts not yet reported
         self.arrived = asyncio.Event()
         self.steps: set[asyncio.Task] = set()  # steps not yet finished (the last one may be sending)
         self.computing: int | None = None  # the step whose band is being computed
@@ -149,7 +149,7 @@ class PatchHandler:
         for key, parts in by_point.items():  # one assignment each: the worker thread reads the store
             k = (gen, msg.stage, key, sender)
             self.store[k] = self.store.get(k, {}) | parts
-        self.received.append([int(wire_bytes), float(t_pub), t_recv])
+        self.received.append([int(wire_bytes), float(t_pub), t_recv])  # the server reads bytes as an integer
         self.arrived.set()
 
     async def wait_context(self, gen: str, stage: int, key: str, senders: list[int], timeout_s: float) -> list[dict]:

@@ -22,14 +22,16 @@ previous step, sent while computing):
                   selection/costs.py handling_s under its CPU quota: in the emulation the model and the
                   messages share that quota)
     t_displaced = T(A) + max(max_i c_i + T(B), T(U) + T(D)) + H
-    t_sync      = T(A) + max_i c_i + T(U) + T(D) + T(B) + H + P * SYNC_ROUND_S
+    t_sync      = T(A) + max_i c_i + max(T(U) + T(D), P * SYNC_ROUND_S) + T(B) + H
     t_final     = T(A) + max_i s_N*T_i + T(B)     the last step, displaced: its context has no reader
     energy      = sum_i P_rx,i*(T(A) + T(D)) + P_cmp,i*c_i + P_tx,i*(T(B) + T(U))   (final: U = D = 0,
                   c_i = s_N*T_i)
 
 H = the server's half of handling_s over every band's context bytes (it handles them in turn);
-P = the exchange points of the model that runs (its synchronous step makes one round trip per
-point). The scaling of
+P = the exchange points of the model that runs: its synchronous step makes one round trip
+per point, each carrying 1/P of the context up and down, so the P round trips take the
+context's transfer time or, on links fast enough, P times a round's floor (SYNC_ROUND_S),
+whichever is longer. The scaling of
 the compute time: s_N is the share of SD1.5's UNet FLOPs one band computes, counted on the
 meta device (bench/patch.py --sd15): 1/N of every layer plus the keys and values it
 projects from the other bands' attention inputs; halo rows are inputs of a band's
@@ -60,7 +62,7 @@ from testbed.selection.costs import (DEFAULT_LINK_EFFICIENCY, DEFAULT_MESSAGE_OV
 from testbed.selection.transfer import tcp_transfer_time_s
 
 __all__ = ["CONTEXT_BYTES_FP32", "FLOP_SHARE", "LATENT_ROWS", "INPUT_HALO_ROWS", "SYNC_ROUND_S",
-           "WARMUP_STEPS", "BandCost", "PatchPlan", "plan_patch", "band_counts"]
+           "WARMUP_STEPS", "BandCost", "PatchPlan", "plan_patch", "band_counts", "predicted_latency_s"]
 
 #: SD1.5's context bytes per step and band with fp32 activations (CFG batch 2): what each
 #: band sends up and receives down, by resolution, band count and band index. Counted on the
@@ -81,11 +83,13 @@ INPUT_HALO_ROWS = 2
 #: Synchronous steps before the displaced ones (DistriFusion warms up the same way: the
 #: first step has no previous-step context to reuse).
 WARMUP_STEPS = 1
-#: One exchange point of a synchronous step outside the links: a message up to the
-#: server, its relay down to the other bands, the wake-ups in between. Measured (docs/patch.md):
-#: 6-15 ms on loopback, ~20-25 ms in paper.yaml runs, on this 2-core VM under a load average of
-#: 6-8 from other jobs; the plan takes the latter.
-SYNC_ROUND_S = 0.020
+#: The floor of one exchange point of a synchronous step: a message up to the server, its
+#: relay down to the other bands, the wake-ups in between, with no link to wait for. Measured
+#: (docs/patch.md): 6-15 ms on loopback under a load average of 6-8; the plan takes 15 ms. A
+#: point of a paper.yaml run takes ~20-25 ms: its share of the context crossing the shaped
+#: links, which the plan charges as the context's transfer time (the floor is not added to
+#: it: the published sweep's synchronous steps show no round cost beyond the links).
+SYNC_ROUND_S = 0.015
 
 
 def band_counts(resolution_px: int) -> list[int]:
@@ -138,7 +142,7 @@ class PatchPlan:
     flop_share: float
     sync_points: int
     sets_considered: int
-    breakdown: dict[str, float] = field(default_factory=dict)  # the displaced step's terms (s)
+    breakdown: dict[str, float] = field(default_factory=dict)  # the displaced step's terms; t_sync_rounds_s (s)
 
     @property
     def predicted_latency_s(self) -> float:
@@ -244,7 +248,8 @@ class _Model:
         # the server handles every band's context in turn (selection/costs.py handling_s's server half)
         server = 0.5 * HANDLING_S_PER_MB * sum(b.ctx_up_bytes + b.ctx_down_bytes for b in bands) / 1e6
         t_disp = t_task + max(t_busy + t_noise, t_ctx_up + t_ctx_down) + server
-        t_sync = t_task + t_busy + t_ctx_up + t_ctx_down + t_noise + server + self.sync_points * SYNC_ROUND_S
+        t_rounds = max(t_ctx_up + t_ctx_down, self.sync_points * SYNC_ROUND_S)  # the P round trips
+        t_sync = t_task + t_busy + t_rounds + t_noise + server
         t_final = t_task + t_cmp + t_noise
 
         def energy(ctx_down_s: float, ctx_up_s: float, context: bool) -> float:  # radios on for the transfers
@@ -256,7 +261,8 @@ class _Model:
         return {"bands": bands, "t_sync_s": t_sync, "t_displaced_s": t_disp, "t_final_s": t_final,
                 "e_sync_j": e_step, "e_displaced_j": e_step, "e_final_j": energy(0.0, 0.0, False),
                 "breakdown": {"t_task_down_s": t_task, "t_cmp_s": t_cmp, "t_busy_s": t_busy, "t_noise_up_s": t_noise,
-                              "t_ctx_up_s": t_ctx_up, "t_ctx_down_s": t_ctx_down, "t_handling_server_s": server}}
+                              "t_ctx_up_s": t_ctx_up, "t_ctx_down_s": t_ctx_down, "t_handling_server_s": server,
+                              "t_sync_rounds_s": t_rounds}}
 
 
 def plan_patch(
@@ -288,23 +294,8 @@ def plan_patch(
     if not options:
         raise InfeasibleError(f"patch diffusion needs at least {min(band_counts(res) or [2])} devices with a link; "
                               f"{len(links)} candidate(s) given")
-    profiles = load_profiles()
-    devs = []
-    for lk in links:
-        prof = profiles[lk.profile]
-        try:
-            step_s = step_time_s(prof, res, lk.precision)
-        except KeyError as e:
-            raise TopologyError(f"device {lk.id}: {e.args[0]}; add it to data/profiles.yaml") from None
-        for name, rate in (("rate_up_mbps", lk.rate_up_mbps), ("rate_down_mbps", lk.rate_down_mbps)):
-            if not rate > 0:
-                raise TopologyError(f"device {lk.id}: {name}={rate:g}; the device has no usable link")
-        imp = (impairments or {}).get(lk.id) or device_impairment(topo, lk.id, lk.snr_up_db, lk.snr_down_db)
-        devs.append(_Device(lk, prof, imp, step_s))
-    caps: tuple[float | None, float | None] = (None, None)
-    if topo.cell.shared_capacity:  # the emulation's default capacity: the cell's best link (emulation.py)
-        caps = (topo.cell.capacity_up_mbps or max(lk.rate_up_mbps for lk in links),
-                topo.cell.capacity_down_mbps or max(lk.rate_down_mbps for lk in links))
+    devs = _devices(topo, links, impairments)
+    caps = _capacities(topo, links)
     best: tuple[tuple[float, ...], list[_Device], dict[str, Any], int, int] | None = None
     considered = 0
     nearest: tuple[float, dict[str, Any], int] | None = None
@@ -348,3 +339,43 @@ def plan_patch(
         e_final_j=cost["e_final_j"], bands=cost["bands"],
         flop_share=FLOP_SHARE[res][n], sync_points=sync_points, sets_considered=considered,
         breakdown=cost["breakdown"])
+
+
+def _devices(topo: Topology, links: list[DeviceLink],
+             impairments: Mapping[str, LinkImpairment] | None) -> list[_Device]:
+    """Each candidate's link, profile, impairment and SD1.5 step time at the workload's resolution."""
+    profiles = load_profiles()
+    devs = []
+    for lk in links:
+        prof = profiles[lk.profile]
+        try:
+            step_s = step_time_s(prof, topo.workload.resolution_px, lk.precision)
+        except KeyError as e:
+            raise TopologyError(f"device {lk.id}: {e.args[0]}; add it to data/profiles.yaml") from None
+        for name, rate in (("rate_up_mbps", lk.rate_up_mbps), ("rate_down_mbps", lk.rate_down_mbps)):
+            if not rate > 0:
+                raise TopologyError(f"device {lk.id}: {name}={rate:g}; the device has no usable link")
+        imp = (impairments or {}).get(lk.id) or device_impairment(topo, lk.id, lk.snr_up_db, lk.snr_down_db)
+        devs.append(_Device(lk, prof, imp, step_s))
+    return devs
+
+
+def _capacities(topo: Topology, links: list[DeviceLink]) -> tuple[float | None, float | None]:
+    """The cell's shared capacity up and down (None: not shared)."""
+    if not topo.cell.shared_capacity:
+        return None, None
+    # the emulation's default capacity: the cell's best link (emulation.py)
+    return (topo.cell.capacity_up_mbps or max(lk.rate_up_mbps for lk in links),
+            topo.cell.capacity_down_mbps or max(lk.rate_down_mbps for lk in links))
+
+
+def predicted_latency_s(topo: Topology, links: list[DeviceLink], devices: list[str], steps: int, *,
+                        sync_points: int, warmup_steps: int = WARMUP_STEPS,
+                        link_efficiency: float = DEFAULT_LINK_EFFICIENCY,
+                        impairments: Mapping[str, LinkImpairment] | None = None) -> float:
+    """What the plan predicts for `steps` steps with band i on devices[i] (`links`: every
+    candidate, which sets the shared capacity): to hold a measured run against its model."""
+    by_id = {d.link.id: d for d in _devices(topo, links, impairments)}
+    cost = _Model(topo, len(devices), sync_points, link_efficiency).step([by_id[d] for d in devices],
+                                                                          _capacities(topo, links))
+    return _total(steps, cost["t_sync_s"], cost["t_displaced_s"], cost["t_final_s"], warmup_steps)

@@ -15,15 +15,30 @@ from testbed.methods.base import Outcome, PlanContext, RunContext, energy_by_dev
 from testbed.errors import WorkloadError
 from testbed.methods.patch.plan import LATENT_ROWS, WARMUP_STEPS, PatchPlan, band_counts, plan_patch
 
-__all__ = ["Patch", "BAND_CHOICE", "model_bands"]
+__all__ = ["Patch", "BAND_CHOICE", "EMBEDDED_BANDS", "model_bands", "counted_bands"]
 
 BAND_CHOICE = "best-bands"
+
+
+#: model_bands of the embedded models, so that a plan (and `testbed run`'s check before the
+#: cell comes up) needs no torch: loading a model for them took 5-15 s (tests/test_patch_plan.py
+#: checks them against the models).
+EMBEDDED_BANDS: dict[tuple[str, int], tuple[tuple[int, ...], int]] = {
+    ("tiny", 256): ((2, 4), 64), ("tiny", 512): ((2, 4), 64),
+    ("digits", 256): ((2, 4), 44), ("digits", 512): ((2, 4), 44),
+}
 
 
 @functools.lru_cache(maxsize=8)
 def model_bands(model: str, resolution_px: int) -> tuple[tuple[int, ...], int]:
     """(band counts that both the model that runs and SD1.5 at this resolution can be cut
     into, the model's exchange points per step)."""
+    known = EMBEDDED_BANDS.get((model, resolution_px))
+    return known if known is not None else counted_bands(model, resolution_px)
+
+
+def counted_bands(model: str, resolution_px: int) -> tuple[tuple[int, ...], int]:
+    """model_bands, counted on the model itself (loaded: seconds)."""
     from testbed.diffusion.models import load_base_unet
     from testbed.diffusion.patch import PatchUNet, valid_patch_counts
 
