@@ -29,6 +29,7 @@ from typing import Any
 from pathlib import Path
 
 from testbed.composition.cells import MadeCell
+from testbed.composition.online import Liveness
 from testbed.composition.session import RunSession
 from testbed.composition.startup import StartupClock
 from testbed.emulation.attached import cell_handlers, control_path
@@ -41,12 +42,15 @@ __all__ = ["main"]
 
 
 class CellKeeper:
-    """The supervisor's state: the session, what its agents report, and state.json."""
+    """The supervisor's state: the session, what its agents report, and state.json — each
+    device node's `agent`: online, down (silent for SILENT_AFTER_S while its process runs:
+    stopped, hung; plans leave it out) or offline."""
 
     def __init__(self, session: RunSession, base: dict[str, Any]):
         self.session = session
         self.base = base
-        self.online: dict[str, bool] = {}
+        self.liveness = Liveness()  # the agents' statuses and heartbeats (watch_agents)
+        self._agents_written: dict[str, str] = {}
         self._last_write = 0.0
         self._generating = asyncio.Lock()
 
@@ -54,11 +58,22 @@ class CellKeeper:
         cell = self.session.cell
         assert cell is not None
         doc = cell.status()
+        agents = self.agent_states()
         for node in doc["nodes"]:
             if node["role"] == "device":
-                node["agent_online"] = self.online.get(node["id"], False)
+                node["agent"] = agents.get(node["id"], "offline")  # online | down (silent, still running) | offline
+                node["agent_online"] = node["agent"] == "online"
+                silent_s = self.liveness.silent_s(node["id"])
+                node["agent_heard_s_ago"] = round(silent_s, 1) if silent_s is not None else None
         write_state(self.session.run_id or "", self.base | doc)
+        self._agents_written = agents
         self._last_write = time.monotonic()
+
+    def agent_states(self) -> dict[str, str]:
+        """Each device's agent: online, down or offline (online.Liveness)."""
+        cell, agents = self.session.cell, self.session.agents
+        running = agents.pids() if agents is not None else {}
+        return {d: self.liveness.state(d, d in running) for d in cell.device_ids()} if cell is not None else {}
 
     def on_mobility(self, _update: Any) -> None:  # at most once a second
         if time.monotonic() - self._last_write >= 1.0:
@@ -121,8 +136,9 @@ class CellKeeper:
                 self.write()
             return res.doc
 
-    async def watch_agents(self) -> None:
-        """Follow the devices' retained MQTT status (online/offline) for `agent_online`."""
+    async def watch_agents(self, tick_s: float = 1.0) -> None:
+        """Follow the devices' statuses (retained online/offline, heartbeats, computing) for
+        each node's `agent`; a device silent for SILENT_AFTER_S turns `down` at the next tick."""
         import aiomqtt
 
         from testbed.relay import topics
@@ -131,9 +147,16 @@ class CellKeeper:
         session = self.session
         loop = asyncio.get_running_loop()
 
-        def seen(dev: str, state: str) -> None:
-            self.online[dev] = state in ("online", "computing")
-            self.write()
+        def seen(dev: str, state: str, age_s: float) -> None:
+            self.liveness.heard(dev, state, time.monotonic() - age_s)
+            if self.agent_states() != self._agents_written or state == "offline":
+                self.write()
+
+        async def tick() -> None:
+            while True:
+                await asyncio.sleep(tick_s)
+                if self.agent_states() != self._agents_written:
+                    self.write()
 
         async def follow() -> None:
             rs = session.relay_settings("monitor")  # the watch listener: read-only, its own client id
@@ -148,12 +171,14 @@ class CellKeeper:
                             if parsed is None or parsed[1] != "status":
                                 continue
                             with contextlib.suppress(BadMessage):  # a malformed status changes nothing
-                                state = parse_status(parsed[0], bytes(m.payload)).state
-                                loop.call_soon_threadsafe(seen, parsed[0], state)
+                                st = parse_status(parsed[0], bytes(m.payload))
+                                # a retained status is as old as its heartbeat says (an agent that stopped beating)
+                                age_s = max(0.0, time.time() - st.ts) if m.retain and st.ts is not None else 0.0
+                                loop.call_soon_threadsafe(seen, parsed[0], st.state, age_s)
                 except aiomqtt.MqttError:
                     await asyncio.sleep(1.0)  # the broker restarts (a fault): follow it again
 
-        await session.in_server_ns(follow)
+        await asyncio.gather(session.in_server_ns(follow), tick())
 
 
 async def _main(args: argparse.Namespace) -> int:

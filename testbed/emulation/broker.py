@@ -212,7 +212,11 @@ async def start_broker(
     settings = settings or BrokerSettings()
     kind, argv, conf_path, log_path, stdout_log = await asyncio.to_thread(write_broker_config, host, state_dir, settings)
     if spawn is None:
-        proc = await asyncio.to_thread(spawn_in, netns, argv, None, stdout_log, cgroup_procs)
+        # mosquitto starts as its own user (never root) where it would drop to it: a uid change
+        # inside it would clear the death signal that ends it with its owner (procs.spawn_in)
+        ent = _broker_user(Path(state_dir)) if kind == "mosquitto" else None
+        proc = await asyncio.to_thread(spawn_in, netns, argv, None, stdout_log, cgroup_procs,
+                                       run_as=(ent.pw_uid, ent.pw_gid) if ent is not None else None)
     else:  # a backend that starts processes its own way (docker exec): async (argv, log_path) -> Popen-like
         proc = await spawn(argv, stdout_log)
     handle = BrokerHandle(kind, proc.pid, host, settings.port, conf_path, log_path, settings, netns)
