@@ -184,8 +184,16 @@ class CellKeeper:
 async def _main(args: argparse.Namespace) -> int:
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
+    main_task, ready = asyncio.current_task(), False
+
+    def stop_on(sig: int) -> None:  # (the start-up is cancelled: the session tears down what it made)
+        args.stopped_by = args.stopped_by or sig
+        stop.set()
+        if not ready and main_task is not None:
+            main_task.cancel()
+
     for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
-        loop.add_signal_handler(sig, stop.set)
+        loop.add_signal_handler(sig, stop_on, sig)
     topo = load_topology(args.file, seed=args.seed)
     t0 = time.perf_counter()
     write_topology(args.run, topo)
@@ -206,6 +214,7 @@ async def _main(args: argparse.Namespace) -> int:
                             "timings_s": {k: round(v, 4) for k, v in session.timings_s.items()}}
             keeper.write()
             cell.on_update(keeper.on_mobility)
+            ready = True
             await stop.wait()
         finally:
             await control.close()
@@ -224,9 +233,15 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--backend", default="netns")
     ap.add_argument("--no-broker", dest="broker", action="store_false")
     args = ap.parse_args(argv)
+    args.stopped_by = None
     (run_dir(args.run) / "supervisor.pid").write_text(str(os.getpid()))
     try:
-        return asyncio.run(_main(args))
+        asyncio.run(_main(args))
+        return _stopped(args) if args.stopped_by else 0
+    except asyncio.CancelledError:
+        if not args.stopped_by:
+            raise
+        return _stopped(args)
     except TestbedError as e:
         write_state(args.run, {"error": str(e), "exit_code": e.exit_code}, "error.json")
         return e.exit_code
@@ -234,6 +249,17 @@ def main(argv: list[str] | None = None) -> int:
         write_state(args.run, {"error": f"{type(e).__name__}: {e}", "exit_code": 5,
                                "traceback": traceback.format_exc()}, "error.json")
         return 5
+
+
+def _stopped(args: argparse.Namespace) -> int:
+    """Stopped by a signal (SIGTERM from `testbed down`, SIGHUP, SIGINT), the cell torn down:
+    its run directory goes too (`testbed down` then finds nothing more); 128 + the signal."""
+    from testbed.emulation.owned_dirs import remove_owned_dir
+    from testbed.model.names import STATE_ROOT
+
+    with contextlib.suppress(Exception):  # `testbed down` removes what is left
+        remove_owned_dir(run_dir(args.run), STATE_ROOT)
+    return 128 + int(args.stopped_by)
 
 
 if __name__ == "__main__":
