@@ -104,6 +104,7 @@ def test_a_stopped_selected_agent_is_down_within_10_s_and_the_next_run_leaves_it
                 break
             time.sleep(0.25)
         down_after_s = time.monotonic() - stopped_at
+        print(f"{victim} stopped: down in `testbed status` after {down_after_s:.1f} s")
         assert agent == "down" and down_after_s <= 10.0, (agent, down_after_s)
         assert "DOWN" in _tb("status", "--run", unique_run_id, timeout=60).stdout
         run = _tb("run", small, "--run", unique_run_id, "--json", "--out", str(tmp_path / "next"))

@@ -164,6 +164,32 @@ def test_a_signal_during_a_cold_run_leaves_nothing(sig, point, topologies, tmp_p
             _kill_everything_of(run, ns)
 
 
+@pytest.mark.root
+@pytest.mark.mosquitto
+def test_sigterm_to_a_sweep_leaves_nothing(topologies, tmp_path):
+    out = tmp_path / "sweep"
+    log = open(tmp_path / "sweep.log", "wb")  # noqa: SIM115
+    proc = subprocess.Popen([*TESTBED, "sweep", str(topologies / "small.yaml"), "--tmax", "2", "--emax", "70",
+                             "--seeds", "1", "--runs", "multistage:dp", "--no-figures", "--out", str(out)],
+                            stdout=log, stderr=subprocess.STDOUT, cwd=REPO, start_new_session=True)
+    run, ns = None, set()
+    try:
+        run = _wait(lambda: _children_run_id(proc.pid), 120, "the sweep's agent template", proc)
+        _wait(_points(run, out)["agents"], 180, "its agents", proc)
+        ns = _namespaces(run)
+        os.kill(proc.pid, signal.SIGTERM)
+        assert proc.wait(timeout=120) == 128 + signal.SIGTERM, (tmp_path / "sweep.log").read_text()[-2000:]
+        ns |= _namespaces(run)
+        assert _leftovers(run, ns) == []
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(timeout=30)
+        log.close()
+        if run is not None:
+            _kill_everything_of(run, ns)
+
+
 # -- `testbed up`'s supervisor ----------------------------------------------------------------
 @pytest.mark.root
 @pytest.mark.mosquitto
