@@ -123,14 +123,24 @@ def test_kill_9_of_a_running_testbed_run_takes_its_processes_then_down_leaves_no
                                timeout=120, cwd=REPO)
         assert again.returncode == 0 and json.loads(again.stdout)["removed"][run] == []  # idempotent
     finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait(timeout=30)
+        end_command(proc)
         log.close()
         if run is not None:
-            cleanup_run(run)
-            for p in _run_processes(run, ns_inodes):  # never leave a process behind, even when the test failed
-                try:
-                    os.kill(int(p.split(":")[0]), signal.SIGKILL)
-                except ProcessLookupError:
-                    pass
+            remove_everything_of(run, ns_inodes)
+
+
+def end_command(proc: subprocess.Popen) -> None:
+    """A command a test started in its own session: killed with its group if it still runs."""
+    if proc.poll() is None:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=30)
+
+
+def remove_everything_of(run: str, ns_inodes: set[int]) -> None:
+    """`testbed down` of the run, and any process of it still there (also when the test failed)."""
+    cleanup_run(run)
+    for p in _run_processes(run, ns_inodes):
+        try:
+            os.kill(int(p.split(":")[0]), signal.SIGKILL)
+        except ProcessLookupError:
+            pass

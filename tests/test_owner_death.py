@@ -43,6 +43,15 @@ def _owner(**kw) -> tuple[subprocess.Popen, int]:
     return owner, int(owner.stdout.readline())
 
 
+def _end(owner: subprocess.Popen, child: int) -> None:
+    for pid in (owner.pid, child):
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    owner.stdout.close()
+
+
 def _gone_within(pid: int, timeout_s: float) -> bool:
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
@@ -73,12 +82,7 @@ def test_a_child_outlives_the_thread_that_started_it_but_not_its_owner(run_as):
         owner.wait(10)
         assert _gone_within(child, 5.0)
     finally:
-        for pid in (owner.pid, child):
-            try:
-                os.kill(pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
-        owner.stdout.close()
+        _end(owner, child)
 
 
 def test_a_child_that_must_outlive_its_owner_says_so():
@@ -89,9 +93,4 @@ def test_a_child_that_must_outlive_its_owner_says_so():
         time.sleep(0.5)
         assert pid_alive(child)
     finally:
-        for pid in (owner.pid, child):
-            try:
-                os.kill(pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
-        owner.stdout.close()
+        _end(owner, child)

@@ -6,7 +6,6 @@ left, and the command exits 128 + the signal's number."""
 from __future__ import annotations
 
 import asyncio
-import json
 import os
 import pty
 import signal
@@ -18,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from test_leaks import _leftovers, _run_processes
+from test_leaks import _leftovers, _run_processes, end_command, remove_everything_of
 from testbed.cli import signals
 
 REPO = Path(__file__).resolve().parent.parent
@@ -125,15 +124,27 @@ def _points(run: str, out: Path) -> dict:
             "generation": stage_started}
 
 
-def _kill_everything_of(run: str, ns: set[int]) -> None:
-    from testbed.emulation.runs import cleanup_run
-
-    cleanup_run(run)
-    for p in _run_processes(run, ns):
-        try:
-            os.kill(int(p.split(":")[0]), signal.SIGKILL)
-        except ProcessLookupError:
-            pass
+def _signal_command(argv: list[str], log_path: Path, point: str, out: Path, sig: int) -> None:
+    """Start a run-owning command, send `sig` at `point`, check that it exits 128 + sig and
+    leaves nothing of its run."""
+    log = open(log_path, "wb")  # noqa: SIM115
+    proc = subprocess.Popen([*TESTBED, *argv], stdout=log, stderr=subprocess.STDOUT, cwd=REPO,
+                            start_new_session=True)
+    run, ns = None, set()
+    try:
+        run = _wait(lambda: _children_run_id(proc.pid), 120, "the agent template", proc)
+        _wait(_points(run, out)[point], 180, f"the {point} point", proc)
+        ns = _namespaces(run)
+        os.kill(proc.pid, sig)
+        assert proc.wait(timeout=120) == 128 + sig, log_path.read_text()[-2000:]
+        ns |= _namespaces(run)
+        assert _leftovers(run, ns) == [], log_path.read_text()[-2000:]
+        assert f"{signal.Signals(sig).name}: stopping" in log_path.read_text()
+    finally:
+        end_command(proc)
+        log.close()
+        if run is not None:
+            remove_everything_of(run, ns)
 
 
 @pytest.mark.root
@@ -142,52 +153,17 @@ def _kill_everything_of(run: str, ns: set[int]) -> None:
                                        (signal.SIGTERM, "generation"), (signal.SIGHUP, "generation")])
 def test_a_signal_during_a_cold_run_leaves_nothing(sig, point, topologies, tmp_path):
     out = tmp_path / "out"
-    log = open(tmp_path / "run.log", "wb")  # noqa: SIM115
-    proc = subprocess.Popen([*TESTBED, "run", str(topologies / "small.yaml"), "--out", str(out), "--json"],
-                            stdout=log, stderr=subprocess.STDOUT, cwd=REPO, start_new_session=True)
-    run, ns = None, set()
-    try:
-        run = _wait(lambda: _children_run_id(proc.pid), 120, "the agent template", proc)
-        _wait(_points(run, out)[point], 180, f"the {point} point", proc)
-        ns = _namespaces(run)
-        os.kill(proc.pid, sig)
-        assert proc.wait(timeout=120) == 128 + sig, (tmp_path / "run.log").read_text()[-2000:]
-        ns |= _namespaces(run)
-        assert _leftovers(run, ns) == [], (tmp_path / "run.log").read_text()[-2000:]
-        assert f"{signal.Signals(sig).name}: stopping" in (tmp_path / "run.log").read_text()
-    finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait(timeout=30)
-        log.close()
-        if run is not None:
-            _kill_everything_of(run, ns)
+    _signal_command(["run", str(topologies / "small.yaml"), "--out", str(out), "--json"], tmp_path / "run.log",
+                    point, out, sig)
 
 
 @pytest.mark.root
 @pytest.mark.mosquitto
 def test_sigterm_to_a_sweep_leaves_nothing(topologies, tmp_path):
     out = tmp_path / "sweep"
-    log = open(tmp_path / "sweep.log", "wb")  # noqa: SIM115
-    proc = subprocess.Popen([*TESTBED, "sweep", str(topologies / "small.yaml"), "--tmax", "2", "--emax", "70",
-                             "--seeds", "1", "--runs", "multistage:dp", "--no-figures", "--out", str(out)],
-                            stdout=log, stderr=subprocess.STDOUT, cwd=REPO, start_new_session=True)
-    run, ns = None, set()
-    try:
-        run = _wait(lambda: _children_run_id(proc.pid), 120, "the sweep's agent template", proc)
-        _wait(_points(run, out)["agents"], 180, "its agents", proc)
-        ns = _namespaces(run)
-        os.kill(proc.pid, signal.SIGTERM)
-        assert proc.wait(timeout=120) == 128 + signal.SIGTERM, (tmp_path / "sweep.log").read_text()[-2000:]
-        ns |= _namespaces(run)
-        assert _leftovers(run, ns) == []
-    finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait(timeout=30)
-        log.close()
-        if run is not None:
-            _kill_everything_of(run, ns)
+    _signal_command(["sweep", str(topologies / "small.yaml"), "--tmax", "2", "--emax", "70", "--seeds", "1",
+                     "--runs", "multistage:dp", "--no-figures", "--out", str(out)], tmp_path / "sweep.log",
+                    "agents", out, signal.SIGTERM)
 
 
 # -- `testbed up`'s supervisor ----------------------------------------------------------------
@@ -218,11 +194,9 @@ def test_a_signal_to_an_up_cells_supervisor_leaves_nothing(sig, point, topologie
         ns |= _namespaces(run)
         assert _leftovers(run, ns) == []  # its run directory too: `testbed down` finds nothing more
     finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait(timeout=30)
+        end_command(proc)
         log.close()
-        _kill_everything_of(run, ns)
+        remove_everything_of(run, ns)
 
 
 # -- `testbed tui` --------------------------------------------------------------------------
@@ -265,9 +239,7 @@ def test_sigterm_to_the_tui_tears_its_run_down(topologies, tmp_path):
         ns |= _namespaces(run)
         assert _leftovers(run, ns) == []
     finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait(timeout=30)
+        end_command(proc)
         os.close(master)
         if run is not None:
-            _kill_everything_of(run, ns)
+            remove_everything_of(run, ns)
