@@ -1,5 +1,7 @@
-"""Nothing leaks (root): `kill -9` of a running `testbed run`, then `testbed down`, leaves no
-namespace, veth, qdisc, cgroup, container, state directory or process of that run.
+"""Nothing leaks (root): `kill -9` of a running `testbed run` mid-generation takes its broker,
+agent template and agents with it within 5 s (they die with their owner: procs.spawn_in,
+composition/template.py); `testbed down` then leaves no namespace, veth, qdisc, cgroup,
+container, state directory or process of that run.
 
 `testbed down --all` is `cleanup_run` over `known_runs()`; the test checks that the crashed
 run is among the known runs and removes it with `--run ID`, so that concurrent runs of
@@ -76,7 +78,7 @@ def _wait_for(cond, timeout_s: float, what: str):
 
 
 @pytest.mark.root
-def test_kill_9_of_a_running_testbed_run_then_down_leaves_nothing(topologies, tmp_path):
+def test_kill_9_of_a_running_testbed_run_takes_its_processes_then_down_leaves_nothing(topologies, tmp_path):
     out = tmp_path / "out"
     log = open(tmp_path / "run.log", "wb")  # noqa: SIM115
     proc = subprocess.Popen([*TESTBED, "run", str(topologies / "small.yaml"), "--out", str(out), "--json"],
@@ -92,16 +94,23 @@ def test_kill_9_of_a_running_testbed_run_then_down_leaves_nothing(topologies, tm
             return json.loads(lines[0])["run"] if lines else None
 
         run = _wait_for(run_id, 180, f"the run's first event (see {tmp_path / 'run.log'})")
-        _wait_for(lambda: '"agents_online"' in (out / "events.jsonl").read_text(), 120,
-                  "the agents to be online (broker and agents running)")
+        _wait_for(lambda: '"stage_started"' in (out / "events.jsonl").read_text(), 120,
+                  "the generation to start (broker and agents running)")
         ns_inodes = {os.stat(f"/run/netns/{n}").st_ino for n in os.listdir("/run/netns") if n.startswith(f"tb-{run}-")}
         assert len(ns_inodes) == 5  # server + 4 devices
+        running = _run_processes(run, ns_inodes)
+        assert any("mosquitto" in x for x in running) and sum("testbed-agent" in x for x in running) == 4, running
+        assert any("testbed.composition.template" in x for x in running), running
         os.kill(proc.pid, signal.SIGKILL)  # no cleanup handler can run
+        killed_at = time.monotonic()
         proc.wait(timeout=30)
+        # what it started goes with it: no broker, template or agent of the run 5 s later
+        while _run_processes(run, ns_inodes) and time.monotonic() - killed_at < 5.0:
+            time.sleep(0.1)
+        assert _run_processes(run, ns_inodes) == [], f"still running 5 s after the owner's kill -9"
         before = _leftovers(run, ns_inodes)
         kinds = {x.split()[0] for x in before}
-        assert {"netns", "link", "cgroup", "state", "process"} <= kinds, before  # the crash did leave things
-        assert any("mosquitto" in x for x in before), before
+        assert {"netns", "link", "cgroup", "state"} <= kinds, before  # the kernel objects stay for `testbed down`
         assert run in known_runs()  # so `testbed down --all` finds it
         d = subprocess.run([*TESTBED, "down", "--run", run, "--json"], capture_output=True, text=True, timeout=120,
                            cwd=REPO)
@@ -114,14 +123,24 @@ def test_kill_9_of_a_running_testbed_run_then_down_leaves_nothing(topologies, tm
                                timeout=120, cwd=REPO)
         assert again.returncode == 0 and json.loads(again.stdout)["removed"][run] == []  # idempotent
     finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait(timeout=30)
+        end_command(proc)
         log.close()
         if run is not None:
-            cleanup_run(run)
-            for p in _run_processes(run, ns_inodes):  # never leave a process behind, even when the test failed
-                try:
-                    os.kill(int(p.split(":")[0]), signal.SIGKILL)
-                except ProcessLookupError:
-                    pass
+            remove_everything_of(run, ns_inodes)
+
+
+def end_command(proc: subprocess.Popen) -> None:
+    """A command a test started in its own session: killed with its group if it still runs."""
+    if proc.poll() is None:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=30)
+
+
+def remove_everything_of(run: str, ns_inodes: set[int]) -> None:
+    """`testbed down` of the run, and any process of it still there (also when the test failed)."""
+    cleanup_run(run)
+    for p in _run_processes(run, ns_inodes):
+        try:
+            os.kill(int(p.split(":")[0]), signal.SIGKILL)
+        except ProcessLookupError:
+            pass

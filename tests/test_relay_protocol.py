@@ -482,3 +482,85 @@ async def test_agent_reconnects_after_the_broker_restarts(broker, tmp_path):
     finally:
         task.cancel()
         await asyncio.gather(task, return_exceptions=True)
+
+
+# -- liveness: heartbeats ----------------------------------------------------------------------
+class _Hung(Agent):
+    """An agent that came online and then hung: its loop still answers the broker's pings (no
+    will fires), but it sends no heartbeat and never answers a task."""
+
+    async def _heartbeat(self, client) -> None:
+        await asyncio.Event().wait()
+
+    async def handle(self, client, payload: bytes) -> None:
+        await asyncio.Event().wait()
+
+
+async def test_an_agent_refreshes_its_retained_online_status(broker):
+    from testbed.relay.agent import HEARTBEAT_S
+
+    run, port, creds, *_ = broker
+    task = asyncio.create_task(_agent(_agent_cfg(run, port, creds, "dev02"), CountingModel()).serve())
+    try:
+        async with _client(port, creds.server, identifier=f"tb-{run}-hb") as server:
+            await server.subscribe(topics.status(run, "dev02"), qos=1)
+            got = [json.loads(m.payload) for m in await _drain(server, 2 * HEARTBEAT_S + 1.5)]
+            async with _client(port, creds.server, identifier=f"tb-{run}-late") as late:  # a reader that comes later
+                await late.subscribe(topics.status(run, "dev02"), qos=1)
+                (retained,) = [json.loads(m.payload) for m in await _drain(late, 0.5) if m.retain]  # (+ a live beat)
+    finally:
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+    assert len(got) >= 3 and {s["state"] for s in got} == {"online"}
+    ts = [s["ts"] for s in got]
+    assert ts == sorted(ts) and ts[-1] - ts[0] >= 1.9 * HEARTBEAT_S
+    assert retained["state"] == "online" and time.time() - retained["ts"] < HEARTBEAT_S + 1.0
+
+
+async def test_a_hung_device_misses_its_heartbeats_and_fails_over_before_its_deadline(broker):
+    """dev01 is connected (the broker sees it alive: no will) but silent: after SILENT_AFTER_S
+    it is `device_silent`, reaches the orchestrator as offline, and dev03 takes over from the
+    checkpoint — long before dev01's 60 s deadline."""
+    from testbed.relay.agent import SILENT_AFTER_S
+
+    run, port, creds, *_ = broker
+    hung = _Hung(_agent_cfg(run, port, creds, "dev01", step_time_s=0.0), CountingModel(), agent_handlers())
+    live = _agent(_agent_cfg(run, port, creds, "dev03", step_time_s=0.0), CountingModel())
+    tasks = [asyncio.create_task(hung.serve()), asyncio.create_task(live.serve())]
+    costs = [Cost("dev01", 4, 0.1, 3), Cost("dev03", 1, 0.1, 3)]
+    events: list[dict] = []
+    try:
+        orch = _orchestrator(run, port, creds, ["dev01"], costs, events, CountingModel(), deadline_factor=1.0,
+                             deadline_slack_s=60.0)
+        t0 = time.monotonic()
+        out = await asyncio.wait_for(orch.run(), 40)
+        took_s = time.monotonic() - t0
+    finally:
+        for t in tasks:
+            t.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+    (rec,) = out.recovered
+    assert (rec.device, rec.reason, rec.took_over) == ("dev01", "offline", "dev03")
+    silent = [e for e in events if e["type"] == "device_silent"]
+    assert [e["device"] for e in silent] == ["dev01"] and SILENT_AFTER_S < silent[0]["silent_s"] < SILENT_AFTER_S + 2
+    assert "deadline_missed" not in [e["type"] for e in events] and took_s < SILENT_AFTER_S + 8
+    assert float(out.latent.max()) == 4.0
+
+
+async def test_a_retained_status_whose_heartbeat_stopped_is_not_online(broker):
+    """A retained "online" 30 s old (its agent stopped beating, its connection not yet
+    dropped) does not make a device online, and says so."""
+    run, port, creds, *_ = broker
+    async with _client(port, creds.for_device("dev02"), identifier=f"tb-{run}-old") as dev02:
+        doc = {"state": "online", "device": "dev02", "ts": time.time() - 30}
+        await dev02.publish(topics.status(run, "dev02"), json.dumps(doc).encode(), qos=1, retain=True)
+    events: list[dict] = []
+    orch = _orchestrator(run, port, creds, ["dev02"], [Cost("dev02", 1, 0.1, 3)], events, CountingModel())
+    conn = asyncio.create_task(orch._connection())
+    try:
+        await orch.connected()
+        assert not await orch.wait_online(["dev02"], timeout_s=1.5)
+    finally:
+        conn.cancel()
+        await asyncio.gather(conn, return_exceptions=True)
+    assert [e["type"] for e in events if e.get("device") == "dev02"] == ["device_silent"]

@@ -53,6 +53,15 @@ def link_sentence(device: str, imp: dict[str, Any] | None, path: str | None = No
     return f"{device}'s link now: delay {delay} ms, loss {loss} % (one way, up/down where they differ{where})"
 
 
+def _agent_cell(node: dict[str, Any]) -> str:
+    """online, DOWN (missed its heartbeats while its process runs: stopped, hung) or offline."""
+    agent = node.get("agent") or ("online" if node.get("agent_online") else "offline")
+    if agent == "down":
+        heard = node.get("agent_heard_s_ago")
+        return "DOWN" + (f" (silent {heard:.0f} s)" if heard is not None else "")
+    return agent
+
+
 def status_table(state: dict[str, Any]) -> Table:
     """The nodes of an up cell (the state.json document of `testbed up`)."""
     cell = state.get("cell") or {}
@@ -73,7 +82,7 @@ def status_table(state: dict[str, Any]) -> Table:
                          else "right")
     for n in state["nodes"]:
         rate = (lambda v: "-" if v is None else f"{v:.1f}")
-        agent = "-" if n["role"] != "device" else ("online" if n.get("agent_online") else "offline")
+        agent = "-" if n["role"] != "device" else _agent_cell(n)
         delay, loss = impairment_cells(per_device.get(n["id"])) if n["role"] == "device" else ("-", "-")
         table.add_row(n["id"], n["role"], n.get("state", "up"), agent, str(n.get("netns") or "-"),
                       str(n.get("address") or "-"), rate(n.get("rate_up_mbps")), rate(n.get("rate_down_mbps")),

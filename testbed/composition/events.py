@@ -5,6 +5,9 @@ the edge server's namespace; it publishes them on `tb/<run>/events` itself) and 
 owner (selection, agents_online, faults, run_finished; published by `EventPublisher`).
 Both go through `EventLog.record`, on the run owner's loop: written and flushed at once,
 handed to `on_event` (the CLI's live table, the TUI) and to listeners (fault scheduling).
+A write that fails (a full disk, an I/O error) ends the run with a ResourceError naming
+the file: raised at once where the run owner emits, and at the orchestrator's next event
+where the failed write was its event's (`threadsafe`) — never logged and carried on.
 """
 
 from __future__ import annotations
@@ -16,6 +19,7 @@ from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
 
+from testbed.errors import ResourceError
 from testbed.relay.events import make_event
 
 __all__ = ["EventLog", "EventPublisher", "publishing"]
@@ -32,30 +36,46 @@ class EventLog:
         self._written: set[Path] = set()
         self.publisher: EventPublisher | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
+        self.error: ResourceError | None = None  # a failed write: the run ends with it
 
     def open(self, path: Path | None) -> None:
         """Write this generation's events to `path` (None: keep none on disk). A file this
         log wrote before is appended to: one file holds a session's generations in order."""
         self.close()
         self._loop = asyncio.get_running_loop()
+        self.error = None
         if path is not None:
-            path.parent.mkdir(parents=True, exist_ok=True)
             mode = "a" if path in self._written else "w"
+            try:
+                path.parent.mkdir(parents=True, exist_ok=True)
+                self._file = open(path, mode, buffering=1)  # noqa: SIM115 - held for the generation
+            except OSError as e:
+                raise ResourceError(f"cannot write the run's events to {path}: {e.strerror or e}; "
+                                    "give an output directory that can be written (--out)") from None
             self._written.add(path)
-            self._file = open(path, mode, buffering=1)  # noqa: SIM115 - held for the generation
 
     def close(self) -> None:
         if self._file is not None:
-            self._file.close()
+            try:
+                self._file.close()
+            except OSError as e:  # its last line could not be flushed
+                self._failed(e)
             self._file = None
 
     def record(self, ev: dict[str, Any]) -> None:
+        """Write, then hand on, one event; a failed write (now or before) raises once the event
+        is handed on (but for `run_failed`: the front end and listeners see why it ended)."""
         if self._file is not None:
-            self._file.write(json.dumps(ev, default=str) + "\n")
+            try:
+                self._file.write(json.dumps(ev, default=str) + "\n")
+            except OSError as e:
+                self._failed(e)
         if self.on_event is not None:
             self.on_event(ev)
         for listener in list(self.listeners):
             listener(ev)
+        if self.error is not None and ev.get("type") != "run_failed":
+            raise self.error
 
     def emit(self, etype: str, device: str | None = None, **data: Any) -> dict[str, Any]:
         """An event of the run owner's own (selection, agents_online, a fault, ...)."""
@@ -65,10 +85,31 @@ class EventLog:
             self.publisher.publish(ev)
         return ev
 
+    def _failed(self, e: OSError) -> None:
+        name = getattr(self._file, "name", "events.jsonl")
+        if self._file is not None:
+            with contextlib.suppress(OSError):
+                self._file.close()
+        self._file = None
+        self.error = ResourceError(f"cannot write the run's events to {name}: {e.strerror or e}; the run stops "
+                                   "(its record would be incomplete): free space there or give another --out")
+
     def threadsafe(self) -> Listener:
-        """`record` for an orchestrator on another thread (marshalled onto this loop)."""
+        """`record` for an orchestrator on another thread (marshalled onto this loop). Once a
+        write failed, the next call raises that error in the caller's thread: the
+        orchestrator's generation ends with it."""
         loop = self._loop or asyncio.get_running_loop()
-        return lambda ev: loop.call_soon_threadsafe(self.record, ev)
+
+        def from_thread(ev: dict[str, Any]) -> None:
+            with contextlib.suppress(ResourceError):  # kept in self.error: raised at the next event
+                self.record(ev)
+
+        def sink(ev: dict[str, Any]) -> None:
+            if self.error is not None:
+                raise self.error
+            loop.call_soon_threadsafe(from_thread, ev)
+
+        return sink
 
 
 class EventPublisher:

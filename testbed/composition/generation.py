@@ -22,6 +22,7 @@ from typing import Any
 from testbed.composition.cells import Rig
 from testbed.composition.events import EventLog, publishing
 from testbed.composition.faults import FaultInjector
+from testbed.composition.online import down_agents
 from testbed.composition.results import RunResult, copy_logs, result_document, score_image, write_result
 from testbed.composition.server_side import ServerSide
 from testbed.composition.startup import StartupClock
@@ -52,11 +53,14 @@ class Generation:
         self.rig, self.events, self.server, self.services = rig, events, server, services
 
     def current_links(self) -> list[DeviceLink]:
-        """The devices that can take part (not killed), with the rates the cell applies now."""
+        """The devices that can take part — not killed, their agents not `down` (silent while
+        their process runs: the up cell's keeper, online.Liveness) — with the rates the cell
+        applies now."""
         cell = self.rig.cell
+        down = down_agents(self.rig.state_dir)
         return [link.model_copy(update={"rate_up_mbps": cell.nodes[link.id].rate_up_mbps or link.rate_up_mbps,
                                         "rate_down_mbps": cell.nodes[link.id].rate_down_mbps or link.rate_down_mbps})
-                for link in cell.links if cell.nodes[link.id].state != "killed"]
+                for link in cell.links if cell.nodes[link.id].state != "killed" and link.id not in down]
 
     async def run(self, req: Request) -> RunResult:
         cell, topo, out = self.rig.cell, req.topology, req.out_dir

@@ -1,22 +1,27 @@
 """Agents running and online: start what is missing, wait (bounded) for each agent's retained
 "online" status, and fail at once — naming the device and its log's last line — when an
-agent dies before it comes online."""
+agent dies before it comes online. `Liveness`: who is up by their heartbeats (the up
+cell's keeper shows it in `testbed status`; a generation plans without the agents it
+calls down)."""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import secrets
+import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
 from testbed.composition.cells import Rig
 from testbed.errors import RunFailedError
+from testbed.relay.agent import SILENT_AFTER_S
 from testbed.relay.messages import BadMessage, parse_status
 from testbed.relay.orchestrator import RelaySettings, Timing
 
-__all__ = ["ensure_online", "wait_online"]
+__all__ = ["ensure_online", "wait_online", "Liveness", "down_agents"]
 
 InServerNs = Callable[[Callable[[], Awaitable[Any]]], Awaitable[Any]]
 
@@ -77,13 +82,54 @@ async def wait_online(settings: RelaySettings, devices: list[str]) -> None:
                     if parsed is None:
                         continue
                     try:
-                        state = parse_status(parsed[0], bytes(m.payload)).state
+                        status = parse_status(parsed[0], bytes(m.payload))
                     except BadMessage:
                         continue  # a malformed status says nothing about being online
-                    if state == "online":
+                    if m.retain and status.ts is not None and time.time() - status.ts > SILENT_AFTER_S:
+                        continue  # the heartbeat of an agent that stopped beating: not online
+                    if status.state == "online":
                         seen.add(parsed[0])
                     if want <= seen:
                         return
         except TimeoutError:
             raise RunFailedError(f"agents {sorted(want - seen)} did not come online within {timeout_s:g} s; "
                                  "see their logs (agent-<device>.log)") from None
+
+
+class Liveness:
+    """Each device's agent as its statuses tell it: `online` while it says so and has been
+    heard within SILENT_AFTER_S (its heartbeats arrive); `down` when it fell silent or its
+    will said "offline" while its process still runs (stopped, hung: it would hold a run
+    up); `offline` when it never came online or its process is gone (started again when a
+    run needs it)."""
+
+    def __init__(self) -> None:
+        self.last: dict[str, tuple[str, float]] = {}  # device -> (state it said, when heard: monotonic)
+
+    def heard(self, device: str, state: str, at: float | None = None) -> None:
+        self.last[device] = (state, time.monotonic() if at is None else at)
+
+    def state(self, device: str, process_alive: bool, now: float | None = None) -> str:
+        said, at = self.last.get(device, ("", 0.0))
+        now = time.monotonic() if now is None else now
+        if said in ("online", "computing") and now - at <= SILENT_AFTER_S:
+            return "online"
+        return "down" if said and process_alive else "offline"
+
+    def silent_s(self, device: str, now: float | None = None) -> float | None:
+        """Seconds since the device was last heard (None: never)."""
+        if device not in self.last:
+            return None
+        return (time.monotonic() if now is None else now) - self.last[device][1]
+
+
+def down_agents(state_dir: Path | None) -> set[str]:
+    """The devices whose agents the cell's keeper calls `down` (state.json's nodes: `agent`),
+    empty where no keeper follows them (a cold run's cell, a deployment)."""
+    if state_dir is None:
+        return set()
+    try:
+        doc = json.loads((Path(state_dir) / "state.json").read_text())
+        return {n["id"] for n in doc.get("nodes", []) if n.get("agent") == "down"}
+    except (OSError, ValueError, TypeError, KeyError, AttributeError):
+        return set()

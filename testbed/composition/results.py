@@ -90,13 +90,15 @@ def write_result(out: Path, doc: dict[str, Any]) -> Path:
 
 
 def copy_logs(cell: Cell, state_dir: Path | None, dest: Path) -> None:
-    """The agents' and the broker's logs of this run, next to its result."""
-    srcs: list[Path] = []
+    """The agents' and the broker's logs of this run, next to its result. The agents' logs
+    are root's (the run's 0700 `logs/`); the broker's lies in a directory its own user
+    writes, so it is read through the handle (`read_log`: no link followed, its last MiB)."""
     if state_dir is not None:
-        srcs += sorted((state_dir / "logs").glob("agent-*.log"))
-    broker_log = cell.broker.log_path if cell.broker is not None else None
-    if broker_log is not None and broker_log.exists():
-        srcs.append(broker_log)
-    for src in srcs:
-        with contextlib.suppress(OSError):
-            shutil.copy2(src, dest / ("broker.log" if src == broker_log else src.name))
+        for src in sorted((state_dir / "logs").glob("agent-*.log")):
+            with contextlib.suppress(OSError):
+                shutil.copy2(src, dest / src.name)
+    if cell.broker is not None:
+        text = cell.broker.read_log()
+        if text:
+            with contextlib.suppress(OSError):
+                (dest / "broker.log").write_text(text)

@@ -29,6 +29,7 @@ from typing import Any
 from pathlib import Path
 
 from testbed.composition.cells import MadeCell
+from testbed.composition.online import Liveness
 from testbed.composition.session import RunSession
 from testbed.composition.startup import StartupClock
 from testbed.emulation.attached import cell_handlers, control_path
@@ -41,12 +42,15 @@ __all__ = ["main"]
 
 
 class CellKeeper:
-    """The supervisor's state: the session, what its agents report, and state.json."""
+    """The supervisor's state: the session, what its agents report, and state.json — each
+    device node's `agent`: online, down (silent for SILENT_AFTER_S while its process runs:
+    stopped, hung; plans leave it out) or offline."""
 
     def __init__(self, session: RunSession, base: dict[str, Any]):
         self.session = session
         self.base = base
-        self.online: dict[str, bool] = {}
+        self.liveness = Liveness()  # the agents' statuses and heartbeats (watch_agents)
+        self._agents_written: dict[str, str] = {}
         self._last_write = 0.0
         self._generating = asyncio.Lock()
 
@@ -54,11 +58,22 @@ class CellKeeper:
         cell = self.session.cell
         assert cell is not None
         doc = cell.status()
+        agents = self.agent_states()
         for node in doc["nodes"]:
             if node["role"] == "device":
-                node["agent_online"] = self.online.get(node["id"], False)
+                node["agent"] = agents.get(node["id"], "offline")  # online | down (silent, still running) | offline
+                node["agent_online"] = node["agent"] == "online"
+                silent_s = self.liveness.silent_s(node["id"])
+                node["agent_heard_s_ago"] = round(silent_s, 1) if silent_s is not None else None
         write_state(self.session.run_id or "", self.base | doc)
+        self._agents_written = agents
         self._last_write = time.monotonic()
+
+    def agent_states(self) -> dict[str, str]:
+        """Each device's agent: online, down or offline (online.Liveness)."""
+        cell, agents = self.session.cell, self.session.agents
+        running = agents.pids() if agents is not None else {}
+        return {d: self.liveness.state(d, d in running) for d in cell.device_ids()} if cell is not None else {}
 
     def on_mobility(self, _update: Any) -> None:  # at most once a second
         if time.monotonic() - self._last_write >= 1.0:
@@ -121,8 +136,9 @@ class CellKeeper:
                 self.write()
             return res.doc
 
-    async def watch_agents(self) -> None:
-        """Follow the devices' retained MQTT status (online/offline) for `agent_online`."""
+    async def watch_agents(self, tick_s: float = 1.0) -> None:
+        """Follow the devices' statuses (retained online/offline, heartbeats, computing) for
+        each node's `agent`; a device silent for SILENT_AFTER_S turns `down` at the next tick."""
         import aiomqtt
 
         from testbed.relay import topics
@@ -131,9 +147,16 @@ class CellKeeper:
         session = self.session
         loop = asyncio.get_running_loop()
 
-        def seen(dev: str, state: str) -> None:
-            self.online[dev] = state in ("online", "computing")
-            self.write()
+        def seen(dev: str, state: str, age_s: float) -> None:
+            self.liveness.heard(dev, state, time.monotonic() - age_s)
+            if self.agent_states() != self._agents_written or state == "offline":
+                self.write()
+
+        async def tick() -> None:
+            while True:
+                await asyncio.sleep(tick_s)
+                if self.agent_states() != self._agents_written:
+                    self.write()
 
         async def follow() -> None:
             rs = session.relay_settings("monitor")  # the watch listener: read-only, its own client id
@@ -148,19 +171,29 @@ class CellKeeper:
                             if parsed is None or parsed[1] != "status":
                                 continue
                             with contextlib.suppress(BadMessage):  # a malformed status changes nothing
-                                state = parse_status(parsed[0], bytes(m.payload)).state
-                                loop.call_soon_threadsafe(seen, parsed[0], state)
+                                st = parse_status(parsed[0], bytes(m.payload))
+                                # a retained status is as old as its heartbeat says (an agent that stopped beating)
+                                age_s = max(0.0, time.time() - st.ts) if m.retain and st.ts is not None else 0.0
+                                loop.call_soon_threadsafe(seen, parsed[0], st.state, age_s)
                 except aiomqtt.MqttError:
                     await asyncio.sleep(1.0)  # the broker restarts (a fault): follow it again
 
-        await session.in_server_ns(follow)
+        await asyncio.gather(session.in_server_ns(follow), tick())
 
 
 async def _main(args: argparse.Namespace) -> int:
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
+    main_task, ready = asyncio.current_task(), False
+
+    def stop_on(sig: int) -> None:  # (the start-up is cancelled: the session tears down what it made)
+        args.stopped_by = args.stopped_by or sig
+        stop.set()
+        if not ready and main_task is not None:
+            main_task.cancel()
+
     for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
-        loop.add_signal_handler(sig, stop.set)
+        loop.add_signal_handler(sig, stop_on, sig)
     topo = load_topology(args.file, seed=args.seed)
     t0 = time.perf_counter()
     write_topology(args.run, topo)
@@ -181,6 +214,7 @@ async def _main(args: argparse.Namespace) -> int:
                             "timings_s": {k: round(v, 4) for k, v in session.timings_s.items()}}
             keeper.write()
             cell.on_update(keeper.on_mobility)
+            ready = True
             await stop.wait()
         finally:
             await control.close()
@@ -199,9 +233,15 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--backend", default="netns")
     ap.add_argument("--no-broker", dest="broker", action="store_false")
     args = ap.parse_args(argv)
+    args.stopped_by = None
     (run_dir(args.run) / "supervisor.pid").write_text(str(os.getpid()))
     try:
-        return asyncio.run(_main(args))
+        asyncio.run(_main(args))
+        return _stopped(args) if args.stopped_by else 0
+    except asyncio.CancelledError:
+        if not args.stopped_by:
+            raise
+        return _stopped(args)
     except TestbedError as e:
         write_state(args.run, {"error": str(e), "exit_code": e.exit_code}, "error.json")
         return e.exit_code
@@ -209,6 +249,17 @@ def main(argv: list[str] | None = None) -> int:
         write_state(args.run, {"error": f"{type(e).__name__}: {e}", "exit_code": 5,
                                "traceback": traceback.format_exc()}, "error.json")
         return 5
+
+
+def _stopped(args: argparse.Namespace) -> int:
+    """Stopped by a signal (SIGTERM from `testbed down`, SIGHUP, SIGINT), the cell torn down:
+    its run directory goes too (`testbed down` then finds nothing more); 128 + the signal."""
+    from testbed.emulation.owned_dirs import remove_owned_dir
+    from testbed.model.names import STATE_ROOT
+
+    with contextlib.suppress(Exception):  # `testbed down` removes what is left
+        remove_owned_dir(run_dir(args.run), STATE_ROOT)
+    return 128 + int(args.stopped_by)
 
 
 if __name__ == "__main__":

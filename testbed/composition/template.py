@@ -12,7 +12,10 @@ Face cache under /root; the memory counts in the node's cgroup), then drops priv
 the device's own uid (allocated for the run, node_uids.py: setgroups([]), setgid, setuid,
 no_new_privs) and only then runs the agent (methods/device.py), which opens its own
 config (`agents/<device>.json`, 0400, owned by that uid). The template never opens a
-config or a credential. Forked agents share the template's pages (copy-on-write).
+config or a credential. Forked agents share the template's pages (copy-on-write). Each
+agent dies with the template (PR_SET_PDEATHSIG, set after the uid change that would clear
+it), and the template with its owner (procs.spawn_in): a `kill -9` of the run owner
+leaves no agent running.
 
     python -m testbed.composition.template SOCKET
 """
@@ -32,6 +35,7 @@ from pathlib import Path
 from typing import Any
 
 from testbed.emulation.node_uids import drop_privileges
+from testbed.emulation.procs import die_with_parent
 
 __all__ = ["serve_template", "enter_node", "PRELOAD_ENV", "MAX_FDS"]
 
@@ -100,7 +104,7 @@ def _close_inherited(keep: list[int]) -> None:
                 os.close(fd)
 
 
-def _child(req: dict[str, Any], fds: list[int]) -> int:
+def _child(req: dict[str, Any], fds: list[int], template_pid: int) -> int:
     from setproctitle import setproctitle
 
     signal.signal(signal.SIGCHLD, signal.SIG_DFL)
@@ -120,6 +124,7 @@ def _child(req: dict[str, Any], fds: list[int]) -> int:
     if req.get("model"):  # inside the node (its memory counts), before the uid that cannot read e.g. /root/.cache
         _load_model(*req["model"])
     drop_privileges(int(req["uid"]))
+    die_with_parent(template_pid)  # after the uid change, which clears it: the agent ends with its template
     os.chdir("/")
     argv = [str(a) for a in req["argv"]]
     setproctitle(" ".join(argv))
@@ -181,13 +186,14 @@ def serve_template(sock_path: str) -> None:
             except (OSError, ValueError) as e:
                 print(f"bad request: {e}", flush=True)
                 continue
+            template_pid = os.getpid()
             pid = os.fork()
             if pid == 0:
                 code = 1
                 try:
                     srv.close()
                     conn.close()
-                    code = _child(req, fds)
+                    code = _child(req, fds, template_pid)
                 except BaseException:  # noqa: BLE001 - the child must never return into the loop
                     traceback.print_exc()
                 finally:

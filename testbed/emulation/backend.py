@@ -90,8 +90,9 @@ class Backend(Protocol):
     async def set_cpu(self, node_id: str, cpu_cores: float) -> None: ...
     def join(self, node_id: str) -> NodeJoin: ...
     async def spawn(self, node_id: str, argv: Sequence[str], env: dict[str, str] | None = None,
-                    log_path: Path | None = None) -> Any:
-        """Start argv inside the node; returns a Popen-like handle (pid, poll(), returncode)."""
+                    log_path: Path | None = None, *, run_as: tuple[int, int] | None = None) -> Any:
+        """Start argv inside the node (as `run_as` = (uid, gid) from its first instruction, when
+        given); returns a Popen-like handle (pid, poll(), returncode)."""
         ...
     def pids(self, node_id: str) -> set[int]:
         """Processes the testbed started in the node (not a container's own idle ones)."""
@@ -240,9 +241,10 @@ class NetnsBackend:
         return NodeJoin(self.netns(node_id), procs)
 
     async def spawn(self, node_id: str, argv: Sequence[str], env: dict[str, str] | None = None,
-                    log_path: Path | None = None) -> Any:
+                    log_path: Path | None = None, *, run_as: tuple[int, int] | None = None) -> Any:
         j = self.join(node_id)
-        return await asyncio.to_thread(spawn_in, j.netns, list(argv), env, log_path, [Path(p) for p in j.cgroup_procs])
+        return await asyncio.to_thread(spawn_in, j.netns, list(argv), env, log_path, [Path(p) for p in j.cgroup_procs],
+                                       run_as=run_as)
 
     def pids(self, node_id: str) -> set[int]:
         """Every process in the node's cgroups or its network namespace."""

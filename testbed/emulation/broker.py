@@ -211,10 +211,14 @@ async def start_broker(
     keeps `settings`. A broker that exits or does not accept is a ResourceError."""
     settings = settings or BrokerSettings()
     kind, argv, conf_path, log_path, stdout_log = await asyncio.to_thread(write_broker_config, host, state_dir, settings)
+    # mosquitto starts as its own user (never root) where it would drop to it: a uid change
+    # inside it would clear the death signal that ends it with its owner (procs.spawn_in)
+    ent = _broker_user(Path(state_dir)) if kind == "mosquitto" else None
+    run_as = (ent.pw_uid, ent.pw_gid) if ent is not None else None
     if spawn is None:
-        proc = await asyncio.to_thread(spawn_in, netns, argv, None, stdout_log, cgroup_procs)
-    else:  # a backend that starts processes its own way (docker exec): async (argv, log_path) -> Popen-like
-        proc = await spawn(argv, stdout_log)
+        proc = await asyncio.to_thread(spawn_in, netns, argv, None, stdout_log, cgroup_procs, run_as=run_as)
+    else:  # a backend's own way (its node, docker exec): async (argv, log_path, run_as) -> Popen-like
+        proc = await spawn(argv, stdout_log, run_as)
     handle = BrokerHandle(kind, proc.pid, host, settings.port, conf_path, log_path, settings, netns)
     ports = [p for p in (settings.port, settings.watch_port) if p is not None]
     deadline = time.monotonic() + ready_timeout_s

@@ -485,7 +485,7 @@ class Emulation:
         try:
             self._broker = await start_broker(
                 server.netns, SERVER_ADDRESS, state / "broker", settings or BrokerSettings(),
-                spawn=lambda argv, log: self.backend.spawn(SERVER_ID, argv, None, log),
+                spawn=lambda argv, log, run_as: self.backend.spawn(SERVER_ID, argv, None, log, run_as=run_as),
             )
         except Exception as e:
             self.broker_error = str(e)  # the status says the broker is down, and why

@@ -2,7 +2,8 @@
 
 Started inside the device's node (namespace or container, under its cgroup). It loads its
 local model variant, connects to the broker with its own credentials (last will: retained
-"offline" on its status topic), publishes "online", and serves its task topic: each task's
+"offline" on its status topic), publishes "online" — again every HEARTBEAT_S, so that a
+hung agent is told from a live one — and serves its task topic: each task's
 `meta.method` picks the method's handler (methods/<name>/agent.py, named by the method
 registry and handed in by whoever starts the agent: methods/device.py), made on the
 method's first task. A handler decodes and validates its tasks (wire.py), computes, pads
@@ -19,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import importlib
 import json
 import logging
@@ -37,8 +39,8 @@ from testbed.model.names import STATE_ROOT
 from testbed.relay import topics
 from testbed.relay.wire import peek_meta
 
-__all__ = ["AgentConfig", "Agent", "Handlers", "status_doc", "agent_config_path", "threads_for_quota", "pad_to_profile",
-           "torch_threads", "run_agent", "main"]
+__all__ = ["AgentConfig", "Agent", "Handlers", "HEARTBEAT_S", "SILENT_AFTER_S", "status_doc", "agent_config_path",
+           "threads_for_quota", "pad_to_profile", "torch_threads", "run_agent", "main"]
 
 log = logging.getLogger("testbed.agent")
 
@@ -50,6 +52,13 @@ log = logging.getLogger("testbed.agent")
 #: made a 92 ms round trip through mosquitto here, 2.8 ms with it; patch steps exchange
 #: such messages at every layer).
 SOCKET_OPTIONS = ((socket.SOL_SOCKET, socket.SO_SNDBUF, 4 * 2**20), (socket.IPPROTO_TCP, socket.TCP_NODELAY, 1))
+
+#: An agent refreshes its retained "online" status this often (its `ts` says when): a reader
+#: tells a live agent from one that connected once and then hung (SIGSTOP, a stuck loop).
+HEARTBEAT_S = 2.0
+#: Silent this long (three missed heartbeats): the agent is down. Below the broker's own
+#: keepalive bound (1.5 x keepalive_s = 7.5 s), after which it fires the agent's will.
+SILENT_AFTER_S = 3 * HEARTBEAT_S
 
 #: handlers[method] = "module:factory"; factory(agent) -> a handler object with
 #: `async handle(client, payload)` and counters `served`, `rejected` (methods/device.py
@@ -156,8 +165,14 @@ class Agent:
                     await client.publish(self.status_topic, self.status_doc("online"), qos=1, retain=True)
                     log.info("online: serving %s", self.task_topic)
                     backoff, failures = 0.2, 0
-                    async for msg in client.messages:
-                        await self.handle(client, bytes(msg.payload) if msg.payload is not None else b"")
+                    beat = asyncio.ensure_future(self._heartbeat(client))
+                    try:
+                        async for msg in client.messages:
+                            await self.handle(client, bytes(msg.payload) if msg.payload is not None else b"")
+                    finally:
+                        beat.cancel()
+                        with contextlib.suppress(BaseException):
+                            await beat
             except aiomqtt.MqttError as e:
                 failures += 1
                 if max_reconnects is not None and failures > max_reconnects:
@@ -165,6 +180,18 @@ class Agent:
                 log.warning("broker connection lost (%s); reconnecting in %.1f s", e, backoff)
                 await asyncio.sleep(backoff)
                 backoff = min(backoff * 2, 5.0)
+
+    async def _heartbeat(self, client: Any) -> None:
+        """The retained "online" status again every HEARTBEAT_S, with a fresh `ts` (also while
+        a task computes: the model runs in a thread, this loop stays free)."""
+        import aiomqtt
+
+        while True:
+            await asyncio.sleep(HEARTBEAT_S)
+            try:
+                await client.publish(self.status_topic, self.status_doc("online"), qos=0, retain=True)
+            except aiomqtt.MqttError:
+                return  # the connection is gone: serve() reconnects and starts a new heartbeat
 
     async def handle(self, client: Any, payload: bytes) -> None:
         """One task message, handed to the handler its `meta.method` names."""

@@ -3,8 +3,8 @@
 An event is a JSON object: `type`, `ts` (epoch seconds), `run`, `device` (or null),
 `steps` ([start, end) or null), `seq` (the orchestrator's counter, null for events the
 run owner makes) and the type's own fields. Types in use: agents_online, selection,
-run_started, stage_started, downloaded, computed, uploaded, device_offline,
-deadline_missed, stage_interrupted, recovered, result_rejected, broker_lost, broker_back,
+run_started, stage_started, downloaded, computed, uploaded, device_offline, device_silent,
+deadline_missed, stage_interrupted, recovered, status_rejected, result_rejected, broker_lost, broker_back,
 relay_finished, run_finished, run_failed, fault_injected, fault_restored, fault_failed, split_step,
 patch_step, reselected.
 """

@@ -11,7 +11,10 @@ base owns everything they share:
   method's typed meta — size, JSON depth, types, ranges) before a method sees it; what
   fails is a `status_rejected` / `result_rejected` event naming the device and the
   reason, never an exception in the reader;
-- who is online (the devices' retained status), and `wait_online` with a bound;
+- who is online (the devices' retained status, refreshed by their heartbeats), and
+  `wait_online` with a bound; a device silent for SILENT_AFTER_S (three missed heartbeats:
+  stopped, hung) leaves `online` with a `device_silent` event and reaches the method as
+  "offline" — it fails over as if its will had said so, within seconds, not at a deadline;
 - deadlines (`Timing`: a factor of the predicted time plus slack, by compute mode);
 - task encoding (`task`: every task carries `meta.method`, which picks the device's handler);
 - telemetry: `emit` numbers an event, hands it to the run owner's callback and publishes it
@@ -24,18 +27,23 @@ from __future__ import annotations
 
 import asyncio
 import json
+import re
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
-from testbed.errors import RelayError
+from testbed.errors import RelayError, TestbedError
 from testbed.relay import topics
+from testbed.relay.agent import SILENT_AFTER_S
 from testbed.relay.events import make_event
 from testbed.relay.messages import BadMessage, DeviceResult, MetaParser, Status, parse_result, parse_status
 from testbed.relay.wire import Message, encode
 
 __all__ = ["RelaySettings", "DevicePower", "Timing", "Job", "Orchestrator"]
+
+#: Events that say a device failed its part: they name what it sent that failed the checks.
+_FAILURE_EVENTS = ("deadline_missed", "device_offline", "device_silent")
 
 
 @dataclass(frozen=True)
@@ -117,7 +125,9 @@ class Orchestrator:
         self.settings, self.job, self.power, self.timing = settings, job, power, timing
         self.run_id = settings.run
         self.online: set[str] = set()
+        self.heard: dict[str, float] = {}  # device -> when its last status arrived (monotonic)
         self.rejected_results = 0
+        self.rejections: dict[str, tuple[int, str]] = {}  # device -> (rejected messages, the last reason)
         self.inbox: asyncio.Queue[tuple[str, str, Any, float]] = asyncio.Queue()
         self._status_seen = asyncio.Event()
         self._emit_cb = emit
@@ -156,10 +166,24 @@ class Orchestrator:
     async def reject(self, dev: str, error: str, **data: Any) -> None:
         """A device message that failed its checks: counted, reported, dropped."""
         self.rejected_results += 1
+        self._note_rejection(dev, error)
         await self.emit("result_rejected", device=dev, error=error, **data)
+
+    def _note_rejection(self, dev: str, error: str) -> None:
+        n, _ = self.rejections.get(dev, (0, ""))
+        self.rejections[dev] = (n + 1, error)
+
+    def rejection_note(self, dev: str) -> str:
+        """Why a device that failed may have failed: its rejected messages ("" when none)."""
+        if dev not in self.rejections:
+            return ""
+        n, last = self.rejections[dev]
+        return f"{dev} sent {n} message(s) that failed the checks (the last: {last})"
 
     # -- telemetry ---------------------------------------------------------------------
     async def emit(self, etype: str, device: str | None = None, steps: Any = None, **data: Any) -> None:
+        if etype in _FAILURE_EVENTS and device in self.rejections and "rejected" not in data:
+            data["rejected"] = self.rejection_note(device)  # why it missed its deadline: what it sent instead
         self._seq += 1
         ev = make_event(etype, self.run_id, device=device, steps=steps, seq=self._seq, method=self.method, **data)
         self._events_out.put_nowait(ev)
@@ -210,17 +234,43 @@ class Orchestrator:
         """The whole generation, its events flushed to the broker before it returns."""
         conn = asyncio.create_task(self._connection())
         publisher = asyncio.create_task(self._publish_events())
+        watchdog = asyncio.create_task(self._watch_silence())
         try:
             await self.connected()
             out = await self.generate()
             await asyncio.gather(*self.pending(), return_exceptions=True)
             await self._flush_events()
             return out
+        except TestbedError as e:
+            named = [d for d in sorted(self.rejections) if re.search(rf"\b{re.escape(d)}\b", str(e))]
+            notes = [self.rejection_note(d) for d in named]
+            if notes:  # a run that fails over a device says what that device sent
+                e.args = (f"{e}; {'; '.join(notes)}", *e.args[1:])
+            raise
         finally:
             publisher.cancel()
             conn.cancel()
-            await asyncio.gather(publisher, conn, return_exceptions=True)
+            watchdog.cancel()
+            await asyncio.gather(publisher, conn, watchdog, return_exceptions=True)
             self._client = None
+
+    async def _watch_silence(self, every_s: float = 0.5) -> None:
+        """Devices that fell silent (no status for SILENT_AFTER_S: their heartbeats stopped)
+        leave `online` and reach the method as "offline"; only while the broker is
+        connected (a lost broker silences everyone, and `broker_lost` says so)."""
+        while True:
+            await asyncio.sleep(every_s)
+            if not self.is_connected:
+                continue
+            now = time.monotonic()
+            for dev in sorted(self.online):
+                silent_s = now - self.heard.get(dev, now)
+                if silent_s > SILENT_AFTER_S:
+                    self.online.discard(dev)
+                    await self.emit("device_silent", device=dev, silent_s=round(silent_s, 3),
+                                    reason=f"no status for {silent_s:.1f} s (heartbeats every "
+                                           f"{SILENT_AFTER_S / 3:g} s): stopped or hung")
+                    await self.on_status(dev, Status(dev, "offline"), time.time())
 
     async def _connection(self) -> None:
         """Hold the broker connection; when it drops, report `broker_lost` and reconnect with
@@ -279,12 +329,21 @@ class Orchestrator:
                 try:
                     status = parse_status(dev, payload)
                 except BadMessage as e:
+                    self._note_rejection(dev, str(e))
                     await self.emit("status_rejected", device=dev, error=str(e))
                     continue
                 if status.state == "offline":
                     self.online.discard(dev)
+                elif msg.retain and status.ts is not None and t_in - status.ts > SILENT_AFTER_S:
+                    # the retained status of an agent whose heartbeats stopped: hung or gone
+                    self.online.discard(dev)
+                    await self.emit("device_silent", device=dev, silent_s=round(t_in - status.ts, 3),
+                                    reason="its last heartbeat is older than "
+                                           f"{SILENT_AFTER_S:g} s: stopped or hung")
+                    continue
                 else:
                     self.online.add(dev)
+                    self.heard[dev] = time.monotonic()
                 self._status_seen.set()
                 await self.on_status(dev, status, t_in)
             elif leaf == "result":

@@ -8,7 +8,6 @@ sends the scenario and shows the events, and never imports torch.
 
 from __future__ import annotations
 
-import asyncio
 from pathlib import Path
 from typing import Any
 
@@ -17,6 +16,7 @@ from rich.live import Live
 from rich.table import Table
 
 from testbed import methods
+from testbed.cli import signals
 from testbed.cli.console import err, out, print_json
 from testbed.errors import InputError, ResourceError
 from testbed.experiments.expectations import enforce_expectations
@@ -181,7 +181,7 @@ def run(
             if not console.is_terminal and not as_json:
                 console.line()  # rich leaves a piped Live's last frame without its newline
 
-    doc = asyncio.run(go())
+    doc = signals.run(go())  # SIGTERM/SIGHUP tear down like Ctrl-C, exit 128+N
     if as_json:
         print_json(doc)
         enforce_expectations(topo.expect, doc, topo.name, console=err)

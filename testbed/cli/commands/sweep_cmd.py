@@ -3,7 +3,6 @@ and judge the paper's claims from it (claims.json); `--publish docs` regenerates
 
 from __future__ import annotations
 
-import asyncio
 import json
 import time
 from pathlib import Path
@@ -11,6 +10,7 @@ from pathlib import Path
 import typer
 
 from testbed import methods
+from testbed.cli import signals
 from testbed.cli.console import err, out, print_json
 from testbed.errors import InputError
 
@@ -115,8 +115,8 @@ def _run(file: Path, tmax: str | None, emax: str | None, seeds: int | None, runs
                                              if row["feasible"] else "infeasible"), highlight=False)
             progress.advance(task)
 
-        outcome = asyncio.run(run_sweep(cfg, on_row=on_row,
-                                        on_status=lambda s: progress.update(task, description=s)))
+        outcome = signals.run(run_sweep(cfg, on_row=on_row,  # SIGTERM/SIGHUP tear down like Ctrl-C
+                                          on_status=lambda s: progress.update(task, description=s)))
         progress.update(task, description="done")
     return out_path, {"elapsed_s": outcome.elapsed_s, "setup_s": outcome.setup_s}
 

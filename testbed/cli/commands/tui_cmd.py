@@ -7,6 +7,7 @@ from pathlib import Path
 
 import typer
 
+from testbed.cli import signals
 from testbed.errors import TopologyError
 from testbed.model.names import check_run_id
 
@@ -49,7 +50,8 @@ def tui(
         return
     from tui.app import TestbedApp
 
-    TestbedApp(topo, source=str(file), attach=attach, backend=backend, state_root=state_root, out_root=out_dir).run()
+    signals.run_app(TestbedApp(topo, source=str(file), attach=attach, backend=backend, state_root=state_root,
+                               out_root=out_dir))  # SIGTERM/SIGHUP: the app's exit, with its run's teardown
 
 
 def _serve(file: Path, attach: str | None, seed: int | None, backend: str, out_dir: Path, state_root: Path,

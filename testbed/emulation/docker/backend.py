@@ -264,11 +264,13 @@ class DockerBackend:
 
     # run time ----------------------------------------------------------------------
     async def spawn(self, node_id: str, argv: Sequence[str], env: dict[str, str] | None = None,
-                    log_path: Path | None = None) -> ExecProcess:
-        """Start `argv` inside the node's container (docker exec); output to `log_path`."""
+                    log_path: Path | None = None, *, run_as: tuple[int, int] | None = None) -> ExecProcess:
+        """Start `argv` inside the node's container (docker exec, as `run_as` = (uid, gid) when
+        given); output to `log_path`."""
         if node_id not in self._ids:
             raise ResourceError(f"node {node_id!r} has no container in run {self.run}")
-        proc = await exec_start(self.client, self._ids[node_id], argv, env=env, log_path=log_path)
+        proc = await exec_start(self.client, self._ids[node_id], argv, env=env, log_path=log_path,
+                                user=f"{run_as[0]}:{run_as[1]}" if run_as is not None else None)
         self._procs.setdefault(node_id, []).append(proc)
         return proc
 

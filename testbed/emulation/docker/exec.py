@@ -89,15 +89,16 @@ def exec_start_sync(
     env: dict[str, str] | None = None,
     log_path: Path | None = None,
     workdir: str | None = None,
+    user: str | None = None,
 ) -> ExecProcess:
-    """Start `argv` in `container`; return once it has a PID (bounded)."""
+    """Start `argv` in `container` (as `user`, "uid:gid", when given); return once it has a PID (bounded)."""
     if not argv:
         raise ResourceError("spawn: empty command line")
     if log_path is not None:
         log_path.parent.mkdir(parents=True, exist_ok=True)
     try:
         ex = client.api.exec_create(container, list(argv), stdout=True, stderr=True, environment=env or {},
-                                    workdir=workdir)
+                                    workdir=workdir, user=user or "")
         stream = client.api.exec_start(ex["Id"], stream=True, demux=False)
     except docker.errors.NotFound:
         raise ResourceError(f"container {container} does not exist (was the run taken down?)") from None
@@ -125,5 +126,5 @@ def exec_start_sync(
 
 
 async def exec_start(client: docker.DockerClient, container: str, argv: Sequence[str], **kw) -> ExecProcess:
-    """`exec_start_sync` in a worker thread (keyword arguments: env, log_path, workdir)."""
+    """`exec_start_sync` in a worker thread (keyword arguments: env, log_path, workdir, user)."""
     return await asyncio.to_thread(exec_start_sync, client, container, argv, **kw)
