@@ -40,7 +40,9 @@ class _Progress:
     def feed(self, ev: dict[str, Any]) -> None:
         t, dev = ev["type"], ev.get("device")
         if t == "selection":
-            self.lines.append(f"selected {', '.join(ev['selected'])}: predicted {ev['predicted_latency_s']:.3f} s, "
+            q = (ev.get("plan") or {}).get("predicted_latency_quantiles_s") or {}
+            p90 = f" (p90 {q['p90']:.3f} s)" if "p90" in q else ""
+            self.lines.append(f"selected {', '.join(ev['selected'])}: predicted {ev['predicted_latency_s']:.3f} s{p90}, "
                               f"{ev['predicted_energy_j']:.1f} J")
         elif t == "reselected":
             self.lines.append(f"reselected after {ev.get('failed')} failed: {' -> '.join(ev['chain'])} for steps "
@@ -62,7 +64,7 @@ class _Progress:
 
     def render(self) -> Table:
         table = Table(title="relay", caption="\n".join(self.lines[-4:]) or None)
-        for col in ("stage", "device", "steps", "phase", "T_down s", "T_cmp s", "T_up s", "E J", "pred T s"):
+        for col in ("stage", "device", "steps", "phase", "T_down s", "T_cmp s", "T_up s", "E J", "pred T s", "p90 s"):
             table.add_column(col, justify="left" if col in ("device", "phase", "steps") else "right")
         for (stage, dev), r in sorted(self.rows.items()):
             pred = r.get("predicted") or {}
@@ -70,7 +72,8 @@ class _Progress:
             table.add_row(str(stage), dev, str(r.get("steps")), r["phase"],
                           *(f"{r[k]:.3f}" if k in r else "" for k in ("t_down_s", "t_cmp_s", "t_up_s")),
                           f"{r['energy_j']:.2f}" if "energy_j" in r else "",
-                          f"{pred_t:.3f}" if pred_t is not None else "")
+                          f"{pred_t:.3f}" if pred_t is not None else "",
+                          f"{pred['latency_quantiles_s']['p90']:.3f}" if pred.get("latency_quantiles_s") else "")
         return table
 
 
@@ -89,6 +92,8 @@ def run(
     fail: str | None = typer.Option(None, "--fail", help="kill this selected device's agent mid-computation"),
     run_id: str | None = typer.Option(None, "--run", help="run on this up cell (testbed up): its supervisor, "
                                                           "template and warm agents do the work"),
+    confidence: float | None = typer.Option(None, "--confidence", help="keep P(latency <= T_max) >= P (0 < P < 1) "
+                                            "under the modelled transfer distributions; default: the mean-based plan"),
 ) -> None:
     """Run one generation: bring the cell up, relay the latent through the selected devices
     (or, with --method split, cut the UNet over two devices; with --method patch, cut the
@@ -101,6 +106,7 @@ def run(
     started_at = command_started_at()
     spec = methods.method(method)
     spec.make(selector)  # bad --method/--selector fail here, before anything starts
+    spec.check_confidence(confidence)
     if fail and not spec.recovers:
         raise InputError(f"--fail applies to methods that recover from a lost device "
                          f"({', '.join(m.name for m in methods.methods() if m.recovers)}); "
@@ -120,7 +126,8 @@ def run(
         async with RunSession(topo, MadeCell(rid, backend=backend), out_dir=out_path, on_event=on_event,
                               started_at=started_at) as session:
             console.print(f"run {rid}: cell up, {len(session.cell.links)} devices (broker {session.cell.broker.kind})")
-            res = await session.run(method, selector=selector, t_max_s=tmax, e_max_j=emax, fail=fail)
+            res = await session.run(method, selector=selector, t_max_s=tmax, e_max_j=emax, fail=fail,
+                                    confidence=confidence)
         return res.to_json()
 
     async def warm(on_event: Any) -> dict[str, Any]:
@@ -128,7 +135,8 @@ def run(
 
         console.print(f"run {rid}: on the up cell (its supervisor and warm agents run the generation)")
         return await run_on_up_cell(rid, topo, method=method, selector=selector, t_max_s=tmax, e_max_j=emax,
-                                    fail=fail, out_dir=out_path, on_event=on_event, started_at=started_at)
+                                    fail=fail, out_dir=out_path, on_event=on_event, started_at=started_at,
+                                    confidence=confidence)
 
     async def go() -> dict[str, Any]:
         with Live(progress.render(), console=console, refresh_per_second=8, transient=as_json) as live:
@@ -150,7 +158,8 @@ def run(
                     f"{x['charged']['latency_s']:.3f} s, {x['charged']['energy_j']:.1f} J)" for x in doc["recovered"])
     out.print(
         f"[bold]{doc['run']}[/]: {' -> '.join(doc['relay_order'])}, {doc['total_steps']} steps, "
-        f"latency {doc['latency_s']:.3f} s (predicted {doc['predicted_latency_s']:.3f} s), "
+        f"latency {doc['latency_s']:.3f} s (predicted {doc['predicted_latency_s']:.3f} s"
+        + (f", p90 {q['p90']:.3f} s" if (q := doc.get("predicted_latency_quantiles_s")) else "") + "), "
         f"energy {doc['energy_j']:.1f} J, MS-SSIM {doc['ms_ssim']:.3f}"
         + (f"; recovered: {rec}" if rec else "")
     )
