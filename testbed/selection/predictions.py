@@ -22,6 +22,8 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
+
 from testbed.model.impairments import LinkImpairment
 from testbed.model.radio import DeviceLink
 from testbed.model.topology import Topology
@@ -82,8 +84,15 @@ class StageModel:
         return self.stages([device])[0]
 
     def run(self, devices: Iterable[str]) -> Distribution:
-        """A chain's latency: its stages' draws summed (never their quantiles)."""
-        return run_distribution(self.stages(devices), self.seed)
+        """A chain's latency: its stages' draws summed (never their quantiles). Each stage's
+        draws are in an order of their own already (stochastic.stage_distributions), and
+        summed as they are they are the very sums chance.select_chance judged the plan on."""
+        stages = self.stages(devices)
+        if not stages:
+            return Distribution.point(0.0)
+        if all(s.latency.is_point for s in stages):
+            return run_distribution(stages, self.seed)  # the point model's float sums, exactly
+        return Distribution(np.sum([s.latency.samples for s in stages], axis=0))
 
     def run_quantiles(self, devices: Iterable[str]) -> dict[str, float]:
         """result.json's `predicted_latency_quantiles_s`: {"p10", "p50", "p90", "p95"}."""
