@@ -348,8 +348,8 @@ def confidence_figure(summary: list[dict[str, Any]]) -> Any:
         x = np.array([pos["mean" if s["confidence"] is None else f"{s['confidence']:g}"] for s in pts], dtype=float)
         x += (n - (len(runs) - 1) / 2) * 0.08  # side by side, not on top of each other
         y = np.array([s["share_within"] for s in pts])
-        err = np.array([[s["share_within"] - s["share_low"] for s in pts], [s["share_high"] - s["share_within"]
-                                                                             for s in pts]])
+        err = np.clip([[s["share_within"] - s["share_low"] for s in pts],
+                       [s["share_high"] - s["share_within"] for s in pts]], 0.0, None)  # (Wilson's ends round)
         ax.errorbar(x, y, yerr=err, color=ln.color, marker=ln.marker, capsize=3, linestyle="-",
                     label=f"{ln.label}: measured share within T_max")
         model = np.array([s["p_within_mean"] for s in pts])
