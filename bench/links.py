@@ -574,11 +574,12 @@ def analyse_confidence(doc: dict) -> dict:
         within = sum(1 for r in ok if r["latency_s"] <= r["t_max_s"])
         host = sum(1 for r in ok if r["latency_s"] - r["overrun_s"] <= r["t_max_s"])
         ps = [r["plan"]["p_within"] for r in ok]
-        rows[mode] = {"runs": len(rs), "failed": len(rs) - len(ok), "within": within, "share": within / max(1, len(rs)),
-                      "interval": wilson(within, len(rs)), "within_without_overrun": host,
-                      "p_within_mean": statistics.fmean(ps) if ps else float("nan"),
-                      "latency_mean_s": statistics.fmean(r["latency_s"] for r in ok) if ok else float("nan"),
-                      "predicted_mean_s": statistics.fmean(r["predicted_latency_s"] for r in ok) if ok else float("nan"),
+        mean = (lambda xs: statistics.fmean(xs) if xs else float("nan"))
+        rows[mode] = {"runs": len(rs), "failed": len(rs) - len(ok), "within": within,
+                      "share": within / max(1, len(rs)), "interval": wilson(within, len(rs)),
+                      "within_without_overrun": host, "p_within_mean": mean(ps),
+                      "latency_mean_s": mean([r["latency_s"] for r in ok]),
+                      "predicted_mean_s": mean([r["predicted_latency_s"] for r in ok]),
                       "stages": sorted({len(r["plan"]["selected"]) for r in ok}),
                       "pass_rate_if_right": confidence_pass_rate(ps) if ps else float("nan")}
     loads = [r["load_1m"] for r in doc["runs"]]
@@ -597,9 +598,10 @@ def print_confidence(an: dict) -> None:
     for mode, label in (("chance", f"P >= {an['confidence']:g}"), ("mean", "mean-based")):
         r = an["rows"][mode]
         lo_i, hi_i = r["interval"]
-        print(f"{label:<12} {r['runs']:>4} {r['failed']:>6} {r['within']:>12} {r['share']:>7.2f} [{lo_i:.2f}, {hi_i:.2f}] "
-              f"{r['within_without_overrun']:>11} {r['p_within_mean']:>10.3f} {r['latency_mean_s']:>7.2f} "
-              f"{r['predicted_mean_s']:>7.2f} {','.join(map(str, r['stages'])):>7} {100 * r['pass_rate_if_right']:>14.1f}%")
+        print(f"{label:<12} {r['runs']:>4} {r['failed']:>6} {r['within']:>12} {r['share']:>7.2f} "
+              f"[{lo_i:.2f}, {hi_i:.2f}] {r['within_without_overrun']:>11} {r['p_within_mean']:>10.3f} "
+              f"{r['latency_mean_s']:>7.2f} {r['predicted_mean_s']:>7.2f} {','.join(map(str, r['stages'])):>7} "
+              f"{100 * r['pass_rate_if_right']:>14.1f}%")
     print("  (w/o overrun: runs within T_max once the host's compute beyond the profiles' times is taken off; "
           "P(pass | right): Monte-Carlo, each run within T_max with its plan's modelled probability, "
           "pass = >= 80 % of the runs)")
