@@ -21,11 +21,23 @@
    around it. Printed per grid point and pooled: bias (mean measured / mean predicted - 1,
    95 % bootstrap interval over runs), calibration (share inside the predicted p10-p90,
    share below p50), the point model's bias beside it, and how often a *correct* model
-   would pass issue 23's checks with these very transfers (selection/checks.py).
+   would pass issue 23's checks with these very transfers (selection/checks.py). Each
+   transfer is judged against the distribution its run recorded (result.json's
+   `predicted`: the plan's connection counts and delay path; `--per-pass-ms` recounts
+   instead); `--grid-topology topologies/paper-radio.yaml` runs the same on the paper's
+   radio-derived cell;
+6. confidence (issue 23): chance-constrained plans on a warm lossy cell
+   (topologies/lossy-confidence.yaml): every connection warmed by `--warmup` loose runs,
+   then `--confidence-runs` runs of the mean-based plan and of `--confidence 0.9`, in
+   turn, at a T_max where the mean-based plan is tight by its own point model; the share
+   of each within T_max (measured, Wilson interval), beside the plans' modelled
+   probability and how often a right implementation would pass ">= 80 % within"
+   (Monte-Carlo over the runs' own modelled probabilities).
 
     sudo .venv/bin/python bench/links.py [--messages 8] [--only ping,cost,predict] [--json]
     sudo .venv/bin/python bench/links.py --only grid [--runs 30] [--save grid.json]
-    .venv/bin/python bench/links.py --from grid.json          # analyse a saved grid run again
+    sudo .venv/bin/python bench/links.py --only confidence [--confidence-runs 40] [--save c.json]
+    .venv/bin/python bench/links.py --from grid.json          # analyse a saved grid (or confidence) run again
 """
 
 from __future__ import annotations
@@ -49,6 +61,7 @@ sys.path.insert(0, str(REPO))
 
 PAYLOAD_BYTES = 262144
 GRID_TOPOLOGY = REPO / "topologies/lossy-grid.yaml"
+CONFIDENCE_TOPOLOGY = REPO / "topologies/lossy-confidence.yaml"
 NSTAT_COUNTERS = ("TcpRetransSegs", "TcpExtTCPLossProbes", "TcpExtTCPTimeouts", "TcpExtTCPSackRecovery",
                   "TcpOutSegs")
 PORT = 5611
@@ -289,86 +302,129 @@ def pass_cost_ms(server_ns: str, nodes: list[dict], delays_ms: dict[str, float],
     return statistics.median(per_pass) if per_pass else 0.0
 
 
+class WarmCell:
+    """A cell that `testbed up` keeps (`file` as `run_id`), runs on it with `testbed run --run`,
+    and its teardown (`close`, also when a run fails)."""
+
+    def __init__(self, file: Path, run_id: str):
+        self.file, self.run_id = file, run_id
+        self.tb = str(Path(sys.executable).parent / "testbed")
+        up = subprocess.run([self.tb, "up", str(file), "--run", run_id, "--json"], capture_output=True, text=True,
+                            timeout=600)
+        if up.returncode:
+            self.close()
+            raise RuntimeError(f"testbed up failed ({up.returncode}): {up.stderr[-2000:]}")
+        self.status = json.loads(up.stdout)
+        self.ns = {n["id"]: n["netns"] for n in self.status["nodes"]}
+        self.delays = {d: v["down"]["delay_ms"] for d, v in self.status["impairments"]["devices"].items()}
+
+    def run(self, out: Path, *args: str) -> tuple[dict | None, dict]:
+        """(result document or None, {rc, stderr, load_1m}) of one `testbed run --run`."""
+        load = os.getloadavg()[0]
+        res = subprocess.run([self.tb, "run", str(self.file), "--run", self.run_id, "--out", str(out), "--json", *args],
+                             capture_output=True, text=True, timeout=600)
+        info = {"rc": res.returncode, "stderr": res.stderr[-2000:], "load_1m": load}
+        return (json.loads((out / "result.json").read_text()) if res.returncode == 0 else None), info
+
+    def close(self) -> None:
+        subprocess.run([self.tb, "down", "--run", self.run_id], capture_output=True, timeout=300)
+
+
+def _plan_record(result: dict) -> dict:
+    """What the run's plan predicted with (meta.plan), for analysing it again."""
+    plan = (result.get("meta") or {}).get("plan") or {}
+    return {k: plan.get(k) for k in ("messages_before", "per_pass_s", "p_within", "confidence", "selected",
+                                     "predicted_latency_quantiles_s", "point_latency_s")}
+
+
 def measure_grid(file: Path, runs: int, out_dir: Path, run_id: str) -> dict:
     """Bring `file` up as `run_id`, run it `runs` times on the warm cell, tear it down.
     Every 10 runs, the delayer's per-pass cost is measured with `ping -U` (`pass_ms`)."""
-    tb = str(Path(sys.executable).parent / "testbed")
-    up = subprocess.run([tb, "up", str(file), "--run", run_id, "--json"], capture_output=True, text=True, timeout=600)
-    if up.returncode:
-        subprocess.run([tb, "down", "--run", run_id], capture_output=True, timeout=300)
-        raise RuntimeError(f"testbed up failed ({up.returncode}): {up.stderr[-2000:]}")
-    doc: dict = {"topology": str(file), "run_id": run_id, "status": json.loads(up.stdout), "runs": [], "failed": []}
+    cell = WarmCell(file, run_id)
+    doc: dict = {"topology": str(file), "run_id": run_id, "status": cell.status, "runs": [], "failed": []}
     try:
-        ns = {n["id"]: n["netns"] for n in doc["status"]["nodes"]}
-        delays = {d: v["down"]["delay_ms"] for d, v in doc["status"]["impairments"]["devices"].items()}
+        ns = cell.ns
         doc["pass_ms"] = []
         for r in range(runs):
             if r % 10 == 0:
-                doc["pass_ms"].append(pass_cost_ms(ns["server"], doc["status"]["nodes"], delays))
+                doc["pass_ms"].append(pass_cost_ms(ns["server"], doc["status"]["nodes"], cell.delays))
             before = {k: _nstat(v) for k, v in ns.items()}
-            load = os.getloadavg()[0]
-            out = out_dir / f"r{r:03d}"
-            res = subprocess.run([tb, "run", str(file), "--run", run_id, "--out", str(out), "--json"],
-                                 capture_output=True, text=True, timeout=600)
+            result, info = cell.run(out_dir / f"r{r:03d}")
             after = {k: _nstat(v) for k, v in ns.items()}
-            if res.returncode:
-                doc["failed"].append({"run": r, "rc": res.returncode, "stderr": res.stderr[-2000:]})
+            if result is None:
+                doc["failed"].append({"run": r, "rc": info["rc"], "stderr": info["stderr"]})
                 continue
-            result = json.loads((out / "result.json").read_text())
             doc["runs"].append({
-                "run": r, "load_1m": load, "recovered": result.get("recovered"),
+                "run": r, "load_1m": info["load_1m"], "recovered": result.get("recovered"),
                 "stages": [{k: s[k] for k in ("device", "attempt", "t_down_s", "t_up_s", "predicted") if k in s}
                            for s in result["stages"]],
+                "plan": _plan_record(result), "latency_s": result["latency_s"],
                 "nstat": {k: {c: after[k][c] - before[k][c] for c in NSTAT_COUNTERS} for k in ns},
                 "windows": {k: _windows(v) for k, v in ns.items()}})
-            print(f"grid run {r + 1}/{runs}: latency {result['latency_s']:.2f} s, load {load:.1f}", file=sys.stderr)
+            print(f"grid run {r + 1}/{runs}: latency {result['latency_s']:.2f} s, load {info['load_1m']:.1f}",
+                  file=sys.stderr)
     finally:
-        subprocess.run([tb, "down", "--run", run_id], capture_output=True, timeout=300)
+        cell.close()
     doc["load_1m_end"] = os.getloadavg()[0]
     return doc
 
 
-def analyse_grid(doc: dict, per_pass_s: float | None, replicates: int = 1000) -> dict:
+def analyse_grid(doc: dict, per_pass_s: float | None, replicates: int = 1000, recorded: bool = True) -> dict:
     """Predictions for every measured transfer, and the checks per grid point and pooled.
-    `per_pass_s` None: the delayer's per-pass cost measured in the run (else NFQUEUE_PASS_S)."""
+
+    `recorded` (and every run carries its plan's record): each transfer's distribution as
+    the run itself predicted it — the plan's `messages_before` (the cell's connection
+    ledger), its `per_pass_s` (the delay path's) and the topology's seed — so the checks
+    judge what result.json says (the recorded means are checked against it, `record_agrees`).
+    Otherwise the bench counts the connections' earlier runs itself, with `per_pass_s`
+    (None: the delayer's cost measured with ping during the run, else NFQUEUE_PASS_S)."""
     from collections import Counter, defaultdict
 
     from testbed.model.impairments import LinkImpairment
     from testbed.model.radio import compute_links
     from testbed.model.topology import load_topology, place
+    from testbed.selection import device_costs
     from testbed.selection.checks import Transfer, bias, calibration, pass_rate, passes
     from testbed.selection.costs import DEFAULT_LINK_EFFICIENCY
-    from testbed.selection.stochastic import Distribution, stage_distributions, transfer_distribution
+    from testbed.selection.stochastic import (NFQUEUE_PASS_S, Distribution, stage_distributions,
+                                              transfer_distribution)
 
-    from testbed.selection.stochastic import NFQUEUE_PASS_S
-
+    recorded = recorded and all((r.get("plan") or {}).get("per_pass_s") is not None for r in doc["runs"])
     if per_pass_s is None:
         measured = [p for p in doc.get("pass_ms", []) if p > 0]
         per_pass_s = statistics.median(measured) / 1e3 if measured else NFQUEUE_PASS_S
     topo = load_topology(doc["topology"])
+    radio = topo.links is not None and topo.links.impairments == "radio"
     links = {lk.id: lk for lk in compute_links(topo, place(topo))}
     imps = {d: LinkImpairment.from_json(v) for d, v in doc["status"]["impairments"]["devices"].items()}
     seen: Counter = Counter()
     model, point, fresh = defaultdict(list), defaultdict(list), defaultdict(list)
     counters: dict = defaultdict(lambda: defaultdict(float))  # group -> expected uplink counters
     groups_of: dict[str, str] = {}
+    agree = [0, 0]  # recorded means that match the model's, of all
     for run in doc["runs"]:
         devices = [s["device"] for s in run["stages"]]
         chain = [links[d] for d in devices]
-        carried = stage_distributions(topo, chain, impairments=imps, messages_before=dict(seen), per_pass_s=per_pass_s)
-        new = stage_distributions(topo, chain, impairments=imps, per_pass_s=per_pass_s)
+        before, pp, seed = dict(seen), per_pass_s, 0
+        if recorded:
+            before, pp, seed = dict(run["plan"]["messages_before"] or {}), run["plan"]["per_pass_s"], topo.seed
+        carried = stage_distributions(topo, chain, impairments=imps, messages_before=before, per_pass_s=pp, seed=seed)
+        new = stage_distributions(topo, chain, impairments=imps, per_pass_s=pp, seed=seed)
+        points = {c.id: c for c in device_costs(topo, chain, impairments=imps)}
         for s, c, f in zip(run["stages"], carried, new):
             imp = imps[s["device"]]
-            g = f"{imp.up.delay_ms:g} ms, {imp.up.loss_pct:g} %"
+            g = "paper-radio" if radio else f"{imp.up.delay_ms:g} ms, {imp.up.loss_pct:g} %"
             groups_of[s["device"]] = g
             cl = str(run["run"])
             for key, pred, pred_fresh in (("t_down_s", c.t_down, f.t_down), ("t_up_s", c.t_up, f.t_up)):
                 model[g].append(Transfer(s[key], pred, cl, g))
                 fresh[g].append(Transfer(s[key], pred_fresh, cl, g))
-                point[g].append(Transfer(s[key], Distribution.point(s["predicted"][key]), cl, g))
+                point[g].append(Transfer(s[key], Distribution.point(getattr(points[s["device"]], key)), cl, g))
+                agree[0] += abs(s["predicted"][key] - pred.mean()) <= 1e-9 * max(1.0, pred.mean())
+                agree[1] += 1
             link = links[s["device"]]
             up = transfer_distribution(PAYLOAD_BYTES, link.rate_up_mbps * 1e6 * DEFAULT_LINK_EFFICIENCY, imp.up,
-                                       imp.down, messages_before=seen[s["device"]], per_pass_s=per_pass_s)
+                                       imp.down, messages_before=before.get(s["device"], 0), per_pass_s=pp)
             for k, v in up.counters.items():
                 counters[g][k] += v
         seen.update(devices)
@@ -390,15 +446,19 @@ def analyse_grid(doc: dict, per_pass_s: float | None, replicates: int = 1000) ->
                                   "messages": sum(1 for t in pick(model) if True) // 2}
         rows.append(row)
     server = {k: sum(run["nstat"]["server"][k] for run in doc["runs"]) for k in NSTAT_COUNTERS}
-    return {"per_pass_s": per_pass_s, "pass_ms_measured": doc.get("pass_ms", []), "runs": len(doc["runs"]), "failed": len(doc.get("failed", [])),
+    return {"per_pass_s": per_pass_s, "pass_ms_measured": doc.get("pass_ms", []), "runs": len(doc["runs"]),
+            "failed": len(doc.get("failed", [])), "recorded": recorded, "record_agrees": agree,
             "load_1m": [r["load_1m"] for r in doc["runs"]], "rows": rows, "downlink_counters_server": server}
 
 
 def print_grid(an: dict) -> None:
     loads = an["load_1m"]
     passes = ", ".join(f"{p:.2f}" for p in an["pass_ms_measured"]) or "not measured"
+    how = (f"as each run recorded them (the plan's connection counts and delay path; {an['record_agrees'][0]} of "
+           f"{an['record_agrees'][1]} recorded means reproduced)" if an.get("recorded") else
+           f"recounted by the bench, delayer per-pass cost {an['per_pass_s'] * 1e3:.2f} ms")
     print(f"grid: {an['runs']} warm-cell runs ({an['failed']} failed), load average {min(loads):.1f}-{max(loads):.1f}; "
-          f"delayer per-pass cost in the model {an['per_pass_s'] * 1e3:.2f} ms (ping -U during the run: {passes} ms); "
+          f"predictions {how} (ping -U during the run: {passes} ms per pass); "
           "transfers measured on this machine, predictions modelled")
     head = (f"{'grid point':<14} {'n':>4} {'meas s':>7} {'model s':>7} {'bias [95 %]':>22} {'in p10-p90':>10} "
             f"{'< p50':>6} {'point-model bias':>16} {'fresh-conn bias':>15} {'P(pass | correct)':>17}")
@@ -425,6 +485,128 @@ def print_grid(an: dict) -> None:
           f"{s['TcpExtTCPTimeouts']} timeouts, {s['TcpExtTCPSackRecovery']} SACK recoveries")
 
 
+# --- confidence: chance-constrained plans against the mean-based one on a warm lossy cell ---
+def pick_t_max(file: Path, confidence: float, before: int, per_pass_s: float) -> float:
+    """A T_max where the mean-based plan is tight by its own (point) model: the smallest on a
+    0.5 s grid where it takes >= 3 stages that fill >= 90 % of T_max, and a plan keeping
+    `confidence` exists (modelled with every connection `before` runs warm)."""
+    from testbed.errors import InfeasibleError
+    from testbed.methods.base import PlanContext
+    from testbed.methods.multistage.strategy import Multistage
+    from testbed.model.radio import compute_links
+    from testbed.model.topology import load_topology, place
+
+    topo = load_topology(file)
+    links = compute_links(topo, place(topo))
+    ctx = dict(messages_before={lk.id: before for lk in links}, delay_path="nfqueue+iptables" if per_pass_s else "none")
+    for t_max in [x / 2 for x in range(2, 61)]:
+        try:
+            mean = Multistage("dp").plan(PlanContext(topo, links, t_max, topo.budgets.e_max_j, topo.seed, **ctx))
+            Multistage("dp").plan(PlanContext(topo, links, t_max, topo.budgets.e_max_j, topo.seed,
+                                              confidence=confidence, **ctx))
+        except InfeasibleError:
+            continue
+        if len(mean.selected) >= 3 and mean.selection.latency_s >= 0.9 * t_max:
+            return t_max
+    raise RuntimeError(f"no T_max up to 30 s makes {file}'s mean-based plan tight; give --confidence-tmax")
+
+
+def measure_confidence(file: Path, runs: int, out_dir: Path, run_id: str, confidence: float, warmup: int,
+                       t_max: float | None) -> dict:
+    """Bring `file` up, warm every connection with `warmup` loose runs (every device, the
+    topology's budgets), then alternate the mean-based plan and `--confidence` at T_max,
+    `runs` each; tear down."""
+    from testbed.selection.stochastic import MAX_MESSAGES_BEFORE, NFQUEUE_PASS_S
+
+    cell = WarmCell(file, run_id)
+    doc: dict = {"topology": str(file), "run_id": run_id, "confidence": confidence, "warmup": warmup, "runs": [],
+                 "load_1m_start": os.getloadavg()[0]}
+    try:
+        for w in range(warmup):
+            result, info = cell.run(out_dir / f"w{w:02d}")
+            print(f"warm-up {w + 1}/{warmup}: {'ok' if result else 'failed'}, load {info['load_1m']:.1f}",
+                  file=sys.stderr)
+        path = cell.status["impairments"].get("path")
+        doc["t_max_s"] = t_max or pick_t_max(file, confidence, min(warmup, MAX_MESSAGES_BEFORE),
+                                             NFQUEUE_PASS_S if path == "nfqueue+iptables" else 0.0)
+        for i in range(runs):
+            for mode in ("mean", "chance"):
+                args = ["--tmax", f"{doc['t_max_s']:g}", *(["--confidence", f"{confidence:g}"] if mode == "chance"
+                                                           else [])]
+                result, info = cell.run(out_dir / f"{mode}{i:03d}", *args)
+                rec = {"mode": mode, "i": i, "rc": info["rc"], "load_1m": info["load_1m"]}
+                if result is None:
+                    rec["error"] = info["stderr"][-400:]
+                else:
+                    rec |= {"latency_s": result["latency_s"], "t_max_s": result["t_max_s"],
+                            "predicted_latency_s": result["predicted_latency_s"],
+                            "quantiles": result.get("predicted_latency_quantiles_s"), "plan": _plan_record(result),
+                            "overrun_s": sum(s.get("overrun_s") or 0.0 for s in result["stages"]),
+                            "recovered": len(result.get("recovered") or [])}
+                doc["runs"].append(rec)
+                print(f"{mode} {i + 1}/{runs}: " + (f"latency {rec['latency_s']:.2f} s of {doc['t_max_s']:g}, "
+                                                      f"P modelled {rec['plan']['p_within']:.2f}"
+                                                      if result else f"failed (rc {info['rc']})")
+                      + f", load {info['load_1m']:.1f}", file=sys.stderr)
+    finally:
+        cell.close()
+    doc["load_1m_end"] = os.getloadavg()[0]
+    return doc
+
+
+def confidence_pass_rate(p_within: list[float], share: float = 0.8, replicates: int = 20000, seed: int = 0) -> float:
+    """How often a right implementation passes ">= share of the runs within T_max": each
+    run kept T_max with its plan's modelled probability, independently (Monte-Carlo)."""
+    import numpy as np
+
+    p = np.asarray(p_within, float)
+    hits = np.random.default_rng(seed).random((replicates, p.size)) < p
+    return float(np.mean(hits.sum(axis=1) >= np.ceil(share * p.size - 1e-9)))
+
+
+def analyse_confidence(doc: dict) -> dict:
+    from testbed.selection.checks import wilson
+
+    rows = {}
+    for mode in ("mean", "chance"):
+        rs = [r for r in doc["runs"] if r["mode"] == mode]
+        ok = [r for r in rs if "latency_s" in r]
+        within = sum(1 for r in ok if r["latency_s"] <= r["t_max_s"])
+        host = sum(1 for r in ok if r["latency_s"] - r["overrun_s"] <= r["t_max_s"])
+        ps = [r["plan"]["p_within"] for r in ok]
+        mean = (lambda xs: statistics.fmean(xs) if xs else float("nan"))
+        rows[mode] = {"runs": len(rs), "failed": len(rs) - len(ok), "within": within,
+                      "share": within / max(1, len(rs)), "interval": wilson(within, len(rs)),
+                      "within_without_overrun": host, "p_within_mean": mean(ps),
+                      "latency_mean_s": mean([r["latency_s"] for r in ok]),
+                      "predicted_mean_s": mean([r["predicted_latency_s"] for r in ok]),
+                      "stages": sorted({len(r["plan"]["selected"]) for r in ok}),
+                      "pass_rate_if_right": confidence_pass_rate(ps) if ps else float("nan")}
+    loads = [r["load_1m"] for r in doc["runs"]]
+    return {"t_max_s": doc["t_max_s"], "confidence": doc["confidence"], "rows": rows,
+            "load": (min(loads), max(loads)) if loads else None}
+
+
+def print_confidence(an: dict) -> None:
+    lo, hi = an["load"] or (float("nan"), float("nan"))
+    print(f"confidence: T_max {an['t_max_s']:g} s (the mean-based plan tight by its point model), P = "
+          f"{an['confidence']:g}, warm cell, load average {lo:.1f}-{hi:.1f}; latency measured, P(within) modelled")
+    head = (f"{'plan':<12} {'runs':>4} {'failed':>6} {'within T_max':>12} {'share [95 %]':>20} {'w/o overrun':>11} "
+            f"{'P modelled':>10} {'meas s':>7} {'pred s':>7} {'stages':>7} {'P(pass | right)':>15}")
+    print(head)
+    print("-" * len(head))
+    for mode, label in (("chance", f"P >= {an['confidence']:g}"), ("mean", "mean-based")):
+        r = an["rows"][mode]
+        lo_i, hi_i = r["interval"]
+        print(f"{label:<12} {r['runs']:>4} {r['failed']:>6} {r['within']:>12} {r['share']:>7.2f} "
+              f"[{lo_i:.2f}, {hi_i:.2f}] {r['within_without_overrun']:>11} {r['p_within_mean']:>10.3f} "
+              f"{r['latency_mean_s']:>7.2f} {r['predicted_mean_s']:>7.2f} {','.join(map(str, r['stages'])):>7} "
+              f"{100 * r['pass_rate_if_right']:>14.1f}%")
+    print("  (w/o overrun: runs within T_max once the host's compute beyond the profiles' times is taken off; "
+          "P(pass | right): Monte-Carlo, each run within T_max with its plan's modelled probability, "
+          "pass = >= 80 % of the runs)")
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--sink")
@@ -440,13 +622,23 @@ def main() -> int:
     ap.add_argument("--grid-topology", type=Path, default=GRID_TOPOLOGY)
     ap.add_argument("--save", type=Path, help="grid: write the raw measurements here")
     ap.add_argument("--from", dest="from_file", type=Path, help="analyse saved grid measurements (no root needed)")
+    ap.add_argument("--confidence-topology", type=Path, default=CONFIDENCE_TOPOLOGY)
+    ap.add_argument("--confidence-runs", type=int, default=40, help="confidence: runs of each plan")
+    ap.add_argument("--confidence-p", type=float, default=0.9)
+    ap.add_argument("--confidence-tmax", type=float, default=None, help="confidence: T_max (default: picked)")
+    ap.add_argument("--warmup", type=int, default=8, help="confidence: loose runs that warm every connection first")
     ap.add_argument("--per-pass-ms", type=float, default=None,
                     help="grid: the delayer's per-pass cost in the model (default: measured with ping -U during the "
                          "run, else stochastic.NFQUEUE_PASS_S)")
     args = ap.parse_args()
     if args.from_file:
+        saved = json.loads(args.from_file.read_text())
+        if "confidence" in saved:
+            an = analyse_confidence(saved)
+            print(json.dumps(an, indent=2)) if args.json else print_confidence(an)
+            return 0
         per_pass = None if args.per_pass_ms is None else args.per_pass_ms / 1e3
-        an = analyse_grid(json.loads(args.from_file.read_text()), per_pass)
+        an = analyse_grid(saved, per_pass, recorded=args.per_pass_ms is None)
         print(json.dumps(an, indent=2)) if args.json else print_grid(an)
         return 0
     if args.sink:
@@ -477,7 +669,16 @@ def main() -> int:
         if args.save:
             args.save.write_text(json.dumps(raw, indent=1))
         per_pass = None if args.per_pass_ms is None else args.per_pass_ms / 1e3
-        doc["grid"] = analyse_grid(raw, per_pass)
+        doc["grid"] = analyse_grid(raw, per_pass, recorded=args.per_pass_ms is None)
+    if "confidence" in parts:
+        import tempfile
+
+        with tempfile.TemporaryDirectory(prefix="bench-conf-") as tmp:
+            raw = measure_confidence(args.confidence_topology, args.confidence_runs, Path(tmp),
+                                     "c" + uuid.uuid4().hex[:5], args.confidence_p, args.warmup, args.confidence_tmax)
+        if args.save:
+            args.save.with_suffix(".confidence.json").write_text(json.dumps(raw, indent=1))
+        doc["confidence"] = analyse_confidence(raw)
     doc["wall_s"] = time.perf_counter() - t0
     if args.json:
         print(json.dumps(doc, indent=2))
@@ -507,6 +708,8 @@ def main() -> int:
               f"up {r['measured_up_s']:.3f} s (predicted {r['predicted_up_s']:.3f}, without {r['unimpaired_up_s']:.3f})")
     if doc.get("grid"):
         print_grid(doc["grid"])
+    if doc.get("confidence"):
+        print_confidence(doc["confidence"])
     print(f"({doc['wall_s']:.0f} s)")
     return 0
 

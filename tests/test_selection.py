@@ -342,10 +342,16 @@ def test_cli_json_shape(capsys, topologies):
     assert code == 0
     doc = json.loads(out)
     assert set(doc) == {"t_max_s", "e_max_j", "selector", "strategy", "devices", "selected", "objective_mb", "latency_s",
-                        "energy_j", "solve_ms"}
+                        "energy_j", "solve_ms", "confidence", "p_within", "predicted_latency_s",
+                        "predicted_latency_quantiles_s", "point_latency_s"}
+    assert doc["confidence"] is None and set(doc["predicted_latency_quantiles_s"]) == {"p10", "p50", "p90", "p95"}
     assert [d["id"] for d in doc["devices"]] == ["dev01", "dev02", "dev03", "dev04"]
-    assert all(set(d) == {"id", "size_mb", "latency_s", "energy_j", "t_down_s", "t_cmp_s", "t_up_s"}
-               for d in doc["devices"])
+    assert all(set(d) == {"id", "size_mb", "latency_s", "energy_j", "t_down_s", "t_cmp_s", "t_up_s", "latency_mean_s",
+                          "latency_quantiles_s", "quantiles_s"} for d in doc["devices"])
+    # lossless links: every distribution is the point model's value
+    assert all(d["latency_mean_s"] == pytest.approx(d["latency_s"], rel=1e-12)
+               and d["latency_quantiles_s"]["p90"] == pytest.approx(d["latency_s"], rel=1e-12) for d in doc["devices"])
+    assert doc["predicted_latency_s"] == pytest.approx(doc["latency_s"], rel=1e-12) and doc["p_within"] == 1.0
     assert doc["selected"] == ["dev01", "dev02"] and doc["selector"] == doc["strategy"] == "dp"
     chosen = [d for d in doc["devices"] if d["id"] in doc["selected"]]
     assert doc["latency_s"] == pytest.approx(sum(d["latency_s"] for d in chosen))

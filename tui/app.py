@@ -93,6 +93,8 @@ class TestbedApp(LiveMixin, App[None]):
                          allow_blank=False)
             yield Label("seed")
             yield Input(str(self.topo.seed), id="seed", compact=True, restrict=r"[0-9]*", max_length=10)
+            yield Label("P")  # --confidence: empty = the mean-based plan
+            yield Input("", id="confidence", compact=True, restrict=r"[0-9.]*", max_length=5, placeholder="mean")
         yield Static(id="summary")
         with TabbedContent(id="tabs", initial="cell"):
             with TabPane("Cell", id="cell"):
@@ -134,6 +136,8 @@ class TestbedApp(LiveMixin, App[None]):
         await asyncio.to_thread(importlib.import_module, "testbed.selection")
         try:
             self.cell.compute_costs()
+            self._refresh_cell()
+            await asyncio.to_thread(self.cell.compute_distributions)  # lossy links: a simulation each
         except TestbedError as e:
             self.notify(str(e), severity="error", timeout=10)
         self._refresh_cell()
@@ -154,6 +158,13 @@ class TestbedApp(LiveMixin, App[None]):
             out[key] = val
         out["selector"] = self.query_one("#selector", Select).value
         out["method"] = self.query_one("#method", Select).value
+        raw = self.query_one("#confidence", Input).value.strip()
+        try:
+            out["confidence"] = float(raw) if raw else None
+        except ValueError:
+            raise ValueError(f"P: {raw!r} is not a number (empty: the mean-based plan)") from None
+        if out["confidence"] is not None and not 0 < out["confidence"] < 1:
+            raise ValueError(f"P: a probability strictly between 0 and 1, got {raw!r} (empty: the mean-based plan)")
         return out
 
     def _show_summary(self, note: str | None = None) -> None:
@@ -180,6 +191,7 @@ class TestbedApp(LiveMixin, App[None]):
             t.append(" → ".join(chain) or "(empty)", style="bold blue")
             margin = self.topo.budgets.margin_pct
             pieces: list[tuple[str, str]] = []
+            second: list[tuple[str, str]] = []  # under the chain: the modelled p90 and P(within)
             if resel is not None and self.run_view.t_max_s and self.run_view.e_max_j:
                 t.append(f" (re-selected after {resel.get('failed')} failed)", style="yellow")
                 spent = (float(resel.get("charged_s") or 0.0), float(resel.get("charged_j") or 0.0))
@@ -188,14 +200,22 @@ class TestbedApp(LiveMixin, App[None]):
                                      self.run_view.t_max_s, self.run_view.e_max_j, margin, spent)
             elif sel is not None:
                 t_max_s, e_max_j = self.cell.budgets or (sel.t_max_s, sel.e_max_j)
-                pieces = budget_line(sel.latency_s, sel.energy_j, t_max_s, e_max_j, margin)
+                mean_p90 = self.cell.chain_mean_p90_s  # the chain's modelled mean and p90
+                pieces = budget_line(mean_p90[0] if mean_p90 else sel.latency_s, sel.energy_j, t_max_s, e_max_j,
+                                     margin)
+                if mean_p90 is not None and self.cell.p_within is not None:
+                    short = self.cell.confidence is not None and self.cell.p_within < self.cell.confidence
+                    second.append((f"p90 {mean_p90[1]:.2f} s, P(<=T_max) {self.cell.p_within:.2f}",
+                                   "red" if short else "dim"))
             t.append("  ")
             for text, style in pieces[:2]:
                 t.append(text, style=style)
             if sel is not None:
-                t.append(f"  {sel.objective_mb / 1000:.2f} GB ({sel.selector})")
-            for text, style in pieces[2:]:  # the planning margin, on a line of its own
-                t.append("\n" + text, style=style)
+                kept = f", P>={self.cell.confidence:g}" if self.cell.confidence is not None else ""
+                t.append(f"  {sel.objective_mb / 1000:.2f} GB ({sel.selector}{kept})")
+            second += pieces[2:]  # the planning margin
+            for n, (text, style) in enumerate(second):  # on a line of their own
+                t.append(("\n" if n == 0 else "; ") + text, style=style)
         own = method(p["method"]).own_selector
         if own is not None:
             t.append(f"  {p['method']}: the run picks its own devices ({own})", style="yellow")
@@ -270,7 +290,7 @@ class TestbedApp(LiveMixin, App[None]):
         try:
             p = self.params()
             self.apply_seed(p["seed"])
-            self.cell.select(p["t_max_s"], p["e_max_j"], p["selector"], p["seed"])
+            self.cell.select(p["t_max_s"], p["e_max_j"], p["selector"], p["seed"], p["confidence"])
         except ValueError as e:
             self._show_summary(str(e))
             return

@@ -1,5 +1,5 @@
-"""The devices table (id, profile, precision, distance, rates, predicted T_j / E_j, selected,
-online) and the details panel of the highlighted device. Both render a `CellModel`.
+"""The devices table (id, profile, precision, distance, rates, predicted T_j (mean) and its
+p90 / E_j, selected, online) and the details panel of the highlighted device. Both render a `CellModel`.
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ __all__ = ["DevicesTable", "DeviceDetails", "COLUMNS"]
 #: (key, label) of the table's columns; tests read cells by these keys.
 COLUMNS = (
     ("id", "id"), ("profile", "profile"), ("prec", "prec"), ("dist", "dist m"), ("up", "up Mb/s"),
-    ("down", "dn Mb/s"), ("t_j", "T_j s"), ("e_j", "E_j J"), ("sel", "sel"), ("on", "on"),
+    ("down", "dn Mb/s"), ("t_j", "T_j s"), ("p90", "p90"), ("e_j", "E_j J"), ("sel", "sel"), ("on", "on"),
 )
 
 
@@ -44,6 +44,7 @@ class DevicesTable(DataTable):
                 "up": Text(f"{row.rate_up_mbps:.1f}", justify="right"),
                 "down": Text(f"{row.rate_down_mbps:.1f}", justify="right"),
                 "t_j": Text(_f(row.t_j_s, ".2f"), justify="right"),
+                "p90": Text(_f(row.t_j_p90_s, ".2f"), justify="right", style="dim"),
                 "e_j": Text(_f(row.e_j_j, ".1f"), justify="right"),
                 "sel": Text(str(row.order) if row.order else "", style="bold blue", justify="center"),
                 "on": Text("yes", style="green") if on else Text("no", style="bold red"),
@@ -81,8 +82,15 @@ class DeviceDetails(Static):
         t.append(d.precision, style=PRECISION_COLORS.get(d.precision, ""))
         t.append(f"\n({d.x_m:.0f}, {d.y_m:.0f}) m, {d.distance_m:.0f} m {'LOS' if d.los else 'NLOS'}")
         t.append(f"\nup {d.rate_up_mbps:.1f} / dn {d.rate_down_mbps:.1f} Mbit/s")
-        if cost is not None:
+        st = cell.model.stage(dev_id) if cell.model is not None else None
+        if st is not None:  # means of the modelled distributions, and their p90
+            t.append(f"\nT_j {st.latency.mean():.2f} s = {st.t_down.mean():.2f}+{st.cost.t_cmp_s:.2f}+"
+                     f"{st.t_up.mean():.2f}")
+            t.append(f"\n p90 {st.latency.quantile(0.9):.2f} s (down {st.t_down.quantile(0.9):.2f}, "
+                     f"up {st.t_up.quantile(0.9):.2f})", style="dim")
+        elif cost is not None:
             t.append(f"\nT_j {cost.latency_s:.2f} s = {cost.t_down_s:.2f}+{cost.t_cmp_s:.2f}+{cost.t_up_s:.2f}")
+        if cost is not None:
             t.append(f"\nE_j {cost.energy_j:.1f} J = {cost.e_down_j:.1f}+{cost.e_cmp_j:.1f}+{cost.e_up_j:.1f}")
             t.append(f"\nmodel {cost.size_mb:.0f} MB")
         if d.order:

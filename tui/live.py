@@ -53,7 +53,8 @@ class LiveMixin:
             return
         try:
             p = self.params()
-        except ValueError as e:
+            method(p["method"]).check_confidence(p["confidence"], "P")
+        except (ValueError, TestbedError) as e:
             self._show_summary(str(e))
             return
         self.apply_seed(p["seed"])
@@ -158,7 +159,7 @@ class LiveMixin:
                 session.cell.on_update(lambda u: self.event_from_any_thread(
                     {"type": "positions", "positions": {d["id"]: d for d in u.devices}}))
                 result = await session.run(p["method"], selector=p["selector"], t_max_s=p["t_max_s"],
-                                           e_max_j=p["e_max_j"])
+                                           e_max_j=p["e_max_j"], confidence=p["confidence"])
                 self.show_result(result)
                 # leaving the block tears the cell down (shielded): a cancel now would only stop
                 # the wait for it, and the process could end before the teardown does

@@ -1,5 +1,6 @@
 """Live views of one run: a status line, stage progress (device, steps, download /
-compute / upload), the latency and energy plots, and the event log. Renders a `RunView`.
+compute / upload, predicted mean and p90), the latency and energy plots, and the event
+log. Renders a `RunView`.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ __all__ = ["RunPanel", "STAGE_COLUMNS"]
 
 STAGE_COLUMNS = (
     ("n", "#"), ("device", "device"), ("steps", "steps"), ("phase", "phase"), ("down", "down s"),
-    ("cmp", "cmp s"), ("up", "up s"), ("energy", "E J"), ("pred", "pred s/J"),
+    ("cmp", "cmp s"), ("up", "up s"), ("energy", "E J"), ("pred", "pred s/J"), ("p90", "p90 s"),
 )
 
 _PHASE_STYLE = {"download": "cyan", "compute": "yellow", "upload": "magenta", "done": "green", "failed": "bold red"}
@@ -58,6 +59,7 @@ class RunPanel(Vertical):
                 "n": str(s.index), "device": s.device, "steps": f"{s.steps[0]}-{s.steps[1]}",
                 "phase": Text(phase, style=_PHASE_STYLE.get(s.phase, "")), "down": _f(s.t_down_s),
                 "cmp": _f(s.t_cmp_s), "up": _f(s.t_up_s), "energy": _f(s.energy_j, ".1f"), "pred": pred,
+                "p90": _f(s.predicted_p90_s),
             }
             if key not in table.rows:
                 table.add_row(*row.values(), key=key)

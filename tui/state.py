@@ -30,7 +30,8 @@ class DeviceRow:
     """A device as shown: its current link (moved by mobility) and what the TUI adds."""
 
     link: DeviceLink
-    t_j_s: float | None = None  # predicted stage latency (down + cmp + up)
+    t_j_s: float | None = None  # predicted stage latency (down + cmp + up), its mean
+    t_j_p90_s: float | None = None  # its p90 (the modelled distribution; None until computed)
     e_j_j: float | None = None  # predicted stage energy
     size_mb: float | None = None
     order: int | None = None  # 1-based position in the selected relay chain
@@ -55,6 +56,9 @@ class CellModel:
         self.selection: Any = None  # testbed.selection.Selection
         self.budgets: tuple[float, float] | None = None  # the T_max, E_max it was selected under
         self.costs: list[Any] = []
+        self.model: Any = None  # testbed.selection.predictions.StageModel of the current links
+        self.confidence: float | None = None  # the P the selection keeps (None: mean-based)
+        self.p_within: float | None = None  # the selection's modelled P(latency <= T_max)
 
     @property
     def chain(self) -> list[str]:
@@ -67,28 +71,60 @@ class CellModel:
         from testbed.selection import device_costs
 
         self.costs = device_costs(self.topo, [row.link for row in self.devices.values()])
+        self.model = None  # the links may have moved: distributions again on demand
         for c in self.costs:
             row = self.devices[c.id]
-            row.t_j_s, row.e_j_j, row.size_mb = c.latency_s, c.energy_j, c.size_mb
+            row.t_j_s, row.t_j_p90_s, row.e_j_j, row.size_mb = c.latency_s, None, c.energy_j, c.size_mb
         return self.costs
 
-    def select(self, t_max_s: float, e_max_j: float, selector: str, seed: int) -> Any:
-        """Run the selection; raises testbed.errors.InfeasibleError when nothing fits."""
+    def compute_distributions(self) -> Any:
+        """Every device's stage as a distribution (fresh connections, no delayer: what a new
+        cell's first run predicts); T_j becomes its mean and T_j p90 its p90. The StageModel."""
+        from testbed.selection.predictions import StageModel
+
+        if not self.costs:
+            self.compute_costs()
+        model = StageModel(self.topo, [row.link for row in self.devices.values()], self.costs, seed=self.topo.seed)
+        for st in model.stages(c.id for c in self.costs):
+            row = self.devices[st.id]
+            row.t_j_s, row.t_j_p90_s = st.latency.mean(), float(st.latency.quantile(0.9))
+        self.model = model
+        return model
+
+    def select(self, t_max_s: float, e_max_j: float, selector: str, seed: int, confidence: float | None = None) -> Any:
+        """Run the selection (with a confidence: P(latency <= T_max) >= it under the modelled
+        distributions); raises testbed.errors.InfeasibleError when nothing fits."""
         from testbed.selection import select
+        from testbed.selection.chance import select_chance
         from testbed.selection.costs import planning_budgets
 
-        costs = self.compute_costs()
-        online = [c for c in costs if self.devices[c.id].online]
-        try:  # the chain a run picks: the budgets less the topology's margin_pct
-            sel = select(online, *planning_budgets(self.topo, t_max_s, e_max_j), selector=selector, seed=seed)
+        self.compute_costs()
+        model = self.compute_distributions()
+        online = [c for c in self.costs if self.devices[c.id].online]
+        budgets = planning_budgets(self.topo, t_max_s, e_max_j)  # the chain a run picks: less the margin
+        try:
+            if confidence is None:
+                sel = select(online, *budgets, selector=selector, seed=seed)
+            else:
+                sel = select_chance(online, model.stages(c.id for c in online), *budgets, confidence,
+                                    selector=selector, seed=seed).selection
         except Exception:
             self.set_chain([])
-            self.selection = None
+            self.selection = self.p_within = None
             raise
-        self.selection = sel
+        self.selection, self.confidence = sel, confidence
         self.budgets = (t_max_s, e_max_j)
+        self.p_within = model.run(sel.selected).share_within(t_max_s)
         self.set_chain(list(sel.selected))
         return sel
+
+    @property
+    def chain_mean_p90_s(self) -> tuple[float, float] | None:
+        """The selected chain's modelled mean and p90 latency (draws summed)."""
+        if self.selection is None or self.model is None:
+            return None
+        run = self.model.run(self.selection.selected)
+        return run.mean(), float(run.quantile(0.9))
 
     def set_chain(self, chain: list[str]) -> None:
         for row in self.devices.values():
@@ -125,6 +161,12 @@ class StageView:
     predicted: dict[str, float] = field(default_factory=dict)
     attempt: int = 1
     recovered: bool = False
+
+    @property
+    def predicted_p90_s(self) -> float | None:
+        """The p90 of the stage's modelled latency (multi-stage plans; None otherwise)."""
+        q = self.predicted.get("latency_quantiles_s")
+        return float(q["p90"]) if isinstance(q, dict) and isinstance(q.get("p90"), (int, float)) else None
 
     @property
     def predicted_latency_s(self) -> float | None:

@@ -1,7 +1,8 @@
 """One generation on an open cell: plan, execute, score — and its outputs.
 
     request  -> the method's plan (PlanContext: the cell's links and impairments now, the
-                budgets, the energy history)
+                budgets, the energy history, how many runs each agent's connection has
+                carried (connections.py), the delay path, and the confidence asked for)
              -> faults scheduled (the scenario's `faults:`, `--fail` on a selected device)
              -> the method's execute (RunContext: this generation, frozen, and the run
                 owner's services)
@@ -20,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from testbed.composition.cells import Rig
+from testbed.composition.connections import ConnectionLedger, carried
 from testbed.composition.events import EventLog, publishing
 from testbed.composition.faults import FaultInjector
 from testbed.composition.online import down_agents
@@ -27,6 +29,7 @@ from testbed.composition.results import RunResult, copy_logs, result_document, s
 from testbed.composition.server_side import ServerSide
 from testbed.composition.startup import StartupClock
 from testbed.errors import TestbedError, TopologyError
+from testbed.methods import method as method_spec
 from testbed.methods.base import Collaboration, PlanContext, RunContext, RunServices
 from testbed.model.radio import DeviceLink
 from testbed.model.topology import FaultSpec, Topology
@@ -46,6 +49,7 @@ class Request:
     fail: str | None
     out_dir: Path | None
     startup: StartupClock
+    confidence: float | None = None  # keep P(latency <= T_max) >= it (methods that take one)
 
 
 class Generation:
@@ -64,16 +68,21 @@ class Generation:
 
     async def run(self, req: Request) -> RunResult:
         cell, topo, out = self.rig.cell, req.topology, req.out_dir
+        if req.confidence is not None:  # a method that cannot keep it is refused before anything is opened
+            method_spec(req.collab.name).check_confidence(req.confidence)
         if out is not None:
             (out / "logs").mkdir(parents=True, exist_ok=True)
         await cell.refresh()  # an attached cell: its nodes' states and rates as they are now
         self.events.open(out / "events.jsonl" if out is not None else None)
         reference = self.server.reference(topo, req.startup)  # in the background; needed after the generation
         await self.server.model()  # (its imports first: plans may import diffusers too)
+        ledger = ConnectionLedger(self.rig.state_dir)
         with req.startup.span("plan"):
             history = self.rig.history.load() if self.rig.history is not None else {}
             plan = req.collab.plan(PlanContext(topo, self.current_links(), req.t_max_s, req.e_max_j, topo.seed,
-                                               history, cell.impairments))
+                                               history, cell.impairments, confidence=req.confidence,
+                                               messages_before=ledger.counts(self._agent_pids()),
+                                               delay_path=_delay_path(cell)))
         specs = _fault_specs(req, plan)
         settings = self.services.relay_settings("events") if self.rig.credentials is not None and cell.broker else None
         async with publishing(self.events, settings, self.services.in_server_ns):
@@ -95,9 +104,10 @@ class Generation:
             image = await asyncio.to_thread(score_image, self.server.loaded(), outcome.latent, out, await reference)
             if self.rig.history is not None:
                 self.rig.history.add(outcome.energy_by_device)
+            ledger.add(carried(outcome.stages, outcome.recovered), self._agent_pids())
             doc = result_document(run_id=self.rig.run_id, ctx=ctx, collab=req.collab, plan=plan, outcome=outcome,
                                   image=image, faults=[f.to_json() for f in injector.injected], cell=cell,
-                                  model=self.server.loaded(), startup=req.startup)
+                                  model=self.server.loaded(), startup=req.startup, confidence=req.confidence)
             self.services.emit("run_finished", None, latency_s=outcome.latency_s, energy_j=outcome.energy_j,
                                recovered=len(outcome.recovered), ms_ssim=image["ms_ssim"], image=image["image"])
         if out is not None:
@@ -105,6 +115,20 @@ class Generation:
             copy_logs(cell, self.rig.state_dir, out / "logs")
         self.events.close()
         return RunResult(doc, out, image.get("array"))
+
+
+    def _agent_pids(self) -> dict[str, int]:
+        """device -> its agent's pid (which connection it is); {} where agents are someone else's."""
+        agents = self.rig.agents
+        try:
+            return agents.pids() if agents is not None else {}
+        except (OSError, TestbedError):  # an up cell's supervisor that does not answer: counts start afresh
+            return {}
+
+
+def _delay_path(cell: Any) -> str:
+    """The cell's delay path (netem | nfqueue+iptables | none), as its status says."""
+    return str((cell.status().get("impairments") or {}).get("path", "none"))
 
 
 def _fault_specs(req: Request, plan: Any) -> list[FaultSpec]:

@@ -29,10 +29,13 @@ def check_budgets(t_max_s: float | None, e_max_j: float | None) -> None:
                              "leave it out for the topology's")
 
 
-def check_method(method: str, selector: str | None, fail: str | None) -> methods.MethodSpec:
-    """The method exists, takes this selector, and recovers from a lost device if --fail asks it to."""
+def check_method(method: str, selector: str | None, fail: str | None,
+                 confidence: float | None = None) -> methods.MethodSpec:
+    """The method exists, takes this selector (and --confidence, if given: a P in (0, 1)), and
+    recovers from a lost device if --fail asks it to."""
     spec = methods.method(method)
     spec.make(selector)  # a method with its own device choice refuses a --selector
+    spec.check_confidence(confidence)
     if fail and not spec.recovers:
         raise InputError(f"--fail applies to methods that recover from a lost device "
                          f"({', '.join(m.name for m in methods.methods() if m.recovers)}); "
@@ -48,7 +51,7 @@ def check_fail_device(topo: Topology, device_ids: list[str], fail: str | None) -
 
 
 def plan_cold_run(topo: Topology, method: str, selector: str | None, t_max_s: float | None,
-                  e_max_j: float | None, fail: str | None) -> Any:
+                  e_max_j: float | None, fail: str | None, confidence: float | None = None) -> Any:
     """The plan a cold run of `method` will make (its cell starts as the topology says, with
     no energy spent yet): InfeasibleError (exit 3) when the budgets admit none, InputError
     (exit 2) when --fail names a device the plan does not select."""
@@ -58,12 +61,13 @@ def plan_cold_run(topo: Topology, method: str, selector: str | None, t_max_s: fl
     from testbed.model.topology import place
 
     check_budgets(t_max_s, e_max_j)
-    spec = check_method(method, selector, fail)
+    spec = check_method(method, selector, fail, confidence)
     links = compute_links(topo, place(topo))
     check_fail_device(topo, [lk.id for lk in links], fail)
     t = topo.budgets.t_max_s if t_max_s is None else t_max_s
     e = topo.budgets.e_max_j if e_max_j is None else e_max_j
-    plan = spec.make(selector).plan(PlanContext(topo, links, t, e, topo.seed, {}, link_impairments(topo, links)))
+    plan = spec.make(selector).plan(PlanContext(topo, links, t, e, topo.seed, {}, link_impairments(topo, links),
+                                                confidence=confidence))
     if fail is not None and fail not in plan.selected:
         raise InputError(f"--fail {fail}: not a device the plan selects (selected: {', '.join(plan.selected)}); "
                          "pick one of those")

@@ -24,7 +24,7 @@ __all__ = ["run_on_up_cell"]
 async def run_on_up_cell(run_id: str, topo: Topology, *, method: str = "multistage", selector: str | None = None,
                          t_max_s: float | None = None, e_max_j: float | None = None, fail: str | None = None,
                          out_dir: Path | None = None, on_event: Callable[[dict[str, Any]], None] | None = None,
-                         started_at: float | None = None) -> dict[str, Any]:
+                         started_at: float | None = None, confidence: float | None = None) -> dict[str, Any]:
     """One generation of `topo` on the up cell `run_id`; its result document."""
     path = control_path(run_id)
     if not path.exists():
@@ -34,4 +34,4 @@ async def run_on_up_cell(run_id: str, topo: Topology, *, method: str = "multista
     return await call_stream(path, "generate", on_event or (lambda _ev: None), topology=doc, method=method,
                              selector=selector, t_max_s=t_max_s, e_max_j=e_max_j, fail=fail,
                              out_dir=str(Path(out_dir).resolve()) if out_dir is not None else None,
-                             started_at=started_at)
+                             started_at=started_at, confidence=confidence)

@@ -50,9 +50,16 @@ def score_image(model: Any, latent: Any, out: Path | None, reference: np.ndarray
 
 
 def result_document(*, run_id: str, ctx: Any, collab: Any, plan: Any, outcome: Any, image: dict[str, Any],
-                    faults: list[dict[str, Any]], cell: Cell, model: Any, startup: Any) -> dict[str, Any]:
-    """The result document of one generation (`ctx`: its RunContext; `faults`: what was injected)."""
+                    faults: list[dict[str, Any]], cell: Cell, model: Any, startup: Any,
+                    confidence: float | None = None) -> dict[str, Any]:
+    """The result document of one generation (`ctx`: its RunContext; `faults`: what was
+    injected; `confidence`: the P asked for). `predicted_latency_s` is the plan's mean;
+    `predicted_latency_quantiles_s` and each stage's `predicted.quantiles_s` come from its
+    modelled distributions (null for a plan made on point values only)."""
     topo = ctx.topology
+    for stage in outcome.stages:
+        if isinstance(stage.get("predicted"), dict):
+            stage["predicted"].setdefault("quantiles_s", None)
     doc = {
         "run": run_id,
         "method": collab.name,
@@ -65,6 +72,8 @@ def result_document(*, run_id: str, ctx: Any, collab: Any, plan: Any, outcome: A
         "latency_s": outcome.latency_s,
         "energy_j": outcome.energy_j,
         "predicted_latency_s": plan.predicted_latency_s,
+        "predicted_latency_quantiles_s": getattr(plan, "predicted_latency_quantiles_s", None),
+        "confidence": confidence,
         "predicted_energy_j": plan.predicted_energy_j,
         "t_max_s": ctx.t_max_s,
         "e_max_j": ctx.e_max_j,

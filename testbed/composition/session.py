@@ -159,7 +159,8 @@ class RunSession:
     async def run(self, collab: Collaboration | str = "multistage", *, selector: str | None = None,
                   t_max_s: float | None = None, e_max_j: float | None = None, faults: list[FaultSpec] | None = None,
                   fail: str | None = None, out_dir: Path | None = None, topology: Topology | None = None,
-                  startup: StartupClock | None = None, strategy: str | None = None) -> RunResult:
+                  startup: StartupClock | None = None, strategy: str | None = None,
+                  confidence: float | None = None) -> RunResult:
         """One generation under the budgets (default: the topology's). `faults` (default: the
         topology's `faults:`) are injected as the run goes; `fail` kills that selected device
         halfway through its stage's computation. `strategy`: the older name of `selector`.
@@ -168,7 +169,8 @@ class RunSession:
         runs other files' generations): its budgets, faults, seed-free workload fields
         (prompt, scheduler, steps) apply; its devices and what configures the agents must be
         the cell's. `startup`: the clock of the command that asked for it (meta.startup);
-        default: the session's own for its first generation."""
+        default: the session's own for its first generation. `confidence`: keep P(latency <=
+        T_max) >= it under the modelled distributions (methods that take one; InputError else)."""
         rig = self.need_rig()
         topo = topology or self.topology
         if topology is not None:
@@ -182,7 +184,7 @@ class RunSession:
         req = Request(topo, collab, t_max_s if t_max_s is not None else topo.budgets.t_max_s,
                       e_max_j if e_max_j is not None else topo.budgets.e_max_j,
                       tuple(topo.faults if faults is None else faults), fail,
-                      Path(out_dir) if out_dir is not None else self.out_dir, startup)
+                      Path(out_dir) if out_dir is not None else self.out_dir, startup, confidence)
         self.events.listeners.append(startup.feed)
         self._generation_clock = startup
         try:

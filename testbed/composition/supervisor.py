@@ -111,7 +111,7 @@ class CellKeeper:
     async def generate(self, emit: Any, *, topology: dict[str, Any], method: str = "multistage",
                        selector: str | None = None, t_max_s: float | None = None, e_max_j: float | None = None,
                        fail: str | None = None, out_dir: str | None = None,
-                       started_at: float | None = None) -> dict[str, Any]:
+                       started_at: float | None = None, confidence: float | None = None) -> dict[str, Any]:
         """The streaming op `generate`: one generation of the caller's scenario (`topology`, a
         topology document) on this cell, its events sent to the caller as they happen; the
         result document. One at a time: a second caller is told so."""
@@ -130,7 +130,7 @@ class CellKeeper:
             try:
                 res = await self.session.run(method, selector=selector, t_max_s=t_max_s, e_max_j=e_max_j, fail=fail,
                                              out_dir=Path(out_dir) if out_dir else None, topology=topo,
-                                             startup=clock)
+                                             startup=clock, confidence=confidence)
             finally:
                 self.session.events.listeners.remove(emit)
                 self.write()

@@ -7,7 +7,13 @@
   T_max grows (stacked bars; sums over seeds of measured t_tran and of t_cmp, which is
   emulated in `compute: profile`);
 - fig4d_images.png: each method's image at every T_max (first seed, reference E_max) —
-  same prompt and same initial noise within a seed.
+  same prompt and same initial noise within a seed;
+- fig_confidence.png (a sweep with `--confidence`): per compared run, the share of runs
+  whose measured latency kept T_max at each P asked for (and mean-based), with 95 %
+  Wilson intervals, beside the plans' modelled probability and the P itself.
+
+Fig. 4 compares the mean-based plans (the paper's); runs planned with a confidence appear
+only in fig_confidence.
 
 A run whose budgets admit no stage delivers no image: it counts as MS-SSIM 0 in the means
 (marked with an open marker) — "nothing within the budget" is the worst quality.
@@ -28,10 +34,11 @@ import numpy as np
 
 from testbed.methods import METHODS, PAPER_RUNS, line_for, method
 
-__all__ = ["aggregate", "breakdown_figure", "objective_note", "provenance", "quality", "quality_figure",
+__all__ = ["CONFIDENCE_FIGURE", "aggregate", "breakdown_figure", "confidence_figure", "objective_note", "provenance", "quality", "quality_figure",
            "reference_budget", "short_commit", "write_figures", "FIGURES"]
 
 FIGURES = ("fig4a_quality_vs_tmax.png", "fig4b_quality_vs_emax.png", "fig4c_time_breakdown.png", "fig4d_images.png")
+CONFIDENCE_FIGURE = "fig_confidence.png"
 def _selector(row: dict[str, Any]) -> str:
     return row.get("selector") or row["strategy"]
 
@@ -240,31 +247,43 @@ def _images(fig: Any, rows: list[dict[str, Any]], out_dir: Path, e_ref: float, t
 
 
 def write_figures(csv_path: Path, out_dir: Path | None = None, source: dict[str, Any] | None = None) -> list[Path]:
-    """Draw the four figures from a results.csv; returns their paths.
+    """Draw the four figures (of the mean-based rows) from a results.csv, and fig_confidence
+    when the sweep planned with confidences; returns their paths.
 
     `source` is the sweep's record (sweep.json next to the CSV when not given): its
     topology, seeds and commit go into every figure's caption and PNG metadata."""
     import matplotlib
 
     matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
 
-    from testbed.experiments.sweep import read_rows
+    from testbed.experiments.sweep import mean_based, read_rows
 
     csv_path = Path(csv_path)
     out_dir = Path(out_dir) if out_dir is not None else csv_path.parent
-    rows = read_rows(csv_path)
-    if not rows:
+    every = read_rows(csv_path)
+    rows = mean_based(every)
+    if not every:
         return []
     if source is None and (csv_path.parent / "sweep.json").is_file():
         source = json.loads((csv_path.parent / "sweep.json").read_text())
-    caption = provenance(source or {}, rows)
+    caption = provenance(source or {}, every)
+    paths = _fig4(rows, out_dir, caption, source) if rows else []
+    if len(rows) < len(every):  # planned with confidences: how often they kept T_max
+        from testbed.experiments.confidence import within_by_confidence
+
+        paths.append(_save(confidence_figure(within_by_confidence(every)), out_dir / CONFIDENCE_FIGURE, caption,
+                           source))
+    return paths
+
+
+def _fig4(rows: list[dict[str, Any]], out_dir: Path, caption: str, source: dict[str, Any] | None) -> list[Path]:
+    import matplotlib.pyplot as plt  # (Agg: write_figures chose it)
+
     t_values = sorted({float(r["t_max_s"]) for r in rows})
     e_values = sorted({float(r["e_max_j"]) for r in rows})
     e_ref, t_ref = reference_budget(e_values, 200.0), reference_budget(t_values, 2.0)
     n_seeds = len({r["seed"] for r in rows})
     paths = []
-
     fig = quality_figure(rows, "t_max_s", "e_max_j", e_ref,
                          f"Fig. 4(a): quality vs T_max (E_max = {e_ref:g} J, {n_seeds} seeds)")
     paths.append(_save(fig, out_dir / FIGURES[0], caption, source, note=objective_note(rows, e_ref)))
@@ -305,6 +324,46 @@ def breakdown_figure(rows: list[dict[str, Any]], e_ref: float, t_values: list[fl
 
     fig, ax = plt.subplots(figsize=(7.5, 5.6), dpi=120)
     _time_breakdown(ax, rows, e_ref, t_values)
+    return fig
+
+
+def confidence_figure(summary: list[dict[str, Any]]) -> Any:
+    """Share of runs within T_max (measured, 95 % Wilson interval) per P asked for, one line
+    per compared run; the plans' mean modelled P(within) as open markers and the P itself
+    as a dash (where a plan keeps its promise, the share sits on or above it). Not saved."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    levels = sorted({s["confidence"] for s in summary if s["confidence"] is not None})
+    ticks = ["mean"] * any(s["confidence"] is None for s in summary) + [f"{p:g}" for p in levels]
+    pos = {t: i for i, t in enumerate(ticks)}
+    fig, ax = plt.subplots(figsize=(6.4, 4.8), dpi=120)
+    runs = list(dict.fromkeys(s["run"] for s in summary))
+    for n, run in enumerate(runs):
+        ms, sel = run.partition(":")[0], run.partition(":")[2] or None
+        ln = line_for(ms, sel or method(ms).own_selector or "dp")
+        pts = [s for s in summary if s["run"] == run and s["runs"]]
+        x = np.array([pos["mean" if s["confidence"] is None else f"{s['confidence']:g}"] for s in pts], dtype=float)
+        x += (n - (len(runs) - 1) / 2) * 0.08  # side by side, not on top of each other
+        y = np.array([s["share_within"] for s in pts])
+        err = np.clip([[s["share_within"] - s["share_low"] for s in pts],
+                       [s["share_high"] - s["share_within"] for s in pts]], 0.0, None)  # (Wilson's ends round)
+        ax.errorbar(x, y, yerr=err, color=ln.color, marker=ln.marker, capsize=3, linestyle="-",
+                    label=f"{ln.label}: measured share within T_max")
+        model = np.array([s["p_within_mean"] for s in pts])
+        ax.plot(x, model, color=ln.color, marker=ln.marker, markerfacecolor="none", linestyle=":",
+                label=f"{ln.label}: modelled P(within), mean")
+    for p in levels:
+        ax.hlines(p, pos[f"{p:g}"] - 0.3, pos[f"{p:g}"] + 0.3, colors="black", linestyles="--", linewidth=1)
+    ax.set_xticks(range(len(ticks)), ticks)
+    ax.set_xlabel("P asked for (--confidence; mean: the mean-based plan)")
+    ax.set_ylabel("share of runs with latency <= T_max")
+    ax.set_ylim(0, 1.05)
+    ax.set_title("Runs within T_max against the confidence planned for (dash: P)")
+    ax.legend(loc="lower right", fontsize=7)
+    ax.grid(alpha=0.3)
     return fig
 
 

@@ -9,6 +9,11 @@ configuration, the commit, the machine's load, and how many runs met their budge
 Nothing here computes a result from formulas: every row is a run's own numbers. A point
 whose budgets admit not even one stage (or one split step) is a row with `feasible` 0
 and no MS-SSIM.
+
+A sweep may also plan with confidences (`--confidence none,0.9`, experiments/confidence.py):
+each method that takes one runs once per value — a compared run of its own
+(`multistage:dp@0.9`), which the paper's claims and Fig. 4 leave out — and
+confidence.csv / fig_confidence.png say how many runs kept T_max at each P.
 """
 
 from __future__ import annotations
@@ -27,7 +32,7 @@ from typing import Any
 
 import numpy as np
 
-from testbed.composition.meta import KINDS, git_commit, number_labels
+from testbed.composition.meta import KINDS, MODELLED, git_commit, number_labels
 from testbed.errors import InfeasibleError, TopologyError
 from testbed.experiments.expectations import derived_metrics
 from testbed.methods import METHODS, line_for, method, run_key
@@ -48,6 +53,8 @@ __all__ = [
     "parse_floats",
     "result_row",
     "read_rows",
+    "mean_based",
+    "planned_confidence",
     "row_key",
     "run_sweep",
 ]
@@ -79,6 +86,11 @@ _COLUMNS: tuple[tuple[str, str | None, str], ...] = (
     ("image", RECORD, "the image, relative to the sweep folder"),
     ("error", RECORD, "why an infeasible point is infeasible"),
     ("selector", SETTING, "the device selector (same as `strategy`, its older name)"),
+    ("confidence", SETTING, "the P of P(latency <= T_max) the plan kept under the modelled distributions "
+                            "(empty: the mean-based plan)"),
+    ("p_within", MODELLED, "modelled probability that the plan's latency keeps T_max (transfer-time "
+                           "distributions, selection/stochastic.py; empty: a plan on point values)"),
+    ("predicted_latency_p90_s", MODELLED, "p90 of the plan's modelled latency (s; empty: a plan on point values)"),
 )
 CSV_COLUMNS = [name for name, _, _ in _COLUMNS]
 DEFAULT_RUNS = "multistage:dp,multistage:random,split"
@@ -97,14 +109,17 @@ class RunSpec:
 
     method: str
     selector: str
+    confidence: float | None = None  # plan with P(latency <= T_max) >= it (None: mean-based)
 
     @property
     def key(self) -> str:
-        return run_key(self.method, self.selector)
+        base = run_key(self.method, self.selector)
+        return base if self.confidence is None else f"{base}@{self.confidence:g}"
 
     @property
     def label(self) -> str:
-        return line_for(self.method, self.selector).label
+        base = line_for(self.method, self.selector).label
+        return base if self.confidence is None else f"{base} (P {self.confidence:g})"
 
 
 def parse_runs(text: str) -> list[RunSpec]:
@@ -158,7 +173,7 @@ class SweepConfig:
     t_max_s: Sequence[float]
     e_max_j: Sequence[float]
     seeds: Sequence[int]
-    runs: Sequence[RunSpec]
+    runs: Sequence[RunSpec]  # with their confidences (confidence.expand)
     out_dir: Path
     backend: str = "netns"
 
@@ -211,16 +226,23 @@ def result_row(doc: dict[str, Any], spec: RunSpec, t_max_s: float, e_max_j: floa
         "ms_ssim": float(q) if isinstance(q, (int, float)) else "", "feasible": 1,
         "predicted_latency_s": doc.get("predicted_latency_s", ""), "overrun_s": d["overrun_s"],
         "selected": " ".join(doc.get("selected") or []), "run": doc.get("run", ""), "image": image, "error": "",
+        "confidence": spec.confidence if spec.confidence is not None else "",
+        "p_within": _or_empty(((doc.get("meta") or {}).get("plan") or {}).get("p_within")),
+        "predicted_latency_p90_s": _or_empty((doc.get("predicted_latency_quantiles_s") or {}).get("p90")),
     }
     return {k: row[k] for k in CSV_COLUMNS}
+
+
+def _or_empty(v: Any) -> Any:
+    return v if isinstance(v, (int, float)) else ""
 
 
 def _infeasible_row(spec: RunSpec, t_max_s: float, e_max_j: float, seed: int, compute: str,
                     why: str) -> dict[str, Any]:
     row = {k: "" for k in CSV_COLUMNS}
     row.update(method=spec.method, strategy=spec.selector, selector=spec.selector, t_max_s=t_max_s, e_max_j=e_max_j,
-               seed=seed,
-               compute=compute, selected_count=0, total_steps=0, feasible=0, error=why)
+               seed=seed, compute=compute, selected_count=0, total_steps=0, feasible=0, error=why,
+               confidence=spec.confidence if spec.confidence is not None else "")
     return row
 
 
@@ -240,6 +262,9 @@ def budget_summary(rows: list[dict[str, Any]]) -> dict[str, dict[str, int]]:
     return out
 
 
+_FLOATS = ("t_max_s", "e_max_j", "confidence", "p_within", "predicted_latency_p90_s")
+
+
 def read_rows(path: Path) -> list[dict[str, Any]]:
     """results.csv back as dicts with numbers parsed (empty cells -> None)."""
     rows = []
@@ -252,15 +277,26 @@ def read_rows(path: Path) -> list[dict[str, Any]]:
                 elif k in ("method", "strategy", "selector", "compute", "selected", "run", "image", "error"):
                     row[k] = v
                 else:
-                    row[k] = float(v) if any(c in v for c in ".eE") or k in ("t_max_s", "e_max_j") else int(v)
+                    row[k] = float(v) if any(c in v for c in ".eE") or k in _FLOATS else int(v)
             row.setdefault("selector", row.get("strategy"))  # a sweep from before `selector` was written
             rows.append(row)
     return rows
 
 
 def row_key(row: dict[str, Any]) -> str:
-    """The compared run a CSV row belongs to (`multistage:dp`, `split`)."""
-    return RunSpec(row["method"], row.get("selector") or row["strategy"]).key
+    """The compared run a CSV row belongs to (`multistage:dp`, `split`, `multistage:dp@0.9`)."""
+    return RunSpec(row["method"], row.get("selector") or row["strategy"], planned_confidence(row)).key
+
+
+def planned_confidence(row: dict[str, Any]) -> float | None:
+    """The P a row's plan kept (None: mean-based; a row read back or made in memory alike)."""
+    v = row.get("confidence")
+    return float(v) if isinstance(v, (int, float)) and not isinstance(v, bool) else None
+
+
+def mean_based(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The rows of mean-based plans (what the paper's claims and Fig. 4 compare)."""
+    return [r for r in rows if planned_confidence(r) is None]
 
 
 # -- running -------------------------------------------------------------------------------
@@ -364,6 +400,7 @@ def write_sweep_record(cfg: SweepConfig, outcome: SweepOutcome, started: float) 
     doc = {
         "topology": str(cfg.file), "t_max_s": list(cfg.t_max_s), "e_max_j": list(cfg.e_max_j),
         "seeds": list(cfg.seeds), "runs": [s.key for s in cfg.runs], "backend": cfg.backend,
+        "confidences": sorted({s.confidence for s in cfg.runs if s.confidence is not None}),
         "commit": git_commit(), "started_utc": time.strftime("%Y-%m-%d %H:%M", time.gmtime(started)),
         "elapsed_s": round(outcome.elapsed_s, 1), "setup_s": round(outcome.setup_s, 1),
         "cores": os.cpu_count(), "load_average_at_end": round(os.getloadavg()[0], 1),
@@ -379,12 +416,12 @@ async def _one(session: Any, spec: RunSpec, t_max: float, e_max: float, seed: in
     from PIL import Image
 
     try:
-        res = await session.run(spec.method, selector=spec.selector, t_max_s=t_max, e_max_j=e_max)
+        planned = {"confidence": spec.confidence} if spec.confidence is not None else {}
+        res = await session.run(spec.method, selector=spec.selector, t_max_s=t_max, e_max_j=e_max, **planned)
     except InfeasibleError as e:
         return (_infeasible_row(spec, t_max, e_max, seed, compute, str(e)),
                 {"method": spec.method, "selector": spec.selector, "strategy": spec.selector, "t_max_s": t_max,
-                 "e_max_j": e_max,
-                 "seed": seed, "infeasible": str(e)})
+                 "e_max_j": e_max, "seed": seed, "confidence": spec.confidence, "infeasible": str(e)})
     doc = res.to_json()
     img = _image_array(res, doc)
     name = ""

@@ -59,7 +59,10 @@ class MethodSpec:
     `own_selector`: how it picks devices when it takes no device selector (dp, random, ...),
     e.g. "best-pair" — None for a method that takes one; `lines`: its look in tables and
     figures, by selector ("*": any selector); `devices`: how its devices work together, a key
-    of DEVICE_ARRANGEMENTS ("chain", "head-tail", "parallel").
+    of DEVICE_ARRANGEMENTS ("chain", "head-tail", "parallel"); `takes_confidence`: its plan keeps
+    P(latency <= T_max) >= `--confidence P` under the modelled stage distributions
+    (PlanContext.confidence); a method without it is refused a confidence
+    (`check_confidence`), its `notes["confidence"]` says why.
     """
 
     name: str
@@ -72,6 +75,7 @@ class MethodSpec:
     largest_message: str | None = None
     notes: dict[str, str] = field(default_factory=dict)
     devices: str = "chain"
+    takes_confidence: bool = False
 
     def __post_init__(self) -> None:
         if self.devices not in DEVICE_ARRANGEMENTS:
@@ -108,6 +112,17 @@ class MethodSpec:
         """The selector a run of this method records: its own choice, or the one asked for."""
         return self.own_selector or selector or "dp"
 
+    def check_confidence(self, confidence: float | None, option: str = "--confidence") -> None:
+        """InputError (exit 2) for a confidence outside (0, 1), or for a method that cannot keep one."""
+        if confidence is None:
+            return
+        if isinstance(confidence, bool) or not isinstance(confidence, (int, float)) or not 0 < confidence < 1:
+            raise InputError(f"{option} {confidence!r}: a probability strictly between 0 and 1, e.g. {option} 0.9")
+        if not self.takes_confidence:
+            raise InputError(f"{option} applies to methods that plan under it "
+                             f"({', '.join(m.name for m in methods() if m.takes_confidence)}); {self.name}: "
+                             f"{self.notes.get('confidence', 'it plans on the mean model only')}")
+
     def largest_message_bytes(self, resolution_px: int) -> int | None:
         return load(self.largest_message)(resolution_px) if self.largest_message else None
 
@@ -133,18 +148,23 @@ def register(spec: MethodSpec) -> MethodSpec:
 for _spec in (
     MethodSpec("multistage", "the paper's relay: a chain of devices, K denoising steps each, under T_max and E_max",
                strategy="testbed.methods.multistage.strategy:Multistage",
-               agent_handler="testbed.methods.multistage.agent:task_handler", recovers=True,
+               agent_handler="testbed.methods.multistage.agent:task_handler", recovers=True, takes_confidence=True,
                lines={"dp": Line("multi-stage w/ DS", "#1f77b4", "o"),
                       "random": Line("multi-stage w/o DS", "#2ca02c", "s"), "*": Line("multi-stage", "#17becf", "v")}),
     MethodSpec("split", "the two-segment UNet baseline: features cross the links at every step",
                strategy="testbed.methods.split.strategy:Split", agent_handler="testbed.methods.split.agent:task_handler",
                recovers=False, own_selector="best-pair", lines={"*": Line("split", "#d62728", "^")},
                devices="head-tail", largest_message="testbed.methods.split.sizes:largest_message_bytes",
-               notes={"recovery": "split inference has no checkpoint a third device could continue from"}),
+               notes={"recovery": "split inference has no checkpoint a third device could continue from",
+                      "confidence": "it picks its pair on the point model of its per-step messages (no stage "
+                                    "distributions)"}),
     MethodSpec("patch", "row bands of the latent on N devices at once (docs/patch.md)",
                strategy="testbed.methods.patch.strategy:Patch", agent_handler="testbed.methods.patch.agent:task_handler",
                recovers=False, own_selector="best-bands", lines={"*": Line("patch", "#9467bd", "D")},
-               devices="parallel", notes={"recovery": "a band has no other owner (no takeover, docs/reliability.md)"}),
+               devices="parallel",
+               notes={"recovery": "a band has no other owner (no takeover, docs/reliability.md)",
+                      "confidence": "its bands run at once, each step waiting for the slowest (no chance-"
+                                    "constrained plan for that yet)"}),
 ):
     register(_spec)
 

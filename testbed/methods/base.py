@@ -9,8 +9,9 @@ patch-parallel, ...), registered once in `testbed/methods/__init__.py`:
         def plan(self, ctx: PlanContext) -> Plan: ...
         async def execute(self, run: RunContext, plan: Plan) -> Outcome: ...
 
-`plan` is pure: the topology, the devices' current links, the budgets and the energy
-history in; the devices, their roles and the predicted costs out. `execute` runs the plan
+`plan` is pure: the topology, the devices' current links and impairments, the budgets,
+the energy history, the connections' use and (where the method takes one) a confidence in;
+the devices, their roles and the predicted costs out. `execute` runs the plan
 through `RunContext` — one generation's frozen inputs plus what the run owner lends it
 (agents, the broker login, the event log, the edge server's namespace and model) — and
 returns an `Outcome` with per-stage records. The run owner turns every outcome into the
@@ -40,6 +41,12 @@ class PlanContext:
     seed: int
     history: dict[str, float] = field(default_factory=dict)  # energy each device has spent so far (J)
     impairments: dict[str, LinkImpairment] = field(default_factory=dict)  # delay, jitter, loss applied now
+    #: keep P(latency <= T_max) >= confidence under the modelled distributions (None: the mean-based plan);
+    #: only methods whose registry line says `takes_confidence` get one
+    confidence: float | None = None
+    #: per device, how many runs its agent's connection has carried on this cell (its TCP state, docs/links.md)
+    messages_before: dict[str, int] = field(default_factory=dict)
+    delay_path: str = "none"  # the cell's delay path: netem | nfqueue+iptables | none (the delayer's per-pass cost)
 
 
 class Plan(Protocol):
@@ -47,8 +54,11 @@ class Plan(Protocol):
     costs it was made from, and whether a device lost mid-run can be replaced."""
 
     selected: list[str]
-    predicted_latency_s: float
+    predicted_latency_s: float  # the mean
     predicted_energy_j: float
+    # Optional (read with getattr by the run owner): `predicted_latency_quantiles_s`, the
+    # {"p10", "p50", "p90", "p95"} of the latency's modelled distribution (a plan made on
+    # point values only has none: null in result.json), and `confidence`, the P it keeps.
 
     @property
     def costs(self) -> list[Any]:

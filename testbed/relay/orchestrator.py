@@ -90,8 +90,12 @@ class Timing:
         return cls(online_timeout_s=60.0 + 4.0 * devices, deadline_factor=2.0 if profile else 20.0,
                    deadline_slack_s=2.0 if profile else 60.0)
 
-    def deadline_s(self, predicted_s: float) -> float:
-        return self.deadline_factor * predicted_s + self.deadline_slack_s
+    def deadline_s(self, predicted_s: float, tail_s: float | None = None) -> float:
+        """factor x the predicted (mean) time + slack, or, where the prediction is a
+        distribution whose high quantile `tail_s` lies further out (a warm lossy link: the
+        tail reaches several times the mean), that quantile + slack."""
+        point = self.deadline_factor * predicted_s + self.deadline_slack_s
+        return point if tail_s is None else max(point, tail_s + self.deadline_slack_s)
 
 
 @dataclass(frozen=True)
@@ -226,8 +230,8 @@ class Orchestrator:
     async def publish_task(self, dev: str, data: bytes | bytearray, **kw: Any) -> None:
         await self._client.publish(topics.task(self.run_id, dev), data, qos=1, **kw)
 
-    def deadline_s(self, predicted_s: float) -> float:
-        return self.timing.deadline_s(predicted_s)
+    def deadline_s(self, predicted_s: float, tail_s: float | None = None) -> float:
+        return self.timing.deadline_s(predicted_s, tail_s)
 
     # -- the connection ------------------------------------------------------------------
     async def run(self) -> Any:

@@ -40,9 +40,9 @@ from testbed.selection.tcp_sim import path_for, simulate
 from testbed.selection.transfer import INITIAL_WINDOW_SEGMENTS, MSS_BYTES, tcp_transfer_time_s
 
 __all__ = [
-    "COUNTERS", "DRAWS", "MAX_MESSAGES_BEFORE", "NFQUEUE_PASS_S", "RUN_QUANTILES", "STAGE_QUANTILES",
+    "COUNTERS", "DELAYER_PATH", "DRAWS", "MAX_MESSAGES_BEFORE", "NFQUEUE_PASS_S", "RUN_QUANTILES", "STAGE_QUANTILES",
     "ConnectionState", "Distribution", "StageDistribution", "TransferDistribution", "clear_cache",
-    "independent_sum", "run_distribution", "stage_distributions", "transfer_distribution",
+    "independent_sum", "pass_cost_s", "run_distribution", "stage_distributions", "transfer_distribution",
 ]
 
 #: Draws per distribution: the p90 of 2000 draws is within ~1.3 percentage points of P.
@@ -50,6 +50,9 @@ DRAWS = 2000
 #: What the NFQUEUE delayer adds to each pass of a packet (seconds; docs/links.md): `ping -U`
 #: through 20 ms links gave 40.70 ms for 40, the 5 ms override 10.74-12.26 ms for 10.
 NFQUEUE_PASS_S = 0.0005
+#: The delay path (a cell's `impairments.path` in its status, result.json `meta.delay_path`)
+#: whose packets pass the NFQUEUE delayer; netem's (and no path) add nothing per pass.
+DELAYER_PATH = "nfqueue+iptables"
 #: The model's counterparts of the kernel's counters (nstat), per message on average.
 COUNTERS = ("retrans_segs", "loss_probes", "timeouts", "recoveries")
 STAGE_QUANTILES = {"p10": 0.10, "p50": 0.50, "p90": 0.90}
@@ -187,26 +190,29 @@ def transfer_distribution(
                    float(per_pass_s), int(draws), int(seed))
 
 
-@functools.lru_cache(maxsize=512)
+@functools.lru_cache(maxsize=1024)
 def _cached(payload: int, goodput: float, fwd: Impairment, rev: Impairment, conn: ConnectionState, before: int,
             per_pass: float, draws: int, seed: int) -> TransferDistribution:
     fwd_p, rev_p = _passed(fwd, per_pass), _passed(rev, per_pass)
     if payload <= 0:
         return TransferDistribution(np.zeros(draws), point=0.0)
-    if fwd.loss_pct <= 0 and rev.loss_pct <= 0 and conn.is_fresh:
+    lossless = fwd.loss_pct <= 0 and rev.loss_pct <= 0
+    if lossless and conn.is_fresh:
         # nothing random and nothing carried (a lossless connection never sets ssthresh):
         # exactly the cost model's transfer time
         value = tcp_transfer_time_s(payload, goodput, fwd_p, rev_p)
         return TransferDistribution(np.full(draws, value), point=value)
-    n = 1 if fwd.loss_pct <= 0 and rev.loss_pct <= 0 else draws
+    n = 1 if lossless else draws
     key = repr((payload, goodput, fwd, rev, conn, before, per_pass, draws))
     rng = np.random.default_rng([seed, zlib.crc32(key.encode())])
     path = path_for(payload, goodput, MSS_BYTES, (fwd_p.delay_ms + fwd_p.jitter_ms) / 1e3,
                     (rev_p.delay_ms + rev_p.jitter_ms) / 1e3, fwd.loss_pct / 100, rev.loss_pct / 100)
-    cwnd, ssth = np.full(n, conn.cwnd_segments), np.full(n, conn.ssthresh_segments)
-    for _ in range(before):
-        out = simulate(path, cwnd, ssth, rng)
-        cwnd, ssth = _restart(out.cwnd_end, out.ssthresh_end)
+    if before == 0:
+        cwnd, ssth = np.full(n, conn.cwnd_segments), np.full(n, conn.ssthresh_segments)
+    else:  # the connection after `before` messages: the one before this one's end state, after its idle
+        prev = _cached(payload, goodput, fwd, rev, conn, before - 1, per_pass, draws, seed)
+        assert prev.end_cwnd is not None and prev.end_ssthresh is not None
+        cwnd, ssth = _restart(prev.end_cwnd[:n].astype(float), prev.end_ssthresh[:n].astype(float))
     out = simulate(path, cwnd, ssth, rng)
     counters = {k: float(getattr(out, k).mean()) for k in COUNTERS}
     if n == 1:
@@ -219,6 +225,12 @@ def _cached(payload: int, goodput: float, fwd: Impairment, rev: Impairment, conn
 def clear_cache() -> None:
     """Forget every cached transfer distribution (benchmarks time the model from cold)."""
     _cached.cache_clear()
+
+
+def pass_cost_s(delay_path: str | None) -> float:
+    """What each pass through a cell's delay path adds (seconds): NFQUEUE_PASS_S on the
+    NFQUEUE delayer, 0 on netem or where nothing is delayed."""
+    return NFQUEUE_PASS_S if delay_path == DELAYER_PATH else 0.0
 
 
 def _passed(one: Impairment, per_pass_s: float) -> Impairment:

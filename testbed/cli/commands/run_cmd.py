@@ -32,7 +32,7 @@ _PHASE = {"stage_started": "downloading", "downloaded": "computing", "computed":
 #: The live table's number columns and the result field whose kind (measured, emulated,
 #: modelled: composition/meta.py number_labels) each shows.
 _COLUMNS = {"T_down s": "t_down_s", "T_cmp s": "t_cmp_s", "T_up s": "t_up_s", "E J": "energy_j",
-            "pred T s": "predicted_latency_s"}
+            "pred T s": "predicted_latency_s", "p90 s": "predicted_latency_s"}
 
 
 def kinds_caption(compute: str) -> str:
@@ -60,7 +60,9 @@ class _Progress:
     def feed(self, ev: dict[str, Any]) -> None:
         t, dev = ev["type"], ev.get("device")
         if t == "selection":
-            self.lines.append(f"selected {', '.join(ev['selected'])}: predicted {ev['predicted_latency_s']:.3f} s, "
+            q = (ev.get("plan") or {}).get("predicted_latency_quantiles_s") or {}
+            p90 = f" (p90 {q['p90']:.3f} s)" if "p90" in q else ""
+            self.lines.append(f"selected {', '.join(ev['selected'])}: predicted {ev['predicted_latency_s']:.3f} s{p90}, "
                               f"{ev['predicted_energy_j']:.1f} J")
         elif t == "reselected":  # the new chain from the failed stage on; its stages get rows as they start
             self.lines.append(f"reselected after {ev.get('failed')} failed: {' -> '.join(ev['chain'])} for steps "
@@ -94,7 +96,8 @@ class _Progress:
             table.add_row(str(stage), dev, str(r.get("steps")), r["phase"],
                           *(f"{r[k]:.3f}" if k in r else "" for k in ("t_down_s", "t_cmp_s", "t_up_s")),
                           f"{r['energy_j']:.2f}" if "energy_j" in r else "",
-                          f"{pred_t:.3f}" if pred_t is not None else "")
+                          f"{pred_t:.3f}" if pred_t is not None else "",
+                          f"{pred['latency_quantiles_s']['p90']:.3f}" if pred.get("latency_quantiles_s") else "")
         return table
 
 
@@ -117,6 +120,8 @@ def run(
     cold_id: str | None = typer.Option(None, "--run-id", help="the id of this cold run's cell (default: a new "
                                                               "one; 1-7 lowercase letters or digits); it names "
                                                               "out/<id> and what `testbed status` shows"),
+    confidence: float | None = typer.Option(None, "--confidence", help="keep P(latency <= T_max) >= P (0 < P < 1) "
+                                            "under the modelled transfer distributions; default: the mean-based plan"),
 ) -> None:
     """Run one generation: bring the cell up, relay the latent through the selected devices
     (or, with --method split, cut the UNet over two devices; with --method patch, cut the
@@ -132,7 +137,7 @@ def run(
 
     started_at = command_started_at()
     check_budgets(tmax, emax)  # bad input exits 2 here, before anything starts
-    spec = check_method(method, selector, fail)
+    spec = check_method(method, selector, fail, confidence)
     topo = load_topology(file, seed=seed)
     if run_id is not None and cold_id is not None:
         raise InputError(f"--run-id {cold_id} names a cold run's new cell; --run {run_id} runs on an up cell, "
@@ -144,7 +149,7 @@ def run(
         if cold_id is not None and run_dir(cold_id).exists():
             raise ResourceError(f"--run-id {cold_id}: a run {cold_id!r} exists already ({run_dir(cold_id)}); "
                                 f"pick another id or `testbed down --run {cold_id}`")
-        plan_cold_run(topo, method, selector, tmax, emax, fail)
+        plan_cold_run(topo, method, selector, tmax, emax, fail, confidence)
     else:
         check_fail_device(topo, [d.id for d in place(topo).devices], fail)
     rid = run_id or cold_id or new_run_id()
@@ -159,7 +164,8 @@ def run(
         async with RunSession(topo, MadeCell(rid, backend=backend), out_dir=out_path, on_event=on_event,
                               started_at=started_at) as session:
             console.print(f"run {rid}: cell up, {len(session.cell.links)} devices (broker {session.cell.broker.kind})")
-            res = await session.run(method, selector=selector, t_max_s=tmax, e_max_j=emax, fail=fail)
+            res = await session.run(method, selector=selector, t_max_s=tmax, e_max_j=emax, fail=fail,
+                                    confidence=confidence)
         return res.to_json()
 
     async def warm(on_event: Any) -> dict[str, Any]:
@@ -167,7 +173,8 @@ def run(
 
         console.print(f"run {rid}: on the up cell (its supervisor and warm agents run the generation)")
         return await run_on_up_cell(rid, topo, method=method, selector=selector, t_max_s=tmax, e_max_j=emax,
-                                    fail=fail, out_dir=out_path, on_event=on_event, started_at=started_at)
+                                    fail=fail, out_dir=out_path, on_event=on_event, started_at=started_at,
+                                    confidence=confidence)
 
     async def go() -> dict[str, Any]:
         try:
@@ -198,9 +205,10 @@ def summary(doc: dict[str, Any], spec: methods.MethodSpec) -> str:
                     f"{x['charged']['latency_s']:.3f} s, {x['charged']['energy_j']:.1f} J)" for x in doc["recovered"])
     return (f"[bold]{doc['run']}[/] ({spec.name}): {spec.describe_devices(doc['relay_order'])}, "
             f"{plural(doc['total_steps'], 'step')}, latency {doc['latency_s']:.3f} s measured "
-            f"(predicted {doc['predicted_latency_s']:.3f} s), energy {doc['energy_j']:.1f} J modelled "
-            f"(predicted {doc['predicted_energy_j']:.1f} J), MS-SSIM {doc['ms_ssim']:.3f}"
-            + (f"; recovered: {rec}" if rec else ""))
+            f"(predicted {doc['predicted_latency_s']:.3f} s"
+            + (f", p90 {q['p90']:.3f} s" if (q := doc.get("predicted_latency_quantiles_s")) else "")
+            + f"), energy {doc['energy_j']:.1f} J modelled (predicted {doc['predicted_energy_j']:.1f} J), "
+            f"MS-SSIM {doc['ms_ssim']:.3f}" + (f"; recovered: {rec}" if rec else ""))
 
 
 def image_note(meta: dict[str, Any]) -> str:

@@ -37,24 +37,33 @@ def sweep(
     publish_to: Path | None = typer.Option(None, "--publish", help="then regenerate DOCS/figures and the "
                                                                   "tables of DOCS/reproducing.md (e.g. docs)"),
     as_json: bool = typer.Option(False, "--json", help="print only a JSON summary on stdout"),
+    confidence: str | None = typer.Option(None, "--confidence", help="plan also with P(latency <= T_max) >= P: "
+                                          "P values (0 < P < 1), 'none' = the mean-based plan, e.g. none,0.8,0.9; "
+                                          "methods that take a confidence run once per value (confidence.csv, "
+                                          "fig_confidence.png)"),
 ) -> None:
     """Run T_max x E_max x seeds x methods on the emulation; write results.csv, results.jsonl, claims.json and fig4a-d."""
     from testbed.experiments.claims import claims_table, write_claims
+    from testbed.experiments.confidence import CSV_NAME, parse_confidences, write_confidence_csv
     from testbed.experiments.plots import write_figures
-    from testbed.experiments.sweep import budget_summary, read_rows
+    from testbed.experiments.sweep import budget_summary, mean_based, read_rows
 
     if (file is None) == (from_dir is None):
         raise InputError("give a topology FILE to run a sweep, or --from DIR to judge a finished one (not both)")
+    if confidence is not None and from_dir is not None:
+        raise InputError("--confidence plans a sweep's runs; a finished one (--from) keeps the confidences it ran with")
+    levels = parse_confidences(confidence) if confidence is not None else [None]
     if from_dir is not None:
         if not (from_dir / "results.csv").is_file():
             raise InputError(f"--from {from_dir}: no results.csv; give the folder of a finished `testbed sweep`")
         out_path, rows, summary = from_dir, read_rows(from_dir / "results.csv"), None
     else:
-        out_path, summary = _run(file, tmax, emax, seeds, runs, quick, out_dir, backend)
+        out_path, summary = _run(file, tmax, emax, seeds, runs, quick, out_dir, backend, levels)
         rows = read_rows(out_path / "results.csv")
     figures = [] if no_figures else write_figures(out_path / "results.csv", out_path)
     sweep_doc = json.loads((out_path / "sweep.json").read_text()) if (out_path / "sweep.json").is_file() else {}
-    claims = write_claims(rows, out_path / "claims.json",
+    by_confidence = write_confidence_csv(rows, out_path / CSV_NAME) if len(mean_based(rows)) < len(rows) else []
+    claims = write_claims(mean_based(rows), out_path / "claims.json",
                           {k: sweep_doc.get(k) for k in ("topology", "commit", "seeds")})["claims"]
     published = []
     if publish_to is not None:
@@ -66,7 +75,7 @@ def sweep(
         print_json({"out_dir": str(out_path), "runs": len(rows), **(summary or {}),
                     "csv": str(out_path / "results.csv"), "claims_json": str(out_path / "claims.json"),
                     "figures": [str(p) for p in figures], "published": [str(p) for p in published],
-                    "budgets": budgets, "claims": claims})
+                    "budgets": budgets, "claims": claims, "within_by_confidence": by_confidence})
         return
     if summary:
         out.print(f"{len(rows)} runs in {summary['elapsed_s']:.0f} s (emulation bring-up {summary['setup_s']:.0f} s)")
@@ -76,16 +85,24 @@ def sweep(
         ran = b["runs"] - b["infeasible"]
         out.print(f"{key}: {b['within_t_max']} of {ran} runs within T_max (measured), {b['within_e_max']} within "
                   f"E_max (modelled); {b['infeasible']} infeasible points", highlight=False)
+    for c in by_confidence:
+        label = "mean-based" if c["confidence"] is None else f"P {c['confidence']:g}"
+        out.print(f"{c['run']} {label}: {c['within_t_max']} of {c['runs']} runs within T_max (measured, share "
+                  f"{c['share_within']:.2f} [{c['share_low']:.2f}, {c['share_high']:.2f}]); modelled P(within) "
+                  f"{c['p_within_mean']:.2f} on average", highlight=False)
+    if by_confidence:
+        out.print(f"wrote: {out_path / CSV_NAME}")
     for p in [*figures, *published]:
         out.print(f"wrote: {p}")
     out.print(claims_table(claims))  # every verdict with its reason, a table a terminal does not wrap
 
 
 def _run(file: Path, tmax: str | None, emax: str | None, seeds: int | None, runs: str, quick: bool,
-         out_dir: Path | None, backend: str) -> tuple[Path, dict]:
+         out_dir: Path | None, backend: str, levels: list[float | None]) -> tuple[Path, dict]:
     """Run the sweep with a progress bar; (its folder, timings)."""
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
+    from testbed.experiments.confidence import expand
     from testbed.experiments.sweep import FULL, QUICK, SweepConfig, parse_floats, parse_runs, run_sweep
     from testbed.model.names import check_name
     from testbed.model.topology import load_topology
@@ -95,7 +112,7 @@ def _run(file: Path, tmax: str | None, emax: str | None, seeds: int | None, runs
     t_list = parse_floats(tmax, "--tmax") if tmax else list(grid["t_max_s"])
     e_list = parse_floats(emax, "--emax") if emax else list(grid["e_max_j"])
     n_seeds = seeds if seeds is not None else grid["seeds"]
-    specs = parse_runs(runs)
+    specs = expand(parse_runs(runs), levels)
     name = check_name(topo.name, "topology name")  # it names the default output folder
     out_path = out_dir or Path("out") / f"sweep-{name}-{time.strftime('%Y%m%d-%H%M%S')}"
     cfg = SweepConfig(file=file, t_max_s=t_list, e_max_j=e_list, seeds=list(range(1, n_seeds + 1)), runs=specs,
@@ -108,8 +125,9 @@ def _run(file: Path, tmax: str | None, emax: str | None, seeds: int | None, runs
 
         def on_row(row: dict) -> None:
             q = row["ms_ssim"]
+            planned = f" P {row['confidence']:g}" if row.get("confidence") not in (None, "") else ""
             progress.console.print(
-                f"  seed {row['seed']} {row['method']}:{row['selector']} T_max {row['t_max_s']:g} E_max "
+                f"  seed {row['seed']} {row['method']}:{row['selector']}{planned} T_max {row['t_max_s']:g} E_max "
                 f"{row['e_max_j']:g}: " + (f"MS-SSIM {q:.3f}, {row['total_steps']} steps, "
                                              f"{row['latency_s']:.2f} s, {row['energy_j']:.1f} J"
                                              if row["feasible"] else "infeasible"), highlight=False)

@@ -37,11 +37,13 @@ from testbed.relay.messages import DeviceResult
 from testbed.relay.orchestrator import DevicePower, Job, Orchestrator, RelaySettings, Timing
 from testbed.relay.stage import pack_task_tensors, unpack_task_tensors
 
-__all__ = ["StageRecord", "Recovery", "RelayOutcome", "MultistageOrchestrator", "Replan"]
+__all__ = ["StageRecord", "Recovery", "RelayOutcome", "MultistageOrchestrator", "PointPredictions", "Replan"]
 
 #: replan(pool, stages, t_left_s, e_left_j) -> the device ids of a new chain for the
 #: remaining `stages` stages, in relay order, from `pool` (remaining online devices) under
-#: the budgets left; raises InfeasibleError, saying why, when no chain fits.
+#: the budgets left; raises InfeasibleError, saying why, when no chain fits. A
+#: selection.recovery.Chain also says its modelled probability and whether it kept the
+#: plan's confidence.
 Replan = Callable[[list[str], int, float, float], list[str]]
 
 
@@ -97,8 +99,10 @@ class Recovery:
     charged_j: float = 0.0  # energy of the completed stages and the failed attempts by then
     t_left_s: float = 0.0  # T_max - charged_s: what the chain was chosen under
     e_left_j: float = 0.0  # E_max - charged_j
-    predicted_latency_s: float = 0.0  # the chain's predicted time and energy
+    predicted_latency_s: float = 0.0  # the chain's predicted (mean) time and energy
     predicted_energy_j: float = 0.0
+    p_within: float | None = None  # modelled P(the chain keeps the time left)
+    confidence_kept: bool | None = None  # a plan with a confidence: whether the chain keeps it
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -112,7 +116,8 @@ class Recovery:
             "chain": list(self.chain),
             "charged": {"latency_s": self.charged_s, "energy_j": self.charged_j},
             "left": {"latency_s": self.t_left_s, "energy_j": self.e_left_j},
-            "predicted": {"latency_s": self.predicted_latency_s, "energy_j": self.predicted_energy_j},
+            "predicted": {"latency_s": self.predicted_latency_s, "energy_j": self.predicted_energy_j,
+                          "p_within": self.p_within, "confidence_kept": self.confidence_kept},
         }
 
 
@@ -127,6 +132,24 @@ class RelayOutcome:
     events: int = 0
     rejected_results: int = 0
     meta: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class PointPredictions:
+    """Stage predictions from point costs alone (no distributions, no confidence)."""
+
+    costs: list[Any]
+    confidence: None = None
+
+    def stage_predicted(self, device: str) -> dict[str, Any]:
+        c = next(c for c in self.costs if c.id == device)
+        return {"t_down_s": c.t_down_s, "t_cmp_s": c.t_cmp_s, "t_up_s": c.t_up_s, "energy_j": c.energy_j}
+
+    def stage_tail_s(self, device: str) -> float | None:
+        return None
+
+    def chain_latency_s(self, chain: list[str]) -> float:
+        return sum(c.latency_s for c in self.costs if c.id in chain)
 
 
 class MultistageOrchestrator(Orchestrator):
@@ -146,6 +169,9 @@ class MultistageOrchestrator(Orchestrator):
                  emit: Callable[[dict[str, Any]], None] | None = None, timing: Timing = Timing()):
         super().__init__(settings, job, power, emit=emit, timing=timing)
         self.costs = {c.id: c for c in plan.costs}
+        # what each stage is predicted to take: the plan's distributions (MultistagePlan), or
+        # the point costs of a plan that has none (a plug-in relaying with this orchestrator)
+        self.plan = plan if hasattr(plan, "stage_predicted") else PointPredictions(list(plan.costs))
         self.replan: Replan = plan.replan(t_max_s, e_max_j)
         self.order = list(plan.selected)
         self.steps_per_stage = steps_per_stage
@@ -234,7 +260,7 @@ class MultistageOrchestrator(Orchestrator):
         r.chain = list(chain)
         r.charged_s, r.charged_j = charged_s, energy_j
         r.t_left_s, r.e_left_j = self.t_max_s - r.charged_s, self.e_max_j - energy_j
-        r.predicted_latency_s = sum(self.costs[d].latency_s for d in chain)
+        r.predicted_latency_s = self.plan.chain_latency_s(list(chain))
         r.predicted_energy_j = sum(self.costs[d].energy_j for d in chain)
         return r
 
@@ -247,21 +273,25 @@ class MultistageOrchestrator(Orchestrator):
         n_left = len(self.order) - i
         charged_s = time.time() - t_start
         try:
-            chain = list(self.replan(pool, n_left, self.t_max_s - charged_s, self.e_max_j - energy_j))
+            got = self.replan(pool, n_left, self.t_max_s - charged_s, self.e_max_j - energy_j)
         except InfeasibleError as e:  # (the run owner reports it as run_failed)
             raise RunFailedError(
                 f"recovery impossible: {dev} failed stage {i} ({why}) after {charged_s:.3f} s and {energy_j:.1f} J "
                 f"of T_max {self.t_max_s:g} s and E_max {self.e_max_j:g} J; among the {len(pool)} remaining online "
                 f"devices {e}; raise --tmax/--emax") from None
+        chain = list(got)
         if len(chain) != n_left or set(chain) - set(pool):
             raise RunFailedError(f"recovery: the re-planner returned {chain} for {n_left} stage(s) from {pool}")
         self.order[i:] = chain
         r = self._charge(Recovery(device=dev, steps=steps, stage=i, reason=why, took_over=chain[0],
                                   detected_after_s=charged_s, energy_j=wasted_j), chain, charged_s, energy_j)
+        r.p_within = getattr(got, "p_within", None)
+        r.confidence_kept = getattr(got, "confidence_kept", None) if self.plan.confidence is not None else None
         await self.emit("reselected", device=chain[0], steps=(steps[0], n_total), stage=i, failed=dev, reason=why,
                         chain=chain, relay_order=list(self.order), charged_s=r.charged_s, charged_j=r.charged_j,
                         t_left_s=r.t_left_s, e_left_j=r.e_left_j, predicted_latency_s=r.predicted_latency_s,
-                        predicted_energy_j=r.predicted_energy_j)
+                        predicted_energy_j=r.predicted_energy_j, p_within=r.p_within,
+                        confidence_kept=r.confidence_kept)
         await self.emit("recovered", device=chain[0], steps=steps, failed=dev, reason=why, stage=i,
                         checkpoint_step=steps[0])
         return r
@@ -271,8 +301,7 @@ class MultistageOrchestrator(Orchestrator):
         """One attempt: (record, "", 0) on success, (None, reason, wasted energy) on failure."""
         cost = self.costs[dev]
         pw = self.power[dev]
-        predicted = {"t_down_s": cost.t_down_s, "t_cmp_s": cost.t_cmp_s, "t_up_s": cost.t_up_s,
-                     "energy_j": cost.energy_j}
+        predicted = self.plan.stage_predicted(dev)
         if not self.is_connected:
             return None, "broker", 0.0
         if dev not in self.online:
@@ -293,7 +322,7 @@ class MultistageOrchestrator(Orchestrator):
         except Exception as e:  # aiomqtt.MqttError, a timeout, a client torn down under us: the broker
             await self.emit("stage_interrupted", device=dev, steps=steps, stage=i, reason="broker", error=str(e))
             return None, "broker", 0.0  # resumed after a bounded wait for the broker (_rejoin)
-        deadline_s = self.deadline_s(cost.latency_s)
+        deadline_s = self.deadline_s(self.plan.chain_latency_s([dev]), self.plan.stage_tail_s(dev))
         deadline = time.monotonic() + deadline_s
         t_recv_dev: float | None = None
         while True:
@@ -321,7 +350,7 @@ class MultistageOrchestrator(Orchestrator):
                 if body.state == "computing" and (body.stage, body.attempt) == (i, attempt):
                     t_recv_dev = body.t_recv if body.t_recv is not None else t_in
                     await self.emit("downloaded", device=dev, steps=steps, stage=i, t_down_s=t_recv_dev - t_pub,
-                                    predicted_t_down_s=cost.t_down_s)
+                                    predicted_t_down_s=predicted["t_down_s"])
                 continue
             try:
                 res = self._check_result(dev, body, i, attempt, steps, n_total, task_id)
@@ -339,7 +368,7 @@ class MultistageOrchestrator(Orchestrator):
                               wire_bytes_down=len(data), wire_bytes_up=len(body),
                               precision=m.precision, compute_dtype=m.compute_dtype)
             await self.emit("uploaded", device=dev, steps=steps, stage=i, t_up_s=t_up, energy_j=e_j,
-                            predicted_t_up_s=cost.t_up_s)
+                            predicted_t_up_s=predicted["t_up_s"])
             self._last_result = res
             return rec, "", 0.0
 
