@@ -1,15 +1,17 @@
-"""The per-cell supervisor behind `testbed up`: a detached run owner that keeps one cell alive.
+"""The per-cell supervisor behind `testbed up`: a detached process that keeps one cell alive.
 
 `testbed up` starts `python -m testbed.composition.supervisor RUN FILE [--seed N]
-[--backend B] [--no-broker]` in its own session. The supervisor opens a `RunSession` on
-the cell (namespaces or containers, shaped links, limits, the secured broker, the agent
-template, one warm agent per device, the edge server's model and the MS-SSIM reference),
-serves the cell and its agents on the control socket (`/run/testbed/<run>/control.sock`:
-`testbed run --run ID`, `testbed fault`, the TUI ask it), runs generations there (the
-streaming op `generate`: `testbed run --run ID` sends its scenario and follows the
-events, without importing torch), keeps `state.json` current (each node's state, whether
-its agent is online) and tears everything down on SIGTERM/SIGINT (what `testbed down`
-sends) or on a crash. It writes supervisor.pid first, then state.json (ready) or
+[--backend B] [--no-broker] [--warm SPEC]` in its own session. The supervisor makes the
+cell (namespaces or containers, shaped links, limits, the secured broker, the agents'
+configs) and says so in state.json (`ready`): `up` returns then, while the cell's worker
+(worker.py, started first so that its torch imports overlap the cell's creation) forks the
+agent template, loads the edge server's model and warms the agents `--warm` names
+(online.warm_set) in the background. The supervisor itself never imports torch. It serves
+the cell on the control socket (`/run/testbed/<run>/control.sock`: the worker, `testbed
+fault`, the TUI and `testbed run --run ID` ask it), hands the streaming op `generate` and
+the agents' ops to the worker, keeps `state.json` current (each node's state, whether its
+agent is online, the warm set) and tears everything down on SIGTERM/SIGINT (what `testbed
+down` sends) or on a crash. It writes supervisor.pid first, then state.json (ready) or
 error.json.
 """
 
@@ -18,7 +20,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
-import json
 import os
 import signal
 import sys
@@ -26,16 +27,14 @@ import time
 import traceback
 from typing import Any
 
-from pathlib import Path
-
 from testbed.composition.cells import MadeCell
+from testbed.composition.online import warm_set
 from testbed.composition.session import RunSession
-from testbed.composition.startup import StartupClock
 from testbed.emulation.attached import cell_handlers, control_path
 from testbed.emulation.control import ControlServer
 from testbed.emulation.runs import run_dir, write_state, write_topology
-from testbed.errors import InputError, ResourceError, TestbedError
-from testbed.model.topology import load_topology, parse_topology
+from testbed.errors import RunFailedError, TestbedError
+from testbed.model.topology import load_topology
 
 __all__ = ["main"]
 
@@ -48,7 +47,7 @@ class CellKeeper:
         self.base = base
         self.online: dict[str, bool] = {}
         self._last_write = 0.0
-        self._generating = asyncio.Lock()
+        self._write_pending: asyncio.Handle | None = None
 
     def write(self, *_: Any) -> None:
         cell = self.session.cell
@@ -59,6 +58,16 @@ class CellKeeper:
                 node["agent_online"] = self.online.get(node["id"], False)
         write_state(self.session.run_id or "", self.base | doc)
         self._last_write = time.monotonic()
+
+    def write_soon(self, delay_s: float = 0.2) -> None:
+        """One state.json for a burst of changes (200 agents coming online): each write is
+        the whole cell's status, so writing per change would grow with the square of the devices."""
+        if self._write_pending is None:
+            def flush() -> None:
+                self._write_pending = None
+                self.write()
+
+            self._write_pending = asyncio.get_running_loop().call_later(delay_s, flush)
 
     def on_mobility(self, _update: Any) -> None:  # at most once a second
         if time.monotonic() - self._last_write >= 1.0:
@@ -93,33 +102,33 @@ class CellKeeper:
                     "agents_pids": agents_pids})
         return ops
 
-    async def generate(self, emit: Any, *, topology: dict[str, Any], method: str = "multistage",
-                       selector: str | None = None, t_max_s: float | None = None, e_max_j: float | None = None,
-                       fail: str | None = None, out_dir: str | None = None,
-                       started_at: float | None = None) -> dict[str, Any]:
-        """The streaming op `generate`: one generation of the caller's scenario (`topology`, a
-        topology document) on this cell, its events sent to the caller as they happen; the
-        result document. One at a time: a second caller is told so."""
-        received = time.time()
-        if self._generating.locked():
-            raise ResourceError(f"run {self.session.run_id} is running a generation; "
-                                "ask again when it has finished (one generation at a time per cell)")
+    async def generate(self, emit: Any, **args: Any) -> dict[str, Any]:
+        """The streaming op `generate` (`testbed run --run ID`): handed to the cell's worker,
+        which holds the server's model and the agents (worker.py); its events stream back."""
         self.session.require_broker()
-        if out_dir is not None and not Path(out_dir).is_absolute():
-            raise InputError(f"generate: out_dir {out_dir!r} must be an absolute path")
-        async with self._generating:
-            topo = parse_topology(json.dumps(topology), source="the topology of `testbed run --run`")
-            clock = StartupClock(started_at if started_at is not None else received, path="warm")
-            clock.mark("cli", clock.t0, received)  # the client: its interpreter, imports and request
-            self.session.events.listeners.append(emit)
-            try:
-                res = await self.session.run(method, selector=selector, t_max_s=t_max_s, e_max_j=e_max_j, fail=fail,
-                                             out_dir=Path(out_dir) if out_dir else None, topology=topo,
-                                             startup=clock)
-            finally:
-                self.session.events.listeners.remove(emit)
-                self.write()
-            return res.doc
+        worker = self.session.need_rig().worker
+        if worker is None:
+            raise RunFailedError(f"run {self.session.run_id} has no worker to run generations")
+        try:
+            return await worker.generate(emit, **args)
+        finally:
+            self.write()
+
+    async def follow_worker(self) -> None:
+        """Note in state.json when the worker is serving, and why it went if it dies."""
+        worker = self.session.need_rig().worker
+        if worker is None:
+            return
+        try:
+            await worker.ready()
+            self.base["worker"] = "ready"
+        except TestbedError as e:
+            self.base["worker"] = f"failed: {e}"
+        self.write()
+        while (why := worker.failure()) is None:
+            await asyncio.sleep(1.0)
+        self.base["worker"] = f"failed: {why}"
+        self.write()
 
     async def watch_agents(self) -> None:
         """Follow the devices' retained MQTT status (online/offline) for `agent_online`."""
@@ -133,7 +142,7 @@ class CellKeeper:
 
         def seen(dev: str, state: str) -> None:
             self.online[dev] = state in ("online", "computing")
-            self.write()
+            self.write_soon()
 
         async def follow() -> None:
             rs = session.relay_settings("monitor")  # the watch listener: read-only, its own client id
@@ -164,19 +173,24 @@ async def _main(args: argparse.Namespace) -> int:
     topo = load_topology(args.file, seed=args.seed)
     t0 = time.perf_counter()
     write_topology(args.run, topo)
-    source = MadeCell(args.run, backend=args.backend, broker=args.broker, state_dir=run_dir(args.run))
+    source = MadeCell(args.run, backend=args.backend, broker=args.broker, state_dir=run_dir(args.run), worker=True,
+                      warm=args.warm)
     async with RunSession(topo, source) as session:
         cell = session.cell
         assert cell is not None
         keeper = CellKeeper(session, {"ready": False, "topology": os.path.abspath(args.file), "seed": topo.seed,
-                                      "supervisor_pid": os.getpid()})
-        control = ControlServer(control_path(args.run), keeper.handlers(), streams={"generate": keeper.generate})
-        await control.start()
-        watcher = None
+                                      "supervisor_pid": os.getpid(), "worker": "starting" if args.broker else None,
+                                      "warm": warm_set(args.warm, cell.device_ids()) if args.broker else []})
+        control = source.control  # serving the cell to the worker already
+        if control is None:
+            control = ControlServer(control_path(args.run), cell_handlers(cell))
+            await control.start()
+        control.add(keeper.handlers())
+        control.streams["generate"] = keeper.generate
+        tasks: list[asyncio.Future] = []
         try:
-            if args.broker:  # warm agents: `testbed run --run ID` finds them online
-                watcher = asyncio.ensure_future(keeper.watch_agents())
-                await session.ensure_agents(cell.device_ids())
+            if args.broker:  # the worker warms the agents; `testbed status` shows them coming online
+                tasks = [asyncio.ensure_future(keeper.watch_agents()), asyncio.ensure_future(keeper.follow_worker())]
             keeper.base |= {"ready": True, "up_s": round(time.perf_counter() - t0, 3),
                             "timings_s": {k: round(v, 4) for k, v in session.timings_s.items()}}
             keeper.write()
@@ -184,10 +198,10 @@ async def _main(args: argparse.Namespace) -> int:
             await stop.wait()
         finally:
             await control.close()
-            if watcher is not None:
-                watcher.cancel()
+            for task in tasks:
+                task.cancel()
                 with contextlib.suppress(BaseException):
-                    await watcher
+                    await task
     return 0
 
 
@@ -198,6 +212,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--seed", type=int, default=None)
     ap.add_argument("--backend", default="netns")
     ap.add_argument("--no-broker", dest="broker", action="store_false")
+    ap.add_argument("--warm", default="auto")
     args = ap.parse_args(argv)
     (run_dir(args.run) / "supervisor.pid").write_text(str(os.getpid()))
     try:
