@@ -237,6 +237,9 @@ def fork_template(sock_path: Path, variants: list[tuple[str, str]], log_path: Pa
         _close_inherited(keep=[])
         for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
             signal.signal(sig, signal.SIG_DFL)
+        from setproctitle import setproctitle
+
+        setproctitle(f"testbed-agent-template {sock_path}")  # names the run's state: `testbed down` finds it
         serve_template(str(sock_path), variants, imported=True, t0=t0)
         code = 0
     except BaseException:  # noqa: BLE001 - the child must never return into its parent's code

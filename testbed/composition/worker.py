@@ -166,6 +166,9 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     t_start = command_started_at()
     die_with_parent()  # its owner (the cell) gone, nothing is left to work on
+    from setproctitle import setproctitle
+
+    setproctitle(f"testbed-worker {args.run} {run_dir(args.run)}/")  # (`testbed down` finds a crashed run's by it)
     try:
         from testbed.composition.cells import preloaded_variants
         from testbed.composition.template import fork_template, import_agent_code

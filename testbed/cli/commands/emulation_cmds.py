@@ -108,7 +108,7 @@ def _wait_warm(run_id: str, deadline: float) -> dict:
             raise RunFailedError(f"run {run_id} is up but its agents did not warm: {failed}; "
                                  f"`testbed down --run {run_id}` removes it")
         online, want = _agents_online(state)
-        if worker.get("warm_done") and online >= want:
+        if worker.get("warm_done") and state.get("worker") == "ready" and online >= want:
             return state
         if time.monotonic() > deadline:
             raise RunFailedError(f"run {run_id} is up but {want - online} of its {want} warm agents were not online "
