@@ -172,14 +172,14 @@ async def test_run_on_a_cell_that_testbed_up_keeps_alive(topologies, tmp_path, u
 
     run = unique_run_id[:7]
     tb = [sys.executable, "-m", "testbed.cli"]
-    up = subprocess.run([*tb, "up", str(topologies / "small.yaml"), "--run", run], capture_output=True, text=True,
-                        timeout=120)
+    up = subprocess.run([*tb, "up", str(topologies / "small.yaml"), "--run", run, "--wait"], capture_output=True,
+                        text=True, timeout=300)
     assert up.returncode == 0, up.stderr
     try:
         topo = load_topology(topologies / "small.yaml")
         assert load_topology(Path("/run/testbed") / run / "topology.yaml") == topo  # written by up's supervisor
         agents = call_sync(control_path(run), "agents_pids")
-        assert sorted(agents) == ["dev01", "dev02", "dev03", "dev04"]  # warm: up started them
+        assert sorted(agents) == ["dev01", "dev02", "dev03", "dev04"]  # warm: up --wait waited for them
         async with RunSession(topo, AttachedCellSource(run), out_dir=tmp_path) as r:
             assert r.cell.broker.port == 1883  # the cell's own broker
             doc = (await r.run()).to_json()
