@@ -317,3 +317,29 @@ def test_a_cold_run_pays_torch_once_records_its_startup_and_leaves_no_process_be
     assert ph["imports"][1] <= ph["server_model"][0] and ph["imports"][1] <= ph["template"][1]  # one import for both
     assert ph["agents_wait"][1] <= s["first_stage_s"] <= wall  # the chain's agents were online before the first latent
     assert s["cell_s"] == pytest.approx(ph["cell"][1] - ph["cell"][0], abs=1e-3)  # the old keys stay
+
+
+@pytest.mark.root
+@pytest.mark.mosquitto
+@pytest.mark.slow
+def test_an_up_cells_worker_template_and_agents_hold_no_secret_of_the_command(topologies, unique_run_id):
+    """The worker imports torch once and forks the template from itself: it must start from
+    the allow-listed environment, or a secret of the command's would reach every agent."""
+    from test_environ import TOKEN, _environ, _memory_holds
+
+    from testbed.emulation.runs import read_state
+
+    run = unique_run_id
+    r = subprocess.run([*TESTBED, "up", str(topologies / "small.yaml"), "--run", run, "--wait", "--json"],
+                       env={**os.environ, "HF_TOKEN": TOKEN}, capture_output=True, text=True, timeout=300, cwd=REPO)
+    assert r.returncode == 0, r.stderr
+    try:
+        worker = read_state(run, "worker.json")
+        assert worker is not None and len(worker["agents"]) == 4, worker
+        pids = {"worker": worker["pid"], "template": worker["template_pid"],
+                **{f"agent {d}": p for d, p in worker["agents"].items()}}
+        leaked = {who: "HF_TOKEN" in (env := _environ(pid)) or TOKEN in "".join(env.values()) or
+                  _memory_holds(pid, TOKEN.encode()) for who, pid in pids.items()}
+        assert leaked == {who: False for who in pids}
+    finally:
+        assert _tb("down", "--run", run).returncode == 0
