@@ -30,7 +30,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from testbed.composition.agents import AgentLauncher, Agents, ExternalAgents, RemoteAgents, write_agent_configs
-from testbed.composition.worker_link import WorkerAgents
+from testbed.composition.worker_link import WorkerAgents, write_worker_topology
 from testbed.composition.history import EnergyHistory
 from testbed.composition.startup import StartupClock
 from testbed.emulation.cell import BrokerSettings, Cell
@@ -118,6 +118,7 @@ class MadeCell:
             self.state_dir = make_run_dir(run_id)
         write_topology(run_id, topo)  # for `testbed tui --attach RUN`, and the worker's
         if self.worker:  # its imports overlap the cell's creation
+            write_worker_topology(run_id, topo)
             self._worker = WorkerAgents.spawn(run_id, warm=self.worker_warm)
         elif self.broker:  # the template's imports overlap the cell's creation and the server's model
             self._launcher = AgentLauncher(run_id, self.state_dir, self.state_dir / "logs",

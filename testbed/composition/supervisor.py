@@ -65,7 +65,8 @@ class CellKeeper:
         if self._write_pending is None:
             def flush() -> None:
                 self._write_pending = None
-                self.write()
+                if self.session.cell is not None:  # (not once the cell is being torn down)
+                    self.write()
 
             self._write_pending = asyncio.get_running_loop().call_later(delay_s, flush)
 

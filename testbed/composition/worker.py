@@ -172,11 +172,12 @@ def main(argv: list[str] | None = None) -> int:
     try:
         from testbed.composition.cells import preloaded_variants
         from testbed.composition.template import fork_template, import_agent_code
+        from testbed.composition.worker_link import read_worker_topology
         from testbed.model.radio import compute_links
-        from testbed.model.topology import load_topology, place
+        from testbed.model.topology import place
 
         state = run_dir(args.run)
-        topo = load_topology(state / "topology.yaml")
+        topo = read_worker_topology(args.run)
         import_agent_code()  # single-threaded here, with no secret in memory: the template forks from this
         t_imported = time.time()
         template_pid = fork_template(state / "agent-template.sock",

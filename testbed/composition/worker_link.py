@@ -11,6 +11,7 @@ socket for it and reaches it on `<state dir>/worker.sock`. `WorkerAgents` is the
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import socket
 import subprocess
@@ -25,13 +26,30 @@ from testbed.emulation.environ import clean_environ
 from testbed.emulation.runs import read_state, run_dir
 from testbed.errors import ResourceError
 
-__all__ = ["WorkerAgents", "worker_path", "worker_environ", "WORKER_STATE"]
+__all__ = ["WorkerAgents", "worker_path", "worker_environ", "write_worker_topology", "read_worker_topology",
+           "WORKER_STATE"]
 
 WORKER_STATE = "worker.json"  # what the worker has warm, written by the worker in the run's state directory
 
 
 def worker_path(run_id: str) -> Path:
     return run_dir(run_id) / "worker.sock"
+
+
+def write_worker_topology(run_id: str, topo: Any) -> None:
+    """The scenario as the file said it (seed applied): what the worker loads. (The resolved
+    topology.yaml, with every default written out, does not load back for every file.)"""
+    path = run_dir(run_id) / "worker-topology.json"
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as f:
+        json.dump(topo.model_dump(mode="json", exclude_unset=True), f)
+
+
+def read_worker_topology(run_id: str) -> Any:
+    from testbed.model.topology import parse_topology
+
+    path = run_dir(run_id) / "worker-topology.json"
+    return parse_topology(path.read_text(), source=str(path))
 
 
 def worker_environ() -> dict[str, str]:
