@@ -39,7 +39,19 @@ def test_paper_selected(snap_compare, topologies):
 
 
 def test_help(snap_compare, topologies):
-    assert snap_compare(_app(topologies), run_before=_costs, press=["question_mark"], terminal_size=SIZE)
+    from tui.help import HelpScreen
+
+    async def help_open(pilot) -> None:  # the picture once the pop-up is the screen, not a guessed moment later
+        await _costs(pilot)
+        await pilot.press("question_mark")
+        for _ in range(200):
+            if isinstance(pilot.app.screen, HelpScreen) and pilot.app.screen.is_mounted:
+                break
+            await pilot.pause(0.05)
+        await pilot.wait_for_scheduled_animations()
+        await pilot.pause()
+
+    assert snap_compare(_app(topologies), run_before=help_open, terminal_size=SIZE)
 
 
 def test_run_with_recovery(snap_compare, topologies):
