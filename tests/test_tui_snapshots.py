@@ -8,12 +8,25 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
+import pytest
 
 from testbed.model.topology import load_topology
 from test_tui import relay_events
 from tui.app import TestbedApp
 
 SIZE = (80, 24)
+
+
+@pytest.fixture(autouse=True)
+def _the_packages_own_methods(monkeypatch):
+    """The pictures show the package's own methods: a plug-in that another test module
+    registered in this process (tests/solo_method.py, imported when the suite is collected)
+    must not reach them — or the help screen differs with the set of tests run."""
+    from testbed.methods import METHODS
+
+    for name, spec in list(METHODS.items()):
+        if not spec.strategy.startswith("testbed."):
+            monkeypatch.delitem(METHODS, name)
 
 
 def _app(topologies: Path) -> TestbedApp:

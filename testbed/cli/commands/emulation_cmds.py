@@ -188,6 +188,7 @@ def status(
         print_json({k: state[k] for k in ("run", "backend", "netem", "nodes")} | {
             k: state[k] for k in ("warnings", "impairments", "cell", "broker", "broker_error", "host_route", "mobility",
                                   "gpu", "topology", "seed", "up_s", "timings_s", "warm", "worker") if k in state}
+            | ({"agents": dict(zip(("online", "warm"), _agents_online(state)))} if state.get("worker") else {})
             | ({"observer": {k: v for k, v in observer.items() if k != "password"}
                              | {"credentials": str(run_dir(run_id) / "observer.json")}} if observer else {}))
         return
