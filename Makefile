@@ -24,10 +24,11 @@ test: install
 	$(VENV)/bin/python -m pytest -q
 
 # The fast tier (pytest markers, tests/conftest.py): pure code, loopback only, no root,
-# docker, mosquitto, browser or GPU, and nothing marked slow; no system packages needed.
+# docker, mosquitto, browser or GPU, and nothing marked slow; no system packages needed;
+# on every core (pytest-xdist). TESTBED_TEST_TIMES=FILE records each test's CPU seconds.
 CHECK_MARKERS := not root and not docker and not mosquitto and not browser and not gpu and not slow
 check: venv
-	$(VENV)/bin/python -m pytest -q -p no:cacheprovider -m "$(CHECK_MARKERS)"
+	$(VENV)/bin/python -m pytest -q -p no:cacheprovider -n auto -m "$(CHECK_MARKERS)"
 
 install: system venv
 
