@@ -202,21 +202,24 @@ def bench(sizes: list[int], repeat: int) -> dict[str, Any]:
     return res
 
 
+def _num(v: float | None, fmt: str = ".2f") -> str:
+    return "n/a" if v is None else format(v, fmt)
+
+
 def print_table(res: dict[str, Any]) -> None:
     print(f"load average before {res['load_before'][0]:.2f}, after {res['load_after'][0]:.2f}; all measured here "
           "(wall s unless named)")
-    print(f"{'devices':>7} | {'up s':>6} {'Mininet':>7} {'ratio':>5} | {'warm s':>6} | {'select s':>8} {'solve ms':>8} | "
-          f"{'run s':>6} {'1st st':>6} {'lat s':>5}/{'T_max':<5} {'ok':>3} {'agents':>6} | {'PSS MB':>7} {'procs':>5} | "
-          f"{'down s':>6} {'Mininet':>7} left")
+    print(f"{'devices':>7} | {'up s':>6} {'Mininet':>7} {'ratio':>5} | {'warm s':>6} | {'select s':>8} "
+          f"{'solve ms':>8} | {'run s':>6} {'1st st':>6} {'lat s':>5}/{'T_max':<5} {'ok':>3} {'agents':>6} | "
+          f"{'PSS MB':>7} {'procs':>5} | {'down s':>6} {'Mininet':>7} left")
     for r in res["rows"]:
         mn = r.get("mininet_up_s")
-        ratio = f"{r['up_s'] / mn:5.2f}" if mn else "  n/a"
-        print(f"{r['devices']:>7} | {r['up_s']:6.2f} {mn if mn is None else round(mn, 2)!s:>7} {ratio} | "
+        ok = "yes" if r["within_budgets"] else "NO"
+        print(f"{r['devices']:>7} | {r['up_s']:6.2f} {_num(mn):>7} {_num(r['up_s'] / mn if mn else None):>5} | "
               f"{r['warm_s']:6.2f} | {r['select_s']:8.2f} {r['solve_ms'] or 0:8.1f} | {r['run_s']:6.2f} "
-              f"{r['first_stage_s']:6.2f} {r['latency_s']:5.2f}/{r['t_max_s']:<5g} {'yes' if r['within_budgets'] else 'NO':>3} "
-              f"{r['agents']:>6} | {r['pss_peak_bytes'] / 2**20:7.0f} {r['processes']:>5} | {r['down_s']:6.2f} "
-              f"{'n/a' if r.get('mininet_down_s') is None else round(r['mininet_down_s'], 2)!s:>7} "
-              f"{'nothing' if not r['left'] else r['left']}")
+              f"{r['first_stage_s']:6.2f} {r['latency_s']:5.2f}/{r['t_max_s']:<5g} {ok:>3} {r['agents']:>6} | "
+              f"{r['pss_peak_bytes'] / 2**20:7.0f} {r['processes']:>5} | {r['down_s']:6.2f} "
+              f"{_num(r.get('mininet_down_s')):>7} {'nothing' if not r['left'] else r['left']}")
     print("up: until `testbed up` returns (cell usable); warm: then until the worker and its warm agents are ready; "
           "agents: started for the run (chain + spares, or the warm set); PSS: peak of the run's processes")
 

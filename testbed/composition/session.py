@@ -220,14 +220,14 @@ class RunSession:
         if not isinstance(collab, str):
             raise InputError(f"run {rig.run_id} runs its generations in its worker process: "
                              f"give the method by name ({collab.name!r}), not a Collaboration object")
+        scenario = topo.model_dump(mode="json", exclude_unset=True)  # what the file said; the worker checks it again
         if faults is not None:
-            topo = topo.model_copy(update={"faults": list(faults)})
+            scenario["faults"] = [f.model_dump(mode="json") for f in faults]
         assert rig.worker is not None
         doc = await rig.worker.generate(
-            self.events.record, topology=topo.model_dump(mode="json", exclude_unset=True) | (
-                {"faults": [f.model_dump(mode="json") for f in faults]} if faults is not None else {}),
-            method=collab, selector=selector, t_max_s=t_max_s, e_max_j=e_max_j, fail=fail,
-            out_dir=str(out_dir.resolve()) if out_dir is not None else None, started_at=startup.t0, startup_path=startup.path,
+            self.events.record, topology=scenario, method=collab, selector=selector, t_max_s=t_max_s, e_max_j=e_max_j,
+            fail=fail, out_dir=str(out_dir.resolve()) if out_dir is not None else None, started_at=startup.t0,
+            startup_path=startup.path,
             phases={name: [startup.t0 + a, startup.t0 + b] for name, (a, b) in startup.phases.items()})
         return RunResult(doc, out_dir)
 
