@@ -1,6 +1,7 @@
-# Two commands for a fresh Debian/Ubuntu machine, as root (README "Quick start"):
+# Commands for a fresh Debian/Ubuntu machine, as root (README "Quick start"):
 #   make run    install everything, then run the paper scenario on embedded defaults
-#   make test   run the whole test suite
+#   make test   run the whole test suite (CI)
+#   make check  the edit-test loop: every test that needs no root, docker, broker, browser or GPU
 SHELL := /bin/bash
 VENV ?= .venv
 PY := $(VENV)/bin/python
@@ -10,7 +11,7 @@ SYSTEM_PACKAGES := python3 python3-venv python3-dev build-essential mosquitto mo
 # Python 3.11 is the floor; the pinned torch CPU wheel is for 3.11.
 PYTHON ?= $(shell command -v python3.11 || command -v python3)
 
-.PHONY: run test install system venv clean-runs
+.PHONY: run test check install system venv clean-runs
 
 run: install
 	$(TESTBED) run topologies/paper.yaml --out out/paper
@@ -21,6 +22,13 @@ run: install
 test: install
 	@if [ "$$(id -u)" = 0 ]; then .ci/start-dockerd; fi
 	$(VENV)/bin/python -m pytest -q
+
+# The fast tier (pytest markers, tests/conftest.py): pure code, loopback only, no root,
+# docker, mosquitto, browser or GPU, and nothing marked slow; no system packages needed;
+# on every core (pytest-xdist). TESTBED_TEST_TIMES=FILE records each test's CPU seconds.
+CHECK_MARKERS := not root and not docker and not mosquitto and not browser and not gpu and not slow
+check: venv
+	$(VENV)/bin/python -m pytest -q -p no:cacheprovider -n auto -m "$(CHECK_MARKERS)"
 
 install: system venv
 

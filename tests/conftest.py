@@ -97,6 +97,28 @@ def pytest_runtest_setup(item: pytest.Item) -> None:
         pytest.skip(why)
 
 
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_protocol(item: pytest.Item, nextitem: pytest.Item | None):
+    """TESTBED_TEST_TIMES=FILE: each test's CPU seconds (this process and the children it
+    waited for, setup to teardown) and wall seconds, one line each — what sizes the tiers
+    (`make check`) on a machine too busy for wall times to mean much."""
+    path = os.environ.get("TESTBED_TEST_TIMES")
+    if not path:
+        yield
+        return
+    import resource
+    import time
+
+    def cpu() -> float:
+        return sum(r.ru_utime + r.ru_stime for r in (resource.getrusage(resource.RUSAGE_SELF),
+                                                     resource.getrusage(resource.RUSAGE_CHILDREN)))
+
+    c0, t0 = cpu(), time.monotonic()
+    yield
+    with open(path, "a") as f:
+        f.write(f"{cpu() - c0:.3f} {time.monotonic() - t0:.3f} {item.nodeid}\n")
+
+
 def _allow_leftovers() -> bool:
     return os.environ.get("TESTBED_ALLOW_LEFTOVERS", "") == "1"
 

@@ -85,6 +85,7 @@ def test_sweeps_without_columns_json_take_the_kinds_of_their_compute_mode(tmp_pa
     assert _row(cmp, "split (mean of 2 runs)", "t_cmp_s").kind == "emulated"
 
 
+@pytest.mark.slow  # (make check leaves it to make test: seconds of CPU)
 def test_cli_text_table_and_json_only_json():
     r = _cli(str(RUN_A), str(RUN_B))
     assert r.returncode == 0, r.stderr

@@ -57,6 +57,7 @@ def _to_digits_space(imgs: np.ndarray) -> np.ndarray:
     return (x / 255.0 * 16.0).reshape(len(imgs), 64)
 
 
+@pytest.mark.slow  # (make check leaves it to make test: seconds of CPU)
 def test_samples_are_recognisable_and_not_copies(fp32):
     from sklearn.datasets import load_digits
     from sklearn.svm import SVC
@@ -81,6 +82,7 @@ def test_samples_are_recognisable_and_not_copies(fp32):
     assert nn_sample.min() > 0.25 * np.median(nn_train), (nn_sample.min(), np.median(nn_train))
 
 
+@pytest.mark.slow  # (make check leaves it to make test: seconds of CPU)
 def test_quality_falls_with_precision_and_rises_with_steps(fp32):
     prompt, n = "a handwritten 4", fp32.reference_steps
     refs = [reference_image("digits", prompt, s) for s in SEEDS]

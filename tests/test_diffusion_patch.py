@@ -88,6 +88,7 @@ def test_each_band_computes_its_rows_and_a_halo_only():
     assert up[0] < up[1] == up[2] and up[3] < up[2] and all(d > 0 for d in down)
 
 
+@pytest.mark.slow  # (make check leaves it to make test: seconds of CPU)
 def test_displaced_context_is_the_previous_steps():
     """With the same input twice, the previous step's context is this step's: displaced
     then equals synchronous; with another input it does not."""
@@ -116,6 +117,7 @@ def test_a_displaced_step_needs_a_previous_step():
                       DisplacedExchange(0, {}))
 
 
+@pytest.mark.slow  # (make check leaves it to make test: seconds of CPU)
 @pytest.mark.parametrize("n", [2, 4])
 def test_synchronous_generation_equals_the_unbroken_run_on_the_embedded_model(n):
     from testbed.diffusion import encode_prompt, initial_latent, load_model, run_stage
@@ -130,6 +132,7 @@ def test_synchronous_generation_equals_the_unbroken_run_on_the_embedded_model(n)
     assert rec.n == n and float((shown - ref).abs().max()) > 1e-4  # displaced: not the unbroken run
 
 
+@pytest.mark.slow  # (make check leaves it to make test: seconds of CPU)
 def test_quantized_and_half_precision_variants_patch_too():
     from testbed.diffusion.quantize import make_variant
 

@@ -35,6 +35,7 @@ def hub_cache(tmp_path_factory):
     return cache
 
 
+@pytest.mark.slow  # (make check leaves it to make test: seconds of CPU)
 def test_generate_sd15_reads_the_prompt(hub_cache, tmp_path):
     out = tmp_path / "cat.png"
     env = {**os.environ, "HF_HUB_CACHE": str(hub_cache), "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}

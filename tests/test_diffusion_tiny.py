@@ -58,6 +58,7 @@ def generate_batch(model, prompts: list[str], seeds: list[int], steps: int) -> n
     return decode(model, x)
 
 
+@pytest.mark.slow  # (make check leaves it to make test: seconds of CPU)
 def test_digit_and_colours_come_from_the_prompt(fp32):
     """fp32, 20 steps, 10 digits x 3 seeds, a different ink/background pair for each image."""
     pairs = [(ink, bg) for ink in COLOURS for bg in COLOURS if ink != bg]  # 30 pairs
@@ -78,6 +79,7 @@ def test_digit_and_colours_come_from_the_prompt(fp32):
     assert sum(colour_ok) >= 0.9 * len(prompts), report
 
 
+@pytest.mark.slow  # (make check leaves it to make test: seconds of CPU)
 def test_the_border_is_background(fp32):
     """Training glyphs keep >= 3 px from the border. In generated images the 2-px border is one
     palette colour, the background's (no glyph pixel reaches it; the pixels' grain is up to 70
@@ -100,6 +102,7 @@ def test_the_border_is_background(fp32):
     assert requested >= 9, requested
 
 
+@pytest.mark.slow  # (make check leaves it to make test: seconds of CPU)
 def test_quality_falls_with_precision_and_rises_with_steps(fp32):
     """Mean MS-SSIM over 10 seeds against the fp32 50-step reference; neighbours may tie within
     0.01, int4 must fall clearly (> 0.03) below fp32, and 5 < 20 < 50 steps."""
@@ -114,6 +117,7 @@ def test_quality_falls_with_precision_and_rises_with_steps(fp32):
     check_quality_order(score, by_steps, tol=0.01, int4_gap=0.03)
 
 
+@pytest.mark.slow  # (make check leaves it to make test: seconds of CPU)
 def test_split_and_multistage_reproduce_the_reference(fp32):
     check_split_and_stages_reproduce_the_reference(fp32, "a green 2 on a white background", 11)
 
@@ -161,6 +165,7 @@ def test_weights_and_variant_sizes():
     assert sizes["int8"] < 0.3 * sizes["fp32"]
 
 
+@pytest.mark.slow  # (make check leaves it to make test: seconds of CPU)
 def test_training_is_deterministic(tmp_path):
     from safetensors import safe_open
     from safetensors.torch import load_file

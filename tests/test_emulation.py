@@ -20,6 +20,7 @@ from testbed.emulation.cgroups import detect_cgroups
 from testbed.emulation.runs import cleanup_run
 from testbed.emulation.shaping import HtbClass
 from testbed.model.topology import load_topology
+from waits import wait_listening
 
 pytestmark = pytest.mark.root
 
@@ -47,12 +48,7 @@ def _iperf_mbps(server_ns: str, client_ns: str, port: int, seconds: float, rever
     srv = subprocess.Popen(["nsenter", f"--net={server_ns}", "iperf3", "-s", "-1", "-B", SERVER_ADDRESS, "-p", str(port)],
                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
-        for _ in range(50):
-            r = subprocess.run(["nsenter", f"--net={server_ns}", "ss", "-ltnH", f"sport = :{port}"],
-                               capture_output=True, text=True)
-            if r.stdout.strip():
-                break
-            time.sleep(0.05)
+        wait_listening(server_ns, port)
         cmd = ["nsenter", f"--net={client_ns}", "iperf3", "-c", SERVER_ADDRESS, "-p", str(port), "-t", str(seconds),
                "-J", "-O", "0.5"] + (["-R"] if reverse else [])
         r = subprocess.run(cmd, capture_output=True, text=True, timeout=seconds + 20)
@@ -105,7 +101,7 @@ async def test_shaped_transfer_matches_configured_rate_and_changes_live(topologi
         srv = subprocess.Popen(["nsenter", f"--net={server}", "iperf3", "-s", "-1", "-B", SERVER_ADDRESS, "-p", "5303"],
                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         try:
-            await asyncio.sleep(0.3)
+            await asyncio.to_thread(wait_listening, server, 5303)
             cli = await asyncio.create_subprocess_exec(
                 "nsenter", f"--net={dev}", "iperf3", "-c", SERVER_ADDRESS, "-p", "5303", "-t", "4", "-O", "1", "-J", "-R",
                 stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)

@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 
 from testbed.emulation.runs import cleanup_run, known_runs
+from waits import wait_listening
 
 REPO = Path(__file__).resolve().parent.parent
 TESTBED = [sys.executable, "-m", "testbed.cli"]
@@ -43,7 +44,7 @@ def _iperf(server_ns: str, dev_ns: str, port: int, reverse: bool) -> float:
     srv = subprocess.Popen(["nsenter", f"--net={server_ns}", "iperf3", "-s", "-1", "-B", "198.18.0.1", "-p", str(port)],
                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
-        time.sleep(0.3)
+        wait_listening(server_ns, port)
         r = subprocess.run(["nsenter", f"--net={dev_ns}", "iperf3", "-c", "198.18.0.1", "-p", str(port), "-t", "2",
                             "-O", "0.5", "-J"] + (["-R"] if reverse else []), capture_output=True, text=True, timeout=30)
         assert r.returncode == 0, r.stdout[-300:]

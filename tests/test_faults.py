@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import socket
 import subprocess
 import time
 from dataclasses import dataclass
@@ -29,6 +28,7 @@ from testbed.relay.orchestrator import DevicePower, Job, RelaySettings, Timing
 from testbed.relay.security import make_credentials, write_security_files
 from testbed.selection.recovery import reselect
 from testbed.model.topology import parse_topology
+from mqtt_loopback import start_mosquitto
 from test_relay_protocol import CountingModel, Cost  # the counting model: each step adds 1
 
 needs_mosquitto = pytest.mark.mosquitto  # conftest: skips without mosquitto, fails in CI
@@ -36,38 +36,22 @@ needs_mosquitto = pytest.mark.mosquitto  # conftest: skips without mosquitto, fa
 DEVICES = ["dev01", "dev02", "dev03"]
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 class LocalBroker:
-    """mosquitto on 127.0.0.1:<free port> that can be stopped and started again."""
+    """mosquitto on 127.0.0.1:<a free port> that can be stopped and started again (on that port)."""
 
     def __init__(self, tmp: Path, run: str):
-        self.port = _free_port()
+        self.port: int | None = None  # chosen by the first start
         self.creds = make_credentials(run, DEVICES)
-        paths = write_security_files(tmp / "state", self.creds, "127.0.0.1", self.port)
+        self.paths = write_security_files(tmp / "state", self.creds, "127.0.0.1", 1883)  # (only observer.json names it)
         self.conf = tmp / "mosquitto.conf"
-        self.conf.write_text(
-            "user root\n" f"listener {self.port} 127.0.0.1\n" "allow_anonymous false\n"
-            f"password_file {paths['password_file']}\n" f"acl_file {paths['acl_file']}\n" "persistence false\n"
-            f"message_size_limit {2**20}\n")
         self.log = tmp / "mosquitto.log"
         self.proc: subprocess.Popen | None = None
 
     def start(self) -> None:
-        with open(self.log, "ab") as log:
-            self.proc = subprocess.Popen(["mosquitto", "-c", str(self.conf)], stdout=log, stderr=subprocess.STDOUT)
-        deadline = time.monotonic() + 10
-        while True:
-            with socket.socket() as s:
-                if s.connect_ex(("127.0.0.1", self.port)) == 0:
-                    return
-            assert self.proc.poll() is None, self.log.read_text()
-            assert time.monotonic() < deadline, "mosquitto did not start"
-            time.sleep(0.02)
+        self.proc, self.port = start_mosquitto(self.conf, lambda port: (
+            "user root\n" f"listener {port} 127.0.0.1\n" "allow_anonymous false\n"
+            f"password_file {self.paths['password_file']}\n" f"acl_file {self.paths['acl_file']}\n"
+            "persistence false\n" f"message_size_limit {2**20}\n"), self.log, port=self.port)
 
     def stop(self) -> None:
         if self.proc is not None and self.proc.poll() is None:
@@ -247,19 +231,30 @@ class _FakeCell:
 
     def __init__(self):
         self.calls: list[tuple] = []
+        self.at: list[float] = []  # when each call came (monotonic)
         self.nodes = {"dev01": type("N", (), {"rate_up_mbps": 5.0, "rate_down_mbps": 9.0})()}
 
     def device_ids(self):
         return ["dev01"]
 
+    def _call(self, *call):
+        self.calls.append(call)
+        self.at.append(time.monotonic())
+
     async def cut_link(self, dev):
-        self.calls.append(("down", dev))
+        self._call("down", dev)
 
     async def restore_link(self, dev):
-        self.calls.append(("up", dev))
+        self._call("up", dev)
 
     async def set_link(self, dev, up, down):
-        self.calls.append(("rate", dev, up, down))
+        self._call("rate", dev, up, down)
+
+    async def until(self, n: int, timeout_s: float = 10.0) -> None:
+        """Until the injector has made `n` calls (it fires from timers: wait for them, not for a time)."""
+        async with asyncio.timeout(timeout_s):
+            while len(self.calls) < n:
+                await asyncio.sleep(0.005)
 
 
 async def test_injector_schedules_from_telemetry_and_restores():
@@ -268,17 +263,18 @@ async def test_injector_schedules_from_telemetry_and_restores():
                                   "  - {kind: rate-drop, device: dev01, at_s: 0.05, value: 0.5}\n")
     inj = FaultInjector(cell, lambda etype, device, **data: events.append((etype, device, data)),
                         {"dev01": Cost("dev01", 1, 1, 1, t_cmp_s=0.2)}, topo.faults)
+    t_run = time.monotonic()
     inj.feed({"type": "run_started"})
     inj.feed({"type": "downloaded", "device": "dev01", "stage": 0})
-    await asyncio.sleep(0.2)
-    assert cell.calls == [("rate", "dev01", 0.5, 0.5)]  # at_s fired; the stage-1 flap did not
+    await cell.until(1)
+    assert cell.calls == [("rate", "dev01", 0.5, 0.5)]  # at_s fired; the stage-1 flap waits for its stage
+    assert cell.at[0] - t_run >= 0.049  # (timers never fire early; late, under load, is fine)
+    t_stage1 = time.monotonic()
     inj.feed({"type": "downloaded", "device": "dev01", "stage": 1})
-    await asyncio.sleep(0.05)
-    assert cell.calls[-1] == ("rate", "dev01", 0.5, 0.5)  # the flap waits half the predicted compute (0.1 s)
-    await asyncio.sleep(0.15)
-    assert cell.calls[-1] == ("down", "dev01")
-    await asyncio.sleep(0.3)
-    assert cell.calls[-1] == ("up", "dev01")
+    await cell.until(3)
+    assert cell.calls[1:] == [("down", "dev01"), ("up", "dev01")]
+    assert cell.at[1] - t_stage1 >= 0.099  # the flap waits half the predicted compute (0.1 s) ...
+    assert cell.at[2] - cell.at[1] >= 0.199  # ... and lasts its duration_s
     inj.feed({"type": "downloaded", "device": "dev01", "stage": 1})  # a retried stage fires nothing again
     await inj.close()  # the rate-drop lasts the run: close() restores it
     assert cell.calls[-1] == ("rate", "dev01", 5.0, 9.0)

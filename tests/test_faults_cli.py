@@ -15,6 +15,7 @@ import pytest
 
 from testbed.emulation.runs import cleanup_run
 from test_security import _listening
+from waits import wait_until
 
 REPO = Path(__file__).resolve().parent.parent
 TESTBED = [sys.executable, "-m", "testbed.cli"]
@@ -72,7 +73,8 @@ def test_fault_command_changes_the_kernel_and_undoes_it(up_run):
 
     victim = subprocess.Popen(["ip", "netns", "exec", f"tb-{run}-dev03", "sleep", "300"], start_new_session=True)
     try:
-        time.sleep(0.3)
+        dev03 = os.stat(f"/run/netns/tb-{run}-dev03").st_ino  # the kill finds it once it is inside the node
+        wait_until(lambda: _in_netns(victim.pid, dev03), 30, "the victim to be inside dev03's namespace")
         r = _tb("fault", "kill", "dev03", "--run", run)
         assert r.returncode == 0, r.stderr
         assert victim.wait(10) is not None
@@ -122,3 +124,10 @@ def test_loss_fault_prints_the_link_and_status_shows_it_then_down_says_what_it_r
     d = _tb("down", "--run", run)
     assert d.returncode == 0, d.stderr
     assert "objects" not in d.stdout and "its supervisor" in d.stdout and "network namespaces" in d.stdout, d.stdout
+
+
+def _in_netns(pid: int, inode: int) -> bool:
+    try:
+        return os.stat(f"/proc/{pid}/ns/net").st_ino == inode
+    except OSError:
+        return False

@@ -98,6 +98,7 @@ def test_status_from_arbitrary_bytes(payload):
     _check_status(payload)
 
 
+@pytest.mark.slow  # (make check leaves it to make test: seconds of CPU)
 @examples(200)
 @given(st.dictionaries(st.sampled_from([*VALID_STATUS, "x"]), json_values, max_size=10))
 def test_status_from_arbitrary_documents(doc):
@@ -141,6 +142,7 @@ def test_result_meta_with_one_field_changed(method, data):
     _check_meta(method, meta)
 
 
+@pytest.mark.slow  # (make check leaves it to make test: seconds of CPU)
 @examples(200)
 @given(st.sampled_from(sorted(VALID_META)), st.dictionaries(st.text(max_size=12), json_values, max_size=12))
 def test_result_meta_arbitrary(method, meta):

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
 import yaml
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -54,6 +55,7 @@ def test_random_bytes_give_only_topology_errors(data):
     _load_or_topology_error(data)
 
 
+@pytest.mark.slow  # (make check leaves it to make test: seconds of CPU)
 @settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
 @given(documents)
 def test_random_structures_give_only_topology_errors(doc):
@@ -63,6 +65,7 @@ def test_random_structures_give_only_topology_errors(doc):
 @settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(st.sampled_from(["devices", "budgets", "workload", "radio", "faults", "server", "area", "cell", "mobility"]),
        values)
+@pytest.mark.slow  # (make check leaves it to make test: seconds of CPU)
 def test_one_bad_section_in_a_good_topology_gives_only_topology_errors(section, value):
     doc = yaml.safe_load(SMALL)
     doc[section] = value

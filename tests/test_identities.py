@@ -21,6 +21,7 @@ from __future__ import annotations
 import asyncio
 import json
 import sys
+import threading
 from pathlib import Path
 
 import aiomqtt
@@ -53,9 +54,11 @@ def run_accounts(state: Path, run: str, devices: list[str], bound: bool = True):
 
 
 async def _hold(netns: str, cred, run: str, *, seconds: float, will_device: str | None = None,
-                subscribe: str | None = None, port: int = MQTT_PORT, identifier: str | None = None) -> dict:
+                subscribe: str | None = None, port: int = MQTT_PORT, identifier: str | None = None,
+                ready: threading.Event | None = None) -> dict:
     """One client inside `netns` for `seconds`: how often the broker dropped it, and the
-    messages it received (topic, payload)."""
+    messages it received (topic, payload). `ready` is set once it is connected (subscribed,
+    its status published): a test waits for that, not for a guessed time."""
 
     async def body() -> dict:
         will = (aiomqtt.Will(topics.status(run, will_device), b'{"state": "offline"}', qos=1, retain=True)
@@ -73,6 +76,8 @@ async def _hold(netns: str, cred, run: str, *, seconds: float, will_device: str 
                         await c.subscribe(subscribe, qos=1)
                     if will_device:
                         await c.publish(topics.status(run, will_device), b'{"state": "online"}', qos=1, retain=True)
+                    if ready is not None:
+                        ready.set()
                     async with asyncio.timeout(max(0.0, end - loop.time())):
                         async for m in c.messages:
                             got.append((str(m.topic), bytes(m.payload).decode()))
@@ -106,10 +111,12 @@ async def test_a_device_cannot_take_over_another_connection(topologies, unique_r
         broker = await emu.start_broker(settings)
         uids = allocate_uids(state, emu.device_ids())
         dev01, dev02, server_ns = emu.nodes["dev01"].netns, emu.nodes["dev02"].netns, emu.nodes["server"].netns
-        victim = asyncio.ensure_future(_hold(dev02, creds.for_device("dev02"), run, seconds=7.0, will_device="dev02"))
+        online = [threading.Event(), threading.Event()]
+        victim = asyncio.ensure_future(_hold(dev02, creds.for_device("dev02"), run, seconds=7.0, will_device="dev02",
+                                             ready=online[0]))
         server = asyncio.ensure_future(_hold(server_ns, creds.server, run, seconds=7.0,
-                                             subscribe=f"tb/{run}/dev/+/status"))
-        await asyncio.sleep(1.5)  # both online
+                                             subscribe=f"tb/{run}/dev/+/status", ready=online[1]))
+        assert all([await asyncio.to_thread(e.wait, 30) for e in online])  # both online
         took = await _attack(dev01, uids["dev01"], creds.for_device("dev01"), run, tmp_path / "attack.log",
                              identifiers=[f"tb-{run}-dev02", f"tb-{run}-server", "dev02", "server"])
         will = await _attack(dev01, uids["dev01"], creds.for_device("dev01"), run, tmp_path / "will.log",
@@ -138,10 +145,11 @@ async def test_read_only_accounts_connect_several_at_once_on_the_watch_listener(
         assert json.loads(paths["observer"].read_text())["port"] == settings.watch_port == MQTT_PORT + 1
         ns = emu.nodes["server"].netns
         status = f"tb/{run}/dev/+/status"
+        online = [threading.Event() for _ in range(3)]
         watchers = [asyncio.ensure_future(_hold(ns, c, run, seconds=3.0, subscribe=status, port=MQTT_PORT + 1,
-                                                identifier=f"tb-{run}-{c.username}-{i}"))  # each its own id
-                    for i, c in enumerate((creds.monitor, creds.monitor, creds.observer))]
-        await asyncio.sleep(1.0)
+                                                identifier=f"tb-{run}-{c.username}-{i}", ready=online[i]))
+                    for i, c in enumerate((creds.monitor, creds.monitor, creds.observer))]  # each its own id
+        assert all([await asyncio.to_thread(e.wait, 30) for e in online])  # all three connected at once
         device_on_watch = await _connect_once(ns, creds.for_device("dev01"), MQTT_PORT + 1)
         results = [await w for w in watchers]
     assert [r["dropped"] for r in results] == [0, 0, 0], results

@@ -22,6 +22,7 @@ from testbed.errors import ResourceError
 from testbed.model.impairments import Impairment
 from testbed.model.topology import parse_topology
 from testbed.selection.transfer import loss_limited_rate_bps, rtt_s
+from waits import wait_listening, wait_until
 
 pytestmark = pytest.mark.root
 
@@ -96,7 +97,7 @@ def _iperf_down_mbps(server_ns: str, dev_ns: str, dev_addr: str, seconds: int) -
     srv = subprocess.Popen(["nsenter", f"--net={dev_ns}", "iperf3", "-s", "-1", "-B", dev_addr, "-p", "5621"],
                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
-        time.sleep(0.5)
+        wait_listening(dev_ns, 5621)
         r = subprocess.run(["nsenter", f"--net={server_ns}", "iperf3", "-c", dev_addr, "-p", "5621", "-t",
                             str(seconds), "-J"], capture_output=True, text=True, timeout=seconds + 30)
         assert r.returncode == 0, r.stdout[-400:]
@@ -215,16 +216,20 @@ def test_fault_delay_on_an_up_cell_goes_through_its_owner(run_id: str, topologie
                         capture_output=True, text=True, timeout=180)
     assert up.returncode == 0, up.stderr[-2000:]
     try:
-        fault = subprocess.Popen([*tb, "fault", "delay", "dev01", "--value", "30", "--duration", "6", "--run", run_id],
+        fault = subprocess.Popen([*tb, "fault", "delay", "dev01", "--value", "30", "--duration", "10", "--run", run_id],
                                  stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-        time.sleep(2.5)
-        st = json.loads(subprocess.run([*tb, "status", "--run", run_id, "--json"], capture_output=True, text=True,
-                                       timeout=60).stdout)
+
+        def applied() -> dict | None:  # (the fault's own process may take seconds to start on a busy machine)
+            st = json.loads(subprocess.run([*tb, "status", "--run", run_id, "--json"], capture_output=True, text=True,
+                                           timeout=60).stdout)
+            return st if "dev01" in (st.get("impairments") or {}).get("devices", {}) else None
+
+        st = wait_until(applied, 60, "the delay to be applied", every_s=0.3)
         nodes = {n["id"]: n for n in st["nodes"]}
         assert st["impairments"]["path"] in ("netem", "nfqueue+iptables")
         rtt, lost = ping(nodes["server"]["netns"], nodes["dev01"]["address"], 40, 0.02)
         assert 55 <= rtt <= 75 and lost == 0, rtt  # 2 x 30 ms
-        assert fault.wait(timeout=30) == 0, fault.stderr.read()
+        assert fault.wait(timeout=60) == 0, fault.stderr.read()
         rtt, _ = ping(nodes["server"]["netns"], nodes["dev01"]["address"], 40, 0.02)
         assert rtt < 10, rtt  # undone
     finally:

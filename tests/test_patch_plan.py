@@ -21,6 +21,7 @@ def _cell(name: str):
     return topo, compute_links(topo, place(topo))
 
 
+@pytest.mark.slow  # (make check leaves it to make test: seconds of CPU)
 def test_the_constants_are_sd15s_shapes_counted_on_the_meta_device():
     from testbed.diffusion.patch import sd15_patch_profile
 

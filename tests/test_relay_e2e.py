@@ -36,6 +36,24 @@ def _check_steps(doc: dict) -> None:
     assert [s["steps"] for s in doc["stages"]] == [[i, i + k] for i in range(0, n, k)]  # each step once, in order
 
 
+async def _until_observed(session, out: Path, needle: bytes, publish: bool = False, timeout_s: float = 60.0) -> None:
+    """Until the observer's output holds `needle`; `publish`: sending a probe event every
+    0.1 s meanwhile (as the run owner's event publisher), for a subscription that is not
+    there yet — a sleep would guess how long mosquitto_sub takes."""
+    settings = session.relay_settings("events")
+
+    async def probe() -> None:
+        async with aiomqtt.Client(settings.broker_host, settings.broker_port, username=settings.username,
+                                  password=settings.password, identifier=f"tb-{settings.run}-{settings.username}") as c:
+            async with asyncio.timeout(timeout_s):
+                while needle not in (out.read_bytes() if out.exists() else b""):
+                    if publish:
+                        await c.publish(topics.events(settings.run), b'{"type": "probe"}', qos=1)
+                    await asyncio.sleep(0.1)
+
+    await session.in_server_ns(probe)
+
+
 async def test_small_run_completes_and_an_outside_observer_sees_the_events(topologies, tmp_path, unique_run_id):
     from testbed.composition.cells import AttachedCellSource, MadeCell
     from testbed.composition.session import RunSession
@@ -56,13 +74,14 @@ async def test_small_run_completes_and_an_outside_observer_sees_the_events(topol
             netns, ["mosquitto_sub", "-h", obs["host"], "-p", str(obs["port"]), "-u", obs["username"], "-P", obs["password"],
              "-t", f"tb/{run}/#", "-W", "120", "-v"], None, tmp_path / "observer.txt")
         try:
-            await asyncio.sleep(0.5)
+            await _until_observed(r, tmp_path / "observer.txt", b'"probe"', publish=True)  # it has subscribed
             res = await r.run()
-            await asyncio.sleep(0.5)
+            await _until_observed(r, tmp_path / "observer.txt", b'"run_finished"')  # it has seen the last one
         finally:
             sub.terminate()
             sub.wait(10)
-    stdout = stderr = (tmp_path / "observer.txt").read_text()
+    stdout = stderr = "\n".join(ln for ln in (tmp_path / "observer.txt").read_text().splitlines()
+                                if '"probe"' not in ln)
     doc = res.to_json()
     assert doc["selected"] == ["dev01", "dev02"] and doc["recovered"] == []
     _check_steps(doc)
@@ -153,14 +172,14 @@ async def test_run_on_a_cell_that_testbed_up_keeps_alive(topologies, tmp_path, u
 
     run = unique_run_id[:7]
     tb = [sys.executable, "-m", "testbed.cli"]
-    up = subprocess.run([*tb, "up", str(topologies / "small.yaml"), "--run", run], capture_output=True, text=True,
-                        timeout=120)
+    up = subprocess.run([*tb, "up", str(topologies / "small.yaml"), "--run", run, "--wait"], capture_output=True,
+                        text=True, timeout=300)
     assert up.returncode == 0, up.stderr
     try:
         topo = load_topology(topologies / "small.yaml")
         assert load_topology(Path("/run/testbed") / run / "topology.yaml") == topo  # written by up's supervisor
         agents = call_sync(control_path(run), "agents_pids")
-        assert sorted(agents) == ["dev01", "dev02", "dev03", "dev04"]  # warm: up started them
+        assert sorted(agents) == ["dev01", "dev02", "dev03", "dev04"]  # warm: up --wait waited for them
         async with RunSession(topo, AttachedCellSource(run), out_dir=tmp_path) as r:
             assert r.cell.broker.port == 1883  # the cell's own broker
             doc = (await r.run()).to_json()

@@ -26,6 +26,7 @@ from testbed.methods.multistage.orchestrator import MultistageOrchestrator
 from testbed.relay.orchestrator import DevicePower, Job, RelaySettings, Timing
 from testbed.selection.recovery import reselect
 from testbed.relay.wire import Message, TensorSpec, decode, encode
+from mqtt_loopback import start_mosquitto
 
 pytestmark = pytest.mark.mosquitto  # conftest: skips without mosquitto, fails in CI
 
@@ -76,30 +77,12 @@ def _crash(agent: Agent, task: asyncio.Task) -> None:
     task.cancel()
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _start_mosquitto(tmp_path: Path, port: int, paths: dict) -> subprocess.Popen:
-    conf = tmp_path / "mosquitto.conf"
-    conf.write_text(
-        "user root\n" f"listener {port} 127.0.0.1\n" "allow_anonymous false\n"
+def _start_mosquitto(tmp_path: Path, port: int | None, paths: dict) -> tuple[subprocess.Popen, int]:
+    """The run's broker on a free loopback port (`port`: that one, a restart); (process, port)."""
+    return start_mosquitto(tmp_path / "mosquitto.conf", lambda p: (
+        "user root\n" f"listener {p} 127.0.0.1\n" "allow_anonymous false\n"
         f"password_file {paths['password_file']}\n" f"acl_file {paths['acl_file']}\n" "persistence false\n"
-        f"message_size_limit {4 * 2**20}\n"
-    )
-    with open(tmp_path / "mosquitto.log", "ab") as log:
-        proc = subprocess.Popen(["mosquitto", "-c", str(conf)], stdout=log, stderr=subprocess.STDOUT)
-    deadline = time.monotonic() + 10
-    while True:
-        with socket.socket() as s:
-            if s.connect_ex(("127.0.0.1", port)) == 0:
-                return proc
-        if proc.poll() is not None or time.monotonic() > deadline:
-            _stop(proc)
-            raise AssertionError("mosquitto did not start: " + (tmp_path / "mosquitto.log").read_text()[-500:])
-        time.sleep(0.05)
+        f"message_size_limit {4 * 2**20}\n"), tmp_path / "mosquitto.log", port=port)
 
 
 def _stop(proc: subprocess.Popen) -> None:
@@ -114,10 +97,10 @@ def _stop(proc: subprocess.Popen) -> None:
 @pytest.fixture
 def broker(tmp_path, unique_run_id):
     run = unique_run_id
-    port = _free_port()
     creds = make_credentials(run, DEVICES)
-    paths = write_security_files(tmp_path / "state", creds, "127.0.0.1", port)
-    box = {"proc": _start_mosquitto(tmp_path, port, paths)}
+    paths = write_security_files(tmp_path / "state", creds, "127.0.0.1", 1883)  # (only observer.json names a port)
+    proc, port = _start_mosquitto(tmp_path, None, paths)
+    box = {"proc": proc}
     try:
         yield run, port, creds, paths, box
     finally:
@@ -473,7 +456,7 @@ async def test_agent_reconnects_after_the_broker_restarts(broker, tmp_path):
         assert (await serve_one(0)).steps == (0, 2)
         _stop(box["proc"])  # the broker goes away (retained statuses with it: persistence is off)
         await asyncio.sleep(0.5)
-        box["proc"] = _start_mosquitto(tmp_path, port, paths)
+        box["proc"], _ = _start_mosquitto(tmp_path, port, paths)
         assert (await serve_one(1)).steps == (2, 4)  # the agent came back on its own and serves
         async with asyncio.timeout(5):  # it counts a task once its result's PUBACK is in, after the server read it
             while agent.served < 2:

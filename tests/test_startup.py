@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import re
 import subprocess
 import sys
 import time
@@ -168,12 +169,66 @@ finally:
 """.format(heavy=HEAVY)
 
 
-def _warm_run(run: str, topo: Path, out: Path, tmp: Path, *extra: str) -> tuple[subprocess.CompletedProcess, list]:
-    """`testbed run TOPO --run RUN` in a process that reports which heavy modules it imported."""
+def _client_run(topo: Path, out: Path, tmp: Path, *extra: str) -> tuple[subprocess.CompletedProcess, list]:
+    """`testbed run TOPO ...` in a process that reports which heavy modules it imported."""
     seen = tmp / f"modules-{out.name}.json"
-    r = subprocess.run([sys.executable, "-c", _CLIENT, str(seen), "run", str(topo), "--run", run, "--out", str(out),
+    r = subprocess.run([sys.executable, "-c", _CLIENT, str(seen), "run", str(topo), "--out", str(out),
                         "--json", *extra], capture_output=True, text=True, timeout=180, cwd=REPO)
     return r, json.loads(seen.read_text()) if seen.exists() else None
+
+
+def _warm_run(run: str, topo: Path, out: Path, tmp: Path, *extra: str) -> tuple[subprocess.CompletedProcess, list]:
+    """`testbed run TOPO --run RUN` in a process that reports which heavy modules it imported."""
+    return _client_run(topo, out, tmp, "--run", run, *extra)
+
+
+def _wait_state(run: str, cond, what: str, timeout_s: float = 180.0) -> dict:
+    from testbed.emulation.runs import read_state
+
+    deadline = time.monotonic() + timeout_s
+    while True:
+        state = read_state(run) or {}
+        if cond(state):
+            return state
+        assert time.monotonic() < deadline, f"timed out after {timeout_s:g} s waiting for {what}: {state}"
+        time.sleep(0.05)
+
+
+@pytest.mark.root
+@pytest.mark.mosquitto
+@pytest.mark.slow
+def test_up_returns_when_the_cell_is_usable_and_its_agents_warm_behind_it(topologies, tmp_path, unique_run_id):
+    """`up` answers once namespaces, links and the broker are up; `status` shows the agents
+    coming online; a cell that keeps none warm starts, for a generation, only what it needs."""
+    from testbed.emulation.attached import control_path
+    from testbed.emulation.control import call_sync
+
+    run = unique_run_id
+    up = _tb("up", str(topologies / "small.yaml"), "--run", run, "--json")
+    assert up.returncode == 0, up.stderr
+    state = json.loads(up.stdout)
+    assert state["ready"] and state["warm"] == ["dev01", "dev02", "dev03", "dev04"]
+    assert state["worker"] in ("starting", "ready") and state["broker"] is not None
+    shown = _tb("status", "--run", run)
+    assert shown.returncode == 0 and re.search(r"agents: [0-4]/4 online", shown.stdout), shown.stdout
+    _wait_state(run, lambda s: s.get("worker") == "ready" and sum(n.get("agent_online", False)
+                                                                 for n in s.get("nodes", [])) == 4, "4 agents online")
+    assert "agents: 4/4 online\n" in _tb("status", "--run", run).stdout
+    assert _tb("down", "--run", run).returncode == 0
+
+    # --warm none: nothing warms; a generation starts its chain (and, behind it, spares)
+    up = _tb("up", str(topologies / "small.yaml"), "--run", run, "--warm", "none", "--wait", "--json")
+    assert up.returncode == 0, up.stderr
+    assert json.loads(up.stdout)["warm"] == [] and call_sync(control_path(run), "agents_pids") == {}
+    assert "agents: 0/0 online; the other 4 start when a plan selects them" in _tb("status", "--run", run).stdout
+    r, _ = _warm_run(run, topologies / "small.yaml", tmp_path / "n1", tmp_path)
+    assert r.returncode == 0, r.stderr
+    doc = json.loads(r.stdout)
+    events = [json.loads(x) for x in (tmp_path / "n1" / "events.jsonl").read_text().splitlines()]
+    waited = next(e for e in events if e["type"] == "agents_online")
+    assert waited["devices"] == len(doc["selected"]) == 2  # the generation waited for its chain only
+    assert set(doc["selected"]) <= set(call_sync(control_path(run), "agents_pids"))
+    assert _tb("down", "--run", run).returncode == 0
 
 
 @pytest.mark.root
@@ -185,9 +240,10 @@ def test_a_warm_run_is_the_supervisors_and_the_client_imports_no_torch(topologie
     from testbed.model.topology import load_topology
 
     run = unique_run_id
-    up = _tb("up", str(topologies / "small.yaml"), "--run", run, "--json")
+    up = _tb("up", str(topologies / "small.yaml"), "--run", run, "--wait", "--json")
     assert up.returncode == 0, up.stderr
     agents = call_sync(control_path(run), "agents_pids")
+    assert sorted(agents) == ["dev01", "dev02", "dev03", "dev04"]  # --wait: every warm agent online
     t0 = time.time()
     r, heavy = _warm_run(run, topologies / "small.yaml", tmp_path / "w1", tmp_path)
     t1 = time.time()
@@ -242,19 +298,48 @@ def test_a_warm_run_is_the_supervisors_and_the_client_imports_no_torch(topologie
 @pytest.mark.root
 @pytest.mark.mosquitto
 @pytest.mark.slow
-def test_a_cold_run_records_its_startup_and_leaves_no_process_behind(topologies, tmp_path):
+def test_a_cold_run_pays_torch_once_records_its_startup_and_leaves_no_process_behind(topologies, tmp_path):
     from test_leaks import _leftovers
 
     t0 = time.time()
-    r = _tb("run", str(topologies / "small.yaml"), "--out", str(tmp_path / "o"), "--json")
+    r, heavy = _client_run(topologies / "small.yaml", tmp_path / "o", tmp_path)
     wall = time.time() - t0
     assert r.returncode == 0, r.stderr
+    assert heavy == []  # the command made the cell; its worker imported torch and diffusers, once
     doc = json.loads(r.stdout)
-    assert _leftovers(doc["run"], set()) == []  # no template, agent, broker, namespace or state left
+    assert _leftovers(doc["run"], set()) == []  # no worker, template, agent, broker, namespace or state left
     s = doc["meta"]["startup"]
     assert s["path"] == "cold"
-    assert {"cli", "session", "cell", "broker", "template", "server_model", "agents", "plan"} <= set(s["phases"])
+    assert {"cli", "session", "cell", "broker", "imports", "template", "server_model", "plan",
+            "agents_wait"} <= set(s["phases"])
     ph = s["phases"]
-    assert ph["template"][0] < ph["cell"][1]  # the template's imports overlapped the cell's creation
-    assert ph["agents"][1] <= s["first_stage_s"] <= wall  # every agent was online before the first latent
+    assert ph["imports"][0] < ph["cell"][1]  # the worker's imports overlapped the cell's creation
+    assert ph["imports"][1] <= ph["server_model"][0] and ph["imports"][1] <= ph["template"][1]  # one import for both
+    assert ph["agents_wait"][1] <= s["first_stage_s"] <= wall  # the chain's agents were online before the first latent
     assert s["cell_s"] == pytest.approx(ph["cell"][1] - ph["cell"][0], abs=1e-3)  # the old keys stay
+
+
+@pytest.mark.root
+@pytest.mark.mosquitto
+@pytest.mark.slow
+def test_an_up_cells_worker_template_and_agents_hold_no_secret_of_the_command(topologies, unique_run_id):
+    """The worker imports torch once and forks the template from itself: it must start from
+    the allow-listed environment, or a secret of the command's would reach every agent."""
+    from test_environ import TOKEN, _environ, _memory_holds
+
+    from testbed.emulation.runs import read_state
+
+    run = unique_run_id
+    r = subprocess.run([*TESTBED, "up", str(topologies / "small.yaml"), "--run", run, "--wait", "--json"],
+                       env={**os.environ, "HF_TOKEN": TOKEN}, capture_output=True, text=True, timeout=300, cwd=REPO)
+    assert r.returncode == 0, r.stderr
+    try:
+        worker = read_state(run, "worker.json")
+        assert worker is not None and len(worker["agents"]) == 4, worker
+        pids = {"worker": worker["pid"], "template": worker["template_pid"],
+                **{f"agent {d}": p for d, p in worker["agents"].items()}}
+        leaked = {who: "HF_TOKEN" in (env := _environ(pid)) or TOKEN in "".join(env.values()) or
+                  _memory_holds(pid, TOKEN.encode()) for who, pid in pids.items()}
+        assert leaked == {who: False for who in pids}
+    finally:
+        assert _tb("down", "--run", run).returncode == 0

@@ -7,7 +7,6 @@ import asyncio
 import contextlib
 import json
 import re
-import socket
 import subprocess
 import sys
 import time
@@ -321,27 +320,14 @@ async def test_attach_without_observer_file_says_so(small, tmp_path):
 @pytest.fixture
 def mosquitto_port(tmp_path):
     """A mosquitto on a free loopback port (anonymous), ended after the test."""
-    port = _free_port()
-    conf = tmp_path / "mosquitto.conf"
-    conf.write_text(f"listener {port} 127.0.0.1\nallow_anonymous true\n")
-    broker = subprocess.Popen(["mosquitto", "-c", str(conf)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    from mqtt_loopback import start_mosquitto, stop_process
+
+    broker, port = start_mosquitto(tmp_path / "mosquitto.conf", lambda p: f"listener {p} 127.0.0.1\nallow_anonymous true\n",
+                                   tmp_path / "mosquitto.log")
     try:
-        for _ in range(50):
-            try:
-                socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
-                break
-            except OSError:
-                time.sleep(0.1)
         yield port
     finally:
-        broker.terminate()
-        broker.wait(timeout=10)
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+        stop_process(broker)
 
 
 @pytest.mark.mosquitto
@@ -472,16 +458,22 @@ async def test_attach_through_mosquitto_sub_reads_events_line_by_line(tmp_path, 
             "topic": f"tb/{unique_run_id}/events"}
     sent = [{"type": "stage_started", "seq": i, "device": "dev01", "note": "x" * (3000 * i)} for i in range(3)]
     got: list[dict] = []
+    subscribed = asyncio.Event()
 
     async def publish() -> None:
-        await asyncio.sleep(1.0)  # mosquitto_sub subscribes first
         async with aiomqtt.Client("127.0.0.1", port) as pub:
+            while not subscribed.is_set():  # until mosquitto_sub sees one: it subscribes when it can
+                await pub.publish(info["topic"], b'{"type": "probe"}', qos=1)
+                await asyncio.sleep(0.1)
             for ev in sent:
                 await pub.publish(info["topic"], json.dumps(ev).encode(), qos=1)
 
     task = asyncio.create_task(publish())
-    async with asyncio.timeout(20), contextlib.aclosing(follow_events_in_netns(info, None)) as events:
+    async with asyncio.timeout(60), contextlib.aclosing(follow_events_in_netns(info, None)) as events:
         async for ev in events:
+            if ev["type"] == "probe":
+                subscribed.set()
+                continue
             got.append(ev)
             if len(got) == len(sent):
                 break

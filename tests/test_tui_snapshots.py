@@ -8,12 +8,25 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
+import pytest
 
 from testbed.model.topology import load_topology
 from test_tui import relay_events
 from tui.app import TestbedApp
 
 SIZE = (80, 24)
+
+
+@pytest.fixture(autouse=True)
+def _the_packages_own_methods(monkeypatch):
+    """The pictures show the package's own methods: a plug-in that another test module
+    registered in this process (tests/solo_method.py, imported when the suite is collected)
+    must not reach them — or the help screen differs with the set of tests run."""
+    from testbed.methods import METHODS
+
+    for name, spec in list(METHODS.items()):
+        if not spec.strategy.startswith("testbed."):
+            monkeypatch.delitem(METHODS, name)
 
 
 def _app(topologies: Path) -> TestbedApp:
@@ -39,7 +52,19 @@ def test_paper_selected(snap_compare, topologies):
 
 
 def test_help(snap_compare, topologies):
-    assert snap_compare(_app(topologies), run_before=_costs, press=["question_mark"], terminal_size=SIZE)
+    from tui.help import HelpScreen
+
+    async def help_open(pilot) -> None:  # the picture once the pop-up is the screen, not a guessed moment later
+        await _costs(pilot)
+        await pilot.press("question_mark")
+        for _ in range(200):
+            if isinstance(pilot.app.screen, HelpScreen) and pilot.app.screen.is_mounted:
+                break
+            await pilot.pause(0.05)
+        await pilot.wait_for_scheduled_animations()
+        await pilot.pause()
+
+    assert snap_compare(_app(topologies), run_before=help_open, terminal_size=SIZE)
 
 
 def test_run_with_recovery(snap_compare, topologies):

@@ -12,7 +12,7 @@ from rich.markup import escape
 from testbed.methods import methods
 from testbed.model.names import SELECTORS
 
-__all__ = ["HelpScreen", "HELP_TEXT"]
+__all__ = ["HelpScreen", "help_text"]
 
 HELP_TEXT_TEMPLATE = """\
 [b]testbed TUI[/b] — device selection and live runs of multi-stage diffusion
@@ -42,8 +42,13 @@ reference, with MS-SSIM.
 the CLI through its MQTT events topic (read-only; s r k c are off).
 
 [dim]Esc or ? closes this screen; q quits.[/dim]"""
-HELP_TEXT = HELP_TEXT_TEMPLATE.format(selectors=" ".join(SELECTORS), methods=" ".join(m.name for m in methods()),
-                                      out="{out}")  # (filled in per screen)
+
+
+def help_text(out_dir: str = "out") -> str:
+    """The help, with the methods registered now (a plug-in registered after this module
+    was imported is listed too) and where runs write."""
+    return HELP_TEXT_TEMPLATE.format(selectors=" ".join(SELECTORS), methods=" ".join(m.name for m in methods()),
+                                     out=escape(out_dir))
 
 
 class HelpScreen(ModalScreen[None]):
@@ -59,4 +64,4 @@ class HelpScreen(ModalScreen[None]):
 
     def compose(self) -> ComposeResult:
         with VerticalScroll(id="help"):
-            yield Static(HELP_TEXT.replace("{out}", escape(self.out_dir)), id="help-text")
+            yield Static(help_text(self.out_dir), id="help-text")

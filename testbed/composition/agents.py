@@ -96,15 +96,17 @@ class AgentLauncher:
     (the devices' uids, node_uids.py) comes before spawning.
     """
 
-    def __init__(self, run_id: str, state_dir: Path, logs_dir: Path, preload: list[tuple[str, str]] | None = None):
+    def __init__(self, run_id: str, state_dir: Path, logs_dir: Path, preload: list[tuple[str, str]] | None = None,
+                 *, forked_template: int | None = None):
         self.run_id = run_id
         self.preload = list(preload or [])  # (model, precision) variants the template makes before forking
         self.state_dir, self.logs_dir = Path(state_dir), Path(logs_dir)
         self.sock_path = self.state_dir / "agent-template.sock"
-        self.template_pid: int | None = None
+        self.template_pid: int | None = forked_template  # forked by this process (worker.py): not spawned here
         self._template: Any = None
         self._ready: asyncio.Future | None = None
         self._pids: dict[str, int] = {}
+        self._spawning: dict[str, asyncio.Future] = {}  # device -> its start in flight (one agent per device)
         self.cell: Cell | None = None
         self.uids: dict[str, int] = {}
 
@@ -125,20 +127,33 @@ class AgentLauncher:
         from testbed.emulation.procs import spawn_in
 
         t0 = time.monotonic()
-        self.sock_path.unlink(missing_ok=True)
-        self.logs_dir.mkdir(parents=True, exist_ok=True)
         log = self.logs_dir / "agent-template.log"
-        env = {PRELOAD_ENV: ",".join(f"{m}:{p}" for m, p in self.preload)}
-        proc = await asyncio.to_thread(spawn_in, None, [sys.executable, "-m", "testbed.composition.template",
-                                                        str(self.sock_path)], env, log)
-        self._template, self.template_pid = proc, proc.pid
+        if self.template_pid is None:
+            self.sock_path.unlink(missing_ok=True)
+            self.logs_dir.mkdir(parents=True, exist_ok=True)
+            env = {PRELOAD_ENV: ",".join(f"{m}:{p}" for m, p in self.preload)}
+            proc = await asyncio.to_thread(spawn_in, None, [sys.executable, "-m", "testbed.composition.template",
+                                                            str(self.sock_path)], env, log)
+            self._template, self.template_pid = proc, proc.pid
         while not await asyncio.to_thread(self._accepts):
-            if proc.poll() is not None:
-                raise ResourceError(f"the agent template exited with code {proc.returncode}; see {log}")
+            if (code := self._template_exit()) is not None:
+                raise ResourceError(f"the agent template exited with code {code}; see {log}")
             if time.monotonic() - t0 > timeout_s:
                 raise ResourceError(f"the agent template did not start within {timeout_s:g} s; see {log}")
             await asyncio.sleep(0.05)
         return time.monotonic() - t0
+
+    def _template_exit(self) -> int | None:
+        """The template's exit code once it has exited (spawned or forked by this process)."""
+        if self._template is not None:
+            return self._template.poll()
+        if self.template_pid is None:
+            return None
+        try:
+            pid, status = os.waitpid(self.template_pid, os.WNOHANG)
+        except ChildProcessError:
+            return -1
+        return os.waitstatus_to_exitcode(status) if pid else None
 
     def _accepts(self) -> bool:
         if not self.sock_path.exists():
@@ -192,12 +207,20 @@ class AgentLauncher:
         return pid
 
     async def ensure(self, devices: list[str]) -> None:
+        """Start the agents of `devices` that are neither running nor starting (not killed
+        ones): a warm-up and a generation asking at once start each agent once."""
         from testbed.emulation.procs import pid_alive
 
         assert self.cell is not None
-        todo = [d for d in devices if self.cell.nodes[d].state != "killed"
-                and not (d in self._pids and pid_alive(self._pids[d]))]
-        await asyncio.gather(*(self.spawn(d) for d in todo))
+        for d in devices:
+            if self.cell.nodes[d].state == "killed" or d in self._spawning or (d in self._pids and
+                                                                                pid_alive(self._pids[d])):
+                continue
+            fut = self._spawning[d] = asyncio.ensure_future(self.spawn(d))
+            fut.add_done_callback(lambda f, d=d: self._spawning.pop(d, None) if self._spawning.get(d) is f else None)
+        waits = [self._spawning[d] for d in devices if d in self._spawning]
+        if waits:
+            await asyncio.gather(*(asyncio.shield(w) for w in waits))
 
     async def revive(self, device: str) -> int:
         assert self.cell is not None
@@ -220,6 +243,8 @@ class AgentLauncher:
     async def close(self) -> None:
         from testbed.emulation.procs import stop_pid
 
+        for fut in list(self._spawning.values()):
+            fut.cancel()
         if self._ready is not None and not self._ready.done():
             self._ready.cancel()
         if self._ready is not None:

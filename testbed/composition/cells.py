@@ -8,10 +8,15 @@ history and the run's state directory — and tears down what it made:
 | `MadeCell` (`testbed run FILE`, the `testbed up` supervisor, sweeps, the TUI) | `Emulation(...)`, made here, torn down at the end | `AgentLauncher`: this process's template |
 | `AttachedCellSource` (a `testbed up` cell, library users) | `AttachedCell.connect(ID)`; left up | `RemoteAgents`: the supervisor's |
 | `GivenCell` (compose/Swarm deployment's server) | made elsewhere, handed in | `ExternalAgents`: each device service starts its own |
+| `MadeCell(worker=True)` (`testbed run FILE`, the `testbed up` supervisor) | made here, served to its worker | `WorkerAgents`: the worker's (worker.py), which also runs the generations |
+| `WorkerCell` (the worker itself) | its owner's, through the control socket | `AgentLauncher`: a template forked from the worker |
 
 `open(topo, links, clock, started)` gets the topology, its links (computed once by the run
 owner), the start-up clock and `started()`, called once the slow background work has begun
-(the agent template's imports) so that the owner can start its own (the server's model).
+(the agent template's imports) so that the owner can start its own (the server's model) —
+not by a source whose generations run in its worker. `warm`: which agents the run owner
+starts as soon as the cell is up (online.warm_set: "auto" is every device of a cell of up to
+32; "none" leaves them to the plans).
 """
 
 from __future__ import annotations
@@ -25,6 +30,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from testbed.composition.agents import AgentLauncher, Agents, ExternalAgents, RemoteAgents, write_agent_configs
+from testbed.composition.worker_link import WorkerAgents, write_worker_topology
 from testbed.composition.history import EnergyHistory
 from testbed.composition.startup import StartupClock
 from testbed.emulation.cell import BrokerSettings, Cell
@@ -34,7 +40,8 @@ from testbed.model.radio import DeviceLink
 from testbed.model.topology import Topology
 from testbed.relay import security
 
-__all__ = ["Rig", "CellSource", "MadeCell", "AttachedCellSource", "GivenCell", "max_message_bytes", "same_cell"]
+__all__ = ["Rig", "CellSource", "MadeCell", "AttachedCellSource", "GivenCell", "WorkerCell", "max_message_bytes",
+           "same_cell", "preloaded_variants"]
 
 
 def max_message_bytes(topo: Topology) -> int:
@@ -56,11 +63,12 @@ class Rig:
     agents: Agents | None
     history: EnergyHistory | None
     state_dir: Path | None
+    worker: WorkerAgents | None = None  # runs the generations on this cell (this process holds no torch)
 
 
 class CellSource(Protocol):
     path: str  # how meta.startup names it: cold, attached, given
-    warms_agents: bool  # the run owner starts every device's agent as soon as the cell is up
+    warm: str  # which agents the run owner starts as soon as the cell is up (online.warm_set)
 
     async def open(self, topo: Topology, links: list[DeviceLink], clock: StartupClock,
                    started: Callable[[], None]) -> Rig: ...
@@ -77,20 +85,28 @@ def same_cell(run_id: str, topo: Topology, mine: list[DeviceLink], theirs: list[
 
 
 class MadeCell:
-    """A cell this process makes: run directory, cell (`backend`), credentials, broker, the
-    agent template and every device's agent (started at once, not when a plan asks: the
-    first stage does not wait for 20 agents). `broker=False`: the cell alone (`up --no-broker`)."""
+    """A cell this process makes: run directory, cell (`backend`), credentials, broker, and
+    the agents. By default this process starts the agent template and loads the server's
+    model itself (the TUI, sweeps, library sessions). `worker=True` (`testbed run FILE`, the
+    `testbed up` supervisor): a worker process (worker.py) does both, with torch and
+    diffusers imported once, and runs the generations; this process serves it the cell on
+    the control socket (`control`) and imports no torch. `broker=False`: the cell alone
+    (`up --no-broker`). `warm`: the agents started with the cell (online.warm_set)."""
 
     path = "cold"
-    warms_agents = True
 
     def __init__(self, run_id: str | None = None, *, backend: str = "netns", broker: bool = True,
-                 state_dir: Path | None = None):
+                 state_dir: Path | None = None, worker: bool = False, warm: str = "auto"):
         self.run_id, self.backend, self.broker = run_id, backend, broker
         self.state_dir = Path(state_dir) if state_dir is not None else None  # given: the up command made it
         self._owns_state = state_dir is None
+        self.worker = worker and broker
+        self.warm = "none" if self.worker else warm  # a worker warms its own (it is told `worker_warm`)
+        self.worker_warm = warm
+        self.control: Any = None  # the control socket serving the cell to the worker
         self._cell: Any = None
         self._launcher: AgentLauncher | None = None
+        self._worker: WorkerAgents | None = None
 
     async def open(self, topo: Topology, links: list[DeviceLink], clock: StartupClock,
                    started: Callable[[], None]) -> Rig:
@@ -100,15 +116,19 @@ class MadeCell:
         run_id = self.run_id = self.run_id or new_run_id()
         if self.state_dir is None:
             self.state_dir = make_run_dir(run_id)
-        write_topology(run_id, topo)  # for `testbed tui --attach RUN`
-        if self.broker:  # the template's imports overlap the cell's creation and the server's model
+        write_topology(run_id, topo)  # for `testbed tui --attach RUN`, and the worker's
+        if self.worker:  # its imports overlap the cell's creation
+            write_worker_topology(run_id, topo)
+            self._worker = WorkerAgents.spawn(run_id, warm=self.worker_warm)
+        elif self.broker:  # the template's imports overlap the cell's creation and the server's model
             self._launcher = AgentLauncher(run_id, self.state_dir, self.state_dir / "logs",
-                                           preload=_preloaded_variants(topo, links))
+                                           preload=preloaded_variants(topo, links))
             self._launcher.start().add_done_callback(  # (its result: how long the template took)
                 lambda fut: None if fut.cancelled() or fut.exception() else clock.mark("template",
                                                                                       time.time() - fut.result()))
             await asyncio.sleep(0)  # the template's process starts now, before this thread imports the emulation
-        started()
+        if self.broker and not self.worker:  # (a cell without a broker runs no generation: no model)
+            started()
         with clock.span("cell"):
             self._cell = Emulation(topo, run_id, backend=self.backend, state_dir=self.state_dir, links=links)
             await self._cell.__aenter__()
@@ -124,14 +144,27 @@ class MadeCell:
                 await cell.start_broker(BrokerSettings(paths["password_file"], paths["acl_file"], limit,
                                                        watch_password_file=paths["watch_password_file"],
                                                        watch_acl_file=paths["watch_acl_file"]))
-            assert self._launcher is not None
-            self._launcher.bind(cell, write_agent_configs(self.state_dir, topo, cell, run_id, creds, limit))
+            uids = write_agent_configs(self.state_dir, topo, cell, run_id, creds, limit)
+            if self._launcher is not None:
+                self._launcher.bind(cell, uids)
         write_state(run_id, cell.status() | {"topology": topo.name, "seed": topo.seed})
-        return Rig(run_id, cell, creds, self._launcher, EnergyHistory(self.state_dir), self.state_dir)
+        if self._worker is not None:
+            from testbed.emulation.attached import cell_handlers, control_path
+            from testbed.emulation.control import ControlServer
+
+            self.control = ControlServer(control_path(run_id), cell_handlers(cell))
+            await self.control.start()  # the worker attaches now
+        agents = self._worker if self._worker is not None else self._launcher
+        return Rig(run_id, cell, creds, agents, EnergyHistory(self.state_dir), self.state_dir, worker=self._worker)
 
     async def close(self) -> None:
         if self._launcher is not None:
             await self._launcher.close()
+        if self._worker is not None:
+            await self._worker.close()
+        if self.control is not None:
+            await self.control.close()
+            self.control = None
         if self._cell is not None:
             try:
                 await self._cell.close()
@@ -143,7 +176,7 @@ class MadeCell:
             remove_owned_dir(self.state_dir, STATE_ROOT)
 
 
-def _preloaded_variants(topo: Topology, links: list[DeviceLink]) -> list[tuple[str, str]]:
+def preloaded_variants(topo: Topology, links: list[DeviceLink]) -> list[tuple[str, str]]:
     """The model variants the agent template loads before it forks: the embedded tiny
     model's, shared copy-on-write by every agent. A real model (SD1.5, GBs) is loaded by
     each agent inside its node, where its memory counts against the device's limit."""
@@ -157,7 +190,7 @@ class AttachedCellSource:
     """A cell that `testbed up` keeps alive (its supervisor's agents and broker); left up."""
 
     path = "attached"
-    warms_agents = False  # the up cell's supervisor keeps them warm
+    warm = "none"  # the up cell's worker keeps them warm
 
     def __init__(self, run_id: str):
         self.run_id = run_id
@@ -189,7 +222,7 @@ class GivenCell:
     its credentials given; its broker started here; its agents the device services'."""
 
     path = "given"
-    warms_agents = False  # the deployment's device services start them
+    warm = "none"  # the deployment's device services start them
 
     def __init__(self, cell: Cell, credentials: security.RunCredentials, state_dir: Path):
         self.cell, self.credentials, self.state_dir = cell, credentials, Path(state_dir)
@@ -207,3 +240,42 @@ class GivenCell:
 
     async def close(self) -> None:
         await self.cell.close()
+
+
+class WorkerCell:
+    """The worker's view (worker.py): its owner's cell through the control socket (waited
+    for while the owner makes it), the run's credentials and agent uids from the state
+    directory, and agents forked by the worker's own template (`launcher`)."""
+
+    path = "cold"
+    warm = "none"  # the worker warms what its `--warm` names
+
+    def __init__(self, run_id: str, launcher: AgentLauncher, timeout_s: float = 300.0):
+        self.run_id, self.launcher, self.timeout_s = run_id, launcher, timeout_s
+        self._cell: Any = None
+
+    async def open(self, topo: Topology, links: list[DeviceLink], clock: StartupClock,
+                   started: Callable[[], None]) -> Rig:
+        from testbed.emulation.attached import AttachedCell, control_path
+        from testbed.emulation.node_uids import read_uids
+        from testbed.emulation.runs import run_dir
+
+        started()  # the server's model: torch and diffusers are imported already
+        t0, path = time.monotonic(), control_path(self.run_id)
+        while not path.exists():  # the owner serves it once the cell, the broker and the configs are made
+            if time.monotonic() - t0 > self.timeout_s:
+                raise RunFailedError(f"run {self.run_id}: its cell was not made within {self.timeout_s:g} s")
+            await asyncio.sleep(0.02)
+        clock.mark("attach", time.time())
+        self._cell = cell = await AttachedCell.connect(self.run_id)
+        same_cell(self.run_id, topo, links, cell.links)
+        state = run_dir(self.run_id)
+        creds = security.load_credentials(state / "secrets" / "credentials.json")  # after the template's fork
+        self.launcher.bind(cell, read_uids(state))
+        return Rig(self.run_id, cell, creds, self.launcher, EnergyHistory(state), state)
+
+    async def close(self) -> None:
+        await self.launcher.close()
+        if self._cell is not None:
+            await self._cell.close()  # the connection only: the owner takes the cell down
+            self._cell = None

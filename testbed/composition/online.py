@@ -2,7 +2,8 @@
 "online" status, and fail at once — naming the device and its log's last line — when an
 agent dies before it comes online. `Liveness`: who is up by their heartbeats (the up
 cell's keeper shows it in `testbed status`; a generation plans without the agents it
-calls down)."""
+calls down). Which agents a cell keeps warm (`warm_set`): a generation waits only for the
+agents its plan selected; the rest start when a plan asks."""
 
 from __future__ import annotations
 
@@ -16,12 +17,39 @@ from pathlib import Path
 from typing import Any
 
 from testbed.composition.cells import Rig
-from testbed.errors import RunFailedError
+from testbed.errors import InputError, RunFailedError
 from testbed.relay.agent import SILENT_AFTER_S
 from testbed.relay.messages import BadMessage, parse_status
 from testbed.relay.orchestrator import RelaySettings, Timing
 
-__all__ = ["ensure_online", "wait_online", "Liveness", "down_agents"]
+__all__ = ["ensure_online", "wait_online", "warm_set", "WARM_ALL_UP_TO", "MAX_SPARE_AGENTS",
+           "Liveness", "down_agents"]
+
+#: "auto": a cell of up to this many devices keeps every device's agent warm (the paper's 20);
+#: a larger one (a dense cell) starts agents only for what plans select and what --warm names.
+WARM_ALL_UP_TO = 32
+#: a generation starts at most this many spare agents beside its chain (a recovery's pool)
+MAX_SPARE_AGENTS = 16
+
+
+def warm_set(spec: str, devices: list[str]) -> list[str]:
+    """The agents a cell keeps warm: "auto" (every device up to WARM_ALL_UP_TO devices, else
+    none), "all", "none", a number N (the first N devices) or device ids "dev01,dev02"."""
+    spec = spec.strip()
+    if spec == "auto":
+        return list(devices) if len(devices) <= WARM_ALL_UP_TO else []
+    if spec == "all":
+        return list(devices)
+    if spec in ("none", ""):
+        return []
+    if spec.isdigit():
+        return list(devices[:int(spec)])
+    wanted = [d.strip() for d in spec.split(",") if d.strip()]
+    unknown = [d for d in wanted if d not in devices]
+    if unknown:
+        raise InputError(f"--warm {spec}: no device {', '.join(unknown)} in this cell; give auto, all, none, "
+                         f"a number or device ids ({', '.join(devices[:3])}, ...)")
+    return wanted
 
 InServerNs = Callable[[Callable[[], Awaitable[Any]]], Awaitable[Any]]
 

@@ -31,11 +31,11 @@ from typing import Any
 from testbed.composition.cells import CellSource, MadeCell, Rig, max_message_bytes, same_cell
 from testbed.composition.events import EventLog
 from testbed.composition.generation import Generation, Request
-from testbed.composition.online import ensure_online
+from testbed.composition.online import MAX_SPARE_AGENTS, ensure_online, warm_set
 from testbed.composition.results import RunResult
 from testbed.composition.server_side import ServerSide
 from testbed.composition.startup import StartupClock
-from testbed.errors import RunFailedError, TopologyError
+from testbed.errors import InputError, RunFailedError, TopologyError
 from testbed.methods import method as method_spec
 from testbed.methods.base import Collaboration
 from testbed.model.names import SERVER_ID
@@ -66,7 +66,8 @@ class RunSession:
         self.rig: Rig | None = None
         self._generations = 0
         self._generation_clock: StartupClock | None = None
-        self._warmup: asyncio.Future | None = None  # every agent started and online (a made cell)
+        self._request: Request | None = None  # the generation running now
+        self._background: set[asyncio.Future] = set()  # agents warming: the source's warm set, spares
 
     # -- lifecycle -------------------------------------------------------------------
     async def __aenter__(self) -> RunSession:
@@ -77,8 +78,9 @@ class RunSession:
             self.rig = await self.source.open(self.topology, self.links, self.clock,
                                               lambda: self.server.start(self.topology, self.clock))
             self.events.run_id = self.rig.run_id
-            if self.source.warms_agents and self.rig.agents is not None:
-                self._warmup = asyncio.ensure_future(self._warm_agents(self.rig.cell.device_ids()))
+            warm = warm_set(self.source.warm, self.rig.cell.device_ids())
+            if warm and self.rig.agents is not None and self.rig.worker is None:
+                self._in_background(self.warm_agents(warm))
         except BaseException:
             await asyncio.shield(self.close())
             raise
@@ -90,10 +92,11 @@ class RunSession:
 
     async def close(self) -> None:
         """Tear down what the source made (agents, broker, cell, run directory)."""
-        if self._warmup is not None:
-            self._warmup.cancel()
+        for task in list(self._background):
+            task.cancel()
+        for task in list(self._background):
             with contextlib.suppress(BaseException):
-                await self._warmup
+                await task
         await self.server.close()
         rig, self.rig = self.rig, None
         try:
@@ -104,11 +107,26 @@ class RunSession:
             await self.source.close()
             self.events.close()
 
-    async def _warm_agents(self, devices: list[str]) -> None:
-        """Every device's agent starts as soon as the template, the cell and the broker are
-        ready, not when a plan asks for them: the first stage does not wait for 20 agents."""
+    async def warm_agents(self, devices: list[str]) -> None:
+        """Start the agents of `devices` and wait until they are online (the `agents` phase):
+        the agents a cell keeps warm start as soon as the template, the cell and the broker
+        are ready, not when a plan asks for them."""
         with self.clock.span("agents"):
             await ensure_online(self.need_rig(), devices, self.relay_settings("monitor"), self.in_server_ns)
+
+    def _in_background(self, coro: Any) -> asyncio.Future:
+        """Agents warming while generations go on: a failure is reported (and a generation
+        that needs that agent waits for it itself), never left unretrieved."""
+        task = asyncio.ensure_future(coro)
+        self._background.add(task)
+
+        def done(t: asyncio.Future) -> None:
+            self._background.discard(t)
+            if not t.cancelled() and t.exception() is not None:
+                print(f"run {self.run_id}: agents warming in the background: {t.exception()}", flush=True)
+
+        task.add_done_callback(done)
+        return task
 
     def need_rig(self) -> Rig:
         if self.rig is None:
@@ -176,22 +194,45 @@ class RunSession:
         if topology is not None:
             same_cell(rig.run_id, topology, compute_links(topology, place(topology)), rig.cell.links)
             self._check_same_agents(topology)
-        if isinstance(collab, str):
-            collab = method_spec(collab).make(selector or strategy)
         if startup is None:
             startup = self.clock if self._generations == 0 else StartupClock(path="warm")
         self._generations += 1
+        if rig.worker is not None:
+            return await self._run_in_worker(rig, topo, collab, selector or strategy, t_max_s, e_max_j, faults, fail,
+                                             Path(out_dir) if out_dir is not None else self.out_dir, startup, confidence)
+        if isinstance(collab, str):
+            collab = method_spec(collab).make(selector or strategy)
         req = Request(topo, collab, t_max_s if t_max_s is not None else topo.budgets.t_max_s,
                       e_max_j if e_max_j is not None else topo.budgets.e_max_j,
                       tuple(topo.faults if faults is None else faults), fail,
                       Path(out_dir) if out_dir is not None else self.out_dir, startup, confidence)
         self.events.listeners.append(startup.feed)
-        self._generation_clock = startup
+        self._generation_clock, self._request = startup, req
         try:
             return await Generation(rig, self.events, self.server, self).run(req)
         finally:
             self.events.listeners.remove(startup.feed)
-            self._generation_clock = None
+            self._generation_clock = self._request = None
+
+    async def _run_in_worker(self, rig: Rig, topo: Topology, collab: Collaboration | str, selector: str | None,
+                             t_max_s: float | None, e_max_j: float | None, faults: list[FaultSpec] | None,
+                             fail: str | None, out_dir: Path | None, startup: StartupClock,
+                             confidence: float | None = None) -> RunResult:
+        """The generation in the cell's worker (it holds torch, the server's model and the
+        agents); its events come back as they happen, its outputs are written by it."""
+        if not isinstance(collab, str):
+            raise InputError(f"run {rig.run_id} runs its generations in its worker process: "
+                             f"give the method by name ({collab.name!r}), not a Collaboration object")
+        scenario = topo.model_dump(mode="json", exclude_unset=True)  # what the file said; the worker checks it again
+        if faults is not None:
+            scenario["faults"] = [f.model_dump(mode="json") for f in faults]
+        assert rig.worker is not None
+        doc = await rig.worker.generate(
+            self.events.record, topology=scenario, method=collab, selector=selector, t_max_s=t_max_s, e_max_j=e_max_j,
+            fail=fail, out_dir=str(out_dir.resolve()) if out_dir is not None else None, started_at=startup.t0,
+            startup_path=startup.path, confidence=confidence,
+            phases={name: [startup.t0 + a, startup.t0 + b] for name, (a, b) in startup.phases.items()})
+        return RunResult(doc, out_dir)
 
     def _check_same_agents(self, topo: Topology) -> None:
         """The warm agents were configured from the cell's workload: these fields must match."""
@@ -216,13 +257,20 @@ class RunSession:
         return RelaySettings(rig.run_id, broker.host, broker.settings.watch_port if watch else broker.port,
                              cred.username, cred.password, max_message_bytes(self.topology))
 
-    async def ensure_agents(self, devices: list[str]) -> None:
-        """Agents of `devices` are running and online; an agent that dies at start fails the wait at once."""
+    async def ensure_agents(self, devices: list[str], *, spare: list[str] | tuple[str, ...] = ()) -> None:
+        """Agents of `devices` (what the plan selected) are running and online — only those
+        are waited for; an agent that dies at start fails the wait at once. `spare` (a
+        recovery's pool, best first; at most MAX_SPARE_AGENTS) start in the background, or
+        are waited for too when this generation injects faults (a kill's recovery needs them)."""
         t0 = time.time()
-        if self._warmup is not None:  # its failure (an agent that died at start) is this wait's; once
-            warmup, self._warmup = self._warmup, None
-            await warmup
-        n = await ensure_online(self.need_rig(), devices, self.relay_settings("monitor"), self.in_server_ns)
+        rig, settings = self.need_rig(), self.relay_settings("monitor")
+        spares = [d for d in dict.fromkeys(spare) if d not in devices][:MAX_SPARE_AGENTS]
+        req = self._request
+        if spares and req is not None and (req.faults or req.fail):
+            devices, spares = [*devices, *spares], []
+        n = await ensure_online(rig, list(devices), settings, self.in_server_ns)
+        if spares:
+            self._in_background(ensure_online(rig, spares, settings, self.in_server_ns))
         if self._generation_clock is not None:
             self._generation_clock.mark("agents_wait", t0)
         self.emit("agents_online", None, devices=n, waited_s=time.time() - t0)

@@ -43,6 +43,20 @@ class StartupClock:
         self.phases: dict[str, list[float]] = {}
         self.first_stage_s: float | None = None
         self.notes: dict[str, Any] = {}
+        self._included: list[StartupClock] = []  # another process's clock (a cold run's worker)
+
+    def include(self, other: StartupClock) -> None:
+        """Show `other`'s phases too (those this clock lacks), shifted to this clock's start:
+        a cold run's worker made the template and the server's model for the command."""
+        self._included.append(other)
+
+    def all_phases(self) -> dict[str, list[float]]:
+        phases = dict(self.phases)
+        for other in self._included:
+            shift = other.t0 - self.t0
+            for name, (a, b) in other.phases.items():
+                phases.setdefault(name, [round(a + shift, 4), round(b + shift, 4)])
+        return phases
 
     def mark(self, name: str, start: float, end: float | None = None) -> None:
         """A phase from `start` to `end` (epoch seconds; `end` default now)."""
@@ -59,7 +73,7 @@ class StartupClock:
 
     def seconds(self, name: str) -> float | None:
         """How long a phase took."""
-        p = self.phases.get(name)
+        p = self.all_phases().get(name)
         return None if p is None else round(p[1] - p[0], 4)
 
     def feed(self, ev: dict[str, Any]) -> None:
@@ -68,7 +82,8 @@ class StartupClock:
             self.first_stage_s = round(float(ev.get("ts") or time.time()) - self.t0, 4)
 
     def to_json(self) -> dict[str, Any]:
+        phases = self.all_phases()
         doc: dict[str, Any] = {"what": "measured wall clock here: seconds after the command started",
-                               "path": self.path, "first_stage_s": self.first_stage_s, "phases": dict(self.phases)}
-        doc |= {f"{name}_s": self.seconds(name) for name in self.phases}
+                               "path": self.path, "first_stage_s": self.first_stage_s, "phases": phases}
+        doc |= {f"{name}_s": round(b - a, 4) for name, (a, b) in phases.items()}
         return doc | self.notes

@@ -1,15 +1,17 @@
-"""The per-cell supervisor behind `testbed up`: a detached run owner that keeps one cell alive.
+"""The per-cell supervisor behind `testbed up`: a detached process that keeps one cell alive.
 
 `testbed up` starts `python -m testbed.composition.supervisor RUN FILE [--seed N]
-[--backend B] [--no-broker]` in its own session. The supervisor opens a `RunSession` on
-the cell (namespaces or containers, shaped links, limits, the secured broker, the agent
-template, one warm agent per device, the edge server's model and the MS-SSIM reference),
-serves the cell and its agents on the control socket (`/run/testbed/<run>/control.sock`:
-`testbed run --run ID`, `testbed fault`, the TUI ask it), runs generations there (the
-streaming op `generate`: `testbed run --run ID` sends its scenario and follows the
-events, without importing torch), keeps `state.json` current (each node's state, whether
-its agent is online) and tears everything down on SIGTERM/SIGINT (what `testbed down`
-sends) or on a crash. It writes supervisor.pid first, then state.json (ready) or
+[--backend B] [--no-broker] [--warm SPEC]` in its own session. The supervisor makes the
+cell (namespaces or containers, shaped links, limits, the secured broker, the agents'
+configs) and says so in state.json (`ready`): `up` returns then, while the cell's worker
+(worker.py, started first so that its torch imports overlap the cell's creation) forks the
+agent template, loads the edge server's model and warms the agents `--warm` names
+(online.warm_set) in the background. The supervisor itself never imports torch. It serves
+the cell on the control socket (`/run/testbed/<run>/control.sock`: the worker, `testbed
+fault`, the TUI and `testbed run --run ID` ask it), hands the streaming op `generate` and
+the agents' ops to the worker, keeps `state.json` current (each node's state, whether its
+agent is online, the warm set) and tears everything down on SIGTERM/SIGINT (what `testbed
+down` sends) or on a crash. It writes supervisor.pid first, then state.json (ready) or
 error.json.
 """
 
@@ -18,7 +20,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
-import json
 import os
 import signal
 import sys
@@ -26,17 +27,14 @@ import time
 import traceback
 from typing import Any
 
-from pathlib import Path
-
 from testbed.composition.cells import MadeCell
-from testbed.composition.online import Liveness
+from testbed.composition.online import Liveness, warm_set
 from testbed.composition.session import RunSession
-from testbed.composition.startup import StartupClock
 from testbed.emulation.attached import cell_handlers, control_path
 from testbed.emulation.control import ControlServer
 from testbed.emulation.runs import run_dir, write_state, write_topology
-from testbed.errors import InputError, ResourceError, TestbedError
-from testbed.model.topology import load_topology, parse_topology
+from testbed.errors import RunFailedError, TestbedError
+from testbed.model.topology import load_topology
 
 __all__ = ["main"]
 
@@ -52,7 +50,7 @@ class CellKeeper:
         self.liveness = Liveness()  # the agents' statuses and heartbeats (watch_agents)
         self._agents_written: dict[str, str] = {}
         self._last_write = 0.0
-        self._generating = asyncio.Lock()
+        self._write_pending: asyncio.Handle | None = None
 
     def write(self, *_: Any) -> None:
         cell = self.session.cell
@@ -74,6 +72,17 @@ class CellKeeper:
         cell, agents = self.session.cell, self.session.agents
         running = agents.pids() if agents is not None else {}
         return {d: self.liveness.state(d, d in running) for d in cell.device_ids()} if cell is not None else {}
+
+    def write_soon(self, delay_s: float = 0.2) -> None:
+        """One state.json for a burst of changes (200 agents coming online): each write is
+        the whole cell's status, so writing per change would grow with the square of the devices."""
+        if self._write_pending is None:
+            def flush() -> None:
+                self._write_pending = None
+                if self.session.cell is not None:  # (not once the cell is being torn down)
+                    self.write()
+
+            self._write_pending = asyncio.get_running_loop().call_later(delay_s, flush)
 
     def on_mobility(self, _update: Any) -> None:  # at most once a second
         if time.monotonic() - self._last_write >= 1.0:
@@ -108,33 +117,33 @@ class CellKeeper:
                     "agents_pids": agents_pids})
         return ops
 
-    async def generate(self, emit: Any, *, topology: dict[str, Any], method: str = "multistage",
-                       selector: str | None = None, t_max_s: float | None = None, e_max_j: float | None = None,
-                       fail: str | None = None, out_dir: str | None = None,
-                       started_at: float | None = None, confidence: float | None = None) -> dict[str, Any]:
-        """The streaming op `generate`: one generation of the caller's scenario (`topology`, a
-        topology document) on this cell, its events sent to the caller as they happen; the
-        result document. One at a time: a second caller is told so."""
-        received = time.time()
-        if self._generating.locked():
-            raise ResourceError(f"run {self.session.run_id} is running a generation; "
-                                "ask again when it has finished (one generation at a time per cell)")
+    async def generate(self, emit: Any, **args: Any) -> dict[str, Any]:
+        """The streaming op `generate` (`testbed run --run ID`): handed to the cell's worker,
+        which holds the server's model and the agents (worker.py); its events stream back."""
         self.session.require_broker()
-        if out_dir is not None and not Path(out_dir).is_absolute():
-            raise InputError(f"generate: out_dir {out_dir!r} must be an absolute path")
-        async with self._generating:
-            topo = parse_topology(json.dumps(topology), source="the topology of `testbed run --run`")
-            clock = StartupClock(started_at if started_at is not None else received, path="warm")
-            clock.mark("cli", clock.t0, received)  # the client: its interpreter, imports and request
-            self.session.events.listeners.append(emit)
-            try:
-                res = await self.session.run(method, selector=selector, t_max_s=t_max_s, e_max_j=e_max_j, fail=fail,
-                                             out_dir=Path(out_dir) if out_dir else None, topology=topo,
-                                             startup=clock, confidence=confidence)
-            finally:
-                self.session.events.listeners.remove(emit)
-                self.write()
-            return res.doc
+        worker = self.session.need_rig().worker
+        if worker is None:
+            raise RunFailedError(f"run {self.session.run_id} has no worker to run generations")
+        try:
+            return await worker.generate(emit, **args)
+        finally:
+            self.write()
+
+    async def follow_worker(self) -> None:
+        """Note in state.json when the worker is serving, and why it went if it dies."""
+        worker = self.session.need_rig().worker
+        if worker is None:
+            return
+        try:
+            await worker.ready()
+            self.base["worker"] = "ready"
+        except TestbedError as e:
+            self.base["worker"] = f"failed: {e}"
+        self.write()
+        while (why := worker.failure()) is None:
+            await asyncio.sleep(1.0)
+        self.base["worker"] = f"failed: {why}"
+        self.write()
 
     async def watch_agents(self, tick_s: float = 1.0) -> None:
         """Follow the devices' statuses (retained online/offline, heartbeats, computing) for
@@ -150,7 +159,7 @@ class CellKeeper:
         def seen(dev: str, state: str, age_s: float) -> None:
             self.liveness.heard(dev, state, time.monotonic() - age_s)
             if self.agent_states() != self._agents_written or state == "offline":
-                self.write()
+                self.write_soon()
 
         async def tick() -> None:
             while True:
@@ -197,19 +206,24 @@ async def _main(args: argparse.Namespace) -> int:
     topo = load_topology(args.file, seed=args.seed)
     t0 = time.perf_counter()
     write_topology(args.run, topo)
-    source = MadeCell(args.run, backend=args.backend, broker=args.broker, state_dir=run_dir(args.run))
+    source = MadeCell(args.run, backend=args.backend, broker=args.broker, state_dir=run_dir(args.run), worker=True,
+                      warm=args.warm)
     async with RunSession(topo, source) as session:
         cell = session.cell
         assert cell is not None
         keeper = CellKeeper(session, {"ready": False, "topology": os.path.abspath(args.file), "seed": topo.seed,
-                                      "supervisor_pid": os.getpid()})
-        control = ControlServer(control_path(args.run), keeper.handlers(), streams={"generate": keeper.generate})
-        await control.start()
-        watcher = None
+                                      "supervisor_pid": os.getpid(), "worker": "starting" if args.broker else None,
+                                      "warm": warm_set(args.warm, cell.device_ids()) if args.broker else []})
+        control = source.control  # serving the cell to the worker already
+        if control is None:
+            control = ControlServer(control_path(args.run), cell_handlers(cell))
+            await control.start()
+        control.add(keeper.handlers())
+        control.streams["generate"] = keeper.generate
+        tasks: list[asyncio.Future] = []
         try:
-            if args.broker:  # warm agents: `testbed run --run ID` finds them online
-                watcher = asyncio.ensure_future(keeper.watch_agents())
-                await session.ensure_agents(cell.device_ids())
+            if args.broker:  # the worker warms the agents; `testbed status` shows them coming online
+                tasks = [asyncio.ensure_future(keeper.watch_agents()), asyncio.ensure_future(keeper.follow_worker())]
             keeper.base |= {"ready": True, "up_s": round(time.perf_counter() - t0, 3),
                             "timings_s": {k: round(v, 4) for k, v in session.timings_s.items()}}
             keeper.write()
@@ -218,10 +232,10 @@ async def _main(args: argparse.Namespace) -> int:
             await stop.wait()
         finally:
             await control.close()
-            if watcher is not None:
-                watcher.cancel()
+            for task in tasks:
+                task.cancel()
                 with contextlib.suppress(BaseException):
-                    await watcher
+                    await task
     return 0
 
 
@@ -232,6 +246,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--seed", type=int, default=None)
     ap.add_argument("--backend", default="netns")
     ap.add_argument("--no-broker", dest="broker", action="store_false")
+    ap.add_argument("--warm", default="auto")
     args = ap.parse_args(argv)
     args.stopped_by = None
     (run_dir(args.run) / "supervisor.pid").write_text(str(os.getpid()))

@@ -17,7 +17,10 @@ agent dies with the template (PR_SET_PDEATHSIG, set after the uid change that wo
 it), and the template with its owner (procs.spawn_in): a `kill -9` of the run owner
 leaves no agent running.
 
-    python -m testbed.composition.template SOCKET
+Two ways to start it: `python -m testbed.composition.template SOCKET` (a process of its
+own, for a run owner that holds torch itself: the TUI, sweeps, library sessions), or
+`fork_template` from the cell's worker (worker.py), which imported torch and diffusers
+once for the template and the edge server's model.
 """
 
 from __future__ import annotations
@@ -37,18 +40,19 @@ from typing import Any
 from testbed.emulation.node_uids import drop_privileges
 from testbed.emulation.procs import die_with_parent
 
-__all__ = ["serve_template", "enter_node", "PRELOAD_ENV", "MAX_FDS"]
+__all__ = ["serve_template", "fork_template", "import_agent_code", "make_variants", "enter_node",
+           "PRELOAD_ENV", "MAX_FDS"]
 
 MAX_FDS = 32  # netns + one cgroup.procs per hierarchy + a container's other namespaces
 
 PRELOAD_ENV = "TESTBED_TEMPLATE_PRELOAD"  # "model:precision,model:precision": variants to load before forking
 
 
-def _preload() -> None:
-    """Everything an agent imports, imported once here, and the model variants named in
-    $TESTBED_TEMPLATE_PRELOAD made once (each forked agent takes its own, copy-on-write).
-    One torch thread: building a model then runs no parallel region, so no thread pool
-    exists at fork time (a forked child cannot use its parent's OpenMP threads)."""
+def import_agent_code() -> None:
+    """Everything an agent imports, imported once (torch, diffusers, aiomqtt, the model code
+    and every registered method's handler). One torch thread: building a model then runs no
+    parallel region, so no thread pool exists at fork time (a forked child cannot use its
+    parent's OpenMP threads)."""
     import aiomqtt  # noqa: F401
     import diffusers  # noqa: F401
     import safetensors.numpy  # noqa: F401
@@ -63,12 +67,21 @@ def _preload() -> None:
     import testbed.methods.device  # noqa: F401
     for where in agent_handlers().values():  # an agent (its own uid) may not read the interpreter's files later
         importlib.import_module(where.partition(":")[0])
+    torch.set_num_threads(1)
+
+
+def make_variants(variants: list[tuple[str, str]]) -> None:
+    """The model variants (model, precision) made once, before forking: each forked agent
+    takes its own, copy-on-write."""
     from testbed.relay.stage import StageModel
 
-    torch.set_num_threads(1)
-    for item in filter(None, os.environ.get(PRELOAD_ENV, "").split(",")):
-        name, _, precision = item.partition(":")
+    for name, precision in variants:
         StageModel.preload(name, precision)
+
+
+def variants_from_env() -> list[tuple[str, str]]:
+    """$TESTBED_TEMPLATE_PRELOAD ("model:precision,model:precision") as pairs."""
+    return [(m, p) for m, _, p in (item.partition(":") for item in os.environ.get(PRELOAD_ENV, "").split(",") if item)]
 
 
 def _setns(fd: int) -> None:
@@ -158,10 +171,14 @@ def _private_parent(path: str) -> Path | None:
     return None
 
 
-def serve_template(sock_path: str) -> None:
-    """The template's loop: one fork per request, answered with {"pid": N}."""
-    t0 = time.perf_counter()
-    _preload()
+def serve_template(sock_path: str, variants: list[tuple[str, str]] | None = None, *, imported: bool = False,
+                   t0: float | None = None) -> None:
+    """The template's loop: one fork per request, answered with {"pid": N}. `imported`: the
+    agent code is imported already (a template forked from a process that imported it)."""
+    t0 = time.perf_counter() if t0 is None else t0
+    if not imported:
+        import_agent_code()
+    make_variants(variants_from_env() if variants is None else variants)
     for where in {sys.base_prefix, sys.prefix}:
         if (d := _private_parent(where)) is not None:  # e.g. a pyenv Python under /root (0700)
             print(f"note: agents run as their own uids and cannot enter {d}: they can import only what this "
@@ -201,6 +218,41 @@ def serve_template(sock_path: str) -> None:
             for fd in fds:
                 os.close(fd)
             conn.sendall(json.dumps({"pid": pid}).encode())
+
+
+def fork_template(sock_path: Path, variants: list[tuple[str, str]], log_path: Path) -> int:
+    """Fork the template from this process, which has imported the agent code
+    (`import_agent_code`) and must be single-threaded, hold no secret and run with the
+    allow-listed environment (the worker, worker.py): torch and diffusers are then paid
+    once for the template and the edge server's model. The child makes the variants,
+    serves `sock_path` and dies with this process. Returns its pid."""
+    t0 = time.perf_counter()
+    log = os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+    owner = os.getpid()
+    pid = os.fork()
+    if pid != 0:
+        os.close(log)
+        return pid
+    code = 1
+    try:
+        os.setsid()
+        die_with_parent(owner, signal.SIGTERM)
+        os.dup2(log, 1)
+        os.dup2(log, 2)
+        null = os.open(os.devnull, os.O_RDONLY)
+        os.dup2(null, 0)
+        _close_inherited(keep=[])
+        for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+            signal.signal(sig, signal.SIG_DFL)
+        from setproctitle import setproctitle
+
+        setproctitle(f"testbed-agent-template {sock_path}")  # names the run's state: `testbed down` finds it
+        serve_template(str(sock_path), variants, imported=True, t0=t0)
+        code = 0
+    except BaseException:  # noqa: BLE001 - the child must never return into its parent's code
+        traceback.print_exc()
+    finally:
+        os._exit(code)
 
 
 if __name__ == "__main__":

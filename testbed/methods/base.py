@@ -102,8 +102,9 @@ class RunServices(Protocol):
     def relay_settings(self, role: str = "server") -> RelaySettings:
         """How a role (server: the orchestrator) reaches the broker, as its own account."""
         ...
-    async def ensure_agents(self, devices: list[str]) -> None:
-        """Agents of these devices are running and online (bounded wait)."""
+    async def ensure_agents(self, devices: list[str], *, spare: list[str] | tuple[str, ...] = ()) -> None:
+        """Agents of these devices are running and online (bounded wait); `spare` (a
+        recovery's pool, best first) start too, without being waited for."""
         ...
     async def server_model(self) -> Any:
         """The edge server's fp32 model (relay/stage.py StageModel): initial latent, conditioning, decoding."""

@@ -27,24 +27,34 @@ def up(
     seed: int | None = typer.Option(None, "--seed", help="override the file's seed"),
     broker: bool = typer.Option(True, "--broker/--no-broker", help="start the MQTT broker on the edge server"),
     timeout_s: float = typer.Option(120.0, "--timeout", help="seconds to wait for the emulation to be ready"),
+    warm: str = typer.Option("auto", "--warm", help="agents kept warm: auto (every device of a cell of up to 32), "
+                                                    "all, none, a number, or device ids dev01,dev02; the others "
+                                                    "start when a plan selects them"),
+    wait: bool = typer.Option(False, "--wait", help="return only once the warm agents are online (for scripts)"),
     as_json: bool = typer.Option(False, "--json", help="print only the status JSON document"),
 ) -> None:
-    """Bring a topology up; returns while a detached supervisor keeps it alive."""
+    """Bring a topology up; returns once the cell is usable (namespaces, links, shaping,
+    broker) while a detached supervisor keeps it alive and its agents warm in the
+    background (`testbed status` shows them; --wait waits for them)."""
     from testbed.model.names import check_run_id
     from testbed.emulation.environ import clean_environ
     from testbed.emulation.runs import cleanup_run, make_run_dir, new_run_id, read_state, run_dir
 
     if backend not in ("netns", "docker"):
         raise ResourceError(f"backend {backend!r} is not available; use --backend netns or docker")
-    load_topology(file, seed=seed)  # bad input fails here, before anything is made
+    from testbed.composition.online import warm_set
+    from testbed.model.radio import compute_links
+    from testbed.model.topology import place
+
+    topo = load_topology(file, seed=seed)  # bad input fails here, before anything is made
+    warm_set(warm, [lk.id for lk in compute_links(topo, place(topo))])  # (a bad --warm, too)
     run_id = check_run_id(run, "--run") if run else new_run_id()
     require_root()
     d = make_run_dir(run_id)
     argv = [sys.executable, "-m", "testbed.composition.supervisor", run_id, str(file.resolve()), "--backend", backend]
     if seed is not None:
         argv += ["--seed", str(seed)]
-    if not broker:
-        argv.append("--no-broker")
+    argv += ["--warm", warm] if broker else ["--no-broker"]
     log = open(d / "logs" / "supervisor.log", "ab")  # noqa: SIM115 - handed to the child
     try:
         proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
@@ -69,7 +79,9 @@ def up(
             if time.monotonic() > deadline:
                 cleanup_run(run_id)
                 raise RunFailedError(f"run {run_id} was not ready within {timeout_s:g} s; removed it (see --timeout)")
-            time.sleep(0.05)
+            time.sleep(0.02)
+        if wait and broker:
+            state = _wait_warm(run_id, deadline)
     except KeyboardInterrupt:
         cleanup_run(run_id)
         raise
@@ -83,12 +95,57 @@ def up(
               f"stop it with `testbed down --run {run_id}`", highlight=False)
 
 
+def _wait_warm(run_id: str, deadline: float) -> dict:
+    """`up --wait`: until the worker has every warm agent online (state.json then); the cell
+    stays up when it fails (exit 5, `testbed down` removes it)."""
+    from testbed.emulation.runs import read_state
+
+    while True:
+        state = read_state(run_id) or {}
+        worker = read_state(run_id, "worker.json") or {}
+        failed = worker.get("error") or (str(state.get("worker") or "").startswith("failed") and state["worker"])
+        if failed:
+            raise RunFailedError(f"run {run_id} is up but its agents did not warm: {failed}; "
+                                 f"`testbed down --run {run_id}` removes it")
+        online, want = _agents_online(state)
+        if worker.get("warm_done") and state.get("worker") == "ready" and online >= want:
+            return state
+        if time.monotonic() > deadline:
+            raise RunFailedError(f"run {run_id} is up but {want - online} of its {want} warm agents were not online "
+                                 f"in time (see --timeout); `testbed status --run {run_id}` shows them")
+        time.sleep(0.05)
+
+
+def _agents_online(state: dict) -> tuple[int, int]:
+    """(warm agents online, warm agents) from state.json."""
+    warm = set(state.get("warm") or [])
+    online = sum(1 for n in state.get("nodes", []) if n.get("id") in warm and n.get("agent_online"))
+    return online, len(warm)
+
+
+def _agents_line(state: dict) -> str | None:
+    """`agents: 12/20 online (warming)`: the warm agents of an up cell, coming online."""
+    if state.get("worker") is None:
+        return None
+    online, want = _agents_online(state)
+    devices = sum(1 for n in state.get("nodes", []) if n.get("role") == "device")
+    worker = str(state.get("worker"))
+    if worker.startswith("failed"):
+        how = f"; the worker {worker}"
+    else:
+        how = " (warming)" if online < want or worker != "ready" else ""
+    rest = f"; the other {devices - want} start when a plan selects them" if want < devices else ""
+    return f"agents: {online}/{want} online{how}{rest}"
+
+
 def _print_status(state: dict) -> None:
     out.print(status_table(state))
     gpu = state.get("gpu")
     if gpu:
         out.print(f"GPU limits {'applied' if gpu.get('limits_applied') else 'not applied'}: {gpu.get('why')}",
                   highlight=False, soft_wrap=True)
+    if (line := _agents_line(state)) is not None:
+        out.print(line, highlight=False)
 
 
 def status(
@@ -130,7 +187,8 @@ def status(
     if as_json:
         print_json({k: state[k] for k in ("run", "backend", "netem", "nodes")} | {
             k: state[k] for k in ("warnings", "impairments", "cell", "broker", "broker_error", "host_route", "mobility",
-                                  "gpu", "topology", "seed", "up_s", "timings_s") if k in state}
+                                  "gpu", "topology", "seed", "up_s", "timings_s", "warm", "worker") if k in state}
+            | ({"agents": dict(zip(("online", "warm"), _agents_online(state)))} if state.get("worker") else {})
             | ({"observer": {k: v for k, v in observer.items() if k != "password"}
                              | {"credentials": str(run_dir(run_id) / "observer.json")}} if observer else {}))
         return

@@ -161,8 +161,9 @@ def run(
         from testbed.composition.cells import MadeCell
         from testbed.composition.session import RunSession
 
-        async with RunSession(topo, MadeCell(rid, backend=backend), out_dir=out_path, on_event=on_event,
-                              started_at=started_at) as session:
+        # the cell here; torch, the template, the server's model and the generation in its worker
+        async with RunSession(topo, MadeCell(rid, backend=backend, worker=True, warm="none"), out_dir=out_path,
+                              on_event=on_event, started_at=started_at) as session:
             console.print(f"run {rid}: cell up, {len(session.cell.links)} devices (broker {session.cell.broker.kind})")
             res = await session.run(method, selector=selector, t_max_s=tmax, e_max_j=emax, fail=fail,
                                     confidence=confidence)

@@ -174,7 +174,9 @@ class Multistage:
         from testbed.methods.multistage.orchestrator import MultistageOrchestrator
 
         candidates = [c.id for c in plan.costs]
-        await run.services.ensure_agents(candidates)  # the chain and every device a recovery may pick
+        # wait for the chain; a recovery picks among the others online by then (the quickest first)
+        spare = [c.id for c in sorted(plan.costs, key=lambda c: c.latency_s) if c.id not in plan.selected]
+        await run.services.ensure_agents(plan.selected, spare=spare)
         timing = run.timing(len(candidates))
         wl = run.topology.workload
         out = await run.orchestrate(lambda settings, job, power: MultistageOrchestrator(

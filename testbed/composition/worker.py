@@ -1,0 +1,203 @@
+"""A cell's worker: the one process that imports torch and diffusers, forks the agent template
+from itself, holds the edge server's model and runs the generations on the cell.
+
+    python -m testbed.composition.worker RUN [--warm auto|all|none|N|dev01,dev02]
+
+The cell's owner (`testbed up`'s supervisor, or `testbed run`'s own process on a cold run;
+worker_link.py) starts it with the allow-listed environment before it makes the cell. While
+the owner makes namespaces, links and the broker, this process imports torch and diffusers
+(seconds of CPU), forks the agent template — which makes the model variants and forks the
+agents — and loads the server's model: the imports are paid once, not once for the template
+and once for the server. It then attaches to the cell through the owner's control socket and
+reads the run's credentials (after the fork: the template never holds them), keeps warm the
+agents `--warm` names (online.warm_set) and serves `<state dir>/worker.sock`:
+
+| op | what |
+| --- | --- |
+| `generate` (streaming) | one generation of a caller's scenario (a topology document) on the cell: its events as they happen, then the result document |
+| `agents_ensure`, `agents_revive`, `agents_pids` | the run's agents (the owner's `WorkerAgents`) |
+
+It keeps `worker.json` in the run's state directory current (its pids, what is warm, where
+its start-up time went) and ends on SIGTERM — its agents and template with it — or when its
+owner dies.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import json
+import os
+import signal
+import sys
+import time
+import traceback
+from pathlib import Path
+from typing import Any
+
+from testbed.composition.startup import StartupClock, command_started_at
+from testbed.emulation.procs import die_with_parent
+from testbed.composition.worker_link import WORKER_STATE, worker_path
+from testbed.emulation.runs import run_dir, write_state
+from testbed.errors import InputError, ResourceError, TestbedError
+
+__all__ = ["main", "Worker"]
+
+
+class Worker:
+    """The worker's ops on its session (a `RunSession` on the attached cell)."""
+
+    def __init__(self, session: Any, warm: list[str]):
+        self.session = session
+        self.warm = warm
+        self._generating = asyncio.Lock()
+        self._warming: asyncio.Future | None = None
+        self.error: str | None = None
+
+    def handlers(self) -> dict[str, Any]:
+        session = self.session
+
+        async def agents_ensure(devices: list[str]) -> None:
+            await session.agents.ensure(list(devices))
+            self.publish()
+
+        async def agents_revive(device: str) -> int:
+            return await session.agents.revive(device)
+
+        async def agents_pids() -> dict[str, int]:
+            return session.agents.pids()
+
+        return {"agents_ensure": agents_ensure, "agents_revive": agents_revive, "agents_pids": agents_pids}
+
+    def start_warming(self) -> None:
+        """The `--warm` agents start now, in the background (the `agents` phase)."""
+        if self.warm:
+            self._warming = asyncio.ensure_future(self.session.warm_agents(self.warm))
+            self._warming.add_done_callback(self._warmed)
+
+    def _warmed(self, fut: asyncio.Future) -> None:
+        if not fut.cancelled() and fut.exception() is not None:
+            self.error = f"warming the agents failed: {fut.exception()}"
+            print(self.error, flush=True)
+        self.publish()
+
+    def publish(self) -> None:
+        """worker.json: what is warm (the owner's `testbed status` and `up --wait` read it)."""
+        s = self.session
+        warmed = self._warming is not None and self._warming.done() and self.error is None
+        write_state(s.run_id, {"pid": os.getpid(), "template_pid": s.template_pid, "ready": True,
+                               "warm": self.warm, "warm_done": warmed or not self.warm, "error": self.error,
+                               "agents": s.agents.pids(), "startup": s.clock.to_json()}, WORKER_STATE)
+
+    async def generate(self, emit: Any, *, topology: dict[str, Any], method: str = "multistage",
+                       selector: str | None = None, t_max_s: float | None = None, e_max_j: float | None = None,
+                       fail: str | None = None, out_dir: str | None = None, started_at: float | None = None,
+                       startup_path: str = "warm", phases: dict[str, list[float]] | None = None,
+                       confidence: float | None = None) -> dict[str, Any]:
+        """The streaming op `generate`: one generation of the caller's scenario (`topology`, a
+        topology document) on this cell, its events sent to the caller as they happen; the
+        result document. `phases`: the caller's own start-up phases (epoch [start, end]), a
+        cold run's cli, cell and broker. One at a time: a second caller is told so."""
+        from testbed.model.topology import parse_topology
+
+        received = time.time()
+        if self._generating.locked():
+            raise ResourceError(f"run {self.session.run_id} is running a generation; "
+                                "ask again when it has finished (one generation at a time per cell)")
+        self.session.require_broker()
+        if out_dir is not None and not Path(out_dir).is_absolute():
+            raise InputError(f"generate: out_dir {out_dir!r} must be an absolute path")
+        async with self._generating:
+            topo = parse_topology(json.dumps(topology), source="the topology of `testbed run`")
+            clock = StartupClock(started_at if started_at is not None else received, path=startup_path)
+            if phases:
+                for name, (a, b) in phases.items():
+                    clock.mark(name, float(a), float(b))
+            else:
+                clock.mark("cli", clock.t0, received)  # the client: its interpreter, imports and request
+            if startup_path == "cold":
+                clock.include(self.session.clock)  # this worker's start-up was the command's: template, model
+            self.session.events.listeners.append(emit)
+            try:
+                res = await self.session.run(method, selector=selector, t_max_s=t_max_s, e_max_j=e_max_j, fail=fail,
+                                             out_dir=Path(out_dir) if out_dir else None, topology=topo,
+                                             confidence=confidence,
+                                             startup=clock)
+            finally:
+                self.session.events.listeners.remove(emit)
+                self.publish()
+            return res.doc
+
+
+async def _serve(run_id: str, topo: Any, template_pid: int, warm_spec: str, t_start: float, t_imported: float) -> int:
+    from testbed.composition.agents import AgentLauncher
+    from testbed.composition.cells import WorkerCell
+    from testbed.composition.online import warm_set
+    from testbed.composition.session import RunSession
+    from testbed.emulation.control import ControlServer
+
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+        loop.add_signal_handler(sig, stop.set)
+    state = run_dir(run_id)
+    launcher = AgentLauncher(run_id, state, state / "logs", forked_template=template_pid)
+    session = RunSession(topo, WorkerCell(run_id, launcher), started_at=t_start)
+    session.clock.mark("imports", t_start, t_imported)  # interpreter, torch, diffusers, the handlers: once
+    launcher.start().add_done_callback(lambda fut: None if fut.cancelled() or fut.exception() else
+                                       session.clock.mark("template", t_start, time.time()))
+    async with session:
+        session.clock.phases.pop("cli", None)  # (before the session: the imports, not a command line)
+        worker = Worker(session, warm_set(warm_spec, session.cell.device_ids()))
+        server = ControlServer(worker_path(run_id), worker.handlers(), streams={"generate": worker.generate})
+        await server.start()
+        try:
+            worker.start_warming()
+            worker.publish()
+            await stop.wait()
+        finally:
+            await server.close()
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="testbed-worker")
+    ap.add_argument("run")
+    ap.add_argument("--warm", default="auto")
+    args = ap.parse_args(argv)
+    t_start = command_started_at()
+    die_with_parent(os.getppid(), signal.SIGTERM)  # its owner (the cell) gone, nothing is left to work on
+    from setproctitle import setproctitle
+
+    setproctitle(f"testbed-worker {args.run} {run_dir(args.run)}/")  # (`testbed down` finds a crashed run's by it)
+    try:
+        from testbed.composition.cells import preloaded_variants
+        from testbed.composition.template import fork_template, import_agent_code
+        from testbed.composition.worker_link import read_worker_topology
+        from testbed.model.radio import compute_links
+        from testbed.model.topology import place
+
+        state = run_dir(args.run)
+        topo = read_worker_topology(args.run)
+        import_agent_code()  # single-threaded here, with no secret in memory: the template forks from this
+        t_imported = time.time()
+        template_pid = fork_template(state / "agent-template.sock",
+                                     preloaded_variants(topo, compute_links(topo, place(topo))),
+                                     state / "logs" / "agent-template.log")
+        return asyncio.run(_serve(args.run, topo, template_pid, args.warm, t_start, t_imported))
+    except TestbedError as e:
+        print(f"error: {e}", flush=True)
+        write_state(args.run, {"error": str(e), "exit_code": e.exit_code}, WORKER_STATE)
+        return e.exit_code
+    except BaseException as e:  # noqa: BLE001 - reported to the owner, never silent
+        traceback.print_exc()
+        with contextlib.suppress(Exception):
+            write_state(args.run, {"error": f"{type(e).__name__}: {e}", "exit_code": 5}, WORKER_STATE)
+        return 5
+
+
+if __name__ == "__main__":
+    code = main()
+    sys.stdout.flush()
+    os._exit(code)  # without the interpreter's teardown of torch (seconds)
