@@ -19,9 +19,15 @@ run: install
 # The docker tests need a daemon: as root, .ci/start-dockerd installs docker.io if missing and
 # starts dockerd with the address plan (docs/design.md) unless one already answers; it stays up
 # afterwards (`.ci/stop-dockerd` stops the one it started).
+# Two passes: the pure tests (no root, docker, broker, browser or GPU) on every core
+# (pytest-xdist), then the system tiers one test at a time (they share the host's
+# namespaces, cgroups and daemon, and the leftover check needs a quiet host). Each test is
+# cut off after 15 min (pytest-timeout, pyproject.toml); the slowest are listed.
+PURE_MARKERS := not root and not docker and not mosquitto and not browser and not gpu
 test: install
 	@if [ "$$(id -u)" = 0 ]; then .ci/start-dockerd; fi
-	$(VENV)/bin/python -m pytest -q
+	$(VENV)/bin/python -m pytest -q -p no:cacheprovider -n auto --durations=10 -m "$(PURE_MARKERS)"
+	$(VENV)/bin/python -m pytest -q -p no:cacheprovider --durations=25 -m "not ($(PURE_MARKERS))"
 
 # The fast tier (pytest markers, tests/conftest.py): pure code, loopback only, no root,
 # docker, mosquitto, browser or GPU, and nothing marked slow; no system packages needed;

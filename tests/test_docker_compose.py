@@ -133,7 +133,8 @@ def _check_broker_on_the_cell_address(state: Path) -> None:
     """The broker listened on the server container's cell address, never on every address."""
     listeners = [ln.split() for ln in (state / "broker" / "mosquitto.conf").read_text().splitlines()
                  if ln.startswith("listener ")]
-    assert len(listeners) == 1 and listeners[0][2].startswith("198.18."), listeners
+    # the devices' listener and the read-only watch listener (docs/security.md), both on it
+    assert 1 <= len(listeners) <= 2 and all(ln[2].startswith("198.18.") for ln in listeners), listeners
 
 
 @pytest.mark.slow
@@ -145,8 +146,8 @@ def test_docker_compose_up_runs_a_generation(scenario: dict) -> None:
                 "server", timeout=600, check=False)
         logs = r.stdout + r.stderr
         assert r.returncode == 0, logs[-3000:]
-        for dev in scenario["devices"]:
-            assert f"docker_selfshape: eth0 up" in logs  # every device shaped itself
+        # every device shaped itself
+        assert logs.count("docker_selfshape: eth0 up") >= len(scenario["devices"]), logs[-3000:]
         _check_result(Path(scenario["state_dir"]))
         _check_broker_on_the_cell_address(Path(scenario["state_dir"]))
     finally:
