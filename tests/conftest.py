@@ -186,3 +186,50 @@ def unique_run_id():
 @pytest.fixture
 def topologies() -> Path:
     return TOPOLOGIES
+
+
+def _dump_asyncio_tasks(*_: object) -> None:
+    """SIGUSR1 (and a test cut off by pytest-timeout): every event loop's pending tasks with
+    their stacks, on stderr — a hung generation waits in one of the netns loops' threads,
+    where a thread dump shows only an idle selector."""
+    import asyncio
+    import gc
+    import sys
+
+    for loop in [o for o in gc.get_objects() if isinstance(o, asyncio.AbstractEventLoop)]:
+        if loop.is_closed():
+            continue
+        try:
+            tasks = asyncio.all_tasks(loop)
+        except RuntimeError:
+            continue
+        print(f"--- event loop {id(loop):#x}: {len(tasks)} tasks", file=sys.stderr)
+        for task in tasks:
+            task.print_stack(limit=12, file=sys.stderr)
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    import signal
+
+    signal.signal(signal.SIGUSR1, _dump_asyncio_tasks)
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_timeout_set_timer(item: pytest.Item, settings: object):
+    """Before pytest-timeout's own timer: ours dumps the asyncio tasks a little earlier."""
+    import threading
+
+    timeout = getattr(settings, "timeout", None)
+    if timeout:
+        timer = threading.Timer(max(1.0, timeout - 5), _dump_asyncio_tasks)
+        timer.daemon = True
+        timer.start()
+        item._asyncio_dump_timer = timer  # type: ignore[attr-defined]
+    return None
+
+
+def pytest_timeout_cancel_timer(item: pytest.Item):
+    timer = getattr(item, "_asyncio_dump_timer", None)
+    if timer is not None:
+        timer.cancel()
+    return None

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import re
 import time
 from collections.abc import Awaitable, Callable
@@ -42,6 +43,10 @@ from testbed.relay.wire import Message, encode
 
 __all__ = ["RelaySettings", "DevicePower", "Timing", "Job", "Orchestrator"]
 
+log = logging.getLogger(__name__)
+#: how long a finished generation waits for its connection, publisher and watchdog to end
+_TEARDOWN_S = 10.0
+_STOP: Any = object()  # the event publisher's queue: no more events
 #: Events that say a device failed its part: they name what it sent that failed the checks.
 _FAILURE_EVENTS = ("deadline_missed", "device_offline", "device_silent")
 
@@ -204,6 +209,8 @@ class Orchestrator:
         await self._connected.wait()  # what was queued before the first connection goes out first
         while True:
             ev = await self._events_out.get()
+            if ev is _STOP:
+                return
             try:
                 if self._client is not None and self._connected.is_set():
                     try:
@@ -252,10 +259,18 @@ class Orchestrator:
                 e.args = (f"{e}; {'; '.join(notes)}", *e.args[1:])
             raise
         finally:
+            # Python 3.11's asyncio.wait_for (inside aiomqtt's publish) can swallow a cancel
+            # that lands as its PUBACK arrives: the publisher then parked on its queue for
+            # good and the generation hung (1 run in 3 of a patch run whose device was killed).
+            # So the publisher is also told to stop in its queue, and the wait is bounded.
+            self._events_out.put_nowait(_STOP)
             publisher.cancel()
             conn.cancel()
             watchdog.cancel()
-            await asyncio.gather(publisher, conn, watchdog, return_exceptions=True)
+            _done, stuck = await asyncio.wait({publisher, conn, watchdog}, timeout=_TEARDOWN_S)
+            if stuck:
+                log.warning("%s orchestrator: %d of its tasks did not end within %g s of being cancelled",
+                            self.method, len(stuck), _TEARDOWN_S)
             self._client = None
 
     async def _watch_silence(self, every_s: float = 0.5) -> None:
