@@ -28,6 +28,7 @@ _COMMAND_MODULES = (
     "testbed.cli.commands.sweep_cmd",
     "testbed.cli.commands.docker_cmds",
     "testbed.cli.commands.fault_cmd",
+    "testbed.cli.commands.cluster_cmd",
 )
 
 app = typer.Typer(
