@@ -124,20 +124,23 @@ def start_node(node: str = typer.Argument(..., help="node name"), name: str = _N
 @image_app.command("build")
 def image_build(as_json: bool = _JSON) -> None:
     """Push this checkout's node image into the store (only layers it lacks); a cluster's
-    registry serves it from there."""
+    registry serves it from there. With no cluster up, what no tag names any more is deleted."""
+    from testbed.emulation.cluster.cluster import known_clusters
     from testbed.emulation.cluster.image import push_image
-    from testbed.emulation.cluster.registry import RegistryClient, serve
+    from testbed.emulation.cluster.registry import RegistryClient, collect_garbage, serve
 
     with serve() as url:
         img = push_image(RegistryClient(url))
     doc = img.to_json()
+    doc["freed_bytes"] = 0 if known_clusters() else collect_garbage()
     if as_json:
         print_json(doc)
         return
     for la in doc["layers"]:
         verb = "pushed" if la["pushed"] else "kept"
         out.print(f"  {la['name']:9} {la['size_bytes'] / 1e6:8.1f} MB  {verb} in {la['seconds']:.1f} s", highlight=False)
-    out.print(f"{img.repo}@{img.digest} ({img.size_bytes / 1e6:.0f} MB) in {img.seconds:.1f} s", highlight=False)
+    out.print(f"{img.repo}@{img.digest} ({img.size_bytes / 1e6:.0f} MB) in {img.seconds:.1f} s; "
+              f"{doc['freed_bytes'] / 1e6:.0f} MB of older builds freed", highlight=False)
 
 
 @image_app.command("rm")

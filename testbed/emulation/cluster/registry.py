@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import os
 import shutil
 import socket
 import subprocess
@@ -27,7 +28,7 @@ from testbed.emulation.procs import spawn_in, stop_pid_sync
 from testbed.errors import ResourceError
 
 __all__ = ["STORE", "REGISTRY_PORT", "REGISTRY_BIN", "registry_config", "start_registry", "wait_ready", "serve",
-           "RegistryClient"]
+           "collect_garbage", "RegistryClient"]
 
 STORE = Path("/var/lib/testbed-cluster/registry")
 REGISTRY_PORT = 5000
@@ -97,6 +98,30 @@ def serve(store: Path = STORE, workdir: Path | None = None) -> Iterator[str]:
         proc.wait(timeout=5)
         config.unlink(missing_ok=True)
         log.unlink(missing_ok=True)
+
+
+def _tree_bytes(root: Path) -> int:
+    return sum(p.stat().st_size for p in root.rglob("*") if p.is_file()) if root.exists() else 0
+
+
+def collect_garbage(store: Path = STORE) -> int:
+    """Delete what no tag names any more (an image replaced by a newer build of the same
+    checkout: its old checkout layer) with the registry's own garbage collector; no
+    registry may serve the store meanwhile. Returns the bytes freed."""
+    binary = shutil.which(REGISTRY_BIN)
+    if binary is None or not store.exists():
+        return 0
+    before = _tree_bytes(store)
+    config = store.parent / f"registry-gc-{os.getpid()}.yml"
+    config.write_text(registry_config(store, "127.0.0.1:0"))
+    try:
+        r = subprocess.run([binary, "garbage-collect", "--delete-untagged", str(config)], capture_output=True,
+                           text=True, timeout=600)
+    finally:
+        config.unlink(missing_ok=True)
+    if r.returncode != 0:
+        raise ResourceError(f"{REGISTRY_BIN} garbage-collect failed: {r.stderr.strip()[-500:]}")
+    return before - _tree_bytes(store)
 
 
 class _Hashing:
