@@ -95,7 +95,8 @@ def test_a_worker_runs_the_traveling_image(cluster) -> None:
     name, up_doc, _ = cluster
     ref = up_doc["image"]["ref"]
     manager = node_client(_plan_node(name, "n1"), timeout_s=300)
-    code = "import torch, testbed, socket; print('traveling', torch.__version__, socket.gethostname())"
+    code = ("import torch, diffusers, testbed.relay.agent, testbed.composition.session, socket; "
+            "print('traveling', torch.__version__, socket.gethostname())")
     t0 = time.perf_counter()
     svc = manager.services.create(ref, [python_bin(), "-c", code], name=f"probe-{name}",
                                   constraints=["node.labels.testbed.node==n2"],
@@ -111,10 +112,10 @@ def test_a_worker_runs_the_traveling_image(cluster) -> None:
             assert time.monotonic() < deadline, f"task still {states} after 240 s"
             time.sleep(1)
         task = tasks[0]
-        assert task["Status"]["State"] == "complete", task["Status"]
+        logs = b"".join(svc.logs(stdout=True, stderr=True)).decode(errors="replace")
+        assert task["Status"]["State"] == "complete", (task["Status"], logs[-2000:])
         n2_id = {n.attrs["Description"]["Hostname"]: n.id for n in manager.nodes.list()}[f"{name}-n2"]
         assert task["NodeID"] == n2_id
-        logs = b"".join(svc.logs(stdout=True, stderr=True)).decode()
         assert "traveling 2." in logs, logs
         worker = node_client(_plan_node(name, "n2"))
         containers = worker.containers.list(all=True, filters={"label": f"com.docker.swarm.service.id={svc.id}"})

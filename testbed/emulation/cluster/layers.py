@@ -47,6 +47,10 @@ _STICKY_DIRS = ("tmp", "var/tmp")
 # /sbin stays a directory: docker mounts its init at /sbin/docker-init (as in docker/image.py)
 _MERGED_USR = {"bin": "usr/bin", "lib": "usr/lib", "lib64": "usr/lib64", "lib32": "usr/lib32"}
 _ETC_EXTRA = ("/etc/protocols", "/etc/services")
+#: Parts of the environment no node runs: packages' test suites, torch's C++ test programs
+#: and headers (only for compiling extensions): 250 of the environment's 1600 MB here.
+_ENV_SKIP_DIRS = {"tests"}
+_ENV_SKIP_TORCH = ("test", "include")  # not bin: torch starts its torch_shm_manager
 #: Extension modules that would pull a GUI toolkit's libraries (X11, Tk) into the image.
 _GUI_MODULES = ("_tkinter",)
 _LDD_BATCH = 200
@@ -291,8 +295,13 @@ def env_layer() -> Layer:
     if sys.prefix == sys.base_prefix:
         raise ResourceError("the traveling image carries the project's virtual environment, but this Python runs "
                             f"outside one ({sys.prefix}); run the testbed from its .venv (see the README)")
+    prefix = os.path.realpath(sys.prefix)
+    site = os.path.relpath(os.path.realpath(sysconfig.get_paths()["purelib"]), prefix)
+    skip = {os.path.join(site, "torch", d) for d in _ENV_SKIP_TORCH}
+    for dirpath, dirnames, _ in os.walk(os.path.join(prefix, site)):
+        skip |= {os.path.relpath(os.path.join(dirpath, d), prefix) for d in dirnames if d in _ENV_SKIP_DIRS}
     c = _Collector()
-    c.add_tree(os.path.realpath(sys.prefix))
+    c.add_tree(prefix, skip=skip)
     entries = c.sorted_entries()
     return Layer("env", content_key(entries), lambda: entries)
 
