@@ -20,6 +20,14 @@ _NAME = typer.Option(..., "--name", help="cluster name (1-7 lowercase letters or
 _JSON = typer.Option(False, "--json", help="print only a JSON document on stdout")
 
 
+def _emit(doc: dict, as_json: bool, text: str) -> None:
+    """The JSON document under --json, else one line for people."""
+    if as_json:
+        print_json(doc)
+    else:
+        out.print(text, highlight=False)
+
+
 def _progress(msg: str) -> None:
     err.print(f"[dim]cluster:[/] {msg}", highlight=False)
 
@@ -99,11 +107,7 @@ def stop_node(node: str = typer.Argument(..., help="node name (n1 is the manager
     from testbed.emulation.cluster.cluster import cluster_stop_node
 
     doc = asyncio.run(cluster_stop_node(name, node))
-    if as_json:
-        print_json(doc)
-        return
-    out.print(f"node {node}: killed dockerd {doc['dockerd_pid']} and {len(doc['killed'])} processes in all",
-              highlight=False)
+    _emit(doc, as_json, f"node {node}: killed dockerd {doc['dockerd_pid']} and {len(doc['killed'])} processes in all")
 
 
 @cluster_app.command("start-node")
@@ -114,11 +118,7 @@ def start_node(node: str = typer.Argument(..., help="node name"), name: str = _N
     from testbed.emulation.cluster.cluster import cluster_start_node
 
     doc = asyncio.run(cluster_start_node(name, node, timeout_s=timeout_s))
-    if as_json:
-        print_json(doc)
-        return
-    out.print(f"node {node}: dockerd {doc['dockerd_pid']}, ready in the swarm after {doc['seconds']:.1f} s",
-              highlight=False)
+    _emit(doc, as_json, f"node {node}: dockerd {doc['dockerd_pid']}, ready in the swarm after {doc['seconds']:.1f} s")
 
 
 @image_app.command("build")
@@ -155,10 +155,7 @@ def image_rm(as_json: bool = _JSON) -> None:
         raise ResourceError(f"clusters are up ({', '.join(known_clusters())}); their registries serve the store: "
                             "`testbed cluster down --name NAME` first")
     removed = remove_store()
-    if as_json:
-        print_json({"removed": removed})
-        return
-    out.print("removed the image store" if removed else "no image store", highlight=False)
+    _emit({"removed": removed}, as_json, "removed the image store" if removed else "no image store")
 
 
 def register(app: typer.Typer) -> None:
