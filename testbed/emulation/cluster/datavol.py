@@ -47,8 +47,10 @@ def mounted_at(path: Path) -> str | None:
 
 def make_volume(image: Path, mountpoint: Path, size_gb: int) -> bool:
     """Make `image` (sparse, ext4 without journal or discard) and mount it at `mountpoint`
-    through a loop device; False, with nothing made, where there are no loop devices."""
-    if not Path("/dev/loop-control").exists() or shutil.which("losetup", path=_SBIN) is None:
+    through a loop device; False, with nothing left made, where there are no loop devices
+    (or no mkfs.ext4)."""
+    if not Path("/dev/loop-control").exists() or any(shutil.which(p, path=_SBIN) is None
+                                                     for p in ("losetup", "mkfs.ext4")):
         return False
     with open(image, "wb") as f:
         f.truncate(size_gb * 2**30)
@@ -57,7 +59,8 @@ def make_volume(image: Path, mountpoint: Path, size_gb: int) -> bool:
         try:
             dev = _run(["losetup", "--find", "--show", "--direct-io=on", str(image)])
         except ResourceError:
-            return False  # no free loop device (a container without /dev/loop*): plain directories
+            image.unlink()  # no free loop device (a container without /dev/loop*): plain directories
+            return False
         try:
             _run(["mount", "-o", "noatime", dev, str(mountpoint)])
         except ResourceError:
