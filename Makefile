@@ -6,7 +6,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 TESTBED := $(VENV)/bin/testbed
 SYSTEM_PACKAGES := python3 python3-venv python3-dev build-essential mosquitto mosquitto-clients \
-	iperf3 iproute2 iptables ethtool tmux iputils-ping chromium chromium-driver
+	iperf3 iproute2 iptables ethtool tmux iputils-ping chromium chromium-driver docker-registry
 # Python 3.11 is the floor; the pinned torch CPU wheel is for 3.11.
 PYTHON ?= $(shell command -v python3.11 || command -v python3)
 
@@ -32,6 +32,7 @@ system:
 	    apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends $$missing; \
 	  fi; \
 	  systemctl disable --now mosquitto >/dev/null 2>&1 || true; \
+	  systemctl disable --now docker-registry >/dev/null 2>&1 || true; \
 	else echo "not root or no apt-get: install $(SYSTEM_PACKAGES) yourself"; fi
 
 venv: $(VENV)/.installed

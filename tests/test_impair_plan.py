@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import struct
 
+import pytest
 
 from testbed.emulation.delayer import Delayer
 from testbed.emulation.impair import CHAIN, NetemLeaf, chain_rules, plan_netem, remove_chain_rules, replaced_pfifos
@@ -207,3 +208,24 @@ async def test_impairer_netem_path_grafts_regrafts_and_restores(monkeypatch):
                                                                            ("ifb", plan.classes["dev01"])}
     assert imp.shaping_ops_in_kernel(plan2.ops) == list(plan2.ops)
     assert imp.status()["devices"] == {}
+
+
+def test_the_delayer_uses_its_own_namespace_without_setns(monkeypatch):
+    """Inside a device container (Swarm) the delayer has NET_ADMIN but not SYS_ADMIN: its
+    own namespace must not be entered with setns."""
+    from testbed.emulation import nsutil
+
+    made = []
+
+    class OwnQueue:
+        def __init__(self):
+            made.append(self)
+
+        def configure(self, queue):
+            self.queue = queue
+
+    monkeypatch.setattr(nsutil, "in_netns", lambda *a: pytest.fail("setns into its own namespace"))
+    d = Delayer()
+    d._socket_type = OwnQueue
+    d.configure("add", "/proc/self/ns/net", 3, 5.0, 0.0)
+    assert len(made) == 1 and made[0].queue == 3 and d.queues[("/proc/self/ns/net", 3)] == (0.005, 0.0)

@@ -29,6 +29,7 @@ _COMMAND_MODULES = (
     "testbed.cli.commands.docker_cmds",
     "testbed.cli.commands.fault_cmd",
     "testbed.cli.commands.compare_cmd",
+    "testbed.cli.commands.cluster_cmd",
 )
 
 app = typer.Typer(

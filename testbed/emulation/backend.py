@@ -39,6 +39,7 @@ __all__ = [
     "DEVICE_PIDS_MAX",
     "device_address",
     "remove_host_links",
+    "remove_root_links",
 ]
 
 CELL_PREFIX = 16
@@ -269,12 +270,17 @@ class NetnsBackend:
 
 async def remove_host_links(run_id: str | None = None) -> list[str]:
     """Delete root-namespace host links `tb<run>h` (all runs' when run_id is None)."""
-    pat = re.compile(rf"^tb{re.escape(run_id)}h$" if run_id else r"^tb[a-z0-9]{1,7}h$")
+    return await remove_root_links(re.compile(rf"^tb{re.escape(run_id)}h$" if run_id else r"^tb[a-z0-9]{1,7}h$"))
+
+
+async def remove_root_links(pattern: re.Pattern[str]) -> list[str]:
+    """Delete the root namespace's links whose name matches `pattern`; a link that is gone
+    meanwhile (with its peer's namespace) is no error."""
     removed = []
     async with AsyncIPRoute() as root:
         async for link in await root.link("dump"):
             name = link.get("ifname")
-            if name and pat.fullmatch(name):
+            if name and pattern.fullmatch(name):
                 try:
                     await root.link("del", index=link["index"])
                     removed.append(f"link {name}")

@@ -28,6 +28,7 @@ __all__ = [
     "CgroupV2",
     "detect_cgroups",
     "cgroup_relpath",
+    "rmdir_tree",
 ]
 
 CPU_PERIOD_US = 100_000
@@ -84,13 +85,13 @@ def _read_max(path: Path) -> int | None:
     return None if v == "max" else int(v)
 
 
-def _rmdir_tree(d: Path) -> None:
+def rmdir_tree(d: Path) -> None:
     """Remove a cgroup directory bottom-up (cgroupfs dirs are removed with rmdir only);
     processes still inside are killed first."""
     if not d.is_dir():
         return
     for sub in sorted((p for p in d.iterdir() if p.is_dir()), reverse=True):
-        _rmdir_tree(sub)
+        rmdir_tree(sub)
     if not str(d).startswith(str(SYS_CGROUP) + "/"):
         # a stand-in tree in a plain directory (tests): its control files are real files
         for f in d.iterdir():
@@ -166,7 +167,7 @@ class CgroupV1:
 
     def remove(self, run_id: str, node_id: str | None = None) -> None:
         for d in self._dirs(run_id, node_id):
-            _rmdir_tree(d)
+            rmdir_tree(d)
 
     def runs(self) -> list[str]:
         found: set[str] = set()
@@ -236,7 +237,7 @@ class CgroupV2:
         return out
 
     def remove(self, run_id: str, node_id: str | None = None) -> None:
-        _rmdir_tree(self._dir(run_id, node_id))
+        rmdir_tree(self._dir(run_id, node_id))
 
     def runs(self) -> list[str]:
         top = self.root / TOP

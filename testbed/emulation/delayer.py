@@ -88,7 +88,10 @@ class Delayer:
             if netns not in self.sockets:
                 from testbed.emulation.nsutil import in_netns
 
-                self.sockets[netns] = in_netns(netns, self._socket_type)
+                # its own namespace needs no setns (and no CAP_SYS_ADMIN): a delayer inside a
+                # device container on a Swarm node holds NET_ADMIN only
+                own = os.stat(netns).st_ino == os.stat("/proc/self/ns/net").st_ino
+                self.sockets[netns] = self._socket_type() if own else in_netns(netns, self._socket_type)
             self.sockets[netns].configure(int(queue))
         elif key not in self.queues:
             raise ValueError(f"queue {queue} in {netns} was never added")
