@@ -8,6 +8,7 @@ history and the run's state directory — and tears down what it made:
 | `MadeCell` (`testbed run FILE`, the `testbed up` supervisor, sweeps, the TUI) | `Emulation(...)`, made here, torn down at the end | `AgentLauncher`: this process's template |
 | `AttachedCellSource` (a `testbed up` cell, library users) | `AttachedCell.connect(ID)`; left up | `RemoteAgents`: the supervisor's |
 | `GivenCell` (compose/Swarm deployment's server) | made elsewhere, handed in | `ExternalAgents`: each device service starts its own |
+| `SwarmCell` (swarm_cells.py; `testbed up --backend swarm --cluster NAME`) | `SwarmEmulation` across a cluster's nodes | `KeeperAgents`: each device's keeper |
 
 `open(topo, links, clock, started)` gets the topology, its links (computed once by the run
 owner), the start-up clock and `started()`, called once the slow background work has begun
@@ -28,13 +29,14 @@ from testbed.composition.agents import AgentLauncher, Agents, ExternalAgents, Re
 from testbed.composition.history import EnergyHistory
 from testbed.composition.startup import StartupClock
 from testbed.emulation.cell import BrokerSettings, Cell
-from testbed.errors import RunFailedError, TopologyError
+from testbed.errors import InputError, RunFailedError, TopologyError
 from testbed.model.names import MQTT_PORT, SERVER_ADDRESS, STATE_ROOT
 from testbed.model.radio import DeviceLink
 from testbed.model.topology import Topology
 from testbed.relay import security
 
-__all__ = ["Rig", "CellSource", "MadeCell", "AttachedCellSource", "GivenCell", "max_message_bytes", "same_cell"]
+__all__ = ["Rig", "CellSource", "MadeCell", "AttachedCellSource", "GivenCell", "max_message_bytes", "same_cell",
+           "cell_source"]
 
 
 def max_message_bytes(topo: Topology) -> int:
@@ -207,3 +209,18 @@ class GivenCell:
 
     async def close(self) -> None:
         await self.cell.close()
+
+
+def cell_source(run_id: str | None = None, *, backend: str = "netns", cluster: str | None = None, broker: bool = True,
+                state_dir: Path | None = None) -> CellSource:
+    """The cell source that makes a cell on `backend`: a `MadeCell` (netns, docker), or for
+    `swarm` the cluster's `SwarmCell` (swarm_cells.py)."""
+    if backend == "swarm":
+        if not cluster:
+            raise InputError("--backend swarm needs --cluster NAME (`testbed cluster up --nodes N --name NAME`)")
+        from testbed.composition.swarm_cells import SwarmCell
+
+        return SwarmCell(run_id, cluster=cluster, broker=broker, state_dir=state_dir)
+    if cluster:
+        raise InputError(f"--cluster {cluster}: a cluster goes with --backend swarm (not {backend})")
+    return MadeCell(run_id, backend=backend, broker=broker, state_dir=state_dir)

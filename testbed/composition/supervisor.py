@@ -28,7 +28,7 @@ from typing import Any
 
 from pathlib import Path
 
-from testbed.composition.cells import MadeCell
+from testbed.composition.cells import cell_source
 from testbed.composition.session import RunSession
 from testbed.composition.startup import StartupClock
 from testbed.emulation.attached import cell_handlers, control_path
@@ -164,7 +164,8 @@ async def _main(args: argparse.Namespace) -> int:
     topo = load_topology(args.file, seed=args.seed)
     t0 = time.perf_counter()
     write_topology(args.run, topo)
-    source = MadeCell(args.run, backend=args.backend, broker=args.broker, state_dir=run_dir(args.run))
+    source = cell_source(args.run, backend=args.backend, cluster=args.cluster, broker=args.broker,
+                         state_dir=run_dir(args.run))
     async with RunSession(topo, source) as session:
         cell = session.cell
         assert cell is not None
@@ -197,6 +198,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("file")
     ap.add_argument("--seed", type=int, default=None)
     ap.add_argument("--backend", default="netns")
+    ap.add_argument("--cluster", default=None)  # --backend swarm: the cluster's name
     ap.add_argument("--no-broker", dest="broker", action="store_false")
     args = ap.parse_args(argv)
     (run_dir(args.run) / "supervisor.pid").write_text(str(os.getpid()))

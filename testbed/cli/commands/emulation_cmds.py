@@ -22,7 +22,9 @@ def require_root() -> None:
 
 def up(
     file: Path = typer.Argument(..., help="topology YAML file"),
-    backend: str = typer.Option("netns", "--backend", help="how nodes are isolated: netns or docker"),
+    backend: str = typer.Option("netns", "--backend", help="how nodes are isolated: netns, docker, or swarm "
+                                "(a cluster's nodes: --cluster)"),
+    cluster: str | None = typer.Option(None, "--cluster", help="--backend swarm: the cluster (`testbed cluster up`)"),
     run: str | None = typer.Option(None, "--run", help="run id (1-7 lowercase letters/digits); made up when omitted"),
     seed: int | None = typer.Option(None, "--seed", help="override the file's seed"),
     broker: bool = typer.Option(True, "--broker/--no-broker", help="start the MQTT broker on the edge server"),
@@ -34,9 +36,11 @@ def up(
     from testbed.emulation.environ import clean_environ
     from testbed.emulation.runs import cleanup_run, make_run_dir, new_run_id, read_state, run_dir
 
-    if backend not in ("netns", "docker"):
-        raise ResourceError(f"backend {backend!r} is not available; use --backend netns or docker")
-    load_topology(file, seed=seed)  # bad input fails here, before anything is made
+    if backend not in ("netns", "docker", "swarm"):
+        raise ResourceError(f"backend {backend!r} is not available; use --backend netns, docker or swarm")
+    topo = load_topology(file, seed=seed)  # bad input fails here, before anything is made
+    if backend == "swarm" or cluster is not None:
+        _check_cluster(backend, cluster, topo)
     run_id = check_run_id(run, "--run") if run else new_run_id()
     require_root()
     d = make_run_dir(run_id)
@@ -45,6 +49,8 @@ def up(
         argv += ["--seed", str(seed)]
     if not broker:
         argv.append("--no-broker")
+    if cluster is not None:
+        argv += ["--cluster", cluster]
     log = open(d / "logs" / "supervisor.log", "ab")  # noqa: SIM115 - handed to the child
     try:
         proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
@@ -81,6 +87,19 @@ def up(
     _print_status(state)
     out.print(f"run [bold]{run_id}[/] is up in {state.get('up_s', 0):.2f} s; state in {run_dir(run_id)}; "
               f"stop it with `testbed down --run {run_id}`", highlight=False)
+
+
+def _check_cluster(backend: str, cluster: str | None, topo) -> None:
+    """--backend swarm needs an up cluster whose nodes the topology's placements name."""
+    from testbed.emulation.cluster.cluster import load_plan
+    from testbed.emulation.cluster.swarm_backend import spread
+
+    if backend != "swarm":
+        raise InputError(f"--cluster {cluster}: a cluster goes with --backend swarm (not {backend})")
+    if not cluster:
+        raise InputError("--backend swarm needs --cluster NAME (`testbed cluster up --nodes N --name NAME`)")
+    plan, _ = load_plan(cluster)
+    spread([], [n.name for n in plan.nodes], topo.placements())  # a placement naming no node: exit 2 now
 
 
 def _print_status(state: dict) -> None:
@@ -130,7 +149,7 @@ def status(
     if as_json:
         print_json({k: state[k] for k in ("run", "backend", "netem", "nodes")} | {
             k: state[k] for k in ("warnings", "impairments", "cell", "broker", "broker_error", "host_route", "mobility",
-                                  "gpu", "topology", "seed", "up_s", "timings_s") if k in state}
+                                  "gpu", "topology", "seed", "up_s", "timings_s", "cluster", "clocks") if k in state}
             | ({"observer": {k: v for k, v in observer.items() if k != "password"}
                              | {"credentials": str(run_dir(run_id) / "observer.json")}} if observer else {}))
         return
