@@ -92,6 +92,20 @@ def test_control_files_are_private(tmp_path: Path) -> None:
     assert creds.control.password not in paths["password_file"].read_text()  # hashed
 
 
+def test_the_undertaker_may_only_say_offline_on_the_cell_broker(tmp_path: Path) -> None:
+    cell = security.make_credentials("r1", ["dev01"])
+    paths = security.write_security_files(tmp_path, cell, "198.18.0.1", 1883)
+    ctl = security.make_control_credentials("r1", ["dev01"])
+    before = paths["acl_file"].read_text()
+    security.grant_undertaker(paths, ctl)
+    acl = paths["acl_file"].read_text()
+    assert acl.startswith(before) and acl[len(before):].split() == ["user", "control", "topic", "write",
+                                                                     "tb/r1/dev/+/status"]
+    users = [line.split(":")[0] for line in paths["password_file"].read_text().splitlines()]
+    assert users.count("control") == 1 and "dev01" in users
+    assert paths["acl_file"].stat().st_mode & 0o777 == 0o600
+
+
 def test_a_keeper_secret_holds_its_own_device_only() -> None:
     topo = load_topology(REPO / "topologies" / "small.yaml")
     links = compute_links(topo, place(topo))

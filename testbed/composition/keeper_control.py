@@ -182,6 +182,24 @@ class KeeperControl:
             raise ResourceError(f"clock {device}: its keeper says {reply.get('error')}")
         return float(reply["_t_send"]), float(reply["result"]["t"]), float(reply["_t_recv"])
 
+    async def bury(self, devices: list[str], broker_host: str, broker_port: int) -> None:
+        """Say "offline" (retained) for `devices` on the cell's broker, as their agents' last
+        wills would once their keepalives ran out: their host is gone. The `control` account
+        may write devices' status topics there and nothing else (security.grant_undertaker)."""
+        await self.ns.run(self._bury(devices, broker_host, broker_port))
+
+    async def _bury(self, devices: list[str], broker_host: str, broker_port: int) -> None:
+        import aiomqtt
+
+        from testbed.relay.agent import status_doc
+
+        cred = self.creds.control
+        async with aiomqtt.Client(broker_host, broker_port, username=cred.username, password=cred.password,
+                                  identifier=cred.username, timeout=5) as client:
+            for dev in devices:
+                await client.publish(topics.status(self.run, dev), status_doc(dev, "offline", reason="host lost"),
+                                     qos=1, retain=True)
+
     async def close(self) -> None:
         if self._reader is not None:
             self._reader.cancel()  # type: ignore[union-attr]

@@ -14,6 +14,7 @@ MQTT keepalive at 2 s, so that its last will tells the orchestrator of a lost ho
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import json
 import os
@@ -73,6 +74,7 @@ class SwarmCell:
         self._owns_state, self.state_dir = state_dir is None, state_dir and Path(state_dir)
         self._cell: Any = None
         self._control: KeeperControl | None = None
+        self._burials: set[asyncio.Task] = set()
 
     @staticmethod
     def _secrets(state: Path, run_id: str, ids: list[str]) -> tuple[security.RunCredentials, dict[str, Path],
@@ -83,6 +85,7 @@ class SwarmCell:
                                               watch_port=MQTT_PORT + 1)
         shutil.copy2(paths["observer"], state / "observer.json")
         control = security.make_control_credentials(run_id, ids)
+        security.grant_undertaker(paths, control)  # it says "offline" for the devices of a lost node
         return creds, paths, control, security.write_control_files(state / "secrets", control)
 
     async def open(self, topo: Topology, links: list[DeviceLink], clock: StartupClock,
@@ -130,6 +133,8 @@ class SwarmCell:
         self._control = KeeperControl(run_id, control, cell.control_address, MQTT_PORT,
                                       cell.nodes["server"].netns, cell.keeper_seen)
         cell.bind_control(self._control)  # before the keepers' retained states arrive
+        if self.broker:
+            cell.on_lost(lambda devices: self._bury(cell, devices))
         await self._control.start()
         await cell.wait_synced(KEEPERS_TIMEOUT_S)  # every device shaped, its keeper connected, its clock measured
         clock.mark("control", t0)
@@ -140,6 +145,20 @@ class SwarmCell:
         write_state(run_id, cell.status() | {"topology": topo.name, "seed": topo.seed})
         agents = KeeperAgents(cell) if self.broker else None
         return Rig(run_id, cell, creds if self.broker else None, agents, EnergyHistory(state), state)
+
+    def _bury(self, cell: Any, devices: list[str]) -> None:
+        """Their node is gone: "offline" for them now (the orchestrator recovers at once)."""
+        if self._control is None or cell.broker is None:
+            return
+        task = asyncio.get_running_loop().create_task(self._control.bury(devices, cell.broker.host, cell.broker.port))
+        self._burials.add(task)
+
+        def done(t: asyncio.Task) -> None:
+            self._burials.discard(t)
+            if not t.cancelled() and t.exception() is not None:
+                cell.warnings.append(f"could not say offline for {', '.join(devices)}: {t.exception()}")
+
+        task.add_done_callback(done)
 
     @staticmethod
     async def _agents_online(cell: Any, creds: security.RunCredentials, limit: int) -> None:

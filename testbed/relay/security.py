@@ -38,7 +38,11 @@ which no device's agent can log in to (docs/cluster.md). Its accounts (`ControlC
     keeper.<device>  read  tb/<run>/ctl/<device>/cmd                   the device's keeper
                      write tb/<run>/ctl/<device>/reply, .../state      (will: its state)
 
-(`keeper.` cannot begin a device id, whose names have no dot.)
+(`keeper.` cannot begin a device id, whose names have no dot.) On the cell's own broker the
+`control` account may write only devices' status topics (`grant_undertaker`): when a
+cluster node is lost, its agents' connections die without a word (their host is gone, no
+FIN reaches the broker), and the run owner says "offline" for them at once instead of
+leaving the orchestrator to wait for their keepalives.
 """
 
 from __future__ import annotations
@@ -75,6 +79,7 @@ __all__ = [
     "make_control_credentials",
     "control_acl_text",
     "write_control_files",
+    "grant_undertaker",
 ]
 
 SERVER_USER = "server"  # the orchestrator
@@ -277,3 +282,12 @@ def write_control_files(state_dir: Path, creds: ControlCredentials) -> dict[str,
     write_private(paths["password_file"], "\n".join(password_line(c) for c in creds.accounts()) + "\n")
     write_private(paths["acl_file"], control_acl_text(creds))
     return paths
+
+
+def grant_undertaker(paths: dict[str, Path], control: ControlCredentials) -> None:
+    """Add the `control` account to the cell broker's files (`write_security_files`'s
+    `password_file` and `acl_file`): it may write every device's status topic, nothing else."""
+    cred = control.control
+    pw, acl = Path(paths["password_file"]), Path(paths["acl_file"])
+    write_private(pw, pw.read_text() + password_line(cred) + "\n")
+    write_private(acl, acl.read_text() + f"\nuser {cred.username}\ntopic write {topics.device_leaf_filter(control.run, 'status')}\n")

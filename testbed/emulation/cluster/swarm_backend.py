@@ -309,8 +309,11 @@ class SwarmBackend:
         if not cid:
             raise ResourceError(f"set_cpu {node_id}: its task has no container now")
         try:
-            await asyncio.to_thread(client.api.update_container, cid, cpu_period=CPU_PERIOD_US,
-                                    cpu_quota=cpu_quota_us(cpu_cores))
+            if node_id == SERVER_ID:
+                await asyncio.to_thread(client.api.update_container, cid, cpu_period=CPU_PERIOD_US,
+                                        cpu_quota=cpu_quota_us(cpu_cores))
+            else:  # a task's limit is NanoCpus (Swarm's), which the SDK's update_container cannot set
+                await asyncio.to_thread(_update_nano_cpus, client, cid, cpu_cores)
         except (docker.errors.DockerException, OSError) as e:
             raise ResourceError(f"set_cpu {node_id}: the daemon of {where.name} ({where.docker_host}): "
                                 f"{getattr(e, 'explanation', None) or e}") from None
@@ -353,6 +356,14 @@ class SwarmBackend:
         self.devices.clear()
         self.server = _Server()
         return removed
+
+
+def _update_nano_cpus(client: docker.DockerClient, container_id: str, cpu_cores: float) -> None:
+    """`docker update --cpus` of a Swarm task's container: its NanoCpus (a CFS quota over
+    the kernel's 100 ms period), live."""
+    api = client.api
+    res = api._post_json(api._url("/containers/{0}/update", container_id), data={"NanoCpus": round(cpu_cores * 1e9)})
+    api._raise_for_status(res)
 
 
 def _push_checkout(plan: ClusterPlan) -> str:

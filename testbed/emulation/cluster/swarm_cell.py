@@ -30,6 +30,7 @@ import subprocess
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from collections.abc import Callable
 from typing import Any, Protocol
 
 from testbed.emulation.broker import BrokerHandle, start_broker
@@ -157,11 +158,13 @@ class SwarmEmulation(Emulation):
         self._current: dict[str, LinkImpairment] = {}
         self._cut: set[str] = set()
         self._lost: set[str] = set()  # devices whose node or keeper is gone
+        self._buried: set[str] = set()  # devices whose node is down (told to on_lost's callbacks)
         self._keeper_ready: dict[str, bool] = {}
         self._sync_locks: dict[str, asyncio.Lock] = {}
         self._health: asyncio.Task | None = None
         self._tasks: set[asyncio.Task] = set()
         self.node_states: dict[str, str] = {}
+        self._lost_callbacks: list[Callable[[list[str]], None]] = []
 
     # lifecycle ---------------------------------------------------------------------
     async def _up(self) -> None:
@@ -209,6 +212,11 @@ class SwarmEmulation(Emulation):
 
     def bind_control(self, control: DeviceControl) -> None:
         self.control = control
+
+    def on_lost(self, callback: Callable[[list[str]], None]) -> None:
+        """Call `callback(devices)` when a cluster node is seen down, with its devices: their
+        processes died with it, and nothing of theirs can say so."""
+        self._lost_callbacks.append(callback)
 
     async def close(self) -> None:
         for task in [self._health, *self._tasks]:
@@ -318,10 +326,16 @@ class SwarmEmulation(Emulation):
                 self.node_states = await asyncio.to_thread(self.swarm.node_states)
             except Exception:  # noqa: BLE001 - the manager may be busy: next tick
                 pass
-            changed = False
+            changed, buried = False, []
             for dev in self.device_ids():
                 node = self.nodes[dev]
-                gone = self.node_states.get(node.host or "", "ready") != "ready" or self._keeper_ready.get(dev) is False
+                host_down = self.node_states.get(node.host or "", "ready") != "ready"
+                gone = host_down or self._keeper_ready.get(dev) is False
+                if host_down and dev not in self._buried:
+                    self._buried.add(dev)
+                    buried.append(dev)
+                elif not host_down:
+                    self._buried.discard(dev)
                 if gone and dev not in self._lost:
                     self._lost.add(dev)
                     changed = True
@@ -334,6 +348,9 @@ class SwarmEmulation(Emulation):
                     changed = True
             if changed:
                 self._changed()
+            if buried:
+                for cb in self._lost_callbacks:
+                    cb(buried)
             await asyncio.sleep(_HEALTH_S)
 
     def _changed(self) -> None:
