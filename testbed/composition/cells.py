@@ -9,7 +9,8 @@ history and the run's state directory — and tears down what it made:
 | `AttachedCellSource` (a `testbed up` cell, library users) | `AttachedCell.connect(ID)`; left up | `RemoteAgents`: the supervisor's |
 | `GivenCell` (compose/Swarm deployment's server) | made elsewhere, handed in | `ExternalAgents`: each device service starts its own |
 | `MadeCell(worker=True)` (`testbed run FILE`, the `testbed up` supervisor) | made here, served to its worker | `WorkerAgents`: the worker's (worker.py), which also runs the generations |
-| `WorkerCell` (the worker itself) | its owner's, through the control socket | `AgentLauncher`: a template forked from the worker |
+| `WorkerCell` (the worker itself) | its owner's, through the control socket | `AgentLauncher`: a template forked from the worker; for a Swarm cell `RemoteAgents` (its owner's keepers) |
+| `SwarmCell` (swarm_cells.py; the `testbed up --backend swarm --cluster NAME` supervisor) | `SwarmEmulation` across a cluster's nodes, served to its worker | `KeeperAgents`: each device's keeper; the worker (no template) runs the generations |
 
 `open(topo, links, clock, started)` gets the topology, its links (computed once by the run
 owner), the start-up clock and `started()`, called once the slow background work has begun
@@ -34,14 +35,14 @@ from testbed.composition.worker_link import WorkerAgents, write_worker_topology
 from testbed.composition.history import EnergyHistory
 from testbed.composition.startup import StartupClock
 from testbed.emulation.cell import BrokerSettings, Cell
-from testbed.errors import RunFailedError, TopologyError
+from testbed.errors import InputError, RunFailedError, TopologyError
 from testbed.model.names import MQTT_PORT, SERVER_ADDRESS, STATE_ROOT
 from testbed.model.radio import DeviceLink
 from testbed.model.topology import Topology
 from testbed.relay import security
 
 __all__ = ["Rig", "CellSource", "MadeCell", "AttachedCellSource", "GivenCell", "WorkerCell", "max_message_bytes",
-           "same_cell", "preloaded_variants"]
+           "same_cell", "preloaded_variants", "cell_source"]
 
 
 def max_message_bytes(topo: Topology) -> int:
@@ -245,12 +246,14 @@ class GivenCell:
 class WorkerCell:
     """The worker's view (worker.py): its owner's cell through the control socket (waited
     for while the owner makes it), the run's credentials and agent uids from the state
-    directory, and agents forked by the worker's own template (`launcher`)."""
+    directory, and agents forked by the worker's own template (`launcher`) — or, with no
+    launcher (a Swarm cell, whose agents its keepers start on their nodes), its owner's
+    agents through the control socket (`RemoteAgents`)."""
 
     path = "cold"
     warm = "none"  # the worker warms what its `--warm` names
 
-    def __init__(self, run_id: str, launcher: AgentLauncher, timeout_s: float = 300.0):
+    def __init__(self, run_id: str, launcher: AgentLauncher | None, timeout_s: float = 300.0):
         self.run_id, self.launcher, self.timeout_s = run_id, launcher, timeout_s
         self._cell: Any = None
 
@@ -271,11 +274,30 @@ class WorkerCell:
         same_cell(self.run_id, topo, links, cell.links)
         state = run_dir(self.run_id)
         creds = security.load_credentials(state / "secrets" / "credentials.json")  # after the template's fork
+        if self.launcher is None:
+            return Rig(self.run_id, cell, creds, RemoteAgents(path), EnergyHistory(state), state)
         self.launcher.bind(cell, read_uids(state))
         return Rig(self.run_id, cell, creds, self.launcher, EnergyHistory(state), state)
 
     async def close(self) -> None:
-        await self.launcher.close()
+        if self.launcher is not None:
+            await self.launcher.close()
         if self._cell is not None:
             await self._cell.close()  # the connection only: the owner takes the cell down
             self._cell = None
+
+
+def cell_source(run_id: str | None = None, *, backend: str = "netns", cluster: str | None = None, broker: bool = True,
+                state_dir: Path | None = None, worker: bool = False, warm: str = "auto") -> CellSource:
+    """The cell source that makes a cell on `backend`: a `MadeCell` (netns, docker), or for
+    `swarm` the cluster's `SwarmCell` (swarm_cells.py). `worker`: the generations run in a
+    worker process (worker.py) that this one serves the cell to."""
+    if backend == "swarm":
+        if not cluster:
+            raise InputError("--backend swarm needs --cluster NAME (`testbed cluster up --nodes N --name NAME`)")
+        from testbed.composition.swarm_cells import SwarmCell
+
+        return SwarmCell(run_id, cluster=cluster, broker=broker, state_dir=state_dir, worker=worker)
+    if cluster:
+        raise InputError(f"--cluster {cluster}: a cluster goes with --backend swarm (not {backend})")
+    return MadeCell(run_id, backend=backend, broker=broker, state_dir=state_dir, worker=worker, warm=warm)

@@ -27,7 +27,7 @@ import time
 import traceback
 from typing import Any
 
-from testbed.composition.cells import MadeCell
+from testbed.composition.cells import cell_source
 from testbed.composition.online import Liveness, warm_set
 from testbed.composition.session import RunSession
 from testbed.emulation.attached import cell_handlers, control_path
@@ -206,8 +206,8 @@ async def _main(args: argparse.Namespace) -> int:
     topo = load_topology(args.file, seed=args.seed)
     t0 = time.perf_counter()
     write_topology(args.run, topo)
-    source = MadeCell(args.run, backend=args.backend, broker=args.broker, state_dir=run_dir(args.run), worker=True,
-                      warm=args.warm)
+    source = cell_source(args.run, backend=args.backend, cluster=args.cluster, broker=args.broker,
+                         state_dir=run_dir(args.run), worker=True, warm=args.warm)
     async with RunSession(topo, source) as session:
         cell = session.cell
         assert cell is not None
@@ -245,6 +245,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("file")
     ap.add_argument("--seed", type=int, default=None)
     ap.add_argument("--backend", default="netns")
+    ap.add_argument("--cluster", default=None)  # --backend swarm: the cluster's name
     ap.add_argument("--no-broker", dest="broker", action="store_false")
     ap.add_argument("--warm", default="auto")
     args = ap.parse_args(argv)

@@ -1,7 +1,7 @@
 """A cell's worker: the one process that imports torch and diffusers, forks the agent template
 from itself, holds the edge server's model and runs the generations on the cell.
 
-    python -m testbed.composition.worker RUN [--warm auto|all|none|N|dev01,dev02]
+    python -m testbed.composition.worker RUN [--warm auto|all|none|N|dev01,dev02] [--remote-agents]
 
 The cell's owner (`testbed up`'s supervisor, or `testbed run`'s own process on a cold run;
 worker_link.py) starts it with the allow-listed environment before it makes the cell. While
@@ -20,6 +20,11 @@ agents `--warm` names (online.warm_set) and serves `<state dir>/worker.sock`:
 It keeps `worker.json` in the run's state directory current (its pids, what is warm, where
 its start-up time went) and ends on SIGTERM — its agents and template with it — or when its
 owner dies.
+
+`--remote-agents` (a Swarm cell, swarm_cells.py): the agents are not this host's — each
+device's keeper starts its own on its node — so the worker forks no template and drives
+them through its owner's control socket (`RemoteAgents`); it still holds the server's
+model and runs the generations.
 """
 
 from __future__ import annotations
@@ -130,7 +135,8 @@ class Worker:
             return res.doc
 
 
-async def _serve(run_id: str, topo: Any, template_pid: int, warm_spec: str, t_start: float, t_imported: float) -> int:
+async def _serve(run_id: str, topo: Any, template_pid: int | None, warm_spec: str, t_start: float,
+                 t_imported: float) -> int:
     from testbed.composition.agents import AgentLauncher
     from testbed.composition.cells import WorkerCell
     from testbed.composition.online import warm_set
@@ -142,11 +148,13 @@ async def _serve(run_id: str, topo: Any, template_pid: int, warm_spec: str, t_st
     for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
         loop.add_signal_handler(sig, stop.set)
     state = run_dir(run_id)
-    launcher = AgentLauncher(run_id, state, state / "logs", forked_template=template_pid)
+    launcher = None if template_pid is None else AgentLauncher(run_id, state, state / "logs",
+                                                               forked_template=template_pid)
     session = RunSession(topo, WorkerCell(run_id, launcher), started_at=t_start)
     session.clock.mark("imports", t_start, t_imported)  # interpreter, torch, diffusers, the handlers: once
-    launcher.start().add_done_callback(lambda fut: None if fut.cancelled() or fut.exception() else
-                                       session.clock.mark("template", t_start, time.time()))
+    if launcher is not None:
+        launcher.start().add_done_callback(lambda fut: None if fut.cancelled() or fut.exception() else
+                                           session.clock.mark("template", t_start, time.time()))
     async with session:
         session.clock.phases.pop("cli", None)  # (before the session: the imports, not a command line)
         worker = Worker(session, warm_set(warm_spec, session.cell.device_ids()))
@@ -165,6 +173,7 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="testbed-worker")
     ap.add_argument("run")
     ap.add_argument("--warm", default="auto")
+    ap.add_argument("--remote-agents", action="store_true")  # its owner's (a Swarm cell's keepers): no template
     args = ap.parse_args(argv)
     t_start = command_started_at()
     die_with_parent(os.getppid(), signal.SIGTERM)  # its owner (the cell) gone, nothing is left to work on
@@ -182,9 +191,9 @@ def main(argv: list[str] | None = None) -> int:
         topo = read_worker_topology(args.run)
         import_agent_code()  # single-threaded here, with no secret in memory: the template forks from this
         t_imported = time.time()
-        template_pid = fork_template(state / "agent-template.sock",
-                                     preloaded_variants(topo, compute_links(topo, place(topo))),
-                                     state / "logs" / "agent-template.log")
+        template_pid = None if args.remote_agents else fork_template(
+            state / "agent-template.sock", preloaded_variants(topo, compute_links(topo, place(topo))),
+            state / "logs" / "agent-template.log")
         return asyncio.run(_serve(args.run, topo, template_pid, args.warm, t_start, t_imported))
     except TestbedError as e:
         print(f"error: {e}", flush=True)

@@ -71,14 +71,16 @@ class WorkerAgents:
         self._ready = False
 
     @classmethod
-    def spawn(cls, run_id: str, *, warm: str = "auto") -> WorkerAgents:
-        """Start the worker (`warm`: the agents it keeps warm, worker.py). Call it from the
-        thread that owns the run: the worker dies with that thread (PR_SET_PDEATHSIG)."""
+    def spawn(cls, run_id: str, *, warm: str = "auto", remote_agents: bool = False) -> WorkerAgents:
+        """Start the worker (`warm`: the agents it keeps warm, worker.py; `remote_agents`: they
+        are its owner's, a Swarm cell's keepers'). Call it from the thread that owns the run:
+        the worker dies with that thread (PR_SET_PDEATHSIG)."""
         logs = run_dir(run_id) / "logs"
         logs.mkdir(mode=0o700, exist_ok=True)
         fd = os.open(logs / "worker.log", os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
         try:
-            proc = subprocess.Popen([sys.executable, "-m", "testbed.composition.worker", run_id, "--warm", warm],
+            argv = [sys.executable, "-m", "testbed.composition.worker", run_id, "--warm", warm]
+            proc = subprocess.Popen(argv + (["--remote-agents"] if remote_agents else []),
                                     stdin=subprocess.DEVNULL, stdout=fd, stderr=subprocess.STDOUT,
                                     start_new_session=True, close_fds=True, env=worker_environ())
         finally:

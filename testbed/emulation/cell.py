@@ -40,18 +40,27 @@ class NodeState:
     x_m: float
     y_m: float
     state: NodeStateName = "up"
+    host: str | None = None  # the cluster node it runs on (a Swarm cell); None: this machine
+    #: a Swarm device's clock minus the run owner's, and the round trip it was measured
+    #: over (its error is at most half of it); None where both share one clock
+    clock_offset_s: float | None = None
+    clock_rtt_s: float | None = None
 
     def to_json(self) -> dict[str, Any]:
-        return {"id": self.id, "role": self.role, "netns": self.netns, "address": self.address,
-                "rate_up_mbps": self.rate_up_mbps, "rate_down_mbps": self.rate_down_mbps,
-                "cpu_quota_cores": self.cpu_quota_cores, "memory_mb": self.memory_mb, "profile": self.profile,
-                "x_m": self.x_m, "y_m": self.y_m, "state": self.state}
+        doc = {"id": self.id, "role": self.role, "netns": self.netns, "address": self.address,
+               "rate_up_mbps": self.rate_up_mbps, "rate_down_mbps": self.rate_down_mbps,
+               "cpu_quota_cores": self.cpu_quota_cores, "memory_mb": self.memory_mb, "profile": self.profile,
+               "x_m": self.x_m, "y_m": self.y_m, "state": self.state, "host": self.host}
+        if self.clock_offset_s is not None:
+            doc |= {"clock_offset_s": self.clock_offset_s, "clock_rtt_s": self.clock_rtt_s}
+        return doc
 
     @classmethod
     def from_json(cls, d: dict[str, Any]) -> NodeState:
         return cls(d["id"], d["role"], d.get("netns"), d.get("address"), d.get("rate_up_mbps"),
                    d.get("rate_down_mbps"), d.get("cpu_quota_cores"), d.get("memory_mb"), d.get("profile", ""),
-                   float(d.get("x_m") or 0.0), float(d.get("y_m") or 0.0), d.get("state", "up"))
+                   float(d.get("x_m") or 0.0), float(d.get("y_m") or 0.0), d.get("state", "up"), d.get("host"),
+                   d.get("clock_offset_s"), d.get("clock_rtt_s"))
 
 
 @dataclass(frozen=True)

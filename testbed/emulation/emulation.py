@@ -82,15 +82,24 @@ def _key(op: object) -> tuple:
 
 
 def make_backend(name: str, run_id: str, *, gso_off: bool = True, limits: bool = True,
-                 cgroups: Cgroups | None = None, state_dir: Path | None = None) -> Backend:
-    """The backend called `name` ("netns" or "docker")."""
+                 cgroups: Cgroups | None = None, state_dir: Path | None = None, cluster: str | None = None,
+                 **swarm: Any) -> Backend:
+    """The backend called `name` ("netns", "docker", or "swarm" on `cluster`, whose
+    `placement` and `launch` come in `swarm`: see emulation/cluster/swarm_backend.py; its
+    cell is a `SwarmEmulation`, whose devices shape their own links)."""
     if name == "netns":
         return NetnsBackend(run_id, gso_off=gso_off, cgroups=cgroups, limits=limits)
     if name == "docker":
         from testbed.emulation.docker.backend import DockerBackend
 
         return DockerBackend(run_id, state_dir=state_dir, gso_off=gso_off, limits=limits)
-    raise ResourceError(f"backend {name!r} is not available here; use --backend netns or docker")
+    if name == "swarm":
+        if not cluster:
+            raise ResourceError("the swarm backend needs a cluster (`testbed cluster up`, then --cluster NAME)")
+        from testbed.emulation.cluster.swarm_backend import SwarmBackend
+
+        return SwarmBackend(run_id, cluster, state_dir=state_dir, gso_off=gso_off, limits=limits, **swarm)
+    raise ResourceError(f"backend {name!r} is not available here; use --backend netns, docker or swarm")
 
 
 class Emulation:

@@ -180,7 +180,7 @@ def run_objects(cg: Cgroups | None = None) -> dict[str, list[str]]:
             add(r, f"cgroup testbed/{r}")
     except ResourceError:
         pass
-    for r, objects in _docker_runs().items():
+    for r, objects in [*_docker_runs().items(), *_swarm_runs().items()]:
         for what in objects:
             add(r, what)
     for pid, r in delayer_pids().items():  # it keeps the namespaces it serves alive
@@ -264,6 +264,38 @@ def _docker_runs() -> dict[str, list[str]]:
         return {}
 
 
+def _swarm_runs() -> dict[str, list[str]]:
+    """Run id -> its objects on the clusters of this machine (Swarm cells; docs/cluster.md)."""
+    from testbed.emulation.cluster.cluster import known_clusters, load_plan
+    from testbed.emulation.cluster.swarm_run import swarm_runs
+
+    out: dict[str, list[str]] = {}
+    for name in known_clusters():
+        try:
+            for r, objects in swarm_runs(load_plan(name)[0]).items():
+                out.setdefault(r, []).extend(f"{o} (cluster {name})" for o in objects)
+        except Exception:  # noqa: BLE001 - a half-made or busy cluster: its own `cluster down` cleans it
+            continue
+    return out
+
+
+def _remove_swarm(run_id: str) -> list[str]:
+    """What a Swarm cell of `run_id` left on the clusters of this machine."""
+    from testbed.emulation.cluster.cluster import known_clusters, load_plan
+    from testbed.emulation.cluster.swarm_run import remove_swarm_run, swarm_runs
+
+    removed: list[str] = []
+    for name in known_clusters():
+        try:
+            plan = load_plan(name)[0]
+            if run_id not in swarm_runs(plan):
+                continue
+        except ResourceError:
+            continue
+        removed += remove_swarm_run(plan, run_id)
+    return removed
+
+
 async def _remove_docker(run_id: str) -> list[str]:
     try:
         from testbed.emulation.docker.cleanup import remove_docker_run
@@ -321,6 +353,7 @@ def cleanup_run(run_id: str, supervisor_timeout_s: float = 30.0) -> list[str]:
     _attempt("host links", lambda: _run_sync(remove_host_links(run_id)), removed, failures)
     _attempt("host firewall", lambda: _run_sync(host_firewall.remove(run_id)), removed, failures)
     _attempt("docker containers and networks", lambda: _run_sync(_remove_docker(run_id)), removed, failures)
+    _attempt("swarm services", lambda: _remove_swarm(run_id), removed, failures)
     for name in list_netns(f"tb-{run_id}-"):
         _attempt(f"netns {name}", lambda name=name: [f"netns {name}"] if remove_netns(name) else [], removed, failures)
     if cg is not None and run_id in cg.runs():

@@ -127,6 +127,8 @@ class DeviceSpec(_Model):
     precision: str | None = None
     position: Position | None = None
     link: LinkOverride | None = None
+    placement: Name | None = Field(None, description="the cluster node it runs on in a Swarm cell (`n2`: the node's "
+                                   "testbed.node label); omitted: spread over the nodes")
 
 
 class DevicePool(_Model):
@@ -354,6 +356,10 @@ class Topology(_Model):
             raise _located(("devices", "list", i, "link", "jitter_ms"),
                            f"{link.jitter_ms:g} exceeds this device's delay of {delay:g} ms; the delay would go "
                            "negative: lower jitter_ms or set the device's delay_ms")
+
+    def placements(self) -> dict[str, str]:
+        """Device id -> its `placement` (a Swarm cell's node), for listed devices that name one."""
+        return {d.id: d.placement for d in self.devices.list if d.placement is not None}
 
     def link_override(self, device_id: str) -> LinkOverride | None:
         """The `link:` of a listed device (None for generated devices and devices without one)."""

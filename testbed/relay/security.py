@@ -28,6 +28,21 @@ watch.passwd / watch.acl (monitor and observer: the watch listener's), observer.
 credentials.json. Passwords are PBKDF2-SHA512 in mosquitto 2's `$7$` format (like
 `mosquitto_passwd -b`). Nothing else may connect: the broker runs with
 `allow_anonymous false`.
+
+A Swarm cell adds a control plane: a broker of its own on the cell's control network,
+which no device's agent can log in to (docs/cluster.md). Its accounts (`ControlCredentials`):
+
+    account          may                                              connections
+    control          write tb/<run>/ctl/+/cmd                          the run owner (one)
+                     read  tb/<run>/ctl/+/reply, tb/<run>/ctl/+/state
+    keeper.<device>  read  tb/<run>/ctl/<device>/cmd                   the device's keeper
+                     write tb/<run>/ctl/<device>/reply, .../state      (will: its state)
+
+(`keeper.` cannot begin a device id, whose names have no dot.) On the cell's own broker the
+`control` account may write only devices' status topics (`grant_undertaker`): when a
+cluster node is lost, its agents' connections die without a word (their host is gone, no
+FIN reaches the broker), and the run owner says "offline" for them at once instead of
+leaving the orchestrator to wait for their keepalives.
 """
 
 from __future__ import annotations
@@ -58,6 +73,13 @@ __all__ = [
     "write_security_files",
     "write_private",
     "load_credentials",
+    "CONTROL_USER",
+    "keeper_user",
+    "ControlCredentials",
+    "make_control_credentials",
+    "control_acl_text",
+    "write_control_files",
+    "grant_undertaker",
 ]
 
 SERVER_USER = "server"  # the orchestrator
@@ -213,3 +235,59 @@ def load_credentials(path: Path) -> RunCredentials:
     opt = (lambda k: Credential(**d[k]) if d.get(k) else None)  # noqa: E731 - absent in older runs' files
     return RunCredentials(d["run"], Credential(**d["server"]), Credential(**d["observer"]),
                           {k: Credential(**v) for k, v in d["devices"].items()}, opt("events"), opt("monitor"))
+
+
+# -- a Swarm cell's control plane ------------------------------------------------------
+
+CONTROL_USER = "control"  # the run owner, commanding the devices' keepers
+
+
+def keeper_user(device: str) -> str:
+    """The control account of `device`'s keeper (a dot: never a device id or a role)."""
+    return f"keeper.{device}"
+
+
+@dataclass(frozen=True)
+class ControlCredentials:
+    run: str
+    control: Credential
+    keepers: dict[str, Credential]  # device id -> its keeper's account
+
+    def accounts(self) -> list[Credential]:
+        return [self.control, *self.keepers.values()]
+
+
+def make_control_credentials(run: str, device_ids: list[str]) -> ControlCredentials:
+    """Fresh random passwords (128 bits each) for a cell's control plane."""
+    return ControlCredentials(run, Credential(CONTROL_USER, secrets.token_urlsafe(16)),
+                              {d: Credential(keeper_user(d), secrets.token_urlsafe(16)) for d in device_ids})
+
+
+def control_acl_text(creds: ControlCredentials) -> str:
+    """The control broker's ACL: the run owner commands every keeper; a keeper hears only
+    its own commands and writes only its own replies and state."""
+    run = creds.run
+    lines = [f"user {creds.control.username}", f"topic write {topics.control_filter(run, 'cmd')}",
+             f"topic read {topics.control_filter(run, 'reply')}", f"topic read {topics.control_filter(run, 'state')}", ""]
+    for dev, cred in creds.keepers.items():
+        lines += [f"user {cred.username}", f"topic read {topics.control(run, dev, 'cmd')}",
+                  f"topic write {topics.control(run, dev, 'reply')}", f"topic write {topics.control(run, dev, 'state')}",
+                  ""]
+    return "\n".join(lines)
+
+
+def write_control_files(state_dir: Path, creds: ControlCredentials) -> dict[str, Path]:
+    """The control broker's password and ACL files (0600) in `state_dir`."""
+    paths = {"password_file": Path(state_dir) / "control.passwd", "acl_file": Path(state_dir) / "control.acl"}
+    write_private(paths["password_file"], "\n".join(password_line(c) for c in creds.accounts()) + "\n")
+    write_private(paths["acl_file"], control_acl_text(creds))
+    return paths
+
+
+def grant_undertaker(paths: dict[str, Path], control: ControlCredentials) -> None:
+    """Add the `control` account to the cell broker's files (`write_security_files`'s
+    `password_file` and `acl_file`): it may write every device's status topic, nothing else."""
+    cred = control.control
+    pw, acl = Path(paths["password_file"]), Path(paths["acl_file"])
+    write_private(pw, pw.read_text() + password_line(cred) + "\n")
+    write_private(acl, acl.read_text() + f"\nuser {cred.username}\ntopic write {topics.device_leaf_filter(control.run, 'status')}\n")

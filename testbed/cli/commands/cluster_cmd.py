@@ -54,6 +54,8 @@ def up(
     timeout_s: float = typer.Option(60.0, "--timeout", help="seconds each daemon may take to answer"),
     pull: bool = typer.Option(True, "--pull/--no-pull",
                               help="pull the node image on every node now (else Swarm pulls it where a service needs it)"),
+    one_at_a_time: bool = typer.Option(False, "--pull-sequentially",
+                                       help="the nodes pull one after another instead of all at once"),
     as_json: bool = _JSON,
 ) -> None:
     """Make the cluster: datacenter bridge, one namespace and Docker daemon per node, one
@@ -61,7 +63,8 @@ def up(
     from testbed.emulation.cluster.cluster import cluster_up
 
     t0 = time.perf_counter()
-    doc = asyncio.run(cluster_up(name, nodes, timeout_s=timeout_s, pull=pull, progress=_progress))
+    doc = asyncio.run(cluster_up(name, nodes, timeout_s=timeout_s, pull=pull, progress=_progress,
+                                 pull_sequentially=one_at_a_time))
     if as_json:
         print_json(doc)
         return

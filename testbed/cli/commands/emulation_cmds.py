@@ -22,7 +22,9 @@ def require_root() -> None:
 
 def up(
     file: Path = typer.Argument(..., help="topology YAML file"),
-    backend: str = typer.Option("netns", "--backend", help="how nodes are isolated: netns or docker"),
+    backend: str = typer.Option("netns", "--backend", help="how nodes are isolated: netns, docker, or swarm "
+                                "(a cluster's nodes: --cluster)"),
+    cluster: str | None = typer.Option(None, "--cluster", help="--backend swarm: the cluster (`testbed cluster up`)"),
     run: str | None = typer.Option(None, "--run", help="run id (1-7 lowercase letters/digits); made up when omitted"),
     seed: int | None = typer.Option(None, "--seed", help="override the file's seed"),
     broker: bool = typer.Option(True, "--broker/--no-broker", help="start the MQTT broker on the edge server"),
@@ -40,14 +42,16 @@ def up(
     from testbed.emulation.environ import clean_environ
     from testbed.emulation.runs import cleanup_run, make_run_dir, new_run_id, read_state, run_dir
 
-    if backend not in ("netns", "docker"):
-        raise ResourceError(f"backend {backend!r} is not available; use --backend netns or docker")
+    if backend not in ("netns", "docker", "swarm"):
+        raise ResourceError(f"backend {backend!r} is not available; use --backend netns, docker or swarm")
     from testbed.composition.online import warm_set
     from testbed.model.radio import compute_links
     from testbed.model.topology import place
 
     topo = load_topology(file, seed=seed)  # bad input fails here, before anything is made
     warm_set(warm, [lk.id for lk in compute_links(topo, place(topo))])  # (a bad --warm, too)
+    if backend == "swarm" or cluster is not None:
+        _check_cluster(backend, cluster, topo)
     run_id = check_run_id(run, "--run") if run else new_run_id()
     require_root()
     d = make_run_dir(run_id)
@@ -55,6 +59,8 @@ def up(
     if seed is not None:
         argv += ["--seed", str(seed)]
     argv += ["--warm", warm] if broker else ["--no-broker"]
+    if cluster is not None:
+        argv += ["--cluster", cluster]
     log = open(d / "logs" / "supervisor.log", "ab")  # noqa: SIM115 - handed to the child
     try:
         proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
@@ -138,6 +144,19 @@ def _agents_line(state: dict) -> str | None:
     return f"agents: {online}/{want} online{how}{rest}"
 
 
+def _check_cluster(backend: str, cluster: str | None, topo) -> None:
+    """--backend swarm needs an up cluster whose nodes the topology's placements name."""
+    from testbed.emulation.cluster.cluster import load_plan
+    from testbed.emulation.cluster.swarm_backend import spread
+
+    if backend != "swarm":
+        raise InputError(f"--cluster {cluster}: a cluster goes with --backend swarm (not {backend})")
+    if not cluster:
+        raise InputError("--backend swarm needs --cluster NAME (`testbed cluster up --nodes N --name NAME`)")
+    plan, _ = load_plan(cluster)
+    spread([], [n.name for n in plan.nodes], topo.placements())  # a placement naming no node: exit 2 now
+
+
 def _print_status(state: dict) -> None:
     out.print(status_table(state))
     gpu = state.get("gpu")
@@ -187,7 +206,8 @@ def status(
     if as_json:
         print_json({k: state[k] for k in ("run", "backend", "netem", "nodes")} | {
             k: state[k] for k in ("warnings", "impairments", "cell", "broker", "broker_error", "host_route", "mobility",
-                                  "gpu", "topology", "seed", "up_s", "timings_s", "warm", "worker") if k in state}
+                                  "gpu", "topology", "seed", "up_s", "timings_s", "warm", "worker", "cluster",
+                                  "clocks") if k in state}
             | ({"agents": dict(zip(("online", "warm"), _agents_online(state)))} if state.get("worker") else {})
             | ({"observer": {k: v for k, v in observer.items() if k != "password"}
                              | {"credentials": str(run_dir(run_id) / "observer.json")}} if observer else {}))

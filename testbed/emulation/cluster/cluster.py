@@ -129,9 +129,10 @@ def _pull(node: NodePlan, ref: str) -> float:
 
 
 async def cluster_up(name: str, nodes: int, *, timeout_s: float = 60.0, pull: bool = True,
-                     progress: Progress = _quiet) -> dict[str, Any]:
+                     progress: Progress = _quiet, pull_sequentially: bool = False) -> dict[str, Any]:
     """Make the cluster; on any failure, remove what was made and raise. With `pull`
-    every node pulls the image now; else Swarm pulls it where a service first needs it."""
+    every node pulls the image now (all at once, or one after another); else Swarm pulls
+    it where a service first needs it."""
     check_cluster_name(name)
     preflight.check_host()
     if cluster_objects(name):
@@ -190,7 +191,10 @@ async def cluster_up(name: str, nodes: int, *, timeout_s: float = 60.0, pull: bo
         if pull:
             t0 = time.perf_counter()
             progress(f"pulling {ref} on {nodes} nodes")
-            pulls = await asyncio.gather(*(asyncio.to_thread(_pull, n, ref) for n in plan.nodes))
+            if pull_sequentially:
+                pulls = [await asyncio.to_thread(_pull, n, ref) for n in plan.nodes]
+            else:
+                pulls = await asyncio.gather(*(asyncio.to_thread(_pull, n, ref) for n in plan.nodes))
             state["image"]["pull_seconds"] = {n.name: round(s, 3) for n, s in zip(plan.nodes, pulls)}
             lap("image_pull", t0)
         seconds["total"] = round(time.perf_counter() - t_start, 3)

@@ -22,12 +22,19 @@ from testbed.emulation.cluster.oci import MANIFEST_TYPE, BlobRef, image_config, 
 from testbed.emulation.cluster.registry import STORE, RegistryClient
 from testbed.emulation.docker.image import project_root, python_bin
 
-__all__ = ["REPO", "CACHE", "IMAGE_ENV", "IMAGE_CMD", "TravelImage", "image_tag", "push_image"]
+__all__ = ["REPO", "CACHE", "IMAGE_ENV", "IMAGE_CMD", "TravelImage", "image_tag", "image_env", "push_image"]
 
 REPO = "testbed/node"
 CACHE = STORE.parent / "image-cache.json"
 IMAGE_ENV = ["PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin", "PYTHONUNBUFFERED=1"]
 IMAGE_CMD = ["/usr/bin/sleep", "infinity"]
+
+
+def image_env() -> list[str]:
+    """The image's environment: IMAGE_ENV, and PYTHONPATH naming this checkout, so that its
+    `testbed` is imported inside even when the environment's editable install points to
+    another checkout (a worktree sharing one virtual environment)."""
+    return [*IMAGE_ENV, f"PYTHONPATH={project_root()}"]
 
 
 @dataclass
@@ -103,7 +110,7 @@ def push_image(client: RegistryClient, layers: list[Layer] | None = None, cache_
         img.layers.append({"name": layer.name, "digest": ref.digest, "size_bytes": ref.size, "pushed": pushed,
                            "seconds": round(time.perf_counter() - t1, 3)})
         img.notes += list(layer.notes)
-    config = client.push_bytes(REPO, image_config(refs, _labels(layers), IMAGE_ENV, IMAGE_CMD))
+    config = client.push_bytes(REPO, image_config(refs, _labels(layers), image_env(), IMAGE_CMD))
     img.digest = client.put_manifest(REPO, img.tag, manifest(config, refs), MANIFEST_TYPE)
     img.seconds = time.perf_counter() - t0
     return img
