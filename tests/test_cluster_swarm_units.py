@@ -10,7 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from testbed.composition.cells import MadeCell, cell_source
+from testbed.composition.cells import MadeCell
+from testbed.composition.supervisor import cell_source
 from testbed.composition.device_clock import SKEW_ENV, device_time, discipline, parse_skews
 from testbed.composition.swarm_cells import AGENT_KEEPALIVE_S, keeper_secret
 from testbed.emulation.cell import NodeState

@@ -10,7 +10,7 @@ history and the run's state directory — and tears down what it made:
 | `GivenCell` (compose/Swarm deployment's server) | made elsewhere, handed in | `ExternalAgents`: each device service starts its own |
 | `MadeCell(worker=True)` (`testbed run FILE`, the `testbed up` supervisor) | made here, served to its worker | `WorkerAgents`: the worker's (worker.py), which also runs the generations |
 | `WorkerCell` (the worker itself) | its owner's, through the control socket | `AgentLauncher`: a template forked from the worker; for a Swarm cell `RemoteAgents` (its owner's keepers) |
-| `SwarmCell` (swarm_cells.py; the `testbed up --backend swarm --cluster NAME` supervisor) | `SwarmEmulation` across a cluster's nodes, served to its worker | `KeeperAgents`: each device's keeper; the worker (no template) runs the generations |
+| `SwarmCell` (swarm_cells.py; the `testbed up --backend swarm --cluster NAME` supervisor, by `supervisor.cell_source`) | `SwarmEmulation` across a cluster's nodes, served to its worker | `KeeperAgents`: each device's keeper; the worker (no template) runs the generations |
 
 `open(topo, links, clock, started)` gets the topology, its links (computed once by the run
 owner), the start-up clock and `started()`, called once the slow background work has begun
@@ -35,14 +35,14 @@ from testbed.composition.worker_link import WorkerAgents, write_worker_topology
 from testbed.composition.history import EnergyHistory
 from testbed.composition.startup import StartupClock
 from testbed.emulation.cell import BrokerSettings, Cell
-from testbed.errors import InputError, RunFailedError, TopologyError
+from testbed.errors import RunFailedError, TopologyError
 from testbed.model.names import MQTT_PORT, SERVER_ADDRESS, STATE_ROOT
 from testbed.model.radio import DeviceLink
 from testbed.model.topology import Topology
 from testbed.relay import security
 
 __all__ = ["Rig", "CellSource", "MadeCell", "AttachedCellSource", "GivenCell", "WorkerCell", "max_message_bytes",
-           "same_cell", "preloaded_variants", "cell_source"]
+           "same_cell", "preloaded_variants"]
 
 
 def max_message_bytes(topo: Topology) -> int:
@@ -286,18 +286,3 @@ class WorkerCell:
             await self._cell.close()  # the connection only: the owner takes the cell down
             self._cell = None
 
-
-def cell_source(run_id: str | None = None, *, backend: str = "netns", cluster: str | None = None, broker: bool = True,
-                state_dir: Path | None = None, worker: bool = False, warm: str = "auto") -> CellSource:
-    """The cell source that makes a cell on `backend`: a `MadeCell` (netns, docker), or for
-    `swarm` the cluster's `SwarmCell` (swarm_cells.py). `worker`: the generations run in a
-    worker process (worker.py) that this one serves the cell to."""
-    if backend == "swarm":
-        if not cluster:
-            raise InputError("--backend swarm needs --cluster NAME (`testbed cluster up --nodes N --name NAME`)")
-        from testbed.composition.swarm_cells import SwarmCell
-
-        return SwarmCell(run_id, cluster=cluster, broker=broker, state_dir=state_dir, worker=worker)
-    if cluster:
-        raise InputError(f"--cluster {cluster}: a cluster goes with --backend swarm (not {backend})")
-    return MadeCell(run_id, backend=backend, broker=broker, state_dir=state_dir, worker=worker, warm=warm)

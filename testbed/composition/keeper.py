@@ -241,7 +241,7 @@ def agent_main(secret: str) -> int:
     from testbed.relay.stage import StageModel
 
     cfg = _load(secret)
-    agent_cfg = AgentConfig(**cfg["agent"])
+    agent_cfg = AgentConfig.from_json(cfg["agent"], "the agent config of the device's secret")
     handlers = agent_handlers()
     for where in handlers.values():
         importlib.import_module(where.partition(":")[0])

@@ -27,16 +27,16 @@ import time
 import traceback
 from typing import Any
 
-from testbed.composition.cells import cell_source
+from testbed.composition.cells import CellSource, MadeCell
 from testbed.composition.online import Liveness, warm_set
 from testbed.composition.session import RunSession
 from testbed.emulation.attached import cell_handlers, control_path
 from testbed.emulation.control import ControlServer
 from testbed.emulation.runs import run_dir, write_state, write_topology
-from testbed.errors import RunFailedError, TestbedError
+from testbed.errors import InputError, RunFailedError, TestbedError
 from testbed.model.topology import load_topology
 
-__all__ = ["main"]
+__all__ = ["main", "cell_source"]
 
 
 class CellKeeper:
@@ -188,6 +188,22 @@ class CellKeeper:
                     await asyncio.sleep(1.0)  # the broker restarts (a fault): follow it again
 
         await asyncio.gather(session.in_server_ns(follow), tick())
+
+
+def cell_source(run_id: str | None = None, *, backend: str = "netns", cluster: str | None = None, broker: bool = True,
+                state_dir: Any = None, worker: bool = False, warm: str = "auto") -> CellSource:
+    """The cell source that makes a cell on `backend`: a `MadeCell` (netns, docker), or for
+    `swarm` the cluster's `SwarmCell` (swarm_cells.py). `worker`: the generations run in a
+    worker process (worker.py) that this one serves the cell to."""
+    if backend == "swarm":
+        if not cluster:
+            raise InputError("--backend swarm needs --cluster NAME (`testbed cluster up --nodes N --name NAME`)")
+        from testbed.composition.swarm_cells import SwarmCell  # (docker, the cluster's code: only here)
+
+        return SwarmCell(run_id, cluster=cluster, broker=broker, state_dir=state_dir, worker=worker)
+    if cluster:
+        raise InputError(f"--cluster {cluster}: a cluster goes with --backend swarm (not {backend})")
+    return MadeCell(run_id, backend=backend, broker=broker, state_dir=state_dir, worker=worker, warm=warm)
 
 
 async def _main(args: argparse.Namespace) -> int:

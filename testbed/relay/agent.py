@@ -89,10 +89,14 @@ class AgentConfig:
             data = json.loads(Path(path).read_text())
         except (OSError, json.JSONDecodeError) as e:
             raise RelayError(f"agent config {path}: cannot read ({e}); the runner writes it before starting agents") from None
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(data) - known)
+        return cls.from_json(data, str(path))
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any], source: str = "agent config") -> AgentConfig:
+        """A config from its JSON document (a file's, or a Swarm device's secret); unknown keys refused."""
+        unknown = sorted(set(data) - {f.name for f in fields(cls)})
         if unknown:
-            raise RelayError(f"agent config {path}: unknown keys {unknown}")
+            raise RelayError(f"{source}: unknown keys {unknown}")
         return cls(**data)
 
     def write(self, path: Path) -> None:

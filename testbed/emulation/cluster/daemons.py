@@ -70,7 +70,8 @@ def start_daemon(plan: ClusterPlan, node: NodePlan) -> subprocess.Popen:
     argv = ["unshare", "--mount", "--uts", "--propagation", "private", "sh", "-c", LAUNCHER, "tbc-launch",
             node.hostname, str(node.sys_scratch), str(node.containerd_run),
             dockerd, "--config-file", str(node.config_file)]
-    return spawn_in(node.netns, argv, env={"PATH": SBIN_PATH}, log_path=node.log, cgroup_procs=procs)
+    return spawn_in(node.netns, argv, env={"PATH": SBIN_PATH}, log_path=node.log, cgroup_procs=procs,
+                    die_with_owner=False)  # the cluster outlives `testbed cluster up`
 
 
 def node_client(node: NodePlan, timeout_s: int = _API_TIMEOUT_S) -> docker.DockerClient:

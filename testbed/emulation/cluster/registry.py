@@ -55,7 +55,8 @@ def start_registry(config: Path, log: Path, netns: str | None = None,
     if binary is None:
         raise ResourceError(f"{REGISTRY_BIN} is not installed; `apt-get install docker-registry` "
                             "(Debian's Distribution registry; the Makefile's SYSTEM_PACKAGES has it)")
-    return spawn_in(netns, [binary, "serve", str(config)], log_path=log, cgroup_procs=cgroup_procs)
+    return spawn_in(netns, [binary, "serve", str(config)], log_path=log, cgroup_procs=cgroup_procs,
+                    die_with_owner=False)  # the cluster outlives `testbed cluster up`
 
 
 def wait_ready(url: str, proc: subprocess.Popen | None = None, timeout_s: float = 15.0, log: Path | None = None) -> None:

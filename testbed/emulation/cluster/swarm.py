@@ -3,6 +3,7 @@ node's state as the manager sees it (docker SDK; every call bounded)."""
 
 from __future__ import annotations
 
+import time
 from typing import Any
 
 import docker
@@ -43,11 +44,21 @@ def join_swarm(client: docker.DockerClient, plan: ClusterPlan, node: NodePlan, t
         raise _wrap(f"swarm join of {node.name}", e) from None
 
 
-def label_nodes(client: docker.DockerClient, plan: ClusterPlan) -> None:
-    """testbed.cluster, testbed.node (n1...) and testbed.role on every Swarm node, by host name."""
+def label_nodes(client: docker.DockerClient, plan: ClusterPlan, timeout_s: float = 30.0) -> None:
+    """testbed.cluster, testbed.node (n1...) and testbed.role on every Swarm node, by host
+    name (a node that has just joined reports its description a moment later: waited for)."""
     by_host = {n.hostname: n for n in plan.nodes}
-    for sn in client.nodes.list():
-        n = by_host.get(sn.attrs["Description"]["Hostname"])
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            listed = client.nodes.list()
+        except docker.errors.DockerException as e:
+            raise _wrap("listing the swarm's nodes", e) from None
+        if all(sn.attrs.get("Description", {}).get("Hostname") for sn in listed) or time.monotonic() > deadline:
+            break
+        time.sleep(0.1)
+    for sn in listed:
+        n = by_host.get(sn.attrs.get("Description", {}).get("Hostname"))
         if n is None:
             continue
         spec = dict(sn.attrs["Spec"])
@@ -65,7 +76,10 @@ def swarm_nodes(client: docker.DockerClient) -> dict[str, dict[str, Any]]:
     out = {}
     for sn in client.nodes.list():
         a = sn.attrs
-        out[a["Description"]["Hostname"]] = {
+        host = a.get("Description", {}).get("Hostname")
+        if not host:  # just joined: not described yet
+            continue
+        out[host] = {
             "id": a["ID"], "state": a["Status"]["State"], "availability": a["Spec"].get("Availability"),
             "role": a["Spec"].get("Role"), "address": a["Status"].get("Addr"),
         }

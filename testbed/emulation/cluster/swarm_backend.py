@@ -330,9 +330,11 @@ class SwarmBackend:
                         tuple(f"/proc/{pid}/ns/{k}" for k in ("mnt", "uts", "ipc")))
 
     async def spawn(self, node_id: str, argv: Sequence[str], env: dict[str, str] | None = None,
-                    log_path: Path | None = None) -> Any:
+                    log_path: Path | None = None, *, run_as: tuple[int, int] | None = None) -> Any:
+        """Start `argv` in the server's container (docker exec, as `run_as` = (uid, gid) when given)."""
         self._server_only(node_id, "spawn")
-        proc = await exec_start(self.manager, self.server.container_id, argv, env=env, log_path=log_path)
+        proc = await exec_start(self.manager, self.server.container_id, argv, env=env, log_path=log_path,
+                                user=f"{run_as[0]}:{run_as[1]}" if run_as is not None else None)
         self._procs.append(proc)
         return proc
 
@@ -361,9 +363,11 @@ class SwarmBackend:
 def _update_nano_cpus(client: docker.DockerClient, container_id: str, cpu_cores: float) -> None:
     """`docker update --cpus` of a Swarm task's container: its NanoCpus (a CFS quota over
     the kernel's 100 ms period), live."""
-    api = client.api
-    res = api._post_json(api._url("/containers/{0}/update", container_id), data={"NanoCpus": round(cpu_cores * 1e9)})
-    api._raise_for_status(res)
+    api = client.api  # (docker-py's update_container has no NanoCpus; the Engine API has)
+    res = api.post(f"{api.base_url}/v{api.api_version}/containers/{container_id}/update",
+                   json={"NanoCpus": round(cpu_cores * 1e9)}, timeout=30)
+    if res.status_code >= 400:
+        raise ResourceError(f"docker update --cpus {cpu_cores:g} of {container_id[:12]}: {res.status_code} {res.text}")
 
 
 def _push_checkout(plan: ClusterPlan) -> str:

@@ -200,7 +200,8 @@ class SwarmEmulation(Emulation):
         t0 = time.perf_counter()
         self.control_broker = await start_broker(
             server.netns, self.swarm.server.control_address, Path(self.state_dir or ".") / "control-broker",
-            self.control_settings, spawn=lambda argv, log: self.backend.spawn(SERVER_ID, argv, None, log))
+            self.control_settings, spawn=lambda argv, log, run_as: self.backend.spawn(SERVER_ID, argv, None, log,
+                                                                  run_as=run_as))
         self.timings_s["control_broker_s"] = time.perf_counter() - t0
         self._health = asyncio.create_task(self._watch_nodes(), name=f"tb-{self.run_id}-nodes")
         if self.mobility_enabled and topo.mobility is not None:
