@@ -76,13 +76,16 @@ class Generation:
         self.events.open(out / "events.jsonl" if out is not None else None)
         reference = self.server.reference(topo, req.startup)  # in the background; needed after the generation
         await self.server.model()  # (its imports first: plans may import diffusers too)
+        # (an attached cell's status is a blocking call to its owner, which may be waiting on
+        # this very loop — a worker's generation: so off the loop)
+        delay_path = await asyncio.to_thread(_delay_path, cell)
         ledger = ConnectionLedger(self.rig.state_dir)
         with req.startup.span("plan"):
             history = self.rig.history.load() if self.rig.history is not None else {}
             plan = req.collab.plan(PlanContext(topo, self.current_links(), req.t_max_s, req.e_max_j, topo.seed,
                                                history, cell.impairments, confidence=req.confidence,
                                                messages_before=ledger.counts(self._agent_pids()),
-                                               delay_path=_delay_path(cell)))
+                                               delay_path=delay_path))
         specs = _fault_specs(req, plan)
         settings = self.services.relay_settings("events") if self.rig.credentials is not None and cell.broker else None
         async with publishing(self.events, settings, self.services.in_server_ns):

@@ -68,7 +68,9 @@ class Worker:
             self.publish()
 
         async def agents_revive(device: str) -> int:
-            return await session.agents.revive(device)
+            pid = await session.agents.revive(device)
+            self.publish()
+            return pid
 
         async def agents_pids() -> dict[str, int]:
             return session.agents.pids()
@@ -147,6 +149,7 @@ async def _serve(run_id: str, topo: Any, template_pid: int | None, warm_spec: st
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
         loop.add_signal_handler(sig, stop.set)
+    loop.add_signal_handler(signal.SIGUSR1, _print_tasks)  # `kill -USR1 PID`: what it waits on, in worker.log
     state = run_dir(run_id)
     launcher = None if template_pid is None else AgentLauncher(run_id, state, state / "logs",
                                                                forked_template=template_pid)
@@ -167,6 +170,15 @@ async def _serve(run_id: str, topo: Any, template_pid: int | None, warm_spec: st
         finally:
             await server.close()
     return 0
+
+
+def _print_tasks() -> None:
+    """Every pending task of this worker's loop with its stack (a generation that waits)."""
+    tasks = asyncio.all_tasks()
+    print(f"--- {len(tasks)} tasks", flush=True)
+    for task in tasks:
+        task.print_stack(limit=15, file=sys.stdout)
+    sys.stdout.flush()
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -21,7 +21,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from testbed.emulation.control import call, call_stream, call_sync
+from testbed.emulation.control import call, call_stream
 from testbed.emulation.environ import clean_environ
 from testbed.emulation.runs import read_state, run_dir
 from testbed.errors import ResourceError
@@ -137,12 +137,11 @@ class WorkerAgents:
         return int(await self._call("agents_revive", device=device))
 
     def pids(self) -> dict[str, int]:
-        if not self._ready:
-            return {}
-        try:
-            return {d: int(p) for d, p in (call_sync(self.path, "agents_pids") or {}).items()}
-        except ResourceError as e:
-            raise self._gone(e) from None
+        """The agents' pids as the worker last published them (worker.json, rewritten whenever
+        it starts or revives one). Not a call: the owner's loop must never block on the
+        worker, whose generation may be waiting on the owner at that moment (a deadlock)."""
+        state = self.state() or {}
+        return {d: int(p) for d, p in (state.get("agents") or {}).items()}
 
     async def generate(self, on_event: Callable[[dict[str, Any]], None], **args: Any) -> dict[str, Any]:
         """One generation in the worker (its op `generate`); its events to `on_event` as they come."""
