@@ -99,15 +99,16 @@ def test_kill_9_of_a_running_testbed_run_takes_its_processes_then_down_leaves_no
         ns_inodes = {os.stat(f"/run/netns/{n}").st_ino for n in os.listdir("/run/netns") if n.startswith(f"tb-{run}-")}
         assert len(ns_inodes) == 5  # server + 4 devices
         running = _run_processes(run, ns_inodes)
-        assert any("mosquitto" in x for x in running) and sum("testbed-agent" in x for x in running) == 4, running
-        assert any("testbed.composition.template" in x for x in running), running
+        assert any("mosquitto" in x for x in running) and sum("testbed-agent " in x for x in running) == 4, running
+        assert any("agent-template" in x for x in running), running  # (its title: testbed-agent-template)
+        assert any("testbed-worker " in x for x in running), running  # the cell's worker, which forked it
         os.kill(proc.pid, signal.SIGKILL)  # no cleanup handler can run
         killed_at = time.monotonic()
         proc.wait(timeout=30)
         # what it started goes with it: no broker, template or agent of the run 5 s later
         while _run_processes(run, ns_inodes) and time.monotonic() - killed_at < 5.0:
             time.sleep(0.1)
-        assert _run_processes(run, ns_inodes) == [], f"still running 5 s after the owner's kill -9"
+        assert _run_processes(run, ns_inodes) == [], "still running 5 s after the owner's kill -9"
         before = _leftovers(run, ns_inodes)
         kinds = {x.split()[0] for x in before}
         assert {"netns", "link", "cgroup", "state"} <= kinds, before  # the kernel objects stay for `testbed down`

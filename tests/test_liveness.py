@@ -89,7 +89,7 @@ def test_a_stopped_selected_agent_is_down_within_10_s_and_the_next_run_leaves_it
     small = str(topologies / "small.yaml")
     chosen = json.loads(_tb("select", small, "--json").stdout)["selected"]
     victim = chosen[0]  # the DP's choice on the small scenario (dev01, dev02)
-    up = _tb("up", small, "--run", unique_run_id, "--json")
+    up = _tb("up", small, "--run", unique_run_id, "--json", "--wait")  # (its agents warm behind `up`)
     assert up.returncode == 0, up.stderr
     pid = _agent_pid(unique_run_id, victim)
     try:

@@ -79,7 +79,8 @@ def test_an_app_is_asked_to_exit_and_its_teardown_awaited():
 
 # -- a cold `testbed run` -------------------------------------------------------------------
 def _children_run_id(pid: int) -> str | None:
-    """The run id of the agent template that `pid` started (its socket names the run directory)."""
+    """The run id of the cell's worker (or agent template) that `pid` started: its command
+    line names the run directory."""
     for p in os.listdir("/proc"):
         if not p.isdigit():
             continue
@@ -89,7 +90,7 @@ def _children_run_id(pid: int) -> str | None:
         except OSError:
             continue
         ppid = next((int(line.split()[1]) for line in status.splitlines() if line.startswith("PPid:")), None)
-        if ppid == pid and "agent-template.sock" in cmd:
+        if ppid == pid and ("agent-template.sock" in cmd or cmd.startswith("testbed-worker ")):
             return cmd.split("/run/testbed/")[1].split("/")[0]
     return None
 
@@ -132,7 +133,7 @@ def _signal_command(argv: list[str], log_path: Path, point: str, out: Path, sig:
                             start_new_session=True)
     run, ns = None, set()
     try:
-        run = _wait(lambda: _children_run_id(proc.pid), 120, "the agent template", proc)
+        run = _wait(lambda: _children_run_id(proc.pid), 120, "the cell's worker", proc)
         _wait(_points(run, out)[point], 180, f"the {point} point", proc)
         ns = _namespaces(run)
         os.kill(proc.pid, sig)
