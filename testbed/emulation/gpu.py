@@ -25,6 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from testbed.emulation.procs import pid_alive
 from testbed.errors import InputError, ResourceError
 
 __all__ = [
@@ -196,23 +197,10 @@ def mps_pids(pipe_dir: Path) -> set[int]:
     return found
 
 
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    try:  # a zombie counts as gone
-        return Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()[0] != "Z"
-    except OSError:
-        return False
-
-
 def _wait_gone(pids: set[int], timeout_s: float) -> set[int]:
     deadline = time.monotonic() + timeout_s
     while True:
-        left = {p for p in pids if _alive(p)}
+        left = {p for p in pids if pid_alive(p)}
         if not left or time.monotonic() >= deadline:
             return left
         time.sleep(0.05)
@@ -259,7 +247,7 @@ class MpsDaemon:
         """Started and not stopped, its control pipe there and, where its pids were found,
         one of them alive."""
         return (self.started and (self.dirs.pipe / "control").exists()
-                and (not self.pids or any(_alive(p) for p in self.pids)))
+                and (not self.pids or any(pid_alive(p) for p in self.pids)))
 
     async def __aenter__(self) -> MpsDaemon:
         await self.start()
