@@ -114,7 +114,14 @@ async def test_iperf_goodput_under_loss_matches_the_model(run_id: str) -> None:
     one = Impairment(20, 0, 1)
     goodput = 50e6 * 0.95
     predicted = min(goodput, loss_limited_rate_bps(0.01, rtt_s(one, one, goodput))) / 1e6
-    assert abs(measured - predicted) <= 0.25 * predicted, f"iperf3 {measured:.2f} Mbit/s, model {predicted:.2f}"
+    # Mathis's rate is Reno's steady state under periodic loss; the cell's Linux Reno, with
+    # SACK and RACK, recovers random losses faster, and a 20 s flow varies: measured/model was 1.05, 1.20 and 1.26 in three runs at rest, so a
+    # symmetric 25 % failed about one CI run in three. What the test guards is that the loss
+    # is on the path and limits TCP as modelled: without it iperf3 gets ~47 Mbit/s (13x),
+    # with a quarter of it 2x (the rate goes as 1/sqrt(p)). The loss rate itself is counted
+    # by the ping test above.
+    ratio = measured / predicted
+    assert 0.75 <= ratio <= 1.6, f"iperf3 {measured:.2f} Mbit/s, model {predicted:.2f} (x{ratio:.2f})"
 
 
 async def test_netem_is_used_where_the_kernel_has_it(run_id: str) -> None:
