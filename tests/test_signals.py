@@ -90,7 +90,8 @@ def _children_run_id(pid: int) -> str | None:
         except OSError:
             continue
         ppid = next((int(line.split()[1]) for line in status.splitlines() if line.startswith("PPid:")), None)
-        if ppid == pid and ("agent-template.sock" in cmd or cmd.startswith("testbed-worker ")):
+        adopted = cmd.startswith("testbed-worker ") and "/run/testbed/" in cmd  # (not a prestarted one yet)
+        if ppid == pid and ("agent-template.sock" in cmd or adopted):
             return cmd.split("/run/testbed/")[1].split("/")[0]
     return None
 

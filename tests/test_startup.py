@@ -45,6 +45,28 @@ def test_the_program_leaves_fast_with_its_output_and_exit_code_intact(tmp_path):
     assert r.returncode == 2 and "diffusers model directory" in r.stderr
 
 
+@pytest.mark.parametrize("args, cold", [
+    (["run", "t.yaml"], True), (["run", "t.yaml", "--json", "--run-id", "a1"], True),
+    (["run", "t.yaml", "--run", "a1"], False), (["run", "t.yaml", "--run=a1"], False),
+    (["run", "--help"], False), (["run"], False), (["up", "t.yaml"], False), ([], False),
+])
+def test_only_a_cold_runs_command_line_prestarts_a_worker(args, cold):
+    from testbed.composition.worker_start import is_cold_run
+
+    assert is_cold_run(args) is cold
+
+
+def test_a_prestarted_worker_whose_command_ends_first_exits_without_a_trace(tmp_path):
+    """A cold run that ends before its cell (bad input) closes the worker's stdin: the worker
+    ends once its imports are done (or at once, by PR_SET_PDEATHSIG, when its command is gone)."""
+    from testbed.composition.worker_start import worker_argv, worker_environ
+
+    proc = subprocess.Popen(worker_argv("--prestarted"), stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, env=worker_environ(), cwd=REPO)
+    out, _ = proc.communicate(b"", timeout=120)
+    assert proc.returncode == 0 and out == b""
+
+
 def test_command_started_at_is_the_process_start_not_after_its_imports():
     code = ("import time; from testbed.composition.startup import command_started_at; "
             "import testbed.cli; print(command_started_at(), time.time())")
@@ -160,7 +182,7 @@ def test_a_preloaded_variant_is_taken_once_then_loaded_afresh():
 
 _CLIENT = """
 import json, sys
-from testbed.cli import main
+from testbed.entry import main  # (the console script's: a cold run's worker starts first)
 try:
     main(sys.argv[2:])
 finally:
@@ -313,6 +335,7 @@ def test_a_cold_run_pays_torch_once_records_its_startup_and_leaves_no_process_be
     assert {"cli", "session", "cell", "broker", "imports", "template", "server_model", "plan",
             "agents_wait"} <= set(s["phases"])
     ph = s["phases"]
+    assert ph["imports"][0] < ph["cli"][1]  # the worker started before the command line's own imports ended
     assert ph["imports"][0] < ph["cell"][1]  # the worker's imports overlapped the cell's creation
     assert ph["imports"][1] <= ph["server_model"][0] and ph["imports"][1] <= ph["template"][1]  # one import for both
     assert ph["agents_wait"][1] <= s["first_stage_s"] <= wall  # the chain's agents were online before the first latent

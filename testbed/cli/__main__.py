@@ -1,5 +1,5 @@
-"""`python -m testbed.cli ...` runs the command line."""
+"""`python -m testbed.cli ...` runs the command line, as the `testbed` console script does."""
 
-from testbed.cli.app import main
+from testbed.entry import main
 
 main()

@@ -120,7 +120,7 @@ class MadeCell:
         write_topology(run_id, topo)  # for `testbed tui --attach RUN`, and the worker's
         if self.worker:  # its imports overlap the cell's creation
             write_worker_topology(run_id, topo)
-            self._worker = WorkerAgents.spawn(run_id, warm=self.worker_warm)
+            self._worker = WorkerAgents.spawn(run_id, warm=self.worker_warm, variants=preloaded_variants(topo, links))
         elif self.broker:  # the template's imports overlap the cell's creation and the server's model
             self._launcher = AgentLauncher(run_id, self.state_dir, self.state_dir / "logs",
                                            preload=preloaded_variants(topo, links))

@@ -41,10 +41,11 @@ import traceback
 from pathlib import Path
 from typing import Any
 
+# Light imports only: a cold run's worker forks its agent template as soon as torch and
+# diffusers are in; the cell's modules (runs, worker_link, cells: pydantic, numpy, pyroute2)
+# are imported after the fork, beside the template's own work.
 from testbed.composition.startup import StartupClock, command_started_at
 from testbed.emulation.procs import die_with_parent
-from testbed.composition.worker_link import WORKER_STATE, worker_path
-from testbed.emulation.runs import run_dir, write_state
 from testbed.errors import InputError, ResourceError, TestbedError
 
 __all__ = ["main", "Worker"]
@@ -91,6 +92,9 @@ class Worker:
 
     def publish(self) -> None:
         """worker.json: what is warm (the owner's `testbed status` and `up --wait` read it)."""
+        from testbed.composition.worker_link import WORKER_STATE
+        from testbed.emulation.runs import write_state
+
         s = self.session
         warmed = self._warming is not None and self._warming.done() and self.error is None
         write_state(s.run_id, {"pid": os.getpid(), "template_pid": s.template_pid, "ready": True,
@@ -143,7 +147,9 @@ async def _serve(run_id: str, topo: Any, template_pid: int | None, warm_spec: st
     from testbed.composition.cells import WorkerCell
     from testbed.composition.online import warm_set
     from testbed.composition.session import RunSession
+    from testbed.composition.worker_link import worker_path
     from testbed.emulation.control import ControlServer
+    from testbed.emulation.runs import run_dir
 
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -183,39 +189,79 @@ def _print_tasks() -> None:
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="testbed-worker")
-    ap.add_argument("run")
+    ap.add_argument("run", nargs="?")
     ap.add_argument("--warm", default="auto")
     ap.add_argument("--remote-agents", action="store_true")  # its owner's (a Swarm cell's keepers): no template
+    ap.add_argument("--prestarted", action="store_true")  # a cold run's: imports first, then its run on stdin
     args = ap.parse_args(argv)
     t_start = command_started_at()
     die_with_parent(os.getppid(), signal.SIGTERM)  # its owner (the cell) gone, nothing is left to work on
     from setproctitle import setproctitle
 
-    setproctitle(f"testbed-worker {args.run} {run_dir(args.run)}/")  # (`testbed down` finds a crashed run's by it)
+    if args.run is None and not args.prestarted:
+        ap.error("RUN is required (or --prestarted)")
+    state = None
+    if args.prestarted:
+        setproctitle("testbed-worker (prestarted)")
+    else:
+        from testbed.emulation.runs import run_dir
+
+        state = run_dir(args.run)
+        setproctitle(f"testbed-worker {args.run} {state}/")  # (`testbed down` finds a crashed run's by it)
     try:
-        from testbed.composition.cells import preloaded_variants
         from testbed.composition.template import fork_template, import_agent_code
+
+        import_agent_code()  # single-threaded here, with no secret in memory: the template forks from this
+        t_imported = time.time()
+        variants = None
+        if args.prestarted:  # a cold run's command line made the cell meanwhile (worker_start.py)
+            line = sys.stdin.readline()
+            if not line:
+                return 0  # the command ended (bad input, --help) before it made a cell
+            told = json.loads(line)
+            args.run, args.warm, args.remote_agents = told["run"], told["warm"], told["remote_agents"]
+            state, variants = Path(told["state_dir"]), [tuple(v) for v in told["variants"]]
+            _log_to(state / "logs" / "worker.log")
+            setproctitle(f"testbed-worker {args.run} {state}/")
+        fork = None if args.remote_agents else lambda variants: fork_template(
+            state / "agent-template.sock", variants, state / "logs" / "agent-template.log")
+        template_pid = fork(variants) if fork and variants is not None else None
+        from testbed.composition.cells import preloaded_variants
         from testbed.composition.worker_link import read_worker_topology
         from testbed.model.radio import compute_links
         from testbed.model.topology import place
 
-        state = run_dir(args.run)
         topo = read_worker_topology(args.run)
-        import_agent_code()  # single-threaded here, with no secret in memory: the template forks from this
-        t_imported = time.time()
-        template_pid = None if args.remote_agents else fork_template(
-            state / "agent-template.sock", preloaded_variants(topo, compute_links(topo, place(topo))),
-            state / "logs" / "agent-template.log")
+        if fork and template_pid is None:
+            template_pid = fork(preloaded_variants(topo, compute_links(topo, place(topo))))
         return asyncio.run(_serve(args.run, topo, template_pid, args.warm, t_start, t_imported))
     except TestbedError as e:
         print(f"error: {e}", flush=True)
-        write_state(args.run, {"error": str(e), "exit_code": e.exit_code}, WORKER_STATE)
+        if args.run is not None:
+            _write_failure(args.run, {"error": str(e), "exit_code": e.exit_code})
         return e.exit_code
     except BaseException as e:  # noqa: BLE001 - reported to the owner, never silent
         traceback.print_exc()
         with contextlib.suppress(Exception):
-            write_state(args.run, {"error": f"{type(e).__name__}: {e}", "exit_code": 5}, WORKER_STATE)
+            _write_failure(args.run, {"error": f"{type(e).__name__}: {e}", "exit_code": 5})
         return 5
+
+
+def _write_failure(run_id: str, doc: dict[str, Any]) -> None:
+    from testbed.composition.worker_link import WORKER_STATE
+    from testbed.emulation.runs import write_state
+
+    write_state(run_id, doc, WORKER_STATE)
+
+
+def _log_to(path: Path) -> None:
+    """stdout and stderr to the run's worker log from now on (a prestarted worker's were null)."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os.dup2(fd, 1)
+    os.dup2(fd, 2)
+    os.close(fd)
 
 
 if __name__ == "__main__":

@@ -15,14 +15,13 @@ import json
 import os
 import socket
 import subprocess
-import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from testbed.composition.worker_start import adopt, worker_argv, worker_environ
 from testbed.emulation.control import call, call_stream
-from testbed.emulation.environ import clean_environ
 from testbed.emulation.runs import read_state, run_dir
 from testbed.errors import ResourceError
 
@@ -52,14 +51,6 @@ def read_worker_topology(run_id: str) -> Any:
     return parse_topology(path.read_text(), source=str(path))
 
 
-def worker_environ() -> dict[str, str]:
-    """The allow-listed environment (HOME harmless, HF_HOME the caller's cache) plus the
-    caller's reference cache: the worker's template hands its memory to every agent, so the
-    worker must start without any secret of the command's."""
-    cache = os.environ.get("TESTBED_CACHE_DIR") or str(Path.home() / ".cache" / "testbed")
-    return clean_environ({"TESTBED_CACHE_DIR": cache})
-
-
 class WorkerAgents:
     """The run's agents, forked by its worker's template; also the way to the worker."""
 
@@ -71,15 +62,20 @@ class WorkerAgents:
         self._ready = False
 
     @classmethod
-    def spawn(cls, run_id: str, *, warm: str = "auto", remote_agents: bool = False) -> WorkerAgents:
+    def spawn(cls, run_id: str, *, warm: str = "auto", remote_agents: bool = False,
+              variants: list[tuple[str, str]] | None = None) -> WorkerAgents:
         """Start the worker (`warm`: the agents it keeps warm, worker.py; `remote_agents`: they
-        are its owner's, a Swarm cell's keepers'). Call it from the thread that owns the run:
+        are its owner's, a Swarm cell's keepers'; `variants`: its template's, cells.preloaded_variants,
+        which lets a cold run's prestarted worker (worker_start.py) take the run). Call it from the thread that owns the run:
         the worker dies with that thread (PR_SET_PDEATHSIG)."""
         logs = run_dir(run_id) / "logs"
         logs.mkdir(mode=0o700, exist_ok=True)
+        adopted = None if variants is None else adopt(run_id, run_dir(run_id), warm, remote_agents, variants)  # a cold run's
+        if adopted is not None:
+            return cls(run_id, adopted)
         fd = os.open(logs / "worker.log", os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
         try:
-            argv = [sys.executable, "-m", "testbed.composition.worker", run_id, "--warm", warm]
+            argv = worker_argv(run_id, "--warm", warm)
             proc = subprocess.Popen(argv + (["--remote-agents"] if remote_agents else []),
                                     stdin=subprocess.DEVNULL, stdout=fd, stderr=subprocess.STDOUT,
                                     start_new_session=True, close_fds=True, env=worker_environ())

@@ -150,9 +150,14 @@ def _load_embedded(name: str) -> tuple[torch.nn.Module, dict, str, torch.nn.Modu
     import diffusers
 
     spec, meta, state, digest = _embedded_weights(name)
-    unet = getattr(diffusers, spec.unet_class)(**meta["unet_config"])
+    with torch.device("meta"):  # no random initialisation of weights that are replaced at once (half the time)
+        unet = getattr(diffusers, spec.unet_class)(**meta["unet_config"])
     prefix = "unet." if spec.text_encoder else ""
-    unet.load_state_dict({k[len(prefix):]: v.clone() for k, v in state.items() if k.startswith(prefix)}, strict=True)
+    unet.load_state_dict({k[len(prefix):]: v.clone() for k, v in state.items() if k.startswith(prefix)}, strict=True,
+                         assign=True)
+    left = [n for n, t in [*unet.named_parameters(), *unet.named_buffers()] if t.is_meta]
+    if left:  # (a buffer that is not in the weights file would have no value: a diffusers change)
+        raise WorkloadError(f"{spec.path}: the {spec.unet_class} has tensors the file does not hold: {left[:3]}")
     text = None
     if spec.text_encoder:
         from testbed.diffusion.tiny import TINY_TEXT_CONFIG, TinyTextEncoder
