@@ -98,6 +98,9 @@ def test_kill_9_of_a_running_testbed_run_takes_its_processes_then_down_leaves_no
                   "the generation to start (broker and agents running)")
         ns_inodes = {os.stat(f"/run/netns/{n}").st_ino for n in os.listdir("/run/netns") if n.startswith(f"tb-{run}-")}
         assert len(ns_inodes) == 5  # server + 4 devices
+        # the chain's agents are up; the spares start behind them
+        _wait_for(lambda: sum("testbed-agent " in x for x in _run_processes(run, ns_inodes)) == 4, 60,
+                  "the four agents (the chain's, then the spares)")
         running = _run_processes(run, ns_inodes)
         assert any("mosquitto" in x for x in running) and sum("testbed-agent " in x for x in running) == 4, running
         assert any("agent-template" in x for x in running), running  # (its title: testbed-agent-template)

@@ -92,18 +92,22 @@ class MadeCell:
     `testbed up` supervisor): a worker process (worker.py) does both, with torch and
     diffusers imported once, and runs the generations; this process serves it the cell on
     the control socket (`control`) and imports no torch. `broker=False`: the cell alone
-    (`up --no-broker`). `warm`: the agents started with the cell (online.warm_set)."""
+    (`up --no-broker`). `warm`: the agents started with the cell (online.warm_set).
+    `preload_for`: the devices whose model variants the agent template makes before it forks
+    (a cold run's plan; default every device's); another device's agent loads its own."""
 
     path = "cold"
 
     def __init__(self, run_id: str | None = None, *, backend: str = "netns", broker: bool = True,
-                 state_dir: Path | None = None, worker: bool = False, warm: str = "auto"):
+                 state_dir: Path | None = None, worker: bool = False, warm: str = "auto",
+                 preload_for: list[str] | None = None):
         self.run_id, self.backend, self.broker = run_id, backend, broker
         self.state_dir = Path(state_dir) if state_dir is not None else None  # given: the up command made it
         self._owns_state = state_dir is None
         self.worker = worker and broker
         self.warm = "none" if self.worker else warm  # a worker warms its own (it is told `worker_warm`)
         self.worker_warm = warm
+        self.preload_for = preload_for  # the devices whose model variants the template makes (default: all)
         self.control: Any = None  # the control socket serving the cell to the worker
         self._cell: Any = None
         self._launcher: AgentLauncher | None = None
@@ -120,7 +124,8 @@ class MadeCell:
         write_topology(run_id, topo)  # for `testbed tui --attach RUN`, and the worker's
         if self.worker:  # its imports overlap the cell's creation
             write_worker_topology(run_id, topo)
-            self._worker = WorkerAgents.spawn(run_id, warm=self.worker_warm, variants=preloaded_variants(topo, links))
+            first = links if self.preload_for is None else [lk for lk in links if lk.id in set(self.preload_for)]
+            self._worker = WorkerAgents.spawn(run_id, warm=self.worker_warm, variants=preloaded_variants(topo, first))
         elif self.broker:  # the template's imports overlap the cell's creation and the server's model
             self._launcher = AgentLauncher(run_id, self.state_dir, self.state_dir / "logs",
                                            preload=preloaded_variants(topo, links))

@@ -17,11 +17,12 @@ import socket
 import threading
 from collections.abc import Callable
 from pathlib import Path
-from typing import TypeVar
-
-from pyroute2 import AsyncIPRoute
+from typing import TYPE_CHECKING, TypeVar
 
 from testbed.errors import ResourceError
+
+if TYPE_CHECKING:
+    from pyroute2 import AsyncIPRoute
 
 __all__ = [
     "NETNS_DIR",
@@ -180,6 +181,8 @@ def netlink_socket_in(netns: str | None) -> socket.socket:
 def open_iproute(netns: str | None = None, sock: socket.socket | None = None) -> AsyncIPRoute:
     """An AsyncIPRoute bound to `netns` (a name under /run/netns, a path such as
     /proc/<pid>/ns/net, or None for the caller's namespace)."""
+    from pyroute2 import AsyncIPRoute  # (here: a cell's worker reads run state without pyroute2's import)
+
     return AsyncIPRoute(use_socket=sock if sock is not None else netlink_socket_in(netns))
 
 

@@ -29,7 +29,6 @@ from pathlib import Path
 from typing import Any
 
 from testbed.emulation import host_firewall
-from testbed.emulation.backend import remove_host_links
 from testbed.model.names import check_run_id
 from testbed.emulation.cgroups import Cgroups, detect_cgroups
 from testbed.emulation.node_uids import pids_running_as, read_uids
@@ -350,6 +349,8 @@ def cleanup_run(run_id: str, supervisor_timeout_s: float = 30.0) -> list[str]:
         from testbed.emulation.gpu import mps_dirs, stop_mps
 
         _attempt("MPS daemon", lambda: stop_mps(mps_dirs(RUN_ROOT / run_id)), removed, failures)
+    from testbed.emulation.backend import remove_host_links  # (pyroute2: only where a cell is torn down)
+
     _attempt("host links", lambda: _run_sync(remove_host_links(run_id)), removed, failures)
     _attempt("host firewall", lambda: _run_sync(host_firewall.remove(run_id)), removed, failures)
     _attempt("docker containers and networks", lambda: _run_sync(_remove_docker(run_id)), removed, failures)

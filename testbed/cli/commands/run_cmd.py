@@ -149,9 +149,10 @@ def run(
         if cold_id is not None and run_dir(cold_id).exists():
             raise ResourceError(f"--run-id {cold_id}: a run {cold_id!r} exists already ({run_dir(cold_id)}); "
                                 f"pick another id or `testbed down --run {cold_id}`")
-        plan_cold_run(topo, method, selector, tmax, emax, fail, confidence)
+        first = plan_cold_run(topo, method, selector, tmax, emax, fail, confidence).selected
     else:
         check_fail_device(topo, [d.id for d in place(topo).devices], fail)
+        first = []
     rid = run_id or cold_id or new_run_id()
     out_path = out_dir or Path("out") / rid
     progress = _Progress(topo.workload.compute)
@@ -162,7 +163,9 @@ def run(
         from testbed.composition.session import RunSession
 
         # the cell here; torch, the template, the server's model and the generation in its worker
-        async with RunSession(topo, MadeCell(rid, backend=backend, worker=True, warm="none"), out_dir=out_path,
+        # (its agent template makes the model variants of the plan's devices: a spare's loads its own)
+        cell = MadeCell(rid, backend=backend, worker=True, warm="none", preload_for=first)
+        async with RunSession(topo, cell, out_dir=out_path,
                               on_event=on_event, started_at=started_at) as session:
             console.print(f"run {rid}: cell up, {len(session.cell.links)} devices (broker {session.cell.broker.kind})")
             res = await session.run(method, selector=selector, t_max_s=tmax, e_max_j=emax, fail=fail,
