@@ -87,7 +87,9 @@ def override(cluster: str, run: str, device: str, host: str, delay_ms: float, lo
 
 
 def lose_a_worker(cluster: str, run: str, file: Path) -> dict:
-    """Stop the worker that hosts a later device of the chain while its first device computes."""
+    """Stop a worker while the chain's first device computes: the one that hosts a later device
+    of the chain (the run must recover), else the first's, else any (its devices idle: the run
+    must complete, and they must still be `down` in status within seconds)."""
     from testbed.composition.remote_run import run_on_up_cell
     from testbed.emulation.cluster.cluster import cluster_stop_node
     from testbed.errors import RunFailedError
@@ -101,27 +103,40 @@ def lose_a_worker(cluster: str, run: str, file: Path) -> dict:
         loop = asyncio.get_running_loop()
 
         def on_event(ev: dict) -> None:
-            if ev.get("type") == "selection":
-                later = [d for d in ev["selected"][1:] if hosts[d] != "n1"]
-                seen["node"] = hosts[later[0]] if later else None
+            if ev.get("type") == "selection":  # a worker with a later device of the chain, else with
+                chain = ev["selected"]           # its first, else any worker (then no chain device is lost)
+                on_workers = [hosts[d] for d in chain[1:] + chain[:1] if hosts[d] != "n1"]
+                seen["node"] = on_workers[0] if on_workers else sorted(set(hosts.values()) - {"n1"})[0]
+                seen["chain_devices_lost"] = [d for d in chain if hosts[d] == seen["node"]]
             elif ev.get("type") == "downloaded" and seen.get("node") and "stop" not in seen:
-                seen["stop"] = loop.create_task(cluster_stop_node(cluster, seen["node"]))
+                seen["stop"] = loop.create_task(stop_and_watch(seen["node"]))
+
+        async def stop_and_watch(node: str) -> None:  # seconds from the kill until status says `down`
+            lost = [d for d, h in hosts.items() if h == node]
+            await cluster_stop_node(cluster, node)
+            seen["stopped_at"] = t0 = time.monotonic()
+            while time.monotonic() - t0 < 30:
+                states = {n["id"]: n["state"] for n in (await asyncio.to_thread(state))["nodes"] if n["id"] in lost}
+                if all(v == "down" for v in states.values()):
+                    seen["down_after_s"] = round(time.monotonic() - t0, 2)
+                    return
+                await asyncio.sleep(0.05)
 
         try:
-            return await run_on_up_cell(run, load_topology(file), on_event=on_event)
+            outcome = await run_on_up_cell(run, load_topology(file), on_event=on_event)
         except RunFailedError as e:
-            return e
+            outcome = e
+        if "stop" in seen:
+            await seen["stop"]
+        return outcome
 
     outcome = asyncio.run(go())
     node = seen.get("node")
-    out: dict = {"node": node, "load": _load()}
+    out: dict = {"node": node, "chain_devices_lost": seen.get("chain_devices_lost"), "load": _load()}
     if node is None:
-        return out | {"error": "no device of the chain after its first runs on a worker"}
+        return out | {"error": "the run made no selection"}
     lost = [d for d, h in hosts.items() if h == node]
-    t0 = time.monotonic()
-    while any(n["state"] != "down" for n in state()["nodes"] if n["id"] in lost) and time.monotonic() - t0 < 30:
-        time.sleep(0.05)
-    out |= {"devices": lost, "down_in_status_after_s": round(time.monotonic() - t0, 2)}
+    out |= {"devices": lost, "down_in_status_after_kill_s": seen.get("down_after_s")}  # None: not within 30 s
     if isinstance(outcome, dict):
         out |= {"outcome": "completed", "recovered": outcome.get("recovered"), "relay_order": outcome["relay_order"],
                 "latency_s": outcome["latency_s"]}

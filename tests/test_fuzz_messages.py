@@ -166,6 +166,20 @@ def test_valid_metas_parse_and_keep_their_values():
         parse_result_meta(DEV, PARSERS["split"], dict(VALID_META["split"], t_send=T0 - 1))
 
 
+def test_a_context_received_a_clock_error_before_it_was_published_counts_no_air_time_and_no_more():
+    """Publisher and receiver are two devices: on a Swarm cell two hosts' clocks, disciplined
+    to within milliseconds (a transfer through the broker can be shorter). 1 ms early is that;
+    1 s early is a lie about the timestamps."""
+    from testbed.methods.patch.messages import CROSS_CLOCK_SLACK_S
+
+    early = dict(VALID_META["patch"], ctx_received=[[900, T0 + 0.1, T0 + 0.099]])
+    p = parse_result_meta(DEV, PARSERS["patch"], early)
+    assert p.ctx_received == ((900, T0 + 0.1, T0 + 0.1),)  # received = published: no air time
+    lie = dict(VALID_META["patch"], ctx_received=[[900, T0 + 0.1, T0 + 0.1 - 1.0]])
+    with pytest.raises(BadMessage, match=rf"received .* is before published .* by more than {CROSS_CLOCK_SLACK_S:g} s"):
+        parse_result_meta(DEV, PARSERS["patch"], lie)
+
+
 # -- whole results through the wire decoder -----------------------------------------------
 LAT = TensorSpec("float32", (1, 1, 4, 4))
 

@@ -217,9 +217,11 @@ def _short(v: Any) -> str:
     return r if len(r) <= 60 else r[:57] + "..."
 
 
-def ordered(f: Fields, earlier: str, a: float | None, later: str, b: float | None) -> None:
-    if a is not None and b is not None and b < a:
-        raise f.bad(later, f"({b:.6f}) is before {earlier} ({a:.6f})")
+def ordered(f: Fields, earlier: str, a: float | None, later: str, b: float | None, slack_s: float = 0.0) -> None:
+    """`later` must not precede `earlier` (by more than `slack_s`: two clocks' disagreement)."""
+    if a is not None and b is not None and b < a - slack_s:
+        by = f" by more than {slack_s:g} s" if slack_s else ""
+        raise f.bad(later, f"({b:.6f}) is before {earlier} ({a:.6f}){by}")
 
 
 # -- status ---------------------------------------------------------------------------------

@@ -8,6 +8,8 @@ from dataclasses import dataclass
 
 from testbed.relay.messages import Fields, ordered
 
+CROSS_CLOCK_SLACK_S = 0.05  # how far two devices' disciplined clocks may disagree (ms measured; 50 ms allowed)
+
 __all__ = ["PatchNoiseMeta", "PatchContextMeta", "patch_meta"]
 
 
@@ -47,8 +49,12 @@ def _ctx_received(f: Fields) -> tuple[tuple[int, float, float], ...]:
                    if isinstance(item, list) and len(item) == 3 else {}, f"{f.prefix}ctx_received[{i}].")
         wire = g.integer("bytes", hi=2**40, required=True)
         pub, recv = g.epoch("published", required=True), g.epoch("received", required=True)
-        ordered(g, "published", pub, "received", recv)
-        out.append((wire, pub, recv))
+        # two clocks: the publisher's and this device's. A Swarm cell disciplines each agent's
+        # clock to the run owner's (device_clock.py), to within its offset measurement's half
+        # round trip — milliseconds; a context that crossed the broker in less reads as
+        # received before it was published. Within CROSS_CLOCK_SLACK_S: no air time, not a lie.
+        ordered(g, "published", pub, "received", recv, slack_s=CROSS_CLOCK_SLACK_S)
+        out.append((wire, pub, max(recv, pub)))
     return tuple(out)
 
 
