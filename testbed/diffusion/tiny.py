@@ -131,6 +131,7 @@ def train_tiny(
     """
     from diffusers import DDPMScheduler
 
+    from testbed.diffusion.fonts import TRAINING_FACES
     from testbed.diffusion.glyphs import training_batch
 
     ema_decay = 0.996
@@ -158,4 +159,4 @@ def train_tiny(
         "unet_config": TINY_UNET_CONFIG, "text_config": TINY_TEXT_CONFIG, "scheduler_config": TINY_SCHEDULER_CONFIG,
         "train": {"steps": steps, "batch": batch, "lr": lr, "seed": seed, "threads": threads, "cond_drop": cond_drop,
                   "min_snr_gamma": min_snr_gamma, "ema_decay": ema_decay,
-                  "dataset": "testbed.diffusion.glyphs (rendered, Pillow's font)"}})
+                  "dataset": "testbed.diffusion.glyphs (rendered)", "faces": [f.file for f in TRAINING_FACES]}})
