@@ -54,9 +54,9 @@ def generate_batch(model, prompts: list[str], seeds: list[int], steps: int) -> n
 
 
 # What the committed weights reach, as the judge reads them (fp32, 20 DDIM steps, 10 digits x 4
-# seeds per set; measured: white 55 % digits / 95 % colours, coloured 70 % / 97.5 %). The issue's
-# target is 90 % digits; these floors only catch a regression of today's weights.
-FIDELITY_FLOORS = {"white": (0.5, 0.9), "coloured": (0.65, 0.9)}
+# seeds per set; measured: white 62.5 % digits / 100 % colours, coloured 72.5 % / 100 %). The
+# issue's target is 90 % digits, not met; these floors only catch a regression of today's weights.
+FIDELITY_FLOORS = {"white": (0.55, 0.9), "coloured": (0.65, 0.9)}
 
 
 @pytest.mark.slow  # (make check leaves it to make test: seconds of CPU)
