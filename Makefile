@@ -6,9 +6,12 @@ SHELL := /bin/bash
 VENV ?= .venv
 PY := $(VENV)/bin/python
 TESTBED := $(VENV)/bin/testbed
+# The tiny model's typefaces (testbed/diffusion/fonts.py): its training data, then its judge's held-out faces
+FONT_PACKAGES := fonts-dejavu-core fonts-dejavu-extra fonts-liberation fonts-freefont-ttf fonts-urw-base35 \
+	fonts-go fonts-cantarell fonts-linuxlibertine fonts-comic-neue fonts-humor-sans fonts-dkg-handwriting
 SYSTEM_PACKAGES := python3 python3-venv python3-dev build-essential mosquitto mosquitto-clients \
 	iperf3 iproute2 iptables ethtool tmux iputils-ping chromium chromium-driver \
-	docker-registry
+	docker-registry $(FONT_PACKAGES)
 # Python 3.11 is the floor; the pinned torch CPU wheel is for 3.11.
 PYTHON ?= $(shell command -v python3.11 || command -v python3)
 

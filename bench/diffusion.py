@@ -7,15 +7,18 @@
 3. --sd15: the same for an SD1.5-sized UNet (random weights, built from its config), each
    precision in a fresh process (peak RSS), --sd15-steps steps at --sd15-px (default 1 at 256 px).
 4. --quality: the tiny model's figures for docs/model-card.md: mean MS-SSIM against the fp32
-   50-step reference per precision and per step count, and how often the digit (an SVM trained
-   on freshly rendered glyphs) and both colours are what the prompt asks for.
-5. --grid PNG: the image grid of docs/figures (10 prompts x 4 precisions, 50 DDIM steps).
+   50-step reference per precision and per step count, and how often the digit and both colours
+   are what the prompt asks for, as the judge reads them (testbed/diffusion/judge.py: typefaces
+   and handwriting the model never saw), per digit and per colour, with 95 % Wilson intervals.
+5. --grid PNG: the image grid of docs/figures (10 prompts x 4 precisions, 50 DDIM steps);
+   --digit-grid PNG: digits x 4 seeds at 20 steps, white on black and coloured, with the judge's reading.
 6. --quota 1,0.25 (root, cgroups): per-step time of the tiny model's variants (CFG batch 2, one
    thread) in a process under each CPU quota, as an agent computes under its node's quota.
 
 Usage: .venv/bin/python bench/diffusion.py [--steps 50] [--k 5] [--reps 5] [--sd15] [--json]
        .venv/bin/python bench/diffusion.py --quality [--json]
        .venv/bin/python bench/diffusion.py --grid docs/figures/tiny_grid.png
+       .venv/bin/python bench/diffusion.py --digit-grid docs/figures/tiny_digits.png
        sudo .venv/bin/python bench/diffusion.py --quota 1,0.25
 """
 
@@ -29,6 +32,7 @@ import subprocess
 import sys
 import time
 
+import numpy as np
 import torch
 
 
@@ -113,25 +117,62 @@ GRID_PROMPTS = (
 )
 
 
-def tiny_images(precision: str, prompts: list[str], seeds: list[int], steps: int):
+def tiny_images(precision: str, prompts: list[str], seeds: list[int], steps: int, guidance: float | None = None):
     """(N, 32, 32, 3) uint8 images of the tiny model, prompt i with seed i, one batched run."""
     from testbed.diffusion import decode, encode_prompt, initial_latent, load_model, run_stage
 
     m = load_model("tiny", precision)
     conds = [encode_prompt(m, p) for p in prompts]
     cond = {k: torch.cat([c[k] for c in conds]) for k in conds[0]}
-    x, _ = run_stage(m, torch.cat([initial_latent(m, s) for s in seeds]), cond, 0, steps, steps)
+    x, _ = run_stage(m, torch.cat([initial_latent(m, s) for s in seeds]), cond, 0, steps, steps,
+                     guidance_scale=guidance)
     return decode(m, x)
 
 
-def bench_quality(seeds: int) -> dict:
-    """MS-SSIM vs the reference per precision (50 steps) and per step count (fp32); prompt
-    fidelity (digit, colours) per precision at 20 steps over 10 digits x 3 seeds."""
-    import numpy as np
+def wilson(k: int, n: int) -> list[float]:
+    """95 % Wilson interval of a proportion k / n."""
+    from scipy.stats import binomtest
 
-    from testbed.diffusion import PRECISIONS, ms_ssim, reference_image
-    from testbed.diffusion.glyphs import fit_digit_classifier, glyph_features, read_image
+    ci = binomtest(k, n).proportion_ci(0.95, method="wilson")
+    return [round(ci.low, 3), round(ci.high, 3)]
+
+
+def judged(precision: str, items: list[tuple[str, int]], steps: int, guidance: float | None = None) -> dict:
+    """Generate each (prompt, seed) and let the judge read it: rates with 95 % intervals, per digit,
+    per ink and per background colour, and each image's reading."""
+    from testbed.diffusion.judge import judge_images, reads_as_prompted
     from testbed.model.prompts import COLOURS, parse_colour_prompt
+
+    imgs = np.concatenate([tiny_images(precision, [p for p, _ in items[i:i + 60]], [s for _, s in items[i:i + 60]],
+                                       steps, guidance) for i in range(0, len(items), 60)])
+    readings = judge_images(imgs)
+    ok = [reads_as_prompted(p, r) for (p, _), r in zip(items, readings)]
+    want = [parse_colour_prompt(p) for p, _ in items]
+
+    def rate(pick) -> dict:
+        idx = [i for i, w in enumerate(want) if pick(w)]
+        digit, colours = sum(ok[i][0] for i in idx), sum(ok[i][1] for i in idx)
+        both = sum(ok[i][0] and ok[i][1] for i in idx)
+        return {"n": len(idx), "digit": digit / len(idx), "digit_ci": wilson(digit, len(idx)),
+                "colours": colours / len(idx), "colours_ci": wilson(colours, len(idx)), "both": both / len(idx),
+                "confident_digit": sum(ok[i][0] and readings[i].confidence >= 0.5 for i in idx) / len(idx)}
+
+    return {"all": rate(lambda w: True),
+            "digit": {d: rate(lambda w, d=d: w.digit == d) for d in range(10)},
+            "ink": {c: rate(lambda w, c=c: w.ink == c) for c in COLOURS if any(w.ink == c for w in want)},
+            "background": {c: rate(lambda w, c=c: w.background == c) for c in COLOURS
+                           if any(w.background == c for w in want)},
+            "images": [{"prompt": p, "seed": s, "digit": r.digit, "confidence": round(r.confidence, 3),
+                        "ink": r.ink, "background": r.background} for (p, s), r in zip(items, readings)],
+            "_images": imgs}
+
+
+def bench_quality(seeds: int, fidelity_seeds: int) -> dict:
+    """MS-SSIM vs the reference per precision (50 steps) and per step count (fp32); prompt
+    fidelity as the judge reads it (20 steps): per precision on 10 digits x `fidelity_seeds`
+    white-on-black and as many coloured prompts, and at fp32 also on colour-less prompts."""
+    from testbed.diffusion import PRECISIONS, ms_ssim, reference_image
+    from testbed.diffusion.judge import fidelity_prompts
 
     prompts = ["a blue 4 on a yellow background", "a handwritten 7", "a red 0 on a white background"]
     doc: dict = {"seeds": seeds, "prompts": prompts, "precision": {}, "steps": {}, "fidelity": {}}
@@ -147,17 +188,11 @@ def bench_quality(seeds: int) -> dict:
     for steps in (5, 10, 20):
         doc["steps"][steps] = mean_msssim("fp32", steps)
     doc["steps"][50] = doc["precision"]["fp32"]
-    pairs = [(ink, bg) for ink in COLOURS for bg in COLOURS if ink != bg]
-    fid_prompts = [f"a {pairs[(7 * i) % 30][0]} {i // 3} on a {pairs[(7 * i) % 30][1]} background" for i in range(30)]
-    want = [parse_colour_prompt(p) for p in fid_prompts]
-    clf = fit_digit_classifier()
     for prec in PRECISIONS:
-        imgs = tiny_images(prec, fid_prompts, [1000 + i for i in range(30)], 20)
-        named = clf.predict(glyph_features(imgs))
-        seen = [read_image(im)[:2] for im in imgs]
-        doc["fidelity"][prec] = {
-            "digit": float(np.mean([int(n) == w.digit for n, w in zip(named, want)])),
-            "colours": float(np.mean([s == (w.background, w.ink) for s, w in zip(seen, want)]))}
+        kinds = ("white", "coloured", "plain") if prec == "fp32" else ("white", "coloured")
+        doc["fidelity"][prec] = {k: judged(prec, fidelity_prompts(k, fidelity_seeds), 20) for k in kinds}
+        for k in kinds:
+            doc["fidelity"][prec][k].pop("_images")
     return doc
 
 
@@ -202,7 +237,6 @@ def bench_quotas(quotas: list[float], steps: int, threads: int) -> list[dict]:
 
 def write_grid(path: str, seed: int = 0, scale: int = 4) -> None:
     """10 prompts (rows) x 4 precisions (columns), 50 DDIM steps, each image enlarged `scale` x."""
-    import numpy as np
     from PIL import Image, ImageDraw, ImageFont
 
     from testbed.diffusion import PRECISIONS
@@ -224,6 +258,35 @@ def write_grid(path: str, seed: int = 0, scale: int = 4) -> None:
             tile = Image.fromarray(np.asarray(cols[p][i])).resize((cell, cell), Image.NEAREST)
             canvas.paste(tile, (left + j * (cell + pad), y))
     canvas.save(path)
+
+
+def write_digit_grid(path: str, seeds: int = 4, scale: int = 3) -> dict:
+    """Digits (rows) x seeds (columns), fp32, 20 DDIM steps: 'a white D on a black background' on
+    the left, the coloured prompts of the fidelity set on the right; under each image the digit
+    the judge reads (red where it is not the one asked for, or a colour is wrong)."""
+    from PIL import Image, ImageDraw, ImageFont
+
+    from testbed.diffusion.judge import fidelity_prompts
+
+    panels = {k: judged("fp32", fidelity_prompts(k, seeds), 20) for k in ("white", "coloured")}
+    cell, pad, label, gap, top = 32 * scale, 6, 20, 40, 30
+    w = 2 * seeds * (cell + pad) + gap
+    h = top + 10 * (cell + label + pad)
+    canvas = Image.new("RGB", (w, h), (250, 250, 250))
+    draw, font = ImageDraw.Draw(canvas), ImageFont.load_default(size=14)
+    for j, (kind, doc) in enumerate(panels.items()):
+        x0 = j * (seeds * (cell + pad) + gap)
+        title = "a white D on a black background" if kind == "white" else "a <ink> D on a <background> background"
+        draw.text((x0 + seeds * (cell + pad) // 2, top // 2), title, fill=(0, 0, 0), font=font, anchor="mm")
+        for i, (img, r) in enumerate(zip(doc["_images"], doc["images"])):
+            d, s = divmod(i, seeds)
+            x, y = x0 + s * (cell + pad), top + d * (cell + label + pad)
+            canvas.paste(Image.fromarray(np.asarray(img)).resize((cell, cell), Image.NEAREST), (x, y))
+            right = r["digit"] == d and f"a {r['ink']} {d} on a {r['background']} background" == r["prompt"]
+            draw.text((x + cell // 2, y + cell + label // 2), f"reads {r['digit']} ({r['confidence']:.2f})",
+                      fill=(0, 0, 0) if right else (200, 0, 0), font=font, anchor="mm")
+    canvas.save(path)
+    return {k: {key: v for key, v in doc.items() if key != "_images"} for k, doc in panels.items()}
 
 
 def sd15_one(precision: str, px: int, steps: int) -> dict:
@@ -271,6 +334,9 @@ def main() -> None:
     ap.add_argument("--sd15-one", help=argparse.SUPPRESS)
     ap.add_argument("--quality", action="store_true", help="the tiny model's quality figures (model card)")
     ap.add_argument("--quality-seeds", type=int, default=10)
+    ap.add_argument("--fidelity-seeds", type=int, default=10, help="seeds per digit of the judge's fidelity sets")
+    ap.add_argument("--digit-grid", help="write digits x 4 seeds (white on black | coloured), as the judge reads "
+                    "them, to this PNG")
     ap.add_argument("--grid", help="write the tiny model's image grid (10 prompts x 4 precisions) to this PNG")
     ap.add_argument("--quota", help="CPU quotas (cores, comma-separated) to time the tiny model's steps under")
     ap.add_argument("--quota-one", help=argparse.SUPPRESS)
@@ -296,16 +362,26 @@ def main() -> None:
         write_grid(a.grid)
         print(f"wrote {a.grid}")
         return
+    if a.digit_grid:
+        doc = write_digit_grid(a.digit_grid)
+        print(f"wrote {a.digit_grid}: " + ", ".join(
+            f"{k}: digit {d['all']['digit']:.0%}, colours {d['all']['colours']:.0%}" for k, d in doc.items()))
+        return
     if a.quality:
-        q = bench_quality(a.quality_seeds)
+        q = bench_quality(a.quality_seeds, a.fidelity_seeds)
         if a.json:
             print(json.dumps(q, indent=2))
             return
         print(f"tiny model, mean MS-SSIM vs fp32 50-step reference ({q['seeds']} seeds x {len(q['prompts'])} prompts)")
         print("precision (50 steps): " + "  ".join(f"{p} {v:.3f}" for p, v in q["precision"].items()))
         print("fp32 steps:           " + "  ".join(f"{k} {v:.3f}" for k, v in q["steps"].items()))
-        print("prompt fidelity (20 steps, 30 images): " + "  ".join(
-            f"{p} digit {f['digit']:.0%} colours {f['colours']:.0%}" for p, f in q["fidelity"].items()))
+        print(f"prompt fidelity as the judge reads it (20 steps, 10 digits x {a.fidelity_seeds} seeds per set):")
+        for p, kinds in q["fidelity"].items():
+            for k, f in kinds.items():
+                al = f["all"]
+                print(f"  {p:5} {k:9} digit {al['digit']:.1%} {al['digit_ci']}  colours {al['colours']:.1%} "
+                      f"{al['colours_ci']}  both {al['both']:.1%}  digit at p>=0.5 {al['confident_digit']:.1%}  "
+                      "per digit " + " ".join(f"{d['digit']:.0%}" for d in f["digit"].values()))
         return
     doc = {"overhead": [bench_overhead(a.steps, a.k, a.reps, a.scheduler),
                         bench_overhead(a.steps, a.k, a.reps, "dpm")],

@@ -104,7 +104,8 @@ def sample_training_prompt(rng: random.Random) -> str:
     """A random prompt of the grammar, as training shows them: colours named or left to their
     defaults, the digit as a numeral or a word, optional articles, 'handwritten', 'digit'."""
     digit = rng.randrange(10)
-    mention = rng.choices(("both", "ink", "background", "none"), weights=(60, 15, 10, 15))[0]
+    # a quarter name no colour (white on black): the default prompts and "a handwritten 3" must draw as well
+    mention = rng.choices(("both", "ink", "background", "none"), weights=(50, 15, 10, 25))[0]
     ink = rng.choice(COLOURS) if mention in ("both", "ink") else None
     bg = rng.choice([c for c in COLOURS if c != ink]) if mention in ("both", "background") else None
     words: list[str] = []

@@ -62,14 +62,15 @@ def generate(
 
 
 def train_tiny(
-    model: str = typer.Option("tiny", "--model", help="which embedded model: 'tiny' (coloured digits from a prompt) "
-                              "or 'digits' (8x8 grey digits, scikit-learn's data set)"),
+    model: str = typer.Option("tiny", "--model", help="which embedded model: 'tiny' (coloured digits from a prompt), "
+                              "'digits' (8x8 grey digits, scikit-learn's data set) or 'judge' (the digit classifier "
+                              "that reads tiny's images; other typefaces and handwriting)"),
     out_path: Path = typer.Option(None, "--out", help="weights file (default: the embedded one in testbed/data/)"),
-    steps: int = typer.Option(0, "--steps", help="optimizer steps (0 = the model's default: tiny 1500, digits 1200)"),
-    batch: int = typer.Option(0, "--batch", help="batch size (0 = the model's default: tiny 64, digits 96)"),
+    steps: int = typer.Option(0, "--steps", help="optimizer steps (0 = the model's default: tiny 1500, digits 1200, judge 2000)"),
+    batch: int = typer.Option(0, "--batch", help="batch size (0 = the model's default: tiny 64, digits 96, judge 128)"),
     seed: int = typer.Option(0, "--seed", help="seed (with --threads, fixes the result)"),
     threads: int = typer.Option(0, "--threads", help="torch CPU threads; the result depends on it "
-                                "(0 = the model's default: tiny 2, digits 1)"),
+                                "(0 = the model's default: tiny 1, digits 1, judge 2)"),
     as_json: bool = typer.Option(False, "--json", help="print only a JSON document on stdout"),
 ) -> None:
     """Train an embedded model on data made on the spot (deterministic, CPU, minutes) into testbed/data/."""
@@ -78,8 +79,9 @@ def train_tiny(
         # burnt 4x the CPU time for the same (bit-identical) steps, measured
         os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     from testbed.diffusion import train_digits, train_tiny
+    from testbed.diffusion.judge import train_judge
 
-    trainers = {"tiny": train_tiny, "digits": train_digits}
+    trainers = {"tiny": train_tiny, "digits": train_digits, "judge": train_judge}
     if model not in trainers:
         raise InputError(f"--model {model!r}: the embedded models are {', '.join(trainers)}")
     if steps < 0 or batch < 0 or threads < 0:
