@@ -174,6 +174,9 @@ def test_ctrl_c_removes_everything(topologies: Path, run_id: str) -> None:
     code = (
         "import asyncio, faulthandler, signal, sys\n"
         "faulthandler.register(signal.SIGUSR1, all_threads=True)\n"
+        # a shell without job control starts background jobs with SIGINT ignored, and Python
+        # keeps it so: asyncio then never sees the Ctrl-C (seen in a fresh clone's .ci/run started with &)
+        "signal.signal(signal.SIGINT, signal.default_int_handler)\n"
         "from testbed.emulation import Emulation\n"
         "from testbed.model.topology import load_topology\n"
         "async def main():\n"
