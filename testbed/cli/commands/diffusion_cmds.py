@@ -77,7 +77,7 @@ def train_tiny(
     if "torch" not in sys.modules:  # read once, when torch loads OpenMP; the results do not depend on it
         # On cores busy with other work, waiting OpenMP threads sleep: at load 15 on 2 cores spinning
         # ones burnt 4x the CPU time for the same (bit-identical) steps. On idle cores they spin:
-        # sleeping cost 25 % of the two-thread step time, OpenMP's default 30 % (all measured).
+        # sleeping cost 25 % of the two-thread step time, OpenMP's default about 10 % (all measured).
         busy = os.getloadavg()[0] > (os.cpu_count() or 1) + 1
         os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE" if busy else "ACTIVE")
     from testbed.diffusion import train_digits, train_tiny
