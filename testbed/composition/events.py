@@ -128,6 +128,7 @@ class EventPublisher:
         import aiomqtt
 
         from testbed.relay import topics
+        from testbed.relay.cancel import end_if_cancel_was_swallowed
 
         self._loop, self._queue = asyncio.get_running_loop(), asyncio.Queue()
         ready()
@@ -145,6 +146,7 @@ class EventPublisher:
                         pending = ev
                         await client.publish(topics.events(self.run_id), json.dumps(ev, default=str).encode(), qos=1)
                         pending = None
+                        end_if_cancel_was_swallowed()
             except aiomqtt.MqttError:
                 await asyncio.sleep(backoff)  # the broker is away (a restart fault): keep the event, retry
                 backoff = min(backoff * 2, 2.0)

@@ -153,6 +153,7 @@ class Keeper:
         import aiomqtt
 
         from testbed.relay import topics
+        from testbed.relay.cancel import end_if_cancel_was_swallowed
 
         ctl = self.cfg["control"]
         state_topic = topics.control(self.run, self.device, "state")
@@ -171,6 +172,7 @@ class Keeper:
                         async for msg in client.messages:
                             if await self._answer(client, bytes(msg.payload or b"")):
                                 await client.publish(state_topic, self.state(), qos=1, retain=True)
+                            end_if_cancel_was_swallowed()  # `docker stop` must end it
                     finally:
                         watch.cancel()
             except aiomqtt.MqttError as e:
@@ -197,12 +199,15 @@ class Keeper:
 
     async def _watch_agent(self, client: Any, state_topic: str) -> None:
         """Publish the state again when the agent exits (a crash, or a kill)."""
+        from testbed.relay.cancel import end_if_cancel_was_swallowed
+
         seen = self.agent.running
         while True:
             await asyncio.sleep(_POLL_S)
             if self.agent.running != seen:
                 seen = self.agent.running
                 await client.publish(state_topic, self.state(), qos=1, retain=True)
+                end_if_cancel_was_swallowed()
 
 
 def _load(secret: str) -> dict[str, Any]:

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import contextlib
 import importlib
 import json
 import logging
@@ -37,6 +36,7 @@ from typing import Any
 from testbed.errors import RelayError, TestbedError
 from testbed.model.names import STATE_ROOT
 from testbed.relay import topics
+from testbed.relay.cancel import end_if_cancel_was_swallowed
 from testbed.relay.wire import peek_meta
 
 __all__ = ["AgentConfig", "Agent", "Handlers", "HEARTBEAT_S", "SILENT_AFTER_S", "status_doc", "agent_config_path",
@@ -173,10 +173,11 @@ class Agent:
                     try:
                         async for msg in client.messages:
                             await self.handle(client, bytes(msg.payload) if msg.payload is not None else b"")
+                            end_if_cancel_was_swallowed()
                     finally:
                         beat.cancel()
-                        with contextlib.suppress(BaseException):
-                            await beat
+                        # bounded: a heartbeat that swallowed its cancel ends at its next check
+                        await asyncio.wait({beat}, timeout=HEARTBEAT_S + 1.0)
             except aiomqtt.MqttError as e:
                 failures += 1
                 if max_reconnects is not None and failures > max_reconnects:
@@ -196,6 +197,7 @@ class Agent:
                 await client.publish(self.status_topic, self.status_doc("online"), qos=0, retain=True)
             except aiomqtt.MqttError:
                 return  # the connection is gone: serve() reconnects and starts a new heartbeat
+            end_if_cancel_was_swallowed()
 
     async def handle(self, client: Any, payload: bytes) -> None:
         """One task message, handed to the handler its `meta.method` names."""
