@@ -3,7 +3,7 @@
 Python 3.11's asyncio.wait_for — inside aiomqtt's publish — returns normally when the cancel
 lands as the PUBACK arrives. An agent's loop that went on after that never ended: in CI a
 test's teardown waited 900 s on a heartbeat that kept beating. The fake client below swallows
-the cancel the way wait_for does, every time, so the race is not left to chance.
+the first cancel the way wait_for does, so the race happens on every run, not by chance.
 """
 
 from __future__ import annotations
